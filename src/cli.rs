@@ -1,0 +1,268 @@
+//! The command line: `serve`, `check-config` and `send`. Decides exit codes:
+//! 0 ok, 1 a check failed (e.g. a delivery was refused), 2 bad configuration or startup failure.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use clap::{Args, Parser, Subcommand};
+use sha2::{Digest, Sha256};
+
+use crate::config::{self, Config};
+use crate::signature::{COMPLIANCELAYER_DELIVERY, COMPLIANCELAYER_EVENT, Scheme};
+
+const DEFAULT_CONFIG: &str = "/etc/hookroute/config.toml";
+/// How long `send` waits for an answer; the senders themselves wait 30 s.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hookroute",
+    version,
+    about = "Verify, deduplicate, store and route compliance webhooks"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve(ConfigArg),
+    /// Validate the configuration and print a summary; exit 2 with the problems otherwise.
+    CheckConfig(ConfigArg),
+    /// Sign a JSON payload as the source's sender would and POST it to the daemon.
+    Send(SendArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// Configuration file.
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Configuration file (for the source's scheme, secret and path).
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Name of the source to sign for, as in `[sources.<name>]`.
+    #[arg(long)]
+    pub source: String,
+    /// JSON payload to send.
+    pub file: PathBuf,
+    /// Where to POST; defaults to the configured listen address and the source's path.
+    #[arg(long)]
+    pub url: Option<String>,
+}
+
+/// Runs a parsed command.
+///
+/// # Errors
+/// Configuration and startup failures, which `main` reports with exit code 2.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // reqwest is built without a default TLS provider; pick ring once for the whole process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::CheckConfig(args) => check_config(args),
+        Command::Send(args) => runtime()?.block_on(send(args)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn serve(args: ConfigArg) -> anyhow::Result<ExitCode> {
+    let config = config::load(&args.config)?;
+    runtime()?.block_on(async {
+        let listen = config.server.listen;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        crate::run(config, listener, shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Resolves on SIGTERM (systemd's stop) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term =
+        signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on Unix");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn check_config(args: ConfigArg) -> anyhow::Result<ExitCode> {
+    let config = config::load(&args.config)?;
+    print!("{}", summary(&config));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `check-config` prints: enough to see at a glance what the daemon will do.
+fn summary(config: &Config) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let server = &config.server;
+    let _ = writeln!(out, "configuration OK: {}", config.file.display());
+    let _ = writeln!(out, "listen:      http://{}", server.listen);
+    let _ = writeln!(
+        out,
+        "database:    {} (dedupe records kept {})",
+        config.storage.path.display(),
+        humantime::format_duration(config.storage.dedupe_retention)
+    );
+    match &server.rate_limit {
+        Some(l) => {
+            let _ = writeln!(
+                out,
+                "rate limit:  {}/s per client (burst {}); failed signatures {}/min (burst {})",
+                l.per_second, l.burst, l.failed_per_minute, l.failed_burst
+            );
+        }
+        None => {
+            let _ = writeln!(out, "rate limit:  off");
+        }
+    }
+    if !server.trusted_proxies.is_empty() {
+        let proxies: Vec<String> = server
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let _ = writeln!(
+            out,
+            "proxies:     X-Forwarded-For trusted from {}",
+            proxies.join(", ")
+        );
+    }
+    let _ = writeln!(out, "sources:");
+    for source in &config.sources {
+        let _ = write!(
+            out,
+            "  {:<18} POST {:<28} scheme={} secrets={}",
+            source.name,
+            source.path,
+            source.verifier.scheme().name(),
+            source.verifier.key_count()
+        );
+        if !source.allowed_ips.is_empty() {
+            let nets: Vec<String> = source.allowed_ips.iter().map(ToString::to_string).collect();
+            let _ = write!(out, " allowed_ips={}", nets.join(","));
+        }
+        if let Some(age) = source.max_event_age {
+            let _ = write!(out, " max_event_age={}", humantime::format_duration(age));
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(out, "sinks:");
+    if config.sinks.is_empty() {
+        let _ = writeln!(out, "  (none: events are stored but go nowhere)");
+    }
+    for sink in &config.sinks {
+        let _ = writeln!(out, "  {:<18} {}", sink.name, sink.spec.kind());
+    }
+    out
+}
+
+async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
+    let config = config::load(&args.config)?;
+    let source = config
+        .sources
+        .iter()
+        .find(|s| s.name == args.source)
+        .with_context(|| {
+            let names: Vec<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
+            format!(
+                "no source named {:?} in {}; configured: {}",
+                args.source,
+                config.file.display(),
+                names.join(", ")
+            )
+        })?;
+    let body = std::fs::read(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let url = args.url.unwrap_or_else(|| {
+        format!(
+            "http://{}{}",
+            connectable(config.server.listen),
+            source.path
+        )
+    });
+
+    let payload: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let event_type = ["type", "event"]
+        .iter()
+        .find_map(|k| payload.get(*k)?.as_str())
+        .unwrap_or_default();
+    // A stable id: sending the same file twice is the same delivery, as a sender's retry is.
+    let id = match payload.get("id") {
+        Some(serde_json::Value::String(id)) => id.clone(),
+        _ => format!("msg_{}", &hex::encode(Sha256::digest(&body))[..24]),
+    };
+    let now = jiff::Timestamp::now().as_second();
+    let mut headers: HeaderMap = source.verifier.sign(&body, now, &id).into_iter().collect();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::USER_AGENT,
+        HeaderValue::from_static(concat!("hookroute-send/", env!("CARGO_PKG_VERSION"))),
+    );
+    if matches!(source.verifier.scheme(), Scheme::ComplianceLayer { .. }) {
+        if let Ok(value) = HeaderValue::from_str(event_type) {
+            headers.insert(HeaderName::from_static(COMPLIANCELAYER_EVENT), value);
+        }
+        if let Ok(value) = HeaderValue::from_str(&id) {
+            headers.insert(HeaderName::from_static(COMPLIANCELAYER_DELIVERY), value);
+        }
+    }
+
+    let client = reqwest::Client::builder()
+        .timeout(SEND_TIMEOUT)
+        .build()
+        .context("cannot build the HTTP client")?;
+    match client.post(&url).headers(headers).body(body).send().await {
+        Ok(response) => {
+            let status = response.status();
+            let text = response.text().await.unwrap_or_default();
+            println!("{status} from {url}");
+            println!("{text}");
+            Ok(if status.is_success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Err(err) => {
+            eprintln!("error: cannot deliver to {url}: {err}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// A listen address a client can dial: the wildcard becomes loopback.
+fn connectable(listen: SocketAddr) -> SocketAddr {
+    match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listen.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), listen.port())
+        }
+        _ => listen,
+    }
+}

@@ -1,0 +1,509 @@
+//! Configuration in three steps, as ripgrep does it: what the operator wrote ([`raw`]), a pure
+//! validation that reports *every* problem with its key path, and the checked [`Config`] that the
+//! rest of the daemon consumes.
+//!
+//! This module is the only place that reads environment variables or secret files, so a secret
+//! enters the process in exactly one place and leaves it only as key bytes inside a verifier.
+
+pub mod raw;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use ipnet::IpNet;
+
+use crate::signature::{Key, Scheme, Verifier};
+use crate::sinks::SinkSpec;
+use raw::{HumanDuration, RawConfig, RawSource, SchemeName, SecretEncoding};
+
+/// Prefix of the environment variables that override file settings, e.g.
+/// `HOOKROUTE_SERVER__LISTEN=127.0.0.1:9000` for `server.listen`.
+pub const ENV_PREFIX: &str = "HOOKROUTE_";
+
+/// Default signature timestamp tolerance, as Stripe and Standard Webhooks recommend.
+const DEFAULT_TOLERANCE: Duration = Duration::from_secs(300);
+/// Default header of the `token` scheme.
+const DEFAULT_TOKEN_HEADER: &str = "X-Webhook-Token";
+/// Paths the daemon serves itself, so no source may take them.
+const RESERVED_PATHS: [&str; 2] = ["/healthz", "/readyz"];
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub sources: Vec<SourceConfig>,
+    pub sinks: Vec<SinkConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    /// Peers whose `X-Forwarded-For` is believed; empty means nobody's.
+    pub trusted_proxies: Vec<IpNet>,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    /// `None` when rate limiting is switched off.
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimitConfig {
+    pub per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+    pub failed_per_minute: NonZeroU32,
+    pub failed_burst: NonZeroU32,
+    pub max_clients: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+    pub dedupe_retention: Duration,
+    pub busy_timeout: Duration,
+    pub max_batch: usize,
+}
+
+/// One webhook sender: where it posts and how its deliveries are verified.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub name: String,
+    pub path: String,
+    pub verifier: Verifier,
+    pub allowed_ips: Vec<IpNet>,
+    /// Oldest signed `created_at`/`timestamp` accepted when the signature itself has no timestamp.
+    pub max_event_age: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    pub name: String,
+    pub spec: SinkSpec,
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    NotFound(PathBuf),
+    /// TOML syntax, an unknown key or a value of the wrong type (figment names file and key).
+    #[error("{0}")]
+    Parse(String),
+    /// Values that parse but do not make sense, each with its key path.
+    #[error("{file}: {} problem(s):\n  {}", .problems.len(), .problems.join("\n  "))]
+    Invalid {
+        file: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+/// Reads, overrides and validates the configuration at `path`.
+///
+/// # Errors
+/// [`ConfigError`] naming the file, the key and what is wrong with it.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let raw = parse(path)?;
+    validate(path, raw)
+}
+
+/// Step 1: the TOML file, then `HOOKROUTE_*` environment overrides.
+fn parse(path: &Path) -> Result<RawConfig, ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError::NotFound(path.to_path_buf()));
+    }
+    // Only nested keys (`SERVER__LISTEN`) are settings: the top level holds tables alone, and
+    // this keeps variables such as `HOOKROUTE_CL_SECRET` (named by `secret_env`) from being
+    // mistaken for unknown settings.
+    let env = Env::prefixed(ENV_PREFIX)
+        .filter(|key| key.as_str().contains("__"))
+        .split("__");
+    Figment::new()
+        .merge(Toml::file_exact(path))
+        .merge(env)
+        .extract()
+        .map_err(|err| {
+            let all: Vec<String> = err.into_iter().map(|e| e.to_string()).collect();
+            ConfigError::Parse(all.join("\n"))
+        })
+}
+
+/// Step 2: check everything, collecting every problem rather than stopping at the first.
+fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut problems = Problems::default();
+
+    let server = validate_server(raw.server, &mut problems);
+    let storage = StorageConfig {
+        path: raw.storage.path,
+        dedupe_retention: raw.storage.dedupe_retention.0,
+        busy_timeout: raw.storage.busy_timeout.0,
+        max_batch: raw.storage.max_batch.max(1),
+    };
+
+    if raw.sources.is_empty() {
+        problems.add(
+            "sources",
+            "no sources are configured; add a [sources.<name>] table",
+        );
+    }
+    let mut sources = Vec::new();
+    for (name, source) in raw.sources {
+        if let Some(source) = validate_source(&name, source, &mut problems) {
+            sources.push(source);
+        }
+    }
+    for (i, source) in sources.iter().enumerate() {
+        if let Some(other) = sources[..i].iter().find(|s| s.path == source.path) {
+            problems.add(
+                format!("sources.{}.path", source.name),
+                format!(
+                    "{:?} is already the path of source {:?}",
+                    source.path, other.name
+                ),
+            );
+        }
+    }
+
+    let mut sinks = Vec::new();
+    for (name, spec) in raw.sinks {
+        if let Err(message) = spec.validate() {
+            problems.add(format!("sinks.{name}"), message);
+        }
+        sinks.push(SinkConfig { name, spec });
+    }
+
+    problems.into_result(path)?;
+    Ok(Config {
+        file: path.to_path_buf(),
+        server: server.expect("server is Some when there are no problems"),
+        storage,
+        sources,
+        sinks,
+    })
+}
+
+fn validate_server(raw: raw::RawServer, problems: &mut Problems) -> Option<ServerConfig> {
+    let listen = raw
+        .listen
+        .parse::<SocketAddr>()
+        .map_err(|_| {
+            problems.add(
+                "server.listen",
+                format!(
+                    "{:?} is not an address like \"127.0.0.1:8080\" or \"[::1]:8080\"",
+                    raw.listen
+                ),
+            )
+        })
+        .ok();
+    let trusted_proxies = parse_networks("server.trusted_proxies", &raw.trusted_proxies, problems);
+    if raw.max_body_bytes == 0 {
+        problems.add("server.max_body_bytes", "must be greater than 0");
+    }
+    let limit = raw.rate_limit;
+    let rate_limit = if limit.enabled {
+        let mut positive = |key: &str, value: u32| {
+            NonZeroU32::new(value)
+                .ok_or_else(|| {
+                    problems.add(format!("server.rate_limit.{key}"), "must be greater than 0")
+                })
+                .ok()
+        };
+        let per_second = positive("per_second", limit.per_second);
+        let burst = positive("burst", limit.burst);
+        let failed_per_minute = positive("failed_per_minute", limit.failed_per_minute);
+        let failed_burst = positive("failed_burst", limit.failed_burst);
+        match (per_second, burst, failed_per_minute, failed_burst) {
+            (Some(per_second), Some(burst), Some(failed_per_minute), Some(failed_burst)) => {
+                Some(RateLimitConfig {
+                    per_second,
+                    burst,
+                    failed_per_minute,
+                    failed_burst,
+                    max_clients: limit.max_clients.max(1),
+                })
+            }
+            _ => None,
+        }
+    } else {
+        None
+    };
+    Some(ServerConfig {
+        listen: listen?,
+        max_body_bytes: raw.max_body_bytes,
+        trusted_proxies,
+        header_read_timeout: raw.header_read_timeout.0,
+        body_read_timeout: raw.body_read_timeout.0,
+        shutdown_timeout: raw.shutdown_timeout.0,
+        rate_limit,
+    })
+}
+
+fn validate_source(name: &str, raw: RawSource, problems: &mut Problems) -> Option<SourceConfig> {
+    let key = |field: &str| format!("sources.{name}.{field}");
+    let start = problems.len();
+
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        problems.add(
+            format!("sources.{name:?}"),
+            "a source name may hold only letters, digits, '-' and '_'",
+        );
+    }
+    let scheme_name = raw.scheme.unwrap_or(SchemeName::Compliancelayer);
+    let path = raw.path.clone().unwrap_or_else(|| format!("/hooks/{name}"));
+    if !path.starts_with('/') {
+        problems.add(key("path"), format!("{path:?} must start with '/'"));
+    } else if RESERVED_PATHS.contains(&path.as_str()) {
+        problems.add(
+            key("path"),
+            format!("{path:?} is reserved for the daemon's own use"),
+        );
+    }
+
+    // Keys that only some schemes understand: a stray one is a mistake worth reporting.
+    let applies = |field: &str, present: bool, schemes: &[SchemeName], problems: &mut Problems| {
+        if present && !schemes.contains(&scheme_name) {
+            problems.add(
+                key(field),
+                format!("does not apply to scheme \"{scheme_name}\""),
+            );
+        }
+    };
+    use SchemeName::*;
+    applies(
+        "tolerance",
+        raw.tolerance.is_some(),
+        &[Compliancelayer, StandardWebhooks],
+        problems,
+    );
+    applies(
+        "require_timestamp",
+        raw.require_timestamp.is_some(),
+        &[Compliancelayer],
+        problems,
+    );
+    applies(
+        "header",
+        raw.header.is_some(),
+        &[HmacSha256, Token],
+        problems,
+    );
+    applies(
+        "prefix",
+        raw.prefix.is_some(),
+        &[HmacSha256, Token],
+        problems,
+    );
+    applies("encoding", raw.encoding.is_some(), &[HmacSha256], problems);
+    applies(
+        "secret_encoding",
+        raw.secret_encoding.is_some(),
+        &[Compliancelayer, Github, HmacSha256, StandardWebhooks],
+        problems,
+    );
+    if scheme_name == StandardWebhooks && raw.secret_encoding == Some(SecretEncoding::Utf8) {
+        problems.add(
+            key("secret_encoding"),
+            "standard-webhooks secrets are always base64 (whsec_<base64>)",
+        );
+    }
+
+    let secret_encoding = match scheme_name {
+        StandardWebhooks => SecretEncoding::Base64,
+        _ => raw.secret_encoding.unwrap_or(SecretEncoding::Utf8),
+    };
+    let keys = resolve_secrets(name, &raw, secret_encoding, problems);
+    let tolerance = raw
+        .tolerance
+        .map_or(DEFAULT_TOLERANCE, |HumanDuration(d)| d);
+    let header = |default: Option<&str>, problems: &mut Problems| {
+        let text = raw.header.as_deref().or(default);
+        match text.map(axum::http::HeaderName::try_from) {
+            Some(Ok(header)) => Some(header),
+            Some(Err(_)) => {
+                problems.add(
+                    key("header"),
+                    format!("{:?} is not a valid header name", text.unwrap_or_default()),
+                );
+                None
+            }
+            None => {
+                problems.add(
+                    key("header"),
+                    format!("scheme \"{scheme_name}\" needs the header that carries the signature"),
+                );
+                None
+            }
+        }
+    };
+    let scheme = match scheme_name {
+        Compliancelayer => Some(Scheme::ComplianceLayer {
+            tolerance,
+            require_timestamp: raw.require_timestamp.unwrap_or(false),
+        }),
+        StandardWebhooks => Some(Scheme::StandardWebhooks { tolerance }),
+        Github => Some(Scheme::GitHub),
+        HmacSha256 => header(None, problems).map(|header| Scheme::HmacSha256 {
+            header,
+            prefix: raw.prefix.clone().unwrap_or_default(),
+            encoding: raw.encoding.unwrap_or(crate::signature::Encoding::Hex),
+        }),
+        Token => header(Some(DEFAULT_TOKEN_HEADER), problems).map(|header| Scheme::Token {
+            header,
+            prefix: raw.prefix.clone().unwrap_or_default(),
+        }),
+    };
+    let allowed_ips = parse_networks(&key("allowed_ips"), &raw.allowed_ips, problems);
+
+    if problems.len() > start {
+        return None;
+    }
+    Some(SourceConfig {
+        name: name.to_owned(),
+        path,
+        verifier: Verifier::new(scheme?, keys),
+        allowed_ips,
+        max_event_age: raw.max_event_age.map(|HumanDuration(d)| d),
+    })
+}
+
+/// Gathers the source's secrets from `secret`, `secret_file` and `secret_env`, all of them:
+/// during a rotation the old and the new secret are both live.
+fn resolve_secrets(
+    name: &str,
+    raw: &RawSource,
+    encoding: SecretEncoding,
+    problems: &mut Problems,
+) -> Vec<Key> {
+    let mut found: Vec<(String, String)> = Vec::new();
+    let list = |field: &Option<raw::OneOrMany>| {
+        field.as_ref().map(|v| match v {
+            raw::OneOrMany::One(one) => vec![one.clone()],
+            raw::OneOrMany::Many(many) => many.clone(),
+        })
+    };
+    for (i, secret) in list(&raw.secret)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        found.push((format!("sources.{name}.secret[{i}]"), secret));
+    }
+    for (i, file) in list(&raw.secret_file)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let key = format!("sources.{name}.secret_file[{i}]");
+        match std::fs::read_to_string(&file) {
+            // Editors and `echo` add a final newline that is not part of the secret.
+            Ok(text) => found.push((key, text.trim_end_matches(['\r', '\n']).to_owned())),
+            Err(err) => problems.add(key, format!("cannot read {file:?}: {err}")),
+        }
+    }
+    for (i, var) in list(&raw.secret_env)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let key = format!("sources.{name}.secret_env[{i}]");
+        match std::env::var(&var) {
+            Ok(value) => found.push((key, value)),
+            Err(_) => problems.add(
+                key,
+                format!("environment variable {var:?} is not set or not UTF-8"),
+            ),
+        }
+    }
+    if found.is_empty() {
+        problems.add(
+            format!("sources.{name}"),
+            "no secret: set `secret`, `secret_file` or `secret_env`",
+        );
+    }
+    found
+        .into_iter()
+        .filter_map(|(key, secret)| match decode_secret(&secret, encoding) {
+            Ok(bytes) => Some(Key::new(bytes)),
+            Err(message) => {
+                problems.add(key, message);
+                None
+            }
+        })
+        .collect()
+}
+
+/// Turns a secret string into HMAC key bytes. Messages never quote the secret.
+fn decode_secret(secret: &str, encoding: SecretEncoding) -> Result<Vec<u8>, &'static str> {
+    if secret.is_empty() {
+        return Err("the secret is empty");
+    }
+    match encoding {
+        SecretEncoding::Utf8 => Ok(secret.as_bytes().to_vec()),
+        SecretEncoding::Base64 => {
+            let encoded = secret.strip_prefix("whsec_").unwrap_or(secret);
+            match base64::engine::general_purpose::STANDARD.decode(encoded) {
+                Ok(bytes) if !bytes.is_empty() => Ok(bytes),
+                _ => Err("the secret is not valid base64 after its `whsec_` prefix"),
+            }
+        }
+    }
+}
+
+/// Parses CIDRs, accepting a bare address as a single-host network.
+fn parse_networks(key: &str, texts: &[String], problems: &mut Problems) -> Vec<IpNet> {
+    texts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            let parsed = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+            parsed
+                .map_err(|_| {
+                    problems.add(
+                        format!("{key}[{i}]"),
+                        format!("{text:?} is not an IP address or CIDR"),
+                    )
+                })
+                .ok()
+        })
+        .collect()
+}
+
+/// Every validation problem, each as `key.path: what is wrong`.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, key: impl fmt::Display, message: impl fmt::Display) {
+        self.0.push(format!("{key}: {message}"));
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn into_result(self, file: &Path) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                file: file.to_path_buf(),
+                problems: self.0,
+            })
+        }
+    }
+}

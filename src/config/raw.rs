@@ -1,0 +1,182 @@
+//! What the operator wrote: a serde mirror of the TOML file (after `HOOKROUTE_*` overrides).
+//!
+//! Every struct denies unknown keys so a typo is an error, not a silently ignored setting.
+//! Defaults live here and only here; `config::validate` turns this into the checked [`Config`].
+//!
+//! [`Config`]: super::Config
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::signature::Encoding;
+use crate::sinks::SinkSpec;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub storage: RawStorage,
+    #[serde(default)]
+    pub sources: BTreeMap<String, RawSource>,
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: String,
+    pub max_body_bytes: usize,
+    pub trusted_proxies: Vec<String>,
+    pub header_read_timeout: HumanDuration,
+    pub body_read_timeout: HumanDuration,
+    pub shutdown_timeout: HumanDuration,
+    pub rate_limit: RawRateLimit,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 1024 * 1024,
+            trusted_proxies: Vec::new(),
+            header_read_timeout: HumanDuration(Duration::from_secs(10)),
+            body_read_timeout: HumanDuration(Duration::from_secs(20)),
+            shutdown_timeout: HumanDuration(Duration::from_secs(25)),
+            rate_limit: RawRateLimit::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRateLimit {
+    pub enabled: bool,
+    pub per_second: u32,
+    pub burst: u32,
+    pub failed_per_minute: u32,
+    pub failed_burst: u32,
+    pub max_clients: usize,
+}
+
+impl Default for RawRateLimit {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            per_second: 50,
+            burst: 200,
+            failed_per_minute: 10,
+            failed_burst: 5,
+            max_clients: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStorage {
+    pub path: PathBuf,
+    pub dedupe_retention: HumanDuration,
+    pub busy_timeout: HumanDuration,
+    pub max_batch: usize,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("./data/hookroute.db"),
+            dedupe_retention: HumanDuration(Duration::from_secs(7 * 24 * 3600)),
+            busy_timeout: HumanDuration(Duration::from_secs(5)),
+            max_batch: 512,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub scheme: Option<SchemeName>,
+    pub path: Option<String>,
+    pub secret: Option<OneOrMany>,
+    pub secret_file: Option<OneOrMany>,
+    pub secret_env: Option<OneOrMany>,
+    pub secret_encoding: Option<SecretEncoding>,
+    pub tolerance: Option<HumanDuration>,
+    pub require_timestamp: Option<bool>,
+    pub max_event_age: Option<HumanDuration>,
+    pub header: Option<String>,
+    pub prefix: Option<String>,
+    pub encoding: Option<Encoding>,
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SchemeName {
+    Compliancelayer,
+    StandardWebhooks,
+    Github,
+    HmacSha256,
+    Token,
+}
+
+impl fmt::Display for SchemeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Compliancelayer => "compliancelayer",
+            Self::StandardWebhooks => "standard-webhooks",
+            Self::Github => "github",
+            Self::HmacSha256 => "hmac-sha256",
+            Self::Token => "token",
+        })
+    }
+}
+
+/// How a secret string becomes HMAC key bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretEncoding {
+    /// The secret's UTF-8 bytes, `whsec_` prefix included (Stripe's convention).
+    Utf8,
+    /// The base64-decoded part after `whsec_` (Standard Webhooks' convention).
+    Base64,
+}
+
+/// `secret = "a"` or `secret = ["a", "b"]`: rotation needs several at once.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(one) => vec![one],
+            Self::Many(many) => many,
+        }
+    }
+}
+
+/// A duration written for humans: `"300s"`, `"15m"`, `"24h"`, `"7d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map(HumanDuration).map_err(|err| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({err}); write e.g. \"30s\", \"15m\", \"24h\" or \"7d\""
+            ))
+        })
+    }
+}

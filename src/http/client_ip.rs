@@ -1,0 +1,123 @@
+//! Who is really calling: the socket peer, or — only when that peer is a trusted proxy — the
+//! address its `X-Forwarded-For` names. Pure.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use axum::http::HeaderMap;
+use ipnet::IpNet;
+
+pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
+
+/// The client's address.
+///
+/// `X-Forwarded-For` is read from the right: each trusted proxy appends the address it saw, so
+/// the rightmost entry that is not itself a trusted proxy is the first one nobody could forge.
+/// Anything left of it was written by the client and is ignored. A header we cannot parse
+/// leaves the last trustworthy hop as the answer.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let peer = peer.to_canonical();
+    if !is_trusted(peer, trusted) {
+        return peer;
+    }
+    let mut client = peer;
+    let hops = headers.get_all(X_FORWARDED_FOR).iter().rev();
+    for value in hops {
+        let Ok(text) = value.to_str() else {
+            return client;
+        };
+        for entry in text.rsplit(',') {
+            let Ok(addr) = entry.trim().parse::<IpAddr>() else {
+                return client;
+            };
+            client = addr.to_canonical();
+            if !is_trusted(client, trusted) {
+                return client;
+            }
+        }
+    }
+    client
+}
+
+fn is_trusted(addr: IpAddr, trusted: &[IpNet]) -> bool {
+    trusted.iter().any(|net| net.contains(&addr))
+}
+
+/// The rate-limiting key: the address itself for IPv4, its /64 for IPv6 (one subscriber
+/// usually holds a whole /64, so per-address keys would be free to multiply).
+pub fn limit_key(addr: IpAddr) -> IpAddr {
+    match addr.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn xff(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(X_FORWARDED_FOR, HeaderValue::from_str(v).unwrap());
+        }
+        headers
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn forwarded_only_from_trusted_peers() {
+        let trusted = nets(&["10.0.0.0/8", "127.0.0.1/32"]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let cases = [
+            // Untrusted peer: its header is ignored.
+            ("203.0.113.9", vec!["198.51.100.1"], "203.0.113.9"),
+            // Trusted peer: the rightmost untrusted entry wins, spoofed prefixes are ignored.
+            ("127.0.0.1", vec!["6.6.6.6, 198.51.100.1"], "198.51.100.1"),
+            (
+                "127.0.0.1",
+                vec!["6.6.6.6, 198.51.100.1, 10.1.2.3"],
+                "198.51.100.1",
+            ),
+            (
+                "127.0.0.1",
+                vec!["6.6.6.6", "198.51.100.1, 10.1.2.3"],
+                "198.51.100.1",
+            ),
+            // Garbage stops the walk at the last trustworthy hop.
+            ("127.0.0.1", vec!["198.51.100.1, garbage"], "127.0.0.1"),
+            ("127.0.0.1", vec!["garbage, 10.9.9.9"], "10.9.9.9"),
+            // No header, or only proxies.
+            ("127.0.0.1", vec![], "127.0.0.1"),
+            ("127.0.0.1", vec!["10.0.0.1"], "10.0.0.1"),
+            // IPv4-mapped peers are treated as IPv4.
+            ("::ffff:127.0.0.1", vec!["198.51.100.7"], "198.51.100.7"),
+        ];
+        for (peer, header, expected) in cases {
+            assert_eq!(
+                client_ip(ip(peer), &xff(&header), &trusted),
+                ip(expected),
+                "{peer} {header:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ipv6_keyed_by_slash_64() {
+        let a = limit_key("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = limit_key("2001:db8:1:2:bbbb::9".parse().unwrap());
+        let c = limit_key("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            limit_key("192.0.2.1".parse().unwrap()),
+            "192.0.2.1".parse::<IpAddr>().unwrap()
+        );
+    }
+}

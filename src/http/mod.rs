@@ -1,0 +1,207 @@
+//! The HTTP face: the router (drivable without a socket), health endpoints, and the server loop
+//! with header-read and body-read timeouts and graceful shutdown.
+
+mod client_ip;
+mod error;
+mod ingest;
+mod limit;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use ipnet::IpNet;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tower::ServiceExt as _;
+use tower_governor::GovernorLayer;
+use tower_governor::governor::GovernorConfigBuilder;
+
+pub use client_ip::{client_ip, limit_key};
+pub use error::ApiError;
+use limit::{ClientKey, FailureLimiter};
+
+use crate::config::{Config, ServerConfig, SourceConfig};
+use crate::store::Store;
+
+/// Shared by every request.
+pub struct AppState {
+    /// Sources by path.
+    sources: HashMap<String, SourceConfig>,
+    store: Store,
+    dispatch_wake: Arc<Notify>,
+    max_body_bytes: usize,
+    body_read_timeout: Duration,
+    trusted_proxies: Arc<[IpNet]>,
+    failures: Option<FailureLimiter>,
+}
+
+/// The HTTP application: its state and the periodic upkeep of its rate limiters.
+#[derive(Clone)]
+pub struct App {
+    state: Arc<AppState>,
+    traffic_limiter: Option<Arc<dyn Fn() + Send + Sync>>,
+    router: Router,
+}
+
+impl App {
+    pub fn new(config: &Config, store: Store, dispatch_wake: Arc<Notify>) -> Self {
+        let trusted_proxies: Arc<[IpNet]> = config.server.trusted_proxies.clone().into();
+        let limits = config.server.rate_limit;
+        let state = Arc::new(AppState {
+            sources: config
+                .sources
+                .iter()
+                .map(|s| (s.path.clone(), s.clone()))
+                .collect(),
+            store,
+            dispatch_wake,
+            max_body_bytes: config.server.max_body_bytes,
+            body_read_timeout: config.server.body_read_timeout,
+            trusted_proxies: Arc::clone(&trusted_proxies),
+            failures: limits.as_ref().map(FailureLimiter::new),
+        });
+
+        let hooks = Router::new()
+            .fallback(ingest::ingest)
+            .with_state(Arc::clone(&state));
+        let (hooks, traffic_limiter) = match limits {
+            Some(limits) => {
+                let governor = GovernorConfigBuilder::default()
+                    .key_extractor(ClientKey { trusted_proxies })
+                    .period(limit::traffic_period(limits.per_second))
+                    .burst_size(limits.burst.get())
+                    .finish()
+                    .expect("period and burst are non-zero");
+                let limiter = Arc::clone(governor.limiter());
+                let upkeep: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+                    limiter.retain_recent();
+                    limiter.shrink_to_fit();
+                });
+                let layer = GovernorLayer::new(governor).error_handler(|err| match err {
+                    tower_governor::GovernorError::TooManyRequests { wait_time, .. } => {
+                        ApiError::RateLimited {
+                            retry_after_secs: wait_time.max(1),
+                        }
+                        .into_response()
+                    }
+                    other => {
+                        tracing::error!(error = %other, "rate limiter failed");
+                        StatusCode::INTERNAL_SERVER_ERROR.into_response()
+                    }
+                });
+                (hooks.layer(layer), Some(upkeep))
+            }
+            None => (hooks, None),
+        };
+        let router = Router::new()
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .with_state(Arc::clone(&state))
+            .fallback_service(hooks);
+        Self {
+            state,
+            traffic_limiter,
+            router,
+        }
+    }
+
+    /// The router, for serving or for driving in tests without a socket.
+    pub fn router(&self) -> Router {
+        self.router.clone()
+    }
+
+    /// Lets the rate limiters forget idle clients; call periodically.
+    pub fn maintain(&self) {
+        if let Some(upkeep) = &self.traffic_limiter {
+            upkeep();
+        }
+        if let Some(failures) = &self.state.failures {
+            failures.maintain();
+        }
+    }
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    match state.store.touch().await {
+        Ok(()) => (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({ "status": "ready" })),
+        )
+            .into_response(),
+        Err(err) => {
+            tracing::warn!(error = %err, "not ready: database is not writable");
+            ApiError::StorageUnavailable.into_response()
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, lets
+/// in-flight requests finish (up to `shutdown_timeout`) and returns.
+///
+/// Served through hyper directly rather than `axum::serve`, which sets no header-read timer:
+/// here a client that dribbles its headers is cut off after `header_read_timeout`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    config: &ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = router
+            .clone()
+            .map_request(move |mut request: axum::extract::Request<_>| {
+                request
+                    .extensions_mut()
+                    .insert(ConnectInfo::<SocketAddr>(peer));
+                request
+            });
+        let connection =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(%peer, error = %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: finishing in-flight requests");
+    if tokio::time::timeout(config.shutdown_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within shutdown_timeout");
+    }
+}

@@ -1,0 +1,132 @@
+//! hookroute: receives compliance webhooks, verifies and deduplicates them, stores each durably
+//! before answering, and dispatches it to sinks.
+//!
+//! Dependencies point one way: `http` → `signature`, `event`, `store` → `dispatch` → `sinks`.
+
+pub mod cli;
+/// Configuration: raw TOML mirror, validation, the checked `Config`.
+pub mod config;
+/// Hands stored events to sinks (the database is the queue).
+pub mod dispatch;
+/// The normalised `Event` and its parsing from each sender's shape.
+pub mod event;
+/// Router, ingest handler, health endpoints and the server loop.
+pub mod http;
+/// Signature schemes: pure verification and signing.
+pub mod signature;
+/// Sinks: the `Sink` trait and one module per destination.
+pub mod sinks;
+/// SQLite: migrations, the group-commit writer, queries.
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use config::Config;
+use dispatch::{Dispatcher, NamedSink};
+use store::{Store, StoreError};
+
+/// How often idle rate-limiter entries are dropped.
+const LIMITER_UPKEEP: Duration = Duration::from_secs(10);
+/// How often expired dedupe records are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Dedupe records deleted per write, so pruning never holds the writer for long.
+const PRUNE_CHUNK: usize = 1000;
+
+/// Runs the daemon on `listener` until `shutdown` resolves; then drains in-flight requests,
+/// stops the dispatcher and flushes the database writer.
+///
+/// # Errors
+/// [`StoreError`] when the database cannot be opened.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StoreError> {
+    let store = Store::open(&config.storage)?;
+    let sinks = config
+        .sinks
+        .iter()
+        .map(|s| NamedSink {
+            name: s.name.clone(),
+            sink: s.spec.build(&s.name),
+        })
+        .collect();
+    let wake = Arc::new(Notify::new());
+    let stop = CancellationToken::new();
+    let dispatcher =
+        tokio::spawn(Dispatcher::new(store.clone(), sinks, Arc::clone(&wake)).run(stop.clone()));
+    let app = http::App::new(&config, store.clone(), wake);
+    let upkeep = tokio::spawn(upkeep(
+        app.clone(),
+        store.clone(),
+        config.storage.dedupe_retention,
+        stop.clone(),
+    ));
+
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, sources = config.sources.len(), sinks = config.sinks.len(), "listening");
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    http::serve(listener, app.router(), &config.server, shutdown).await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+
+    stop.cancel();
+    let _ = upkeep.await;
+    if tokio::time::timeout(config.server.shutdown_timeout, dispatcher)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "dispatcher did not finish in time; undispatched events resume at next start"
+        );
+    }
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Periodic housekeeping: rate-limiter memory and dedupe retention.
+async fn upkeep(app: http::App, store: Store, retention: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(LIMITER_UPKEEP);
+    let mut last_prune: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        app.maintain();
+        if last_prune.is_some_and(|at| at.elapsed() < PRUNE_EVERY) {
+            continue;
+        }
+        last_prune = Some(tokio::time::Instant::now());
+        let Ok(cutoff) = jiff::Timestamp::now().checked_sub(
+            jiff::SignedDuration::try_from(retention).unwrap_or(jiff::SignedDuration::MAX),
+        ) else {
+            continue;
+        };
+        let mut pruned = 0;
+        loop {
+            match store.prune_dedupe(cutoff, PRUNE_CHUNK).await {
+                Ok(n) => {
+                    pruned += n;
+                    if n < PRUNE_CHUNK {
+                        break;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot prune dedupe records");
+                    break;
+                }
+            }
+        }
+        if pruned > 0 {
+            tracing::info!(pruned, "pruned expired dedupe records");
+        }
+    }
+}

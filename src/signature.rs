@@ -1,0 +1,728 @@
+//! Signature schemes: pure functions of (headers, raw body, now). Never performs I/O, never
+//! parses JSON, and never logs: a verifier holds key bytes, so its `Debug` prints none of them.
+//!
+//! Every comparison of secret-derived bytes goes through `subtle` in constant time.
+//! Several keys may be live at once (rotation); a delivery passes if any key verifies it.
+//!
+//! Wire formats:
+//! - `compliancelayer`: `X-ComplianceLayer-Signature` holds the hex HMAC-SHA256 of the raw body
+//!   (bare, or `sha256=<hex>`), or the timestamped form `t=<unix>,v1=<hex>[,v1=<hex>…]` signed over
+//!   `<t>.<body>`.
+//! - `standard-webhooks`: <https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md>
+//! - `github`: `X-Hub-Signature-256: sha256=<hex>` over the raw body.
+//! - `hmac-sha256`: a configured header, optional prefix, hex or base64.
+//! - `token`: a shared secret in a configured header (for senders that cannot sign).
+
+use std::fmt;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{KeyInit, Mac};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+pub const COMPLIANCELAYER_SIGNATURE: &str = "x-compliancelayer-signature";
+pub const COMPLIANCELAYER_EVENT: &str = "x-compliancelayer-event";
+pub const COMPLIANCELAYER_DELIVERY: &str = "x-compliancelayer-delivery";
+pub const GITHUB_SIGNATURE: &str = "x-hub-signature-256";
+pub const GITHUB_DELIVERY: &str = "x-github-delivery";
+pub const WEBHOOK_ID: &str = "webhook-id";
+pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
+pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
+
+/// How a digest is written in a signature header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Hex,
+    Base64,
+}
+
+/// A signature scheme with its parameters.
+#[derive(Debug, Clone)]
+pub enum Scheme {
+    ComplianceLayer {
+        tolerance: Duration,
+        require_timestamp: bool,
+    },
+    StandardWebhooks {
+        tolerance: Duration,
+    },
+    GitHub,
+    HmacSha256 {
+        header: HeaderName,
+        prefix: String,
+        encoding: Encoding,
+    },
+    Token {
+        header: HeaderName,
+        prefix: String,
+    },
+}
+
+impl Scheme {
+    /// The scheme's name as written in the configuration.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::ComplianceLayer { .. } => "compliancelayer",
+            Self::StandardWebhooks { .. } => "standard-webhooks",
+            Self::GitHub => "github",
+            Self::HmacSha256 { .. } => "hmac-sha256",
+            Self::Token { .. } => "token",
+        }
+    }
+
+    /// The header that carries the signature (or token).
+    pub fn signature_header(&self) -> &str {
+        match self {
+            Self::ComplianceLayer { .. } => COMPLIANCELAYER_SIGNATURE,
+            Self::StandardWebhooks { .. } => WEBHOOK_SIGNATURE,
+            Self::GitHub => GITHUB_SIGNATURE,
+            Self::HmacSha256 { header, .. } | Self::Token { header, .. } => header.as_str(),
+        }
+    }
+}
+
+/// HMAC key bytes (or the token itself). `Debug` never shows them.
+#[derive(Clone)]
+pub struct Key(Vec<u8>);
+
+impl Key {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        HmacSha256::new_from_slice(&self.0).expect("HMAC accepts keys of any length")
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Key(***)")
+    }
+}
+
+/// What a successful verification vouches for beyond the body itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// A delivery id covered by the signature (Standard Webhooks' `webhook-id`).
+    pub signed_id: Option<String>,
+    /// The signed timestamp, when the scheme carried one (unix seconds).
+    pub timestamp: Option<i64>,
+}
+
+/// Why a delivery's signature was refused. Every variant answers 401; messages never echo
+/// secrets or expected digests.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("missing signature header {0}")]
+    MissingHeader(String),
+    #[error("malformed {header} header: {reason}")]
+    Malformed {
+        header: String,
+        reason: &'static str,
+    },
+    #[error("signature does not match")]
+    Mismatch,
+    #[error("this source requires a timestamped signature (t=<unix seconds>,v1=<hex>)")]
+    TimestampRequired,
+    #[error("signature timestamp is {age_secs} s old, beyond the {tolerance_secs} s tolerance")]
+    Expired { age_secs: i64, tolerance_secs: u64 },
+    #[error(
+        "signature timestamp is {ahead_secs} s in the future, beyond the {tolerance_secs} s tolerance"
+    )]
+    FromFuture {
+        ahead_secs: i64,
+        tolerance_secs: u64,
+    },
+}
+
+/// A scheme with its live keys.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    scheme: Scheme,
+    keys: Vec<Key>,
+}
+
+impl Verifier {
+    pub fn new(scheme: Scheme, keys: Vec<Key>) -> Self {
+        Self { scheme, keys }
+    }
+
+    pub fn scheme(&self) -> &Scheme {
+        &self.scheme
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Verifies a delivery on its raw bytes. `now` is unix seconds.
+    ///
+    /// # Errors
+    /// [`SignatureError`] saying which check failed.
+    pub fn verify(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        now: i64,
+    ) -> Result<Verified, SignatureError> {
+        match &self.scheme {
+            Scheme::ComplianceLayer {
+                tolerance,
+                require_timestamp,
+            } => {
+                let value = header_str(headers, COMPLIANCELAYER_SIGNATURE)?;
+                self.verify_compliancelayer(value, body, now, *tolerance, *require_timestamp)
+            }
+            Scheme::StandardWebhooks { tolerance } => {
+                self.verify_standard(headers, body, now, *tolerance)
+            }
+            Scheme::GitHub => {
+                let value = header_str(headers, GITHUB_SIGNATURE)?;
+                let hex = value
+                    .strip_prefix("sha256=")
+                    .ok_or(SignatureError::Malformed {
+                        header: GITHUB_SIGNATURE.into(),
+                        reason: "expected sha256=<hex>",
+                    })?;
+                let given = decode_hex(GITHUB_SIGNATURE, hex)?;
+                self.match_any(&[given], &[body])
+                    .map(|()| Verified::default())
+            }
+            Scheme::HmacSha256 {
+                header,
+                prefix,
+                encoding,
+            } => {
+                let value = header_str(headers, header.as_str())?;
+                let digest =
+                    value
+                        .strip_prefix(prefix.as_str())
+                        .ok_or(SignatureError::Malformed {
+                            header: header.to_string(),
+                            reason: "missing the configured prefix",
+                        })?;
+                let given = match encoding {
+                    Encoding::Hex => decode_hex(header.as_str(), digest)?,
+                    Encoding::Base64 => decode_base64(header.as_str(), digest)?,
+                };
+                self.match_any(&[given], &[body])
+                    .map(|()| Verified::default())
+            }
+            Scheme::Token { header, prefix } => {
+                let value = header_str(headers, header.as_str())?;
+                let token =
+                    value
+                        .strip_prefix(prefix.as_str())
+                        .ok_or(SignatureError::Malformed {
+                            header: header.to_string(),
+                            reason: "missing the configured prefix",
+                        })?;
+                // Hashing both sides first keeps the comparison constant-time in the length too.
+                let given = Sha256::digest(token.as_bytes());
+                let ok = self
+                    .keys
+                    .iter()
+                    .any(|key| bool::from(Sha256::digest(&key.0).ct_eq(&given)));
+                if ok {
+                    Ok(Verified::default())
+                } else {
+                    Err(SignatureError::Mismatch)
+                }
+            }
+        }
+    }
+
+    fn verify_compliancelayer(
+        &self,
+        value: &str,
+        body: &[u8],
+        now: i64,
+        tolerance: Duration,
+        require_timestamp: bool,
+    ) -> Result<Verified, SignatureError> {
+        let header = COMPLIANCELAYER_SIGNATURE;
+        if value.starts_with("t=") || value.contains(",v1=") {
+            let mut timestamp = None;
+            let mut given = Vec::new();
+            for part in value.split(',') {
+                match part.trim().split_once('=') {
+                    Some(("t", t)) if timestamp.is_none() => {
+                        timestamp =
+                            Some(t.parse::<i64>().map_err(|_| SignatureError::Malformed {
+                                header: header.into(),
+                                reason: "t= is not a unix timestamp",
+                            })?);
+                    }
+                    Some(("t", _)) => {
+                        return Err(SignatureError::Malformed {
+                            header: header.into(),
+                            reason: "t= appears twice",
+                        });
+                    }
+                    Some(("v1", hex)) => given.push(decode_hex(header, hex)?),
+                    // Other versions (e.g. Stripe's v0) are ignored, as the format intends.
+                    Some(_) => {}
+                    None => {
+                        return Err(SignatureError::Malformed {
+                            header: header.into(),
+                            reason: "expected key=value pairs",
+                        });
+                    }
+                }
+            }
+            let timestamp = timestamp.ok_or(SignatureError::Malformed {
+                header: header.into(),
+                reason: "no t= timestamp",
+            })?;
+            if given.is_empty() {
+                return Err(SignatureError::Malformed {
+                    header: header.into(),
+                    reason: "no v1= signature",
+                });
+            }
+            check_tolerance(timestamp, now, tolerance)?;
+            let t = timestamp.to_string();
+            self.match_any(&given, &[t.as_bytes(), b".", body])?;
+            return Ok(Verified {
+                signed_id: None,
+                timestamp: Some(timestamp),
+            });
+        }
+        if require_timestamp {
+            return Err(SignatureError::TimestampRequired);
+        }
+        let hex = value.strip_prefix("sha256=").unwrap_or(value);
+        let given = decode_hex(header, hex)?;
+        self.match_any(&[given], &[body])
+            .map(|()| Verified::default())
+    }
+
+    fn verify_standard(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        now: i64,
+        tolerance: Duration,
+    ) -> Result<Verified, SignatureError> {
+        let id = header_str(headers, WEBHOOK_ID)?;
+        let timestamp_text = header_str(headers, WEBHOOK_TIMESTAMP)?;
+        let signatures = header_str(headers, WEBHOOK_SIGNATURE)?;
+        if id.is_empty() {
+            return Err(SignatureError::Malformed {
+                header: WEBHOOK_ID.into(),
+                reason: "empty id",
+            });
+        }
+        let timestamp = timestamp_text
+            .parse::<i64>()
+            .map_err(|_| SignatureError::Malformed {
+                header: WEBHOOK_TIMESTAMP.into(),
+                reason: "not a unix timestamp",
+            })?;
+        let mut given = Vec::new();
+        for entry in signatures.split(' ').filter(|s| !s.is_empty()) {
+            let (version, signature) = entry.split_once(',').ok_or(SignatureError::Malformed {
+                header: WEBHOOK_SIGNATURE.into(),
+                reason: "expected v1,<base64>",
+            })?;
+            // Asymmetric `v1a` signatures and future versions are not ours to check.
+            if version == "v1" {
+                given.push(decode_base64(WEBHOOK_SIGNATURE, signature)?);
+            }
+        }
+        if given.is_empty() {
+            return Err(SignatureError::Malformed {
+                header: WEBHOOK_SIGNATURE.into(),
+                reason: "no v1 signature",
+            });
+        }
+        check_tolerance(timestamp, now, tolerance)?;
+        self.match_any(
+            &given,
+            &[id.as_bytes(), b".", timestamp_text.as_bytes(), b".", body],
+        )?;
+        Ok(Verified {
+            signed_id: Some(id.to_owned()),
+            timestamp: Some(timestamp),
+        })
+    }
+
+    /// Succeeds if any given digest equals the HMAC of `parts` under any key.
+    fn match_any(&self, given: &[Vec<u8>], parts: &[&[u8]]) -> Result<(), SignatureError> {
+        for key in &self.keys {
+            let mut mac = key.mac();
+            for part in parts {
+                mac.update(part);
+            }
+            let expected = mac.finalize().into_bytes();
+            if given
+                .iter()
+                .any(|g| bool::from(expected.as_slice().ct_eq(g)))
+            {
+                return Ok(());
+            }
+        }
+        Err(SignatureError::Mismatch)
+    }
+
+    /// Signs `body` as this scheme's sender would, with the first key: what `hookroute send`
+    /// and the tests use. `id` is the delivery id for schemes that sign one.
+    pub fn sign(&self, body: &[u8], now: i64, id: &str) -> Vec<(HeaderName, HeaderValue)> {
+        let key = self
+            .keys
+            .first()
+            .expect("a validated source has at least one key");
+        let hmac = |parts: &[&[u8]]| {
+            let mut mac = key.mac();
+            for part in parts {
+                mac.update(part);
+            }
+            mac.finalize().into_bytes()
+        };
+        let header = |name: &str, value: String| {
+            (
+                HeaderName::try_from(name).expect("scheme header names are valid"),
+                HeaderValue::try_from(value).expect("signatures are printable ASCII"),
+            )
+        };
+        match &self.scheme {
+            Scheme::ComplianceLayer {
+                require_timestamp: true,
+                ..
+            } => {
+                let t = now.to_string();
+                let digest = hex::encode(hmac(&[t.as_bytes(), b".", body]));
+                vec![header(
+                    COMPLIANCELAYER_SIGNATURE,
+                    format!("t={t},v1={digest}"),
+                )]
+            }
+            Scheme::ComplianceLayer { .. } => {
+                vec![header(
+                    COMPLIANCELAYER_SIGNATURE,
+                    hex::encode(hmac(&[body])),
+                )]
+            }
+            Scheme::StandardWebhooks { .. } => {
+                let t = now.to_string();
+                let digest = BASE64.encode(hmac(&[id.as_bytes(), b".", t.as_bytes(), b".", body]));
+                vec![
+                    header(WEBHOOK_ID, id.to_owned()),
+                    header(WEBHOOK_TIMESTAMP, t),
+                    header(WEBHOOK_SIGNATURE, format!("v1,{digest}")),
+                ]
+            }
+            Scheme::GitHub => vec![header(
+                GITHUB_SIGNATURE,
+                format!("sha256={}", hex::encode(hmac(&[body]))),
+            )],
+            Scheme::HmacSha256 {
+                header: name,
+                prefix,
+                encoding,
+            } => {
+                let digest = hmac(&[body]);
+                let digest = match encoding {
+                    Encoding::Hex => hex::encode(digest),
+                    Encoding::Base64 => BASE64.encode(digest),
+                };
+                vec![header(name.as_str(), format!("{prefix}{digest}"))]
+            }
+            Scheme::Token {
+                header: name,
+                prefix,
+            } => {
+                let token = String::from_utf8_lossy(&key.0);
+                vec![header(name.as_str(), format!("{prefix}{token}"))]
+            }
+        }
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, SignatureError> {
+    let value = headers
+        .get(name)
+        .ok_or_else(|| SignatureError::MissingHeader(name.to_owned()))?;
+    value
+        .to_str()
+        .map(str::trim)
+        .map_err(|_| SignatureError::Malformed {
+            header: name.to_owned(),
+            reason: "not printable ASCII",
+        })
+}
+
+fn decode_hex(header: &str, text: &str) -> Result<Vec<u8>, SignatureError> {
+    match hex::decode(text) {
+        Ok(bytes) if bytes.len() == 32 => Ok(bytes),
+        _ => Err(SignatureError::Malformed {
+            header: header.to_owned(),
+            reason: "expected 64 hex digits",
+        }),
+    }
+}
+
+fn decode_base64(header: &str, text: &str) -> Result<Vec<u8>, SignatureError> {
+    match BASE64.decode(text) {
+        Ok(bytes) if bytes.len() == 32 => Ok(bytes),
+        _ => Err(SignatureError::Malformed {
+            header: header.to_owned(),
+            reason: "expected a base64 SHA-256 digest",
+        }),
+    }
+}
+
+fn check_tolerance(timestamp: i64, now: i64, tolerance: Duration) -> Result<(), SignatureError> {
+    let tolerance_secs = tolerance.as_secs();
+    let limit = i64::try_from(tolerance_secs).unwrap_or(i64::MAX);
+    let age = now.saturating_sub(timestamp);
+    if age > limit {
+        Err(SignatureError::Expired {
+            age_secs: age,
+            tolerance_secs,
+        })
+    } else if -age > limit {
+        Err(SignatureError::FromFuture {
+            ahead_secs: -age,
+            tolerance_secs,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOLERANCE: Duration = Duration::from_secs(300);
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    HeaderName::try_from(*k).unwrap(),
+                    HeaderValue::try_from(*v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn standard(secret_b64: &str) -> Verifier {
+        let key = BASE64
+            .decode(secret_b64.strip_prefix("whsec_").unwrap())
+            .unwrap();
+        Verifier::new(
+            Scheme::StandardWebhooks {
+                tolerance: TOLERANCE,
+            },
+            vec![Key::new(key)],
+        )
+    }
+
+    /// The vector published with the official Standard Webhooks libraries.
+    #[test]
+    fn standard_webhooks_published_vector() {
+        let verifier = standard("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD");
+        let body = br#"{"email":"test@example.com","username":"test_user"}"#;
+        let h = headers(&[
+            (WEBHOOK_ID, "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk"),
+            (WEBHOOK_TIMESTAMP, "1649367553"),
+            (
+                WEBHOOK_SIGNATURE,
+                "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw=",
+            ),
+        ]);
+        let verified = verifier.verify(&h, body, 1649367553 + 10).unwrap();
+        assert_eq!(
+            verified.signed_id.as_deref(),
+            Some("msg_27UH4WbU6Z5A5EzD8u03UvzRbpk")
+        );
+        assert_eq!(verified.timestamp, Some(1649367553));
+        // Our signer produces the same bytes as the published vector.
+        let signed = verifier.sign(body, 1649367553, "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk");
+        assert_eq!(
+            signed[2].1,
+            "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw="
+        );
+        // Several signatures, the valid one last; an unknown version is skipped.
+        let h = headers(&[
+            (WEBHOOK_ID, "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk"),
+            (WEBHOOK_TIMESTAMP, "1649367553"),
+            (
+                WEBHOOK_SIGNATURE,
+                "v1a,abc v1,Ceqm1o5PuH2mWkDmtdEi3sIGMAbj2AZSsl6GTkA7Dx0= v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw=",
+            ),
+        ]);
+        assert!(verifier.verify(&h, body, 1649367553).is_ok());
+        // Outside the tolerance either way.
+        assert!(matches!(
+            verifier.verify(&h, body, 1649367553 + 301),
+            Err(SignatureError::Expired { .. })
+        ));
+        assert!(matches!(
+            verifier.verify(&h, body, 1649367553 - 301),
+            Err(SignatureError::FromFuture { .. })
+        ));
+    }
+
+    #[test]
+    fn compliancelayer_forms() {
+        let secret = "whsec_test_secret";
+        let verifier = Verifier::new(
+            Scheme::ComplianceLayer {
+                tolerance: TOLERANCE,
+                require_timestamp: false,
+            },
+            vec![Key::new(secret.as_bytes().to_vec())],
+        );
+        let body = br#"{"id":"1","type":"scan.completed"}"#;
+        let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(body);
+        let digest = hex::encode(mac.finalize().into_bytes());
+        for value in [
+            digest.clone(),
+            digest.to_uppercase(),
+            format!("sha256={digest}"),
+        ] {
+            let h = headers(&[(COMPLIANCELAYER_SIGNATURE, &value)]);
+            assert_eq!(
+                verifier.verify(&h, body, 0),
+                Ok(Verified::default()),
+                "{value}"
+            );
+        }
+        let h = headers(&[(COMPLIANCELAYER_SIGNATURE, "sha256=zz")]);
+        assert!(matches!(
+            verifier.verify(&h, body, 0),
+            Err(SignatureError::Malformed { .. })
+        ));
+        let tampered = br#"{"id":"1","type":"scan.completed "}"#;
+        let h = headers(&[(COMPLIANCELAYER_SIGNATURE, &digest)]);
+        assert_eq!(
+            verifier.verify(&h, tampered, 0),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verifier.verify(&HeaderMap::new(), body, 0),
+            Err(SignatureError::MissingHeader(
+                COMPLIANCELAYER_SIGNATURE.into()
+            ))
+        );
+    }
+
+    #[test]
+    fn compliancelayer_timestamped() {
+        let verifier = Verifier::new(
+            Scheme::ComplianceLayer {
+                tolerance: TOLERANCE,
+                require_timestamp: true,
+            },
+            vec![Key::new(b"old".to_vec()), Key::new(b"new".to_vec())],
+        );
+        let body = b"{}";
+        let mut mac = HmacSha256::new_from_slice(b"new").unwrap();
+        mac.update(b"1000.{}");
+        let digest = hex::encode(mac.finalize().into_bytes());
+        let value = format!("t=1000,v0=ignored,v1={}, v1={digest}", "0".repeat(64));
+        let h = headers(&[(COMPLIANCELAYER_SIGNATURE, &value)]);
+        assert_eq!(
+            verifier.verify(&h, body, 1100).unwrap().timestamp,
+            Some(1000)
+        );
+        assert!(matches!(
+            verifier.verify(&h, body, 1301),
+            Err(SignatureError::Expired { age_secs: 301, .. })
+        ));
+        // The bare form is refused when a timestamp is required.
+        let h = headers(&[(COMPLIANCELAYER_SIGNATURE, &digest)]);
+        assert_eq!(
+            verifier.verify(&h, body, 1000),
+            Err(SignatureError::TimestampRequired)
+        );
+        for bad in ["t=abc,v1=00", "t=1000", "t=1,t=2,v1=00"] {
+            let h = headers(&[(COMPLIANCELAYER_SIGNATURE, bad)]);
+            assert!(
+                matches!(
+                    verifier.verify(&h, body, 1000),
+                    Err(SignatureError::Malformed { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn token_compares_whole_value() {
+        let verifier = Verifier::new(
+            Scheme::Token {
+                header: HeaderName::from_static("x-token"),
+                prefix: "Bearer ".into(),
+            },
+            vec![Key::new(b"s3cret".to_vec())],
+        );
+        assert!(
+            verifier
+                .verify(&headers(&[("x-token", "Bearer s3cret")]), b"", 0)
+                .is_ok()
+        );
+        for bad in ["Bearer s3cre", "Bearer s3cret1", "Bearer  s3cret"] {
+            assert_eq!(
+                verifier.verify(&headers(&[("x-token", bad)]), b"", 0),
+                Err(SignatureError::Mismatch),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            verifier.verify(&headers(&[("x-token", "s3cret")]), b"", 0),
+            Err(SignatureError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn sign_then_verify_every_scheme() {
+        let schemes = [
+            Scheme::ComplianceLayer {
+                tolerance: TOLERANCE,
+                require_timestamp: false,
+            },
+            Scheme::ComplianceLayer {
+                tolerance: TOLERANCE,
+                require_timestamp: true,
+            },
+            Scheme::StandardWebhooks {
+                tolerance: TOLERANCE,
+            },
+            Scheme::GitHub,
+            Scheme::HmacSha256 {
+                header: HeaderName::from_static("x-sig"),
+                prefix: "v=".into(),
+                encoding: Encoding::Base64,
+            },
+            Scheme::Token {
+                header: HeaderName::from_static("x-token"),
+                prefix: String::new(),
+            },
+        ];
+        for scheme in schemes {
+            let verifier = Verifier::new(scheme.clone(), vec![Key::new(b"k".to_vec())]);
+            let h: HeaderMap = verifier.sign(b"{}", 50, "msg_1").into_iter().collect();
+            assert!(verifier.verify(&h, b"{}", 60).is_ok(), "{}", scheme.name());
+        }
+    }
+
+    #[test]
+    fn debug_hides_keys() {
+        let verifier = Verifier::new(Scheme::GitHub, vec![Key::new(b"topsecret".to_vec())]);
+        assert!(!format!("{verifier:?}").contains("topsecret"));
+    }
+}

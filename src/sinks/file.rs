@@ -1,0 +1,84 @@
+//! The `file` sink: appends one JSON line per event, for archives and for `tail -f`.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Mutex;
+
+use super::{Sink, SinkError};
+use crate::event::Event;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSinkConfig {
+    pub path: PathBuf,
+}
+
+impl FileSinkConfig {
+    pub(super) fn validate(&self) -> Result<(), String> {
+        if self.path.as_os_str().is_empty() {
+            return Err("path: must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+pub struct FileSink {
+    path: PathBuf,
+    /// Opened on first use, so a missing directory or a full disk is a delivery error
+    /// (recorded, retried) rather than a reason for the daemon not to start.
+    file: Mutex<Option<tokio::fs::File>>,
+}
+
+impl FileSink {
+    pub fn new(config: &FileSinkConfig) -> Self {
+        Self {
+            path: config.path.clone(),
+            file: Mutex::new(None),
+        }
+    }
+
+    fn io_error(&self, source: std::io::Error) -> SinkError {
+        SinkError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for FileSink {
+    async fn deliver(&self, event: &Event) -> Result<(), SinkError> {
+        let mut line = serde_json::to_vec(event)?;
+        line.push(b'\n');
+        let mut guard = self.file.lock().await;
+        if guard.is_none() {
+            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                tokio::fs::create_dir_all(dir)
+                    .await
+                    .map_err(|e| self.io_error(e))?;
+            }
+            let file = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .await
+                .map_err(|e| self.io_error(e))?;
+            *guard = Some(file);
+        }
+        let file = guard.as_mut().expect("opened above");
+        let written = async {
+            file.write_all(&line).await?;
+            file.flush().await
+        }
+        .await;
+        if let Err(err) = written {
+            // Reopen next time: the file may have been rotated or its disk replaced.
+            *guard = None;
+            return Err(self.io_error(err));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,499 @@
+//! SQLite storage: migrations, the single writer thread (group commit) and typed queries.
+//!
+//! Invariants:
+//! - One thread owns the write connection. Commands queue on a channel; the writer takes
+//!   whatever is queued (up to `max_batch`), applies it in one `BEGIN IMMEDIATE` transaction
+//!   and answers every command only after `COMMIT` returned. With `synchronous = FULL` in WAL
+//!   mode, an answered insert is on disk: the HTTP layer may then say 2xx.
+//! - A failing batch is rolled back whole and every command in it gets the error, so a caller
+//!   never believes something was stored that was not.
+//! - Reads use their own connection and never block the writer (WAL).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use jiff::Timestamp;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::StorageConfig;
+use crate::event::Event;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts how many ran.
+const MIGRATIONS: &[&str] = &[r"
+CREATE TABLE events (
+    id              INTEGER PRIMARY KEY,
+    source          TEXT    NOT NULL,
+    delivery_id     TEXT    NOT NULL,
+    event_type      TEXT    NOT NULL,
+    occurred_at     TEXT,
+    received_at     INTEGER NOT NULL,   -- unix milliseconds
+    sender_delivery TEXT,
+    payload         BLOB    NOT NULL,   -- the body exactly as signed
+    dispatched_at   INTEGER             -- NULL until every sink's outcome is recorded
+);
+CREATE INDEX events_undispatched ON events(id) WHERE dispatched_at IS NULL;
+
+-- One row per (source, delivery id) seen within the retention window.
+CREATE TABLE dedupe (
+    source      TEXT    NOT NULL,
+    delivery_id TEXT    NOT NULL,
+    event_id    INTEGER NOT NULL,
+    seen_at     INTEGER NOT NULL,
+    PRIMARY KEY (source, delivery_id)
+) WITHOUT ROWID;
+CREATE INDEX dedupe_seen_at ON dedupe(seen_at);
+
+CREATE TABLE dispatches (
+    id       INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    sink     TEXT    NOT NULL,
+    ok       INTEGER NOT NULL,
+    error    TEXT,
+    at       INTEGER NOT NULL
+);
+CREATE INDEX dispatches_event ON dispatches(event_id);
+
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+"];
+
+/// Depth of the writer's queue; a full queue makes handlers wait, which is the backpressure.
+const QUEUE_DEPTH: usize = 8192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the database directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A batch failed; every command in it shares the cause.
+    #[error("database write failed: {0}")]
+    Write(Arc<rusqlite::Error>),
+    #[error("the database writer has stopped")]
+    WriterGone,
+}
+
+/// The outcome of storing a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    New(i64),
+    /// Seen before within the retention window; carries the first copy's event id.
+    Duplicate(i64),
+}
+
+/// An event as stored, with its row id.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub id: i64,
+    pub received_at: Timestamp,
+    pub event: Event,
+}
+
+/// One sink's outcome for one event.
+#[derive(Debug, Clone)]
+pub struct DispatchRecord {
+    pub event_id: i64,
+    pub sink: String,
+    /// `Err` holds the error message.
+    pub result: Result<(), String>,
+}
+
+enum Op {
+    Insert {
+        event: Box<Event>,
+        body: Vec<u8>,
+        received_at: i64,
+    },
+    RecordDispatch {
+        event_ids: Vec<i64>,
+        records: Vec<DispatchRecord>,
+        at: i64,
+    },
+    Touch {
+        at: i64,
+    },
+    PruneDedupe {
+        before: i64,
+        limit: usize,
+    },
+    /// Answered after everything queued before it committed; the writer then exits.
+    Shutdown,
+}
+
+enum Done {
+    Inserted(Inserted),
+    Count(usize),
+    Unit,
+}
+
+struct Command {
+    op: Op,
+    reply: oneshot::Sender<Result<Done, StoreError>>,
+}
+
+/// Handle to the database: cheap to clone, shared by the HTTP handlers and the dispatcher.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    queue: mpsc::Sender<Command>,
+    reader: Mutex<Connection>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database, migrates it and starts the writer thread.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the directory or database cannot be created, opened or migrated.
+    pub fn open(config: &StorageConfig) -> Result<Self, StoreError> {
+        let path = config.path.clone();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let open_err = |source| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
+        let mut writer = Connection::open(&path).map_err(open_err)?;
+        writer.busy_timeout(config.busy_timeout).map_err(open_err)?;
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+            )
+            .map_err(open_err)?;
+        migrate(&mut writer).map_err(open_err)?;
+        let reader = open_reader(&path, config).map_err(open_err)?;
+
+        let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
+        let max_batch = config.max_batch;
+        let handle = std::thread::Builder::new()
+            .name("hookroute-writer".into())
+            .spawn(move || writer_loop(writer, rx, max_batch))
+            .map_err(|source| StoreError::CreateDir {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path,
+                queue,
+                reader: Mutex::new(reader),
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Stores a verified delivery unless its `(source, delivery_id)` was seen before. Returns
+    /// only once the transaction holding it committed.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the write failed: nothing was stored.
+    pub async fn insert(
+        &self,
+        event: Event,
+        body: Vec<u8>,
+        received_at: Timestamp,
+    ) -> Result<Inserted, StoreError> {
+        let op = Op::Insert {
+            event: Box::new(event),
+            body,
+            received_at: received_at.as_millisecond(),
+        };
+        match self.submit(op).await? {
+            Done::Inserted(inserted) => Ok(inserted),
+            _ => unreachable!("insert answers Inserted"),
+        }
+    }
+
+    /// Records sinks' outcomes and marks the events dispatched, atomically.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the write failed; the events stay undispatched.
+    pub async fn record_dispatch(
+        &self,
+        event_ids: Vec<i64>,
+        records: Vec<DispatchRecord>,
+    ) -> Result<(), StoreError> {
+        let op = Op::RecordDispatch {
+            event_ids,
+            records,
+            at: Timestamp::now().as_millisecond(),
+        };
+        self.submit(op).await.map(|_| ())
+    }
+
+    /// Proves the database takes writes (readiness).
+    ///
+    /// # Errors
+    /// [`StoreError`] when it does not.
+    pub async fn touch(&self) -> Result<(), StoreError> {
+        self.submit(Op::Touch {
+            at: Timestamp::now().as_millisecond(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Deletes up to `limit` dedupe records older than `before`; returns how many went.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the write failed.
+    pub async fn prune_dedupe(&self, before: Timestamp, limit: usize) -> Result<usize, StoreError> {
+        match self
+            .submit(Op::PruneDedupe {
+                before: before.as_millisecond(),
+                limit,
+            })
+            .await?
+        {
+            Done::Count(n) => Ok(n),
+            _ => unreachable!("prune answers Count"),
+        }
+    }
+
+    async fn submit(&self, op: Op) -> Result<Done, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .queue
+            .send(Command { op, reply })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Events not yet dispatched with an id above `after`, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database error.
+    pub async fn undispatched(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, source, delivery_id, event_type, occurred_at, received_at, sender_delivery, payload
+                 FROM events WHERE dispatched_at IS NULL AND id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after, limit as i64], row_to_event)?;
+            rows.collect::<Result<Vec<_>, _>>()
+        })
+        .await
+    }
+
+    /// Runs a read on the read connection, off the async threads.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let conn = inner
+                .reader
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&conn).map_err(StoreError::from)
+        })
+        .await
+        .map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Lets the writer commit everything queued before this call, then stops it. Idempotent.
+    pub async fn close(&self) {
+        let handle = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            if let Err(err) = self.submit(Op::Shutdown).await {
+                tracing::warn!(error = %err, "database writer did not stop cleanly");
+            }
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
+
+fn open_reader(path: &Path, config: &StorageConfig) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(config.busy_timeout)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    for (i, sql) in (1..)
+        .zip(MIGRATIONS)
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i)?;
+    }
+    tx.commit()
+}
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+        }
+        let stop = batch.iter().any(|cmd| matches!(cmd.op, Op::Shutdown));
+        match apply_batch(&mut conn, &batch) {
+            Ok(done) => {
+                for (cmd, done) in batch.drain(..).zip(done) {
+                    let _ = cmd.reply.send(Ok(done));
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, commands = batch.len(), "database batch failed");
+                let err = Arc::new(err);
+                for cmd in batch.drain(..) {
+                    let _ = cmd.reply.send(Err(StoreError::Write(Arc::clone(&err))));
+                }
+            }
+        }
+        if stop {
+            break;
+        }
+    }
+    tracing::debug!("database writer stopped");
+}
+
+fn apply_batch(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<Vec<Done>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let done = batch
+        .iter()
+        .map(|cmd| apply(&tx, &cmd.op))
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    tx.commit()?;
+    Ok(done)
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
+    match op {
+        Op::Insert {
+            event,
+            body,
+            received_at,
+        } => {
+            let existing: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT event_id FROM dedupe WHERE source = ?1 AND delivery_id = ?2",
+                )?
+                .query_row(params![event.source, event.delivery_id], |row| row.get(0))
+                .optional()?;
+            if let Some(id) = existing {
+                return Ok(Done::Inserted(Inserted::Duplicate(id)));
+            }
+            tx.prepare_cached(
+                "INSERT INTO events (source, delivery_id, event_type, occurred_at, received_at, sender_delivery, payload)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                event.source,
+                event.delivery_id,
+                event.event_type,
+                event.occurred_at.map(|t| t.to_string()),
+                received_at,
+                event.sender_delivery,
+                body,
+            ])?;
+            let id = tx.last_insert_rowid();
+            tx.prepare_cached("INSERT INTO dedupe (source, delivery_id, event_id, seen_at) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![event.source, event.delivery_id, id, received_at])?;
+            Ok(Done::Inserted(Inserted::New(id)))
+        }
+        Op::RecordDispatch {
+            event_ids,
+            records,
+            at,
+        } => {
+            let mut insert =
+                tx.prepare_cached("INSERT INTO dispatches (event_id, sink, ok, error, at) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+            for record in records {
+                let error = record.result.as_ref().err();
+                insert.execute(params![
+                    record.event_id,
+                    record.sink,
+                    record.result.is_ok(),
+                    error,
+                    at
+                ])?;
+            }
+            let mut mark =
+                tx.prepare_cached("UPDATE events SET dispatched_at = ?1 WHERE id = ?2")?;
+            for id in event_ids {
+                mark.execute(params![at, id])?;
+            }
+            Ok(Done::Unit)
+        }
+        Op::Touch { at } => {
+            tx.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('last_ready_check', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )?
+            .execute(params![at.to_string()])?;
+            Ok(Done::Unit)
+        }
+        Op::PruneDedupe { before, limit } => {
+            let n = tx
+                .prepare_cached(
+                    "DELETE FROM dedupe WHERE (source, delivery_id) IN
+                     (SELECT source, delivery_id FROM dedupe WHERE seen_at < ?1 LIMIT ?2)",
+                )?
+                .execute(params![before, *limit as i64])?;
+            Ok(Done::Count(n))
+        }
+        Op::Shutdown => Ok(Done::Unit),
+    }
+}
+
+fn row_to_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    let payload: Vec<u8> = row.get(7)?;
+    let received_at: i64 = row.get(5)?;
+    let occurred_at: Option<String> = row.get(4)?;
+    Ok(StoredEvent {
+        id: row.get(0)?,
+        received_at: Timestamp::from_millisecond(received_at).unwrap_or(Timestamp::UNIX_EPOCH),
+        event: Event {
+            source: row.get(1)?,
+            delivery_id: row.get(2)?,
+            event_type: row.get(3)?,
+            occurred_at: occurred_at.and_then(|t| t.parse().ok()),
+            sender_delivery: row.get(6)?,
+            // Stored only after it parsed, so this holds JSON; `Null` guards a hand-edited row.
+            payload: serde_json::from_slice(&payload).unwrap_or_default(),
+        },
+    })
+}
