@@ -1,0 +1,194 @@
+//! The command line: check-config's summary and precise errors, env overrides, and `send`.
+
+use std::process::{Command, Output};
+
+use crate::harness::*;
+
+fn hookroute(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn check_config_accepts_the_shipped_example() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+    let out = hookroute(&["check-config", "--config", example], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let summary = text(&out);
+    for expected in [
+        "127.0.0.1:8080",
+        "/hooks/compliancelayer",
+        "scheme=compliancelayer",
+        "/hooks/scorecard",
+        "scheme=token",
+        "archive",
+        "file",
+    ] {
+        assert!(
+            summary.contains(expected),
+            "{expected} missing from:\n{summary}"
+        );
+    }
+    // Environment overrides win over the file.
+    let out = hookroute(
+        &["check-config", "--config", example],
+        &[("HOOKROUTE_SERVER__LISTEN", "127.0.0.1:9999")],
+    );
+    assert!(text(&out).contains("127.0.0.1:9999"), "{}", text(&out));
+}
+
+#[test]
+fn check_config_reports_every_problem_precisely() {
+    let dir = tempdir();
+    let path = dir.path().join("bad.toml");
+    let cases: [(&str, &[&str]); 5] = [
+        (
+            "[server]\nlisten = \"127.0.0.1:0\"\nlisten_port = 5\n",
+            &["listen_port", "server", "bad.toml"],
+        ),
+        (
+            "[storage]\ndedupe_retention = \"a week\"\n",
+            &["dedupe_retention", "invalid duration"],
+        ),
+        (
+            "[server]\nlisten = \"nowhere\"\ntrusted_proxies = [\"10.0.0.0/33\"]\n\n[sources.cl]\nsecret_env = \"HOOKROUTE_TEST_UNSET_VAR\"\nheader = \"X-Sig\"\n",
+            &[
+                "server.listen: \"nowhere\" is not an address",
+                "server.trusted_proxies[0]",
+                "sources.cl.secret_env[0]: environment variable \"HOOKROUTE_TEST_UNSET_VAR\" is not set",
+                "sources.cl.header: does not apply to scheme \"compliancelayer\"",
+            ],
+        ),
+        (
+            "[sources.sw]\nscheme = \"standard-webhooks\"\nsecret = \"whsec_***notbase64\"\n",
+            &["sources.sw.secret[0]: the secret is not valid base64"],
+        ),
+        (
+            "[sources.cl]\nsecret = \"s\"\n\n[sinks.x]\ntype = \"carrier-pigeon\"\n",
+            &["carrier-pigeon", "sinks"],
+        ),
+    ];
+    for (toml, expected) in cases {
+        std::fs::write(&path, toml).unwrap();
+        let out = hookroute(&["check-config", "--config", path.to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(2), "{toml}\n{}", text(&out));
+        for needle in expected {
+            assert!(
+                text(&out).contains(needle),
+                "{needle:?} missing for\n{toml}\n{}",
+                text(&out)
+            );
+        }
+        // A secret is never echoed back.
+        assert!(!text(&out).contains("***notbase64"), "{}", text(&out));
+    }
+    let out = hookroute(
+        &["check-config", "--config", "/nonexistent/hookroute.toml"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("does not exist"), "{}", text(&out));
+}
+
+#[tokio::test]
+async fn send_signs_and_delivers_a_sample() {
+    let dir = tempdir();
+    let rest = format!(
+        "{}\n[sources.scorecard]\nscheme = \"token\"\nsecret = \"tok\"\n",
+        standard_rest(dir.path())
+    );
+    let daemon = Daemon::start(dir.path(), &config(dir.path(), NO_LIMITS, &rest));
+    let config = daemon.config_path.to_str().unwrap().to_owned();
+    let url = daemon.url("/hooks/cl");
+    let sample_path = format!(
+        "{}/../shared/samples/compliancelayer-scan.completed.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let send = |source: &str, file: &str| {
+        hookroute(
+            &[
+                "send", "--config", &config, "--source", source, file, "--url", &url,
+            ],
+            &[],
+        )
+    };
+
+    let out = send("cl", &sample_path);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("202"), "{}", text(&out));
+    let again = send("cl", &sample_path);
+    assert!(again.status.success());
+    assert!(text(&again).contains("duplicate"), "{}", text(&again));
+    let lines = wait_lines(&dir.path().join("events.jsonl"), 1).await;
+    assert_eq!(
+        lines[0]["sender_delivery"],
+        "550e8400-e29b-41d4-a716-446655440000"
+    );
+
+    // Without --url it posts to the configured listen address and the source's own path.
+    let scorecard = format!(
+        "{}/../shared/samples/scorecard-policy.published.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let config_with_port = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("127.0.0.1:0", &daemon.addr.to_string());
+    let path2 = dir.path().join("client.toml");
+    std::fs::write(&path2, config_with_port).unwrap();
+    let out = hookroute(
+        &[
+            "send",
+            "--config",
+            path2.to_str().unwrap(),
+            "--source",
+            "scorecard",
+            &scorecard,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(daemon.count("events"), 2);
+
+    // A refused delivery is exit 1; an unknown source is a usage error, exit 2.
+    let wrong = dir.path().join("wrong.toml");
+    std::fs::write(
+        &wrong,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace(CL_SECRET, "whsec_wrong"),
+    )
+    .unwrap();
+    let out = hookroute(
+        &[
+            "send",
+            "--config",
+            wrong.to_str().unwrap(),
+            "--source",
+            "cl",
+            &sample_path,
+            "--url",
+            &url,
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("401"), "{}", text(&out));
+    let out = send("nope", &sample_path);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("no source named \"nope\""),
+        "{}",
+        text(&out)
+    );
+}

@@ -1,0 +1,119 @@
+//! A delivery id is stored and dispatched once, however often the sender retries.
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn retry_is_a_duplicate_even_under_a_new_delivery_header() {
+    let dir = tempdir();
+    let daemon = Daemon::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
+    );
+    let body = sample("compliancelayer-scan.completed.json");
+    let signature = hmac_hex(CL_SECRET, &[&body]);
+    let send = |delivery: &'static str| {
+        let headers = [
+            ("x-compliancelayer-signature", signature.clone()),
+            ("x-compliancelayer-delivery", delivery.to_owned()),
+            ("x-compliancelayer-event", "scan.completed".to_owned()),
+        ];
+        let daemon = &daemon;
+        let body = body.clone();
+        async move { daemon.post("/hooks/cl", &body, &headers).await }
+    };
+    let first = send("d-1").await;
+    assert_eq!(first.status, 202, "{:?}", first.json);
+    assert_eq!(
+        first.json["delivery_id"],
+        "550e8400-e29b-41d4-a716-446655440000"
+    );
+    let retry = send("d-1").await;
+    assert_eq!(
+        (retry.status, &retry.json["status"]),
+        (200, &"duplicate".into())
+    );
+    assert_eq!(retry.json["id"], first.json["id"]);
+    // The delivery header is unsigned: a captured body replayed under a fresh one is still a duplicate.
+    let replay = send("d-forged").await;
+    assert_eq!(replay.status, 200);
+
+    let lines = wait_lines(&dir.path().join("events.jsonl"), 1).await;
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["type"], "scan.completed");
+    assert_eq!(lines[0]["sender_delivery"], "d-1");
+    assert_eq!(lines[0]["payload"]["data"]["grade"], "B");
+    // Give a (wrong) second dispatch time to show up before counting.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        wait_lines(&dir.path().join("events.jsonl"), 2).await.len(),
+        1
+    );
+    assert_eq!(daemon.count("events"), 1);
+    assert_eq!(daemon.count("dispatches"), 1);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_copies_store_exactly_one() {
+    let dir = tempdir();
+    let daemon = Daemon::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
+    );
+    let body = scan_body("concurrent");
+    let copies = (0..50).map(|_| daemon.post_cl(&body));
+    let replies = futures_util::future::join_all(copies).await;
+    let accepted = replies.iter().filter(|r| r.status == 202).count();
+    let duplicates = replies
+        .iter()
+        .filter(|r| r.status == 200 && r.json["status"] == "duplicate")
+        .count();
+    assert_eq!((accepted, duplicates), (1, 49));
+    assert_eq!(daemon.count("events"), 1);
+    assert_eq!(
+        wait_lines(&dir.path().join("events.jsonl"), 1).await.len(),
+        1
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        wait_lines(&dir.path().join("events.jsonl"), 2).await.len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn scorecard_bodies_without_id_dedupe_on_their_hash() {
+    let dir = tempdir();
+    let rest = format!(
+        "[sources.scorecard]\nscheme = \"token\"\nsecret = \"tok\"\n\n[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n",
+        dir.path().join("events.jsonl").display()
+    );
+    let daemon = Daemon::start(dir.path(), &config(dir.path(), NO_LIMITS, &rest));
+    let token = [("x-webhook-token", "tok".to_owned())];
+    let policy = sample("scorecard-policy.published.json");
+    let assessment = sample("scorecard-assessment.completed.json");
+    assert_eq!(
+        daemon
+            .post("/hooks/scorecard", &policy, &token)
+            .await
+            .status,
+        202
+    );
+    assert_eq!(
+        daemon
+            .post("/hooks/scorecard", &policy, &token)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        daemon
+            .post("/hooks/scorecard", &assessment, &token)
+            .await
+            .status,
+        202
+    );
+    let lines = wait_lines(&dir.path().join("events.jsonl"), 2).await;
+    let types: Vec<_> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["policy.published", "assessment.completed"]);
+    assert_eq!(lines[0]["occurred_at"], "2025-02-20T15:30:00Z");
+}

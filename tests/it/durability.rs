@@ -1,0 +1,157 @@
+//! 2xx means stored for good: acknowledged deliveries survive SIGKILL and are dispatched after
+//! the restart; SIGTERM drains in-flight requests.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::*;
+
+fn rest_with_sink(sink_path: &std::path::Path) -> String {
+    format!(
+        "[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n",
+        sink_path.display()
+    )
+}
+
+#[tokio::test]
+async fn accepted_event_survives_kill_and_is_dispatched_after_restart() {
+    let dir = tempdir();
+    // The first run's sink is a FIFO nobody reads: opening it blocks, so the event is stored
+    // but cannot be dispatched before the process dies.
+    let fifo = dir.path().join("stuck.fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let daemon = Daemon::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &rest_with_sink(&fifo)),
+    );
+    let reply = daemon.post_cl(&scan_body("survivor")).await;
+    assert_eq!(reply.status, 202);
+    let undispatched: i64 = daemon
+        .db()
+        .query_row(
+            "SELECT count(*) FROM events WHERE dispatched_at IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(undispatched, 1);
+    daemon.kill9();
+
+    let out = dir.path().join("events.jsonl");
+    let daemon = Daemon::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &rest_with_sink(&out)),
+    );
+    let lines = wait_lines(&out, 1).await;
+    assert_eq!(lines.len(), 1, "{}", daemon.log());
+    assert_eq!(lines[0]["delivery_id"], "survivor");
+    // The dedupe record survived too: the sender's retry is still a duplicate.
+    assert_eq!(daemon.post_cl(&scan_body("survivor")).await.status, 200);
+}
+
+#[tokio::test]
+async fn sigkill_after_2xx_loses_nothing() {
+    let dir = tempdir();
+    let out = dir.path().join("events.jsonl");
+    let daemon = Daemon::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &rest_with_sink(&out)),
+    );
+    let bodies: Vec<Vec<u8>> = (0..200).map(|i| scan_body(&format!("kill-{i}"))).collect();
+    let replies = futures_util::future::join_all(bodies.iter().map(|b| daemon.post_cl(b))).await;
+    // Kill the instant the last answer arrived: whatever was acknowledged must be on disk.
+    let pid = daemon.pid();
+    signal(pid, "KILL");
+    let acknowledged: Vec<String> = replies
+        .iter()
+        .filter(|r| r.status == 202)
+        .map(|r| r.json["delivery_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(acknowledged.len(), 200);
+    let _ = daemon.wait(Duration::from_secs(5));
+
+    let db = open_db(dir.path());
+    let mut stmt = db.prepare("SELECT delivery_id FROM events").unwrap();
+    let stored: std::collections::HashSet<String> = stmt
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for id in &acknowledged {
+        assert!(stored.contains(id), "{id} was acknowledged but not stored");
+    }
+    drop(stmt);
+    drop(db);
+
+    // After a restart every event is dispatched, none twice.
+    let daemon = Daemon::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &rest_with_sink(&out)),
+    );
+    let lines = wait_lines(&out, 200).await;
+    let mut ids: Vec<&str> = lines
+        .iter()
+        .map(|l| l["delivery_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert!(
+        ids.len() == 200,
+        "{} distinct of {} lines; {}",
+        ids.len(),
+        lines.len(),
+        daemon.log()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests() {
+    let dir = tempdir();
+    let out = dir.path().join("events.jsonl");
+    let daemon = Daemon::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &rest_with_sink(&out)),
+    );
+    let body = scan_body("in-flight");
+    let signature = hmac_hex(CL_SECRET, &[&body]);
+    let addr = daemon.addr;
+    // Send the headers and half the body, stop the daemon, then send the rest.
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let head = format!(
+        "POST /hooks/cl HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-ComplianceLayer-Signature: {signature}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body[..10]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    signal(daemon.pid(), "TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    // New connections are refused while the old one is being finished.
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "still accepting after SIGTERM"
+    );
+    stream.write_all(&body[10..]).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 202"), "{response}");
+    let status = daemon.terminate();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        open_db(dir.path())
+            .query_row("SELECT count(*) FROM events", [], |r| r.get::<_, i64>(0))
+            .unwrap(),
+        1
+    );
+}

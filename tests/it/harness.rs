@@ -1,0 +1,327 @@
+//! Spawns the real `hookroute` binary on an ephemeral loopback port with a temporary
+//! directory for its database and sink files, and signs deliveries independently of the
+//! daemon's own signer.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use hmac::{KeyInit, Mac};
+use sha2::Sha256;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_hookroute");
+pub const CL_SECRET: &str = "whsec_test_compliancelayer_secret";
+pub const CL_SECRET_OLD: &str = "whsec_old_rotated_secret";
+
+/// The daemon's `[server]` and `[storage]` preamble; `server` adds keys to `[server]`.
+pub fn config(dir: &Path, server: &str, rest: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+shutdown_timeout = "5s"
+{server}
+
+[storage]
+path = "{db}"
+busy_timeout = "300ms"
+
+{rest}
+"#,
+        db = dir.join("hookroute.db").display()
+    )
+}
+
+/// A ComplianceLayer source (two live secrets) and a file sink: what most tests need.
+pub fn standard_rest(dir: &Path) -> String {
+    format!(
+        r#"
+[sources.cl]
+scheme = "compliancelayer"
+secret = ["{CL_SECRET}", "{CL_SECRET_OLD}"]
+
+[sinks.archive]
+type = "file"
+path = "{}"
+"#,
+        dir.join("events.jsonl").display()
+    )
+}
+
+/// No rate limits: for tests that send many failures on purpose.
+pub const NO_LIMITS: &str = "rate_limit = { enabled = false }";
+
+pub struct Daemon {
+    child: Child,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+    pub client: reqwest::Client,
+}
+
+impl Daemon {
+    /// Writes `config` into `dir` and starts the daemon on it.
+    pub fn start(dir: &Path, config: &str) -> Self {
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        Self::start_with(dir, &config_path, &[])
+    }
+
+    pub fn start_with(dir: &Path, config_path: &Path, env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(config_path)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hookroute");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let lines = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let listening = line
+                    .contains(" listening ")
+                    .then(|| line.split("addr=").nth(1))
+                    .flatten();
+                if let Some(addr) = listening.and_then(|s| s.split_whitespace().next()) {
+                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "daemon did not start; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Self {
+            child,
+            addr,
+            dir: dir.to_path_buf(),
+            config_path: config_path.to_path_buf(),
+            log,
+            client: http_client(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Posts `body` to `path` with JSON content type and the given headers.
+    pub async fn post(&self, path: &str, body: &[u8], headers: &[(&str, String)]) -> Reply {
+        let mut request = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        Reply::read(request.send().await.expect("request")).await
+    }
+
+    /// Posts a ComplianceLayer delivery signed (bare hex) with `CL_SECRET`.
+    pub async fn post_cl(&self, body: &[u8]) -> Reply {
+        self.post(
+            "/hooks/cl",
+            body,
+            &[("x-compliancelayer-signature", hmac_hex(CL_SECRET, &[body]))],
+        )
+        .await
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        open_db(&self.dir)
+    }
+
+    pub fn count(&self, table: &str) -> i64 {
+        self.db()
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        signal(self.child.id(), "TERM");
+        wait_timeout(&mut self.child, Duration::from_secs(15))
+            .expect("daemon stopped after SIGTERM")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn wait(mut self, limit: Duration) -> Option<ExitStatus> {
+        wait_timeout(&mut self.child, limit)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain-HTTP client; reqwest is built without a default TLS provider, so pick one first.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+pub fn open_db(dir: &Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(dir.join("hookroute.db")).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub json: serde_json::Value,
+}
+
+impl Reply {
+    pub async fn read(response: reqwest::Response) -> Self {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        Self {
+            status,
+            headers,
+            json,
+        }
+    }
+
+    /// The error code, asserting the documented error body shape on the way.
+    pub fn error(&self) -> &str {
+        assert_eq!(self.json["status"], self.status, "{:?}", self.json);
+        assert!(
+            self.json["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{:?}",
+            self.json
+        );
+        self.json["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error field: {:?}", self.json))
+    }
+
+    pub fn message(&self) -> &str {
+        self.json["message"].as_str().unwrap_or_default()
+    }
+}
+
+/// HMAC-SHA256 over the concatenated parts, as lowercase hex: an implementation independent
+/// of the daemon's.
+pub fn hmac_hex(key: &str, parts: &[&[u8]]) -> String {
+    hex::encode(hmac_raw(key.as_bytes(), parts))
+}
+
+pub fn hmac_raw(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(key).unwrap();
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().to_vec()
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A ComplianceLayer `scan.completed` body with a unique id.
+pub fn scan_body(id: &str) -> Vec<u8> {
+    serde_json::json!({
+        "id": id,
+        "type": "scan.completed",
+        "created_at": jiff::Timestamp::now().to_string(),
+        "data": {"scan_id": 12345, "domain": "example.com", "score": 85, "grade": "B"}
+    })
+    .to_string()
+    .into_bytes()
+}
+
+pub fn sample(name: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/samples")
+            .join(name),
+    )
+    .unwrap()
+}
+
+/// Waits until `path` holds `n` lines (the file sink's output) and returns them.
+pub async fn wait_lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<_> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("hookroute-it")
+        .tempdir()
+        .unwrap()
+}

@@ -1,0 +1,11 @@
+//! Integration tests: the real daemon on an ephemeral loopback port, real signed HTTP
+//! requests, a real SQLite file. One binary, one module per capability.
+
+mod harness;
+
+mod cli;
+mod dedupe;
+mod durability;
+mod proxies;
+mod signatures;
+mod status;
