@@ -1,7 +1,7 @@
-//! Hands stored events to sinks. The database is the queue: the dispatcher reads undispatched
-//! events in id order, delivers each to every sink, and records the outcomes together with the
-//! "dispatched" mark in one transaction. An event stored before a crash but not yet marked is
-//! therefore dispatched after the restart (at least once).
+//! Hands stored events to sinks. The database is the queue: the dispatcher reads events past
+//! its persisted cursor in id order, delivers each to every sink, and records the outcomes
+//! together with the advanced cursor in one transaction. An event stored before a crash but
+//! not yet past the cursor is therefore dispatched after the restart (at least once).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,9 +39,20 @@ impl Dispatcher {
 
     /// Runs until `stop` is cancelled, finishing the round in progress first.
     pub async fn run(self, stop: CancellationToken) {
-        let mut cursor = 0;
+        let mut cursor = loop {
+            match self.store.dispatch_cursor().await {
+                Ok(cursor) => break cursor,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot read the dispatch cursor");
+                    pause(&stop, ERROR_PAUSE).await;
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                }
+            }
+        };
         while !stop.is_cancelled() {
-            let batch = match self.store.undispatched(cursor, BATCH).await {
+            let batch = match self.store.events_after(cursor, BATCH).await {
                 Ok(batch) => batch,
                 Err(err) => {
                     tracing::error!(error = %err, "cannot read undispatched events");
@@ -71,8 +82,7 @@ impl Dispatcher {
                     });
                 }
             }
-            let ids = batch.iter().map(|e| e.id).collect();
-            match self.store.record_dispatch(ids, records).await {
+            match self.store.record_dispatch(last, records).await {
                 Ok(()) => cursor = last,
                 Err(err) => {
                     // Not advancing the cursor redelivers this round: at least once, never lost.

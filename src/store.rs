@@ -8,6 +8,7 @@
 //! - A failing batch is rolled back whole and every command in it gets the error, so a caller
 //!   never believes something was stored that was not.
 //! - Reads use their own connection and never block the writer (WAL).
+//! - Checkpoints run on a thread of their own, so a commit never waits for one.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -30,10 +31,8 @@ CREATE TABLE events (
     occurred_at     TEXT,
     received_at     INTEGER NOT NULL,   -- unix milliseconds
     sender_delivery TEXT,
-    payload         BLOB    NOT NULL,   -- the body exactly as signed
-    dispatched_at   INTEGER             -- NULL until every sink's outcome is recorded
+    payload         BLOB    NOT NULL    -- the body exactly as signed
 );
-CREATE INDEX events_undispatched ON events(id) WHERE dispatched_at IS NULL;
 
 -- One row per (source, delivery id) seen within the retention window.
 CREATE TABLE dedupe (
@@ -55,8 +54,18 @@ CREATE TABLE dispatches (
 );
 CREATE INDEX dispatches_event ON dispatches(event_id);
 
+-- `dispatch_cursor`: every event with an id up to it has its outcomes recorded. One row
+-- updated per dispatch round, rather than a flag rewritten on every (payload-heavy) event row.
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 "];
+
+const DISPATCH_CURSOR: &str = "dispatch_cursor";
+/// How often the checkpointer copies the WAL back into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// How often the writer itself finishes a checkpoint between batches. Only a checkpoint that
+/// no commit races can complete, and only after a complete one does SQLite restart the WAL
+/// from its beginning: without this the WAL grows without bound under sustained load.
+const WRITER_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Depth of the writer's queue; a full queue makes handlers wait, which is the backpressure.
 const QUEUE_DEPTH: usize = 8192;
@@ -78,6 +87,8 @@ pub enum StoreError {
     /// A batch failed; every command in it shares the cause.
     #[error("database write failed: {0}")]
     Write(Arc<rusqlite::Error>),
+    #[error("cannot start a database thread: {0}")]
+    Thread(std::io::Error),
     #[error("the database writer has stopped")]
     WriterGone,
 }
@@ -107,14 +118,22 @@ pub struct DispatchRecord {
     pub result: Result<(), String>,
 }
 
+/// The columns of a new event row. The parsed payload stays with the caller: dropping a JSON
+/// tree is work the single writer thread should not do.
+struct NewEvent {
+    source: String,
+    delivery_id: String,
+    event_type: String,
+    occurred_at: Option<String>,
+    received_at: i64,
+    sender_delivery: Option<String>,
+    body: Vec<u8>,
+}
+
 enum Op {
-    Insert {
-        event: Box<Event>,
-        body: Vec<u8>,
-        received_at: i64,
-    },
+    Insert(Box<NewEvent>),
     RecordDispatch {
-        event_ids: Vec<i64>,
+        cursor: i64,
         records: Vec<DispatchRecord>,
         at: i64,
     },
@@ -150,7 +169,15 @@ struct Inner {
     path: PathBuf,
     queue: mpsc::Sender<Command>,
     reader: Mutex<Connection>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    /// `None` once closed.
+    threads: Mutex<Option<Threads>>,
+}
+
+struct Threads {
+    writer: JoinHandle<()>,
+    checkpointer: JoinHandle<()>,
+    /// Dropping it stops the checkpointer.
+    stop_checkpoints: std::sync::mpsc::Sender<()>,
 }
 
 impl Store {
@@ -174,27 +201,40 @@ impl Store {
         writer.busy_timeout(config.busy_timeout).map_err(open_err)?;
         writer
             .execute_batch(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;
+                 PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -65536;
+                 PRAGMA mmap_size = 268435456;",
             )
             .map_err(open_err)?;
         migrate(&mut writer).map_err(open_err)?;
         let reader = open_reader(&path, config).map_err(open_err)?;
 
+        let checkpointer = Connection::open(&path).map_err(open_err)?;
+        checkpointer
+            .busy_timeout(config.busy_timeout)
+            .map_err(open_err)?;
+
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
         let max_batch = config.max_batch;
-        let handle = std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("hookroute-writer".into())
             .spawn(move || writer_loop(writer, rx, max_batch))
-            .map_err(|source| StoreError::CreateDir {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(StoreError::Thread)?;
+        let (stop_checkpoints, stop) = std::sync::mpsc::channel();
+        let checkpointer = std::thread::Builder::new()
+            .name("hookroute-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpointer, stop))
+            .map_err(StoreError::Thread)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
                 queue,
                 reader: Mutex::new(reader),
-                writer: Mutex::new(Some(handle)),
+                threads: Mutex::new(Some(Threads {
+                    writer,
+                    checkpointer,
+                    stop_checkpoints,
+                })),
             }),
         })
     }
@@ -210,32 +250,36 @@ impl Store {
     /// [`StoreError`] when the write failed: nothing was stored.
     pub async fn insert(
         &self,
-        event: Event,
+        event: &Event,
         body: Vec<u8>,
         received_at: Timestamp,
     ) -> Result<Inserted, StoreError> {
-        let op = Op::Insert {
-            event: Box::new(event),
-            body,
+        let op = Op::Insert(Box::new(NewEvent {
+            source: event.source.clone(),
+            delivery_id: event.delivery_id.clone(),
+            event_type: event.event_type.clone(),
+            occurred_at: event.occurred_at.map(|t| t.to_string()),
             received_at: received_at.as_millisecond(),
-        };
+            sender_delivery: event.sender_delivery.clone(),
+            body,
+        }));
         match self.submit(op).await? {
             Done::Inserted(inserted) => Ok(inserted),
             _ => unreachable!("insert answers Inserted"),
         }
     }
 
-    /// Records sinks' outcomes and marks the events dispatched, atomically.
+    /// Records sinks' outcomes and advances the dispatch cursor to `cursor`, atomically.
     ///
     /// # Errors
     /// [`StoreError`] when the write failed; the events stay undispatched.
     pub async fn record_dispatch(
         &self,
-        event_ids: Vec<i64>,
+        cursor: i64,
         records: Vec<DispatchRecord>,
     ) -> Result<(), StoreError> {
         let op = Op::RecordDispatch {
-            event_ids,
+            cursor,
             records,
             at: Timestamp::now().as_millisecond(),
         };
@@ -281,11 +325,11 @@ impl Store {
         answer.await.map_err(|_| StoreError::WriterGone)?
     }
 
-    /// Events not yet dispatched with an id above `after`, oldest first.
+    /// Up to `limit` events with an id above `after`, oldest first.
     ///
     /// # Errors
     /// [`StoreError`] on a database error.
-    pub async fn undispatched(
+    pub async fn events_after(
         &self,
         after: i64,
         limit: usize,
@@ -293,10 +337,28 @@ impl Store {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT id, source, delivery_id, event_type, occurred_at, received_at, sender_delivery, payload
-                 FROM events WHERE dispatched_at IS NULL AND id > ?1 ORDER BY id LIMIT ?2",
+                 FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![after, limit as i64], row_to_event)?;
             rows.collect::<Result<Vec<_>, _>>()
+        })
+        .await
+    }
+
+    /// The id of the last event whose dispatch outcomes are recorded (0 when none are).
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database error.
+    pub async fn dispatch_cursor(&self) -> Result<i64, StoreError> {
+        self.read(|conn| {
+            let value: Option<String> = conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = ?1",
+                    [DISPATCH_CURSOR],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0))
         })
         .await
     }
@@ -321,17 +383,22 @@ impl Store {
 
     /// Lets the writer commit everything queued before this call, then stops it. Idempotent.
     pub async fn close(&self) {
-        let handle = self
+        let threads = self
             .inner
-            .writer
+            .threads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(handle) = handle {
+        if let Some(threads) = threads {
             if let Err(err) = self.submit(Op::Shutdown).await {
                 tracing::warn!(error = %err, "database writer did not stop cleanly");
             }
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = threads.writer.join();
+                drop(threads.stop_checkpoints);
+                let _ = threads.checkpointer.join();
+            })
+            .await;
         }
     }
 }
@@ -360,6 +427,7 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize) {
     let mut batch = Vec::with_capacity(max_batch);
+    let mut last_checkpoint = std::time::Instant::now();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -369,6 +437,7 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch:
             }
         }
         let stop = batch.iter().any(|cmd| matches!(cmd.op, Op::Shutdown));
+        tracing::trace!(size = batch.len(), "BATCHSIZE");
         match apply_batch(&mut conn, &batch) {
             Ok(done) => {
                 for (cmd, done) in batch.drain(..).zip(done) {
@@ -386,6 +455,13 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch:
         if stop {
             break;
         }
+        if last_checkpoint.elapsed() >= WRITER_CHECKPOINT_EVERY {
+            last_checkpoint = std::time::Instant::now();
+            // Cheap: the checkpointer thread has already copied all but the newest frames.
+            if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::warn!(error = %err, "WAL checkpoint failed");
+            }
+        }
     }
     tracing::debug!("database writer stopped");
 }
@@ -402,11 +478,7 @@ fn apply_batch(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<Vec
 
 fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
     match op {
-        Op::Insert {
-            event,
-            body,
-            received_at,
-        } => {
+        Op::Insert(event) => {
             let existing: Option<i64> = tx
                 .prepare_cached(
                     "SELECT event_id FROM dedupe WHERE source = ?1 AND delivery_id = ?2",
@@ -424,18 +496,18 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
                 event.source,
                 event.delivery_id,
                 event.event_type,
-                event.occurred_at.map(|t| t.to_string()),
-                received_at,
+                event.occurred_at,
+                event.received_at,
                 event.sender_delivery,
-                body,
+                event.body,
             ])?;
             let id = tx.last_insert_rowid();
             tx.prepare_cached("INSERT INTO dedupe (source, delivery_id, event_id, seen_at) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![event.source, event.delivery_id, id, received_at])?;
+                .execute(params![event.source, event.delivery_id, id, event.received_at])?;
             Ok(Done::Inserted(Inserted::New(id)))
         }
         Op::RecordDispatch {
-            event_ids,
+            cursor,
             records,
             at,
         } => {
@@ -451,19 +523,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
                     at
                 ])?;
             }
-            let mut mark =
-                tx.prepare_cached("UPDATE events SET dispatched_at = ?1 WHERE id = ?2")?;
-            for id in event_ids {
-                mark.execute(params![at, id])?;
-            }
+            set_meta(tx, DISPATCH_CURSOR, &cursor.to_string())?;
             Ok(Done::Unit)
         }
         Op::Touch { at } => {
-            tx.prepare_cached(
-                "INSERT INTO meta (key, value) VALUES ('last_ready_check', ?1)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )?
-            .execute(params![at.to_string()])?;
+            set_meta(tx, "last_ready_check", &at.to_string())?;
             Ok(Done::Unit)
         }
         Op::PruneDedupe { before, limit } => {
@@ -477,6 +541,32 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
         }
         Op::Shutdown => Ok(Done::Unit),
     }
+}
+
+fn set_meta(tx: &rusqlite::Transaction<'_>, key: &str, value: &str) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![key, value])?;
+    Ok(())
+}
+
+/// Copies the WAL back into the database file off the commit path: the writer has
+/// `wal_autocheckpoint` off, so no ingest ever waits for a checkpoint. Runs until `stop` is
+/// dropped, then truncates the WAL once more.
+fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
+    let checkpoint = |mode: &str| {
+        if let Err(err) = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()))
+        {
+            tracing::warn!(error = %err, "WAL checkpoint failed");
+        }
+    };
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
+    {
+        checkpoint("PASSIVE");
+    }
+    checkpoint("TRUNCATE");
 }
 
 fn row_to_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {

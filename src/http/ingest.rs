@@ -74,16 +74,17 @@ pub async fn ingest(
         return Err(state.reject(source, client, key, err));
     }
 
-    let (delivery_id, event_type) = (event.delivery_id.clone(), event.event_type.clone());
-    match state.store.insert(event, body.to_vec(), now).await {
+    let (delivery_id, event_type) = (&event.delivery_id, &event.event_type);
+    match state.store.insert(&event, body.to_vec(), now).await {
         Ok(Inserted::New(id)) => {
             state.dispatch_wake.notify_one();
-            tracing::info!(source = %source.name, %event_type, %delivery_id, event_id = id, %client, "delivery accepted");
+            // Debug, not info: the `log` sink is how an operator journals every event.
+            tracing::debug!(source = %source.name, %event_type, %delivery_id, event_id = id, %client, "delivery accepted");
             let body = json!({ "status": "accepted", "id": id, "delivery_id": delivery_id });
             Ok((StatusCode::ACCEPTED, Json(body)).into_response())
         }
         Ok(Inserted::Duplicate(id)) => {
-            tracing::info!(source = %source.name, %event_type, %delivery_id, event_id = id, "duplicate delivery");
+            tracing::debug!(source = %source.name, %event_type, %delivery_id, event_id = id, "duplicate delivery");
             let body = json!({ "status": "duplicate", "id": id, "delivery_id": delivery_id });
             Ok((StatusCode::OK, Json(body)).into_response())
         }
