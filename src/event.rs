@@ -100,7 +100,7 @@ mod tests {
     use super::*;
 
     fn sample(name: &str) -> Vec<u8> {
-        let path = format!("{}/../shared/samples/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
         std::fs::read(&path).unwrap_or_else(|err| panic!("{path}: {err}"))
     }
 

@@ -112,7 +112,7 @@ async fn send_signs_and_delivers_a_sample() {
     let config = daemon.config_path.to_str().unwrap().to_owned();
     let url = daemon.url("/hooks/cl");
     let sample_path = format!(
-        "{}/../shared/samples/compliancelayer-scan.completed.json",
+        "{}/tests/fixtures/compliancelayer-scan.completed.json",
         env!("CARGO_MANIFEST_DIR")
     );
     let send = |source: &str, file: &str| {
@@ -138,7 +138,7 @@ async fn send_signs_and_delivers_a_sample() {
 
     // Without --url it posts to the configured listen address and the source's own path.
     let scorecard = format!(
-        "{}/../shared/samples/scorecard-policy.published.json",
+        "{}/tests/fixtures/scorecard-policy.published.json",
         env!("CARGO_MANIFEST_DIR")
     );
     let config_with_port = std::fs::read_to_string(&config)

@@ -297,7 +297,7 @@ pub fn scan_body(id: &str) -> Vec<u8> {
 pub fn sample(name: &str) -> Vec<u8> {
     std::fs::read(
         Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/samples")
+            .join("tests/fixtures")
             .join(name),
     )
     .unwrap()
