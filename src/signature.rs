@@ -201,14 +201,7 @@ impl Verifier {
                 prefix,
                 encoding,
             } => {
-                let value = header_str(headers, header.as_str())?;
-                let digest =
-                    value
-                        .strip_prefix(prefix.as_str())
-                        .ok_or(SignatureError::Malformed {
-                            header: header.to_string(),
-                            reason: "missing the configured prefix",
-                        })?;
+                let digest = prefixed_header(headers, header, prefix)?;
                 let given = match encoding {
                     Encoding::Hex => decode_hex(header.as_str(), digest)?,
                     Encoding::Base64 => decode_base64(header.as_str(), digest)?,
@@ -217,14 +210,7 @@ impl Verifier {
                     .map(|()| Verified::default())
             }
             Scheme::Token { header, prefix } => {
-                let value = header_str(headers, header.as_str())?;
-                let token =
-                    value
-                        .strip_prefix(prefix.as_str())
-                        .ok_or(SignatureError::Malformed {
-                            header: header.to_string(),
-                            reason: "missing the configured prefix",
-                        })?;
+                let token = prefixed_header(headers, header, prefix)?;
                 // Hashing both sides first keeps the comparison constant-time in the length too.
                 let given = Sha256::digest(token.as_bytes());
                 let ok = self
@@ -457,6 +443,20 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, Signatu
         .map_err(|_| SignatureError::Malformed {
             header: name.to_owned(),
             reason: "not printable ASCII",
+        })
+}
+
+/// The header's value after its configured prefix.
+fn prefixed_header<'a>(
+    headers: &'a HeaderMap,
+    header: &HeaderName,
+    prefix: &str,
+) -> Result<&'a str, SignatureError> {
+    header_str(headers, header.as_str())?
+        .strip_prefix(prefix)
+        .ok_or(SignatureError::Malformed {
+            header: header.to_string(),
+            reason: "missing the configured prefix",
         })
 }
 

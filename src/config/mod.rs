@@ -388,38 +388,23 @@ fn resolve_secrets(
     problems: &mut Problems,
 ) -> Vec<Key> {
     let mut found: Vec<(String, String)> = Vec::new();
-    let list = |field: &Option<raw::OneOrMany>| {
-        field.as_ref().map(|v| match v {
-            raw::OneOrMany::One(one) => vec![one.clone()],
-            raw::OneOrMany::Many(many) => many.clone(),
-        })
-    };
-    for (i, secret) in list(&raw.secret)
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
-        found.push((format!("sources.{name}.secret[{i}]"), secret));
+    fn list(field: &Option<raw::OneOrMany>) -> &[String] {
+        field.as_ref().map_or(&[], raw::OneOrMany::as_slice)
     }
-    for (i, file) in list(&raw.secret_file)
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
+    for (i, secret) in list(&raw.secret).iter().enumerate() {
+        found.push((format!("sources.{name}.secret[{i}]"), secret.clone()));
+    }
+    for (i, file) in list(&raw.secret_file).iter().enumerate() {
         let key = format!("sources.{name}.secret_file[{i}]");
-        match std::fs::read_to_string(&file) {
+        match std::fs::read_to_string(file) {
             // Editors and `echo` add a final newline that is not part of the secret.
             Ok(text) => found.push((key, text.trim_end_matches(['\r', '\n']).to_owned())),
             Err(err) => problems.add(key, format!("cannot read {file:?}: {err}")),
         }
     }
-    for (i, var) in list(&raw.secret_env)
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
+    for (i, var) in list(&raw.secret_env).iter().enumerate() {
         let key = format!("sources.{name}.secret_env[{i}]");
-        match std::env::var(&var) {
+        match std::env::var(var) {
             Ok(value) => found.push((key, value)),
             Err(_) => problems.add(
                 key,

@@ -158,9 +158,9 @@ pub enum OneOrMany {
 }
 
 impl OneOrMany {
-    pub fn into_vec(self) -> Vec<String> {
+    pub fn as_slice(&self) -> &[String] {
         match self {
-            Self::One(one) => vec![one],
+            Self::One(one) => std::slice::from_ref(one),
             Self::Many(many) => many,
         }
     }

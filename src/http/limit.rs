@@ -111,3 +111,55 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 pub fn traffic_period(per_second: NonZeroU32) -> Duration {
     Duration::from_secs(1) / per_second.get()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(max_clients: usize) -> RateLimitConfig {
+        let one = NonZeroU32::new(1).unwrap();
+        RateLimitConfig {
+            per_second: one,
+            burst: one,
+            failed_per_minute: one,
+            failed_burst: one,
+            max_clients,
+        }
+    }
+
+    #[test]
+    fn lockout_after_the_failure_budget() {
+        let limiter = FailureLimiter::new(&config(10));
+        let client: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(
+            limiter.record_failure(client),
+            None,
+            "the burst allows one failure"
+        );
+        assert_eq!(limiter.locked_for(client), None);
+        let wait = limiter
+            .record_failure(client)
+            .expect("second failure exhausts the budget");
+        assert!(
+            wait > Duration::from_secs(50) && wait <= Duration::from_secs(60),
+            "{wait:?}"
+        );
+        assert!(limiter.locked_for(client).is_some());
+        assert_eq!(
+            limiter.locked_for("192.0.2.2".parse().unwrap()),
+            None,
+            "others are not affected"
+        );
+    }
+
+    #[test]
+    fn lockout_table_is_bounded() {
+        let limiter = FailureLimiter::new(&config(2));
+        for i in 1..=5u8 {
+            let client = IpAddr::from([192, 0, 2, i]);
+            limiter.record_failure(client);
+            assert!(limiter.record_failure(client).is_some());
+        }
+        assert_eq!(limiter.lockout.lock().unwrap().len(), 2);
+    }
+}

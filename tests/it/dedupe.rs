@@ -117,3 +117,33 @@ async fn scorecard_bodies_without_id_dedupe_on_their_hash() {
     assert_eq!(types, ["policy.published", "assessment.completed"]);
     assert_eq!(lines[0]["occurred_at"], "2025-02-20T15:30:00Z");
 }
+
+#[tokio::test]
+async fn dedupe_records_expire_after_the_retention() {
+    let dir = tempdir();
+    let text = config(dir.path(), NO_LIMITS, &standard_rest(dir.path()))
+        .replace("[storage]\n", "[storage]\ndedupe_retention = \"1s\"\n");
+    let daemon = Daemon::start(dir.path(), &text);
+    let body = scan_body("expiring");
+    assert_eq!(daemon.post_cl(&body).await.status, 202);
+    assert_eq!(daemon.post_cl(&body).await.status, 200);
+    assert_eq!(daemon.count("dedupe"), 1);
+    assert_eq!(daemon.terminate().code(), Some(0));
+
+    // Pruning runs at start-up and then hourly; past the retention the id is forgotten, so
+    // the same delivery is a new event again while the first one stays stored.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let daemon = Daemon::start(dir.path(), &text);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while daemon.count("dedupe") > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(daemon.count("dedupe"), 0, "{}", daemon.log());
+    assert!(
+        daemon.log().contains("pruned expired dedupe records"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.post_cl(&body).await.status, 202);
+    assert_eq!(daemon.count("events"), 2);
+}

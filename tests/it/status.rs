@@ -244,35 +244,17 @@ fn slow_headers_and_slow_bodies_are_cut_off() {
     );
 
     // Headers that never finish: the connection is closed after header_read_timeout.
-    let mut stream = TcpStream::connect(daemon.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let started = Instant::now();
-    stream
-        .write_all(b"POST /hooks/cl HTTP/1.1\r\nHost: x\r\n")
-        .unwrap();
-    let mut buf = Vec::new();
-    let _ = stream.read_to_end(&mut buf);
-    let waited = started.elapsed();
+    let (waited, _) = send_and_wait(daemon.addr, b"POST /hooks/cl HTTP/1.1\r\nHost: x\r\n");
     assert!(
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
         "{waited:?}"
     );
 
     // A body that stalls: 408 after body_read_timeout.
-    let mut stream = TcpStream::connect(daemon.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let started = Instant::now();
-    stream
-        .write_all(b"POST /hooks/cl HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"id\":")
-        .unwrap();
-    let mut buf = Vec::new();
-    let _ = stream.read_to_end(&mut buf);
-    let waited = started.elapsed();
-    let response = String::from_utf8_lossy(&buf);
+    let (waited, response) = send_and_wait(
+        daemon.addr,
+        b"POST /hooks/cl HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"id\":",
+    );
     assert!(response.starts_with("HTTP/1.1 408"), "{response}");
     assert!(response.contains("request_timeout"), "{response}");
     assert!(
@@ -280,4 +262,21 @@ fn slow_headers_and_slow_bodies_are_cut_off() {
         "{waited:?}"
     );
     assert_eq!(daemon.count("events"), 0);
+}
+
+/// Writes `bytes` on a fresh connection and reads until the server closes it: how long that
+/// took, and what came back.
+fn send_and_wait(addr: std::net::SocketAddr, bytes: &[u8]) -> (Duration, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = Instant::now();
+    stream.write_all(bytes).unwrap();
+    let mut buf = Vec::new();
+    let _ = stream.read_to_end(&mut buf);
+    (
+        started.elapsed(),
+        String::from_utf8_lossy(&buf).into_owned(),
+    )
 }
