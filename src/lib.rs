@@ -12,12 +12,16 @@ pub mod dispatch;
 pub mod event;
 /// Router, ingest handler, health endpoints and the server loop.
 pub mod http;
+/// Routing rules: compiled routes, pure evaluation.
+pub mod rules;
 /// Signature schemes: pure verification and signing.
 pub mod signature;
 /// Sinks: the `Sink` trait and one module per destination.
 pub mod sinks;
 /// SQLite: migrations, the group-commit writer, queries.
 pub mod store;
+/// Message templates: defaults per event family, overrides, rendering.
+pub mod templates;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,0 +1,123 @@
+//! CEL over events: compiled expressions, and the per-event activation they run against.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use cel::{Context, Program, Value};
+use serde_json::Value as Json;
+
+use crate::event::Event;
+
+/// A compiled CEL expression with its source text (for messages and `route-test`).
+pub struct Expr {
+    text: String,
+    program: Program,
+}
+
+impl Expr {
+    /// # Errors
+    /// The parser's message with the line and column of the first problem.
+    pub fn compile(text: &str) -> Result<Self, String> {
+        match Program::compile(text) {
+            Ok(program) => Ok(Self { text: text.to_owned(), program }),
+            Err(errors) => Err(errors
+                .errors
+                .iter()
+                .map(|e| format!("line {}, column {}: {} in {text:?}", e.pos.0, e.pos.1 + 1, e.msg))
+                .collect::<Vec<_>>()
+                .join("; ")),
+        }
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+impl fmt::Debug for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Expr({:?})", self.text)
+    }
+}
+
+/// The variables an expression sees, built from the event only when a route first needs them:
+/// most events are decided by globs alone.
+pub struct Activation<'e> {
+    event: &'e Event,
+    context: Option<Context<'static, 'static>>,
+}
+
+impl<'e> Activation<'e> {
+    pub fn lazy(event: &'e Event) -> Self {
+        Self { event, context: None }
+    }
+
+    fn context(&mut self) -> &Context<'static, 'static> {
+        let event = self.event;
+        self.context.get_or_insert_with(|| {
+            let mut context = Context::default();
+            let payload = to_cel(&event.payload);
+            // A missing `data` is an empty map, so `data.score` fails as "No such key: score".
+            let data = match &payload {
+                Value::Map(map) => map.map.get(&cel::objects::Key::String(Arc::new("data".to_owned()))).cloned(),
+                _ => None,
+            };
+            let data = data.unwrap_or_else(|| Value::from(HashMap::<String, Value>::new()));
+            context.add_variable_from_value("type", event.event_type.as_str());
+            context.add_variable_from_value("source", event.source.as_str());
+            context.add_variable_from_value("delivery_id", event.delivery_id.as_str());
+            context.add_variable_from_value("occurred_at", event.occurred_at.map(|t| t.to_string()));
+            context.add_variable_from_value("data", data);
+            context.add_variable_from_value("payload", payload);
+            context
+        })
+    }
+
+    /// A condition's truth. `Err` says why it counts as false: an evaluation error (usually a
+    /// missing field) or a value that is not a boolean.
+    pub fn eval_bool(&mut self, expr: &Expr) -> Result<bool, String> {
+        match expr.program.execute(self.context()) {
+            Ok(Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(format!("not a boolean: {}", display(&other))),
+            Err(err) => Err(format!("cannot evaluate: {err}")),
+        }
+    }
+
+    /// A throttle key: the expression's value as text, empty when it cannot be evaluated.
+    pub fn eval_key(&mut self, expr: &Expr) -> String {
+        expr.program.execute(self.context()).map(|v| display(&v)).unwrap_or_default()
+    }
+}
+
+/// JSON to CEL, keeping integers as CEL `int` (serde would make positive ones `uint`, and CEL
+/// has no `uint < int` overload, so `data.score < 70` would never hold).
+fn to_cel(json: &Json) -> Value {
+    match json {
+        Json::Null => Value::Null,
+        Json::Bool(b) => Value::Bool(*b),
+        Json::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Value::Int(i),
+            (None, Some(u)) => Value::UInt(u),
+            _ => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Json::String(s) => Value::String(Arc::new(s.clone())),
+        Json::Array(items) => Value::List(Arc::new(items.iter().map(to_cel).collect())),
+        Json::Object(map) => {
+            let map: HashMap<String, Value> = map.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
+            Value::from(map)
+        }
+    }
+}
+
+fn display(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.to_string(),
+        Value::Int(i) => i.to_string(),
+        Value::UInt(u) => u.to_string(),
+        Value::Float(f) => f.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Null => "null".into(),
+        other => format!("{other:?}"),
+    }
+}

@@ -1,0 +1,322 @@
+//! Routing: which routes take an event, and why. Pure: compiled once from the configuration
+//! (globs, CEL conditions, throttle keys), then evaluated per event without I/O.
+//!
+//! Routes are evaluated top to bottom, like Alertmanager's: the first matching route wins
+//! unless it says `continue = true`. A condition that cannot be evaluated for an event (a
+//! missing field, a value of the wrong type) is false, never an error.
+
+mod cel_env;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::Deserialize;
+
+use crate::config::raw::HumanDuration;
+use crate::event::Event;
+pub use cel_env::{Activation, Expr};
+
+/// A route as written in the configuration (`[[routes]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    pub name: String,
+    /// Globs over the event type: `"scan.completed"`, `"policy.*"`, `"*"`.
+    pub events: Vec<String>,
+    /// Only events from these sources; empty means any.
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// A CEL condition over `type`, `source`, `delivery_id`, `occurred_at`, `data`, `payload`.
+    pub when: Option<String>,
+    pub sinks: Vec<String>,
+    /// Also try later routes after this one matched.
+    #[serde(default, rename = "continue")]
+    pub continue_: bool,
+    pub throttle: Option<ThrottleSpec>,
+    /// Message template per sink kind (`slack = "name"` or `log = { text = "..." }`).
+    #[serde(default)]
+    pub templates: BTreeMap<String, crate::templates::TemplateRef>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleSpec {
+    pub window: HumanDuration,
+    /// A CEL expression whose value groups events, e.g. `data.domain`; none means one group.
+    pub key: Option<String>,
+}
+
+/// A compiled route.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub event_globs: Vec<String>,
+    events: GlobSet,
+    pub sources: Vec<String>,
+    pub when: Option<Expr>,
+    pub sinks: Vec<String>,
+    pub continue_: bool,
+    pub throttle: Option<Throttle>,
+    /// Template id per sink kind, resolved against the template set.
+    pub templates: BTreeMap<String, String>,
+}
+
+#[derive(Debug)]
+pub struct Throttle {
+    pub window: Duration,
+    pub key: Option<Expr>,
+}
+
+/// The routes, in order.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+/// What one route made of one event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Taken; carries the condition's value when there is one, and the throttle key.
+    Matched { condition: Option<String>, throttle_key: Option<String> },
+    NoEventMatch,
+    NoSourceMatch,
+    /// The condition was false, or could not be evaluated (the reason says which).
+    ConditionFalse { value: String },
+    /// An earlier route matched without `continue`.
+    NotReached,
+}
+
+impl Route {
+    /// Compiles one route. `index` and the route's name go into every message.
+    ///
+    /// # Errors
+    /// Every problem found, each prefixed with the route's key path.
+    pub fn compile(index: usize, spec: &RouteSpec, templates: BTreeMap<String, String>) -> Result<Self, Vec<String>> {
+        let at = format!("routes[{index}] ({:?})", spec.name);
+        let mut problems = Vec::new();
+        if spec.events.is_empty() {
+            problems.push(format!("{at}.events: list at least one event glob, e.g. \"*\""));
+        }
+        let mut globs = GlobSetBuilder::new();
+        for (i, pattern) in spec.events.iter().enumerate() {
+            match Glob::new(pattern) {
+                Ok(glob) => {
+                    globs.add(glob);
+                }
+                Err(err) => problems.push(format!("{at}.events[{i}]: {err}")),
+            }
+        }
+        if spec.sinks.is_empty() {
+            problems.push(format!("{at}.sinks: name at least one sink"));
+        }
+        let when = spec.when.as_deref().and_then(|text| {
+            Expr::compile(text).map_err(|err| problems.push(format!("{at}.when: {err}"))).ok()
+        });
+        let throttle = spec.throttle.as_ref().and_then(|t| {
+            if t.window.0.is_zero() {
+                problems.push(format!("{at}.throttle.window: must be longer than 0s"));
+            }
+            let key = match t.key.as_deref().map(Expr::compile) {
+                Some(Ok(key)) => Some(key),
+                Some(Err(err)) => {
+                    problems.push(format!("{at}.throttle.key: {err}"));
+                    return None;
+                }
+                None => None,
+            };
+            Some(Throttle { window: t.window.0, key })
+        });
+        let events = globs.build().map_err(|err| problems.push(format!("{at}.events: {err}")));
+        match events {
+            Ok(events) if problems.is_empty() => Ok(Self {
+                name: spec.name.clone(),
+                event_globs: spec.events.clone(),
+                events,
+                sources: spec.sources.clone(),
+                when,
+                sinks: spec.sinks.clone(),
+                continue_: spec.continue_,
+                throttle,
+                templates,
+            }),
+            _ => Err(problems),
+        }
+    }
+
+    /// Whether the route's globs cover an event type (ignoring sources and condition).
+    pub fn covers(&self, event_type: &str) -> bool {
+        self.events.is_match(event_type)
+    }
+}
+
+impl RouteTable {
+    pub fn new(routes: Vec<Route>) -> Self {
+        Self { routes }
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Every route's verdict on `event`, in order.
+    pub fn evaluate(&self, event: &Event) -> Vec<(&Route, Verdict)> {
+        let mut activation = Activation::lazy(event);
+        let mut taken = false;
+        self.routes
+            .iter()
+            .map(|route| {
+                let verdict = if taken {
+                    Verdict::NotReached
+                } else {
+                    route.verdict(event, &mut activation)
+                };
+                if matches!(verdict, Verdict::Matched { .. }) && !route.continue_ {
+                    taken = true;
+                }
+                (route, verdict)
+            })
+            .collect()
+    }
+
+    /// The routes that take `event`, with their throttle keys.
+    pub fn route(&self, event: &Event) -> Vec<(&Route, Option<String>)> {
+        self.evaluate(event)
+            .into_iter()
+            .filter_map(|(route, verdict)| match verdict {
+                Verdict::Matched { throttle_key, .. } => Some((route, throttle_key)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl Route {
+    fn verdict(&self, event: &Event, activation: &mut Activation<'_>) -> Verdict {
+        if !self.events.is_match(&event.event_type) {
+            return Verdict::NoEventMatch;
+        }
+        if !self.sources.is_empty() && !self.sources.contains(&event.source) {
+            return Verdict::NoSourceMatch;
+        }
+        let condition = match &self.when {
+            Some(expr) => match activation.eval_bool(expr) {
+                Ok(true) => Some("true".to_owned()),
+                Ok(false) => return Verdict::ConditionFalse { value: "false".into() },
+                Err(reason) => return Verdict::ConditionFalse { value: reason },
+            },
+            None => None,
+        };
+        let throttle_key = self
+            .throttle
+            .as_ref()
+            .map(|t| t.key.as_ref().map(|key| activation.eval_key(key)).unwrap_or_default());
+        Verdict::Matched { condition, throttle_key }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, events: &[&str], when: Option<&str>, continue_: bool) -> RouteSpec {
+        RouteSpec {
+            name: name.into(),
+            events: events.iter().map(|s| s.to_string()).collect(),
+            sources: Vec::new(),
+            when: when.map(Into::into),
+            sinks: vec!["s".into()],
+            continue_,
+            throttle: None,
+            templates: BTreeMap::new(),
+        }
+    }
+
+    fn table(specs: &[RouteSpec]) -> RouteTable {
+        RouteTable::new(specs.iter().enumerate().map(|(i, s)| Route::compile(i, s, BTreeMap::new()).unwrap()).collect())
+    }
+
+    fn event(source: &str, body: &str) -> Event {
+        Event::parse(source, body.as_bytes(), None, None).unwrap()
+    }
+
+    fn taken(table: &RouteTable, event: &Event) -> Vec<String> {
+        table.route(event).into_iter().map(|(r, _)| r.name.clone()).collect()
+    }
+
+    #[test]
+    fn globs_first_match_and_continue() {
+        let table = table(&[
+            spec("scans", &["scan.*"], None, true),
+            spec("policies", &["policy.published", "policy.approved"], None, false),
+            spec("everything", &["*"], None, false),
+            spec("never", &["*"], None, false),
+        ]);
+        let scan = event("cl", r#"{"type": "scan.completed"}"#);
+        assert_eq!(taken(&table, &scan), ["scans", "everything"]);
+        let policy = event("sc", r#"{"event": "policy.published"}"#);
+        assert_eq!(taken(&table, &policy), ["policies"]);
+        let verdicts: Vec<_> = table.evaluate(&policy).into_iter().map(|(_, v)| v).collect();
+        assert_eq!(verdicts[0], Verdict::NoEventMatch);
+        assert_eq!(verdicts[2], Verdict::NotReached);
+        let new = event("sc", r#"{"event": "policy.archived"}"#);
+        assert_eq!(taken(&table, &new), ["everything"]);
+    }
+
+    #[test]
+    fn conditions_on_both_shapes_and_missing_fields() {
+        let table = table(&[
+            spec("failing", &["scan.completed"], Some("data.score < 70 || data.grade in ['D', 'F']"), false),
+            spec("client", &["policy.*"], Some("data.client_id == 'client456' && source == 'sc'"), false),
+        ]);
+        let low = event("cl", r#"{"type": "scan.completed", "data": {"score": 61, "grade": "C"}}"#);
+        assert_eq!(taken(&table, &low), ["failing"]);
+        let graded = event("cl", r#"{"type": "scan.completed", "data": {"score": 75, "grade": "F"}}"#);
+        assert_eq!(taken(&table, &graded), ["failing"]);
+        let fine = event("cl", r#"{"type": "scan.completed", "data": {"score": 95, "grade": "A"}}"#);
+        assert!(taken(&table, &fine).is_empty());
+        // A missing field makes the condition false, and says why.
+        let bare = event("cl", r#"{"type": "scan.completed"}"#);
+        assert!(taken(&table, &bare).is_empty());
+        match &table.evaluate(&bare)[0].1 {
+            Verdict::ConditionFalse { value } => assert!(value.contains("No such key"), "{value}"),
+            other => panic!("{other:?}"),
+        }
+        let policy = event("sc", r#"{"event": "policy.published", "data": {"client_id": "client456"}}"#);
+        assert_eq!(taken(&table, &policy), ["client"]);
+        assert!(taken(&table, &event("cl", r#"{"event": "policy.published", "data": {"client_id": "client456"}}"#)).is_empty());
+    }
+
+    #[test]
+    fn non_boolean_condition_is_false() {
+        let table = table(&[spec("odd", &["*"], Some("data.score"), false)]);
+        let e = event("cl", r#"{"type": "x", "data": {"score": 5}}"#);
+        assert!(taken(&table, &e).is_empty());
+    }
+
+    #[test]
+    fn throttle_keys() {
+        let mut s = spec("t", &["*"], None, false);
+        s.throttle = Some(ThrottleSpec { window: HumanDuration(Duration::from_secs(60)), key: Some("data.domain".into()) });
+        let table = table(&[s]);
+        let e = event("cl", r#"{"type": "x", "data": {"domain": "example.com"}}"#);
+        assert_eq!(table.route(&e)[0].1.as_deref(), Some("example.com"));
+        let missing = event("cl", r#"{"type": "x"}"#);
+        assert_eq!(table.route(&missing)[0].1.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn compile_errors_name_the_route_and_position() {
+        let mut bad = spec("broken", &["scan.[", "x"], Some("data.score <"), false);
+        bad.sinks.clear();
+        let problems = Route::compile(3, &bad, BTreeMap::new()).unwrap_err();
+        let text = problems.join("\n");
+        assert!(text.contains("routes[3] (\"broken\").events[0]"), "{text}");
+        assert!(text.contains("routes[3] (\"broken\").when: line 1, column"), "{text}");
+        assert!(text.contains("routes[3] (\"broken\").sinks"), "{text}");
+    }
+}

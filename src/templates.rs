@@ -1,0 +1,300 @@
+//! Messages rendered from events with minijinja: good defaults for every event family the
+//! senders emit, overridable per sink and per route, inline or from a file.
+//!
+//! A message's first line is its title (Slack header, email subject, log line); the rest is
+//! its body. Missing fields render as nothing (chainable undefined), so a template never fails
+//! on a sparse payload; a template that fails anyway falls back to the generic one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use minijinja::value::Serde;
+use minijinja::{Environment, UndefinedBehavior, Value, context};
+use serde::Deserialize;
+
+use crate::event::Event;
+
+/// Where a template's text comes from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TemplateSource {
+    Inline { text: String },
+    File { file: PathBuf },
+}
+
+/// A template as a sink or route refers to it: a name from `[templates]`, or a source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TemplateRef {
+    Named(String),
+    Source(TemplateSource),
+}
+
+/// A rendered message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub title: String,
+    pub body: String,
+}
+
+const GENERIC: &str = "default/generic";
+
+/// The shipped templates, by id.
+const DEFAULTS: &[(&str, &str)] = &[
+    (
+        "default/scan.completed",
+        r#"{%- set score = data.score -%}
+{%- if score is number -%}
+  {%- set risk = "low" if score >= 80 else ("medium" if score >= 60 else ("high" if score >= 40 else "critical")) -%}
+{%- elif data.grade -%}
+  {%- set risk = {"A": "low", "B": "low", "C": "medium", "D": "medium", "F": "high"}[data.grade] or "unknown" -%}
+{%- else -%}
+  {%- set risk = "unknown" -%}
+{%- endif -%}
+Scan completed: {{ data.domain or "unknown domain" }} graded {{ data.grade or "?" }} ({{ score if score is number else "?" }}/100, {{ risk }} risk)
+{{ data.issues_count if data.issues_count is number else "?" }} issues: {{ data.critical_issues or 0 }} critical, {{ data.high_issues or 0 }} high, {{ data.medium_issues or 0 }} medium, {{ data.low_issues or 0 }} low
+{%- if data.scan_id is defined %}
+Scan {{ data.scan_id }}{% if data.job_id is defined %}, job {{ data.job_id }}{% endif %}{% if data.scanned_at %}, scanned {{ data.scanned_at }}{% endif %}
+{%- endif %}
+{%- if vars.scan_url and data.scan_id is defined %}
+Report: {{ vars.scan_url | replace("{scan_id}", data.scan_id | string) | replace("{job_id}", data.job_id | string) }}
+{%- endif %}"#,
+    ),
+    (
+        "default/alert.triggered",
+        r#"{%- set kind = (data.alert_type or "alert") | replace("_", " ") -%}
+Alert{% if data.severity %} [{{ data.severity | upper }}]{% endif %} {{ data.domain or "unknown domain" }}: {{ data.message or kind }}
+Type: {{ kind }}
+{%- if data.previous_score is number and data.current_score is number %}
+Score: {{ data.previous_score }} -> {{ data.current_score }}{% if data.threshold is number %} (threshold {{ data.threshold }}){% endif %}
+{%- endif %}
+{%- if data is mapping %}{% for key, value in data | items %}{% if key not in ["domain", "alert_type", "severity", "message", "previous_score", "current_score", "threshold"] %}
+{{ key | replace("_", " ") | capitalize }}: {{ value }}
+{%- endif %}{% endfor %}{% endif %}"#,
+    ),
+    (
+        "default/policy",
+        r#"{%- set action = (type | split(".") | list | last) -%}
+Policy {{ action }}: {{ data.title or data.policy_id or "untitled policy" }}{% if data.version %} (v{{ data.version }}){% endif %}
+Client: {{ data.client_id or "?" }}{% if data.policy_id %} · policy {{ data.policy_id }}{% endif %}
+{%- for who in ["created_by", "updated_by", "published_by", "approved_by", "rejected_by"] %}{% if data[who] %}
+{{ who | replace("_by", "") | capitalize }} by {{ data[who] }}
+{%- endif %}{% endfor %}
+{%- if data.reason %}
+Reason: {{ data.reason }}
+{%- endif %}"#,
+    ),
+    (
+        "default/assessment",
+        r#"{%- set action = (type | split(".") | list | last) -%}
+Assessment {{ action }}: {{ data.name or data.assessment_id or "unnamed assessment" }}{% if data.template %} ({{ data.template }}){% endif %}
+Client: {{ data.client_id or "?" }}
+{%- if data.score is number %} · score {{ data.score }}{% endif %}
+{%- if data.completion_percentage is number %} · {{ data.completion_percentage }}% complete{% endif %}
+{%- if data.error or data.reason %}
+Reason: {{ data.error or data.reason }}
+{%- endif %}"#,
+    ),
+    (
+        GENERIC,
+        r#"{{ type }} from {{ source }}
+{%- if data is mapping %}{% for key, value in data | items %}
+{{ key }}: {{ value }}
+{%- endfor %}{% endif %}"#,
+    ),
+];
+
+/// Collects templates while the configuration is validated.
+pub struct TemplatesBuilder {
+    env: Environment<'static>,
+    base_dir: PathBuf,
+    named: BTreeMap<String, String>,
+}
+
+/// The compiled template set.
+#[derive(Debug)]
+pub struct Templates {
+    env: Environment<'static>,
+}
+
+impl TemplatesBuilder {
+    /// `vars` are available to every template as `vars.<name>`; relative template files are
+    /// read from `base_dir` (the configuration file's directory).
+    pub fn new(vars: &BTreeMap<String, String>, base_dir: &Path) -> Self {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Chainable);
+        env.add_global("vars", Value::from(Serde(vars)));
+        for (id, text) in DEFAULTS {
+            env.add_template_owned(*id, *text).expect("the shipped templates compile");
+        }
+        Self { env, base_dir: base_dir.to_path_buf(), named: BTreeMap::new() }
+    }
+
+    /// Registers `[templates.<name>]`.
+    ///
+    /// # Errors
+    /// The file cannot be read or the template does not compile.
+    pub fn add_named(&mut self, name: &str, source: &TemplateSource) -> Result<(), String> {
+        let id = format!("named/{name}");
+        self.add(&id, source)?;
+        self.named.insert(name.to_owned(), id);
+        Ok(())
+    }
+
+    /// Resolves a sink's or route's reference to a template id; `owner` names the inline one.
+    ///
+    /// # Errors
+    /// An unknown name, an unreadable file, or a template that does not compile.
+    pub fn resolve(&mut self, owner: &str, reference: &TemplateRef) -> Result<String, String> {
+        match reference {
+            TemplateRef::Named(name) => self
+                .named
+                .get(name)
+                .cloned()
+                .ok_or_else(|| format!("no template named {name:?} in [templates]")),
+            TemplateRef::Source(source) => {
+                let id = format!("inline/{owner}");
+                self.add(&id, source)?;
+                Ok(id)
+            }
+        }
+    }
+
+    fn add(&mut self, id: &str, source: &TemplateSource) -> Result<(), String> {
+        let text = match source {
+            TemplateSource::Inline { text } => text.clone(),
+            TemplateSource::File { file } => {
+                let path = self.base_dir.join(file);
+                std::fs::read_to_string(&path).map_err(|err| format!("cannot read {}: {err}", path.display()))?
+            }
+        };
+        self.env.add_template_owned(id.to_owned(), text).map_err(|err| describe(&err))
+    }
+
+    pub fn build(self) -> Templates {
+        Templates { env: self.env }
+    }
+}
+
+impl Templates {
+    /// The default template for an event type's family.
+    pub fn default_for(event_type: &str) -> &'static str {
+        match event_type {
+            "scan.completed" => "default/scan.completed",
+            "alert.triggered" => "default/alert.triggered",
+            t if t.starts_with("policy.") => "default/policy",
+            t if t.starts_with("assessment.") => "default/assessment",
+            _ => GENERIC,
+        }
+    }
+
+    /// Renders `event` with `template` (an id from the builder), or the default for its type.
+    /// Never fails: a template error falls back to the generic template, whose inputs are
+    /// always present.
+    pub fn render(&self, template: Option<&str>, event: &Event) -> Message {
+        let id = template.unwrap_or_else(|| Self::default_for(&event.event_type));
+        let ctx = context! {
+            type => event.event_type.as_str(),
+            source => event.source.as_str(),
+            delivery_id => event.delivery_id.as_str(),
+            occurred_at => event.occurred_at.map(|t| t.to_string()),
+            sender_delivery => event.sender_delivery.as_deref(),
+            data => Value::from(Serde(event.data())),
+            payload => Value::from(Serde(&event.payload)),
+        };
+        let rendered = self.env.get_template(id).and_then(|t| t.render(&ctx)).or_else(|err| {
+            tracing::warn!(template = id, error = %describe(&err), "template failed; using the generic one");
+            self.env.get_template(GENERIC).and_then(|t| t.render(&ctx))
+        });
+        split(&rendered.unwrap_or_else(|_| format!("{} from {}", event.event_type, event.source)))
+    }
+}
+
+/// minijinja's error with its template position, in one line.
+fn describe(err: &minijinja::Error) -> String {
+    match err.line() {
+        Some(line) => format!("{} (line {line})", err.detail().unwrap_or(&err.to_string())),
+        None => err.to_string(),
+    }
+}
+
+fn split(text: &str) -> Message {
+    let text = text.trim();
+    let (title, body) = text.split_once('\n').unwrap_or((text, ""));
+    Message { title: title.trim().to_owned(), body: body.trim().to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn templates() -> Templates {
+        let vars = BTreeMap::from([("scan_url".to_owned(), "https://cl.example/scans/{scan_id}".to_owned())]);
+        TemplatesBuilder::new(&vars, Path::new(".")).build()
+    }
+
+    fn event(body: &str) -> Event {
+        Event::parse("cl", body.as_bytes(), None, None).unwrap()
+    }
+
+    fn fixture(name: &str) -> Event {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        Event::parse("src", &std::fs::read(path).unwrap(), None, None).unwrap()
+    }
+
+    #[test]
+    fn scan_completed_default() {
+        let m = templates().render(None, &fixture("compliancelayer-scan.completed.json"));
+        assert_eq!(m.title, "Scan completed: example.com graded B (85/100, low risk)");
+        assert!(m.body.contains("8 issues: 0 critical, 2 high, 3 medium, 3 low"), "{}", m.body);
+        assert!(m.body.contains("Scan 12345, job 67890"), "{}", m.body);
+        assert!(m.body.contains("Report: https://cl.example/scans/12345"), "{}", m.body);
+    }
+
+    #[test]
+    fn every_family_has_a_default() {
+        let t = templates();
+        let alert = t.render(None, &fixture("compliancelayer-alert.triggered.json"));
+        assert_eq!(alert.title, "Alert [HIGH] example.com: Security score dropped from 85 to 61");
+        assert!(alert.body.contains("Score: 85 -> 61 (threshold 70)"), "{}", alert.body);
+        let policy = t.render(None, &fixture("scorecard-policy.published.json"));
+        assert_eq!(policy.title, "Policy published: Updated Security Policy (v2.1)");
+        assert!(policy.body.contains("Published by user789"), "{}", policy.body);
+        let assessment = t.render(None, &fixture("scorecard-assessment.completed.json"));
+        assert_eq!(assessment.title, "Assessment completed: Q1 2025 Security Assessment (NIST Cybersecurity Framework)");
+        assert!(assessment.body.contains("score 78.2"), "{}", assessment.body);
+        let unknown = t.render(None, &event(r#"{"type": "domain.verified", "data": {"domain": "x.org"}}"#));
+        assert_eq!(unknown.title, "domain.verified from cl");
+        assert_eq!(unknown.body, "domain: x.org");
+    }
+
+    #[test]
+    fn missing_fields_never_fail() {
+        let t = templates();
+        for ty in ["scan.completed", "alert.triggered", "policy.rejected", "assessment.failed", "new.thing"] {
+            for body in [format!(r#"{{"type": "{ty}"}}"#), format!(r#"{{"type": "{ty}", "data": [1]}}"#), format!(r#"{{"type": "{ty}", "data": {{"grade": "Z"}}}}"#)] {
+                let m = t.render(None, &event(&body));
+                assert!(!m.title.is_empty(), "{body}");
+            }
+        }
+        let m = t.render(None, &event(r#"{"type": "scan.completed"}"#));
+        assert_eq!(m.title, "Scan completed: unknown domain graded ? (?/100, unknown risk)");
+    }
+
+    #[test]
+    fn overrides_and_errors() {
+        let mut builder = TemplatesBuilder::new(&BTreeMap::new(), Path::new("."));
+        builder.add_named("short", &TemplateSource::Inline { text: "{{ data.domain }}: {{ data.grade }}".into() }).unwrap();
+        let named = builder.resolve("sink x", &TemplateRef::Named("short".into())).unwrap();
+        assert!(builder.resolve("sink y", &TemplateRef::Named("nope".into())).unwrap_err().contains("no template named"));
+        let broken = TemplateRef::Source(TemplateSource::Inline { text: "{% if %}".into() });
+        assert!(builder.resolve("route z", &broken).unwrap_err().contains("line 1"));
+        let failing = TemplateRef::Source(TemplateSource::Inline { text: "{{ data.score + 'x' }}".into() });
+        let failing = builder.resolve("route w", &failing).unwrap();
+        let t = builder.build();
+        let e = event(r#"{"type": "scan.completed", "data": {"domain": "a.com", "grade": "C", "score": 1}}"#);
+        assert_eq!(t.render(Some(&named), &e).title, "a.com: C");
+        // A template that fails at run time falls back to the generic one.
+        assert_eq!(t.render(Some(&failing), &e).title, "scan.completed from cl");
+    }
+}
