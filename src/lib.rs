@@ -31,8 +31,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use arc_swap::ArcSwap;
 use config::Config;
-use dispatch::{Dispatcher, NamedSink};
+use dispatch::{Dispatcher, Plan};
 use store::{Store, StoreError};
 
 /// How often idle rate-limiter entries are dropped.
@@ -53,23 +54,26 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StoreError> {
     let store = Store::open(&config.storage)?;
-    let sinks = config
-        .sinks
-        .iter()
-        .map(|s| NamedSink {
-            name: s.name.clone(),
-            sink: s.spec.build(&s.name),
-        })
-        .collect();
+    let plan = Arc::new(ArcSwap::from_pointee(Plan::build(&config)));
     let wake = Arc::new(Notify::new());
     let stop = CancellationToken::new();
-    let dispatcher =
-        tokio::spawn(Dispatcher::new(store.clone(), sinks, Arc::clone(&wake)).run(stop.clone()));
+    let dispatcher = tokio::spawn(
+        Dispatcher::new(store.clone(), Arc::clone(&plan), Arc::clone(&wake)).run(stop.clone()),
+    );
     let app = http::App::new(&config, store.clone(), wake);
     let upkeep = tokio::spawn(upkeep(
         app.clone(),
         store.clone(),
         config.storage.dedupe_retention,
+        stop.clone(),
+    ));
+    for warning in &config.routing.warnings {
+        tracing::warn!("{warning}");
+    }
+    let reloader = tokio::spawn(reload_on_hangup(
+        config.clone(),
+        app.clone(),
+        plan,
         stop.clone(),
     ));
 
@@ -82,6 +86,7 @@ pub async fn run(
 
     stop.cancel();
     let _ = upkeep.await;
+    let _ = reloader.await;
     if tokio::time::timeout(config.server.shutdown_timeout, dispatcher)
         .await
         .is_err()
@@ -93,6 +98,51 @@ pub async fn run(
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Re-reads the configuration on SIGHUP (`systemctl reload`). A valid one replaces sources,
+/// sinks, routes and templates; deliveries in flight finish with what they started with. An
+/// invalid one is logged and the running configuration stays.
+async fn reload_on_hangup(
+    running: Config,
+    app: http::App,
+    plan: Arc<ArcSwap<Plan>>,
+    stop: CancellationToken,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: reloading is off");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {}
+            () = stop.cancelled() => return,
+        }
+        match config::load(&running.file) {
+            Ok(new) => {
+                if format!("{:?}{:?}", new.server, new.storage)
+                    != format!("{:?}{:?}", running.server, running.storage)
+                {
+                    tracing::warn!(
+                        "[server] and [storage] changes take effect at the next restart"
+                    );
+                }
+                for warning in &new.routing.warnings {
+                    tracing::warn!("{warning}");
+                }
+                app.reload(&new);
+                plan.store(Arc::new(Plan::build(&new)));
+                tracing::info!(
+                    sources = new.sources.len(),
+                    sinks = new.sinks.len(),
+                    routes = new.routing.table.routes().len(),
+                    "configuration reloaded"
+                );
+            }
+            Err(err) => tracing::error!("reload failed, keeping the running configuration: {err}"),
+        }
+    }
 }
 
 /// Periodic housekeeping: rate-limiter memory and dedupe retention.

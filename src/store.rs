@@ -44,15 +44,28 @@ CREATE TABLE dedupe (
 ) WITHOUT ROWID;
 CREATE INDEX dedupe_seen_at ON dedupe(seen_at);
 
+-- What routing did with each event: one row per (route, sink) delivery, per throttled route,
+-- or one `unrouted` row when no route took the event.
 CREATE TABLE dispatches (
     id       INTEGER PRIMARY KEY,
     event_id INTEGER NOT NULL REFERENCES events(id),
-    sink     TEXT    NOT NULL,
-    ok       INTEGER NOT NULL,
-    error    TEXT,
+    route    TEXT,                      -- NULL when unrouted
+    sink     TEXT,                      -- NULL when suppressed or unrouted
+    status   TEXT    NOT NULL CHECK (status IN ('delivered', 'failed', 'suppressed', 'unrouted')),
+    detail   TEXT,                      -- the error, or the throttle key
     at       INTEGER NOT NULL
 );
 CREATE INDEX dispatches_event ON dispatches(event_id);
+CREATE INDEX dispatches_status ON dispatches(status, id);
+
+-- Throttle windows, per route and rendered key: durable, so a restart does not reopen them.
+CREATE TABLE throttles (
+    route      TEXT    NOT NULL,
+    key        TEXT    NOT NULL,
+    started_at INTEGER NOT NULL,        -- unix milliseconds, on the events' own clock
+    window_ms  INTEGER NOT NULL,
+    PRIMARY KEY (route, key)
+) WITHOUT ROWID;
 
 -- `dispatch_cursor`: every event with an id up to it has its outcomes recorded. One row
 -- updated per dispatch round, rather than a flag rewritten on every (payload-heavy) event row.
@@ -109,13 +122,55 @@ pub struct StoredEvent {
     pub event: Event,
 }
 
-/// One sink's outcome for one event.
-#[derive(Debug, Clone)]
+/// What routing did with one event for one route and sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DispatchRecord {
     pub event_id: i64,
-    pub sink: String,
-    /// `Err` holds the error message.
-    pub result: Result<(), String>,
+    pub route: Option<String>,
+    pub sink: Option<String>,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Failed {
+        error: String,
+    },
+    /// Inside the route's throttle window for this key.
+    Suppressed {
+        key: String,
+    },
+    /// No route took the event.
+    Unrouted,
+}
+
+impl Outcome {
+    pub fn status(&self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Failed { .. } => "failed",
+            Self::Suppressed { .. } => "suppressed",
+            Self::Unrouted => "unrouted",
+        }
+    }
+
+    fn detail(&self) -> Option<&str> {
+        match self {
+            Self::Failed { error } => Some(error),
+            Self::Suppressed { key } => Some(key),
+            Self::Delivered | Self::Unrouted => None,
+        }
+    }
+}
+
+/// An opened throttle window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThrottleWindow {
+    pub route: String,
+    pub key: String,
+    pub started_at: Timestamp,
+    pub window: std::time::Duration,
 }
 
 /// The columns of a new event row. The parsed payload stays with the caller: dropping a JSON
@@ -135,6 +190,7 @@ enum Op {
     RecordDispatch {
         cursor: i64,
         records: Vec<DispatchRecord>,
+        windows: Vec<ThrottleWindow>,
         at: i64,
     },
     Touch {
@@ -269,7 +325,8 @@ impl Store {
         }
     }
 
-    /// Records sinks' outcomes and advances the dispatch cursor to `cursor`, atomically.
+    /// Records routing outcomes and opened throttle windows, and advances the dispatch cursor
+    /// to `cursor`, atomically.
     ///
     /// # Errors
     /// [`StoreError`] when the write failed; the events stay undispatched.
@@ -277,10 +334,12 @@ impl Store {
         &self,
         cursor: i64,
         records: Vec<DispatchRecord>,
+        windows: Vec<ThrottleWindow>,
     ) -> Result<(), StoreError> {
         let op = Op::RecordDispatch {
             cursor,
             records,
+            windows,
             at: Timestamp::now().as_millisecond(),
         };
         self.submit(op).await.map(|_| ())
@@ -341,6 +400,30 @@ impl Store {
             )?;
             let rows = stmt.query_map(params![after, limit as i64], row_to_event)?;
             rows.collect::<Result<Vec<_>, _>>()
+        })
+        .await
+    }
+
+    /// Every stored throttle window.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database error.
+    pub async fn throttle_windows(&self) -> Result<Vec<ThrottleWindow>, StoreError> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT route, key, started_at, window_ms FROM throttles")?;
+            let rows = stmt.query_map([], |row| {
+                Ok(ThrottleWindow {
+                    route: row.get(0)?,
+                    key: row.get(1)?,
+                    started_at: Timestamp::from_millisecond(row.get(2)?)
+                        .unwrap_or(Timestamp::UNIX_EPOCH),
+                    window: std::time::Duration::from_millis(
+                        row.get::<_, i64>(3)?.try_into().unwrap_or(0),
+                    ),
+                })
+            })?;
+            rows.collect()
         })
         .await
     }
@@ -509,18 +592,33 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
         Op::RecordDispatch {
             cursor,
             records,
+            windows,
             at,
         } => {
-            let mut insert =
-                tx.prepare_cached("INSERT INTO dispatches (event_id, sink, ok, error, at) VALUES (?1, ?2, ?3, ?4, ?5)")?;
-            for record in records {
-                let error = record.result.as_ref().err();
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO dispatches (event_id, route, sink, status, detail, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for r in records {
                 insert.execute(params![
-                    record.event_id,
-                    record.sink,
-                    record.result.is_ok(),
-                    error,
+                    r.event_id,
+                    r.route,
+                    r.sink,
+                    r.outcome.status(),
+                    r.outcome.detail(),
                     at
+                ])?;
+            }
+            let mut window = tx.prepare_cached(
+                "INSERT INTO throttles (route, key, started_at, window_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (route, key) DO UPDATE SET started_at = excluded.started_at, window_ms = excluded.window_ms",
+            )?;
+            for w in windows {
+                let window_ms = i64::try_from(w.window.as_millis()).unwrap_or(i64::MAX);
+                window.execute(params![
+                    w.route,
+                    w.key,
+                    w.started_at.as_millisecond(),
+                    window_ms
                 ])?;
             }
             set_meta(tx, DISPATCH_CURSOR, &cursor.to_string())?;

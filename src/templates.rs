@@ -125,9 +125,14 @@ impl TemplatesBuilder {
         env.set_undefined_behavior(UndefinedBehavior::Chainable);
         env.add_global("vars", Value::from(Serde(vars)));
         for (id, text) in DEFAULTS {
-            env.add_template_owned(*id, *text).expect("the shipped templates compile");
+            env.add_template_owned(*id, *text)
+                .expect("the shipped templates compile");
         }
-        Self { env, base_dir: base_dir.to_path_buf(), named: BTreeMap::new() }
+        Self {
+            env,
+            base_dir: base_dir.to_path_buf(),
+            named: BTreeMap::new(),
+        }
     }
 
     /// Registers `[templates.<name>]`.
@@ -165,10 +170,13 @@ impl TemplatesBuilder {
             TemplateSource::Inline { text } => text.clone(),
             TemplateSource::File { file } => {
                 let path = self.base_dir.join(file);
-                std::fs::read_to_string(&path).map_err(|err| format!("cannot read {}: {err}", path.display()))?
+                std::fs::read_to_string(&path)
+                    .map_err(|err| format!("cannot read {}: {err}", path.display()))?
             }
         };
-        self.env.add_template_owned(id.to_owned(), text).map_err(|err| describe(&err))
+        self.env
+            .add_template_owned(id.to_owned(), text)
+            .map_err(|err| describe(&err))
     }
 
     pub fn build(self) -> Templates {
@@ -221,7 +229,10 @@ fn describe(err: &minijinja::Error) -> String {
 fn split(text: &str) -> Message {
     let text = text.trim();
     let (title, body) = text.split_once('\n').unwrap_or((text, ""));
-    Message { title: title.trim().to_owned(), body: body.trim().to_owned() }
+    Message {
+        title: title.trim().to_owned(),
+        body: body.trim().to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -229,7 +240,10 @@ mod tests {
     use super::*;
 
     fn templates() -> Templates {
-        let vars = BTreeMap::from([("scan_url".to_owned(), "https://cl.example/scans/{scan_id}".to_owned())]);
+        let vars = BTreeMap::from([(
+            "scan_url".to_owned(),
+            "https://cl.example/scans/{scan_id}".to_owned(),
+        )]);
         TemplatesBuilder::new(&vars, Path::new(".")).build()
     }
 
@@ -245,25 +259,61 @@ mod tests {
     #[test]
     fn scan_completed_default() {
         let m = templates().render(None, &fixture("compliancelayer-scan.completed.json"));
-        assert_eq!(m.title, "Scan completed: example.com graded B (85/100, low risk)");
-        assert!(m.body.contains("8 issues: 0 critical, 2 high, 3 medium, 3 low"), "{}", m.body);
+        assert_eq!(
+            m.title,
+            "Scan completed: example.com graded B (85/100, low risk)"
+        );
+        assert!(
+            m.body
+                .contains("8 issues: 0 critical, 2 high, 3 medium, 3 low"),
+            "{}",
+            m.body
+        );
         assert!(m.body.contains("Scan 12345, job 67890"), "{}", m.body);
-        assert!(m.body.contains("Report: https://cl.example/scans/12345"), "{}", m.body);
+        assert!(
+            m.body.contains("Report: https://cl.example/scans/12345"),
+            "{}",
+            m.body
+        );
     }
 
     #[test]
     fn every_family_has_a_default() {
         let t = templates();
         let alert = t.render(None, &fixture("compliancelayer-alert.triggered.json"));
-        assert_eq!(alert.title, "Alert [HIGH] example.com: Security score dropped from 85 to 61");
-        assert!(alert.body.contains("Score: 85 -> 61 (threshold 70)"), "{}", alert.body);
+        assert_eq!(
+            alert.title,
+            "Alert [HIGH] example.com: Security score dropped from 85 to 61"
+        );
+        assert!(
+            alert.body.contains("Score: 85 -> 61 (threshold 70)"),
+            "{}",
+            alert.body
+        );
         let policy = t.render(None, &fixture("scorecard-policy.published.json"));
-        assert_eq!(policy.title, "Policy published: Updated Security Policy (v2.1)");
-        assert!(policy.body.contains("Published by user789"), "{}", policy.body);
+        assert_eq!(
+            policy.title,
+            "Policy published: Updated Security Policy (v2.1)"
+        );
+        assert!(
+            policy.body.contains("Published by user789"),
+            "{}",
+            policy.body
+        );
         let assessment = t.render(None, &fixture("scorecard-assessment.completed.json"));
-        assert_eq!(assessment.title, "Assessment completed: Q1 2025 Security Assessment (NIST Cybersecurity Framework)");
-        assert!(assessment.body.contains("score 78.2"), "{}", assessment.body);
-        let unknown = t.render(None, &event(r#"{"type": "domain.verified", "data": {"domain": "x.org"}}"#));
+        assert_eq!(
+            assessment.title,
+            "Assessment completed: Q1 2025 Security Assessment (NIST Cybersecurity Framework)"
+        );
+        assert!(
+            assessment.body.contains("score 78.2"),
+            "{}",
+            assessment.body
+        );
+        let unknown = t.render(
+            None,
+            &event(r#"{"type": "domain.verified", "data": {"domain": "x.org"}}"#),
+        );
         assert_eq!(unknown.title, "domain.verified from cl");
         assert_eq!(unknown.body, "domain: x.org");
     }
@@ -271,28 +321,66 @@ mod tests {
     #[test]
     fn missing_fields_never_fail() {
         let t = templates();
-        for ty in ["scan.completed", "alert.triggered", "policy.rejected", "assessment.failed", "new.thing"] {
-            for body in [format!(r#"{{"type": "{ty}"}}"#), format!(r#"{{"type": "{ty}", "data": [1]}}"#), format!(r#"{{"type": "{ty}", "data": {{"grade": "Z"}}}}"#)] {
+        for ty in [
+            "scan.completed",
+            "alert.triggered",
+            "policy.rejected",
+            "assessment.failed",
+            "new.thing",
+        ] {
+            for body in [
+                format!(r#"{{"type": "{ty}"}}"#),
+                format!(r#"{{"type": "{ty}", "data": [1]}}"#),
+                format!(r#"{{"type": "{ty}", "data": {{"grade": "Z"}}}}"#),
+            ] {
                 let m = t.render(None, &event(&body));
                 assert!(!m.title.is_empty(), "{body}");
             }
         }
         let m = t.render(None, &event(r#"{"type": "scan.completed"}"#));
-        assert_eq!(m.title, "Scan completed: unknown domain graded ? (?/100, unknown risk)");
+        assert_eq!(
+            m.title,
+            "Scan completed: unknown domain graded ? (?/100, unknown risk)"
+        );
     }
 
     #[test]
     fn overrides_and_errors() {
         let mut builder = TemplatesBuilder::new(&BTreeMap::new(), Path::new("."));
-        builder.add_named("short", &TemplateSource::Inline { text: "{{ data.domain }}: {{ data.grade }}".into() }).unwrap();
-        let named = builder.resolve("sink x", &TemplateRef::Named("short".into())).unwrap();
-        assert!(builder.resolve("sink y", &TemplateRef::Named("nope".into())).unwrap_err().contains("no template named"));
-        let broken = TemplateRef::Source(TemplateSource::Inline { text: "{% if %}".into() });
-        assert!(builder.resolve("route z", &broken).unwrap_err().contains("line 1"));
-        let failing = TemplateRef::Source(TemplateSource::Inline { text: "{{ data.score + 'x' }}".into() });
+        builder
+            .add_named(
+                "short",
+                &TemplateSource::Inline {
+                    text: "{{ data.domain }}: {{ data.grade }}".into(),
+                },
+            )
+            .unwrap();
+        let named = builder
+            .resolve("sink x", &TemplateRef::Named("short".into()))
+            .unwrap();
+        assert!(
+            builder
+                .resolve("sink y", &TemplateRef::Named("nope".into()))
+                .unwrap_err()
+                .contains("no template named")
+        );
+        let broken = TemplateRef::Source(TemplateSource::Inline {
+            text: "{% if %}".into(),
+        });
+        assert!(
+            builder
+                .resolve("route z", &broken)
+                .unwrap_err()
+                .contains("line 1")
+        );
+        let failing = TemplateRef::Source(TemplateSource::Inline {
+            text: "{{ data.score + 'x' }}".into(),
+        });
         let failing = builder.resolve("route w", &failing).unwrap();
         let t = builder.build();
-        let e = event(r#"{"type": "scan.completed", "data": {"domain": "a.com", "grade": "C", "score": 1}}"#);
+        let e = event(
+            r#"{"type": "scan.completed", "data": {"domain": "a.com", "grade": "C", "score": 1}}"#,
+        );
         assert_eq!(t.render(Some(&named), &e).title, "a.com: C");
         // A template that fails at run time falls back to the generic one.
         assert_eq!(t.render(Some(&failing), &e).title, "scan.completed from cl");

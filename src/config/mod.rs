@@ -7,10 +7,12 @@
 
 pub mod raw;
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -18,9 +20,11 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use ipnet::IpNet;
 
+use crate::rules::{Route, RouteSpec, RouteTable};
 use crate::signature::{Key, Scheme, Verifier};
 use crate::sinks::SinkSpec;
-use raw::{HumanDuration, RawConfig, RawSource, SchemeName, SecretEncoding};
+use crate::templates::{TemplateSource, Templates, TemplatesBuilder};
+use raw::{HumanDuration, RawConfig, RawRules, RawSource, SchemeName, SecretEncoding};
 
 /// Prefix of the environment variables that override file settings, e.g.
 /// `HOOKROUTE_SERVER__LISTEN=127.0.0.1:9000` for `server.listen`.
@@ -41,6 +45,20 @@ pub struct Config {
     pub storage: StorageConfig,
     pub sources: Vec<SourceConfig>,
     pub sinks: Vec<SinkConfig>,
+    pub routing: Arc<Routing>,
+}
+
+/// Routes and the templates they render with; swapped whole on reload.
+#[derive(Debug)]
+pub struct Routing {
+    pub table: RouteTable,
+    pub templates: Templates,
+    /// Template id for each sink that overrides the default.
+    pub sink_templates: HashMap<String, String>,
+    /// The file the routes came from.
+    pub origin: PathBuf,
+    /// Things worth a look that do not stop the daemon (e.g. event families with no route).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +197,13 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         }
         sinks.push(SinkConfig { name, spec });
     }
+    let rules = RulesInput {
+        file: raw.rules_file,
+        routes: raw.routes,
+        templates: raw.templates,
+        vars: raw.template_vars,
+    };
+    let routing = validate_routing(path, rules, &sources, &sinks, &mut problems);
 
     problems.into_result(path)?;
     Ok(Config {
@@ -187,7 +212,165 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         storage,
         sources,
         sinks,
+        routing: Arc::new(routing),
     })
+}
+
+/// The event families the senders document: each deserves a route.
+pub const SEED_EVENT_TYPES: &[&str] = &[
+    "scan.completed",
+    "alert.triggered",
+    "policy.created",
+    "policy.updated",
+    "policy.published",
+    "policy.approved",
+    "policy.rejected",
+    "assessment.started",
+    "assessment.completed",
+    "assessment.scored",
+    "assessment.failed",
+];
+
+struct RulesInput {
+    file: Option<PathBuf>,
+    routes: Vec<RouteSpec>,
+    templates: BTreeMap<String, TemplateSource>,
+    vars: BTreeMap<String, String>,
+}
+
+/// Compiles templates and routes, checking every reference between routes, sinks, sources
+/// and templates.
+fn validate_routing(
+    config_path: &Path,
+    input: RulesInput,
+    sources: &[SourceConfig],
+    sinks: &[SinkConfig],
+    problems: &mut Problems,
+) -> Routing {
+    let base_dir = config_path.parent().unwrap_or(Path::new("."));
+    let (origin, prefix, rules) = match input.file {
+        Some(file) => {
+            let file = base_dir.join(file);
+            if !input.routes.is_empty() || !input.templates.is_empty() {
+                problems.add(
+                    "rules_file",
+                    "routes and templates go either in the config file or in rules_file, not both",
+                );
+            }
+            let prefix = format!("{}: ", file.display());
+            let rules = if file.is_file() {
+                Figment::from(Toml::file_exact(&file))
+                    .extract::<RawRules>()
+                    .unwrap_or_else(|err| {
+                        for e in err {
+                            problems.add("rules_file", e);
+                        }
+                        RawRules::default()
+                    })
+            } else {
+                problems.add("rules_file", format!("{} does not exist", file.display()));
+                RawRules::default()
+            };
+            (file, prefix, rules)
+        }
+        None => (
+            config_path.to_path_buf(),
+            String::new(),
+            RawRules {
+                routes: input.routes,
+                templates: input.templates,
+            },
+        ),
+    };
+
+    let mut templates = TemplatesBuilder::new(&input.vars, base_dir);
+    for (name, source) in &rules.templates {
+        if let Err(message) = templates.add_named(name, source) {
+            problems.add(format!("{prefix}templates.{name}"), message);
+        }
+    }
+    let mut sink_templates = HashMap::new();
+    for sink in sinks {
+        if let Some(reference) = sink.spec.template() {
+            match templates.resolve(&format!("sink/{}", sink.name), reference) {
+                Ok(id) => {
+                    sink_templates.insert(sink.name.clone(), id);
+                }
+                Err(message) => problems.add(format!("sinks.{}.template", sink.name), message),
+            }
+        }
+    }
+
+    let mut routes = Vec::new();
+    for (i, spec) in rules.routes.iter().enumerate() {
+        let at = format!("{prefix}routes[{i}] ({:?})", spec.name);
+        if spec.name.trim().is_empty() {
+            problems.add(&at, "a route needs a name");
+        } else if rules.routes[..i].iter().any(|r| r.name == spec.name) {
+            problems.add(&at, "another route has the same name");
+        }
+        for (j, source) in spec.sources.iter().enumerate() {
+            if !sources.iter().any(|s| &s.name == source) {
+                problems.add(
+                    format!("{at}.sources[{j}]"),
+                    format!("unknown source {source:?}"),
+                );
+            }
+        }
+        let mut kinds = Vec::new();
+        for (j, name) in spec.sinks.iter().enumerate() {
+            match sinks.iter().find(|s| &s.name == name) {
+                Some(sink) => kinds.push(sink.spec.kind()),
+                None => problems.add(format!("{at}.sinks[{j}]"), format!("unknown sink {name:?}")),
+            }
+        }
+        let mut route_templates = BTreeMap::new();
+        for (kind, reference) in &spec.templates {
+            if !kinds.contains(&kind.as_str()) {
+                problems.add(
+                    format!("{at}.templates.{kind}"),
+                    format!("none of this route's sinks is of type {kind:?}"),
+                );
+                continue;
+            }
+            match templates.resolve(&format!("route/{}/{kind}", spec.name), reference) {
+                Ok(id) => {
+                    route_templates.insert(kind.clone(), id);
+                }
+                Err(message) => problems.add(format!("{at}.templates.{kind}"), message),
+            }
+        }
+        match Route::compile(i, spec, route_templates) {
+            Ok(route) => routes.push(route),
+            Err(messages) => {
+                for message in messages {
+                    problems.0.push(format!("{prefix}{message}"));
+                }
+            }
+        }
+    }
+
+    let table = RouteTable::new(routes);
+    let uncovered: Vec<&str> = SEED_EVENT_TYPES
+        .iter()
+        .copied()
+        .filter(|t| !table.routes().iter().any(|r| r.covers(t)))
+        .collect();
+    let warnings = if uncovered.is_empty() {
+        Vec::new()
+    } else {
+        vec![format!(
+            "no route matches {}: such events are stored and recorded as unrouted",
+            uncovered.join(", ")
+        )]
+    };
+    Routing {
+        table,
+        templates: templates.build(),
+        sink_templates,
+        origin,
+        warnings,
+    }
 }
 
 fn validate_server(raw: raw::RawServer, problems: &mut Problems) -> Option<ServerConfig> {

@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::rules::RouteSpec;
 use crate::signature::Encoding;
 use crate::sinks::SinkSpec;
+use crate::templates::TemplateSource;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,6 +28,26 @@ pub struct RawConfig {
     pub sources: BTreeMap<String, RawSource>,
     #[serde(default)]
     pub sinks: BTreeMap<String, SinkSpec>,
+    /// Routes and templates in a file of their own (relative to this file), so they can be
+    /// edited and reloaded apart from the rest.
+    pub rules_file: Option<PathBuf>,
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    #[serde(default)]
+    pub templates: BTreeMap<String, TemplateSource>,
+    /// Strings every template sees as `vars.<name>`, e.g. `scan_url`.
+    #[serde(default)]
+    pub template_vars: BTreeMap<String, String>,
+}
+
+/// The rules file named by `rules_file`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRules {
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    #[serde(default)]
+    pub templates: BTreeMap<String, TemplateSource>,
 }
 
 #[derive(Debug, Deserialize)]

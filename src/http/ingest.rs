@@ -30,8 +30,8 @@ pub async fn ingest(
     request: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
-    let source = state
-        .sources
+    let sources = state.sources.load();
+    let source = sources
         .get(parts.uri.path())
         .ok_or(ApiError::UnknownSource)?;
     if parts.method != Method::POST {

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
@@ -36,8 +37,8 @@ use crate::store::Store;
 
 /// Shared by every request.
 pub struct AppState {
-    /// Sources by path.
-    sources: HashMap<String, SourceConfig>,
+    /// Sources by path; replaced whole on reload (secret rotation, new sources).
+    sources: ArcSwap<HashMap<String, SourceConfig>>,
     store: Store,
     dispatch_wake: Arc<Notify>,
     max_body_bytes: usize,
@@ -59,11 +60,7 @@ impl App {
         let trusted_proxies: Arc<[IpNet]> = config.server.trusted_proxies.clone().into();
         let limits = config.server.rate_limit;
         let state = Arc::new(AppState {
-            sources: config
-                .sources
-                .iter()
-                .map(|s| (s.path.clone(), s.clone()))
-                .collect(),
+            sources: ArcSwap::from_pointee(sources_by_path(config)),
             store,
             dispatch_wake,
             max_body_bytes: config.server.max_body_bytes,
@@ -121,6 +118,11 @@ impl App {
         self.router.clone()
     }
 
+    /// Takes a reloaded configuration's sources; requests in flight finish with the old ones.
+    pub fn reload(&self, config: &Config) {
+        self.state.sources.store(Arc::new(sources_by_path(config)));
+    }
+
     /// Lets the rate limiters forget idle clients; call periodically.
     pub fn maintain(&self) {
         if let Some(upkeep) = &self.traffic_limiter {
@@ -130,6 +132,14 @@ impl App {
             failures.maintain();
         }
     }
+}
+
+fn sources_by_path(config: &Config) -> HashMap<String, SourceConfig> {
+    config
+        .sources
+        .iter()
+        .map(|s| (s.path.clone(), s.clone()))
+        .collect()
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -20,11 +20,21 @@ impl Expr {
     /// The parser's message with the line and column of the first problem.
     pub fn compile(text: &str) -> Result<Self, String> {
         match Program::compile(text) {
-            Ok(program) => Ok(Self { text: text.to_owned(), program }),
+            Ok(program) => Ok(Self {
+                text: text.to_owned(),
+                program,
+            }),
             Err(errors) => Err(errors
                 .errors
                 .iter()
-                .map(|e| format!("line {}, column {}: {} in {text:?}", e.pos.0, e.pos.1 + 1, e.msg))
+                .map(|e| {
+                    format!(
+                        "line {}, column {}: {} in {text:?}",
+                        e.pos.0,
+                        e.pos.1 + 1,
+                        e.msg
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join("; ")),
         }
@@ -50,7 +60,10 @@ pub struct Activation<'e> {
 
 impl<'e> Activation<'e> {
     pub fn lazy(event: &'e Event) -> Self {
-        Self { event, context: None }
+        Self {
+            event,
+            context: None,
+        }
     }
 
     fn context(&mut self) -> &Context<'static, 'static> {
@@ -60,14 +73,18 @@ impl<'e> Activation<'e> {
             let payload = to_cel(&event.payload);
             // A missing `data` is an empty map, so `data.score` fails as "No such key: score".
             let data = match &payload {
-                Value::Map(map) => map.map.get(&cel::objects::Key::String(Arc::new("data".to_owned()))).cloned(),
+                Value::Map(map) => map
+                    .map
+                    .get(&cel::objects::Key::String(Arc::new("data".to_owned())))
+                    .cloned(),
                 _ => None,
             };
             let data = data.unwrap_or_else(|| Value::from(HashMap::<String, Value>::new()));
             context.add_variable_from_value("type", event.event_type.as_str());
             context.add_variable_from_value("source", event.source.as_str());
             context.add_variable_from_value("delivery_id", event.delivery_id.as_str());
-            context.add_variable_from_value("occurred_at", event.occurred_at.map(|t| t.to_string()));
+            context
+                .add_variable_from_value("occurred_at", event.occurred_at.map(|t| t.to_string()));
             context.add_variable_from_value("data", data);
             context.add_variable_from_value("payload", payload);
             context
@@ -86,7 +103,10 @@ impl<'e> Activation<'e> {
 
     /// A throttle key: the expression's value as text, empty when it cannot be evaluated.
     pub fn eval_key(&mut self, expr: &Expr) -> String {
-        expr.program.execute(self.context()).map(|v| display(&v)).unwrap_or_default()
+        expr.program
+            .execute(self.context())
+            .map(|v| display(&v))
+            .unwrap_or_default()
     }
 }
 
@@ -104,7 +124,8 @@ fn to_cel(json: &Json) -> Value {
         Json::String(s) => Value::String(Arc::new(s.clone())),
         Json::Array(items) => Value::List(Arc::new(items.iter().map(to_cel).collect())),
         Json::Object(map) => {
-            let map: HashMap<String, Value> = map.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
+            let map: HashMap<String, Value> =
+                map.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
             Value::from(map)
         }
     }

@@ -6,6 +6,7 @@
 //! missing field, a value of the wrong type) is false, never an error.
 
 mod cel_env;
+mod throttle;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use crate::config::raw::HumanDuration;
 use crate::event::Event;
 pub use cel_env::{Activation, Expr};
+pub use throttle::Throttles;
 
 /// A route as written in the configuration (`[[routes]]`).
 #[derive(Debug, Clone, Deserialize)]
@@ -78,11 +80,16 @@ pub struct RouteTable {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// Taken; carries the condition's value when there is one, and the throttle key.
-    Matched { condition: Option<String>, throttle_key: Option<String> },
+    Matched {
+        condition: Option<String>,
+        throttle_key: Option<String>,
+    },
     NoEventMatch,
     NoSourceMatch,
     /// The condition was false, or could not be evaluated (the reason says which).
-    ConditionFalse { value: String },
+    ConditionFalse {
+        value: String,
+    },
     /// An earlier route matched without `continue`.
     NotReached,
 }
@@ -92,11 +99,17 @@ impl Route {
     ///
     /// # Errors
     /// Every problem found, each prefixed with the route's key path.
-    pub fn compile(index: usize, spec: &RouteSpec, templates: BTreeMap<String, String>) -> Result<Self, Vec<String>> {
+    pub fn compile(
+        index: usize,
+        spec: &RouteSpec,
+        templates: BTreeMap<String, String>,
+    ) -> Result<Self, Vec<String>> {
         let at = format!("routes[{index}] ({:?})", spec.name);
         let mut problems = Vec::new();
         if spec.events.is_empty() {
-            problems.push(format!("{at}.events: list at least one event glob, e.g. \"*\""));
+            problems.push(format!(
+                "{at}.events: list at least one event glob, e.g. \"*\""
+            ));
         }
         let mut globs = GlobSetBuilder::new();
         for (i, pattern) in spec.events.iter().enumerate() {
@@ -111,7 +124,9 @@ impl Route {
             problems.push(format!("{at}.sinks: name at least one sink"));
         }
         let when = spec.when.as_deref().and_then(|text| {
-            Expr::compile(text).map_err(|err| problems.push(format!("{at}.when: {err}"))).ok()
+            Expr::compile(text)
+                .map_err(|err| problems.push(format!("{at}.when: {err}")))
+                .ok()
         });
         let throttle = spec.throttle.as_ref().and_then(|t| {
             if t.window.0.is_zero() {
@@ -125,9 +140,14 @@ impl Route {
                 }
                 None => None,
             };
-            Some(Throttle { window: t.window.0, key })
+            Some(Throttle {
+                window: t.window.0,
+                key,
+            })
         });
-        let events = globs.build().map_err(|err| problems.push(format!("{at}.events: {err}")));
+        let events = globs
+            .build()
+            .map_err(|err| problems.push(format!("{at}.events: {err}")));
         match events {
             Ok(events) if problems.is_empty() => Ok(Self {
                 name: spec.name.clone(),
@@ -206,16 +226,25 @@ impl Route {
         let condition = match &self.when {
             Some(expr) => match activation.eval_bool(expr) {
                 Ok(true) => Some("true".to_owned()),
-                Ok(false) => return Verdict::ConditionFalse { value: "false".into() },
+                Ok(false) => {
+                    return Verdict::ConditionFalse {
+                        value: "false".into(),
+                    };
+                }
                 Err(reason) => return Verdict::ConditionFalse { value: reason },
             },
             None => None,
         };
-        let throttle_key = self
-            .throttle
-            .as_ref()
-            .map(|t| t.key.as_ref().map(|key| activation.eval_key(key)).unwrap_or_default());
-        Verdict::Matched { condition, throttle_key }
+        let throttle_key = self.throttle.as_ref().map(|t| {
+            t.key
+                .as_ref()
+                .map(|key| activation.eval_key(key))
+                .unwrap_or_default()
+        });
+        Verdict::Matched {
+            condition,
+            throttle_key,
+        }
     }
 }
 
@@ -237,7 +266,13 @@ mod tests {
     }
 
     fn table(specs: &[RouteSpec]) -> RouteTable {
-        RouteTable::new(specs.iter().enumerate().map(|(i, s)| Route::compile(i, s, BTreeMap::new()).unwrap()).collect())
+        RouteTable::new(
+            specs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| Route::compile(i, s, BTreeMap::new()).unwrap())
+                .collect(),
+        )
     }
 
     fn event(source: &str, body: &str) -> Event {
@@ -245,14 +280,23 @@ mod tests {
     }
 
     fn taken(table: &RouteTable, event: &Event) -> Vec<String> {
-        table.route(event).into_iter().map(|(r, _)| r.name.clone()).collect()
+        table
+            .route(event)
+            .into_iter()
+            .map(|(r, _)| r.name.clone())
+            .collect()
     }
 
     #[test]
     fn globs_first_match_and_continue() {
         let table = table(&[
             spec("scans", &["scan.*"], None, true),
-            spec("policies", &["policy.published", "policy.approved"], None, false),
+            spec(
+                "policies",
+                &["policy.published", "policy.approved"],
+                None,
+                false,
+            ),
             spec("everything", &["*"], None, false),
             spec("never", &["*"], None, false),
         ]);
@@ -260,7 +304,11 @@ mod tests {
         assert_eq!(taken(&table, &scan), ["scans", "everything"]);
         let policy = event("sc", r#"{"event": "policy.published"}"#);
         assert_eq!(taken(&table, &policy), ["policies"]);
-        let verdicts: Vec<_> = table.evaluate(&policy).into_iter().map(|(_, v)| v).collect();
+        let verdicts: Vec<_> = table
+            .evaluate(&policy)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
         assert_eq!(verdicts[0], Verdict::NoEventMatch);
         assert_eq!(verdicts[2], Verdict::NotReached);
         let new = event("sc", r#"{"event": "policy.archived"}"#);
@@ -270,14 +318,33 @@ mod tests {
     #[test]
     fn conditions_on_both_shapes_and_missing_fields() {
         let table = table(&[
-            spec("failing", &["scan.completed"], Some("data.score < 70 || data.grade in ['D', 'F']"), false),
-            spec("client", &["policy.*"], Some("data.client_id == 'client456' && source == 'sc'"), false),
+            spec(
+                "failing",
+                &["scan.completed"],
+                Some("data.score < 70 || data.grade in ['D', 'F']"),
+                false,
+            ),
+            spec(
+                "client",
+                &["policy.*"],
+                Some("data.client_id == 'client456' && source == 'sc'"),
+                false,
+            ),
         ]);
-        let low = event("cl", r#"{"type": "scan.completed", "data": {"score": 61, "grade": "C"}}"#);
+        let low = event(
+            "cl",
+            r#"{"type": "scan.completed", "data": {"score": 61, "grade": "C"}}"#,
+        );
         assert_eq!(taken(&table, &low), ["failing"]);
-        let graded = event("cl", r#"{"type": "scan.completed", "data": {"score": 75, "grade": "F"}}"#);
+        let graded = event(
+            "cl",
+            r#"{"type": "scan.completed", "data": {"score": 75, "grade": "F"}}"#,
+        );
         assert_eq!(taken(&table, &graded), ["failing"]);
-        let fine = event("cl", r#"{"type": "scan.completed", "data": {"score": 95, "grade": "A"}}"#);
+        let fine = event(
+            "cl",
+            r#"{"type": "scan.completed", "data": {"score": 95, "grade": "A"}}"#,
+        );
         assert!(taken(&table, &fine).is_empty());
         // A missing field makes the condition false, and says why.
         let bare = event("cl", r#"{"type": "scan.completed"}"#);
@@ -286,9 +353,21 @@ mod tests {
             Verdict::ConditionFalse { value } => assert!(value.contains("No such key"), "{value}"),
             other => panic!("{other:?}"),
         }
-        let policy = event("sc", r#"{"event": "policy.published", "data": {"client_id": "client456"}}"#);
+        let policy = event(
+            "sc",
+            r#"{"event": "policy.published", "data": {"client_id": "client456"}}"#,
+        );
         assert_eq!(taken(&table, &policy), ["client"]);
-        assert!(taken(&table, &event("cl", r#"{"event": "policy.published", "data": {"client_id": "client456"}}"#)).is_empty());
+        assert!(
+            taken(
+                &table,
+                &event(
+                    "cl",
+                    r#"{"event": "policy.published", "data": {"client_id": "client456"}}"#
+                )
+            )
+            .is_empty()
+        );
     }
 
     #[test]
@@ -301,7 +380,10 @@ mod tests {
     #[test]
     fn throttle_keys() {
         let mut s = spec("t", &["*"], None, false);
-        s.throttle = Some(ThrottleSpec { window: HumanDuration(Duration::from_secs(60)), key: Some("data.domain".into()) });
+        s.throttle = Some(ThrottleSpec {
+            window: HumanDuration(Duration::from_secs(60)),
+            key: Some("data.domain".into()),
+        });
         let table = table(&[s]);
         let e = event("cl", r#"{"type": "x", "data": {"domain": "example.com"}}"#);
         assert_eq!(table.route(&e)[0].1.as_deref(), Some("example.com"));
@@ -316,7 +398,10 @@ mod tests {
         let problems = Route::compile(3, &bad, BTreeMap::new()).unwrap_err();
         let text = problems.join("\n");
         assert!(text.contains("routes[3] (\"broken\").events[0]"), "{text}");
-        assert!(text.contains("routes[3] (\"broken\").when: line 1, column"), "{text}");
+        assert!(
+            text.contains("routes[3] (\"broken\").when: line 1, column"),
+            "{text}"
+        );
         assert!(text.contains("routes[3] (\"broken\").sinks"), "{text}");
     }
 }

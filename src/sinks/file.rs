@@ -7,8 +7,18 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use super::{Sink, SinkError};
+use serde::Serialize;
+
+use super::{Delivery, Sink, SinkError};
 use crate::event::Event;
+
+/// One line of the file: the event, and the route that sent it here.
+#[derive(Serialize)]
+struct Line<'a> {
+    route: &'a str,
+    #[serde(flatten)]
+    event: &'a Event,
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,8 +60,11 @@ impl FileSink {
 
 #[async_trait]
 impl Sink for FileSink {
-    async fn deliver(&self, event: &Event) -> Result<(), SinkError> {
-        let mut line = serde_json::to_vec(event)?;
+    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<(), SinkError> {
+        let mut line = serde_json::to_vec(&Line {
+            route: delivery.route,
+            event: delivery.event,
+        })?;
         line.push(b'\n');
         let mut guard = self.file.lock().await;
         if guard.is_none() {

@@ -3,12 +3,15 @@
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use super::{Sink, SinkError};
-use crate::event::Event;
+use super::{Delivery, Sink, SinkError};
+use crate::templates::TemplateRef;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LogSinkConfig {}
+pub struct LogSinkConfig {
+    /// Overrides the default message; the log line is the message's title.
+    pub template: Option<TemplateRef>,
+}
 
 pub struct LogSink {
     name: String,
@@ -24,13 +27,16 @@ impl LogSink {
 
 #[async_trait]
 impl Sink for LogSink {
-    async fn deliver(&self, event: &Event) -> Result<(), SinkError> {
+    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<(), SinkError> {
+        let event = delivery.event;
         tracing::info!(
             sink = %self.name,
+            route = %delivery.route,
             source = %event.source,
             event_type = %event.event_type,
             delivery_id = %event.delivery_id,
-            "event"
+            "{}",
+            delivery.message.title
         );
         Ok(())
     }

@@ -13,6 +13,16 @@ use async_trait::async_trait;
 use serde::Deserialize;
 
 use crate::event::Event;
+use crate::templates::{Message, TemplateRef};
+
+/// One event on its way to one sink through one route.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery<'a> {
+    pub event: &'a Event,
+    pub route: &'a str,
+    /// Rendered from the route's, the sink's or the default template.
+    pub message: &'a Message,
+}
 
 /// A destination for events.
 #[async_trait]
@@ -21,7 +31,7 @@ pub trait Sink: Send + Sync {
     ///
     /// # Errors
     /// [`SinkError`] describing why the event did not arrive.
-    async fn deliver(&self, event: &Event) -> Result<(), SinkError>;
+    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<(), SinkError>;
 }
 
 /// Why a delivery failed.
@@ -50,6 +60,14 @@ impl SinkSpec {
         match self {
             Self::File(_) => "file",
             Self::Log(_) => "log",
+        }
+    }
+
+    /// The sink's own message template, if it overrides the default.
+    pub fn template(&self) -> Option<&TemplateRef> {
+        match self {
+            Self::File(_) => None,
+            Self::Log(config) => config.template.as_ref(),
         }
     }
 

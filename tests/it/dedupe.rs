@@ -84,7 +84,7 @@ async fn fifty_concurrent_copies_store_exactly_one() {
 async fn scorecard_bodies_without_id_dedupe_on_their_hash() {
     let dir = tempdir();
     let rest = format!(
-        "[sources.scorecard]\nscheme = \"token\"\nsecret = \"tok\"\n\n[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n",
+        "[sources.scorecard]\nscheme = \"token\"\nsecret = \"tok\"\n\n[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n{CATCH_ALL}",
         dir.path().join("events.jsonl").display()
     );
     let daemon = Daemon::start(dir.path(), &config(dir.path(), NO_LIMITS, &rest));

@@ -10,7 +10,7 @@ use crate::harness::*;
 
 fn rest_with_sink(sink_path: &std::path::Path) -> String {
     format!(
-        "[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n",
+        "[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n{CATCH_ALL}",
         sink_path.display()
     )
 }

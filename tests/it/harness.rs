@@ -46,10 +46,15 @@ secret = ["{CL_SECRET}", "{CL_SECRET_OLD}"]
 [sinks.archive]
 type = "file"
 path = "{}"
-"#,
+
+{CATCH_ALL}"#,
         dir.join("events.jsonl").display()
     )
 }
+
+/// Sends every event to the `archive` sink.
+pub const CATCH_ALL: &str =
+    "[[routes]]\nname = \"everything\"\nevents = [\"*\"]\nsinks = [\"archive\"]\n";
 
 /// No rate limits: for tests that send many failures on purpose.
 pub const NO_LIMITS: &str = "rate_limit = { enabled = false }";
