@@ -12,6 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use sha2::{Digest, Sha256};
 
 use crate::config::{self, Config};
+use crate::event::Event;
+use crate::rules::Verdict;
 use crate::signature::{COMPLIANCELAYER_DELIVERY, COMPLIANCELAYER_EVENT, Scheme};
 
 const DEFAULT_CONFIG: &str = "/etc/hookroute/config.toml";
@@ -37,6 +39,21 @@ pub enum Command {
     CheckConfig(ConfigArg),
     /// Sign a JSON payload as the source's sender would and POST it to the daemon.
     Send(SendArgs),
+    /// Show which routes an event matches, why, and the message each sink would get; sends
+    /// nothing. Exit 0 if a route matched, 1 if none did.
+    RouteTest(RouteTestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RouteTestArgs {
+    /// Configuration file.
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// The source the event comes from; defaults to the first configured source.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// The event's JSON body, as the sender would post it.
+    pub event: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +89,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve(args),
         Command::CheckConfig(args) => check_config(args),
         Command::Send(args) => runtime()?.block_on(send(args)),
+        Command::RouteTest(args) => route_test(args),
     }
 }
 
@@ -174,7 +192,168 @@ fn summary(config: &Config) -> String {
     for sink in &config.sinks {
         let _ = writeln!(out, "  {:<18} {}", sink.name, sink.spec.kind());
     }
+    let routing = &config.routing;
+    let _ = writeln!(
+        out,
+        "routes (from {}, first match wins unless continue):",
+        routing.origin.display()
+    );
+    if routing.table.is_empty() {
+        let _ = writeln!(out, "  (none: every event is stored as unrouted)");
+    }
+    for (i, route) in routing.table.routes().iter().enumerate() {
+        let _ = write!(
+            out,
+            "  {}. {:?} events={:?}",
+            i + 1,
+            route.name,
+            route.event_globs
+        );
+        if !route.sources.is_empty() {
+            let _ = write!(out, " sources={:?}", route.sources);
+        }
+        if let Some(when) = &route.when {
+            let _ = write!(out, " when=`{}`", when.text());
+        }
+        let _ = write!(out, " -> {}", route.sinks.join(", "));
+        if let Some(throttle) = &route.throttle {
+            let key = throttle
+                .key
+                .as_ref()
+                .map_or("(one window)".to_owned(), |k| format!("`{}`", k.text()));
+            let _ = write!(
+                out,
+                " throttle={} per {key}",
+                humantime::format_duration(throttle.window)
+            );
+        }
+        if route.continue_ {
+            out.push_str(" continue");
+        }
+        out.push('\n');
+    }
+    for warning in &routing.warnings {
+        let _ = writeln!(out, "warning: {warning}");
+    }
     out
+}
+
+fn route_test(args: RouteTestArgs) -> anyhow::Result<ExitCode> {
+    use std::fmt::Write as _;
+    let config = config::load(&args.config)?;
+    let source = match &args.source {
+        Some(name) => config
+            .sources
+            .iter()
+            .find(|s| &s.name == name)
+            .map(|s| s.name.clone())
+            .with_context(|| format!("no source named {name:?} in {}", config.file.display()))?,
+        None => config
+            .sources
+            .first()
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
+    };
+    let body = std::fs::read(&args.event)
+        .with_context(|| format!("cannot read {}", args.event.display()))?;
+    let event = Event::parse(&source, &body, None, None)
+        .with_context(|| format!("{} is not an event", args.event.display()))?;
+
+    let routing = &config.routing;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "event: {} from {} (delivery id {})",
+        event.event_type, event.source, event.delivery_id
+    );
+    let mut matched = 0;
+    for (i, (route, verdict)) in routing.table.evaluate(&event).into_iter().enumerate() {
+        let _ = write!(out, "{}. {:?}: ", i + 1, route.name);
+        let when = route.when.as_ref().map(|w| w.text()).unwrap_or_default();
+        match verdict {
+            Verdict::Matched {
+                condition,
+                throttle_key,
+            } => {
+                matched += 1;
+                out.push_str("MATCHED");
+                if let Some(value) = condition {
+                    let _ = write!(out, " (when `{when}` is {value})");
+                }
+                out.push('\n');
+                if let (Some(throttle), Some(key)) = (&route.throttle, throttle_key) {
+                    let _ = writeln!(
+                        out,
+                        "   throttle: first event per key {key:?} every {} passes (not applied in a test)",
+                        humantime::format_duration(throttle.window)
+                    );
+                }
+                for name in &route.sinks {
+                    let Some(sink) = config.sinks.iter().find(|s| &s.name == name) else {
+                        continue;
+                    };
+                    let kind = sink.spec.kind();
+                    let template = route
+                        .templates
+                        .get(kind)
+                        .or_else(|| routing.sink_templates.get(name));
+                    let message = routing
+                        .templates
+                        .render(template.map(String::as_str), &event);
+                    let _ = writeln!(out, "   -> {name} ({kind}):");
+                    match kind {
+                        "file" => {
+                            let _ = writeln!(out, "      appends the event as one JSON line");
+                        }
+                        _ => {
+                            for line in
+                                std::iter::once(message.title.as_str()).chain(message.body.lines())
+                            {
+                                let _ = writeln!(out, "      | {line}");
+                            }
+                        }
+                    }
+                }
+            }
+            Verdict::NoEventMatch => {
+                let _ = writeln!(
+                    out,
+                    "no match: {:?} is not one of {:?}",
+                    event.event_type, route.event_globs
+                );
+            }
+            Verdict::NoSourceMatch => {
+                let _ = writeln!(
+                    out,
+                    "no match: source {:?} is not one of {:?}",
+                    event.source, route.sources
+                );
+            }
+            Verdict::ConditionFalse { value } => {
+                let _ = writeln!(out, "no match: when `{when}` is {value}");
+            }
+            Verdict::NotReached => {
+                let _ = writeln!(
+                    out,
+                    "not reached: an earlier route matched without continue"
+                );
+            }
+        }
+    }
+    if matched == 0 {
+        let _ = writeln!(
+            out,
+            "result: no route matched; the daemon would store the event as unrouted"
+        );
+    } else {
+        let _ = writeln!(out, "result: {matched} route(s) matched");
+    }
+    print!("{out}");
+    Ok(if matched == 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
