@@ -52,7 +52,9 @@ const DEFAULTS: &[(&str, &str)] = &[
   {%- set risk = "unknown" -%}
 {%- endif -%}
 Scan completed: {{ data.domain or "unknown domain" }} graded {{ data.grade or "?" }} ({{ score if score is number else "?" }}/100, {{ risk }} risk)
-{{ data.issues_count if data.issues_count is number else "?" }} issues: {{ data.critical_issues or 0 }} critical, {{ data.high_issues or 0 }} high, {{ data.medium_issues or 0 }} medium, {{ data.low_issues or 0 }} low
+{%- if data.issues_count is number %}
+{{ data.issues_count }} issues: {{ data.critical_issues or 0 }} critical, {{ data.high_issues or 0 }} high, {{ data.medium_issues or 0 }} medium, {{ data.low_issues or 0 }} low
+{%- endif %}
 {%- if data.scan_id is defined %}
 Scan {{ data.scan_id }}{% if data.job_id is defined %}, job {{ data.job_id }}{% endif %}{% if data.scanned_at %}, scanned {{ data.scanned_at }}{% endif %}
 {%- endif %}

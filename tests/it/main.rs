@@ -7,5 +7,6 @@ mod cli;
 mod dedupe;
 mod durability;
 mod proxies;
+mod routing;
 mod signatures;
 mod status;
