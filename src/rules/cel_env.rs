@@ -2,9 +2,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use cel::{Context, Program, Value};
+use cel::{Context, Env, Program, Value};
 use serde_json::Value as Json;
 
 use crate::event::Event;
@@ -69,7 +69,7 @@ impl<'e> Activation<'e> {
     fn context(&mut self) -> &Context<'static, 'static> {
         let event = self.event;
         self.context.get_or_insert_with(|| {
-            let mut context = Context::default();
+            let mut context = Context::with_env(Arc::clone(stdlib()));
             let payload = to_cel(&event.payload);
             // A missing `data` is an empty map, so `data.score` fails as "No such key: score".
             let data = match &payload {
@@ -108,6 +108,12 @@ impl<'e> Activation<'e> {
             .map(|v| display(&v))
             .unwrap_or_default()
     }
+}
+
+/// The standard CEL environment, built once: building it is most of the cost of a context.
+fn stdlib() -> &'static Arc<Env> {
+    static STDLIB: OnceLock<Arc<Env>> = OnceLock::new();
+    STDLIB.get_or_init(|| Arc::new(Env::stdlib()))
 }
 
 /// JSON to CEL, keeping integers as CEL `int` (serde would make positive ones `uint`, and CEL
