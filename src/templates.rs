@@ -347,6 +347,45 @@ mod tests {
     }
 
     #[test]
+    fn templates_from_files_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("t")).unwrap();
+        std::fs::write(
+            dir.path().join("t/scan.j2"),
+            "From a file: {{ data.domain }}\nsecond line",
+        )
+        .unwrap();
+        let mut builder = TemplatesBuilder::new(&BTreeMap::new(), dir.path());
+        let file = TemplateSource::File {
+            file: "t/scan.j2".into(),
+        };
+        builder.add_named("from-file", &file).unwrap();
+        let id = builder
+            .resolve("sink s", &TemplateRef::Named("from-file".into()))
+            .unwrap();
+        let missing = TemplateRef::Source(TemplateSource::File {
+            file: "t/none.j2".into(),
+        });
+        assert!(
+            builder
+                .resolve("route r", &missing)
+                .unwrap_err()
+                .contains("cannot read")
+        );
+        let m = builder.build().render(
+            Some(&id),
+            &event(r#"{"type": "x", "data": {"domain": "f.com"}}"#),
+        );
+        assert_eq!(
+            m,
+            Message {
+                title: "From a file: f.com".into(),
+                body: "second line".into()
+            }
+        );
+    }
+
+    #[test]
     fn overrides_and_errors() {
         let mut builder = TemplatesBuilder::new(&BTreeMap::new(), Path::new("."));
         builder

@@ -34,6 +34,9 @@ fn check_config_accepts_the_shipped_example() {
         "scheme=token",
         "archive",
         "file",
+        "routes (from",
+        "\"failing scans\" events=[\"scan.completed\"]",
+        "throttle=1h per `data.domain`",
     ] {
         assert!(
             summary.contains(expected),
