@@ -1,22 +1,21 @@
-//! Routes stored events to sinks. The database is the queue: the dispatcher reads events past
-//! its persisted cursor in id order, routes each (rules, throttles), delivers it, and records
-//! every outcome together with the opened throttle windows and the advanced cursor in one
-//! transaction. An event stored before a crash but not yet past the cursor is dispatched after
-//! the restart (at least once).
+//! Routes stored events: the dispatcher reads events past its persisted cursor in id order,
+//! routes each (rules, throttles) and turns every (event, route, sink) into a delivery job,
+//! recording the jobs, the suppressed and unrouted outcomes, the opened throttle windows and
+//! the advanced cursor in one transaction. An event stored before a crash but not yet past the
+//! cursor is routed after the restart; the delivery engine takes it from there.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures_util::future::join_all;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Routing};
 use crate::rules::Throttles;
-use crate::sinks::{Delivery, Sink};
-use crate::store::{DispatchRecord, Outcome, Store, StoredEvent, ThrottleWindow};
+use crate::sinks::{DeliveryOptions, Sink};
+use crate::store::{DispatchRecord, NewJob, Outcome, Store, StoredEvent, ThrottleWindow};
 
 /// Events read per round; their outcomes are recorded in one write.
 const BATCH: usize = 256;
@@ -29,6 +28,8 @@ pub struct NamedSink {
     pub name: String,
     pub kind: &'static str,
     pub sink: Arc<dyn Sink>,
+    pub delivery: DeliveryOptions,
+    pub digest: Option<Duration>,
 }
 
 /// What the dispatcher needs from the configuration; replaced whole on reload, so a round
@@ -39,23 +40,30 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn build(config: &Config) -> Self {
-        let sinks = config
-            .sinks
-            .iter()
-            .map(|s| {
-                let sink = NamedSink {
-                    name: s.name.clone(),
-                    kind: s.spec.kind(),
-                    sink: s.spec.build(&s.name),
-                };
-                (s.name.clone(), sink)
-            })
-            .collect();
-        Self {
+    /// Builds every sink's client.
+    ///
+    /// # Errors
+    /// The first sink that cannot be built, and why.
+    pub fn build(config: &Config) -> Result<Self, String> {
+        let mut sinks = HashMap::new();
+        for s in &config.sinks {
+            let sink = s
+                .spec
+                .build(&s.name)
+                .map_err(|err| format!("sinks.{}: {err}", s.name))?;
+            let named = NamedSink {
+                name: s.name.clone(),
+                kind: s.spec.kind(),
+                sink,
+                delivery: *s.spec.delivery(),
+                digest: s.spec.digest(),
+            };
+            sinks.insert(s.name.clone(), named);
+        }
+        Ok(Self {
             routing: Arc::clone(&config.routing),
             sinks,
-        }
+        })
     }
 }
 
@@ -63,13 +71,25 @@ pub struct Dispatcher {
     store: Store,
     plan: Arc<ArcSwap<Plan>>,
     wake: Arc<Notify>,
+    /// Tells the delivery engine there is work.
+    jobs_created: Arc<Notify>,
 }
 
 impl Dispatcher {
     /// `wake` is notified by the ingest path after each commit of a new event; `plan` is
     /// swapped by a reload.
-    pub fn new(store: Store, plan: Arc<ArcSwap<Plan>>, wake: Arc<Notify>) -> Self {
-        Self { store, plan, wake }
+    pub fn new(
+        store: Store,
+        plan: Arc<ArcSwap<Plan>>,
+        wake: Arc<Notify>,
+        jobs_created: Arc<Notify>,
+    ) -> Self {
+        Self {
+            store,
+            plan,
+            wake,
+            jobs_created,
+        }
     }
 
     /// Runs until `stop` is cancelled, finishing the round in progress first.
@@ -102,13 +122,19 @@ impl Dispatcher {
                 continue;
             };
             let plan = self.plan.load_full();
-            let mut records = Vec::new();
-            let mut windows = Vec::new();
+            let mut round = Round::default();
             for stored in &batch {
-                dispatch_one(&plan, stored, &mut throttles, &mut records, &mut windows).await;
+                route_one(&plan, stored, &mut throttles, &mut round);
             }
-            match self.store.record_dispatch(last, records, windows).await {
-                Ok(()) => cursor = last,
+            match self
+                .store
+                .record_routing(last, round.jobs, round.records, round.windows)
+                .await
+            {
+                Ok(()) => {
+                    cursor = last;
+                    self.jobs_created.notify_one();
+                }
                 Err(err) => {
                     // Not advancing the cursor redelivers this round: at least once, never
                     // lost. The windows it opened were not stored, so forget them too.
@@ -151,78 +177,51 @@ impl Dispatcher {
     }
 }
 
-/// Routes one event and delivers it to every sink of every route that takes it.
-async fn dispatch_one(
-    plan: &Plan,
-    stored: &StoredEvent,
-    throttles: &mut Throttles,
-    records: &mut Vec<DispatchRecord>,
-    windows: &mut Vec<ThrottleWindow>,
-) {
+/// What one routing round produced.
+#[derive(Default)]
+struct Round {
+    jobs: Vec<NewJob>,
+    records: Vec<DispatchRecord>,
+    windows: Vec<ThrottleWindow>,
+}
+
+/// Routes one event: a job for every sink of every route that takes it.
+fn route_one(plan: &Plan, stored: &StoredEvent, throttles: &mut Throttles, round: &mut Round) {
     let event = &stored.event;
-    let record = |route: Option<&str>, sink: Option<&str>, outcome| DispatchRecord {
-        event_id: stored.id,
-        route: route.map(str::to_owned),
-        sink: sink.map(str::to_owned),
-        outcome,
-    };
     let routes = plan.routing.table.route(event);
     if routes.is_empty() {
         tracing::info!(event_id = stored.id, event_type = %event.event_type, source = %event.source, "no route matched");
-        records.push(record(None, None, Outcome::Unrouted));
+        round.records.push(DispatchRecord {
+            event_id: stored.id,
+            route: None,
+            outcome: Outcome::Unrouted,
+        });
         return;
     }
     let at = event.occurred_at.unwrap_or(stored.received_at);
-    let mut deliveries = Vec::new();
     for (route, key) in routes {
         if let (Some(throttle), Some(key)) = (&route.throttle, key) {
             match throttles.admit(&route.name, &key, at, throttle.window) {
-                Some(window) => windows.push(window),
+                Some(window) => round.windows.push(window),
                 None => {
                     tracing::info!(event_id = stored.id, route = %route.name, %key, "suppressed by throttle");
-                    records.push(record(Some(&route.name), None, Outcome::Suppressed { key }));
+                    let outcome = Outcome::Suppressed { key };
+                    round.records.push(DispatchRecord {
+                        event_id: stored.id,
+                        route: Some(route.name.clone()),
+                        outcome,
+                    });
                     continue;
                 }
             }
         }
-        for sink in route.sinks.iter().filter_map(|name| plan.sinks.get(name)) {
-            let template = route
-                .templates
-                .get(sink.kind)
-                .or_else(|| plan.routing.sink_templates.get(&sink.name));
-            let message = plan
-                .routing
-                .templates
-                .render(template.map(String::as_str), event);
-            deliveries.push((route.name.as_str(), sink, message));
+        for sink in &route.sinks {
+            round.jobs.push(NewJob {
+                event_id: stored.id,
+                route: route.name.clone(),
+                sink: sink.clone(),
+            });
         }
-    }
-    let outcomes = join_all(
-        deliveries
-            .iter()
-            .map(|(route, sink, message)| async move {
-                sink.sink
-                    .deliver(&Delivery {
-                        event,
-                        route,
-                        message,
-                    })
-                    .await
-            })
-            .collect::<Vec<_>>(),
-    )
-    .await;
-    for ((route, sink, _), outcome) in deliveries.iter().zip(outcomes) {
-        let outcome = match outcome {
-            Ok(()) => Outcome::Delivered,
-            Err(err) => {
-                tracing::warn!(event_id = stored.id, %route, sink = %sink.name, error = %err, "delivery failed");
-                Outcome::Failed {
-                    error: err.to_string(),
-                }
-            }
-        };
-        records.push(record(Some(route), Some(&sink.name), outcome));
     }
 }
 

@@ -6,7 +6,9 @@
 pub mod cli;
 /// Configuration: raw TOML mirror, validation, the checked `Config`.
 pub mod config;
-/// Hands stored events to sinks (the database is the queue).
+/// Delivery: the job queue's engine and the retry policy.
+pub mod delivery;
+/// Routes stored events into delivery jobs (the database is the queue).
 pub mod dispatch;
 /// The normalised `Event` and its parsing from each sender's shape.
 pub mod event;
@@ -33,7 +35,18 @@ use tokio_util::sync::CancellationToken;
 
 use arc_swap::ArcSwap;
 use config::Config;
+use delivery::Engine;
 use dispatch::{Dispatcher, Plan};
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A sink's client could not be built.
+    #[error("{0}")]
+    Sink(String),
+}
 use store::{Store, StoreError};
 
 /// How often idle rate-limiter entries are dropped.
@@ -47,19 +60,30 @@ const PRUNE_CHUNK: usize = 1000;
 /// stops the dispatcher and flushes the database writer.
 ///
 /// # Errors
-/// [`StoreError`] when the database cannot be opened.
+/// [`RunError`] when the database cannot be opened or a sink cannot be built.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), StoreError> {
+) -> Result<(), RunError> {
+    let plan = Arc::new(ArcSwap::from_pointee(
+        Plan::build(&config).map_err(RunError::Sink)?,
+    ));
     let store = Store::open(&config.storage)?;
-    let plan = Arc::new(ArcSwap::from_pointee(Plan::build(&config)));
     let wake = Arc::new(Notify::new());
+    let jobs_created = Arc::new(Notify::new());
     let stop = CancellationToken::new();
     let dispatcher = tokio::spawn(
-        Dispatcher::new(store.clone(), Arc::clone(&plan), Arc::clone(&wake)).run(stop.clone()),
+        Dispatcher::new(
+            store.clone(),
+            Arc::clone(&plan),
+            Arc::clone(&wake),
+            Arc::clone(&jobs_created),
+        )
+        .run(stop.clone()),
     );
+    let engine =
+        tokio::spawn(Engine::new(store.clone(), Arc::clone(&plan), jobs_created).run(stop.clone()));
     let app = http::App::new(&config, store.clone(), wake);
     let upkeep = tokio::spawn(upkeep(
         app.clone(),
@@ -87,6 +111,7 @@ pub async fn run(
     stop.cancel();
     let _ = upkeep.await;
     let _ = reloader.await;
+    let _ = engine.await;
     if tokio::time::timeout(config.server.shutdown_timeout, dispatcher)
         .await
         .is_err()
@@ -119,8 +144,13 @@ async fn reload_on_hangup(
             _ = hangup.recv() => {}
             () = stop.cancelled() => return,
         }
-        match config::load(&running.file) {
-            Ok(new) => {
+        match config::load(&running.file)
+            .map_err(|e| e.to_string())
+            .and_then(|new| {
+                let plan = Plan::build(&new)?;
+                Ok((new, plan))
+            }) {
+            Ok((new, new_plan)) => {
                 if format!("{:?}{:?}", new.server, new.storage)
                     != format!("{:?}{:?}", running.server, running.storage)
                 {
@@ -132,7 +162,7 @@ async fn reload_on_hangup(
                     tracing::warn!("{warning}");
                 }
                 app.reload(&new);
-                plan.store(Arc::new(Plan::build(&new)));
+                plan.store(Arc::new(new_plan));
                 tracing::info!(
                     sources = new.sources.len(),
                     sinks = new.sinks.len(),

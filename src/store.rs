@@ -10,6 +10,7 @@
 //! - Reads use their own connection and never block the writer (WAL).
 //! - Checkpoints run on a thread of their own, so a commit never waits for one.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -44,19 +45,47 @@ CREATE TABLE dedupe (
 ) WITHOUT ROWID;
 CREATE INDEX dedupe_seen_at ON dedupe(seen_at);
 
--- What routing did with each event: one row per (route, sink) delivery, per throttled route,
--- or one `unrouted` row when no route took the event.
+-- Routing outcomes that created no job: a throttled route, or an event no route took.
 CREATE TABLE dispatches (
     id       INTEGER PRIMARY KEY,
     event_id INTEGER NOT NULL REFERENCES events(id),
     route    TEXT,                      -- NULL when unrouted
-    sink     TEXT,                      -- NULL when suppressed or unrouted
-    status   TEXT    NOT NULL CHECK (status IN ('delivered', 'failed', 'suppressed', 'unrouted')),
-    detail   TEXT,                      -- the error, or the throttle key
+    status   TEXT    NOT NULL CHECK (status IN ('suppressed', 'unrouted')),
+    detail   TEXT,                      -- the throttle key
     at       INTEGER NOT NULL
 );
 CREATE INDEX dispatches_event ON dispatches(event_id);
 CREATE INDEX dispatches_status ON dispatches(status, id);
+
+-- One delivery of one event through one route to one sink, retried until it succeeds or dies.
+CREATE TABLE jobs (
+    id              INTEGER PRIMARY KEY,
+    event_id        INTEGER NOT NULL REFERENCES events(id),
+    route           TEXT    NOT NULL,
+    sink            TEXT    NOT NULL,
+    status          TEXT    NOT NULL CHECK (status IN ('pending', 'in_flight', 'succeeded', 'failed', 'dead')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,   -- unix milliseconds
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    last_error      TEXT,
+    response        TEXT                -- the sink's answer, summarised and bounded
+);
+CREATE INDEX jobs_event ON jobs(event_id);
+CREATE INDEX jobs_due ON jobs(sink, next_attempt_at) WHERE status IN ('pending', 'failed');
+CREATE INDEX jobs_status ON jobs(status, id);
+
+CREATE TABLE attempts (
+    id          INTEGER PRIMARY KEY,
+    job_id      INTEGER NOT NULL REFERENCES jobs(id),
+    number      INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER NOT NULL,
+    outcome     TEXT    NOT NULL CHECK (outcome IN ('succeeded', 'failed', 'dead')),
+    error       TEXT,
+    response    TEXT
+);
+CREATE INDEX attempts_job ON attempts(job_id);
 
 -- Throttle windows, per route and rendered key: durable, so a restart does not reopen them.
 CREATE TABLE throttles (
@@ -122,25 +151,18 @@ pub struct StoredEvent {
     pub event: Event,
 }
 
-/// What routing did with one event for one route and sink.
+/// A routing outcome that created no job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DispatchRecord {
     pub event_id: i64,
     pub route: Option<String>,
-    pub sink: Option<String>,
     pub outcome: Outcome,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Delivered,
-    Failed {
-        error: String,
-    },
     /// Inside the route's throttle window for this key.
-    Suppressed {
-        key: String,
-    },
+    Suppressed { key: String },
     /// No route took the event.
     Unrouted,
 }
@@ -148,8 +170,6 @@ pub enum Outcome {
 impl Outcome {
     pub fn status(&self) -> &'static str {
         match self {
-            Self::Delivered => "delivered",
-            Self::Failed { .. } => "failed",
             Self::Suppressed { .. } => "suppressed",
             Self::Unrouted => "unrouted",
         }
@@ -157,11 +177,56 @@ impl Outcome {
 
     fn detail(&self) -> Option<&str> {
         match self {
-            Self::Failed { error } => Some(error),
             Self::Suppressed { key } => Some(key),
-            Self::Delivered | Self::Unrouted => None,
+            Self::Unrouted => None,
         }
     }
+}
+
+/// A job to create: the event goes through `route` to `sink`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    pub event_id: i64,
+    pub route: String,
+    pub sink: String,
+}
+
+/// A claimed job, being attempted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: i64,
+    pub event_id: i64,
+    pub route: String,
+    pub sink: String,
+    /// Attempts so far, this one included.
+    pub attempt: u32,
+    pub created_at: Timestamp,
+}
+
+/// A sink's waiting jobs, in brief.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DueSummary {
+    pub next_due: Timestamp,
+    pub oldest: Timestamp,
+}
+
+/// How an attempt ended, and what becomes of the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    Succeeded {
+        response: String,
+    },
+    /// Failed; tried again at `retry_at`.
+    Failed {
+        error: String,
+        response: String,
+        retry_at: Timestamp,
+    },
+    /// Failed for good: a permanent error, or out of attempts or time.
+    Dead {
+        error: String,
+        response: String,
+    },
 }
 
 /// An opened throttle window.
@@ -187,10 +252,24 @@ struct NewEvent {
 
 enum Op {
     Insert(Box<NewEvent>),
-    RecordDispatch {
+    RecordRouting {
         cursor: i64,
+        jobs: Vec<NewJob>,
         records: Vec<DispatchRecord>,
         windows: Vec<ThrottleWindow>,
+        at: i64,
+    },
+    ClaimDue {
+        sink: String,
+        limit: usize,
+        /// Claim only once the oldest due job is this old (digests), then all of them.
+        hold: Option<std::time::Duration>,
+        now: i64,
+    },
+    FinishAttempt {
+        job: Job,
+        outcome: AttemptOutcome,
+        started_at: i64,
         at: i64,
     },
     Touch {
@@ -207,6 +286,7 @@ enum Op {
 enum Done {
     Inserted(Inserted),
     Count(usize),
+    Jobs(Vec<Job>),
     Unit,
 }
 
@@ -263,6 +343,14 @@ impl Store {
             )
             .map_err(open_err)?;
         migrate(&mut writer).map_err(open_err)?;
+        // Jobs in flight when the process died may or may not have arrived: try them again
+        // (at least once, never lost).
+        writer
+            .execute(
+                "UPDATE jobs SET status = 'pending' WHERE status = 'in_flight'",
+                [],
+            )
+            .map_err(open_err)?;
         let reader = open_reader(&path, config).map_err(open_err)?;
 
         let checkpointer = Connection::open(&path).map_err(open_err)?;
@@ -325,24 +413,111 @@ impl Store {
         }
     }
 
-    /// Records routing outcomes and opened throttle windows, and advances the dispatch cursor
-    /// to `cursor`, atomically.
+    /// Records a routing round: the jobs it created, the routes that created none, the throttle
+    /// windows it opened, and the advanced cursor, atomically.
     ///
     /// # Errors
-    /// [`StoreError`] when the write failed; the events stay undispatched.
-    pub async fn record_dispatch(
+    /// [`StoreError`] when the write failed; the events stay unrouted.
+    pub async fn record_routing(
         &self,
         cursor: i64,
+        jobs: Vec<NewJob>,
         records: Vec<DispatchRecord>,
         windows: Vec<ThrottleWindow>,
     ) -> Result<(), StoreError> {
-        let op = Op::RecordDispatch {
+        let at = Timestamp::now().as_millisecond();
+        self.submit(Op::RecordRouting {
             cursor,
+            jobs,
             records,
             windows,
+            at,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Claims up to `limit` due jobs of `sink`, marking them in flight. With `hold`, nothing is
+    /// claimed until the oldest due job has waited that long; then all due jobs are (a digest).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the write failed.
+    pub async fn claim_due(
+        &self,
+        sink: &str,
+        limit: usize,
+        hold: Option<std::time::Duration>,
+    ) -> Result<Vec<Job>, StoreError> {
+        let op = Op::ClaimDue {
+            sink: sink.to_owned(),
+            limit,
+            hold,
+            now: Timestamp::now().as_millisecond(),
+        };
+        match self.submit(op).await? {
+            Done::Jobs(jobs) => Ok(jobs),
+            _ => unreachable!("claim answers Jobs"),
+        }
+    }
+
+    /// Records an attempt and moves the job on: succeeded, failed (due again later) or dead.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the write failed; the job stays in flight until the next start.
+    pub async fn finish_attempt(
+        &self,
+        job: Job,
+        outcome: AttemptOutcome,
+        started_at: Timestamp,
+    ) -> Result<(), StoreError> {
+        let op = Op::FinishAttempt {
+            job,
+            outcome,
+            started_at: started_at.as_millisecond(),
             at: Timestamp::now().as_millisecond(),
         };
         self.submit(op).await.map(|_| ())
+    }
+
+    /// For each sink with jobs waiting: when the next is due and when the oldest was created.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database error.
+    pub async fn due_summary(&self) -> Result<HashMap<String, DueSummary>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT sink, min(next_attempt_at), min(created_at) FROM jobs
+                 WHERE status IN ('pending', 'failed') GROUP BY sink",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                let at = |ms: i64| Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH);
+                Ok((
+                    row.get::<_, String>(0)?,
+                    DueSummary {
+                        next_due: at(row.get(1)?),
+                        oldest: at(row.get(2)?),
+                    },
+                ))
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// One stored event.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database error.
+    pub async fn event(&self, id: i64) -> Result<Option<StoredEvent>, StoreError> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT id, source, delivery_id, event_type, occurred_at, received_at, sender_delivery, payload
+                 FROM events WHERE id = ?1",
+            )?
+            .query_row([id], row_to_event)
+            .optional()
+        })
+        .await
     }
 
     /// Proves the database takes writes (readiness).
@@ -589,20 +764,27 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
                 .execute(params![event.source, event.delivery_id, id, event.received_at])?;
             Ok(Done::Inserted(Inserted::New(id)))
         }
-        Op::RecordDispatch {
+        Op::RecordRouting {
             cursor,
+            jobs,
             records,
             windows,
             at,
         } => {
+            let mut job = tx.prepare_cached(
+                "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?4, ?4)",
+            )?;
+            for j in jobs {
+                job.execute(params![j.event_id, j.route, j.sink, at])?;
+            }
             let mut insert = tx.prepare_cached(
-                "INSERT INTO dispatches (event_id, route, sink, status, detail, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO dispatches (event_id, route, status, detail, at) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for r in records {
                 insert.execute(params![
                     r.event_id,
                     r.route,
-                    r.sink,
                     r.outcome.status(),
                     r.outcome.detail(),
                     at
@@ -622,6 +804,71 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
                 ])?;
             }
             set_meta(tx, DISPATCH_CURSOR, &cursor.to_string())?;
+            Ok(Done::Unit)
+        }
+        Op::ClaimDue {
+            sink,
+            limit,
+            hold,
+            now,
+        } => {
+            if let Some(hold) = hold {
+                let oldest: Option<i64> = tx
+                    .prepare_cached(
+                        "SELECT min(created_at) FROM jobs
+                         WHERE sink = ?1 AND status IN ('pending', 'failed') AND next_attempt_at <= ?2",
+                    )?
+                    .query_row(params![sink, now], |row| row.get(0))?;
+                let hold_ms = i64::try_from(hold.as_millis()).unwrap_or(i64::MAX);
+                if oldest.is_none_or(|oldest| oldest.saturating_add(hold_ms) > *now) {
+                    return Ok(Done::Jobs(Vec::new()));
+                }
+            }
+            let jobs = tx
+                .prepare_cached(
+                    "UPDATE jobs SET status = 'in_flight', attempts = attempts + 1, updated_at = ?3
+                     WHERE id IN (SELECT id FROM jobs WHERE sink = ?1 AND status IN ('pending', 'failed')
+                                  AND next_attempt_at <= ?3 ORDER BY next_attempt_at, id LIMIT ?2)
+                     RETURNING id, event_id, route, sink, attempts, created_at",
+                )?
+                .query_map(params![sink, *limit as i64, now], |row| {
+                    Ok(Job {
+                        id: row.get(0)?,
+                        event_id: row.get(1)?,
+                        route: row.get(2)?,
+                        sink: row.get(3)?,
+                        attempt: row.get(4)?,
+                        created_at: Timestamp::from_millisecond(row.get(5)?).unwrap_or(Timestamp::UNIX_EPOCH),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Done::Jobs(jobs))
+        }
+        Op::FinishAttempt {
+            job,
+            outcome,
+            started_at,
+            at,
+        } => {
+            let (status, error, response, next) = match outcome {
+                AttemptOutcome::Succeeded { response } => ("succeeded", None, response, *at),
+                AttemptOutcome::Failed {
+                    error,
+                    response,
+                    retry_at,
+                } => ("failed", Some(error), response, retry_at.as_millisecond()),
+                AttemptOutcome::Dead { error, response } => ("dead", Some(error), response, *at),
+            };
+            tx.prepare_cached(
+                "UPDATE jobs SET status = ?2, last_error = ?3, response = ?4, next_attempt_at = ?5, updated_at = ?6
+                 WHERE id = ?1",
+            )?
+            .execute(params![job.id, status, error, response, next, at])?;
+            tx.prepare_cached(
+                "INSERT INTO attempts (job_id, number, started_at, finished_at, outcome, error, response)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![job.id, job.attempt, started_at, at, status, error, response])?;
             Ok(Done::Unit)
         }
         Op::Touch { at } => {

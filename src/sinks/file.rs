@@ -24,6 +24,8 @@ struct Line<'a> {
 #[serde(deny_unknown_fields)]
 pub struct FileSinkConfig {
     pub path: PathBuf,
+    #[serde(default)]
+    pub delivery: super::DeliveryOptions,
 }
 
 impl FileSinkConfig {
@@ -51,20 +53,19 @@ impl FileSink {
     }
 
     fn io_error(&self, source: std::io::Error) -> SinkError {
-        SinkError::Io {
-            path: self.path.clone(),
-            source,
-        }
+        SinkError::transient(format!("{}: {source}", self.path.display()))
     }
 }
 
 #[async_trait]
 impl Sink for FileSink {
-    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<(), SinkError> {
-        let mut line = serde_json::to_vec(&Line {
+    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
+        let line = Line {
             route: delivery.route,
             event: delivery.event,
-        })?;
+        };
+        let mut line = serde_json::to_vec(&line)
+            .map_err(|e| SinkError::permanent(format!("cannot encode the event: {e}")))?;
         line.push(b'\n');
         let mut guard = self.file.lock().await;
         if guard.is_none() {
@@ -92,6 +93,6 @@ impl Sink for FileSink {
             *guard = None;
             return Err(self.io_error(err));
         }
-        Ok(())
+        Ok(format!("appended {} bytes", line.len()))
     }
 }

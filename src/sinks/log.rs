@@ -11,6 +11,8 @@ use crate::templates::TemplateRef;
 pub struct LogSinkConfig {
     /// Overrides the default message; the log line is the message's title.
     pub template: Option<TemplateRef>,
+    #[serde(default)]
+    pub delivery: super::DeliveryOptions,
 }
 
 pub struct LogSink {
@@ -27,7 +29,7 @@ impl LogSink {
 
 #[async_trait]
 impl Sink for LogSink {
-    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<(), SinkError> {
+    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
         let event = delivery.event;
         tracing::info!(
             sink = %self.name,
@@ -38,6 +40,6 @@ impl Sink for LogSink {
             "{}",
             delivery.message.title
         );
-        Ok(())
+        Ok("logged".into())
     }
 }

@@ -2,16 +2,20 @@
 //! unknown keys, a pure `validate`, a `build` that creates clients, and the running sink
 //! behind the [`Sink`] trait. Adding a sink is one new file plus one [`SinkSpec`] variant.
 //!
-//! Sinks never see HTTP types or the database: they get an [`Event`] and say how it went.
+//! Sinks never see HTTP requests or the database: they get a [`Delivery`] and say how it went.
+//! Whether a failure is worth a retry is the sink's [`SinkError`] variant; what to do about it
+//! is decided in one place, `delivery::retry`.
 
 pub mod file;
 pub mod log;
 
-use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
 
+use crate::config::raw::HumanDuration;
+use crate::delivery::RetryPolicy;
 use crate::event::Event;
 use crate::templates::{Message, TemplateRef};
 
@@ -27,23 +31,102 @@ pub struct Delivery<'a> {
 /// A destination for events.
 #[async_trait]
 pub trait Sink: Send + Sync {
-    /// Delivers one event.
+    /// Delivers one event; returns a short summary of the sink's answer for the job record.
     ///
     /// # Errors
-    /// [`SinkError`] describing why the event did not arrive.
-    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<(), SinkError>;
+    /// [`SinkError`] saying why the event did not arrive and whether trying again may help.
+    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError>;
+
+    /// Delivers several events as one (a digest). Sinks that offer digests override this.
+    ///
+    /// # Errors
+    /// As [`Sink::deliver`]; the outcome applies to every event.
+    async fn deliver_batch(&self, deliveries: &[Delivery<'_>]) -> Result<String, SinkError> {
+        let mut last = String::new();
+        for delivery in deliveries {
+            last = self.deliver(delivery).await?;
+        }
+        Ok(last)
+    }
 }
 
-/// Why a delivery failed.
-#[derive(Debug, thiserror::Error)]
+/// Why a delivery failed, classified once, where the sink knows best.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SinkError {
-    #[error("{path}: {source}")]
-    Io {
-        path: std::path::PathBuf,
-        source: std::io::Error,
+    /// Worth another try: the network, a 5xx, a timeout, a non-zero exit.
+    #[error("{message}")]
+    Transient { message: String, response: String },
+    /// Trying again cannot help: a 4xx, an address the server refuses.
+    #[error("{message}")]
+    Permanent { message: String, response: String },
+    /// The sink asked us to wait this long.
+    #[error("{message}")]
+    RateLimited {
+        retry_after: Duration,
+        message: String,
+        response: String,
     },
-    #[error("cannot encode the event: {0}")]
-    Encode(#[from] serde_json::Error),
+}
+
+impl SinkError {
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self::Transient {
+            message: message.into(),
+            response: String::new(),
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self::Permanent {
+            message: message.into(),
+            response: String::new(),
+        }
+    }
+
+    /// What the sink answered, if anything.
+    pub fn response(&self) -> &str {
+        match self {
+            Self::Transient { response, .. }
+            | Self::Permanent { response, .. }
+            | Self::RateLimited { response, .. } => response,
+        }
+    }
+}
+
+/// The most of a sink's answer kept in a job record.
+pub const RESPONSE_LIMIT: usize = 2048;
+
+/// Cuts `text` to [`RESPONSE_LIMIT`] bytes on a character boundary.
+pub fn bounded(text: &str) -> String {
+    if text.len() <= RESPONSE_LIMIT {
+        return text.to_owned();
+    }
+    let mut end = RESPONSE_LIMIT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// How a sink's jobs are run (`[sinks.<name>.delivery]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryOptions {
+    /// Jobs of this sink in flight at once.
+    pub concurrency: usize,
+    /// One attempt's time limit; for `exec`, after it the whole process group is killed.
+    pub timeout: HumanDuration,
+    pub retry: RetryPolicy,
+}
+
+impl Default for DeliveryOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 4,
+            timeout: HumanDuration(Duration::from_secs(30)),
+            retry: RetryPolicy::default(),
+        }
+    }
 }
 
 /// A sink as configured: `[sinks.<name>]` with `type = "..."`.
@@ -63,6 +146,18 @@ impl SinkSpec {
         }
     }
 
+    pub fn delivery(&self) -> &DeliveryOptions {
+        match self {
+            Self::File(config) => &config.delivery,
+            Self::Log(config) => &config.delivery,
+        }
+    }
+
+    /// The window over which events are collected into one delivery, for sinks that digest.
+    pub fn digest(&self) -> Option<Duration> {
+        None
+    }
+
     /// The sink's own message template, if it overrides the default.
     pub fn template(&self) -> Option<&TemplateRef> {
         match self {
@@ -76,6 +171,12 @@ impl SinkSpec {
     /// # Errors
     /// A message saying which setting is wrong.
     pub fn validate(&self) -> Result<(), String> {
+        if self.delivery().concurrency == 0 {
+            return Err("delivery.concurrency: must be at least 1".into());
+        }
+        if self.delivery().retry.max_attempts == 0 {
+            return Err("delivery.retry.max_attempts: must be at least 1".into());
+        }
         match self {
             Self::File(config) => config.validate(),
             Self::Log(_) => Ok(()),
@@ -83,10 +184,13 @@ impl SinkSpec {
     }
 
     /// Creates the running sink.
-    pub fn build(&self, name: &str) -> Arc<dyn Sink> {
-        match self {
-            Self::File(config) => Arc::new(file::FileSink::new(config)),
-            Self::Log(_) => Arc::new(log::LogSink::new(name)),
-        }
+    ///
+    /// # Errors
+    /// A message when a client cannot be created (e.g. an unreadable CA file).
+    pub fn build(&self, name: &str) -> Result<std::sync::Arc<dyn Sink>, String> {
+        Ok(match self {
+            Self::File(config) => std::sync::Arc::new(file::FileSink::new(config)),
+            Self::Log(_) => std::sync::Arc::new(log::LogSink::new(name)),
+        })
     }
 }

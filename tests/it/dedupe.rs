@@ -49,7 +49,7 @@ async fn retry_is_a_duplicate_even_under_a_new_delivery_header() {
         1
     );
     assert_eq!(daemon.count("events"), 1);
-    assert_eq!(daemon.count("dispatches"), 1);
+    assert_eq!(daemon.count("jobs"), 1);
 }
 
 #[tokio::test]

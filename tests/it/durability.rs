@@ -35,11 +35,15 @@ async fn accepted_event_survives_kill_and_is_dispatched_after_restart() {
     let reply = daemon.post_cl(&scan_body("survivor")).await;
     assert_eq!(reply.status, 202);
     assert_eq!(daemon.count("events"), 1);
-    assert_eq!(
-        daemon.count("dispatches"),
-        0,
-        "the FIFO sink cannot have been written"
-    );
+    let succeeded: i64 = daemon
+        .db()
+        .query_row(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(succeeded, 0, "the FIFO sink cannot have been written");
     daemon.kill9();
 
     let out = dir.path().join("events.jsonl");

@@ -36,18 +36,21 @@ fn ids_in(dir: &Path, sink: &str) -> Vec<String> {
         .collect()
 }
 
-/// Waits until the dispatcher has recorded outcomes for `events` events.
+/// Waits until `events` events are routed and no delivery is outstanding.
 async fn wait_dispatched(daemon: &Daemon, events: i64) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let done: i64 = daemon
+        let (routed, open): (i64, i64) = daemon
             .db()
-            .query_row("SELECT count(DISTINCT event_id) FROM dispatches", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT (SELECT count(*) FROM (SELECT event_id FROM jobs UNION SELECT event_id FROM dispatches)),
+                        (SELECT count(*) FROM jobs WHERE status NOT IN ('succeeded', 'dead'))",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .unwrap();
-        if done >= events || Instant::now() > deadline {
-            assert_eq!(done, events, "{}", daemon.log());
+        if (routed >= events && open == 0) || Instant::now() > deadline {
+            assert_eq!((routed, open), (events, 0), "{}", daemon.log());
             return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -80,8 +83,9 @@ fn statuses(daemon: &Daemon) -> Vec<(String, Option<String>, Option<String>, Str
     let db = daemon.db();
     let mut stmt = db
         .prepare(
-            "SELECT e.delivery_id, d.route, d.sink, d.status FROM dispatches d JOIN events e ON e.id = d.event_id
-             ORDER BY d.id",
+            "SELECT e.delivery_id, d.route, NULL, d.status FROM dispatches d JOIN events e ON e.id = d.event_id
+             UNION ALL
+             SELECT e.delivery_id, j.route, j.sink, j.status FROM jobs j JOIN events e ON e.id = j.event_id",
         )
         .unwrap();
     stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
@@ -183,7 +187,7 @@ sinks = ["d"]
     assert!(line.contains(r#""route":"failing scans""#), "{line}");
     let delivered = statuses(&daemon)
         .iter()
-        .filter(|s| s.3 == "delivered")
+        .filter(|s| s.3 == "succeeded")
         .count();
     assert_eq!(delivered, 2 + 6 + 1 + 4);
 }
