@@ -31,6 +31,10 @@ use crate::templates::Message;
 const POLL: Duration = Duration::from_millis(500);
 /// Most jobs gathered into one digest.
 const DIGEST_LIMIT: usize = 500;
+/// Sinks enforce `delivery.timeout` themselves (the HTTP client's timeout, the exec sink's
+/// process-group kill); the engine's own limit is a backstop that fires this much later, so
+/// it never cuts a sink off before the sink could clean up.
+const BACKSTOP_GRACE: Duration = Duration::from_secs(5);
 
 pub struct Engine {
     store: Store,
@@ -185,7 +189,7 @@ async fn attempt(store: &Store, plan: &Plan, sink: &NamedSink, jobs: Vec<Job>) {
         })
         .collect();
     let timeout = sink.delivery.timeout.0;
-    let result = match tokio::time::timeout(timeout, async {
+    let result = match tokio::time::timeout(timeout + BACKSTOP_GRACE, async {
         match deliveries.as_slice() {
             [one] => sink.sink.deliver(one).await,
             many => sink.sink.deliver_batch(many).await,

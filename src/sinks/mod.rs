@@ -6,8 +6,11 @@
 //! Whether a failure is worth a retry is the sink's [`SinkError`] variant; what to do about it
 //! is decided in one place, `delivery::retry`.
 
+pub mod exec;
 pub mod file;
+pub mod http;
 pub mod log;
+pub mod slack;
 
 use std::time::Duration;
 
@@ -135,6 +138,9 @@ impl Default for DeliveryOptions {
 pub enum SinkSpec {
     File(file::FileSinkConfig),
     Log(log::LogSinkConfig),
+    Slack(slack::SlackSinkConfig),
+    Http(http::HttpSinkConfig),
+    Exec(exec::ExecSinkConfig),
 }
 
 impl SinkSpec {
@@ -143,6 +149,9 @@ impl SinkSpec {
         match self {
             Self::File(_) => "file",
             Self::Log(_) => "log",
+            Self::Slack(_) => "slack",
+            Self::Http(_) => "http",
+            Self::Exec(_) => "exec",
         }
     }
 
@@ -150,6 +159,9 @@ impl SinkSpec {
         match self {
             Self::File(config) => &config.delivery,
             Self::Log(config) => &config.delivery,
+            Self::Slack(config) => &config.delivery,
+            Self::Http(config) => &config.delivery,
+            Self::Exec(config) => &config.delivery,
         }
     }
 
@@ -161,8 +173,10 @@ impl SinkSpec {
     /// The sink's own message template, if it overrides the default.
     pub fn template(&self) -> Option<&TemplateRef> {
         match self {
-            Self::File(_) => None,
+            Self::File(_) | Self::Exec(_) => None,
             Self::Log(config) => config.template.as_ref(),
+            Self::Slack(config) => config.template.as_ref(),
+            Self::Http(config) => config.template.as_ref(),
         }
     }
 
@@ -180,6 +194,9 @@ impl SinkSpec {
         match self {
             Self::File(config) => config.validate(),
             Self::Log(_) => Ok(()),
+            Self::Slack(config) => config.validate(),
+            Self::Http(config) => config.validate(),
+            Self::Exec(config) => config.validate(),
         }
     }
 
@@ -191,6 +208,9 @@ impl SinkSpec {
         Ok(match self {
             Self::File(config) => std::sync::Arc::new(file::FileSink::new(config)),
             Self::Log(_) => std::sync::Arc::new(log::LogSink::new(name)),
+            Self::Slack(config) => std::sync::Arc::new(slack::SlackSink::new(config)?),
+            Self::Http(config) => std::sync::Arc::new(http::HttpSink::new(config)?),
+            Self::Exec(config) => std::sync::Arc::new(exec::ExecSink::new(config)),
         })
     }
 }

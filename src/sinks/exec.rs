@@ -1,0 +1,140 @@
+//! The `exec` sink: runs a command for each event. Never through a shell: `command` is an argv.
+//! The event JSON arrives on stdin; the environment is cleared to `PATH`, the event's
+//! `HOOKROUTE_*` variables and the configured `env`, so the daemon's own environment (which may
+//! hold secrets) is not inherited. The command runs in its own process group, and the whole
+//! group is killed when `delivery.timeout` passes. Exit status 0 is success; anything else is
+//! retried. Delivery is at least once: a hook may see an event again after a crash and should
+//! use `HOOKROUTE_DELIVERY_ID` to recognise it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+use super::{Delivery, DeliveryOptions, RESPONSE_LIMIT, Sink, SinkError, bounded};
+use crate::event::Event;
+
+/// `PATH` for hooks unless `env` sets one: the system's directories, nothing user-writable.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSinkConfig {
+    /// Program and arguments, e.g. `["/usr/local/bin/ticket", "--queue", "sec"]`.
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub working_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub delivery: DeliveryOptions,
+}
+
+impl ExecSinkConfig {
+    pub(super) fn validate(&self) -> Result<(), String> {
+        match self.command.first() {
+            None => Err("command: give the program and its arguments, e.g. [\"/usr/local/bin/hook\"]".into()),
+            Some(program) if program.is_empty() => Err("command[0]: empty program".into()),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+pub struct ExecSink {
+    config: ExecSinkConfig,
+}
+
+impl ExecSink {
+    pub fn new(config: &ExecSinkConfig) -> Self {
+        Self { config: config.clone() }
+    }
+}
+
+#[derive(Serialize)]
+struct Input<'a> {
+    route: &'a str,
+    #[serde(flatten)]
+    event: &'a Event,
+}
+
+#[async_trait]
+impl Sink for ExecSink {
+    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
+        let event = delivery.event;
+        let input = serde_json::to_vec(&Input { route: delivery.route, event })
+            .map_err(|e| SinkError::permanent(format!("cannot encode the event: {e}")))?;
+        let (program, args) = self.config.command.split_first().expect("validated: command is not empty");
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .env_clear()
+            .env("PATH", DEFAULT_PATH)
+            .envs(&self.config.env)
+            .env("HOOKROUTE_EVENT_TYPE", &event.event_type)
+            .env("HOOKROUTE_DELIVERY_ID", &event.delivery_id)
+            .env("HOOKROUTE_SOURCE", &event.source)
+            .env("HOOKROUTE_ROUTE", delivery.route)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(dir) = &self.config.working_dir {
+            command.current_dir(dir);
+        }
+        let mut child = command.spawn().map_err(|err| {
+            let message = format!("cannot start {program}: {err}");
+            match err.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => SinkError::permanent(message),
+                _ => SinkError::transient(message),
+            }
+        })?;
+        let group = child.id().and_then(|id| rustix::process::Pid::from_raw(id as i32));
+        let (mut stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let run = async {
+            if let Some(stdin) = stdin.as_mut() {
+                // A hook that ignores its input closes the pipe early; that is its business.
+                let _ = stdin.write_all(&input).await;
+            }
+            drop(stdin.take());
+            let (out, err, status) = tokio::join!(capture(stdout), capture(stderr), child.wait());
+            (out, err, status)
+        };
+        let timeout: Duration = self.config.delivery.timeout.0;
+        let Ok((out, err, status)) = tokio::time::timeout(timeout, run).await else {
+            if let Some(group) = group {
+                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            }
+            let _ = child.wait().await;
+            return Err(SinkError::transient(format!(
+                "{program} timed out after {}; its process group was killed",
+                humantime::format_duration(timeout)
+            )));
+        };
+        let response = bounded(&format!("stdout: {}\nstderr: {}", out.trim_end(), err.trim_end()));
+        match status {
+            Ok(status) if status.success() => Ok(response),
+            Ok(status) => Err(SinkError::Transient { message: format!("{program} exited with {status}"), response }),
+            Err(err) => Err(SinkError::Transient { message: format!("cannot wait for {program}: {err}"), response }),
+        }
+    }
+}
+
+/// Reads a pipe to its end, keeping at most [`RESPONSE_LIMIT`] bytes of it.
+async fn capture(pipe: Option<impl AsyncRead + Unpin>) -> String {
+    let Some(mut pipe) = pipe else { return String::new() };
+    let mut kept = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while let Ok(n) = pipe.read(&mut chunk).await {
+        if n == 0 {
+            break;
+        }
+        let room = RESPONSE_LIMIT.saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..n.min(room)]);
+    }
+    String::from_utf8_lossy(&kept).into_owned()
+}

@@ -1,0 +1,174 @@
+//! The `http` sink: POSTs the event (or a rendered template) to a URL with configured headers,
+//! optionally re-signed with the Standard Webhooks scheme so the next hop can verify it. Also
+//! home of the request-and-classify step the `slack` sink shares.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use super::{Delivery, DeliveryOptions, Sink, SinkError, bounded};
+use crate::config::SecretSource;
+use crate::event::Event;
+use crate::signature::{Key, Scheme, Verifier};
+use crate::templates::TemplateRef;
+
+/// How long to wait after a 429 that says nothing about it.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSinkConfig {
+    pub url: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Send the rendered message as text instead of the event as JSON.
+    pub template: Option<TemplateRef>,
+    /// Re-sign each request with Standard Webhooks headers under this `whsec_` secret.
+    pub sign: Option<SecretSource>,
+    #[serde(default)]
+    pub delivery: DeliveryOptions,
+}
+
+impl HttpSinkConfig {
+    pub(super) fn validate(&self) -> Result<(), String> {
+        let url = reqwest::Url::parse(&self.url).map_err(|e| format!("url: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err("url: must be http:// or https://".into());
+        }
+        for (name, value) in &self.headers {
+            HeaderName::try_from(name.as_str()).map_err(|_| format!("headers: {name:?} is not a header name"))?;
+            HeaderValue::try_from(value.as_str()).map_err(|_| format!("headers.{name}: not a valid header value"))?;
+        }
+        if let Some(sign) = &self.sign {
+            sign.validate("sign")?;
+        }
+        Ok(())
+    }
+}
+
+pub struct HttpSink {
+    client: reqwest::Client,
+    url: String,
+    headers: reqwest::header::HeaderMap,
+    as_text: bool,
+    signer: Option<Verifier>,
+}
+
+impl HttpSink {
+    /// # Errors
+    /// The signing secret cannot be read or decoded, or the client cannot be built.
+    pub fn new(config: &HttpSinkConfig) -> Result<Self, String> {
+        let signer = match &config.sign {
+            Some(source) => {
+                let secret = source.resolve("sign")?;
+                let encoded = secret.strip_prefix("whsec_").unwrap_or(&secret);
+                let key = base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .map_err(|_| "sign: the secret is not whsec_<base64>".to_owned())?;
+                Some(Verifier::new(Scheme::StandardWebhooks { tolerance: Duration::ZERO }, vec![Key::new(key)]))
+            }
+            None => None,
+        };
+        let headers = config
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((HeaderName::try_from(k.as_str()).ok()?, HeaderValue::try_from(v.as_str()).ok()?)))
+            .collect();
+        Ok(Self {
+            client: client(config.delivery.timeout.0)?,
+            url: config.url.clone(),
+            headers,
+            as_text: config.template.is_some(),
+            signer,
+        })
+    }
+}
+
+/// The JSON body: the event, and the route that sent it.
+#[derive(Serialize)]
+struct Body<'a> {
+    route: &'a str,
+    #[serde(flatten)]
+    event: &'a Event,
+}
+
+#[async_trait]
+impl Sink for HttpSink {
+    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
+        let (body, content_type) = if self.as_text {
+            let message = delivery.message;
+            (format!("{}\n\n{}", message.title, message.body).into_bytes(), "text/plain; charset=utf-8")
+        } else {
+            let body = serde_json::to_vec(&Body { route: delivery.route, event: delivery.event })
+                .map_err(|e| SinkError::permanent(format!("cannot encode the event: {e}")))?;
+            (body, "application/json")
+        };
+        let mut request = self.client.post(&self.url).headers(self.headers.clone()).header("content-type", content_type);
+        if let Some(signer) = &self.signer {
+            // Stable across retries, so the next hop can deduplicate them.
+            let id = format!("{}:{}", delivery.event.source, delivery.event.delivery_id);
+            for (name, value) in signer.sign(&body, jiff::Timestamp::now().as_second(), &id) {
+                request = request.header(name, value);
+            }
+        }
+        send(request.body(body)).await
+    }
+}
+
+/// An HTTP client for sinks: rustls with the system's roots, and a per-request timeout.
+pub(super) fn client(timeout: Duration) -> Result<reqwest::Client, String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .user_agent(concat!("hookroute/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// Sends a request and classifies the answer: 2xx delivered; 429 waits for `Retry-After`;
+/// 408, 425 and 5xx, and network trouble, are worth a retry; any other answer is permanent.
+pub(super) async fn send(request: reqwest::RequestBuilder) -> Result<String, SinkError> {
+    let response = request.send().await.map_err(|err| SinkError::transient(format!("request failed: {err}")))?;
+    let status = response.status();
+    let retry_after = response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+    let text = response.text().await.unwrap_or_default();
+    let summary = bounded(&format!("HTTP {}: {}", status.as_u16(), text.trim()));
+    let message = format!("HTTP {}", status.as_u16());
+    match status {
+        s if s.is_success() => Ok(summary),
+        StatusCode::TOO_MANY_REQUESTS => Err(SinkError::RateLimited {
+            retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
+            message,
+            response: summary,
+        }),
+        s if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT || s.as_u16() == 425 => {
+            Err(SinkError::Transient { message, response: summary })
+        }
+        _ => Err(SinkError::Permanent { message, response: summary }),
+    }
+}
+
+/// `Retry-After` as seconds or as an HTTP date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    if let Ok(seconds) = value.trim().parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

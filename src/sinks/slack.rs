@@ -1,0 +1,120 @@
+//! The `slack` sink: a Block Kit message to an incoming webhook, with the plain-text fallback
+//! Slack shows in notifications. The webhook URL is a secret: give it inline, in a file or in
+//! an environment variable.
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Delivery, DeliveryOptions, Sink, SinkError, http};
+use crate::config::SecretSource;
+use crate::templates::TemplateRef;
+
+/// Slack's limits on a header block and a section's text.
+const HEADER_LIMIT: usize = 150;
+const SECTION_LIMIT: usize = 3000;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackSinkConfig {
+    pub webhook_url: SecretSource,
+    pub username: Option<String>,
+    pub icon_emoji: Option<String>,
+    pub channel: Option<String>,
+    pub template: Option<TemplateRef>,
+    #[serde(default)]
+    pub delivery: DeliveryOptions,
+}
+
+impl SlackSinkConfig {
+    pub(super) fn validate(&self) -> Result<(), String> {
+        self.webhook_url.validate("webhook_url")
+    }
+}
+
+pub struct SlackSink {
+    client: reqwest::Client,
+    url: String,
+    username: Option<String>,
+    icon_emoji: Option<String>,
+    channel: Option<String>,
+}
+
+impl SlackSink {
+    /// # Errors
+    /// The webhook URL cannot be read or is not a URL.
+    pub fn new(config: &SlackSinkConfig) -> Result<Self, String> {
+        let url = config.webhook_url.resolve("webhook_url")?;
+        // Checked here, not in `validate`, because the URL is only known once resolved; the
+        // message does not quote it (it is a secret).
+        reqwest::Url::parse(&url).map_err(|_| "webhook_url: not a URL".to_owned())?;
+        Ok(Self {
+            client: http::client(config.delivery.timeout.0)?,
+            url,
+            username: config.username.clone(),
+            icon_emoji: config.icon_emoji.clone(),
+            channel: config.channel.clone(),
+        })
+    }
+}
+
+#[async_trait]
+impl Sink for SlackSink {
+    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
+        let (message, event) = (delivery.message, delivery.event);
+        let mut blocks = vec![json!({
+            "type": "header",
+            "text": {"type": "plain_text", "text": truncate(&message.title, HEADER_LIMIT), "emoji": true},
+        })];
+        if !message.body.is_empty() {
+            blocks.push(json!({
+                "type": "section",
+                "text": {"type": "mrkdwn", "text": truncate(&escape(&message.body), SECTION_LIMIT)},
+            }));
+        }
+        blocks.push(json!({
+            "type": "context",
+            "elements": [{
+                "type": "mrkdwn",
+                "text": escape(&format!("{} · {} · {} · route {}", event.event_type, event.source, event.delivery_id, delivery.route)),
+            }],
+        }));
+        let mut payload = json!({
+            "text": format!("{}\n{}", message.title, message.body).trim_end(),
+            "blocks": blocks,
+        });
+        for (key, value) in [("username", &self.username), ("icon_emoji", &self.icon_emoji), ("channel", &self.channel)] {
+            if let Some(value) = value {
+                payload[key] = json!(value);
+            }
+        }
+        http::send(self.client.post(&self.url).json(&payload)).await
+    }
+}
+
+/// Slack's mrkdwn treats `&`, `<` and `>` as markup; payload text must not become links or
+/// mentions.
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+fn truncate(text: &str, limit: usize) -> String {
+    if text.chars().count() <= limit {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(limit - 1).collect();
+    cut.push('…');
+    cut
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup_and_truncates() {
+        assert_eq!(escape("<!channel> & <http://x|y>"), "&lt;!channel&gt; &amp; &lt;http://x|y&gt;");
+        assert_eq!(truncate("abcdef", 4), "abc…");
+        assert_eq!(truncate("abc", 4), "abc");
+    }
+}
