@@ -15,6 +15,7 @@ use crate::config::{self, Config};
 use crate::event::Event;
 use crate::rules::Verdict;
 use crate::signature::{COMPLIANCELAYER_DELIVERY, COMPLIANCELAYER_EVENT, Scheme};
+use crate::store::admin::{Admin, Filter};
 
 const DEFAULT_CONFIG: &str = "/etc/hookroute/config.toml";
 /// How long `send` waits for an answer; the senders themselves wait 30 s.
@@ -42,6 +43,79 @@ pub enum Command {
     /// Show which routes an event matches, why, and the message each sink would get; sends
     /// nothing. Exit 0 if a route matched, 1 if none did.
     RouteTest(RouteTestArgs),
+    /// Inspect deliveries; works on the database while the daemon runs.
+    #[command(subcommand)]
+    Deliveries(DeliveriesCommand),
+    /// Queue an event's delivery again: through the current routes, or to one sink.
+    Replay(ReplayArgs),
+    /// Dead letters: deliveries that failed for good.
+    #[command(subcommand)]
+    DeadLetter(DeadLetterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesCommand {
+    /// Deliveries, newest first: one row per job, suppressed route or unrouted event.
+    List(ListArgs),
+    /// An event, its routes, and every delivery attempt.
+    Show(ShowArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// Put dead deliveries back in the queue with a fresh set of attempts.
+    Retry(RetryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::store::admin::STATUSES))]
+    pub status: Option<String>,
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Only events received within this long, e.g. "1h", "7d".
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<Duration>,
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Event id (the `id` the daemon answered with, or the EVENT column of `list`).
+    pub id: i64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Event id.
+    pub id: i64,
+    /// Deliver to this sink only (even if no route sends this event there).
+    #[arg(long)]
+    pub sink: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Job id (the JOB column of `deliveries list --status dead`).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub id: Option<i64>,
+    /// Every dead delivery.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -90,6 +164,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::CheckConfig(args) => check_config(args),
         Command::Send(args) => runtime()?.block_on(send(args)),
         Command::RouteTest(args) => route_test(args),
+        Command::Deliveries(DeliveriesCommand::List(args)) => list(args),
+        Command::Deliveries(DeliveriesCommand::Show(args)) => show(args),
+        Command::Replay(args) => replay(args),
+        Command::DeadLetter(DeadLetterCommand::Retry(args)) => retry_dead(args),
     }
 }
 
@@ -444,4 +522,189 @@ fn connectable(listen: SocketAddr) -> SocketAddr {
         }
         _ => listen,
     }
+}
+
+fn admin(config_path: &std::path::Path) -> anyhow::Result<(Config, Admin)> {
+    let config = config::load(config_path)?;
+    let admin = Admin::open(&config.storage.path)
+        .with_context(|| format!("cannot open the database {}", config.storage.path.display()))?;
+    Ok((config, admin))
+}
+
+fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let (_, admin) = admin(&args.config)?;
+    let since = match args.since {
+        Some(since) => Some(jiff::Timestamp::now() - jiff::SignedDuration::try_from(since)?),
+        None => None,
+    };
+    let filter = Filter {
+        status: args.status,
+        source: args.source,
+        since,
+        limit: args.limit,
+    };
+    let rows = admin.list(&filter)?;
+    if args.json {
+        for row in &rows {
+            println!("{}", serde_json::to_string(row)?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>6} {:>6}  {:<20} {:<16} {:<22} {:<24} {:<14} {:<10} {:>3}  DETAIL",
+        "EVENT", "JOB", "RECEIVED", "SOURCE", "TYPE", "ROUTE", "SINK", "STATUS", "TRY"
+    );
+    for row in &rows {
+        let detail = match (&row.detail, &row.next_attempt_at) {
+            (Some(detail), Some(next)) => format!("{detail} (next try {next})"),
+            (Some(detail), None) => detail.clone(),
+            (None, Some(next)) => format!("next try {next}"),
+            (None, None) => String::new(),
+        };
+        println!(
+            "{:>6} {:>6}  {:<20} {:<16} {:<22} {:<24} {:<14} {:<10} {:>3}  {}",
+            row.event_id,
+            row.job_id
+                .map(|id| id.to_string())
+                .unwrap_or_else(|| "-".into()),
+            row.received_at.get(..19).unwrap_or(&row.received_at),
+            row.source,
+            row.event_type,
+            row.route.as_deref().unwrap_or("-"),
+            row.sink.as_deref().unwrap_or("-"),
+            row.status,
+            row.attempts,
+            detail.replace('\n', " "),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let (_, admin) = admin(&args.config)?;
+    let Some((stored, jobs, notes)) = admin.show(args.id)? else {
+        eprintln!("no event {}", args.id);
+        return Ok(ExitCode::from(1));
+    };
+    if args.json {
+        let value = serde_json::json!({ "id": stored.id, "received_at": stored.received_at.to_string(),
+            "event": stored.event, "jobs": jobs, "routing": notes });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let event = &stored.event;
+    println!(
+        "event {}: {} from {}",
+        stored.id, event.event_type, event.source
+    );
+    println!("  delivery id:   {}", event.delivery_id);
+    if let Some(header) = &event.sender_delivery {
+        println!("  sender's id:   {header}");
+    }
+    println!("  received:      {}", stored.received_at);
+    if let Some(at) = event.occurred_at {
+        println!("  occurred:      {at}");
+    }
+    println!(
+        "  payload:       {}",
+        serde_json::to_string_pretty(&event.payload)?.replace('\n', "\n                 ")
+    );
+    for note in &notes {
+        println!(
+            "  {}: {}{}",
+            note.status,
+            note.route.as_deref().unwrap_or("no route matched"),
+            note.detail
+                .as_ref()
+                .map(|k| format!(" (throttle key {k:?})"))
+                .unwrap_or_default()
+        );
+    }
+    for job in &jobs {
+        println!(
+            "job {}: route {:?} -> sink {:?}: {} after {} attempt(s)",
+            job.id, job.route, job.sink, job.status, job.attempts
+        );
+        if job.status == "pending" || job.status == "failed" {
+            println!("  next try:      {}", job.next_attempt_at);
+        }
+        for attempt in &job.history {
+            println!(
+                "  attempt {} at {}: {}",
+                attempt.number, attempt.started_at, attempt.outcome
+            );
+            if let Some(error) = &attempt.error {
+                println!("    error:       {error}");
+            }
+            if let Some(response) = attempt.response.as_deref().filter(|r| !r.is_empty()) {
+                println!(
+                    "    response:    {}",
+                    response.replace('\n', "\n                 ")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let (config, mut admin) = admin(&args.config)?;
+    let Some((stored, _, _)) = admin.show(args.id)? else {
+        eprintln!("no event {}", args.id);
+        return Ok(ExitCode::from(1));
+    };
+    // Replays go through today's routes; throttles are not applied to what an operator asks for.
+    let mut pairs: Vec<(String, String)> = config
+        .routing
+        .table
+        .route(&stored.event)
+        .into_iter()
+        .flat_map(|(route, _)| {
+            route
+                .sinks
+                .iter()
+                .map(|sink| (route.name.clone(), sink.clone()))
+        })
+        .filter(|(_, sink)| args.sink.as_ref().is_none_or(|only| only == sink))
+        .collect();
+    if let Some(sink) = &args.sink {
+        anyhow::ensure!(
+            config.sinks.iter().any(|s| &s.name == sink),
+            "no sink named {sink:?} in {}",
+            config.file.display()
+        );
+        if pairs.is_empty() {
+            pairs.push(("replay".into(), sink.clone()));
+        }
+    }
+    pairs.dedup();
+    if pairs.is_empty() {
+        eprintln!(
+            "no route matches event {}; nothing queued (name a sink with --sink)",
+            args.id
+        );
+        return Ok(ExitCode::from(1));
+    }
+    let ids = admin.enqueue(args.id, &pairs)?;
+    for ((route, sink), id) in pairs.iter().zip(ids) {
+        println!(
+            "queued job {id}: event {} via route {route:?} to sink {sink:?}",
+            args.id
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn retry_dead(args: RetryArgs) -> anyhow::Result<ExitCode> {
+    let (_, admin) = admin(&args.config)?;
+    let count = admin.retry_dead(args.id)?;
+    println!(
+        "re-queued {count} dead deliver{}",
+        if count == 1 { "y" } else { "ies" }
+    );
+    Ok(if count == 0 && args.id.is_some() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -706,7 +706,14 @@ impl SecretSource {
     /// # Errors
     /// A message naming `key`.
     pub fn validate(&self, key: &str) -> Result<(), String> {
-        let given = [self.value.is_some(), self.file.is_some(), self.env.is_some()].iter().filter(|g| **g).count();
+        let given = [
+            self.value.is_some(),
+            self.file.is_some(),
+            self.env.is_some(),
+        ]
+        .iter()
+        .filter(|g| **g)
+        .count();
         match given {
             1 => Ok(()),
             0 => Err(format!("{key}: give one of value, file or env")),
@@ -727,7 +734,8 @@ impl SecretSource {
                 .trim_end_matches(['\r', '\n'])
                 .to_owned()
         } else if let Some(var) = &self.env {
-            std::env::var(var).map_err(|_| format!("{key}: environment variable {var:?} is not set"))?
+            std::env::var(var)
+                .map_err(|_| format!("{key}: environment variable {var:?} is not set"))?
         } else {
             return Err(format!("{key}: no secret given"));
         };

@@ -37,7 +37,10 @@ pub struct ExecSinkConfig {
 impl ExecSinkConfig {
     pub(super) fn validate(&self) -> Result<(), String> {
         match self.command.first() {
-            None => Err("command: give the program and its arguments, e.g. [\"/usr/local/bin/hook\"]".into()),
+            None => Err(
+                "command: give the program and its arguments, e.g. [\"/usr/local/bin/hook\"]"
+                    .into(),
+            ),
             Some(program) if program.is_empty() => Err("command[0]: empty program".into()),
             Some(_) => Ok(()),
         }
@@ -50,7 +53,9 @@ pub struct ExecSink {
 
 impl ExecSink {
     pub fn new(config: &ExecSinkConfig) -> Self {
-        Self { config: config.clone() }
+        Self {
+            config: config.clone(),
+        }
     }
 }
 
@@ -65,9 +70,16 @@ struct Input<'a> {
 impl Sink for ExecSink {
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
         let event = delivery.event;
-        let input = serde_json::to_vec(&Input { route: delivery.route, event })
-            .map_err(|e| SinkError::permanent(format!("cannot encode the event: {e}")))?;
-        let (program, args) = self.config.command.split_first().expect("validated: command is not empty");
+        let input = serde_json::to_vec(&Input {
+            route: delivery.route,
+            event,
+        })
+        .map_err(|e| SinkError::permanent(format!("cannot encode the event: {e}")))?;
+        let (program, args) = self
+            .config
+            .command
+            .split_first()
+            .expect("validated: command is not empty");
         let mut command = Command::new(program);
         command
             .args(args)
@@ -89,12 +101,17 @@ impl Sink for ExecSink {
         let mut child = command.spawn().map_err(|err| {
             let message = format!("cannot start {program}: {err}");
             match err.kind() {
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => SinkError::permanent(message),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                    SinkError::permanent(message)
+                }
                 _ => SinkError::transient(message),
             }
         })?;
-        let group = child.id().and_then(|id| rustix::process::Pid::from_raw(id as i32));
-        let (mut stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let group = child
+            .id()
+            .and_then(|id| rustix::process::Pid::from_raw(id as i32));
+        let (mut stdin, stdout, stderr) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take());
         let run = async {
             if let Some(stdin) = stdin.as_mut() {
                 // A hook that ignores its input closes the pipe early; that is its business.
@@ -115,18 +132,30 @@ impl Sink for ExecSink {
                 humantime::format_duration(timeout)
             )));
         };
-        let response = bounded(&format!("stdout: {}\nstderr: {}", out.trim_end(), err.trim_end()));
+        let response = bounded(&format!(
+            "stdout: {}\nstderr: {}",
+            out.trim_end(),
+            err.trim_end()
+        ));
         match status {
             Ok(status) if status.success() => Ok(response),
-            Ok(status) => Err(SinkError::Transient { message: format!("{program} exited with {status}"), response }),
-            Err(err) => Err(SinkError::Transient { message: format!("cannot wait for {program}: {err}"), response }),
+            Ok(status) => Err(SinkError::Transient {
+                message: format!("{program} exited with {status}"),
+                response,
+            }),
+            Err(err) => Err(SinkError::Transient {
+                message: format!("cannot wait for {program}: {err}"),
+                response,
+            }),
         }
     }
 }
 
 /// Reads a pipe to its end, keeping at most [`RESPONSE_LIMIT`] bytes of it.
 async fn capture(pipe: Option<impl AsyncRead + Unpin>) -> String {
-    let Some(mut pipe) = pipe else { return String::new() };
+    let Some(mut pipe) = pipe else {
+        return String::new();
+    };
     let mut kept = Vec::new();
     let mut chunk = [0u8; 8192];
     while let Ok(n) = pipe.read(&mut chunk).await {

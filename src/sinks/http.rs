@@ -40,8 +40,10 @@ impl HttpSinkConfig {
             return Err("url: must be http:// or https://".into());
         }
         for (name, value) in &self.headers {
-            HeaderName::try_from(name.as_str()).map_err(|_| format!("headers: {name:?} is not a header name"))?;
-            HeaderValue::try_from(value.as_str()).map_err(|_| format!("headers.{name}: not a valid header value"))?;
+            HeaderName::try_from(name.as_str())
+                .map_err(|_| format!("headers: {name:?} is not a header name"))?;
+            HeaderValue::try_from(value.as_str())
+                .map_err(|_| format!("headers.{name}: not a valid header value"))?;
         }
         if let Some(sign) = &self.sign {
             sign.validate("sign")?;
@@ -69,14 +71,24 @@ impl HttpSink {
                 let key = base64::engine::general_purpose::STANDARD
                     .decode(encoded)
                     .map_err(|_| "sign: the secret is not whsec_<base64>".to_owned())?;
-                Some(Verifier::new(Scheme::StandardWebhooks { tolerance: Duration::ZERO }, vec![Key::new(key)]))
+                Some(Verifier::new(
+                    Scheme::StandardWebhooks {
+                        tolerance: Duration::ZERO,
+                    },
+                    vec![Key::new(key)],
+                ))
             }
             None => None,
         };
         let headers = config
             .headers
             .iter()
-            .filter_map(|(k, v)| Some((HeaderName::try_from(k.as_str()).ok()?, HeaderValue::try_from(v.as_str()).ok()?)))
+            .filter_map(|(k, v)| {
+                Some((
+                    HeaderName::try_from(k.as_str()).ok()?,
+                    HeaderValue::try_from(v.as_str()).ok()?,
+                ))
+            })
             .collect();
         Ok(Self {
             client: client(config.delivery.timeout.0)?,
@@ -101,13 +113,23 @@ impl Sink for HttpSink {
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
         let (body, content_type) = if self.as_text {
             let message = delivery.message;
-            (format!("{}\n\n{}", message.title, message.body).into_bytes(), "text/plain; charset=utf-8")
+            (
+                format!("{}\n\n{}", message.title, message.body).into_bytes(),
+                "text/plain; charset=utf-8",
+            )
         } else {
-            let body = serde_json::to_vec(&Body { route: delivery.route, event: delivery.event })
-                .map_err(|e| SinkError::permanent(format!("cannot encode the event: {e}")))?;
+            let body = serde_json::to_vec(&Body {
+                route: delivery.route,
+                event: delivery.event,
+            })
+            .map_err(|e| SinkError::permanent(format!("cannot encode the event: {e}")))?;
             (body, "application/json")
         };
-        let mut request = self.client.post(&self.url).headers(self.headers.clone()).header("content-type", content_type);
+        let mut request = self
+            .client
+            .post(&self.url)
+            .headers(self.headers.clone())
+            .header("content-type", content_type);
         if let Some(signer) = &self.signer {
             // Stable across retries, so the next hop can deduplicate them.
             let id = format!("{}:{}", delivery.event.source, delivery.event.delivery_id);
@@ -132,9 +154,16 @@ pub(super) fn client(timeout: Duration) -> Result<reqwest::Client, String> {
 /// Sends a request and classifies the answer: 2xx delivered; 429 waits for `Retry-After`;
 /// 408, 425 and 5xx, and network trouble, are worth a retry; any other answer is permanent.
 pub(super) async fn send(request: reqwest::RequestBuilder) -> Result<String, SinkError> {
-    let response = request.send().await.map_err(|err| SinkError::transient(format!("request failed: {err}")))?;
+    let response = request
+        .send()
+        .await
+        .map_err(|err| SinkError::transient(format!("request failed: {err}")))?;
     let status = response.status();
-    let retry_after = response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
     let text = response.text().await.unwrap_or_default();
     let summary = bounded(&format!("HTTP {}: {}", status.as_u16(), text.trim()));
     let message = format!("HTTP {}", status.as_u16());
@@ -146,9 +175,15 @@ pub(super) async fn send(request: reqwest::RequestBuilder) -> Result<String, Sin
             response: summary,
         }),
         s if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT || s.as_u16() == 425 => {
-            Err(SinkError::Transient { message, response: summary })
+            Err(SinkError::Transient {
+                message,
+                response: summary,
+            })
         }
-        _ => Err(SinkError::Permanent { message, response: summary }),
+        _ => Err(SinkError::Permanent {
+            message,
+            response: summary,
+        }),
     }
 }
 
@@ -158,7 +193,10 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
         return Some(Duration::from_secs(seconds));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
 }
 
 #[cfg(test)]
@@ -168,7 +206,10 @@ mod tests {
     #[test]
     fn retry_after_forms() {
         assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 }

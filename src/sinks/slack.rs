@@ -83,7 +83,11 @@ impl Sink for SlackSink {
             "text": format!("{}\n{}", message.title, message.body).trim_end(),
             "blocks": blocks,
         });
-        for (key, value) in [("username", &self.username), ("icon_emoji", &self.icon_emoji), ("channel", &self.channel)] {
+        for (key, value) in [
+            ("username", &self.username),
+            ("icon_emoji", &self.icon_emoji),
+            ("channel", &self.channel),
+        ] {
             if let Some(value) = value {
                 payload[key] = json!(value);
             }
@@ -95,7 +99,9 @@ impl Sink for SlackSink {
 /// Slack's mrkdwn treats `&`, `<` and `>` as markup; payload text must not become links or
 /// mentions.
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn truncate(text: &str, limit: usize) -> String {
@@ -113,7 +119,10 @@ mod tests {
 
     #[test]
     fn escapes_markup_and_truncates() {
-        assert_eq!(escape("<!channel> & <http://x|y>"), "&lt;!channel&gt; &amp; &lt;http://x|y&gt;");
+        assert_eq!(
+            escape("<!channel> & <http://x|y>"),
+            "&lt;!channel&gt; &amp; &lt;http://x|y&gt;"
+        );
         assert_eq!(truncate("abcdef", 4), "abc…");
         assert_eq!(truncate("abc", 4), "abc");
     }

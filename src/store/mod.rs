@@ -10,6 +10,8 @@
 //! - Reads use their own connection and never block the writer (WAL).
 //! - Checkpoints run on a thread of their own, so a commit never waits for one.
 
+pub mod admin;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

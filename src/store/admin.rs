@@ -1,0 +1,250 @@
+//! What the operator's commands read and change while the daemon runs: a plain connection
+//! with a busy timeout, so they take turns with the daemon's writer. Re-queued jobs are
+//! picked up by the running daemon's delivery engine, which looks at the queue every half
+//! second.
+
+use std::path::Path;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::Serialize;
+
+use super::{StoredEvent, row_to_event};
+
+/// Every status a listed row can have.
+pub const STATUSES: &[&str] = &[
+    "pending",
+    "in_flight",
+    "succeeded",
+    "failed",
+    "dead",
+    "suppressed",
+    "unrouted",
+];
+
+/// One row of `deliveries list`: a job, or a routing outcome that created none.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub event_id: i64,
+    pub job_id: Option<i64>,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub delivery_id: String,
+    pub received_at: String,
+    pub route: Option<String>,
+    pub sink: Option<String>,
+    pub status: String,
+    pub attempts: u32,
+    pub next_attempt_at: Option<String>,
+    /// The last error, or the throttle key of a suppressed route.
+    pub detail: Option<String>,
+}
+
+/// A job with its attempts, for `deliveries show`.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobDetail {
+    pub id: i64,
+    pub route: String,
+    pub sink: String,
+    pub status: String,
+    pub attempts: u32,
+    pub next_attempt_at: String,
+    pub last_error: Option<String>,
+    pub response: Option<String>,
+    pub history: Vec<Attempt>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Attempt {
+    pub number: u32,
+    pub started_at: String,
+    pub finished_at: String,
+    pub outcome: String,
+    pub error: Option<String>,
+    pub response: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Filter {
+    pub status: Option<String>,
+    pub source: Option<String>,
+    pub since: Option<Timestamp>,
+    pub limit: usize,
+}
+
+pub struct Admin {
+    conn: Connection,
+}
+
+fn at(ms: i64) -> String {
+    Timestamp::from_millisecond(ms)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+impl Admin {
+    /// Opens an existing database (never creates one: a typo in the path is an error).
+    ///
+    /// # Errors
+    /// The database does not exist or cannot be opened.
+    pub fn open(path: &Path) -> rusqlite::Result<Self> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        Ok(Self { conn })
+    }
+
+    /// Deliveries, newest event first.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub fn list(&self, filter: &Filter) -> rusqlite::Result<Vec<Row>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT * FROM (
+                 SELECT e.id, j.id, e.source, e.event_type, e.delivery_id, e.received_at, j.route, j.sink,
+                        j.status, j.attempts, j.next_attempt_at, j.last_error
+                 FROM jobs j JOIN events e ON e.id = j.event_id
+                 UNION ALL
+                 SELECT e.id, NULL, e.source, e.event_type, e.delivery_id, e.received_at, d.route, NULL,
+                        d.status, 0, NULL, d.detail
+                 FROM dispatches d JOIN events e ON e.id = d.event_id)
+             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR source = ?2) AND received_at >= ?3
+             ORDER BY 1 DESC, 2 LIMIT ?4",
+        )?;
+        let since = filter.since.map_or(0, Timestamp::as_millisecond);
+        let rows = stmt.query_map(
+            params![filter.status, filter.source, since, filter.limit as i64],
+            |row| {
+                let status: String = row.get(8)?;
+                let next: Option<i64> = row.get(10)?;
+                Ok(Row {
+                    event_id: row.get(0)?,
+                    job_id: row.get(1)?,
+                    source: row.get(2)?,
+                    event_type: row.get(3)?,
+                    delivery_id: row.get(4)?,
+                    received_at: at(row.get(5)?),
+                    route: row.get(6)?,
+                    sink: row.get(7)?,
+                    next_attempt_at: next
+                        .filter(|_| status == "pending" || status == "failed")
+                        .map(at),
+                    status,
+                    attempts: row.get(9)?,
+                    detail: row.get(11)?,
+                })
+            },
+        )?;
+        rows.collect()
+    }
+
+    /// An event, its jobs with every attempt, and its routing outcomes.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub fn show(
+        &self,
+        event_id: i64,
+    ) -> rusqlite::Result<Option<(StoredEvent, Vec<JobDetail>, Vec<Row>)>> {
+        let Some(event) = self
+            .conn
+            .query_row(
+                "SELECT id, source, delivery_id, event_type, occurred_at, received_at, sender_delivery, payload
+                 FROM events WHERE id = ?1",
+                [event_id],
+                row_to_event,
+            )
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let mut jobs = self.conn.prepare(
+            "SELECT id, route, sink, status, attempts, next_attempt_at, last_error, response FROM jobs
+             WHERE event_id = ?1 ORDER BY id",
+        )?;
+        let mut attempts = self.conn.prepare(
+            "SELECT number, started_at, finished_at, outcome, error, response FROM attempts WHERE job_id = ?1 ORDER BY id",
+        )?;
+        let mut details = Vec::new();
+        let rows: Vec<JobDetail> = jobs
+            .query_map([event_id], |row| {
+                Ok(JobDetail {
+                    id: row.get(0)?,
+                    route: row.get(1)?,
+                    sink: row.get(2)?,
+                    status: row.get(3)?,
+                    attempts: row.get(4)?,
+                    next_attempt_at: at(row.get(5)?),
+                    last_error: row.get(6)?,
+                    response: row.get(7)?,
+                    history: Vec::new(),
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        for mut job in rows {
+            job.history = attempts
+                .query_map([job.id], |row| {
+                    Ok(Attempt {
+                        number: row.get(0)?,
+                        started_at: at(row.get(1)?),
+                        finished_at: at(row.get(2)?),
+                        outcome: row.get(3)?,
+                        error: row.get(4)?,
+                        response: row.get(5)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            details.push(job);
+        }
+        let notes = self
+            .list(&Filter {
+                limit: usize::MAX >> 1,
+                ..Filter::default()
+            })?
+            .into_iter()
+            .filter(|r| r.event_id == event_id && r.job_id.is_none())
+            .collect();
+        Ok(Some((event, details, notes)))
+    }
+
+    /// Queues new jobs for `event_id`, one per (route, sink); returns their ids.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub fn enqueue(
+        &mut self,
+        event_id: i64,
+        pairs: &[(String, String)],
+    ) -> rusqlite::Result<Vec<i64>> {
+        let now = Timestamp::now().as_millisecond();
+        let tx = self.conn.transaction()?;
+        let mut ids = Vec::new();
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?4, ?4)",
+            )?;
+            for (route, sink) in pairs {
+                insert.execute(params![event_id, route, sink, now])?;
+                ids.push(tx.last_insert_rowid());
+            }
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    /// Puts dead jobs back in the queue with a fresh set of attempts: one job, or all of them.
+    /// Returns how many were re-queued.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub fn retry_dead(&self, job_id: Option<i64>) -> rusqlite::Result<usize> {
+        let now = Timestamp::now().as_millisecond();
+        self.conn.execute(
+            "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = ?1, created_at = ?1, updated_at = ?1
+             WHERE status = 'dead' AND (?2 IS NULL OR id = ?2)",
+            params![now, job_id],
+        )
+    }
+}
