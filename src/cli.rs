@@ -15,7 +15,7 @@ use crate::config::{self, Config};
 use crate::event::Event;
 use crate::rules::Verdict;
 use crate::signature::{COMPLIANCELAYER_DELIVERY, COMPLIANCELAYER_EVENT, Scheme};
-use crate::store::admin::{Admin, Filter};
+use crate::store::admin::{Admin, EventDetail, Filter};
 
 const DEFAULT_CONFIG: &str = "/etc/hookroute/config.toml";
 /// How long `send` waits for an answer; the senders themselves wait 30 s.
@@ -582,7 +582,12 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
 
 fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     let (_, admin) = admin(&args.config)?;
-    let Some((stored, jobs, notes)) = admin.show(args.id)? else {
+    let Some(EventDetail {
+        stored,
+        jobs,
+        routing: notes,
+    }) = admin.show(args.id)?
+    else {
         eprintln!("no event {}", args.id);
         return Ok(ExitCode::from(1));
     };
@@ -649,7 +654,7 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
 
 fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let (config, mut admin) = admin(&args.config)?;
-    let Some((stored, _, _)) = admin.show(args.id)? else {
+    let Some(EventDetail { stored, .. }) = admin.show(args.id)? else {
         eprintln!("no event {}", args.id);
         return Ok(ExitCode::from(1));
     };

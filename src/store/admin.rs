@@ -66,6 +66,15 @@ pub struct Attempt {
     pub response: Option<String>,
 }
 
+/// Everything `deliveries show` prints.
+#[derive(Debug, Clone)]
+pub struct EventDetail {
+    pub stored: StoredEvent,
+    pub jobs: Vec<JobDetail>,
+    /// Routes that created no job (suppressed), or the event's being unrouted.
+    pub routing: Vec<Row>,
+}
+
 #[derive(Debug, Default)]
 pub struct Filter {
     pub status: Option<String>,
@@ -143,10 +152,7 @@ impl Admin {
     ///
     /// # Errors
     /// On a database error.
-    pub fn show(
-        &self,
-        event_id: i64,
-    ) -> rusqlite::Result<Option<(StoredEvent, Vec<JobDetail>, Vec<Row>)>> {
+    pub fn show(&self, event_id: i64) -> rusqlite::Result<Option<EventDetail>> {
         let Some(event) = self
             .conn
             .query_row(
@@ -205,7 +211,11 @@ impl Admin {
             .into_iter()
             .filter(|r| r.event_id == event_id && r.job_id.is_none())
             .collect();
-        Ok(Some((event, details, notes)))
+        Ok(Some(EventDetail {
+            stored: event,
+            jobs: details,
+            routing: notes,
+        }))
     }
 
     /// Queues new jobs for `event_id`, one per (route, sink); returns their ids.
