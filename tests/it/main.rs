@@ -5,8 +5,10 @@ mod harness;
 
 mod cli;
 mod dedupe;
+mod delivery;
 mod durability;
 mod proxies;
+mod recorder;
 mod routing;
 mod signatures;
 mod status;

@@ -1,0 +1,554 @@
+//! Delivery to the outside world through the running daemon: Slack and HTTP against real
+//! loopback servers, exec hooks as real child processes, retries, dead letters, outages,
+//! crashes, and the operator commands.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+use crate::recorder::{Answer, Recorder};
+
+/// Sources `cl`, the given sinks, and a route sending every event to `sinks`.
+fn with_sinks(dir: &Path, sinks: &str, route_to: &[&str]) -> String {
+    let route = format!(
+        "[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = {}\n",
+        serde_json::to_string(route_to).unwrap()
+    );
+    config(
+        dir,
+        NO_LIMITS,
+        &format!("[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n{sinks}\n{route}"),
+    )
+}
+
+/// Job counts by status.
+fn jobs(daemon: &Daemon) -> HashMap<String, i64> {
+    let db = daemon.db();
+    let mut stmt = db
+        .prepare("SELECT status, count(*) FROM jobs GROUP BY status")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+async fn wait_jobs(daemon: &Daemon, status: &str, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let counts = jobs(daemon);
+        if counts.get(status).copied().unwrap_or(0) >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waiting for {n} {status}: {counts:?}\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn hookroute(args: &[&str], config: &Path) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_block_kit_honours_retry_after_and_retries_5xx() {
+    let dir = tempdir();
+    let slack = Recorder::start().await;
+    slack.script([
+        Answer {
+            headers: vec![("retry-after", "1".into())],
+            ..Answer::status(429)
+        },
+        Answer::status(500),
+    ]);
+    let sinks = format!(
+        r##"[sinks.security]
+type = "slack"
+webhook_url = {{ value = "{}" }}
+username = "hookroute"
+icon_emoji = ":shield:"
+channel = "#security"
+delivery = {{ retry = {{ base = "100ms" }} }}
+"##,
+        slack.url("/services/T000/B000/XXXX")
+    );
+    let daemon = Daemon::start(dir.path(), &with_sinks(dir.path(), &sinks, &["security"]));
+    assert_eq!(
+        daemon
+            .post_cl(&sample("compliancelayer-scan.completed.json"))
+            .await
+            .status,
+        202
+    );
+    wait_jobs(&daemon, "succeeded", 1).await;
+
+    let requests = slack.requests();
+    assert_eq!(
+        requests.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [429, 500, 200]
+    );
+    let waited = requests[1].at - requests[0].at;
+    assert!(
+        waited >= Duration::from_millis(950),
+        "Retry-After: 1 not honoured: {waited:?}"
+    );
+    assert_eq!(requests[2].path, "/services/T000/B000/XXXX");
+    let payload = requests[2].json();
+    assert_eq!(payload["username"], "hookroute");
+    assert_eq!(payload["icon_emoji"], ":shield:");
+    assert_eq!(payload["channel"], "#security");
+    assert_eq!(payload["blocks"][0]["type"], "header");
+    assert_eq!(
+        payload["blocks"][0]["text"]["text"],
+        "Scan completed: example.com graded B (85/100, low risk)"
+    );
+    assert_eq!(payload["blocks"][1]["type"], "section");
+    assert!(
+        payload["blocks"][1]["text"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("8 issues: 0 critical, 2 high")
+    );
+    assert!(
+        payload["blocks"][2]["elements"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("550e8400-e29b-41d4-a716-446655440000")
+    );
+    assert!(
+        payload["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Scan completed: example.com"),
+        "plain-text fallback"
+    );
+    assert_eq!(requests[2].headers["content-type"], "application/json");
+    let attempts: i64 = daemon
+        .db()
+        .query_row("SELECT attempts FROM jobs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(attempts, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_errors_go_to_dead_letters_and_can_be_retried() {
+    let dir = tempdir();
+    let slack = Recorder::start().await;
+    slack.script([Answer {
+        body: "no_service".into(),
+        ..Answer::status(404)
+    }]);
+    let sinks = format!(
+        "[sinks.security]\ntype = \"slack\"\nwebhook_url = {{ value = \"{}\" }}\n",
+        slack.url("/hook")
+    );
+    let daemon = Daemon::start(dir.path(), &with_sinks(dir.path(), &sinks, &["security"]));
+    let reply = daemon
+        .post_cl(&sample("compliancelayer-alert.triggered.json"))
+        .await;
+    let event_id = reply.json["id"].as_i64().unwrap();
+    wait_jobs(&daemon, "dead", 1).await;
+    assert_eq!(slack.requests().len(), 1, "a 404 is not retried");
+    let config = daemon.config_path.clone();
+
+    let (code, out) = hookroute(&["deliveries", "list", "--status", "dead"], &config);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("alert.triggered") && out.contains("security") && out.contains("HTTP 404"),
+        "{out}"
+    );
+    let (_, json) = hookroute(
+        &["deliveries", "list", "--status", "dead", "--json"],
+        &config,
+    );
+    let row: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    assert_eq!(row["event_id"], event_id);
+    let job_id = row["job_id"].as_i64().unwrap().to_string();
+    let (code, out) = hookroute(&["deliveries", "show", &event_id.to_string()], &config);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("dead after 1 attempt") && out.contains("HTTP 404: no_service"),
+        "{out}"
+    );
+
+    // The operator fixes Slack and retries the dead letter; the running daemon delivers it.
+    let (code, out) = hookroute(&["dead-letter", "retry", &job_id], &config);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("re-queued 1 dead delivery"), "{out}");
+    wait_jobs(&daemon, "succeeded", 1).await;
+    assert_eq!(slack.requests().len(), 2);
+    let (code, _) = hookroute(&["dead-letter", "retry", &job_id], &config);
+    assert_eq!(code, Some(1), "nothing dead to retry");
+    let (code, _) = hookroute(&["deliveries", "show", "999"], &config);
+    assert_eq!(code, Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_forward_is_resigned_for_the_next_hop() {
+    let dir = tempdir();
+    let next_hop = Recorder::start().await;
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let sinks = format!(
+        "[sinks.forward]\ntype = \"http\"\nurl = \"{}\"\nheaders = {{ X-Team = \"security\" }}\nsign = {{ value = \"{secret}\" }}\n",
+        next_hop.url("/ingest")
+    );
+    let daemon = Daemon::start(dir.path(), &with_sinks(dir.path(), &sinks, &["forward"]));
+    assert_eq!(
+        daemon
+            .post_cl(&sample("compliancelayer-scan.completed.json"))
+            .await
+            .status,
+        202
+    );
+    wait_jobs(&daemon, "succeeded", 1).await;
+    let request = &next_hop.requests()[0];
+    assert_eq!(request.headers["x-team"], "security");
+    // The official Standard Webhooks library accepts the signature.
+    standardwebhooks::Webhook::new(secret)
+        .unwrap()
+        .verify(&request.body, &request.headers)
+        .unwrap();
+    assert_eq!(
+        request.headers["webhook-id"],
+        "cl:550e8400-e29b-41d4-a716-446655440000"
+    );
+    let body = request.json();
+    assert_eq!(body["route"], "all");
+    assert_eq!(body["type"], "scan.completed");
+    assert_eq!(body["payload"]["data"]["domain"], "example.com");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_then_recovery_delivers_everything_once() {
+    let dir = tempdir();
+    let target = Recorder::start().await;
+    target.set_down(true);
+    let sinks = format!(
+        "[sinks.forward]\ntype = \"http\"\nurl = \"{}\"\ndelivery = {{ retry = {{ base = \"200ms\", cap = \"600ms\", max_attempts = 50 }} }}\n",
+        target.url("/in")
+    );
+    let daemon = Daemon::start(dir.path(), &with_sinks(dir.path(), &sinks, &["forward"]));
+    let ids: Vec<String> = (0..10).map(|i| format!("outage-{i}")).collect();
+    for id in &ids {
+        assert_eq!(daemon.post_cl(&scan_body(id)).await.status, 202);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(target.requests().iter().all(|r| r.status == 503));
+    assert!(
+        jobs(&daemon).get("failed").copied().unwrap_or(0) > 0,
+        "{:?}",
+        jobs(&daemon)
+    );
+    target.set_down(false);
+    wait_jobs(&daemon, "succeeded", 10).await;
+    let mut delivered: Vec<String> = target
+        .requests()
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.json()["delivery_id"].as_str().unwrap().to_owned())
+        .collect();
+    delivered.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(delivered, expected, "every event delivered, none twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_sink_does_not_delay_the_others() {
+    let dir = tempdir();
+    let (slow, fast) = (Recorder::start().await, Recorder::start().await);
+    slow.set_delay(Duration::from_secs(3));
+    let sinks = format!(
+        "[sinks.slow]\ntype = \"http\"\nurl = \"{}\"\ndelivery = {{ concurrency = 1 }}\n\n[sinks.fast]\ntype = \"http\"\nurl = \"{}\"\n",
+        slow.url("/"),
+        fast.url("/")
+    );
+    let daemon = Daemon::start(
+        dir.path(),
+        &with_sinks(dir.path(), &sinks, &["slow", "fast"]),
+    );
+    for i in 0..4 {
+        assert_eq!(
+            daemon.post_cl(&scan_body(&format!("iso-{i}"))).await.status,
+            202
+        );
+    }
+    let started = Instant::now();
+    while fast.requests().len() < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the fast sink waited for the slow one"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        slow.requests().len() <= 1,
+        "the slow sink runs one at a time"
+    );
+}
+
+/// Writes an executable shell script (the hook is the operator's program; hookroute itself
+/// never involves a shell).
+fn script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn exec_sink(hook: &Path, out: &Path, extra: &str) -> String {
+    format!(
+        "[sinks.hook]\ntype = \"exec\"\ncommand = [\"{}\", \"--flag\"]\nenv = {{ OUT = \"{}\" }}\nworking_dir = \"{}\"\n{extra}\n",
+        hook.display(),
+        out.display(),
+        out.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_gets_the_event_on_stdin_and_a_clean_environment() {
+    let dir = tempdir();
+    let (hook, out) = (dir.path().join("hook.sh"), dir.path().join("out"));
+    std::fs::create_dir(&out).unwrap();
+    script(
+        &hook,
+        "cat > \"$OUT/$HOOKROUTE_DELIVERY_ID.json\"\nenv > \"$OUT/$HOOKROUTE_DELIVERY_ID.env\"\necho \"$1\" > \"$OUT/args\"\npwd > \"$OUT/pwd\"\necho done",
+    );
+    let text = with_sinks(dir.path(), &exec_sink(&hook, &out, ""), &["hook"]);
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, text).unwrap();
+    let daemon = Daemon::start_with(
+        dir.path(),
+        &config_path,
+        &[("DAEMON_SECRET", "must-not-leak")],
+    );
+    // Shell metacharacters in the payload are data, never code.
+    let evil = format!(
+        r#"{{"id": "evil", "type": "scan.completed", "data": {{"domain": "x.com; touch {0}/pwned1 && $(touch {0}/pwned2) `touch {0}/pwned3`"}}}}"#,
+        out.display()
+    );
+    assert_eq!(daemon.post_cl(evil.as_bytes()).await.status, 202);
+    wait_jobs(&daemon, "succeeded", 1).await;
+
+    let stdin: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("evil.json")).unwrap()).unwrap();
+    assert_eq!(stdin["type"], "scan.completed");
+    assert_eq!(stdin["route"], "all");
+    assert!(
+        stdin["payload"]["data"]["domain"]
+            .as_str()
+            .unwrap()
+            .contains("$(touch")
+    );
+    for marker in ["pwned1", "pwned2", "pwned3"] {
+        assert!(
+            !out.join(marker).exists(),
+            "{marker}: payload text was executed"
+        );
+    }
+    let env = std::fs::read_to_string(out.join("evil.env")).unwrap();
+    let names: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
+    for expected in [
+        "PATH",
+        "HOOKROUTE_EVENT_TYPE",
+        "HOOKROUTE_DELIVERY_ID",
+        "HOOKROUTE_SOURCE",
+        "OUT",
+    ] {
+        assert!(names.contains(&expected), "{expected} missing from {env}");
+    }
+    assert!(
+        env.contains("HOOKROUTE_EVENT_TYPE=scan.completed") && env.contains("HOOKROUTE_SOURCE=cl"),
+        "{env}"
+    );
+    assert!(
+        !env.contains("must-not-leak") && !env.contains("RUST_LOG"),
+        "the daemon's environment leaked: {env}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("args")).unwrap().trim(),
+        "--flag"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("pwd")).unwrap().trim(),
+        out.canonicalize().unwrap().to_str().unwrap()
+    );
+    let response: String = daemon
+        .db()
+        .query_row("SELECT response FROM jobs", [], |r| r.get(0))
+        .unwrap();
+    assert!(response.contains("stdout: done"), "{response}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_failures_are_retried_and_timeouts_kill_the_process_group() {
+    let dir = tempdir();
+    let (hook, out) = (dir.path().join("hook.sh"), dir.path().join("out"));
+    std::fs::create_dir(&out).unwrap();
+    // Fails the first time, succeeds the second.
+    script(
+        &hook,
+        "if [ ! -e \"$OUT/tried\" ]; then touch \"$OUT/tried\"; echo 'ticket system down' >&2; exit 3; fi\ncat > /dev/null",
+    );
+    let extra = "delivery = { retry = { base = \"100ms\" } }";
+    let daemon = Daemon::start(
+        dir.path(),
+        &with_sinks(dir.path(), &exec_sink(&hook, &out, extra), &["hook"]),
+    );
+    assert_eq!(daemon.post_cl(&scan_body("flaky")).await.status, 202);
+    wait_jobs(&daemon, "succeeded", 1).await;
+    let (error, response): (String, String) = daemon
+        .db()
+        .query_row(
+            "SELECT error, response FROM attempts WHERE number = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(error.contains("exit status: 3"), "{error}");
+    assert!(response.contains("ticket system down"), "{response}");
+    drop(daemon);
+
+    // A hook that hangs, with a grandchild: after the timeout the whole group is gone.
+    let dir = tempdir();
+    let (hook, out) = (dir.path().join("hook.sh"), dir.path().join("out"));
+    std::fs::create_dir(&out).unwrap();
+    script(
+        &hook,
+        "sleep 300 &\necho $! > \"$OUT/grandchild\"\nsleep 300",
+    );
+    let extra = "delivery = { timeout = \"1s\", retry = { max_attempts = 1 } }";
+    let daemon = Daemon::start(
+        dir.path(),
+        &with_sinks(dir.path(), &exec_sink(&hook, &out, extra), &["hook"]),
+    );
+    assert_eq!(daemon.post_cl(&scan_body("hangs")).await.status, 202);
+    wait_jobs(&daemon, "dead", 1).await;
+    let error: String = daemon
+        .db()
+        .query_row("SELECT last_error FROM jobs", [], |r| r.get(0))
+        .unwrap();
+    assert!(
+        error.contains("timed out after 1s") && error.contains("process group was killed"),
+        "{error}"
+    );
+    let pid = std::fs::read_to_string(out.join("grandchild"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // Gone, or a zombie waiting for a reaper: either way no longer running.
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        if state
+            .as_deref()
+            .is_none_or(|s| s.split_whitespace().nth(2) == Some("Z"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "grandchild {pid} survived the timeout: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_in_flight_at_a_crash_are_delivered_after_restart() {
+    let dir = tempdir();
+    let (hook, out) = (dir.path().join("hook.sh"), dir.path().join("out"));
+    std::fs::create_dir(&out).unwrap();
+    script(
+        &hook,
+        "sleep 30\necho \"$HOOKROUTE_DELIVERY_ID\" >> \"$OUT/done\"",
+    );
+    let text = with_sinks(dir.path(), &exec_sink(&hook, &out, ""), &["hook"]);
+    let daemon = Daemon::start(dir.path(), &text);
+    for i in 0..3 {
+        assert_eq!(
+            daemon
+                .post_cl(&scan_body(&format!("crash-{i}")))
+                .await
+                .status,
+            202
+        );
+    }
+    wait_jobs(&daemon, "in_flight", 3).await;
+    daemon.kill9();
+    // The orphaned hooks from the first run are of no interest here: kill them.
+    let _ = Command::new("pkill")
+        .args(["-f", &format!("{} --flag", hook.display())])
+        .status();
+
+    script(&hook, "echo \"$HOOKROUTE_DELIVERY_ID\" >> \"$OUT/done\"");
+    let daemon = Daemon::start(dir.path(), &text);
+    wait_jobs(&daemon, "succeeded", 3).await;
+    let done = std::fs::read_to_string(out.join("done")).unwrap();
+    let mut ids: Vec<&str> = done.lines().collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["crash-0", "crash-1", "crash-2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_requeues_through_routes_or_to_one_sink() {
+    let dir = tempdir();
+    let sinks = format!(
+        "[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n\n[sinks.extra]\ntype = \"file\"\npath = \"{}\"\n",
+        dir.path().join("archive.jsonl").display(),
+        dir.path().join("extra.jsonl").display()
+    );
+    let daemon = Daemon::start(dir.path(), &with_sinks(dir.path(), &sinks, &["archive"]));
+    let reply = daemon.post_cl(&scan_body("replayed")).await;
+    let id = reply.json["id"].as_i64().unwrap().to_string();
+    wait_jobs(&daemon, "succeeded", 1).await;
+    let config = daemon.config_path.clone();
+
+    let (code, out) = hookroute(&["replay", &id], &config);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("via route \"all\" to sink \"archive\""),
+        "{out}"
+    );
+    wait_jobs(&daemon, "succeeded", 2).await;
+    assert_eq!(
+        wait_lines(&dir.path().join("archive.jsonl"), 2).await.len(),
+        2
+    );
+
+    let (code, out) = hookroute(&["replay", &id, "--sink", "extra"], &config);
+    assert_eq!(code, Some(0), "{out}");
+    wait_jobs(&daemon, "succeeded", 3).await;
+    assert_eq!(
+        wait_lines(&dir.path().join("extra.jsonl"), 1).await[0]["delivery_id"],
+        "replayed"
+    );
+    let (code, out) = hookroute(&["replay", &id, "--sink", "nope"], &config);
+    assert_eq!(code, Some(2), "{out}");
+
+    let (code, out) = hookroute(
+        &["deliveries", "list", "--since", "1h", "--source", "cl"],
+        &config,
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains("succeeded")).count(),
+        3,
+        "{out}"
+    );
+    let (_, out) = hookroute(&["deliveries", "list", "--source", "other"], &config);
+    assert_eq!(out.lines().count(), 1, "header only: {out}");
+}
