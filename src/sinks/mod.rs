@@ -6,6 +6,7 @@
 //! Whether a failure is worth a retry is the sink's [`SinkError`] variant; what to do about it
 //! is decided in one place, `delivery::retry`.
 
+pub mod email;
 pub mod exec;
 pub mod file;
 pub mod http;
@@ -141,6 +142,7 @@ pub enum SinkSpec {
     Slack(slack::SlackSinkConfig),
     Http(http::HttpSinkConfig),
     Exec(exec::ExecSinkConfig),
+    Email(email::EmailSinkConfig),
 }
 
 impl SinkSpec {
@@ -152,6 +154,7 @@ impl SinkSpec {
             Self::Slack(_) => "slack",
             Self::Http(_) => "http",
             Self::Exec(_) => "exec",
+            Self::Email(_) => "email",
         }
     }
 
@@ -162,12 +165,16 @@ impl SinkSpec {
             Self::Slack(config) => &config.delivery,
             Self::Http(config) => &config.delivery,
             Self::Exec(config) => &config.delivery,
+            Self::Email(config) => &config.delivery,
         }
     }
 
     /// The window over which events are collected into one delivery, for sinks that digest.
     pub fn digest(&self) -> Option<Duration> {
-        None
+        match self {
+            Self::Email(config) => config.digest.map(|HumanDuration(d)| d),
+            _ => None,
+        }
     }
 
     /// The sink's own message template, if it overrides the default.
@@ -177,6 +184,7 @@ impl SinkSpec {
             Self::Log(config) => config.template.as_ref(),
             Self::Slack(config) => config.template.as_ref(),
             Self::Http(config) => config.template.as_ref(),
+            Self::Email(config) => config.template.as_ref(),
         }
     }
 
@@ -197,6 +205,7 @@ impl SinkSpec {
             Self::Slack(config) => config.validate(),
             Self::Http(config) => config.validate(),
             Self::Exec(config) => config.validate(),
+            Self::Email(config) => config.validate(),
         }
     }
 
@@ -211,6 +220,7 @@ impl SinkSpec {
             Self::Slack(config) => std::sync::Arc::new(slack::SlackSink::new(config)?),
             Self::Http(config) => std::sync::Arc::new(http::HttpSink::new(config)?),
             Self::Exec(config) => std::sync::Arc::new(exec::ExecSink::new(config)),
+            Self::Email(config) => std::sync::Arc::new(email::EmailSink::new(config)?),
         })
     }
 }

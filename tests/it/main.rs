@@ -7,6 +7,7 @@ mod cli;
 mod dedupe;
 mod delivery;
 mod durability;
+mod email;
 mod proxies;
 mod recorder;
 mod routing;

@@ -1,0 +1,255 @@
+//! The `email` sink: SMTP through lettre, plain, STARTTLS (`smtp://`) or implicit TLS
+//! (`smtps://`), with optional AUTH. The subject is the message's title, the text part its
+//! body, and an HTML part shows the same. Recipients come from the configuration only.
+//!
+//! Payload text can neither inject headers nor break the SMTP stream: the subject is one line
+//! with CR and LF removed, bodies have their line endings normalised and travel base64-encoded
+//! (lettre 0.11.23 sends a body holding a bare CR unencoded, RUSTSEC-2026-0561), and addresses,
+//! whose display names lettre would panic on if they held CR/LF, are checked at load time.
+//!
+//! With `digest = "15m"`, events are collected for that long and go out as one email.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use lettre::message::header::{ContentTransferEncoding, ContentType};
+use lettre::message::{Mailbox, MultiPart, SinglePart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use serde::Deserialize;
+
+use super::{Delivery, DeliveryOptions, Sink, SinkError, bounded};
+use crate::config::SecretSource;
+use crate::config::raw::HumanDuration;
+use crate::templates::TemplateRef;
+
+/// What an `smtp://` server is asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartTls {
+    /// Upgrade with STARTTLS, or fail: the default, so credentials never cross in clear.
+    #[default]
+    Required,
+    /// Upgrade if offered.
+    Opportunistic,
+    /// Plain SMTP (a local relay).
+    Never,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailSinkConfig {
+    /// `smtp://host[:port]` (STARTTLS per `starttls`) or `smtps://host[:port]` (implicit TLS).
+    pub url: String,
+    #[serde(default)]
+    pub starttls: StartTls,
+    pub username: Option<String>,
+    pub password: Option<SecretSource>,
+    /// An extra CA to trust (a private mail relay).
+    pub ca_file: Option<PathBuf>,
+    pub from: String,
+    pub to: Vec<String>,
+    pub template: Option<TemplateRef>,
+    /// Collect events for this long and send them as one email.
+    pub digest: Option<HumanDuration>,
+    #[serde(default)]
+    pub delivery: DeliveryOptions,
+}
+
+impl EmailSinkConfig {
+    pub(super) fn validate(&self) -> Result<(), String> {
+        let url = reqwest::Url::parse(&self.url).map_err(|e| format!("url: {e}"))?;
+        if !matches!(url.scheme(), "smtp" | "smtps") || url.host_str().is_none() {
+            return Err("url: must be smtp://host[:port] or smtps://host[:port]".into());
+        }
+        mailbox("from", &self.from)?;
+        if self.to.is_empty() {
+            return Err("to: list at least one recipient".into());
+        }
+        for (i, to) in self.to.iter().enumerate() {
+            mailbox(&format!("to[{i}]"), to)?;
+        }
+        match (&self.username, &self.password) {
+            (Some(_), Some(password)) => password.validate("password")?,
+            (None, None) => {}
+            _ => return Err("username and password go together".into()),
+        }
+        Ok(())
+    }
+}
+
+/// Parses an address from the configuration; CR and LF are refused outright.
+fn mailbox(key: &str, text: &str) -> Result<Mailbox, String> {
+    if text.contains(['\r', '\n']) {
+        return Err(format!("{key}: line breaks are not allowed in an address"));
+    }
+    Mailbox::from_str(text).map_err(|e| format!("{key}: {text:?} is not an email address ({e})"))
+}
+
+pub struct EmailSink {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+    to: Vec<Mailbox>,
+}
+
+impl EmailSink {
+    /// # Errors
+    /// The password or CA file cannot be read, or the transport cannot be built.
+    pub fn new(config: &EmailSinkConfig) -> Result<Self, String> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let url = reqwest::Url::parse(&config.url).map_err(|e| format!("url: {e}"))?;
+        let host = url
+            .host_str()
+            .unwrap_or_default()
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let implicit = url.scheme() == "smtps";
+        let mut tls = TlsParameters::builder(host.clone());
+        if let Some(ca_file) = &config.ca_file {
+            let pem = std::fs::read(ca_file)
+                .map_err(|e| format!("ca_file: cannot read {}: {e}", ca_file.display()))?;
+            let cert = Certificate::from_pem(&pem).map_err(|e| format!("ca_file: {e}"))?;
+            tls = tls.add_root_certificate(cert);
+        }
+        let tls = tls.build_rustls().map_err(|e| format!("TLS: {e}"))?;
+        let tls = match (implicit, config.starttls) {
+            (true, _) => Tls::Wrapper(tls),
+            (false, StartTls::Required) => Tls::Required(tls),
+            (false, StartTls::Opportunistic) => Tls::Opportunistic(tls),
+            (false, StartTls::Never) => Tls::None,
+        };
+        let port = url.port().unwrap_or(if implicit { 465 } else { 587 });
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+            .port(port)
+            .tls(tls)
+            .timeout(Some(config.delivery.timeout.0));
+        if let (Some(username), Some(password)) = (&config.username, &config.password) {
+            builder = builder.credentials(Credentials::new(
+                username.clone(),
+                password.resolve("password")?,
+            ));
+        }
+        Ok(Self {
+            transport: builder.build(),
+            from: mailbox("from", &config.from)?,
+            to: config
+                .to
+                .iter()
+                .map(|to| mailbox("to", to))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    async fn send(&self, subject: &str, text: &str) -> Result<String, SinkError> {
+        let text = normalise(text);
+        let html = format!(
+            "<!doctype html><html><body><h2>{}</h2><p>{}</p></body></html>",
+            escape_html(subject),
+            escape_html(&text).replace('\n', "<br>\n")
+        );
+        let part = |content_type: ContentType, body: String| {
+            SinglePart::builder()
+                .header(content_type)
+                .header(ContentTransferEncoding::Base64)
+                .body(body)
+        };
+        let mut message = Message::builder()
+            .from(self.from.clone())
+            .subject(one_line(subject));
+        for to in &self.to {
+            message = message.to(to.clone());
+        }
+        let message = message
+            .multipart(
+                MultiPart::alternative()
+                    .singlepart(part(ContentType::TEXT_PLAIN, text))
+                    .singlepart(part(ContentType::TEXT_HTML, html)),
+            )
+            .map_err(|e| SinkError::permanent(format!("cannot build the email: {e}")))?;
+        match self.transport.send(message).await {
+            Ok(response) => Ok(bounded(&format!(
+                "{} {}",
+                response.code(),
+                response.message().collect::<Vec<_>>().join(" ")
+            ))),
+            Err(err) if err.is_permanent() => Err(SinkError::permanent(format!("SMTP: {err}"))),
+            Err(err) => Err(SinkError::transient(format!("SMTP: {err}"))),
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for EmailSink {
+    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
+        self.send(&delivery.message.title, &delivery.message.body)
+            .await
+    }
+
+    async fn deliver_batch(&self, deliveries: &[Delivery<'_>]) -> Result<String, SinkError> {
+        let subject = match deliveries {
+            [one] => one.message.title.clone(),
+            many => format!(
+                "{} events, the first: {}",
+                many.len(),
+                many[0].message.title
+            ),
+        };
+        let body = deliveries
+            .iter()
+            .map(|d| {
+                format!(
+                    "{}\n{}\n({} from {}, {})",
+                    d.message.title,
+                    d.message.body,
+                    d.event.event_type,
+                    d.event.source,
+                    d.event.delivery_id
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n\n----\n\n");
+        self.send(&subject, &body).await
+    }
+}
+
+/// A subject is one line: CR and LF become spaces.
+fn one_line(text: &str) -> String {
+    text.replace(['\r', '\n'], " ")
+}
+
+/// Line endings as `\n` only: no bare CR can reach the SMTP stream.
+fn normalise(text: &str) -> String {
+    text.replace("\r\n", "\n").replace('\r', "\n")
+}
+
+fn escape_html(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_cannot_break_out() {
+        assert_eq!(
+            one_line("a\r\nBcc: x@evil.example\rc"),
+            "a  Bcc: x@evil.example c"
+        );
+        assert_eq!(normalise("a\r\nb\rc\n.\r\n"), "a\nb\nc\n.\n");
+        assert!(mailbox("from", "Ops <ops@example.com>\r\nBcc: x@y.z").is_err());
+        assert!(mailbox("to", "not an address").is_err());
+        assert_eq!(
+            mailbox("to", "Sec Team <sec@example.com>")
+                .unwrap()
+                .email
+                .to_string(),
+            "sec@example.com"
+        );
+    }
+}

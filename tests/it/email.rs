@@ -1,0 +1,395 @@
+//! The email sink against a real SMTP server process (aiosmtpd, started here on loopback):
+//! headers, recipients, bodies, STARTTLS with a test CA, implicit TLS, AUTH, digests, and
+//! header-injection attempts from payload fields.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+use crate::harness::*;
+
+/// Debian's interpreter, which has python3-aiosmtpd (the pyenv one on PATH may not).
+const PYTHON: &str = "/usr/bin/python3";
+
+struct Smtp {
+    child: Child,
+    port: u16,
+    out: PathBuf,
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A CA and a certificate for 127.0.0.1 it signed, as PEM files.
+struct TestCa {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn test_ca(dir: &Path) -> TestCa {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let files = TestCa {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    std::fs::write(&files.ca, ca.as_ref().pem()).unwrap();
+    std::fs::write(&files.cert, cert.pem()).unwrap();
+    std::fs::write(&files.key, key.serialize_pem()).unwrap();
+    files
+}
+
+impl Smtp {
+    fn start(dir: &Path, name: &str, mode: &str, ca: Option<&TestCa>, auth: Option<&str>) -> Self {
+        let out = dir.join(format!("mail-{name}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/smtp_server.py");
+        let mut command = Command::new(PYTHON);
+        command
+            .arg(script)
+            .args(["--port", &port.to_string(), "--mode", mode])
+            .arg("--out")
+            .arg(&out);
+        if let Some(ca) = ca {
+            command
+                .arg("--cert")
+                .arg(&ca.cert)
+                .arg("--key")
+                .arg(&ca.key);
+        }
+        if let Some(auth) = auth {
+            command.args(["--auth", auth]);
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 with aiosmtpd");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "READY", "the SMTP server did not start");
+        Self { child, port, out }
+    }
+
+    /// Waits for `n` messages and returns them, oldest first.
+    async fn messages(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut files: Vec<_> = std::fs::read_dir(&self.out)
+                .unwrap()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect();
+            if files.len() >= n || Instant::now() > deadline {
+                files.sort();
+                return files
+                    .iter()
+                    .map(|p| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap())
+                    .collect();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn daemon_with(dir: &Path, sinks: &str, routes: &str) -> Daemon {
+    let text = config(
+        dir,
+        NO_LIMITS,
+        &format!("[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n{sinks}\n{routes}"),
+    );
+    Daemon::start(dir, &text)
+}
+
+fn job_status(daemon: &Daemon, sink: &str) -> (String, Option<String>) {
+    daemon
+        .db()
+        .query_row(
+            "SELECT status, last_error FROM jobs WHERE sink = ?1 ORDER BY id DESC LIMIT 1",
+            [sink],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+}
+
+async fn wait_status(daemon: &Daemon, sink: &str, status: &str) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (now, error) = job_status(daemon, sink);
+        if now == status {
+            return error;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sink}: {now} {error:?}\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_with_a_test_ca_and_auth() {
+    let dir = tempdir();
+    let ca = test_ca(dir.path());
+    let smtp = Smtp::start(
+        dir.path(),
+        "starttls",
+        "starttls",
+        Some(&ca),
+        Some("hookroute:s3cret"),
+    );
+    let password = dir.path().join("smtp.password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let sink = |name: &str, secret: &str| {
+        format!(
+            "[sinks.{name}]\ntype = \"email\"\nurl = \"smtp://127.0.0.1:{}\"\nca_file = \"{}\"\nusername = \"hookroute\"\npassword = {secret}\nfrom = \"Hookroute <hookroute@example.com>\"\nto = [\"ciso@example.com\", \"Sec Team <sec@example.com>\"]\ndelivery = {{ retry = {{ base = \"100ms\" }} }}\n",
+            smtp.port,
+            ca.ca.display()
+        )
+    };
+    let sinks = sink("mail", &format!("{{ file = \"{}\" }}", password.display()))
+        + &sink("wrong", "{ value = \"guess\" }");
+    let routes = "[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = [\"mail\", \"wrong\"]\n";
+    let daemon = daemon_with(dir.path(), &sinks, routes);
+    assert_eq!(
+        daemon
+            .post_cl(&sample("compliancelayer-scan.completed.json"))
+            .await
+            .status,
+        202
+    );
+
+    let message = &smtp.messages(1).await[0];
+    assert_eq!(message["tls"], true, "STARTTLS was used");
+    assert_eq!(message["authenticated"], true);
+    assert_eq!(message["mail_from"], "hookroute@example.com");
+    assert_eq!(
+        message["rcpt_tos"],
+        serde_json::json!(["ciso@example.com", "sec@example.com"])
+    );
+    assert_eq!(
+        message["subject"],
+        "Scan completed: example.com graded B (85/100, low risk)"
+    );
+    let header = |name: &str| {
+        message["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h[0].as_str().unwrap().eq_ignore_ascii_case(name))
+            .map(|h| h[1].as_str().unwrap().to_owned())
+    };
+    assert_eq!(
+        header("From").as_deref(),
+        Some("Hookroute <hookroute@example.com>")
+    );
+    assert!(header("To").unwrap().contains("Sec Team <sec@example.com>"));
+    assert!(
+        message["text"]
+            .as_str()
+            .unwrap()
+            .contains("8 issues: 0 critical, 2 high, 3 medium, 3 low")
+    );
+    assert!(
+        message["html"]
+            .as_str()
+            .unwrap()
+            .contains("<h2>Scan completed: example.com")
+    );
+    assert!(
+        message["raw"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Transfer-Encoding: base64")
+    );
+    wait_status(&daemon, "mail", "succeeded").await;
+    // A refused login is permanent: no retries, straight to the dead letters.
+    let error = wait_status(&daemon, "wrong", "dead").await.unwrap();
+    assert!(
+        error.contains("535") || error.to_lowercase().contains("auth"),
+        "{error}"
+    );
+    assert!(!daemon.log().contains("s3cret"), "the password was logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn implicit_tls_and_a_plain_relay() {
+    let dir = tempdir();
+    let ca = test_ca(dir.path());
+    let (tls, plain) = (
+        Smtp::start(dir.path(), "tls", "tls", Some(&ca), None),
+        Smtp::start(dir.path(), "plain", "plain", None, None),
+    );
+    let sinks = format!(
+        "[sinks.tls]\ntype = \"email\"\nurl = \"smtps://127.0.0.1:{}\"\nca_file = \"{}\"\nfrom = \"h@example.com\"\nto = [\"a@example.com\"]\n\n[sinks.relay]\ntype = \"email\"\nurl = \"smtp://127.0.0.1:{}\"\nstarttls = \"never\"\nfrom = \"h@example.com\"\nto = [\"b@example.com\"]\n",
+        tls.port,
+        ca.ca.display(),
+        plain.port
+    );
+    let routes = "[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = [\"tls\", \"relay\"]\n";
+    let daemon = daemon_with(dir.path(), &sinks, routes);
+    assert_eq!(
+        daemon
+            .post_cl(&sample("compliancelayer-alert.triggered.json"))
+            .await
+            .status,
+        202
+    );
+    let over_tls = &tls.messages(1).await[0];
+    assert_eq!(over_tls["tls"], true);
+    assert_eq!(
+        over_tls["subject"],
+        "Alert [HIGH] example.com: Security score dropped from 85 to 61"
+    );
+    let relayed = &plain.messages(1).await[0];
+    assert_eq!(relayed["tls"], false);
+    assert_eq!(relayed["rcpt_tos"], serde_json::json!(["b@example.com"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digest_sends_one_email_per_window() {
+    let dir = tempdir();
+    let smtp = Smtp::start(dir.path(), "digest", "plain", None, None);
+    let sinks = format!(
+        "[sinks.digest]\ntype = \"email\"\nurl = \"smtp://127.0.0.1:{}\"\nstarttls = \"never\"\nfrom = \"h@example.com\"\nto = [\"ops@example.com\"]\ndigest = \"2s\"\n",
+        smtp.port
+    );
+    let daemon = daemon_with(
+        dir.path(),
+        &sinks,
+        "[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = [\"digest\"]\n",
+    );
+    let started = Instant::now();
+    for name in [
+        "compliancelayer-scan.completed.json",
+        "compliancelayer-alert.triggered.json",
+        "scorecard-assessment.completed.json",
+    ] {
+        assert_eq!(daemon.post_cl(&sample(name)).await.status, 202);
+    }
+    let messages = smtp.messages(1).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1800),
+        "the digest did not wait for its window"
+    );
+    assert_eq!(messages.len(), 1);
+    let message = &messages[0];
+    assert_eq!(
+        message["subject"],
+        "3 events, the first: Scan completed: example.com graded B (85/100, low risk)"
+    );
+    let text = message["text"].as_str().unwrap();
+    for title in [
+        "Scan completed: example.com",
+        "Alert [HIGH] example.com",
+        "Assessment completed: Q1 2025",
+    ] {
+        assert!(
+            text.contains(title),
+            "{title} missing from the digest:\n{text}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        smtp.messages(2).await.len(),
+        1,
+        "one email for the whole window"
+    );
+    let succeeded: i64 = daemon
+        .db()
+        .query_row(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(succeeded, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payload_text_cannot_inject_headers_or_recipients() {
+    let dir = tempdir();
+    let smtp = Smtp::start(dir.path(), "inject", "plain", None, None);
+    let mail = |name: &str, to: &str| {
+        format!(
+            "[sinks.{name}]\ntype = \"email\"\nurl = \"smtp://127.0.0.1:{}\"\nstarttls = \"never\"\nfrom = \"h@example.com\"\nto = [\"{to}\"]\n",
+            smtp.port
+        )
+    };
+    let sinks = mail("ops", "ops@example.com") + &mail("nobody", "nobody@reject.invalid");
+    let routes = r#"[[routes]]
+name = "raw fields"
+events = ["*"]
+sinks = ["ops", "nobody"]
+templates = { email = { text = "{{ data.subject }}\n{{ data.body }}" } }
+"#;
+    let daemon = daemon_with(dir.path(), &sinks, routes);
+    let body = serde_json::json!({
+        "id": "inject",
+        "type": "alert.triggered",
+        "data": {
+            "subject": "Hello\rBcc: evil@example.com\rX-Injected: yes",
+            "body": "line one\r\n.\r\nRCPT TO:<evil@example.com>\rline two\n.\nQUIT\r\nlast line",
+        }
+    })
+    .to_string();
+    assert_eq!(daemon.post_cl(body.as_bytes()).await.status, 202);
+    let message = &smtp.messages(1).await[0];
+    assert_eq!(
+        message["rcpt_tos"],
+        serde_json::json!(["ops@example.com"]),
+        "only the configured recipient"
+    );
+    let names: Vec<String> = message["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h[0].as_str().unwrap().to_lowercase())
+        .collect();
+    assert!(
+        !names.contains(&"bcc".to_owned()) && !names.contains(&"x-injected".to_owned()),
+        "{names:?}"
+    );
+    assert_eq!(
+        message["subject"],
+        "Hello Bcc: evil@example.com X-Injected: yes"
+    );
+    let text = message["text"].as_str().unwrap();
+    assert!(
+        text.contains("line one")
+            && text.contains("RCPT TO:<evil@example.com>")
+            && text.contains("last line"),
+        "{text}"
+    );
+    assert!(
+        !text.replace("\r\n", "\n").contains('\r'),
+        "no bare CR survives: {text:?}"
+    );
+    // A recipient the server refuses is a permanent failure.
+    let error = wait_status(&daemon, "nobody", "dead").await.unwrap();
+    assert!(error.contains("550"), "{error}");
+    wait_status(&daemon, "ops", "succeeded").await;
+}
