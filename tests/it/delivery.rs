@@ -193,6 +193,19 @@ async fn permanent_errors_go_to_dead_letters_and_can_be_retried() {
     assert_eq!(slack.requests().len(), 2);
     let (code, _) = hookroute(&["dead-letter", "retry", &job_id], &config);
     assert_eq!(code, Some(1), "nothing dead to retry");
+    // --all re-queues every dead letter at once.
+    slack.script([Answer::status(404), Answer::status(404)]);
+    for name in [
+        "compliancelayer-scan.completed.json",
+        "scorecard-assessment.completed.json",
+    ] {
+        assert_eq!(daemon.post_cl(&sample(name)).await.status, 202);
+    }
+    wait_jobs(&daemon, "dead", 2).await;
+    let (code, out) = hookroute(&["dead-letter", "retry", "--all"], &config);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("re-queued 2 dead deliveries"), "{out}");
+    wait_jobs(&daemon, "succeeded", 3).await;
     let (code, _) = hookroute(&["deliveries", "show", "999"], &config);
     assert_eq!(code, Some(1));
 }

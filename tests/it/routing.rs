@@ -224,6 +224,18 @@ async fn unrouted_events_are_stored_and_recorded() {
     );
     assert_eq!(daemon.count("events"), 1);
     assert!(ids_in(dir.path(), "a").is_empty());
+    // The operator sees it too.
+    let out = Command::new(BIN)
+        .args(["deliveries", "list", "--status", "unrouted", "--config"])
+        .arg(&daemon.config_path)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.contains("alert.triggered") && l.contains("unrouted")),
+        "{out}"
+    );
     // Unrouted families are pointed out at start-up.
     assert!(
         daemon.log().contains("no route matches alert.triggered"),
