@@ -10,7 +10,7 @@ use jiff::Timestamp;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 
-use super::{StoredEvent, row_to_event};
+use super::{SELECT_EVENT, StoredEvent, from_ms, row_to_event};
 
 /// Every status a listed row can have.
 pub const STATUSES: &[&str] = &[
@@ -88,9 +88,7 @@ pub struct Admin {
 }
 
 fn at(ms: i64) -> String {
-    Timestamp::from_millisecond(ms)
-        .map(|t| t.to_string())
-        .unwrap_or_default()
+    from_ms(ms).to_string()
 }
 
 impl Admin {
@@ -156,8 +154,7 @@ impl Admin {
         let Some(event) = self
             .conn
             .query_row(
-                "SELECT id, source, delivery_id, event_type, occurred_at, received_at, sender_delivery, payload
-                 FROM events WHERE id = ?1",
+                &format!("{SELECT_EVENT} WHERE id = ?1"),
                 [event_id],
                 row_to_event,
             )

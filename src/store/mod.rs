@@ -104,6 +104,8 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 "];
 
 const DISPATCH_CURSOR: &str = "dispatch_cursor";
+/// The columns [`row_to_event`] reads, in its order.
+pub(crate) const SELECT_EVENT: &str = "SELECT id, source, delivery_id, event_type, occurred_at, received_at, sender_delivery, payload FROM events";
 /// How often the checkpointer copies the WAL back into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// How often the writer itself finishes a checkpoint between batches. Only a checkpoint that
@@ -492,12 +494,11 @@ impl Store {
                  WHERE status IN ('pending', 'failed') GROUP BY sink",
             )?;
             let rows = stmt.query_map([], |row| {
-                let at = |ms: i64| Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH);
                 Ok((
                     row.get::<_, String>(0)?,
                     DueSummary {
-                        next_due: at(row.get(1)?),
-                        oldest: at(row.get(2)?),
+                        next_due: from_ms(row.get(1)?),
+                        oldest: from_ms(row.get(2)?),
                     },
                 ))
             })?;
@@ -512,12 +513,9 @@ impl Store {
     /// [`StoreError`] on a database error.
     pub async fn event(&self, id: i64) -> Result<Option<StoredEvent>, StoreError> {
         self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT id, source, delivery_id, event_type, occurred_at, received_at, sender_delivery, payload
-                 FROM events WHERE id = ?1",
-            )?
-            .query_row([id], row_to_event)
-            .optional()
+            conn.prepare_cached(&format!("{SELECT_EVENT} WHERE id = ?1"))?
+                .query_row([id], row_to_event)
+                .optional()
         })
         .await
     }
@@ -571,10 +569,9 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT id, source, delivery_id, event_type, occurred_at, received_at, sender_delivery, payload
-                 FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
-            )?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "{SELECT_EVENT} WHERE id > ?1 ORDER BY id LIMIT ?2"
+            ))?;
             let rows = stmt.query_map(params![after, limit as i64], row_to_event)?;
             rows.collect::<Result<Vec<_>, _>>()
         })
@@ -593,8 +590,7 @@ impl Store {
                 Ok(ThrottleWindow {
                     route: row.get(0)?,
                     key: row.get(1)?,
-                    started_at: Timestamp::from_millisecond(row.get(2)?)
-                        .unwrap_or(Timestamp::UNIX_EPOCH),
+                    started_at: from_ms(row.get(2)?),
                     window: std::time::Duration::from_millis(
                         row.get::<_, i64>(3)?.try_into().unwrap_or(0),
                     ),
@@ -840,7 +836,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
                         route: row.get(2)?,
                         sink: row.get(3)?,
                         attempt: row.get(4)?,
-                        created_at: Timestamp::from_millisecond(row.get(5)?).unwrap_or(Timestamp::UNIX_EPOCH),
+                        created_at: from_ms(row.get(5)?),
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -890,6 +886,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
     }
 }
 
+/// A stored unix-millisecond time; a corrupt one reads as the epoch rather than failing.
+pub(crate) fn from_ms(ms: i64) -> Timestamp {
+    Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
 fn set_meta(tx: &rusqlite::Transaction<'_>, key: &str, value: &str) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO meta (key, value) VALUES (?1, ?2)
@@ -922,7 +923,7 @@ fn row_to_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     let occurred_at: Option<String> = row.get(4)?;
     Ok(StoredEvent {
         id: row.get(0)?,
-        received_at: Timestamp::from_millisecond(received_at).unwrap_or(Timestamp::UNIX_EPOCH),
+        received_at: from_ms(received_at),
         event: Event {
             source: row.get(1)?,
             delivery_id: row.get(2)?,
