@@ -51,7 +51,9 @@ impl Engine {
     /// Runs until `stop` is cancelled; attempts still running then are abandoned and retried
     /// at the next start.
     pub async fn run(self, stop: CancellationToken) {
-        let mut limits: HashMap<String, Arc<Semaphore>> = HashMap::new();
+        // Per sink: its concurrency and the semaphore enforcing it (replaced when a reload
+        // changes the concurrency; attempts holding the old one finish undisturbed).
+        let mut limits: HashMap<String, (usize, Arc<Semaphore>)> = HashMap::new();
         let mut running = JoinSet::new();
         while !stop.is_cancelled() {
             let plan = self.plan.load_full();
@@ -61,6 +63,7 @@ impl Engine {
                     let mut next = now + POLL;
                     for (name, summary) in due {
                         let Some(sink) = plan.sinks.get(&name) else {
+                            self.bury_orphans(&name).await;
                             continue;
                         };
                         let ready = match sink.digest {
@@ -72,10 +75,14 @@ impl Engine {
                             next = next.min(ready);
                             continue;
                         }
-                        let limit = limits
-                            .entry(name.clone())
-                            .or_insert_with(|| Arc::new(Semaphore::new(sink.delivery.concurrency)));
-                        self.start(&plan, sink, limit, &mut running).await;
+                        let concurrency = sink.delivery.concurrency;
+                        let limit = limits.entry(name.clone()).or_insert_with(|| {
+                            (concurrency, Arc::new(Semaphore::new(concurrency)))
+                        });
+                        if limit.0 != concurrency {
+                            *limit = (concurrency, Arc::new(Semaphore::new(concurrency)));
+                        }
+                        self.start(&plan, sink, &limit.1, &mut running).await;
                     }
                     next
                 }
@@ -96,6 +103,27 @@ impl Engine {
             }
         }
         running.abort_all();
+    }
+
+    /// Jobs for a sink the configuration no longer has (removed by a reload) would wait
+    /// forever: dead-letter them, visibly, so `dead-letter retry` can revive them if the sink
+    /// comes back.
+    async fn bury_orphans(&self, sink: &str) {
+        let jobs = match self.store.claim_waiting(sink, DIGEST_LIMIT).await {
+            Ok(jobs) => jobs,
+            Err(err) => {
+                tracing::error!(%sink, error = %err, "cannot claim jobs of a removed sink");
+                return;
+            }
+        };
+        for job in jobs {
+            let error = format!("sink {sink:?} is no longer configured");
+            let outcome = AttemptOutcome::Dead {
+                error,
+                response: String::new(),
+            };
+            finish(&self.store, sink, job, outcome, Timestamp::now()).await;
+        }
     }
 
     /// Claims what `sink` has room for and starts the attempts.
@@ -169,7 +197,7 @@ async fn attempt(store: &Store, plan: &Plan, sink: &NamedSink, jobs: Vec<Job>) {
                     error: "the event is no longer stored".into(),
                     response: String::new(),
                 };
-                finish(store, sink, job, outcome, started).await;
+                finish(store, &sink.name, job, outcome, started).await;
             }
             Err(err) => {
                 // Left in flight; the next start retries it.
@@ -210,32 +238,27 @@ async fn attempt(store: &Store, plan: &Plan, sink: &NamedSink, jobs: Vec<Job>) {
             .delivery
             .retry
             .decide(&job, result.as_ref().cloned(), now, jitter());
-        finish(store, sink, job, outcome, started).await;
+        finish(store, &sink.name, job, outcome, started).await;
     }
 }
 
-async fn finish(
-    store: &Store,
-    sink: &NamedSink,
-    job: Job,
-    outcome: AttemptOutcome,
-    started: Timestamp,
-) {
+/// Logs an attempt's outcome and records it.
+async fn finish(store: &Store, sink: &str, job: Job, outcome: AttemptOutcome, started: Timestamp) {
     match &outcome {
         AttemptOutcome::Succeeded { .. } => {
-            tracing::debug!(sink = %sink.name, job = job.id, attempt = job.attempt, "delivered");
+            tracing::debug!(%sink, job = job.id, attempt = job.attempt, "delivered");
         }
         AttemptOutcome::Failed {
             error, retry_at, ..
         } => {
-            tracing::warn!(sink = %sink.name, job = job.id, attempt = job.attempt, %error, %retry_at, "delivery failed; will retry");
+            tracing::warn!(%sink, job = job.id, attempt = job.attempt, %error, %retry_at, "delivery failed; will retry");
         }
         AttemptOutcome::Dead { error, .. } => {
-            tracing::error!(sink = %sink.name, job = job.id, attempt = job.attempt, %error, "delivery failed for good (dead letter)");
+            tracing::error!(%sink, job = job.id, attempt = job.attempt, %error, "delivery failed for good (dead letter)");
         }
     }
     if let Err(err) = store.finish_attempt(job, outcome, started).await {
-        tracing::error!(sink = %sink.name, error = %err, "cannot record a delivery attempt");
+        tracing::error!(%sink, error = %err, "cannot record a delivery attempt");
     }
 }
 

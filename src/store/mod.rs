@@ -268,6 +268,8 @@ enum Op {
         limit: usize,
         /// Claim only once the oldest due job is this old (digests), then all of them.
         hold: Option<std::time::Duration>,
+        /// Jobs due up to this time are taken.
+        due_by: i64,
         now: i64,
     },
     FinishAttempt {
@@ -452,12 +454,34 @@ impl Store {
         limit: usize,
         hold: Option<std::time::Duration>,
     ) -> Result<Vec<Job>, StoreError> {
-        let op = Op::ClaimDue {
+        let now = Timestamp::now().as_millisecond();
+        self.claim(Op::ClaimDue {
             sink: sink.to_owned(),
             limit,
             hold,
-            now: Timestamp::now().as_millisecond(),
-        };
+            due_by: now,
+            now,
+        })
+        .await
+    }
+
+    /// Claims up to `limit` waiting jobs of `sink`, due now or later.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the write failed.
+    pub async fn claim_waiting(&self, sink: &str, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let now = Timestamp::now().as_millisecond();
+        self.claim(Op::ClaimDue {
+            sink: sink.to_owned(),
+            limit,
+            hold: None,
+            due_by: i64::MAX,
+            now,
+        })
+        .await
+    }
+
+    async fn claim(&self, op: Op) -> Result<Vec<Job>, StoreError> {
         match self.submit(op).await? {
             Done::Jobs(jobs) => Ok(jobs),
             _ => unreachable!("claim answers Jobs"),
@@ -808,6 +832,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
             sink,
             limit,
             hold,
+            due_by,
             now,
         } => {
             if let Some(hold) = hold {
@@ -826,10 +851,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
                 .prepare_cached(
                     "UPDATE jobs SET status = 'in_flight', attempts = attempts + 1, updated_at = ?3
                      WHERE id IN (SELECT id FROM jobs WHERE sink = ?1 AND status IN ('pending', 'failed')
-                                  AND next_attempt_at <= ?3 ORDER BY next_attempt_at, id LIMIT ?2)
+                                  AND next_attempt_at <= ?4 ORDER BY next_attempt_at, id LIMIT ?2)
                      RETURNING id, event_id, route, sink, attempts, created_at",
                 )?
-                .query_map(params![sink, *limit as i64, now], |row| {
+                .query_map(params![sink, *limit as i64, now, due_by], |row| {
                     Ok(Job {
                         id: row.get(0)?,
                         event_id: row.get(1)?,

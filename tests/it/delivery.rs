@@ -565,3 +565,41 @@ async fn replay_requeues_through_routes_or_to_one_sink() {
     let (_, out) = hookroute(&["deliveries", "list", "--source", "other"], &config);
     assert_eq!(out.lines().count(), 1, "header only: {out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_a_sink_removed_by_reload_become_dead_letters() {
+    let dir = tempdir();
+    let target = Recorder::start().await;
+    target.set_down(true);
+    let forward = format!(
+        "[sinks.forward]\ntype = \"http\"\nurl = \"{}\"\ndelivery = {{ retry = {{ base = \"10m\" }} }}\n",
+        target.url("/")
+    );
+    let archive = format!(
+        "[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n",
+        dir.path().join("a.jsonl").display()
+    );
+    let daemon = Daemon::start(
+        dir.path(),
+        &with_sinks(dir.path(), &(forward + &archive), &["forward"]),
+    );
+    assert_eq!(daemon.post_cl(&scan_body("orphan")).await.status, 202);
+    wait_jobs(&daemon, "failed", 1).await;
+
+    std::fs::write(
+        &daemon.config_path,
+        with_sinks(dir.path(), &archive, &["archive"]),
+    )
+    .unwrap();
+    signal(daemon.pid(), "HUP");
+    wait_jobs(&daemon, "dead", 1).await;
+    let error: String = daemon
+        .db()
+        .query_row(
+            "SELECT last_error FROM jobs WHERE sink = 'forward'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(error, "sink \"forward\" is no longer configured");
+}
