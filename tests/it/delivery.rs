@@ -36,19 +36,15 @@ fn jobs(daemon: &Daemon) -> HashMap<String, i64> {
 }
 
 async fn wait_jobs(daemon: &Daemon, status: &str, n: i64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually(|| {
         let counts = jobs(daemon);
         if counts.get(status).copied().unwrap_or(0) >= n {
-            return;
+            Ok(())
+        } else {
+            Err(format!("{n} {status} jobs: {counts:?}\n{}", daemon.log()))
         }
-        assert!(
-            Instant::now() < deadline,
-            "waiting for {n} {status}: {counts:?}\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    })
+    .await
 }
 
 fn hookroute(args: &[&str], config: &Path) -> (Option<i32>, String) {
@@ -341,8 +337,7 @@ async fn exec_gets_the_event_on_stdin_and_a_clean_environment() {
         "cat > \"$OUT/$HOOKROUTE_DELIVERY_ID.json\"\nenv > \"$OUT/$HOOKROUTE_DELIVERY_ID.env\"\necho \"$1\" > \"$OUT/args\"\npwd > \"$OUT/pwd\"\necho done",
     );
     let text = with_sinks(dir.path(), &exec_sink(&hook, &out, ""), &["hook"]);
-    let config_path = dir.path().join("config.toml");
-    std::fs::write(&config_path, text).unwrap();
+    let config_path = write_config(dir.path(), &text);
     let daemon = Daemon::start_with(
         dir.path(),
         &config_path,

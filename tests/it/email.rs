@@ -135,19 +135,11 @@ fn job_status(daemon: &Daemon, sink: &str) -> (String, Option<String>) {
 }
 
 async fn wait_status(daemon: &Daemon, sink: &str, status: &str) -> Option<String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (now, error) = job_status(daemon, sink);
-        if now == status {
-            return error;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{sink}: {now} {error:?}\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(|| match job_status(daemon, sink) {
+        (now, error) if now == status => Ok(error),
+        (now, error) => Err(format!("{sink}: {now} {error:?}\n{}", daemon.log())),
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

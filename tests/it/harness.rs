@@ -71,9 +71,7 @@ pub struct Daemon {
 impl Daemon {
     /// Writes `config` into `dir` and starts the daemon on it.
     pub fn start(dir: &Path, config: &str) -> Self {
-        let config_path = dir.join("config.toml");
-        std::fs::write(&config_path, config).unwrap();
-        Self::start_with(dir, &config_path, &[])
+        Self::start_with(dir, &write_config(dir, config), &[])
     }
 
     pub fn start_with(dir: &Path, config_path: &Path, env: &[(&str, &str)]) -> Self {
@@ -322,6 +320,25 @@ pub async fn wait_lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Polls `check` until it succeeds, for at most 20 s; then fails with its last complaint.
+pub async fn eventually<T>(mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(why) if Instant::now() > deadline => panic!("gave up waiting: {why}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+}
+
+/// Writes a configuration file into `dir` and returns its path.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 pub fn tempdir() -> tempfile::TempDir {

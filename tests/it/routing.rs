@@ -4,7 +4,6 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
@@ -42,9 +41,8 @@ fn ids_in(dir: &Path, sink: &str) -> Vec<String> {
 
 /// Waits until `events` events are routed and no delivery is outstanding.
 async fn wait_dispatched(daemon: &Daemon, events: i64) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (routed, open): (i64, i64) = daemon
+    let (routed, _) = eventually(|| {
+        let counts: (i64, i64) = daemon
             .db()
             .query_row(
                 "SELECT (SELECT count(*) FROM (SELECT event_id FROM jobs UNION SELECT event_id FROM dispatches)),
@@ -53,24 +51,25 @@ async fn wait_dispatched(daemon: &Daemon, events: i64) {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .unwrap();
-        if (routed >= events && open == 0) || Instant::now() > deadline {
-            assert_eq!((routed, open), (events, 0), "{}", daemon.log());
-            return;
+        match counts {
+            (routed, 0) if routed >= events => Ok(counts),
+            _ => Err(format!("(routed, open jobs) = {counts:?}\n{}", daemon.log())),
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    })
+    .await;
+    assert_eq!(routed, events, "{}", daemon.log());
 }
 
 async fn wait_log(daemon: &Daemon, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !daemon.log().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} not logged:\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    eventually(|| {
+        let log = daemon.log();
+        if log.contains(needle) {
+            Ok(())
+        } else {
+            Err(format!("{needle:?} not logged:\n{log}"))
+        }
+    })
+    .await
 }
 
 async fn post_scorecard(daemon: &Daemon, body: &[u8]) -> Reply {
@@ -380,16 +379,14 @@ name = "policies"
 events = ["policy.*"]
 sinks = ["console", "a"]
 "#;
-    let path = dir.path().join("config.toml");
-    std::fs::write(
-        &path,
-        config(
+    let path = write_config(
+        dir.path(),
+        &config(
             dir.path(),
             NO_LIMITS,
             &(sinks_and_sources(dir.path()) + routes),
         ),
-    )
-    .unwrap();
+    );
     let event = dir.path().join("event.json");
     let run = |body: &str, source: &[&str]| {
         std::fs::write(&event, body).unwrap();
@@ -483,16 +480,14 @@ throttle = { window = "1h", key = "data." }
 [templates.broken]
 text = "{% if %}"
 "#;
-    let path = dir.path().join("config.toml");
-    std::fs::write(
-        &path,
-        config(
+    let path = write_config(
+        dir.path(),
+        &config(
             dir.path(),
             NO_LIMITS,
             &(sinks_and_sources(dir.path()) + routes),
         ),
-    )
-    .unwrap();
+    );
     let out = Command::new(BIN)
         .arg("check-config")
         .arg("--config")

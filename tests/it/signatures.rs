@@ -193,8 +193,7 @@ max_event_age = "1h"
         dir.path().join("aged.secret").display()
     );
     std::fs::write(dir.path().join("aged.secret"), format!("{CL_SECRET}\n")).unwrap();
-    let config_path = dir.path().join("config.toml");
-    std::fs::write(&config_path, config(dir.path(), NO_LIMITS, &rest)).unwrap();
+    let config_path = write_config(dir.path(), &config(dir.path(), NO_LIMITS, &rest));
     let daemon = Daemon::start_with(
         dir.path(),
         &config_path,
