@@ -1,7 +1,9 @@
 //! hookroute: receives compliance webhooks, verifies and deduplicates them, stores each durably
 //! before answering, and dispatches it to sinks.
 //!
-//! Dependencies point one way: `http` → `signature`, `event`, `store` → `dispatch` → `sinks`.
+//! Dependencies point one way: `http` → `signature`, `event`, `store`; `dispatch` (routing)
+//! → `rules`, `store`; `delivery` → `sinks`, `templates`, `store`. Sinks never see HTTP
+//! requests or the database; `rules`, `signature` and `templates` do no I/O.
 
 pub mod cli;
 /// Configuration: raw TOML mirror, validation, the checked `Config`.
@@ -37,6 +39,7 @@ use arc_swap::ArcSwap;
 use config::Config;
 use delivery::Engine;
 use dispatch::{Dispatcher, Plan};
+use store::{Store, StoreError};
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +50,6 @@ pub enum RunError {
     #[error("{0}")]
     Sink(String),
 }
-use store::{Store, StoreError};
 
 /// How often idle rate-limiter entries are dropped.
 const LIMITER_UPKEEP: Duration = Duration::from_secs(10);
@@ -70,21 +72,21 @@ pub async fn run(
         Plan::build(&config).map_err(RunError::Sink)?,
     ));
     let store = Store::open(&config.storage)?;
-    let wake = Arc::new(Notify::new());
+    let events_stored = Arc::new(Notify::new());
     let jobs_created = Arc::new(Notify::new());
     let stop = CancellationToken::new();
     let dispatcher = tokio::spawn(
         Dispatcher::new(
             store.clone(),
             Arc::clone(&plan),
-            Arc::clone(&wake),
+            Arc::clone(&events_stored),
             Arc::clone(&jobs_created),
         )
         .run(stop.clone()),
     );
     let engine =
         tokio::spawn(Engine::new(store.clone(), Arc::clone(&plan), jobs_created).run(stop.clone()));
-    let app = http::App::new(&config, store.clone(), wake);
+    let app = http::App::new(&config, store.clone(), events_stored);
     let upkeep = tokio::spawn(upkeep(
         app.clone(),
         store.clone(),
