@@ -507,7 +507,7 @@ fn validate_source(name: &str, raw: RawSource, problems: &mut Problems) -> Optio
         StandardWebhooks => SecretEncoding::Base64,
         _ => raw.secret_encoding.unwrap_or(SecretEncoding::Utf8),
     };
-    let keys = resolve_secrets(name, &raw, secret_encoding, problems);
+    let keys = resolve_secrets(name, &raw, secret_encoding, scheme_name == Token, problems);
     let tolerance = raw
         .tolerance
         .map_or(DEFAULT_TOLERANCE, |HumanDuration(d)| d);
@@ -568,6 +568,7 @@ fn resolve_secrets(
     name: &str,
     raw: &RawSource,
     encoding: SecretEncoding,
+    in_header: bool,
     problems: &mut Problems,
 ) -> Vec<Key> {
     let mut found: Vec<(String, String)> = Vec::new();
@@ -604,6 +605,11 @@ fn resolve_secrets(
     found
         .into_iter()
         .filter_map(|(key, secret)| match decode_secret(&secret, encoding) {
+            // A token is sent as it is, in a header: only visible ASCII can travel there.
+            Ok(_) if in_header && !secret.bytes().all(|b| b.is_ascii_graphic()) => {
+                problems.add(key, "a token travels in a header: use visible ASCII only, no spaces or control characters");
+                None
+            }
             Ok(bytes) => Some(Key::new(bytes)),
             Err(message) => {
                 problems.add(key, message);

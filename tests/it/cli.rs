@@ -55,7 +55,7 @@ fn check_config_accepts_the_shipped_example() {
 fn check_config_reports_every_problem_precisely() {
     let dir = tempdir();
     let path = dir.path().join("bad.toml");
-    let cases: [(&str, &[&str]); 5] = [
+    let cases: [(&str, &[&str]); 6] = [
         (
             "[server]\nlisten = \"127.0.0.1:0\"\nlisten_port = 5\n",
             &["listen_port", "server", "bad.toml"],
@@ -72,6 +72,10 @@ fn check_config_reports_every_problem_precisely() {
                 "sources.cl.secret_env[0]: environment variable \"HOOKROUTE_TEST_UNSET_VAR\" is not set",
                 "sources.cl.header: does not apply to scheme \"compliancelayer\"",
             ],
+        ),
+        (
+            "[sources.sc]\nscheme = \"token\"\nsecret = \"tab\\tinside\"\n",
+            &["sources.sc.secret[0]: a token travels in a header"],
         ),
         (
             "[sources.sw]\nscheme = \"standard-webhooks\"\nsecret = \"whsec_***notbase64\"\n",
