@@ -37,9 +37,10 @@ use tokio_util::sync::CancellationToken;
 
 use arc_swap::ArcSwap;
 use config::Config;
+use config::StorageConfig;
 use delivery::Engine;
 use dispatch::{Dispatcher, Plan};
-use store::{Store, StoreError};
+use store::{Prunable, Store, StoreError};
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +56,10 @@ pub enum RunError {
 const LIMITER_UPKEEP: Duration = Duration::from_secs(10);
 /// How often expired dedupe records are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
-/// Dedupe records deleted per write, so pruning never holds the writer for long.
+/// Records deleted per write, so pruning never holds the writer for long.
 const PRUNE_CHUNK: usize = 1000;
+/// How long after it closed a throttle window is kept.
+const THROTTLE_MARGIN: Duration = Duration::from_secs(24 * 3600);
 
 /// Runs the daemon on `listener` until `shutdown` resolves; then drains in-flight requests,
 /// stops the dispatcher and flushes the database writer.
@@ -90,7 +93,7 @@ pub async fn run(
     let upkeep = tokio::spawn(upkeep(
         app.clone(),
         store.clone(),
-        config.storage.dedupe_retention,
+        config.storage.clone(),
         stop.clone(),
     ));
     for warning in &config.routing.warnings {
@@ -177,8 +180,9 @@ async fn reload_on_hangup(
     }
 }
 
-/// Periodic housekeeping: rate-limiter memory and dedupe retention.
-async fn upkeep(app: http::App, store: Store, retention: Duration, stop: CancellationToken) {
+/// Periodic housekeeping: rate-limiter memory, and the retention of dedupe records, events and
+/// throttle windows.
+async fn upkeep(app: http::App, store: Store, storage: StorageConfig, stop: CancellationToken) {
     let mut tick = tokio::time::interval(LIMITER_UPKEEP);
     let mut last_prune: Option<tokio::time::Instant> = None;
     loop {
@@ -191,28 +195,39 @@ async fn upkeep(app: http::App, store: Store, retention: Duration, stop: Cancell
             continue;
         }
         last_prune = Some(tokio::time::Instant::now());
-        let Ok(cutoff) = jiff::Timestamp::now().checked_sub(
-            jiff::SignedDuration::try_from(retention).unwrap_or(jiff::SignedDuration::MAX),
-        ) else {
-            continue;
-        };
-        let mut pruned = 0;
-        loop {
-            match store.prune_dedupe(cutoff, PRUNE_CHUNK).await {
-                Ok(n) => {
-                    pruned += n;
-                    if n < PRUNE_CHUNK {
-                        break;
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "cannot prune dedupe records");
+        for (what, retention) in [
+            (Prunable::Dedupe, storage.dedupe_retention),
+            (Prunable::Events, storage.event_retention),
+            // Windows are on the events' clock; a day's margin covers late events.
+            (Prunable::Throttles, THROTTLE_MARGIN),
+        ] {
+            prune(&store, what, retention).await;
+        }
+    }
+}
+
+/// Prunes `what` older than `retention`, a chunk per write so ingest never waits long.
+async fn prune(store: &Store, what: Prunable, retention: Duration) {
+    let span = jiff::SignedDuration::try_from(retention).unwrap_or(jiff::SignedDuration::MAX);
+    let Ok(cutoff) = jiff::Timestamp::now().checked_sub(span) else {
+        return;
+    };
+    let mut pruned = 0;
+    loop {
+        match store.prune(what, cutoff, PRUNE_CHUNK).await {
+            Ok(n) => {
+                pruned += n;
+                if n < PRUNE_CHUNK {
                     break;
                 }
             }
+            Err(err) => {
+                tracing::warn!(?what, error = %err, "cannot prune");
+                break;
+            }
         }
-        if pruned > 0 {
-            tracing::info!(pruned, "pruned expired dedupe records");
-        }
+    }
+    if pruned > 0 {
+        tracing::info!(?what, pruned, "pruned expired records");
     }
 }

@@ -87,6 +87,8 @@ pub struct RateLimitConfig {
 pub struct StorageConfig {
     pub path: PathBuf,
     pub dedupe_retention: Duration,
+    /// Finished events (and their jobs and attempts) are deleted after this long.
+    pub event_retention: Duration,
     pub busy_timeout: Duration,
     pub max_batch: usize,
 }
@@ -162,9 +164,17 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     let storage = StorageConfig {
         path: raw.storage.path,
         dedupe_retention: raw.storage.dedupe_retention.0,
+        event_retention: raw.storage.event_retention.0,
         busy_timeout: raw.storage.busy_timeout.0,
         max_batch: raw.storage.max_batch.max(1),
     };
+    if storage.event_retention < storage.dedupe_retention {
+        // A remembered delivery id must point at an event that still exists.
+        problems.add(
+            "storage.event_retention",
+            "must be at least storage.dedupe_retention",
+        );
+    }
 
     if raw.sources.is_empty() {
         problems.add(

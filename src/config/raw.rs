@@ -105,6 +105,7 @@ impl Default for RawRateLimit {
 pub struct RawStorage {
     pub path: PathBuf,
     pub dedupe_retention: HumanDuration,
+    pub event_retention: HumanDuration,
     pub busy_timeout: HumanDuration,
     pub max_batch: usize,
 }
@@ -114,6 +115,7 @@ impl Default for RawStorage {
         Self {
             path: PathBuf::from("./data/hookroute.db"),
             dedupe_retention: HumanDuration(Duration::from_secs(7 * 24 * 3600)),
+            event_retention: HumanDuration(Duration::from_secs(90 * 24 * 3600)),
             busy_timeout: HumanDuration(Duration::from_secs(5)),
             max_batch: 512,
         }

@@ -195,6 +195,17 @@ pub struct NewJob {
     pub sink: String,
 }
 
+/// What periodic pruning removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prunable {
+    /// Delivery ids remembered for deduplication.
+    Dedupe,
+    /// Events whose routing and deliveries are finished, with their jobs and attempts.
+    Events,
+    /// Throttle windows that closed.
+    Throttles,
+}
+
 /// A claimed job, being attempted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
@@ -281,7 +292,8 @@ enum Op {
     Touch {
         at: i64,
     },
-    PruneDedupe {
+    Prune {
+        what: Prunable,
         before: i64,
         limit: usize,
     },
@@ -556,13 +568,19 @@ impl Store {
         .map(|_| ())
     }
 
-    /// Deletes up to `limit` dedupe records older than `before`; returns how many went.
+    /// Deletes up to `limit` records of `what` older than `before`; returns how many went.
     ///
     /// # Errors
     /// [`StoreError`] when the write failed.
-    pub async fn prune_dedupe(&self, before: Timestamp, limit: usize) -> Result<usize, StoreError> {
+    pub async fn prune(
+        &self,
+        what: Prunable,
+        before: Timestamp,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
         match self
-            .submit(Op::PruneDedupe {
+            .submit(Op::Prune {
+                what,
                 before: before.as_millisecond(),
                 limit,
             })
@@ -898,11 +916,72 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
             set_meta(tx, "last_ready_check", &at.to_string())?;
             Ok(Done::Unit)
         }
-        Op::PruneDedupe { before, limit } => {
+        Op::Prune {
+            what: Prunable::Dedupe,
+            before,
+            limit,
+        } => {
             let n = tx
                 .prepare_cached(
                     "DELETE FROM dedupe WHERE (source, delivery_id) IN
                      (SELECT source, delivery_id FROM dedupe WHERE seen_at < ?1 LIMIT ?2)",
+                )?
+                .execute(params![before, *limit as i64])?;
+            Ok(Done::Count(n))
+        }
+        Op::Prune {
+            what: Prunable::Events,
+            before,
+            limit,
+        } => {
+            // Oldest first, stopping at the first event young enough to keep (ids grow with
+            // time), so only expired rows are read; skipped are events not yet routed and
+            // those with a delivery still to come.
+            let cursor: i64 = tx
+                .query_row(
+                    "SELECT value FROM meta WHERE key = ?1",
+                    [DISPATCH_CURSOR],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let mut expired = Vec::new();
+            let mut scan = tx.prepare_cached(
+                "SELECT id, received_at, EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = events.id
+                                                 AND j.status IN ('pending', 'in_flight', 'failed'))
+                 FROM events WHERE id <= ?1 ORDER BY id",
+            )?;
+            let mut rows = scan.query([cursor])?;
+            while let Some(row) = rows.next()? {
+                if row.get::<_, i64>(1)? >= *before || expired.len() >= *limit {
+                    break;
+                }
+                if !row.get::<_, bool>(2)? {
+                    expired.push(row.get::<_, i64>(0)?);
+                }
+            }
+            for id in &expired {
+                for sql in [
+                    "DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE event_id = ?1)",
+                    "DELETE FROM jobs WHERE event_id = ?1",
+                    "DELETE FROM dispatches WHERE event_id = ?1",
+                    "DELETE FROM events WHERE id = ?1",
+                ] {
+                    tx.prepare_cached(sql)?.execute([id])?;
+                }
+            }
+            Ok(Done::Count(expired.len()))
+        }
+        Op::Prune {
+            what: Prunable::Throttles,
+            before,
+            limit,
+        } => {
+            let n = tx
+                .prepare_cached(
+                    "DELETE FROM throttles WHERE (route, key) IN
+                     (SELECT route, key FROM throttles WHERE started_at + window_ms < ?1 LIMIT ?2)",
                 )?
                 .execute(params![before, *limit as i64])?;
             Ok(Done::Count(n))

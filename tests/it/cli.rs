@@ -55,7 +55,11 @@ fn check_config_accepts_the_shipped_example() {
 fn check_config_reports_every_problem_precisely() {
     let dir = tempdir();
     let path = dir.path().join("bad.toml");
-    let cases: [(&str, &[&str]); 6] = [
+    let cases: [(&str, &[&str]); 7] = [
+        (
+            "[storage]\ndedupe_retention = \"7d\"\nevent_retention = \"1d\"\n\n[sources.cl]\nsecret = \"s\"\n",
+            &["storage.event_retention: must be at least storage.dedupe_retention"],
+        ),
         (
             "[server]\nlisten = \"127.0.0.1:0\"\nlisten_port = 5\n",
             &["listen_port", "server", "bad.toml"],

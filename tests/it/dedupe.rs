@@ -140,10 +140,114 @@ async fn dedupe_records_expire_after_the_retention() {
     }
     assert_eq!(daemon.count("dedupe"), 0, "{}", daemon.log());
     assert!(
-        daemon.log().contains("pruned expired dedupe records"),
+        daemon.log().contains("pruned expired records what=Dedupe"),
         "{}",
         daemon.log()
     );
     assert_eq!(daemon.post_cl(&body).await.status, 202);
     assert_eq!(daemon.count("events"), 2);
+}
+
+#[tokio::test]
+async fn finished_events_expire_after_the_event_retention() {
+    let dir = tempdir();
+    let hook = dir.path().join("fails.sh");
+    std::fs::write(&hook, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let rest = format!(
+        r#"[sources.cl]
+secret = "{CL_SECRET}"
+
+[sinks.archive]
+type = "file"
+path = "{}"
+
+[sinks.stuck]
+type = "exec"
+command = ["{}"]
+delivery = {{ retry = {{ base = "10m" }} }}
+
+[[routes]]
+name = "scans"
+events = ["scan.completed"]
+sinks = ["archive"]
+
+[[routes]]
+name = "alerts"
+events = ["alert.triggered"]
+sinks = ["stuck"]
+"#,
+        dir.path().join("events.jsonl").display(),
+        hook.display()
+    );
+    let text = config(dir.path(), NO_LIMITS, &rest).replace(
+        "[storage]\n",
+        "[storage]\ndedupe_retention = \"1s\"\nevent_retention = \"1s\"\n",
+    );
+    let daemon = Daemon::start(dir.path(), &text);
+    assert_eq!(
+        daemon
+            .post_cl(&sample("compliancelayer-scan.completed.json"))
+            .await
+            .status,
+        202
+    );
+    assert_eq!(
+        daemon
+            .post_cl(&sample("compliancelayer-alert.triggered.json"))
+            .await
+            .status,
+        202
+    );
+    let job_states = |daemon: &Daemon| -> Vec<(String, String)> {
+        let db = daemon.db();
+        let mut stmt = db
+            .prepare("SELECT sink, status FROM jobs ORDER BY sink")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let expected = [
+        ("archive".to_owned(), "succeeded".to_owned()),
+        ("stuck".to_owned(), "failed".to_owned()),
+    ];
+    eventually(|| {
+        if job_states(&daemon) == expected {
+            Ok(())
+        } else {
+            Err(format!("{:?}", job_states(&daemon)))
+        }
+    })
+    .await;
+    assert_eq!(daemon.terminate().code(), Some(0));
+
+    // Pruning runs at start-up: the delivered event goes with its job and attempts; the one
+    // whose delivery is still to come stays.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let daemon = Daemon::start(dir.path(), &text);
+    eventually(|| match daemon.count("events") {
+        1 => Ok(()),
+        n => Err(format!("{n} events\n{}", daemon.log())),
+    })
+    .await;
+    let left: String = daemon
+        .db()
+        .query_row("SELECT event_type FROM events", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, "alert.triggered");
+    assert_eq!(
+        job_states(&daemon),
+        [("stuck".to_owned(), "failed".to_owned())]
+    );
+    let orphans: i64 = daemon
+        .db()
+        .query_row(
+            "SELECT count(*) FROM attempts WHERE job_id NOT IN (SELECT id FROM jobs)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(orphans, 0);
 }
