@@ -152,8 +152,7 @@ async fn dedupe_records_expire_after_the_retention() {
 async fn finished_events_expire_after_the_event_retention() {
     let dir = tempdir();
     let hook = dir.path().join("fails.sh");
-    std::fs::write(&hook, "#!/bin/sh\nexit 1\n").unwrap();
-    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    script(&hook, "exit 1");
     let rest = format!(
         r#"[sources.cl]
 secret = "{CL_SECRET}"
@@ -200,14 +199,9 @@ sinks = ["stuck"]
         202
     );
     let job_states = |daemon: &Daemon| -> Vec<(String, String)> {
-        let db = daemon.db();
-        let mut stmt = db
-            .prepare("SELECT sink, status FROM jobs ORDER BY sink")
-            .unwrap();
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
+        daemon.rows("SELECT sink, status FROM jobs ORDER BY sink", |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
     };
     let expected = [
         ("archive".to_owned(), "succeeded".to_owned()),
@@ -232,22 +226,13 @@ sinks = ["stuck"]
         n => Err(format!("{n} events\n{}", daemon.log())),
     })
     .await;
-    let left: String = daemon
-        .db()
-        .query_row("SELECT event_type FROM events", [], |r| r.get(0))
-        .unwrap();
+    let left: String = daemon.value("SELECT event_type FROM events");
     assert_eq!(left, "alert.triggered");
     assert_eq!(
         job_states(&daemon),
         [("stuck".to_owned(), "failed".to_owned())]
     );
-    let orphans: i64 = daemon
-        .db()
-        .query_row(
-            "SELECT count(*) FROM attempts WHERE job_id NOT IN (SELECT id FROM jobs)",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let orphans: i64 =
+        daemon.value("SELECT count(*) FROM attempts WHERE job_id NOT IN (SELECT id FROM jobs)");
     assert_eq!(orphans, 0);
 }

@@ -25,13 +25,11 @@ fn with_sinks(dir: &Path, sinks: &str, route_to: &[&str]) -> String {
 
 /// Job counts by status.
 fn jobs(daemon: &Daemon) -> HashMap<String, i64> {
-    let db = daemon.db();
-    let mut stmt = db
-        .prepare("SELECT status, count(*) FROM jobs GROUP BY status")
-        .unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
+    daemon
+        .rows("SELECT status, count(*) FROM jobs GROUP BY status", |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .into_iter()
         .collect()
 }
 
@@ -133,10 +131,7 @@ delivery = {{ retry = {{ base = "100ms" }} }}
         "plain-text fallback"
     );
     assert_eq!(requests[2].headers["content-type"], "application/json");
-    let attempts: i64 = daemon
-        .db()
-        .query_row("SELECT attempts FROM jobs", [], |r| r.get(0))
-        .unwrap();
+    let attempts: i64 = daemon.value("SELECT attempts FROM jobs");
     assert_eq!(attempts, 3);
 }
 
@@ -310,12 +305,11 @@ async fn a_slow_sink_does_not_delay_the_others() {
     );
 }
 
-/// Writes an executable shell script (the hook is the operator's program; hookroute itself
-/// never involves a shell).
-fn script(path: &Path, body: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+/// A hook path and the directory it writes into, under `dir`.
+fn hook_and_out(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (hook, out) = (dir.join("hook.sh"), dir.join("out"));
+    std::fs::create_dir(&out).unwrap();
+    (hook, out)
 }
 
 fn exec_sink(hook: &Path, out: &Path, extra: &str) -> String {
@@ -330,8 +324,7 @@ fn exec_sink(hook: &Path, out: &Path, extra: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_gets_the_event_on_stdin_and_a_clean_environment() {
     let dir = tempdir();
-    let (hook, out) = (dir.path().join("hook.sh"), dir.path().join("out"));
-    std::fs::create_dir(&out).unwrap();
+    let (hook, out) = hook_and_out(dir.path());
     script(
         &hook,
         "cat > \"$OUT/$HOOKROUTE_DELIVERY_ID.json\"\nenv > \"$OUT/$HOOKROUTE_DELIVERY_ID.env\"\necho \"$1\" > \"$OUT/args\"\npwd > \"$OUT/pwd\"\necho done",
@@ -394,18 +387,14 @@ async fn exec_gets_the_event_on_stdin_and_a_clean_environment() {
         std::fs::read_to_string(out.join("pwd")).unwrap().trim(),
         out.canonicalize().unwrap().to_str().unwrap()
     );
-    let response: String = daemon
-        .db()
-        .query_row("SELECT response FROM jobs", [], |r| r.get(0))
-        .unwrap();
+    let response: String = daemon.value("SELECT response FROM jobs");
     assert!(response.contains("stdout: done"), "{response}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_failures_are_retried_and_timeouts_kill_the_process_group() {
     let dir = tempdir();
-    let (hook, out) = (dir.path().join("hook.sh"), dir.path().join("out"));
-    std::fs::create_dir(&out).unwrap();
+    let (hook, out) = hook_and_out(dir.path());
     // Fails the first time, succeeds the second.
     script(
         &hook,
@@ -432,8 +421,7 @@ async fn exec_failures_are_retried_and_timeouts_kill_the_process_group() {
 
     // A hook that hangs, with a grandchild: after the timeout the whole group is gone.
     let dir = tempdir();
-    let (hook, out) = (dir.path().join("hook.sh"), dir.path().join("out"));
-    std::fs::create_dir(&out).unwrap();
+    let (hook, out) = hook_and_out(dir.path());
     script(
         &hook,
         "sleep 300 &\necho $! > \"$OUT/grandchild\"\nsleep 300",
@@ -445,10 +433,7 @@ async fn exec_failures_are_retried_and_timeouts_kill_the_process_group() {
     );
     assert_eq!(daemon.post_cl(&scan_body("hangs")).await.status, 202);
     wait_jobs(&daemon, "dead", 1).await;
-    let error: String = daemon
-        .db()
-        .query_row("SELECT last_error FROM jobs", [], |r| r.get(0))
-        .unwrap();
+    let error: String = daemon.value("SELECT last_error FROM jobs");
     assert!(
         error.contains("timed out after 1s") && error.contains("process group was killed"),
         "{error}"
@@ -478,8 +463,7 @@ async fn exec_failures_are_retried_and_timeouts_kill_the_process_group() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_in_flight_at_a_crash_are_delivered_after_restart() {
     let dir = tempdir();
-    let (hook, out) = (dir.path().join("hook.sh"), dir.path().join("out"));
-    std::fs::create_dir(&out).unwrap();
+    let (hook, out) = hook_and_out(dir.path());
     script(
         &hook,
         "sleep 30\necho \"$HOOKROUTE_DELIVERY_ID\" >> \"$OUT/done\"",
@@ -588,13 +572,6 @@ async fn jobs_of_a_sink_removed_by_reload_become_dead_letters() {
     .unwrap();
     signal(daemon.pid(), "HUP");
     wait_jobs(&daemon, "dead", 1).await;
-    let error: String = daemon
-        .db()
-        .query_row(
-            "SELECT last_error FROM jobs WHERE sink = 'forward'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let error: String = daemon.value("SELECT last_error FROM jobs WHERE sink = 'forward'");
     assert_eq!(error, "sink \"forward\" is no longer configured");
 }

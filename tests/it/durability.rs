@@ -35,14 +35,7 @@ async fn accepted_event_survives_kill_and_is_dispatched_after_restart() {
     let reply = daemon.post_cl(&scan_body("survivor")).await;
     assert_eq!(reply.status, 202);
     assert_eq!(daemon.count("events"), 1);
-    let succeeded: i64 = daemon
-        .db()
-        .query_row(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let succeeded: i64 = daemon.value("SELECT count(*) FROM jobs WHERE status = 'succeeded'");
     assert_eq!(succeeded, 0, "the FIFO sink cannot have been written");
     daemon.kill9();
 
@@ -79,38 +72,46 @@ async fn sigkill_after_2xx_loses_nothing() {
     assert_eq!(acknowledged.len(), 200);
     let _ = daemon.wait(Duration::from_secs(5));
 
-    let db = open_db(dir.path());
-    let mut stmt = db.prepare("SELECT delivery_id FROM events").unwrap();
-    let stored: std::collections::HashSet<String> = stmt
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let stored: std::collections::HashSet<String> =
+        db_rows(dir.path(), "SELECT delivery_id FROM events", |r| r.get(0))
+            .into_iter()
+            .collect();
     for id in &acknowledged {
         assert!(stored.contains(id), "{id} was acknowledged but not stored");
     }
-    drop(stmt);
-    drop(db);
 
-    // After a restart every event is dispatched, none twice.
+    // After a restart every acknowledged event is delivered.
     let daemon = Daemon::start(
         dir.path(),
         &config(dir.path(), NO_LIMITS, &rest_with_sink(&out)),
     );
-    let lines = wait_lines(&out, 200).await;
-    let mut ids: Vec<&str> = lines
-        .iter()
-        .map(|l| l["delivery_id"].as_str().unwrap())
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    assert!(
-        ids.len() == 200,
-        "{} distinct of {} lines; {}",
-        ids.len(),
-        lines.len(),
-        daemon.log()
-    );
+    // At least once: jobs in flight at the kill are delivered again, so the file may hold
+    // repeats; what must hold is that every acknowledged delivery arrives.
+    eventually(|| {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let delivered: std::collections::HashSet<&str> = lines
+            .iter()
+            .map(|l| l["delivery_id"].as_str().unwrap())
+            .collect();
+        let missing: Vec<&String> = acknowledged
+            .iter()
+            .filter(|id| !delivered.contains(id.as_str()))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} of 200 not delivered: {missing:?}\n{}",
+                missing.len(),
+                daemon.log()
+            ))
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -150,9 +151,7 @@ async fn sigterm_finishes_in_flight_requests() {
     let status = daemon.terminate();
     assert!(status.success(), "{status:?}");
     assert_eq!(
-        open_db(dir.path())
-            .query_row("SELECT count(*) FROM events", [], |r| r.get::<_, i64>(0))
-            .unwrap(),
+        db_value::<i64>(dir.path(), "SELECT count(*) FROM events"),
         1
     );
 }

@@ -310,14 +310,7 @@ async fn digest_sends_one_email_per_window() {
         1,
         "one email for the whole window"
     );
-    let succeeded: i64 = daemon
-        .db()
-        .query_row(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let succeeded: i64 = daemon.value("SELECT count(*) FROM jobs WHERE status = 'succeeded'");
     assert_eq!(succeeded, 3);
 }
 

@@ -157,9 +157,21 @@ impl Daemon {
     }
 
     pub fn count(&self, table: &str) -> i64 {
-        self.db()
-            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
-            .unwrap()
+        self.value(&format!("SELECT count(*) FROM {table}"))
+    }
+
+    /// The one value `sql` selects.
+    pub fn value<T: rusqlite::types::FromSql>(&self, sql: &str) -> T {
+        db_value(&self.dir, sql)
+    }
+
+    /// Every row `sql` selects, each read by `row`.
+    pub fn rows<T>(
+        &self,
+        sql: &str,
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Vec<T> {
+        db_rows(&self.dir, sql, row)
     }
 
     /// SIGKILL: no chance to flush anything.
@@ -218,6 +230,35 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
         std::thread::sleep(Duration::from_millis(20));
     }
     None
+}
+
+/// The one value `sql` selects from the database in `dir`.
+pub fn db_value<T: rusqlite::types::FromSql>(dir: &Path, sql: &str) -> T {
+    open_db(dir)
+        .query_row(sql, [], |r| r.get(0))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Every row `sql` selects from the database in `dir`, each read by `row`.
+pub fn db_rows<T>(
+    dir: &Path,
+    sql: &str,
+    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Vec<T> {
+    let db = open_db(dir);
+    let mut stmt = db.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    stmt.query_map([], row)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Writes an executable shell script (a hook is the operator's program; hookroute itself
+/// never involves a shell).
+pub fn script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 pub fn open_db(dir: &Path) -> rusqlite::Connection {

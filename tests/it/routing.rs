@@ -83,18 +83,12 @@ async fn post_scorecard(daemon: &Daemon, body: &[u8]) -> Reply {
 }
 
 fn statuses(daemon: &Daemon) -> Vec<(String, Option<String>, Option<String>, String)> {
-    let db = daemon.db();
-    let mut stmt = db
-        .prepare(
-            "SELECT e.delivery_id, d.route, NULL, d.status FROM dispatches d JOIN events e ON e.id = d.event_id
-             UNION ALL
-             SELECT e.delivery_id, j.route, j.sink, j.status FROM jobs j JOIN events e ON e.id = j.event_id",
-        )
-        .unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
+    daemon.rows(
+        "SELECT e.delivery_id, d.route, NULL, d.status FROM dispatches d JOIN events e ON e.id = d.event_id
+         UNION ALL
+         SELECT e.delivery_id, j.route, j.sink, j.status FROM jobs j JOIN events e ON e.id = j.event_id",
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )
 }
 
 #[tokio::test]
@@ -290,14 +284,7 @@ throttle = { window = "1h", key = "data.domain" }
             "suppressed".to_owned()
         )]
     );
-    let detail: String = daemon
-        .db()
-        .query_row(
-            "SELECT detail FROM dispatches WHERE status = 'suppressed'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let detail: String = daemon.value("SELECT detail FROM dispatches WHERE status = 'suppressed'");
     assert_eq!(detail, "a.com");
     assert_eq!(daemon.terminate().code(), Some(0));
 
