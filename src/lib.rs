@@ -58,7 +58,7 @@ const LIMITER_UPKEEP: Duration = Duration::from_secs(10);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Records deleted per write, so pruning never holds the writer for long.
 const PRUNE_CHUNK: usize = 1000;
-/// How long after it closed a throttle window is kept.
+/// How long a closed throttle window is kept, behind the newest window's start.
 const THROTTLE_MARGIN: Duration = Duration::from_secs(24 * 3600);
 
 /// Runs the daemon on `listener` until `shutdown` resolves; then drains in-flight requests,
@@ -198,7 +198,7 @@ async fn upkeep(app: http::App, store: Store, storage: StorageConfig, stop: Canc
         for (what, retention) in [
             (Prunable::Dedupe, storage.dedupe_retention),
             (Prunable::Events, storage.event_retention),
-            // Windows are on the events' clock; a day's margin covers late events.
+            // A day past the newest window, on the events' clock: margin for late events.
             (Prunable::Throttles, THROTTLE_MARGIN),
         ] {
             prune(&store, what, retention).await;
@@ -208,13 +208,9 @@ async fn upkeep(app: http::App, store: Store, storage: StorageConfig, stop: Canc
 
 /// Prunes `what` older than `retention`, a chunk per write so ingest never waits long.
 async fn prune(store: &Store, what: Prunable, retention: Duration) {
-    let span = jiff::SignedDuration::try_from(retention).unwrap_or(jiff::SignedDuration::MAX);
-    let Ok(cutoff) = jiff::Timestamp::now().checked_sub(span) else {
-        return;
-    };
     let mut pruned = 0;
     loop {
-        match store.prune(what, cutoff, PRUNE_CHUNK).await {
+        match store.prune(what, retention, PRUNE_CHUNK).await {
             Ok(n) => {
                 pruned += n;
                 if n < PRUNE_CHUNK {

@@ -294,7 +294,9 @@ enum Op {
     },
     Prune {
         what: Prunable,
-        before: i64,
+        /// How long records are kept, in milliseconds, on the clock their table uses.
+        keep: i64,
+        now: i64,
         limit: usize,
     },
     /// Answered after everything queued before it committed; the writer then exits.
@@ -568,20 +570,24 @@ impl Store {
         .map(|_| ())
     }
 
-    /// Deletes up to `limit` records of `what` older than `before`; returns how many went.
+    /// Deletes up to `limit` records of `what` older than `keep`; returns how many went.
+    /// Dedupe records and events are aged by the wall clock; throttle windows by the events'
+    /// own clock (the newest window's start), the one their windows are measured on.
     ///
     /// # Errors
     /// [`StoreError`] when the write failed.
     pub async fn prune(
         &self,
         what: Prunable,
-        before: Timestamp,
+        keep: std::time::Duration,
         limit: usize,
     ) -> Result<usize, StoreError> {
+        let keep = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
         match self
             .submit(Op::Prune {
                 what,
-                before: before.as_millisecond(),
+                keep,
+                now: Timestamp::now().as_millisecond(),
                 limit,
             })
             .await?
@@ -918,9 +924,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
         }
         Op::Prune {
             what: Prunable::Dedupe,
-            before,
+            keep,
+            now,
             limit,
         } => {
+            let before = now.saturating_sub(*keep);
             let n = tx
                 .prepare_cached(
                     "DELETE FROM dedupe WHERE (source, delivery_id) IN
@@ -931,9 +939,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
         }
         Op::Prune {
             what: Prunable::Events,
-            before,
+            keep,
+            now,
             limit,
         } => {
+            let before = now.saturating_sub(*keep);
             // Oldest first, stopping at the first event young enough to keep (ids grow with
             // time), so only expired rows are read; skipped are events not yet routed and
             // those with a delivery still to come.
@@ -954,7 +964,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
             )?;
             let mut rows = scan.query([cursor])?;
             while let Some(row) = rows.next()? {
-                if row.get::<_, i64>(1)? >= *before || expired.len() >= *limit {
+                if row.get::<_, i64>(1)? >= before || expired.len() >= *limit {
                     break;
                 }
                 if !row.get::<_, bool>(2)? {
@@ -975,15 +985,17 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
         }
         Op::Prune {
             what: Prunable::Throttles,
-            before,
+            keep,
             limit,
+            ..
         } => {
             let n = tx
                 .prepare_cached(
                     "DELETE FROM throttles WHERE (route, key) IN
-                     (SELECT route, key FROM throttles WHERE started_at + window_ms < ?1 LIMIT ?2)",
+                     (SELECT route, key FROM throttles
+                      WHERE started_at + window_ms < (SELECT max(started_at) FROM throttles) - ?1 LIMIT ?2)",
                 )?
-                .execute(params![before, *limit as i64])?;
+                .execute(params![keep, *limit as i64])?;
             Ok(Done::Count(n))
         }
         Op::Shutdown => Ok(Done::Unit),

@@ -299,6 +299,9 @@ throttle = { window = "1h", key = "data.domain" }
     );
     wait_dispatched(&daemon, 5).await;
     assert_eq!(ids_in(dir.path(), "a").len(), 3);
+    // Regression: the start-up prune once aged windows by the wall clock, deleting these
+    // (on the events' clock, March) before the dispatcher could load them.
+    assert_eq!(daemon.count("throttles"), 2);
 }
 
 #[tokio::test]
