@@ -2,6 +2,12 @@
 //! limit, and the engine never waits on a sink (it only claims as many jobs as the sink has
 //! room for and runs them as tasks), so one slow or down sink never delays another.
 //!
+//! A sink's room is its concurrency times [`PREFETCH`]: claiming and recording go through the
+//! single database writer, which under heavy ingest answers in milliseconds, so a fast sink
+//! that claimed one job per free slot and waited for each record would deliver a few hundred
+//! jobs a second while thousands arrive. Claimed jobs wait in memory for a slot, and a slot
+//! is freed as soon as the sink answers, before the outcome is recorded.
+//!
 //! Jobs are claimed in the database (marked in flight) before they are attempted, and every
 //! attempt's outcome is recorded there; jobs still in flight when the process dies are tried
 //! again at the next start. Delivery is therefore at least once: a sink may see a repeat after
@@ -29,12 +35,34 @@ use crate::templates::Message;
 /// Longest sleep between looks at the queue: jobs re-queued from the command line are
 /// picked up within this.
 const POLL: Duration = Duration::from_millis(500);
+/// Jobs claimed per concurrency slot of a sink, at most, ahead of delivering them.
+const PREFETCH: usize = 16;
 /// Most jobs gathered into one digest.
 const DIGEST_LIMIT: usize = 500;
 /// Sinks enforce `delivery.timeout` themselves (the HTTP client's timeout, the exec sink's
 /// process-group kill); the engine's own limit is a backstop that fires this much later, so
 /// it never cuts a sink off before the sink could clean up.
 const BACKSTOP_GRACE: Duration = Duration::from_secs(5);
+
+/// A sink's limits, replaced when a reload changes its concurrency (attempts holding the old
+/// ones finish undisturbed).
+struct Limits {
+    concurrency: usize,
+    /// Sink calls in progress.
+    running: Arc<Semaphore>,
+    /// Jobs claimed and not yet recorded: bounds what waits in memory.
+    claimed: Arc<Semaphore>,
+}
+
+impl Limits {
+    fn new(concurrency: usize) -> Self {
+        Self {
+            concurrency,
+            running: Arc::new(Semaphore::new(concurrency)),
+            claimed: Arc::new(Semaphore::new(concurrency.saturating_mul(PREFETCH))),
+        }
+    }
+}
 
 pub struct Engine {
     store: Store,
@@ -51,9 +79,7 @@ impl Engine {
     /// Runs until `stop` is cancelled; attempts still running then are abandoned and retried
     /// at the next start.
     pub async fn run(self, stop: CancellationToken) {
-        // Per sink: its concurrency and the semaphore enforcing it (replaced when a reload
-        // changes the concurrency; attempts holding the old one finish undisturbed).
-        let mut limits: HashMap<String, (usize, Arc<Semaphore>)> = HashMap::new();
+        let mut limits: HashMap<String, Limits> = HashMap::new();
         let mut running = JoinSet::new();
         while !stop.is_cancelled() {
             let plan = self.plan.load_full();
@@ -76,13 +102,13 @@ impl Engine {
                             continue;
                         }
                         let concurrency = sink.delivery.concurrency;
-                        let limit = limits.entry(name.clone()).or_insert_with(|| {
-                            (concurrency, Arc::new(Semaphore::new(concurrency)))
-                        });
-                        if limit.0 != concurrency {
-                            *limit = (concurrency, Arc::new(Semaphore::new(concurrency)));
+                        let limit = limits
+                            .entry(name.clone())
+                            .or_insert_with(|| Limits::new(concurrency));
+                        if limit.concurrency != concurrency {
+                            *limit = Limits::new(concurrency);
                         }
-                        self.start(&plan, sink, &limit.1, &mut running).await;
+                        self.start(&plan, sink, limit, &mut running).await;
                     }
                     next
                 }
@@ -98,7 +124,7 @@ impl Engine {
             tokio::select! {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(wait) => {}
-                Some(_) = running.join_next() => {}
+                Some(_) = running.join_next() => while running.try_join_next().is_some() {},
                 () = stop.cancelled() => {}
             }
         }
@@ -131,16 +157,26 @@ impl Engine {
         &self,
         plan: &Arc<Plan>,
         sink: &NamedSink,
-        limit: &Arc<Semaphore>,
+        limits: &Limits,
         running: &mut JoinSet<()>,
     ) {
-        let room = limit.available_permits();
-        if room == 0 {
+        // A digest is one sink call: it needs a free slot, then takes everything waiting.
+        let (count, reserve, hold) = match sink.digest {
+            Some(_) if limits.running.available_permits() == 0 => return,
+            Some(window) => (DIGEST_LIMIT, 1, Some(window)),
+            None => {
+                let room = limits.claimed.available_permits();
+                (room, room, None)
+            }
+        };
+        if reserve == 0 {
             return;
         }
-        let (count, hold) = match sink.digest {
-            Some(window) => (DIGEST_LIMIT, Some(window)),
-            None => (room, None),
+        // Places reserved before claiming, so every claimed job is sure of one.
+        let Ok(mut reserved) = Arc::clone(&limits.claimed)
+            .try_acquire_many_owned(u32::try_from(reserve).unwrap_or(u32::MAX))
+        else {
+            return;
         };
         let jobs = match self.store.claim_due(&sink.name, count, hold).await {
             Ok(jobs) => jobs,
@@ -158,20 +194,28 @@ impl Engine {
             jobs.into_iter().map(|j| vec![j]).collect()
         };
         for batch in batches {
-            let Ok(permit) = Arc::clone(limit).try_acquire_owned() else {
-                break;
-            };
+            let claimed = reserved.split(1);
+            let slot = Arc::clone(&limits.running);
             let (store, plan, sink) = (self.store.clone(), Arc::clone(plan), sink.clone());
             running.spawn(async move {
-                attempt(&store, &plan, &sink, batch).await;
-                drop(permit);
+                attempt(&store, &plan, &sink, batch, &slot).await;
+                drop(claimed);
             });
         }
     }
 }
 
 /// One attempt at delivering `jobs` (one job, or a digest's worth) and its recorded outcome.
-async fn attempt(store: &Store, plan: &Plan, sink: &NamedSink, jobs: Vec<Job>) {
+async fn attempt(
+    store: &Store,
+    plan: &Plan,
+    sink: &NamedSink,
+    jobs: Vec<Job>,
+    slot: &Arc<Semaphore>,
+) {
+    let Ok(slot) = slot.acquire().await else {
+        return; // never closed
+    };
     let started = Timestamp::now();
     let mut prepared = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -232,6 +276,7 @@ async fn attempt(store: &Store, plan: &Plan, sink: &NamedSink, jobs: Vec<Job>) {
         ))),
     };
     drop(deliveries);
+    drop(slot);
     let now = Timestamp::now();
     for (job, _, _) in prepared {
         let outcome = sink

@@ -31,7 +31,8 @@ use crate::config::StorageConfig;
 use crate::event::Event;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many ran.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE events (
     id              INTEGER PRIMARY KEY,
     source          TEXT    NOT NULL,
@@ -107,7 +108,13 @@ CREATE TABLE throttles (
 -- `dispatch_cursor`: every event with an id up to it has its outcomes recorded. One row
 -- updated per dispatch round, rather than a flag rewritten on every (payload-heavy) event row.
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-"];
+",
+    r"
+-- Waiting jobs by sink and age: with `jobs_due`, what the delivery engine asks on every turn
+-- (which sinks wait, since when, and when next) is a few index seeks, however long the queue.
+CREATE INDEX jobs_waiting ON jobs(sink, created_at) WHERE status IN ('pending', 'failed');
+",
+];
 
 const DISPATCH_CURSOR: &str = "dispatch_cursor";
 /// The columns [`row_to_event`] reads, in its order.
@@ -559,9 +566,23 @@ impl Store {
     /// [`StoreError`] on a database error.
     pub async fn due_summary(&self) -> Result<HashMap<String, DueSummary>, StoreError> {
         self.read(|conn| {
+            // A skip scan over the sinks with waiting jobs, then two seeks per sink. (A plain
+            // GROUP BY reads every waiting job: a backlog made each engine turn slower.)
             let mut stmt = conn.prepare_cached(
-                "SELECT sink, min(next_attempt_at), min(created_at) FROM jobs
-                 WHERE status IN ('pending', 'failed') GROUP BY sink",
+                "WITH RECURSIVE waiting(sink) AS (
+                     SELECT min(sink) FROM jobs INDEXED BY jobs_waiting
+                     WHERE status IN ('pending', 'failed')
+                     UNION ALL
+                     SELECT (SELECT min(sink) FROM jobs INDEXED BY jobs_waiting
+                             WHERE status IN ('pending', 'failed') AND sink > waiting.sink)
+                     FROM waiting WHERE sink IS NOT NULL
+                 )
+                 SELECT sink,
+                        (SELECT min(next_attempt_at) FROM jobs INDEXED BY jobs_due
+                         WHERE sink = waiting.sink AND status IN ('pending', 'failed')),
+                        (SELECT min(created_at) FROM jobs INDEXED BY jobs_waiting
+                         WHERE sink = waiting.sink AND status IN ('pending', 'failed'))
+                 FROM waiting WHERE sink IS NOT NULL",
             )?;
             let rows = stmt.query_map([], |row| {
                 Ok((
@@ -947,10 +968,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
             if let Some(hold) = hold {
                 let oldest: Option<i64> = tx
                     .prepare_cached(
-                        "SELECT min(created_at) FROM jobs
-                         WHERE sink = ?1 AND status IN ('pending', 'failed') AND next_attempt_at <= ?2",
+                        "SELECT created_at FROM jobs INDEXED BY jobs_waiting
+                         WHERE sink = ?1 AND status IN ('pending', 'failed') AND next_attempt_at <= ?2
+                         ORDER BY created_at LIMIT 1",
                     )?
-                    .query_row(params![sink, now], |row| row.get(0))?;
+                    .query_row(params![sink, now], |row| row.get(0))
+                    .optional()?;
                 let hold_ms = i64::try_from(hold.as_millis()).unwrap_or(i64::MAX);
                 if oldest.is_none_or(|oldest| oldest.saturating_add(hold_ms) > *now) {
                     return Ok(Done::Jobs(Vec::new()));

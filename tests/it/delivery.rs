@@ -305,6 +305,27 @@ async fn a_slow_sink_does_not_delay_the_others() {
     );
 }
 
+/// Jobs are claimed ahead of free slots (so a busy writer does not throttle delivery), but
+/// the sink never sees more calls at once than its concurrency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_bounds_calls_in_flight_however_many_are_claimed() {
+    let dir = tempdir();
+    let target = Recorder::start().await;
+    target.set_delay(Duration::from_millis(150));
+    let sinks = format!(
+        "[sinks.target]\ntype = \"http\"\nurl = \"{}\"\ndelivery = {{ concurrency = 2 }}\n",
+        target.url("/")
+    );
+    let daemon = Daemon::start(dir.path(), &with_sinks(dir.path(), &sinks, &["target"]));
+    for i in 0..12 {
+        let body = scan_body(&format!("bounded-{i}"));
+        assert_eq!(daemon.post_cl(&body).await.status, 202);
+    }
+    wait_jobs(&daemon, "succeeded", 12).await;
+    assert_eq!(target.requests().len(), 12, "each job delivered once");
+    assert_eq!(target.most_in_flight(), 2, "two at a time, never more");
+}
+
 /// A hook path and the directory it writes into, under `dir`.
 fn hook_and_out(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let (hook, out) = (dir.join("hook.sh"), dir.join("out"));

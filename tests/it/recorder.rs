@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,8 @@ struct State {
     script: Mutex<VecDeque<Answer>>,
     down: AtomicBool,
     delay: Mutex<Duration>,
+    in_flight: AtomicUsize,
+    most_in_flight: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -75,7 +77,10 @@ impl Recorder {
                         answer.delay = *state.delay.lock().unwrap();
                         answer
                     });
+                    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    state.most_in_flight.fetch_max(now, Ordering::SeqCst);
                     tokio::time::sleep(answer.delay).await;
+                    state.in_flight.fetch_sub(1, Ordering::SeqCst);
                     state.requests.lock().unwrap().push(Recorded {
                         at: Instant::now(),
                         path: uri.path().to_owned(),
@@ -112,6 +117,11 @@ impl Recorder {
 
     pub fn set_delay(&self, delay: Duration) {
         *self.state.delay.lock().unwrap() = delay;
+    }
+
+    /// The most requests it was ever answering at once.
+    pub fn most_in_flight(&self) -> usize {
+        self.state.most_in_flight.load(Ordering::SeqCst)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
