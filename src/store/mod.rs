@@ -979,11 +979,14 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
                     return Ok(Done::Jobs(Vec::new()));
                 }
             }
+            // `LIMIT 0 + ?2`, not `LIMIT ?2`: SQLite plans a bare LIMIT parameter by its value
+            // and so re-prepares the statement whenever the limit changes, which here is
+            // nearly every claim.
             let jobs = tx
                 .prepare_cached(
                     "UPDATE jobs SET status = 'in_flight', attempts = attempts + 1, updated_at = ?3
                      WHERE id IN (SELECT id FROM jobs WHERE sink = ?1 AND status IN ('pending', 'failed')
-                                  AND next_attempt_at <= ?4 ORDER BY next_attempt_at, id LIMIT ?2)
+                                  AND next_attempt_at <= ?4 ORDER BY next_attempt_at, id LIMIT 0 + ?2)
                      RETURNING id, event_id, route, sink, attempts, created_at",
                 )?
                 .query_map(params![sink, *limit as i64, now, due_by], |row| {
