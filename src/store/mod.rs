@@ -395,8 +395,9 @@ impl Store {
             )
             .map_err(open_err)?;
         let reader = open_reader(&path, config).map_err(open_err)?;
-        // The migration's write transaction created the WAL; it keeps its inode for as long as
-        // the writer's connection is open, which outlives every sync.
+        // The connections' first reads in WAL mode created the WAL file. SQLite deletes it only
+        // when the last connection closes, and the writer's stays open until every flush is
+        // done, so this descriptor names the live WAL throughout.
         let wal = open_wal(&path).map_err(|source| StoreError::OpenWal {
             path: path.clone(),
             source,
