@@ -81,13 +81,9 @@ delivery = {{ retry = {{ base = "100ms" }} }}
         slack.url("/services/T000/B000/XXXX")
     );
     let daemon = Daemon::start(dir.path(), &with_sinks(dir.path(), &sinks, &["security"]));
-    assert_eq!(
-        daemon
-            .post_cl(&sample("compliancelayer-scan.completed.json"))
-            .await
-            .status,
-        202
-    );
+    daemon
+        .accept_cl(&sample("compliancelayer-scan.completed.json"))
+        .await;
     wait_jobs(&daemon, "succeeded", 1).await;
 
     let requests = slack.requests();
@@ -190,7 +186,7 @@ async fn permanent_errors_go_to_dead_letters_and_can_be_retried() {
         "compliancelayer-scan.completed.json",
         "scorecard-assessment.completed.json",
     ] {
-        assert_eq!(daemon.post_cl(&sample(name)).await.status, 202);
+        daemon.accept_cl(&sample(name)).await;
     }
     wait_jobs(&daemon, "dead", 2).await;
     let (code, out) = hookroute(&["dead-letter", "retry", "--all"], &config);
@@ -211,13 +207,9 @@ async fn http_forward_is_resigned_for_the_next_hop() {
         next_hop.url("/ingest")
     );
     let daemon = Daemon::start(dir.path(), &with_sinks(dir.path(), &sinks, &["forward"]));
-    assert_eq!(
-        daemon
-            .post_cl(&sample("compliancelayer-scan.completed.json"))
-            .await
-            .status,
-        202
-    );
+    daemon
+        .accept_cl(&sample("compliancelayer-scan.completed.json"))
+        .await;
     wait_jobs(&daemon, "succeeded", 1).await;
     let request = &next_hop.requests()[0];
     assert_eq!(request.headers["x-team"], "security");
@@ -248,7 +240,7 @@ async fn outage_then_recovery_delivers_everything_once() {
     let daemon = Daemon::start(dir.path(), &with_sinks(dir.path(), &sinks, &["forward"]));
     let ids: Vec<String> = (0..10).map(|i| format!("outage-{i}")).collect();
     for id in &ids {
-        assert_eq!(daemon.post_cl(&scan_body(id)).await.status, 202);
+        daemon.accept_cl(&scan_body(id)).await;
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(target.requests().iter().all(|r| r.status == 503));
@@ -286,10 +278,7 @@ async fn a_slow_sink_does_not_delay_the_others() {
         &with_sinks(dir.path(), &sinks, &["slow", "fast"]),
     );
     for i in 0..4 {
-        assert_eq!(
-            daemon.post_cl(&scan_body(&format!("iso-{i}"))).await.status,
-            202
-        );
+        daemon.accept_cl(&scan_body(&format!("iso-{i}"))).await;
     }
     let started = Instant::now();
     while fast.requests().len() < 4 {
@@ -319,7 +308,7 @@ async fn concurrency_bounds_calls_in_flight_however_many_are_claimed() {
     let daemon = Daemon::start(dir.path(), &with_sinks(dir.path(), &sinks, &["target"]));
     for i in 0..12 {
         let body = scan_body(&format!("bounded-{i}"));
-        assert_eq!(daemon.post_cl(&body).await.status, 202);
+        daemon.accept_cl(&body).await;
     }
     wait_jobs(&daemon, "succeeded", 12).await;
     assert_eq!(target.requests().len(), 12, "each job delivered once");
@@ -362,7 +351,7 @@ async fn exec_gets_the_event_on_stdin_and_a_clean_environment() {
         r#"{{"id": "evil", "type": "scan.completed", "data": {{"domain": "x.com; touch {0}/pwned1 && $(touch {0}/pwned2) `touch {0}/pwned3`"}}}}"#,
         out.display()
     );
-    assert_eq!(daemon.post_cl(evil.as_bytes()).await.status, 202);
+    daemon.accept_cl(evil.as_bytes()).await;
     wait_jobs(&daemon, "succeeded", 1).await;
 
     let stdin: serde_json::Value =
@@ -426,7 +415,7 @@ async fn exec_failures_are_retried_and_timeouts_kill_the_process_group() {
         dir.path(),
         &with_sinks(dir.path(), &exec_sink(&hook, &out, extra), &["hook"]),
     );
-    assert_eq!(daemon.post_cl(&scan_body("flaky")).await.status, 202);
+    daemon.accept_cl(&scan_body("flaky")).await;
     wait_jobs(&daemon, "succeeded", 1).await;
     let (error, response): (String, String) = daemon
         .db()
@@ -452,7 +441,7 @@ async fn exec_failures_are_retried_and_timeouts_kill_the_process_group() {
         dir.path(),
         &with_sinks(dir.path(), &exec_sink(&hook, &out, extra), &["hook"]),
     );
-    assert_eq!(daemon.post_cl(&scan_body("hangs")).await.status, 202);
+    daemon.accept_cl(&scan_body("hangs")).await;
     wait_jobs(&daemon, "dead", 1).await;
     let error: String = daemon.value("SELECT last_error FROM jobs");
     assert!(
@@ -492,13 +481,7 @@ async fn jobs_in_flight_at_a_crash_are_delivered_after_restart() {
     let text = with_sinks(dir.path(), &exec_sink(&hook, &out, ""), &["hook"]);
     let daemon = Daemon::start(dir.path(), &text);
     for i in 0..3 {
-        assert_eq!(
-            daemon
-                .post_cl(&scan_body(&format!("crash-{i}")))
-                .await
-                .status,
-            202
-        );
+        daemon.accept_cl(&scan_body(&format!("crash-{i}"))).await;
     }
     wait_jobs(&daemon, "in_flight", 3).await;
     daemon.kill9();
@@ -583,7 +566,7 @@ async fn jobs_of_a_sink_removed_by_reload_become_dead_letters() {
         dir.path(),
         &with_sinks(dir.path(), &(forward + &archive), &["forward"]),
     );
-    assert_eq!(daemon.post_cl(&scan_body("orphan")).await.status, 202);
+    daemon.accept_cl(&scan_body("orphan")).await;
     wait_jobs(&daemon, "failed", 1).await;
 
     std::fs::write(

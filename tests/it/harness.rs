@@ -152,6 +152,13 @@ impl Daemon {
         .await
     }
 
+    /// Posts a signed ComplianceLayer delivery that must be accepted (202).
+    pub async fn accept_cl(&self, body: &[u8]) -> Reply {
+        let reply = self.post_cl(body).await;
+        assert_eq!(reply.status, 202, "delivery not accepted: {}", reply.json);
+        reply
+    }
+
     pub fn db(&self) -> rusqlite::Connection {
         open_db(&self.dir)
     }

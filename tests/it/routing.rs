@@ -149,7 +149,7 @@ sinks = ["d"]
         br#"{"id": "alert", "type": "alert.triggered", "data": {"severity": "high"}}"#.to_vec(),
         br#"{"id": "future", "type": "certificate.expiring"}"#.to_vec(),
     ] {
-        assert_eq!(daemon.post_cl(&body).await.status, 202);
+        daemon.accept_cl(&body).await;
     }
     let policy = sample("scorecard-policy.published.json");
     assert_eq!(post_scorecard(&daemon, &policy).await.status, 202);
@@ -203,7 +203,7 @@ async fn unrouted_events_are_stored_and_recorded() {
         ),
     );
     let alert = sample("compliancelayer-alert.triggered.json");
-    assert_eq!(daemon.post_cl(&alert).await.status, 202);
+    daemon.accept_cl(&alert).await;
     wait_dispatched(&daemon, 1).await;
     let recorded = statuses(&daemon);
     assert_eq!(
@@ -264,7 +264,7 @@ throttle = { window = "1h", key = "data.domain" }
         scan("other-key", "b.com", "2026-03-08T12:10:00Z"),
         scan("next-window", "a.com", "2026-03-08T13:00:00Z"),
     ] {
-        assert_eq!(daemon.post_cl(&body).await.status, 202);
+        daemon.accept_cl(&body).await;
     }
     wait_dispatched(&daemon, 4).await;
     assert_eq!(
@@ -290,13 +290,9 @@ throttle = { window = "1h", key = "data.domain" }
 
     // The window opened at 13:00 is still open after a restart.
     let daemon = Daemon::start(dir.path(), &text);
-    assert_eq!(
-        daemon
-            .post_cl(&scan("after-restart", "a.com", "2026-03-08T13:30:00Z"))
-            .await
-            .status,
-        202
-    );
+    daemon
+        .accept_cl(&scan("after-restart", "a.com", "2026-03-08T13:30:00Z"))
+        .await;
     wait_dispatched(&daemon, 5).await;
     assert_eq!(ids_in(dir.path(), "a").len(), 3);
     // Regression: the start-up prune once aged windows by the wall clock, deleting these
@@ -330,20 +326,12 @@ text = "SCAN {{ data.domain | upper }} {{ data.grade }} {{ data.nothing.deeper }
             &(sinks_and_sources(dir.path()) + routes),
         ),
     );
-    assert_eq!(
-        daemon
-            .post_cl(&sample("compliancelayer-alert.triggered.json"))
-            .await
-            .status,
-        202
-    );
-    assert_eq!(
-        daemon
-            .post_cl(&sample("compliancelayer-scan.completed.json"))
-            .await
-            .status,
-        202
-    );
+    daemon
+        .accept_cl(&sample("compliancelayer-alert.triggered.json"))
+        .await;
+    daemon
+        .accept_cl(&sample("compliancelayer-scan.completed.json"))
+        .await;
     wait_log(
         &daemon,
         "Alert [HIGH] example.com: Security score dropped from 85 to 61",
@@ -520,7 +508,7 @@ async fn reload_applies_a_valid_config_and_keeps_running_on_an_invalid_one() {
         text.replace("rules_file = \"rules.toml\"\n", "")
     );
     let daemon = Daemon::start(dir.path(), &text);
-    assert_eq!(daemon.post_cl(&scan_body("before")).await.status, 202);
+    daemon.accept_cl(&scan_body("before")).await;
     wait_dispatched(&daemon, 1).await;
 
     // A valid change: new routes, and a rotated secret.
