@@ -30,6 +30,7 @@ pub struct NamedSink {
     pub sink: Arc<dyn Sink>,
     pub delivery: DeliveryOptions,
     pub digest: Option<Duration>,
+    pub shows_message: bool,
 }
 
 /// What the dispatcher needs from the configuration; replaced whole on reload, so a round
@@ -57,6 +58,7 @@ impl Plan {
                 sink,
                 delivery: *s.spec.delivery(),
                 digest: s.spec.digest(),
+                shows_message: s.spec.shows_message(),
             };
             sinks.insert(s.name.clone(), named);
         }

@@ -31,7 +31,7 @@ pub enum TemplateRef {
 }
 
 /// A rendered message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Message {
     pub title: String,
     pub body: String,

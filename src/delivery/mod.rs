@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 pub use retry::RetryPolicy;
 
 use crate::dispatch::{NamedSink, Plan};
+use crate::event::Event;
 use crate::sinks::{Delivery, SinkError};
 use crate::store::{AttemptOutcome, Job, Store};
 use crate::templates::Message;
@@ -221,19 +222,11 @@ async fn attempt(
     for job in jobs {
         match store.event(job.event_id).await {
             Ok(Some(stored)) => {
-                let route = plan
-                    .routing
-                    .table
-                    .routes()
-                    .iter()
-                    .find(|r| r.name == job.route);
-                let template = route
-                    .and_then(|r| r.templates.get(sink.kind))
-                    .or_else(|| plan.routing.sink_templates.get(&sink.name));
-                let message = plan
-                    .routing
-                    .templates
-                    .render(template.map(String::as_str), &stored.event);
+                let message = if sink.shows_message {
+                    render(plan, sink, &job.route, &stored.event)
+                } else {
+                    Message::default()
+                };
                 prepared.push((job, stored.event, message));
             }
             Ok(None) => {
@@ -285,6 +278,18 @@ async fn attempt(
             .decide(&job, result.as_ref().cloned(), now, jitter());
         finish(store, &sink.name, job, outcome, started).await;
     }
+}
+
+/// The message for `event` through `route` to `sink`: the route's template for the sink's
+/// kind, else the sink's own, else the default for the event's family.
+fn render(plan: &Plan, sink: &NamedSink, route: &str, event: &Event) -> Message {
+    let route = plan.routing.table.routes().iter().find(|r| r.name == route);
+    let template = route
+        .and_then(|r| r.templates.get(sink.kind))
+        .or_else(|| plan.routing.sink_templates.get(&sink.name));
+    plan.routing
+        .templates
+        .render(template.map(String::as_str), event)
 }
 
 /// Logs an attempt's outcome and records it.

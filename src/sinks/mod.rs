@@ -28,7 +28,8 @@ use crate::templates::{Message, TemplateRef};
 pub struct Delivery<'a> {
     pub event: &'a Event,
     pub route: &'a str,
-    /// Rendered from the route's, the sink's or the default template.
+    /// Rendered from the route's, the sink's or the default template; empty for sinks that
+    /// show no message ([`SinkSpec::shows_message`]).
     pub message: &'a Message,
 }
 
@@ -175,6 +176,12 @@ impl SinkSpec {
             Self::Email(config) => config.digest.map(|HumanDuration(d)| d),
             _ => None,
         }
+    }
+
+    /// Whether the sink shows a rendered message; `file` and `exec` hand over the event
+    /// itself, so rendering one for them would be work thrown away on every delivery.
+    pub fn shows_message(&self) -> bool {
+        !matches!(self, Self::File(_) | Self::Exec(_))
     }
 
     /// The sink's own message template, if it overrides the default.
