@@ -1,16 +1,17 @@
 //! hookroute: receives compliance webhooks, verifies and deduplicates them, stores each durably
 //! before answering, and dispatches it to sinks.
 //!
-//! Dependencies point one way: `http` → `signature`, `event`, `store`; `dispatch` (routing)
-//! → `rules`, `store`; `delivery` → `sinks`, `templates`, `store`. Sinks never see HTTP
-//! requests or the database; `rules`, `signature` and `templates` do no I/O.
+//! Dependencies point one way: `http` → `signature`, `event`, `dispatch` (routing), `store`;
+//! `dispatch` → `rules`, `sinks`; `store` → `rules::throttle` (applied where the windows are
+//! kept); `delivery` → `sinks`, `templates`, `store`. Sinks never see HTTP requests or the
+//! database; `rules`, `signature` and `templates` do no I/O.
 
 pub mod cli;
 /// Configuration: raw TOML mirror, validation, the checked `Config`.
 pub mod config;
 /// Delivery: the job queue's engine and the retry policy.
 pub mod delivery;
-/// Routes stored events into delivery jobs (the database is the queue).
+/// Built sinks and routing: where each event goes, decided before it is stored.
 pub mod dispatch;
 /// The normalised `Event` and its parsing from each sender's shape.
 pub mod event;
@@ -39,7 +40,7 @@ use arc_swap::ArcSwap;
 use config::Config;
 use config::StorageConfig;
 use delivery::Engine;
-use dispatch::{Dispatcher, Plan};
+use dispatch::Plan;
 use store::{Prunable, Store, StoreError};
 
 /// Why the daemon could not run.
@@ -62,7 +63,7 @@ const PRUNE_CHUNK: usize = 1000;
 const THROTTLE_MARGIN: Duration = Duration::from_secs(24 * 3600);
 
 /// Runs the daemon on `listener` until `shutdown` resolves; then drains in-flight requests,
-/// stops the dispatcher and flushes the database writer.
+/// stops the delivery engine and flushes the database writer.
 ///
 /// # Errors
 /// [`RunError`] when the database cannot be opened or a sink cannot be built.
@@ -75,21 +76,12 @@ pub async fn run(
         Plan::build(&config).map_err(RunError::Sink)?,
     ));
     let store = Store::open(&config.storage)?;
-    let events_stored = Arc::new(Notify::new());
     let jobs_created = Arc::new(Notify::new());
     let stop = CancellationToken::new();
-    let dispatcher = tokio::spawn(
-        Dispatcher::new(
-            store.clone(),
-            Arc::clone(&plan),
-            Arc::clone(&events_stored),
-            Arc::clone(&jobs_created),
-        )
-        .run(stop.clone()),
+    let engine = tokio::spawn(
+        Engine::new(store.clone(), Arc::clone(&plan), Arc::clone(&jobs_created)).run(stop.clone()),
     );
-    let engine =
-        tokio::spawn(Engine::new(store.clone(), Arc::clone(&plan), jobs_created).run(stop.clone()));
-    let app = http::App::new(&config, store.clone(), events_stored);
+    let app = http::App::new(&config, store.clone(), Arc::clone(&plan), jobs_created);
     let upkeep = tokio::spawn(upkeep(
         app.clone(),
         store.clone(),
@@ -117,14 +109,6 @@ pub async fn run(
     let _ = upkeep.await;
     let _ = reloader.await;
     let _ = engine.await;
-    if tokio::time::timeout(config.server.shutdown_timeout, dispatcher)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "dispatcher did not finish in time; undispatched events resume at next start"
-        );
-    }
     store.close().await;
     tracing::info!("stopped");
     Ok(())

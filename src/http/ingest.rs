@@ -20,6 +20,7 @@ use super::client_ip::{client_ip, limit_key};
 use super::error::ApiError;
 use super::limit::retry_after_secs;
 use crate::config::SourceConfig;
+use crate::dispatch;
 use crate::event::Event;
 use crate::signature::{COMPLIANCELAYER_DELIVERY, GITHUB_DELIVERY, WEBHOOK_ID};
 use crate::store::Inserted;
@@ -74,12 +75,26 @@ pub async fn ingest(
         return Err(state.reject(source, client, key, err));
     }
 
+    let routes = dispatch::route(&state.plan.load(), &event);
+    let unrouted = routes.is_empty();
     let (delivery_id, event_type) = (&event.delivery_id, &event.event_type);
-    match state.store.insert(&event, body.to_vec(), now).await {
-        Ok(Inserted::New(id)) => {
-            state.dispatch_wake.notify_one();
+    match state.store.insert(&event, body.to_vec(), now, routes).await {
+        Ok(Inserted::New {
+            id,
+            jobs,
+            suppressed,
+        }) => {
+            if jobs > 0 {
+                state.jobs_created.notify_one();
+            }
             // Debug, not info: the `log` sink is how an operator journals every event.
-            tracing::debug!(source = %source.name, %event_type, %delivery_id, event_id = id, %client, "delivery accepted");
+            tracing::debug!(source = %source.name, %event_type, %delivery_id, event_id = id, jobs, %client, "delivery accepted");
+            if unrouted {
+                tracing::info!(source = %source.name, %event_type, %delivery_id, event_id = id, "no route matched");
+            }
+            for route in suppressed {
+                tracing::info!(source = %source.name, %event_type, %delivery_id, event_id = id, %route, "suppressed by throttle");
+            }
             let body = json!({ "status": "accepted", "id": id, "delivery_id": delivery_id });
             Ok((StatusCode::ACCEPTED, Json(body)).into_response())
         }

@@ -33,6 +33,7 @@ pub use error::ApiError;
 use limit::{ClientKey, FailureLimiter};
 
 use crate::config::{Config, ServerConfig, SourceConfig};
+use crate::dispatch::Plan;
 use crate::store::Store;
 
 /// Shared by every request.
@@ -40,7 +41,10 @@ pub struct AppState {
     /// Sources by path; replaced whole on reload (secret rotation, new sources).
     sources: ArcSwap<HashMap<String, SourceConfig>>,
     store: Store,
-    dispatch_wake: Arc<Notify>,
+    /// Routes and sinks; swapped by a reload.
+    plan: Arc<ArcSwap<Plan>>,
+    /// Tells the delivery engine there are new jobs.
+    jobs_created: Arc<Notify>,
     max_body_bytes: usize,
     body_read_timeout: Duration,
     trusted_proxies: Arc<[IpNet]>,
@@ -56,13 +60,19 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: &Config, store: Store, dispatch_wake: Arc<Notify>) -> Self {
+    pub fn new(
+        config: &Config,
+        store: Store,
+        plan: Arc<ArcSwap<Plan>>,
+        jobs_created: Arc<Notify>,
+    ) -> Self {
         let trusted_proxies: Arc<[IpNet]> = config.server.trusted_proxies.clone().into();
         let limits = config.server.rate_limit;
         let state = Arc::new(AppState {
             sources: ArcSwap::from_pointee(sources_by_path(config)),
             store,
-            dispatch_wake,
+            plan,
+            jobs_created,
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: config.server.body_read_timeout,
             trusted_proxies: Arc::clone(&trusted_proxies),

@@ -6,7 +6,7 @@
 //! missing field, a value of the wrong type) is false, never an error.
 
 mod cel_env;
-mod throttle;
+pub mod throttle;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,7 +17,6 @@ use serde::Deserialize;
 use crate::config::raw::HumanDuration;
 use crate::event::Event;
 pub use cel_env::{Activation, Expr};
-pub use throttle::Throttles;
 
 /// A route as written in the configuration (`[[routes]]`).
 #[derive(Debug, Clone, Deserialize)]

@@ -105,8 +105,7 @@ CREATE TABLE throttles (
     PRIMARY KEY (route, key)
 ) WITHOUT ROWID;
 
--- `dispatch_cursor`: every event with an id up to it has its outcomes recorded. One row
--- updated per dispatch round, rather than a flag rewritten on every (payload-heavy) event row.
+-- Small bookkeeping values (the last readiness probe).
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 ",
     r"
@@ -114,9 +113,12 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 -- (which sinks wait, since when, and when next) is a few index seeks, however long the queue.
 CREATE INDEX jobs_waiting ON jobs(sink, created_at) WHERE status IN ('pending', 'failed');
 ",
+    r"
+-- Events are routed in the transaction that stores them, so there is no dispatch cursor.
+DELETE FROM meta WHERE key = 'dispatch_cursor';
+",
 ];
 
-const DISPATCH_CURSOR: &str = "dispatch_cursor";
 /// The columns [`row_to_event`] reads, in its order.
 pub(crate) const SELECT_EVENT: &str = "SELECT id, source, delivery_id, event_type, occurred_at, received_at, sender_delivery, payload FROM events";
 /// How often the checkpointer copies the WAL back into the database file.
@@ -162,9 +164,16 @@ pub enum StoreError {
 }
 
 /// The outcome of storing a delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inserted {
-    New(i64),
+    /// Stored, and routed in the same transaction.
+    New {
+        id: i64,
+        /// Delivery jobs created.
+        jobs: usize,
+        /// Routes whose throttle suppressed the event.
+        suppressed: Vec<String>,
+    },
     /// Seen before within the retention window; carries the first copy's event id.
     Duplicate(i64),
 }
@@ -177,45 +186,21 @@ pub struct StoredEvent {
     pub event: Event,
 }
 
-/// A routing outcome that created no job.
+/// One route that takes a new event, as the routing rules decided before it was stored. The
+/// store applies the decision in the transaction that stores the event, so an event is never
+/// stored without its routing: nothing is left to dispatch after a crash, and no event is
+/// read back just to be routed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DispatchRecord {
-    pub event_id: i64,
-    pub route: Option<String>,
-    pub outcome: Outcome,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Inside the route's throttle window for this key.
-    Suppressed { key: String },
-    /// No route took the event.
-    Unrouted,
-}
-
-impl Outcome {
-    pub fn status(&self) -> &'static str {
-        match self {
-            Self::Suppressed { .. } => "suppressed",
-            Self::Unrouted => "unrouted",
-        }
-    }
-
-    fn detail(&self) -> Option<&str> {
-        match self {
-            Self::Suppressed { key } => Some(key),
-            Self::Unrouted => None,
-        }
-    }
-}
-
-/// A job to create: the event goes through `route` to `sink`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewJob {
-    pub event_id: i64,
+pub struct RouteTo {
     pub route: String,
-    pub sink: String,
+    /// The route's throttle: this event's key, and the window's length.
+    pub throttle: Option<(String, std::time::Duration)>,
+    pub sinks: Vec<String>,
 }
+
+/// Routing outcomes that create no job, as recorded in `dispatches`.
+const SUPPRESSED: &str = "suppressed";
+const UNROUTED: &str = "unrouted";
 
 /// What periodic pruning removes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,15 +251,6 @@ pub enum AttemptOutcome {
     },
 }
 
-/// An opened throttle window.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ThrottleWindow {
-    pub route: String,
-    pub key: String,
-    pub started_at: Timestamp,
-    pub window: std::time::Duration,
-}
-
 /// The columns of a new event row. The parsed payload stays with the caller: dropping a JSON
 /// tree is work the single writer thread should not do.
 struct NewEvent {
@@ -285,17 +261,13 @@ struct NewEvent {
     received_at: i64,
     sender_delivery: Option<String>,
     body: Vec<u8>,
+    /// The event's time on its own clock, for throttles (unix milliseconds).
+    occurred_ms: i64,
+    routes: Vec<RouteTo>,
 }
 
 enum Op {
     Insert(Box<NewEvent>),
-    RecordRouting {
-        cursor: i64,
-        jobs: Vec<NewJob>,
-        records: Vec<DispatchRecord>,
-        windows: Vec<ThrottleWindow>,
-        at: i64,
-    },
     ClaimDue {
         sink: String,
         limit: usize,
@@ -447,8 +419,8 @@ impl Store {
         &self.inner.path
     }
 
-    /// Stores a verified delivery unless its `(source, delivery_id)` was seen before. Returns
-    /// only once the transaction holding it committed.
+    /// Stores a verified delivery, routed to `routes`, unless its `(source, delivery_id)` was
+    /// seen before. Returns only once the transaction holding it is on disk.
     ///
     /// # Errors
     /// [`StoreError`] when the write failed: nothing was stored.
@@ -457,6 +429,7 @@ impl Store {
         event: &Event,
         body: Vec<u8>,
         received_at: Timestamp,
+        routes: Vec<RouteTo>,
     ) -> Result<Inserted, StoreError> {
         let op = Op::Insert(Box::new(NewEvent {
             source: event.source.clone(),
@@ -466,35 +439,13 @@ impl Store {
             received_at: received_at.as_millisecond(),
             sender_delivery: event.sender_delivery.clone(),
             body,
+            occurred_ms: event.occurred_at.unwrap_or(received_at).as_millisecond(),
+            routes,
         }));
         match self.submit(op).await? {
             Done::Inserted(inserted) => Ok(inserted),
             _ => unreachable!("insert answers Inserted"),
         }
-    }
-
-    /// Records a routing round: the jobs it created, the routes that created none, the throttle
-    /// windows it opened, and the advanced cursor, atomically.
-    ///
-    /// # Errors
-    /// [`StoreError`] when the write failed; the events stay unrouted.
-    pub async fn record_routing(
-        &self,
-        cursor: i64,
-        jobs: Vec<NewJob>,
-        records: Vec<DispatchRecord>,
-        windows: Vec<ThrottleWindow>,
-    ) -> Result<(), StoreError> {
-        let at = Timestamp::now().as_millisecond();
-        self.submit(Op::RecordRouting {
-            cursor,
-            jobs,
-            records,
-            windows,
-            at,
-        })
-        .await
-        .map(|_| ())
     }
 
     /// Claims up to `limit` due jobs of `sink`, marking them in flight. With `hold`, nothing is
@@ -659,66 +610,6 @@ impl Store {
             .await
             .map_err(|_| StoreError::WriterGone)?;
         answer.await.map_err(|_| StoreError::WriterGone)?
-    }
-
-    /// Up to `limit` events with an id above `after`, oldest first.
-    ///
-    /// # Errors
-    /// [`StoreError`] on a database error.
-    pub async fn events_after(
-        &self,
-        after: i64,
-        limit: usize,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
-        self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(&format!(
-                "{SELECT_EVENT} WHERE id > ?1 ORDER BY id LIMIT ?2"
-            ))?;
-            let rows = stmt.query_map(params![after, limit as i64], row_to_event)?;
-            rows.collect::<Result<Vec<_>, _>>()
-        })
-        .await
-    }
-
-    /// Every stored throttle window.
-    ///
-    /// # Errors
-    /// [`StoreError`] on a database error.
-    pub async fn throttle_windows(&self) -> Result<Vec<ThrottleWindow>, StoreError> {
-        self.read(|conn| {
-            let mut stmt =
-                conn.prepare("SELECT route, key, started_at, window_ms FROM throttles")?;
-            let rows = stmt.query_map([], |row| {
-                Ok(ThrottleWindow {
-                    route: row.get(0)?,
-                    key: row.get(1)?,
-                    started_at: from_ms(row.get(2)?),
-                    window: std::time::Duration::from_millis(
-                        row.get::<_, i64>(3)?.try_into().unwrap_or(0),
-                    ),
-                })
-            })?;
-            rows.collect()
-        })
-        .await
-    }
-
-    /// The id of the last event whose dispatch outcomes are recorded (0 when none are).
-    ///
-    /// # Errors
-    /// [`StoreError`] on a database error.
-    pub async fn dispatch_cursor(&self) -> Result<i64, StoreError> {
-        self.read(|conn| {
-            let value: Option<String> = conn
-                .query_row(
-                    "SELECT value FROM meta WHERE key = ?1",
-                    [DISPATCH_CURSOR],
-                    |row| row.get(0),
-                )
-                .optional()?;
-            Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0))
-        })
-        .await
     }
 
     /// Runs a read on the read connection, off the async threads.
@@ -915,49 +806,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
             let id = tx.last_insert_rowid();
             tx.prepare_cached("INSERT INTO dedupe (source, delivery_id, event_id, seen_at) VALUES (?1, ?2, ?3, ?4)")?
                 .execute(params![event.source, event.delivery_id, id, event.received_at])?;
-            Ok(Done::Inserted(Inserted::New(id)))
-        }
-        Op::RecordRouting {
-            cursor,
-            jobs,
-            records,
-            windows,
-            at,
-        } => {
-            let mut job = tx.prepare_cached(
-                "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, 'pending', ?4, ?4, ?4)",
-            )?;
-            for j in jobs {
-                job.execute(params![j.event_id, j.route, j.sink, at])?;
-            }
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO dispatches (event_id, route, status, detail, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for r in records {
-                insert.execute(params![
-                    r.event_id,
-                    r.route,
-                    r.outcome.status(),
-                    r.outcome.detail(),
-                    at
-                ])?;
-            }
-            let mut window = tx.prepare_cached(
-                "INSERT INTO throttles (route, key, started_at, window_ms) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (route, key) DO UPDATE SET started_at = excluded.started_at, window_ms = excluded.window_ms",
-            )?;
-            for w in windows {
-                let window_ms = i64::try_from(w.window.as_millis()).unwrap_or(i64::MAX);
-                window.execute(params![
-                    w.route,
-                    w.key,
-                    w.started_at.as_millisecond(),
-                    window_ms
-                ])?;
-            }
-            set_meta(tx, DISPATCH_CURSOR, &cursor.to_string())?;
-            Ok(Done::Unit)
+            let (jobs, suppressed) = apply_routes(tx, id, event)?;
+            Ok(Done::Inserted(Inserted::New {
+                id,
+                jobs,
+                suppressed,
+            }))
         }
         Op::ClaimDue {
             sink,
@@ -1057,24 +911,15 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
         } => {
             let before = now.saturating_sub(*keep);
             // Oldest first, stopping at the first event young enough to keep (ids grow with
-            // time), so only expired rows are read; skipped are events not yet routed and
-            // those with a delivery still to come.
-            let cursor: i64 = tx
-                .query_row(
-                    "SELECT value FROM meta WHERE key = ?1",
-                    [DISPATCH_CURSOR],
-                    |r| r.get::<_, String>(0),
-                )
-                .optional()?
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            // time), so only expired rows are read; skipped are events with a delivery still
+            // to come.
             let mut expired = Vec::new();
             let mut scan = tx.prepare_cached(
                 "SELECT id, received_at, EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = events.id
                                                  AND j.status IN ('pending', 'in_flight', 'failed'))
-                 FROM events WHERE id <= ?1 ORDER BY id",
+                 FROM events ORDER BY id",
             )?;
-            let mut rows = scan.query([cursor])?;
+            let mut rows = scan.query([])?;
             while let Some(row) = rows.next()? {
                 if row.get::<_, i64>(1)? >= before || expired.len() >= *limit {
                     break;
@@ -1112,6 +957,80 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
         }
         Op::Shutdown => Ok(Done::Unit),
     }
+}
+
+/// Creates a new event's jobs, one per sink of every route that takes it, unless the route's
+/// throttle suppresses it; records what created no job. Returns the jobs created and the
+/// suppressing routes.
+fn apply_routes(
+    tx: &rusqlite::Transaction<'_>,
+    event_id: i64,
+    event: &NewEvent,
+) -> rusqlite::Result<(usize, Vec<String>)> {
+    let mut record = tx.prepare_cached(
+        "INSERT INTO dispatches (event_id, route, status, detail, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    if event.routes.is_empty() {
+        record.execute(params![
+            event_id,
+            None::<&str>,
+            UNROUTED,
+            None::<&str>,
+            event.received_at
+        ])?;
+        return Ok((0, Vec::new()));
+    }
+    let mut job = tx.prepare_cached(
+        "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at, updated_at)
+         VALUES (?1, ?2, ?3, 'pending', ?4, ?4, ?4)",
+    )?;
+    let (mut jobs, mut suppressed) = (0, Vec::new());
+    for to in &event.routes {
+        if let Some((key, window)) = &to.throttle
+            && !admit_throttled(tx, &to.route, key, *window, event.occurred_ms)?
+        {
+            record.execute(params![
+                event_id,
+                to.route,
+                SUPPRESSED,
+                key,
+                event.received_at
+            ])?;
+            suppressed.push(to.route.clone());
+            continue;
+        }
+        for sink in &to.sinks {
+            job.execute(params![event_id, to.route, sink, event.received_at])?;
+            jobs += 1;
+        }
+    }
+    Ok((jobs, suppressed))
+}
+
+/// Whether `route`'s throttle lets an event at `at_ms` through for `key`; if so, keeps the
+/// window it opened.
+fn admit_throttled(
+    tx: &rusqlite::Transaction<'_>,
+    route: &str,
+    key: &str,
+    window: std::time::Duration,
+    at_ms: i64,
+) -> rusqlite::Result<bool> {
+    let started: Option<i64> = tx
+        .prepare_cached("SELECT started_at FROM throttles WHERE route = ?1 AND key = ?2")?
+        .query_row(params![route, key], |row| row.get(0))
+        .optional()?;
+    let Some(start) = crate::rules::throttle::admit(started.map(from_ms), from_ms(at_ms), window)
+    else {
+        return Ok(false);
+    };
+    let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+    tx.prepare_cached(
+        "INSERT INTO throttles (route, key, started_at, window_ms) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (route, key) DO UPDATE SET started_at = excluded.started_at, window_ms = excluded.window_ms",
+    )?
+    .execute(params![route, key, start.as_millisecond(), window_ms])?;
+    Ok(true)
 }
 
 /// A stored unix-millisecond time; a corrupt one reads as the epoch rather than failing.
