@@ -2,21 +2,22 @@
 //! limit, and the engine never waits on a sink (it only claims as many jobs as the sink has
 //! room for and runs them as tasks), so one slow or down sink never delays another.
 //!
-//! A sink's room is its concurrency times [`PREFETCH`]: claiming and recording go through the
+//! A sink's room is its concurrency times [`PREFETCH`]: recording an outcome goes through the
 //! single database writer, which under heavy ingest answers in milliseconds, so a fast sink
-//! that claimed one job per free slot and waited for each record would deliver a few hundred
+//! that took one job per free slot and waited for each record would deliver a few hundred
 //! jobs a second while thousands arrive. Claimed jobs wait in memory for a slot, and a slot
 //! is freed as soon as the sink answers, before the outcome is recorded.
 //!
-//! Jobs are claimed in the database (marked in flight) before they are attempted, and every
-//! attempt's outcome is recorded there; jobs still in flight when the process dies are tried
-//! again at the next start. Delivery is therefore at least once: a sink may see a repeat after
-//! a crash, and gets the delivery id to recognise it.
+//! Claims live in memory ([`Held`]): a job is read from the database with its event, held
+//! until its outcome is recorded, and left out of every read meanwhile. The database only
+//! learns of an attempt when it ended, so a job being attempted when the process dies is
+//! still pending and is tried again at the next start. Delivery is therefore at least once:
+//! a sink may see a repeat after a crash, and gets the delivery id to recognise it.
 
 mod retry;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -30,7 +31,7 @@ pub use retry::RetryPolicy;
 use crate::dispatch::{NamedSink, Plan};
 use crate::event::Event;
 use crate::sinks::{Delivery, SinkError};
-use crate::store::{AttemptOutcome, Job, Store};
+use crate::store::{AttemptOutcome, DueJob, Job, Store};
 use crate::templates::Message;
 
 /// Longest sleep between looks at the queue: jobs re-queued from the command line are
@@ -65,18 +66,38 @@ impl Limits {
     }
 }
 
+/// The jobs being attempted, by id: claimed, not yet recorded. A job leaves only once its
+/// outcome is in the database, so no read ever finds it due while it is attempted.
+#[derive(Clone, Default)]
+struct Held(Arc<Mutex<HashSet<i64>>>);
+
+impl Held {
+    fn snapshot(&self) -> HashSet<i64> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 pub struct Engine {
     store: Store,
     plan: Arc<ArcSwap<Plan>>,
     wake: Arc<Notify>,
+    held: Held,
 }
 
 impl Engine {
-    /// `wake` is notified when the router created jobs.
+    /// `wake` is notified when ingest created jobs.
     pub fn new(store: Store, plan: Arc<ArcSwap<Plan>>, wake: Arc<Notify>) -> Self {
-        Self { store, plan, wake }
+        Self {
+            store,
+            plan,
+            wake,
+            held: Held::default(),
+        }
     }
-
     /// Runs until `stop` is cancelled; attempts still running then are abandoned and retried
     /// at the next start.
     pub async fn run(self, stop: CancellationToken) {
@@ -136,14 +157,18 @@ impl Engine {
     /// forever: dead-letter them, visibly, so `dead-letter retry` can revive them if the sink
     /// comes back.
     async fn bury_orphans(&self, sink: &str) {
-        let jobs = match self.store.claim_waiting(sink, DIGEST_LIMIT).await {
+        let far = Timestamp::MAX;
+        let due = self
+            .store
+            .due_jobs(sink, DIGEST_LIMIT, None, Some(far), self.held.snapshot());
+        let jobs = match due.await {
             Ok(jobs) => jobs,
             Err(err) => {
-                tracing::error!(%sink, error = %err, "cannot claim jobs of a removed sink");
+                tracing::error!(%sink, error = %err, "cannot read jobs of a removed sink");
                 return;
             }
         };
-        for job in jobs {
+        for DueJob { job, .. } in jobs {
             let error = format!("sink {sink:?} is no longer configured");
             let outcome = AttemptOutcome::Dead {
                 error,
@@ -179,17 +204,21 @@ impl Engine {
         else {
             return;
         };
-        let jobs = match self.store.claim_due(&sink.name, count, hold).await {
+        let due = self
+            .store
+            .due_jobs(&sink.name, count, hold, None, self.held.snapshot());
+        let jobs = match due.await {
             Ok(jobs) => jobs,
             Err(err) => {
-                tracing::error!(sink = %sink.name, error = %err, "cannot claim jobs");
+                tracing::error!(sink = %sink.name, error = %err, "cannot read due jobs");
                 return;
             }
         };
         if jobs.is_empty() {
             return;
         }
-        let batches: Vec<Vec<Job>> = if sink.digest.is_some() {
+        self.held.lock().extend(jobs.iter().map(|due| due.job.id));
+        let batches: Vec<Vec<DueJob>> = if sink.digest.is_some() {
             vec![jobs]
         } else {
             jobs.into_iter().map(|j| vec![j]).collect()
@@ -198,8 +227,18 @@ impl Engine {
             let claimed = reserved.split(1);
             let slot = Arc::clone(&limits.running);
             let (store, plan, sink) = (self.store.clone(), Arc::clone(plan), sink.clone());
+            let held = self.held.clone();
             running.spawn(async move {
-                attempt(&store, &plan, &sink, batch, &slot).await;
+                let ids: Vec<i64> = batch.iter().map(|due| due.job.id).collect();
+                let recorded = attempt(&store, &plan, &sink, batch, &slot).await;
+                // A job whose outcome could not be recorded stays held, as the database
+                // still says it is due: attempted again after a restart, not in a loop now.
+                if recorded {
+                    let mut held = held.lock();
+                    for id in ids {
+                        held.remove(&id);
+                    }
+                }
                 drop(claimed);
             });
         }
@@ -207,43 +246,38 @@ impl Engine {
 }
 
 /// One attempt at delivering `jobs` (one job, or a digest's worth) and its recorded outcome.
+/// Returns whether every outcome was recorded.
 async fn attempt(
     store: &Store,
     plan: &Plan,
     sink: &NamedSink,
-    jobs: Vec<Job>,
+    jobs: Vec<DueJob>,
     slot: &Arc<Semaphore>,
-) {
+) -> bool {
     let Ok(slot) = slot.acquire().await else {
-        return; // never closed
+        return false; // never closed
     };
     let started = Timestamp::now();
+    let mut recorded = true;
     let mut prepared = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        match store.event(job.event_id).await {
-            Ok(Some(stored)) => {
-                let message = if sink.shows_message {
-                    render(plan, sink, &job.route, &stored.event)
-                } else {
-                    Message::default()
-                };
-                prepared.push((job, stored.event, message));
-            }
-            Ok(None) => {
-                let outcome = AttemptOutcome::Dead {
-                    error: "the event is no longer stored".into(),
-                    response: String::new(),
-                };
-                finish(store, &sink.name, job, outcome, started).await;
-            }
-            Err(err) => {
-                // Left in flight; the next start retries it.
-                tracing::error!(job = job.id, error = %err, "cannot load the event for a job");
-            }
-        }
+    for DueJob { job, event } in jobs {
+        let Some(event) = event else {
+            let outcome = AttemptOutcome::Dead {
+                error: "the event is no longer stored".into(),
+                response: String::new(),
+            };
+            recorded &= finish(store, &sink.name, job, outcome, started).await;
+            continue;
+        };
+        let message = if sink.shows_message {
+            render(plan, sink, &job.route, &event)
+        } else {
+            Message::default()
+        };
+        prepared.push((job, event, message));
     }
     if prepared.is_empty() {
-        return;
+        return recorded;
     }
     let deliveries: Vec<Delivery<'_>> = prepared
         .iter()
@@ -276,8 +310,9 @@ async fn attempt(
             .delivery
             .retry
             .decide(&job, result.as_ref().cloned(), now, jitter());
-        finish(store, &sink.name, job, outcome, started).await;
+        recorded &= finish(store, &sink.name, job, outcome, started).await;
     }
+    recorded
 }
 
 /// The message for `event` through `route` to `sink`: the route's template for the sink's
@@ -292,8 +327,14 @@ fn render(plan: &Plan, sink: &NamedSink, route: &str, event: &Event) -> Message 
         .render(template.map(String::as_str), event)
 }
 
-/// Logs an attempt's outcome and records it.
-async fn finish(store: &Store, sink: &str, job: Job, outcome: AttemptOutcome, started: Timestamp) {
+/// Logs an attempt's outcome and records it; returns whether it was recorded.
+async fn finish(
+    store: &Store,
+    sink: &str,
+    job: Job,
+    outcome: AttemptOutcome,
+    started: Timestamp,
+) -> bool {
     match &outcome {
         AttemptOutcome::Succeeded { .. } => {
             tracing::debug!(%sink, job = job.id, attempt = job.attempt, "delivered");
@@ -307,8 +348,12 @@ async fn finish(store: &Store, sink: &str, job: Job, outcome: AttemptOutcome, st
             tracing::error!(%sink, job = job.id, attempt = job.attempt, %error, "delivery failed for good (dead letter)");
         }
     }
-    if let Err(err) = store.finish_attempt(job, outcome, started).await {
-        tracing::error!(%sink, error = %err, "cannot record a delivery attempt");
+    match store.finish_attempt(job, outcome, started).await {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::error!(%sink, error = %err, "cannot record a delivery attempt");
+            false
+        }
     }
 }
 

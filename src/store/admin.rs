@@ -15,7 +15,6 @@ use super::{SELECT_EVENT, StoredEvent, from_ms, row_to_event};
 /// Every status a listed row can have.
 pub const STATUSES: &[&str] = &[
     "pending",
-    "in_flight",
     "succeeded",
     "failed",
     "dead",

@@ -18,7 +18,7 @@
 
 pub mod admin;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -116,6 +116,9 @@ CREATE INDEX jobs_waiting ON jobs(sink, created_at) WHERE status IN ('pending', 
     r"
 -- Events are routed in the transaction that stores them, so there is no dispatch cursor.
 DELETE FROM meta WHERE key = 'dispatch_cursor';
+-- The jobs being attempted are the engine's to know, in memory; a job stays pending until
+-- its outcome is recorded. Jobs an earlier version marked in flight are simply pending.
+UPDATE jobs SET status = 'pending' WHERE status = 'in_flight';
 ",
 ];
 
@@ -213,7 +216,7 @@ pub enum Prunable {
     Throttles,
 }
 
-/// A claimed job, being attempted.
+/// A job being attempted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
     pub id: i64,
@@ -223,6 +226,13 @@ pub struct Job {
     /// Attempts so far, this one included.
     pub attempt: u32,
     pub created_at: Timestamp,
+}
+
+/// A job due for an attempt, with its event (`None` if the event is no longer stored).
+#[derive(Debug, Clone)]
+pub struct DueJob {
+    pub job: Job,
+    pub event: Option<Event>,
 }
 
 /// A sink's waiting jobs, in brief.
@@ -268,15 +278,6 @@ struct NewEvent {
 
 enum Op {
     Insert(Box<NewEvent>),
-    ClaimDue {
-        sink: String,
-        limit: usize,
-        /// Claim only once the oldest due job is this old (digests), then all of them.
-        hold: Option<std::time::Duration>,
-        /// Jobs due up to this time are taken.
-        due_by: i64,
-        now: i64,
-    },
     FinishAttempt {
         job: Job,
         outcome: AttemptOutcome,
@@ -300,7 +301,6 @@ enum Op {
 enum Done {
     Inserted(Inserted),
     Count(usize),
-    Jobs(Vec<Job>),
     Unit,
 }
 
@@ -309,7 +309,7 @@ struct Command {
     reply: oneshot::Sender<Result<Done, StoreError>>,
 }
 
-/// Handle to the database: cheap to clone, shared by the HTTP handlers and the dispatcher.
+/// Handle to the database: cheap to clone, shared by the HTTP handlers and the delivery engine.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -358,14 +358,6 @@ impl Store {
             )
             .map_err(open_err)?;
         migrate(&mut writer).map_err(open_err)?;
-        // Jobs in flight when the process died may or may not have arrived: try them again
-        // (at least once, never lost).
-        writer
-            .execute(
-                "UPDATE jobs SET status = 'pending' WHERE status = 'in_flight'",
-                [],
-            )
-            .map_err(open_err)?;
         let reader = open_reader(&path, config).map_err(open_err)?;
         // The connections' first reads in WAL mode created the WAL file. SQLite deletes it only
         // when the last connection closes, and the writer's stays open until every flush is
@@ -448,49 +440,83 @@ impl Store {
         }
     }
 
-    /// Claims up to `limit` due jobs of `sink`, marking them in flight. With `hold`, nothing is
-    /// claimed until the oldest due job has waited that long; then all due jobs are (a digest).
+    /// Up to `limit` due jobs of `sink`, oldest due first, each with its event, leaving out
+    /// `held` (the jobs the engine is already attempting). With `hold`, none until the oldest
+    /// due job has waited that long; then all of them (a digest). With `due_by`, jobs due up
+    /// to then rather than now.
+    ///
+    /// A read: which jobs are being attempted is the engine's to know, in memory. Marking
+    /// them in the database would cost every job a write through the single writer, and a
+    /// crash needs no mark: a job is pending until its outcome is recorded, so whatever was
+    /// being attempted is attempted again after a restart.
     ///
     /// # Errors
-    /// [`StoreError`] when the write failed.
-    pub async fn claim_due(
+    /// [`StoreError`] on a database error.
+    pub async fn due_jobs(
         &self,
         sink: &str,
         limit: usize,
         hold: Option<std::time::Duration>,
-    ) -> Result<Vec<Job>, StoreError> {
+        due_by: Option<Timestamp>,
+        held: HashSet<i64>,
+    ) -> Result<Vec<DueJob>, StoreError> {
+        let sink = sink.to_owned();
         let now = Timestamp::now().as_millisecond();
-        self.claim(Op::ClaimDue {
-            sink: sink.to_owned(),
-            limit,
-            hold,
-            due_by: now,
-            now,
+        let due_by = due_by.map_or(now, Timestamp::as_millisecond);
+        self.read(move |conn| {
+            if let Some(hold) = hold {
+                let oldest: Option<i64> = conn
+                    .prepare_cached(
+                        "SELECT created_at FROM jobs INDEXED BY jobs_waiting
+                         WHERE sink = ?1 AND status IN ('pending', 'failed') AND next_attempt_at <= ?2
+                         ORDER BY created_at LIMIT 1",
+                    )?
+                    .query_row(params![sink, due_by], |row| row.get(0))
+                    .optional()?;
+                let hold_ms = i64::try_from(hold.as_millis()).unwrap_or(i64::MAX);
+                if oldest.is_none_or(|oldest| oldest.saturating_add(hold_ms) > now) {
+                    return Ok(Vec::new());
+                }
+            }
+            // `LIMIT 0 + ?3`, not `LIMIT ?3`: SQLite plans a bare LIMIT parameter by its value
+            // and so re-prepares the statement whenever the limit changes, which here is
+            // nearly every time. Held jobs are among the first due, so asking for that many
+            // more leaves `limit` after they are skipped.
+            let mut stmt = conn.prepare_cached(
+                "SELECT j.id, j.event_id, j.route, j.sink, j.attempts, j.created_at,
+                        e.id, e.source, e.delivery_id, e.event_type, e.occurred_at, e.received_at,
+                        e.sender_delivery, e.payload
+                 FROM jobs j INDEXED BY jobs_due LEFT JOIN events e ON e.id = j.event_id
+                 WHERE j.sink = ?1 AND j.status IN ('pending', 'failed') AND j.next_attempt_at <= ?2
+                 ORDER BY j.next_attempt_at, j.id LIMIT 0 + ?3",
+            )?;
+            let mut rows = stmt.query(params![sink, due_by, (limit + held.len()) as i64])?;
+            let mut due = Vec::with_capacity(limit);
+            while let Some(row) = rows.next()? {
+                if due.len() == limit {
+                    break;
+                }
+                let id: i64 = row.get(0)?;
+                if held.contains(&id) {
+                    continue;
+                }
+                let job = Job {
+                    id,
+                    event_id: row.get(1)?,
+                    route: row.get(2)?,
+                    sink: row.get(3)?,
+                    attempt: row.get::<_, u32>(4)?.saturating_add(1),
+                    created_at: from_ms(row.get(5)?),
+                };
+                let event = match row.get_ref(6)? {
+                    rusqlite::types::ValueRef::Null => None,
+                    _ => Some(event_at(row, 6)?.event),
+                };
+                due.push(DueJob { job, event });
+            }
+            Ok(due)
         })
         .await
-    }
-
-    /// Claims up to `limit` waiting jobs of `sink`, due now or later.
-    ///
-    /// # Errors
-    /// [`StoreError`] when the write failed.
-    pub async fn claim_waiting(&self, sink: &str, limit: usize) -> Result<Vec<Job>, StoreError> {
-        let now = Timestamp::now().as_millisecond();
-        self.claim(Op::ClaimDue {
-            sink: sink.to_owned(),
-            limit,
-            hold: None,
-            due_by: i64::MAX,
-            now,
-        })
-        .await
-    }
-
-    async fn claim(&self, op: Op) -> Result<Vec<Job>, StoreError> {
-        match self.submit(op).await? {
-            Done::Jobs(jobs) => Ok(jobs),
-            _ => unreachable!("claim answers Jobs"),
-        }
     }
 
     /// Records an attempt and moves the job on: succeeded, failed (due again later) or dead.
@@ -546,19 +572,6 @@ impl Store {
                 ))
             })?;
             rows.collect()
-        })
-        .await
-    }
-
-    /// One stored event.
-    ///
-    /// # Errors
-    /// [`StoreError`] on a database error.
-    pub async fn event(&self, id: i64) -> Result<Option<StoredEvent>, StoreError> {
-        self.read(move |conn| {
-            conn.prepare_cached(&format!("{SELECT_EVENT} WHERE id = ?1"))?
-                .query_row([id], row_to_event)
-                .optional()
         })
         .await
     }
@@ -813,50 +826,6 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
                 suppressed,
             }))
         }
-        Op::ClaimDue {
-            sink,
-            limit,
-            hold,
-            due_by,
-            now,
-        } => {
-            if let Some(hold) = hold {
-                let oldest: Option<i64> = tx
-                    .prepare_cached(
-                        "SELECT created_at FROM jobs INDEXED BY jobs_waiting
-                         WHERE sink = ?1 AND status IN ('pending', 'failed') AND next_attempt_at <= ?2
-                         ORDER BY created_at LIMIT 1",
-                    )?
-                    .query_row(params![sink, now], |row| row.get(0))
-                    .optional()?;
-                let hold_ms = i64::try_from(hold.as_millis()).unwrap_or(i64::MAX);
-                if oldest.is_none_or(|oldest| oldest.saturating_add(hold_ms) > *now) {
-                    return Ok(Done::Jobs(Vec::new()));
-                }
-            }
-            // `LIMIT 0 + ?2`, not `LIMIT ?2`: SQLite plans a bare LIMIT parameter by its value
-            // and so re-prepares the statement whenever the limit changes, which here is
-            // nearly every claim.
-            let jobs = tx
-                .prepare_cached(
-                    "UPDATE jobs SET status = 'in_flight', attempts = attempts + 1, updated_at = ?3
-                     WHERE id IN (SELECT id FROM jobs WHERE sink = ?1 AND status IN ('pending', 'failed')
-                                  AND next_attempt_at <= ?4 ORDER BY next_attempt_at, id LIMIT 0 + ?2)
-                     RETURNING id, event_id, route, sink, attempts, created_at",
-                )?
-                .query_map(params![sink, *limit as i64, now, due_by], |row| {
-                    Ok(Job {
-                        id: row.get(0)?,
-                        event_id: row.get(1)?,
-                        route: row.get(2)?,
-                        sink: row.get(3)?,
-                        attempt: row.get(4)?,
-                        created_at: from_ms(row.get(5)?),
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(Done::Jobs(jobs))
-        }
         Op::FinishAttempt {
             job,
             outcome,
@@ -873,10 +842,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
                 AttemptOutcome::Dead { error, response } => ("dead", Some(error), response, *at),
             };
             tx.prepare_cached(
-                "UPDATE jobs SET status = ?2, last_error = ?3, response = ?4, next_attempt_at = ?5, updated_at = ?6
+                "UPDATE jobs SET status = ?2, last_error = ?3, response = ?4, next_attempt_at = ?5, updated_at = ?6,
+                                attempts = ?7
                  WHERE id = ?1",
             )?
-            .execute(params![job.id, status, error, response, next, at])?;
+            .execute(params![job.id, status, error, response, next, at, job.attempt])?;
             tx.prepare_cached(
                 "INSERT INTO attempts (job_id, number, started_at, finished_at, outcome, error, response)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -916,7 +886,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
             let mut expired = Vec::new();
             let mut scan = tx.prepare_cached(
                 "SELECT id, received_at, EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = events.id
-                                                 AND j.status IN ('pending', 'in_flight', 'failed'))
+                                                 AND j.status IN ('pending', 'failed'))
                  FROM events ORDER BY id",
             )?;
             let mut rows = scan.query([])?;
@@ -1065,20 +1035,25 @@ fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
 }
 
 fn row_to_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
-    let payload: Vec<u8> = row.get(7)?;
-    let received_at: i64 = row.get(5)?;
-    let occurred_at: Option<String> = row.get(4)?;
+    event_at(row, 0)
+}
+
+/// The [`SELECT_EVENT`] columns, starting at column `first`.
+fn event_at(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<StoredEvent> {
+    let payload = row.get_ref(first + 7)?.as_blob()?;
+    let received_at: i64 = row.get(first + 5)?;
+    let occurred_at: Option<String> = row.get(first + 4)?;
     Ok(StoredEvent {
-        id: row.get(0)?,
+        id: row.get(first)?,
         received_at: from_ms(received_at),
         event: Event {
-            source: row.get(1)?,
-            delivery_id: row.get(2)?,
-            event_type: row.get(3)?,
+            source: row.get(first + 1)?,
+            delivery_id: row.get(first + 2)?,
+            event_type: row.get(first + 3)?,
             occurred_at: occurred_at.and_then(|t| t.parse().ok()),
-            sender_delivery: row.get(6)?,
+            sender_delivery: row.get(first + 6)?,
             // Stored only after it parsed, so this holds JSON; `Null` guards a hand-edited row.
-            payload: serde_json::from_slice(&payload).unwrap_or_default(),
+            payload: serde_json::from_slice(payload).unwrap_or_default(),
         },
     })
 }

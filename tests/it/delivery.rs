@@ -476,14 +476,23 @@ async fn jobs_in_flight_at_a_crash_are_delivered_after_restart() {
     let (hook, out) = hook_and_out(dir.path());
     script(
         &hook,
-        "sleep 30\necho \"$HOOKROUTE_DELIVERY_ID\" >> \"$OUT/done\"",
+        "echo \"$HOOKROUTE_DELIVERY_ID\" >> \"$OUT/started\"\nsleep 30\necho \"$HOOKROUTE_DELIVERY_ID\" >> \"$OUT/done\"",
     );
     let text = with_sinks(dir.path(), &exec_sink(&hook, &out, ""), &["hook"]);
     let daemon = Daemon::start(dir.path(), &text);
     for i in 0..3 {
         daemon.accept_cl(&scan_body(&format!("crash-{i}"))).await;
     }
-    wait_jobs(&daemon, "in_flight", 3).await;
+    eventually(|| {
+        let started = std::fs::read_to_string(out.join("started")).unwrap_or_default();
+        match started.lines().count() {
+            3 => Ok(()),
+            n => Err(format!("{n} of 3 hooks started\n{}", daemon.log())),
+        }
+    })
+    .await;
+    // Being attempted is not a state of the job: it stays pending until its outcome is in.
+    assert_eq!(jobs(&daemon).get("pending"), Some(&3));
     daemon.kill9();
     // The orphaned hooks from the first run are of no interest here: kill them.
     let _ = Command::new("pkill")
