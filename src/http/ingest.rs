@@ -89,8 +89,10 @@ pub async fn ingest(
             }
             // Debug, not info: the `log` sink is how an operator journals every event.
             tracing::debug!(source = %source.name, %event_type, %delivery_id, event_id = id, jobs, %client, "delivery accepted");
+            // Debug too: an unrouted event is recorded (`deliveries list --status unrouted`),
+            // and event types no route takes are pointed out when the configuration loads.
             if unrouted {
-                tracing::info!(source = %source.name, %event_type, %delivery_id, event_id = id, "no route matched");
+                tracing::debug!(source = %source.name, %event_type, %delivery_id, event_id = id, "no route matched");
             }
             for route in suppressed {
                 tracing::info!(source = %source.name, %event_type, %delivery_id, event_id = id, %route, "suppressed by throttle");

@@ -119,6 +119,11 @@ DELETE FROM meta WHERE key = 'dispatch_cursor';
 -- The jobs being attempted are the engine's to know, in memory; a job stays pending until
 -- its outcome is recorded. Jobs an earlier version marked in flight are simply pending.
 UPDATE jobs SET status = 'pending' WHERE status = 'in_flight';
+-- Status indexes cost a write on every insert and every status change, and only the dead
+-- letters are ever looked up by status (`dead-letter retry`): index just those.
+DROP INDEX jobs_status;
+CREATE INDEX jobs_dead ON jobs(id) WHERE status = 'dead';
+DROP INDEX dispatches_status;
 ",
 ];
 
