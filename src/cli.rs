@@ -612,7 +612,7 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     }
     println!(
         "  payload:       {}",
-        serde_json::to_string_pretty(&event.payload)?.replace('\n', "\n                 ")
+        serde_json::to_string_pretty(event.payload.value())?.replace('\n', "\n                 ")
     );
     for note in &notes {
         println!(

@@ -4,9 +4,14 @@
 //! `{"event", "timestamp", "data"}`. Only the event type is required: every other field may be
 //! missing, and new fields and event types pass through untouched in `payload`.
 
+use std::fmt;
+use std::sync::OnceLock;
+
 use jiff::Timestamp;
-use serde::Serialize;
-use serde_json::{Map, Value};
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+use serde_json::{Value, error::Category};
 use sha2::{Digest, Sha256};
 
 /// A verified delivery, normalised.
@@ -23,7 +28,106 @@ pub struct Event {
     /// `X-GitHub-Delivery`), kept for logs and the CLI only.
     pub sender_delivery: Option<String>,
     /// The whole JSON body as sent.
-    pub payload: Value,
+    pub payload: Payload,
+}
+
+/// A JSON body kept as sent, parsed into a tree only when something reads its fields (a
+/// condition, a template). Accepting, storing and forwarding an event need only the few
+/// envelope fields, and building and dropping the tree of every body was a tenth of the
+/// daemon's work under load. Serialises as the original JSON text.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    raw: Box<RawValue>,
+    tree: OnceLock<Value>,
+}
+
+impl Payload {
+    /// # Errors
+    /// When `json` is not valid JSON.
+    pub fn from_slice(json: &[u8]) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            raw: serde_json::from_slice(json)?,
+            tree: OnceLock::new(),
+        })
+    }
+
+    /// The parsed body.
+    pub fn value(&self) -> &Value {
+        // Valid JSON by construction, so this parse cannot fail; `Null` is never reached.
+        self.tree
+            .get_or_init(|| serde_json::from_str(self.raw.get()).unwrap_or_default())
+    }
+
+    /// The body as sent.
+    pub fn as_str(&self) -> &str {
+        self.raw.get()
+    }
+}
+
+impl Default for Payload {
+    /// `null`.
+    fn default() -> Self {
+        Self {
+            raw: RawValue::NULL.to_owned(),
+            tree: OnceLock::new(),
+        }
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.raw.serialize(serializer)
+    }
+}
+
+/// The envelope fields of a body, read without building its tree. Like a JSON object read
+/// into a map, a repeated key keeps its last value.
+#[derive(Default)]
+struct Envelope {
+    event_type: Option<Value>,
+    event: Option<Value>,
+    created_at: Option<Value>,
+    timestamp: Option<Value>,
+    id: Option<Value>,
+}
+
+impl<'de> Deserialize<'de> for Envelope {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = Envelope;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope, A::Error> {
+                let mut envelope = Envelope::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let slot = match key.as_ref() {
+                        "type" => &mut envelope.event_type,
+                        "event" => &mut envelope.event,
+                        "created_at" => &mut envelope.created_at,
+                        "timestamp" => &mut envelope.timestamp,
+                        "id" => &mut envelope.id,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(envelope)
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
 }
 
 /// Why a body is not an event. Answers 400.
@@ -52,23 +156,28 @@ impl Event {
         signed_id: Option<&str>,
         sender_delivery: Option<&str>,
     ) -> Result<Self, EventError> {
-        let payload: Value =
-            serde_json::from_slice(body).map_err(|err| EventError::InvalidJson(err.to_string()))?;
-        let object = payload.as_object().ok_or(EventError::NotAnObject)?;
-        let event_type = ["type", "event"]
-            .iter()
-            .find_map(|field| object.get(*field).and_then(Value::as_str))
+        let payload =
+            Payload::from_slice(body).map_err(|err| EventError::InvalidJson(err.to_string()))?;
+        let envelope: Envelope =
+            serde_json::from_str(payload.as_str()).map_err(|err| match err.classify() {
+                Category::Data => EventError::NotAnObject,
+                _ => EventError::InvalidJson(err.to_string()),
+            })?;
+        let event_type = text(&envelope.event_type)
+            .or_else(|| text(&envelope.event))
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or(EventError::NoEventType)?
             .to_owned();
-        let occurred_at = ["created_at", "timestamp"]
-            .iter()
-            .find_map(|field| object.get(*field).and_then(Value::as_str))
+        let occurred_at = text(&envelope.created_at)
+            .or_else(|| text(&envelope.timestamp))
             .and_then(|text| text.parse::<Timestamp>().ok());
         let delivery_id = match signed_id {
             Some(id) => id.to_owned(),
-            None => payload_id(object)
+            None => envelope
+                .id
+                .as_ref()
+                .and_then(payload_id)
                 .unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(body)))),
         };
         Ok(Self {
@@ -83,12 +192,16 @@ impl Event {
 
     /// The payload's `data` object, or `null` when the sender sent none.
     pub fn data(&self) -> &Value {
-        self.payload.get("data").unwrap_or(&Value::Null)
+        self.payload.value().get("data").unwrap_or(&Value::Null)
     }
 }
 
-fn payload_id(object: &Map<String, Value>) -> Option<String> {
-    match object.get("id")? {
+fn text(field: &Option<Value>) -> Option<&str> {
+    field.as_ref().and_then(Value::as_str)
+}
+
+fn payload_id(id: &Value) -> Option<String> {
+    match id {
         Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
@@ -152,6 +265,19 @@ mod tests {
         .unwrap();
         assert_eq!(event.delivery_id, "7");
         assert_eq!(event.occurred_at, None);
+    }
+
+    #[test]
+    fn the_payload_is_kept_as_sent_and_parsed_on_demand() {
+        let body = br#"{"type": "x.y",  "z": 1, "a": [1, 2.50], "data": {"k": "v"}}"#;
+        let event = Event::parse("s", body, None, None).unwrap();
+        assert_eq!(event.payload.as_str().as_bytes(), body);
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["payload"]["a"][1], 2.5);
+        assert_eq!(event.data()["k"], "v");
+        // A repeated key keeps its last value, as in a JSON object read into a map.
+        let event = Event::parse("s", br#"{"type": "a", "type": "b"}"#, None, None).unwrap();
+        assert_eq!(event.event_type, "b");
     }
 
     #[test]

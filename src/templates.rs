@@ -210,7 +210,7 @@ impl Templates {
             occurred_at => event.occurred_at.map(|t| t.to_string()),
             sender_delivery => event.sender_delivery.as_deref(),
             data => Value::from(Serde(event.data())),
-            payload => Value::from(Serde(&event.payload)),
+            payload => Value::from(Serde(event.payload.value())),
         };
         let rendered = self.env.get_template(id).and_then(|t| t.render(&ctx)).or_else(|err| {
             tracing::warn!(template = id, error = %describe(&err), "template failed; using the generic one");

@@ -70,7 +70,7 @@ impl<'e> Activation<'e> {
         let event = self.event;
         self.context.get_or_insert_with(|| {
             let mut context = Context::with_env(Arc::clone(stdlib()));
-            let payload = to_cel(&event.payload);
+            let payload = to_cel(event.payload.value());
             // A missing `data` is an empty map, so `data.score` fails as "No such key: score".
             let data = match &payload {
                 Value::Map(map) => map

@@ -28,7 +28,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::StorageConfig;
-use crate::event::Event;
+use crate::event::{Event, Payload};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -1062,7 +1062,7 @@ fn event_at(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<StoredEve
             occurred_at: occurred_at.and_then(|t| t.parse().ok()),
             sender_delivery: row.get(first + 6)?,
             // Stored only after it parsed, so this holds JSON; `Null` guards a hand-edited row.
-            payload: serde_json::from_slice(payload).unwrap_or_default(),
+            payload: Payload::from_slice(payload).unwrap_or_default(),
         },
     })
 }
