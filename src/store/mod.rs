@@ -803,15 +803,9 @@ fn apply_batch(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<Vec
 fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
     match op {
         Op::Insert(event) => {
-            let existing: Option<i64> = tx
-                .prepare_cached(
-                    "SELECT event_id FROM dedupe WHERE source = ?1 AND delivery_id = ?2",
-                )?
-                .query_row(params![event.source, event.delivery_id], |row| row.get(0))
-                .optional()?;
-            if let Some(id) = existing {
-                return Ok(Done::Inserted(Inserted::Duplicate(id)));
-            }
+            // The common case first: store the event, then claim its key. A repeat (rare:
+            // senders retry what failed) finds the key taken and takes its copy back out,
+            // which costs less than looking every key up before inserting it.
             tx.prepare_cached(
                 "INSERT INTO events (source, delivery_id, event_type, occurred_at, received_at, sender_delivery, payload)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -826,8 +820,22 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
                 event.body,
             ])?;
             let id = tx.last_insert_rowid();
-            tx.prepare_cached("INSERT INTO dedupe (source, delivery_id, event_id, seen_at) VALUES (?1, ?2, ?3, ?4)")?
+            let claimed = tx
+                .prepare_cached(
+                    "INSERT INTO dedupe (source, delivery_id, event_id, seen_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (source, delivery_id) DO NOTHING",
+                )?
                 .execute(params![event.source, event.delivery_id, id, event.received_at])?;
+            if claimed == 0 {
+                tx.prepare_cached("DELETE FROM events WHERE id = ?1")?
+                    .execute([id])?;
+                let first = tx
+                    .prepare_cached(
+                        "SELECT event_id FROM dedupe WHERE source = ?1 AND delivery_id = ?2",
+                    )?
+                    .query_row(params![event.source, event.delivery_id], |row| row.get(0))?;
+                return Ok(Done::Inserted(Inserted::Duplicate(first)));
+            }
             let (jobs, suppressed) = apply_routes(tx, id, event)?;
             Ok(Done::Inserted(Inserted::New {
                 id,
