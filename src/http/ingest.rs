@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use jiff::Timestamp;
-use serde_json::json;
+use serde::Serialize;
 
 use super::AppState;
 use super::client_ip::{client_ip, limit_key};
@@ -97,12 +97,20 @@ pub async fn ingest(
             for route in suppressed {
                 tracing::info!(source = %source.name, %event_type, %delivery_id, event_id = id, %route, "suppressed by throttle");
             }
-            let body = json!({ "status": "accepted", "id": id, "delivery_id": delivery_id });
+            let body = Answer {
+                status: "accepted",
+                id,
+                delivery_id,
+            };
             Ok((StatusCode::ACCEPTED, Json(body)).into_response())
         }
         Ok(Inserted::Duplicate(id)) => {
             tracing::debug!(source = %source.name, %event_type, %delivery_id, event_id = id, "duplicate delivery");
-            let body = json!({ "status": "duplicate", "id": id, "delivery_id": delivery_id });
+            let body = Answer {
+                status: "duplicate",
+                id,
+                delivery_id,
+            };
             Ok((StatusCode::OK, Json(body)).into_response())
         }
         Err(err) => {
@@ -110,6 +118,15 @@ pub async fn ingest(
             Err(ApiError::StorageUnavailable)
         }
     }
+}
+
+/// The body of a 2xx answer.
+#[derive(Serialize)]
+struct Answer<'a> {
+    status: &'static str,
+    /// The stored event's id (the first copy's, for a duplicate).
+    id: i64,
+    delivery_id: &'a str,
 }
 
 impl AppState {
