@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,11 @@ impl FileSinkConfig {
 }
 
 pub struct FileSink {
+    target: Arc<Target>,
+}
+
+/// The file, shared with the blocking threads that write it.
+struct Target {
     path: PathBuf,
     /// Opened on first use, so a missing directory or a full disk is a delivery error
     /// (recorded, retried) rather than a reason for the daemon not to start.
@@ -46,9 +51,29 @@ pub struct FileSink {
 impl FileSink {
     pub fn new(config: &FileSinkConfig) -> Self {
         Self {
-            path: config.path.clone(),
-            file: Mutex::new(None),
+            target: Arc::new(Target {
+                path: config.path.clone(),
+                file: Mutex::new(None),
+            }),
         }
+    }
+}
+
+impl Target {
+    /// Appends one line. Under the lock, so concurrent deliveries never interleave within a
+    /// line.
+    fn append(&self, line: &[u8]) -> Result<(), SinkError> {
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let file = match &mut *guard {
+            Some(file) => file,
+            empty => empty.insert(self.open().map_err(|e| self.io_error(e))?),
+        };
+        if let Err(err) = file.write_all(line) {
+            // Reopen next time: the file may have been rotated or its disk replaced.
+            *guard = None;
+            return Err(self.io_error(err));
+        }
+        Ok(())
     }
 
     fn open(&self) -> std::io::Result<File> {
@@ -73,19 +98,13 @@ impl Sink for FileSink {
         let mut line = serde_json::to_vec(&line)
             .map_err(|e| SinkError::permanent(format!("cannot encode the event: {e}")))?;
         line.push(b'\n');
-        // Written inline: an append lands in the page cache in microseconds, less than the
-        // hand-off to a blocking thread and back would cost (as tokio::fs does per write).
-        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        let file = match &mut *guard {
-            Some(file) => file,
-            empty => empty.insert(self.open().map_err(|e| self.io_error(e))?),
-        };
-        // Under the lock, so concurrent deliveries never interleave within a line.
-        if let Err(err) = file.write_all(&line) {
-            // Reopen next time: the file may have been rotated or its disk replaced.
-            *guard = None;
-            return Err(self.io_error(err));
-        }
-        Ok(format!("appended {} bytes", line.len()))
+        // On a blocking thread: opening a FIFO nobody reads, or writing to a stalled disk,
+        // must hold up this sink only, never the threads that answer senders.
+        let target = Arc::clone(&self.target);
+        let len = line.len();
+        tokio::task::spawn_blocking(move || target.append(&line))
+            .await
+            .map_err(|e| SinkError::transient(format!("file write did not finish: {e}")))??;
+        Ok(format!("appended {len} bytes"))
     }
 }

@@ -470,6 +470,33 @@ async fn exec_failures_are_retried_and_timeouts_kill_the_process_group() {
     }
 }
 
+/// A file sink that blocks (a FIFO nobody reads: opening it never returns) holds up its own
+/// deliveries and nothing else: with every one of its concurrency slots stuck, deliveries are
+/// still accepted promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_file_sink_never_stalls_ingest() {
+    let dir = tempdir();
+    let fifo = dir.path().join("stuck.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let sink = format!(
+        "[sinks.stuck]\ntype = \"file\"\npath = \"{}\"\n",
+        fifo.display()
+    );
+    let daemon = Daemon::start(dir.path(), &with_sinks(dir.path(), &sink, &["stuck"]));
+    let accepted = tokio::time::timeout(Duration::from_secs(10), async {
+        for i in 0..12 {
+            daemon
+                .accept_cl(&scan_body(&format!("behind-a-fifo-{i}")))
+                .await;
+        }
+    })
+    .await;
+    assert!(accepted.is_ok(), "ingest stalled:\n{}", daemon.log());
+    assert_eq!(daemon.count("events"), 12);
+    assert_eq!(jobs(&daemon).get("succeeded"), None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_in_flight_at_a_crash_are_delivered_after_restart() {
     let dir = tempdir();
