@@ -1088,6 +1088,55 @@ mod tests {
             .unzip()
     }
 
+    /// A database from before routing moved into the ingest transaction: its dispatch cursor
+    /// goes, jobs it marked in flight are pending again, and only dead letters stay indexed
+    /// by status.
+    #[test]
+    fn migration_3_upgrades_a_version_2_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.db");
+        let old = Connection::open(&path).unwrap();
+        for (version, sql) in (1..).zip(&MIGRATIONS[..2]) {
+            old.execute_batch(sql).unwrap();
+            old.pragma_update(None, "user_version", version).unwrap();
+        }
+        old.execute_batch(
+            "INSERT INTO events (source, delivery_id, event_type, received_at, payload)
+                 VALUES ('cl', 'd1', 'scan.completed', 0, '{}');
+             INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at, created_at, updated_at)
+                 VALUES (1, 'r', 'archive', 'in_flight', 1, 0, 0, 0), (1, 'r', 'mail', 'dead', 3, 0, 0, 0);
+             INSERT INTO meta (key, value) VALUES ('dispatch_cursor', '1');",
+        )
+        .unwrap();
+        drop(old);
+
+        let mut conn = Connection::open(&path).unwrap();
+        migrate(&mut conn).unwrap();
+        let query = |sql: &str| -> String { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(
+            query("SELECT group_concat(status) FROM jobs ORDER BY id"),
+            "pending,dead"
+        );
+        assert_eq!(
+            query(
+                "SELECT group_concat(name) FROM sqlite_schema WHERE name IN ('jobs_status', 'dispatches_status', 'jobs_dead')"
+            ),
+            "jobs_dead"
+        );
+        assert_eq!(query("SELECT count(*) || '' FROM meta"), "0");
+        let plan: Vec<String> = conn
+            .prepare("EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE status = 'dead'")
+            .unwrap()
+            .query_map([], |row| row.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter().any(|step| step.contains("jobs_dead")),
+            "{plan:?}"
+        );
+    }
+
     /// One failed flush poisons the store: that batch and every later one is answered with the
     /// error, even if a later flush would succeed (the kernel may have dropped the pages).
     #[test]

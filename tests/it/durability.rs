@@ -35,6 +35,8 @@ async fn accepted_event_survives_kill_and_is_dispatched_after_restart() {
     let reply = daemon.post_cl(&scan_body("survivor")).await;
     assert_eq!(reply.status, 202);
     assert_eq!(daemon.count("events"), 1);
+    // Routed in the transaction that stored it: the job exists as soon as the 2xx does.
+    assert_eq!(daemon.count("jobs"), 1);
     let succeeded: i64 = daemon.value("SELECT count(*) FROM jobs WHERE status = 'succeeded'");
     assert_eq!(succeeded, 0, "the FIFO sink cannot have been written");
     daemon.kill9();
