@@ -21,6 +21,8 @@ pub struct NamedSink {
     pub sink: Arc<dyn Sink>,
     pub delivery: DeliveryOptions,
     pub digest: Option<Duration>,
+    /// Jobs per sink call, outside digests.
+    pub batch: usize,
     pub shows_message: bool,
 }
 
@@ -49,6 +51,7 @@ impl Plan {
                 sink,
                 delivery: *s.spec.delivery(),
                 digest: s.spec.digest(),
+                batch: s.spec.batch(),
                 shows_message: s.spec.shows_message(),
             };
             sinks.insert(s.name.clone(), named);

@@ -168,14 +168,18 @@ impl Engine {
                 return;
             }
         };
-        for DueJob { job, .. } in jobs {
-            let error = format!("sink {sink:?} is no longer configured");
-            let outcome = AttemptOutcome::Dead {
-                error,
-                response: String::new(),
-            };
-            finish(&self.store, sink, job, outcome, Timestamp::now()).await;
-        }
+        let error = format!("sink {sink:?} is no longer configured");
+        let outcomes = jobs
+            .into_iter()
+            .map(|due| {
+                let outcome = AttemptOutcome::Dead {
+                    error: error.clone(),
+                    response: String::new(),
+                };
+                (due.job, outcome)
+            })
+            .collect();
+        finish(&self.store, sink, outcomes, Timestamp::now()).await;
     }
 
     /// Claims what `sink` has room for and starts the attempts.
@@ -221,10 +225,20 @@ impl Engine {
         let batches: Vec<Vec<DueJob>> = if sink.digest.is_some() {
             vec![jobs]
         } else {
-            jobs.into_iter().map(|j| vec![j]).collect()
+            let mut jobs = jobs.into_iter().peekable();
+            std::iter::from_fn(|| {
+                jobs.peek()?;
+                Some(jobs.by_ref().take(sink.batch).collect())
+            })
+            .collect()
         };
         for batch in batches {
-            let claimed = reserved.split(1);
+            // A digest holds one place whatever its size; otherwise each job holds its own.
+            let claimed = reserved.split(if sink.digest.is_some() {
+                1
+            } else {
+                batch.len()
+            });
             let slot = Arc::clone(&limits.running);
             let (store, plan, sink) = (self.store.clone(), Arc::clone(plan), sink.clone());
             let held = self.held.clone();
@@ -258,7 +272,7 @@ async fn attempt(
         return false; // never closed
     };
     let started = Timestamp::now();
-    let mut recorded = true;
+    let mut outcomes = Vec::with_capacity(jobs.len());
     let mut prepared = Vec::with_capacity(jobs.len());
     for DueJob { job, event } in jobs {
         let Some(event) = event else {
@@ -266,7 +280,7 @@ async fn attempt(
                 error: "the event is no longer stored".into(),
                 response: String::new(),
             };
-            recorded &= finish(store, &sink.name, job, outcome, started).await;
+            outcomes.push((job, outcome));
             continue;
         };
         let message = if sink.shows_message {
@@ -277,7 +291,7 @@ async fn attempt(
         prepared.push((job, event, message));
     }
     if prepared.is_empty() {
-        return recorded;
+        return finish(store, &sink.name, outcomes, started).await;
     }
     let deliveries: Vec<Delivery<'_>> = prepared
         .iter()
@@ -310,9 +324,9 @@ async fn attempt(
             .delivery
             .retry
             .decide(&job, result.as_ref().cloned(), now, jitter());
-        recorded &= finish(store, &sink.name, job, outcome, started).await;
+        outcomes.push((job, outcome));
     }
-    recorded
+    finish(store, &sink.name, outcomes, started).await
 }
 
 /// The message for `event` through `route` to `sink`: the route's template for the sink's
@@ -327,28 +341,32 @@ fn render(plan: &Plan, sink: &NamedSink, route: &str, event: &Event) -> Message 
         .render(template.map(String::as_str), event)
 }
 
-/// Logs an attempt's outcome and records it; returns whether it was recorded.
+/// Logs an attempt's outcomes and records them; returns whether they were recorded.
 async fn finish(
     store: &Store,
     sink: &str,
-    job: Job,
-    outcome: AttemptOutcome,
+    outcomes: Vec<(Job, AttemptOutcome)>,
     started: Timestamp,
 ) -> bool {
-    match &outcome {
-        AttemptOutcome::Succeeded { .. } => {
-            tracing::debug!(%sink, job = job.id, attempt = job.attempt, "delivered");
-        }
-        AttemptOutcome::Failed {
-            error, retry_at, ..
-        } => {
-            tracing::warn!(%sink, job = job.id, attempt = job.attempt, %error, %retry_at, "delivery failed; will retry");
-        }
-        AttemptOutcome::Dead { error, .. } => {
-            tracing::error!(%sink, job = job.id, attempt = job.attempt, %error, "delivery failed for good (dead letter)");
+    if outcomes.is_empty() {
+        return true;
+    }
+    for (job, outcome) in &outcomes {
+        match outcome {
+            AttemptOutcome::Succeeded { .. } => {
+                tracing::debug!(%sink, job = job.id, attempt = job.attempt, "delivered");
+            }
+            AttemptOutcome::Failed {
+                error, retry_at, ..
+            } => {
+                tracing::warn!(%sink, job = job.id, attempt = job.attempt, %error, %retry_at, "delivery failed; will retry");
+            }
+            AttemptOutcome::Dead { error, .. } => {
+                tracing::error!(%sink, job = job.id, attempt = job.attempt, %error, "delivery failed for good (dead letter)");
+            }
         }
     }
-    match store.finish_attempt(job, outcome, started).await {
+    match store.finish_attempt(outcomes, started).await {
         Ok(()) => true,
         Err(err) => {
             tracing::error!(%sink, error = %err, "cannot record a delivery attempt");

@@ -36,6 +36,10 @@ impl FileSinkConfig {
     }
 }
 
+/// Most lines written at once, each batch one blocking-thread hand-off and one write: per
+/// line, the hand-off would cost more than the write.
+pub const BATCH: usize = 64;
+
 pub struct FileSink {
     target: Arc<Target>,
 }
@@ -91,18 +95,26 @@ impl Target {
 #[async_trait]
 impl Sink for FileSink {
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
-        let line = Line {
-            route: delivery.route,
-            event: delivery.event,
-        };
-        let mut line = serde_json::to_vec(&line)
-            .map_err(|e| SinkError::permanent(format!("cannot encode the event: {e}")))?;
-        line.push(b'\n');
+        self.deliver_batch(std::slice::from_ref(delivery)).await
+    }
+
+    /// All the lines in one write: the engine hands this sink up to [`BATCH`] jobs at once.
+    async fn deliver_batch(&self, deliveries: &[Delivery<'_>]) -> Result<String, SinkError> {
+        let mut text = Vec::new();
+        for delivery in deliveries {
+            let line = Line {
+                route: delivery.route,
+                event: delivery.event,
+            };
+            serde_json::to_writer(&mut text, &line)
+                .map_err(|e| SinkError::permanent(format!("cannot encode the event: {e}")))?;
+            text.push(b'\n');
+        }
         // On a blocking thread: opening a FIFO nobody reads, or writing to a stalled disk,
         // must hold up this sink only, never the threads that answer senders.
         let target = Arc::clone(&self.target);
-        let len = line.len();
-        tokio::task::spawn_blocking(move || target.append(&line))
+        let len = text.len();
+        tokio::task::spawn_blocking(move || target.append(&text))
             .await
             .map_err(|e| SinkError::transient(format!("file write did not finish: {e}")))??;
         Ok(format!("appended {len} bytes"))

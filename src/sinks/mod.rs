@@ -170,6 +170,15 @@ impl SinkSpec {
         }
     }
 
+    /// Most jobs handed to the sink in one call (each job keeps its own outcome record, and
+    /// all of them share the call's outcome).
+    pub fn batch(&self) -> usize {
+        match self {
+            Self::File(_) => file::BATCH,
+            _ => 1,
+        }
+    }
+
     /// The window over which events are collected into one delivery, for sinks that digest.
     pub fn digest(&self) -> Option<Duration> {
         match self {

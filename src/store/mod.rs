@@ -283,9 +283,9 @@ struct NewEvent {
 
 enum Op {
     Insert(Box<NewEvent>),
+    /// One attempt's outcomes: one job's, or every job of a batch or digest.
     FinishAttempt {
-        job: Job,
-        outcome: AttemptOutcome,
+        outcomes: Vec<(Job, AttemptOutcome)>,
         started_at: i64,
         at: i64,
     },
@@ -528,19 +528,18 @@ impl Store {
         .await
     }
 
-    /// Records an attempt and moves the job on: succeeded, failed (due again later) or dead.
+    /// Records an attempt and moves its jobs on: each succeeded, failed (due again later) or
+    /// dead. One write for all of them, however many jobs the attempt carried.
     ///
     /// # Errors
-    /// [`StoreError`] when the write failed; the job stays in flight until the next start.
+    /// [`StoreError`] when the write failed; the jobs stay due.
     pub async fn finish_attempt(
         &self,
-        job: Job,
-        outcome: AttemptOutcome,
+        outcomes: Vec<(Job, AttemptOutcome)>,
         started_at: Timestamp,
     ) -> Result<(), StoreError> {
         let op = Op::FinishAttempt {
-            job,
-            outcome,
+            outcomes,
             started_at: started_at.as_millisecond(),
             at: Timestamp::now().as_millisecond(),
         };
@@ -844,31 +843,50 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
             }))
         }
         Op::FinishAttempt {
-            job,
-            outcome,
+            outcomes,
             started_at,
             at,
         } => {
-            let (status, error, response, next) = match outcome {
-                AttemptOutcome::Succeeded { response } => ("succeeded", None, response, *at),
-                AttemptOutcome::Failed {
-                    error,
-                    response,
-                    retry_at,
-                } => ("failed", Some(error), response, retry_at.as_millisecond()),
-                AttemptOutcome::Dead { error, response } => ("dead", Some(error), response, *at),
-            };
-            tx.prepare_cached(
+            let mut update = tx.prepare_cached(
                 "UPDATE jobs SET status = ?2, last_error = ?3, response = ?4, next_attempt_at = ?5, updated_at = ?6,
                                 attempts = ?7
                  WHERE id = ?1",
-            )?
-            .execute(params![job.id, status, error, response, next, at, job.attempt])?;
-            tx.prepare_cached(
+            )?;
+            let mut record = tx.prepare_cached(
                 "INSERT INTO attempts (job_id, number, started_at, finished_at, outcome, error, response)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![job.id, job.attempt, started_at, at, status, error, response])?;
+            )?;
+            for (job, outcome) in outcomes {
+                let (status, error, response, next) = match outcome {
+                    AttemptOutcome::Succeeded { response } => ("succeeded", None, response, *at),
+                    AttemptOutcome::Failed {
+                        error,
+                        response,
+                        retry_at,
+                    } => ("failed", Some(error), response, retry_at.as_millisecond()),
+                    AttemptOutcome::Dead { error, response } => {
+                        ("dead", Some(error), response, *at)
+                    }
+                };
+                update.execute(params![
+                    job.id,
+                    status,
+                    error,
+                    response,
+                    next,
+                    at,
+                    job.attempt
+                ])?;
+                record.execute(params![
+                    job.id,
+                    job.attempt,
+                    started_at,
+                    at,
+                    status,
+                    error,
+                    response
+                ])?;
+            }
             Ok(Done::Unit)
         }
         Op::Touch { at } => {
