@@ -98,6 +98,7 @@ impl Engine {
             held: Held::default(),
         }
     }
+
     /// Runs until `stop` is cancelled; attempts still running then are abandoned and retried
     /// at the next start.
     pub async fn run(self, stop: CancellationToken) {

@@ -105,7 +105,8 @@ CREATE TABLE throttles (
     PRIMARY KEY (route, key)
 ) WITHOUT ROWID;
 
--- Small bookkeeping values (the last readiness probe).
+-- `dispatch_cursor`: every event with an id up to it has its outcomes recorded. One row
+-- updated per dispatch round, rather than a flag rewritten on every (payload-heavy) event row.
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 ",
     r"
