@@ -162,6 +162,13 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("another hookroute serves the database {path}: one process per database")]
+    InUse { path: PathBuf },
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start a database thread: {0}")]
     Thread(std::io::Error),
     #[error("the database writer has stopped")]
@@ -323,6 +330,8 @@ pub struct Store {
 
 struct Inner {
     path: PathBuf,
+    /// Held while the store is open: see [`lock_instance`].
+    _instance: std::fs::File,
     queue: mpsc::Sender<Command>,
     reader: Mutex<Connection>,
     /// `None` once closed.
@@ -350,6 +359,7 @@ impl Store {
                 source,
             })?;
         }
+        let instance = lock_instance(&path)?;
         let open_err = |source| StoreError::Open {
             path: path.clone(),
             source,
@@ -405,6 +415,7 @@ impl Store {
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
+                _instance: instance,
                 queue,
                 reader: Mutex::new(reader),
                 threads: Mutex::new(Some(Threads {
@@ -672,6 +683,32 @@ impl Store {
             })
             .await;
         }
+    }
+}
+
+/// One daemon per database: the jobs being attempted are held in memory, so a second daemon
+/// on the same file would attempt them again. An advisory lock on `<database>.lock`, which the
+/// kernel releases however the process ends; the command-line tools do not take it.
+fn lock_instance(db: &Path) -> Result<std::fs::File, StoreError> {
+    let mut path = db.as_os_str().to_owned();
+    path.push(".lock");
+    let path = PathBuf::from(path);
+    let lock_err = |source| StoreError::Lock {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(lock_err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
+            path: db.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(lock_err(source)),
     }
 }
 

@@ -157,3 +157,47 @@ async fn sigterm_finishes_in_flight_requests() {
         1
     );
 }
+
+/// A second daemon on the same database refuses to start (it would attempt the first one's
+/// jobs again), and says why; the first one keeps serving.
+#[tokio::test]
+async fn one_daemon_per_database() {
+    let dir = tempdir();
+    let text = config(
+        dir.path(),
+        NO_LIMITS,
+        &rest_with_sink(&dir.path().join("events.jsonl")),
+    );
+    let daemon = Daemon::start(dir.path(), &text);
+    let mut second = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&daemon.config_path)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            second.kill().unwrap();
+            panic!("a second daemon started on the same database");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let mut stderr = String::new();
+    second
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another hookroute serves the database"),
+        "{stderr}"
+    );
+    daemon.accept_cl(&scan_body("still-served")).await;
+}
