@@ -223,18 +223,16 @@ impl Engine {
             return;
         }
         self.held.lock().extend(jobs.iter().map(|due| due.job.id));
-        let batches: Vec<Vec<DueJob>> = if sink.digest.is_some() {
-            vec![jobs]
+        // A digest is one call holding one place; otherwise up to `batch` jobs go in a call,
+        // each holding its own place.
+        let per_call = if sink.digest.is_some() {
+            DIGEST_LIMIT
         } else {
-            let mut jobs = jobs.into_iter().peekable();
-            std::iter::from_fn(|| {
-                jobs.peek()?;
-                Some(jobs.by_ref().take(sink.batch).collect())
-            })
-            .collect()
+            sink.batch
         };
-        for batch in batches {
-            // A digest holds one place whatever its size; otherwise each job holds its own.
+        let mut jobs = jobs.into_iter().peekable();
+        while jobs.peek().is_some() {
+            let batch: Vec<DueJob> = jobs.by_ref().take(per_call).collect();
             let claimed = reserved.split(if sink.digest.is_some() {
                 1
             } else {
