@@ -128,8 +128,14 @@ DROP INDEX dispatches_status;
 ",
 ];
 
-/// The columns [`row_to_event`] reads, in its order.
-pub(crate) const SELECT_EVENT: &str = "SELECT id, source, delivery_id, event_type, occurred_at, received_at, sender_delivery, payload FROM events";
+/// The columns [`event_at`] reads, in its order, of `events` aliased `e`.
+macro_rules! event_columns {
+    () => {
+        "e.id, e.source, e.delivery_id, e.event_type, e.occurred_at, e.received_at, e.sender_delivery, e.payload"
+    };
+}
+/// One event per row, as [`row_to_event`] reads it.
+pub(crate) const SELECT_EVENT: &str = concat!("SELECT ", event_columns!(), " FROM events e");
 /// How often the checkpointer copies the WAL back into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// How often the writer itself finishes a checkpoint between batches. Only a checkpoint that
@@ -503,14 +509,13 @@ impl Store {
             // and so re-prepares the statement whenever the limit changes, which here is
             // nearly every time. Held jobs are among the first due, so asking for that many
             // more leaves `limit` after they are skipped.
-            let mut stmt = conn.prepare_cached(
-                "SELECT j.id, j.event_id, j.route, j.sink, j.attempts, j.created_at,
-                        e.id, e.source, e.delivery_id, e.event_type, e.occurred_at, e.received_at,
-                        e.sender_delivery, e.payload
-                 FROM jobs j INDEXED BY jobs_due LEFT JOIN events e ON e.id = j.event_id
+            let mut stmt = conn.prepare_cached(concat!(
+                "SELECT j.id, j.event_id, j.route, j.sink, j.attempts, j.created_at, ",
+                event_columns!(),
+                " FROM jobs j INDEXED BY jobs_due LEFT JOIN events e ON e.id = j.event_id
                  WHERE j.sink = ?1 AND j.status IN ('pending', 'failed') AND j.next_attempt_at <= ?2
-                 ORDER BY j.next_attempt_at, j.id LIMIT 0 + ?3",
-            )?;
+                 ORDER BY j.next_attempt_at, j.id LIMIT 0 + ?3"
+            ))?;
             let mut rows = stmt.query(params![sink, due_by, (limit + held.len()) as i64])?;
             let mut due = Vec::with_capacity(limit);
             while let Some(row) = rows.next()? {
@@ -1111,7 +1116,7 @@ fn row_to_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     event_at(row, 0)
 }
 
-/// The [`SELECT_EVENT`] columns, starting at column `first`.
+/// The `event_columns!()`, starting at column `first`.
 fn event_at(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<StoredEvent> {
     let payload = row.get_ref(first + 7)?.as_blob()?;
     let received_at: i64 = row.get(first + 5)?;
