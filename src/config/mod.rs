@@ -713,10 +713,6 @@ impl fmt::Debug for SecretSource {
 }
 
 impl SecretSource {
-    pub fn is_set(&self) -> bool {
-        self.value.is_some() || self.file.is_some() || self.env.is_some()
-    }
-
     /// Checks that exactly one of `value`, `file`, `env` is given.
     ///
     /// # Errors

@@ -335,7 +335,6 @@ pub struct Store {
 }
 
 struct Inner {
-    path: PathBuf,
     /// Held while the store is open: see [`lock_instance`].
     _instance: std::fs::File,
     queue: mpsc::Sender<Command>,
@@ -420,7 +419,6 @@ impl Store {
             .map_err(StoreError::Thread)?;
         Ok(Self {
             inner: Arc::new(Inner {
-                path,
                 _instance: instance,
                 queue,
                 reader: Mutex::new(reader),
@@ -432,10 +430,6 @@ impl Store {
                 })),
             }),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.inner.path
     }
 
     /// Stores a verified delivery, routed to `routes`, unless its `(source, delivery_id)` was
