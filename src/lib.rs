@@ -140,9 +140,7 @@ async fn reload_on_hangup(
                 Ok((new, plan))
             }) {
             Ok((new, new_plan)) => {
-                if format!("{:?}{:?}", new.server, new.storage)
-                    != format!("{:?}{:?}", running.server, running.storage)
-                {
+                if (&new.server, &new.storage) != (&running.server, &running.storage) {
                     tracing::warn!(
                         "[server] and [storage] changes take effect at the next restart"
                     );

@@ -61,7 +61,7 @@ pub struct Routing {
     pub warnings: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
@@ -74,7 +74,7 @@ pub struct ServerConfig {
     pub rate_limit: Option<RateLimitConfig>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimitConfig {
     pub per_second: NonZeroU32,
     pub burst: NonZeroU32,
@@ -83,7 +83,7 @@ pub struct RateLimitConfig {
     pub max_clients: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StorageConfig {
     pub path: PathBuf,
     pub dedupe_retention: Duration,
