@@ -126,6 +126,51 @@ DROP INDEX jobs_status;
 CREATE INDEX jobs_dead ON jobs(id) WHERE status = 'dead';
 DROP INDEX dispatches_status;
 ",
+    r"
+-- A CHECK of `x IN (...)` over more than two values makes SQLite build a temporary table on
+-- every insert and update of the row (a few per cent of the daemon's CPU under load); the
+-- same check spelled as ORs does not. SQLite cannot change a CHECK in place, so both tables
+-- are rebuilt (https://sqlite.org/lang_altertable.html#otheralter). `in_flight` is gone:
+-- migration 3 retired it.
+CREATE TABLE jobs_new (
+    id              INTEGER PRIMARY KEY,
+    event_id        INTEGER NOT NULL REFERENCES events(id),
+    route           TEXT    NOT NULL,
+    sink            TEXT    NOT NULL,
+    status          TEXT    NOT NULL
+                    CHECK (status = 'pending' OR status = 'succeeded' OR status = 'failed' OR status = 'dead'),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,   -- unix milliseconds
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    last_error      TEXT,
+    response        TEXT                -- the sink's answer, summarised and bounded
+);
+INSERT INTO jobs_new SELECT id, event_id, route, sink, status, attempts, next_attempt_at,
+                            created_at, updated_at, last_error, response FROM jobs;
+DROP TABLE jobs;
+ALTER TABLE jobs_new RENAME TO jobs;
+CREATE INDEX jobs_event ON jobs(event_id);
+CREATE INDEX jobs_due ON jobs(sink, next_attempt_at) WHERE status IN ('pending', 'failed');
+CREATE INDEX jobs_waiting ON jobs(sink, created_at) WHERE status IN ('pending', 'failed');
+CREATE INDEX jobs_dead ON jobs(id) WHERE status = 'dead';
+
+CREATE TABLE attempts_new (
+    id          INTEGER PRIMARY KEY,
+    job_id      INTEGER NOT NULL REFERENCES jobs(id),
+    number      INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER NOT NULL,
+    outcome     TEXT    NOT NULL CHECK (outcome = 'succeeded' OR outcome = 'failed' OR outcome = 'dead'),
+    error       TEXT,
+    response    TEXT
+);
+INSERT INTO attempts_new SELECT id, job_id, number, started_at, finished_at, outcome, error, response
+                         FROM attempts;
+DROP TABLE attempts;
+ALTER TABLE attempts_new RENAME TO attempts;
+CREATE INDEX attempts_job ON attempts(job_id);
+",
 ];
 
 /// The columns [`event_at`] reads, in its order, of `events` aliased `e`.
@@ -377,7 +422,7 @@ impl Store {
         // 64 MiB that scan alone was 5% of the daemon's CPU under load.
         writer
             .execute_batch(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
                  PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -2048;
                  PRAGMA mmap_size = 268435456;",
             )
@@ -720,7 +765,11 @@ fn open_reader(path: &Path, config: &StorageConfig) -> rusqlite::Result<Connecti
     Ok(conn)
 }
 
+/// Brings the schema up to date, then enforces foreign keys on `conn`.
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    // Off while migrating: rebuilding a table drops the old one, which foreign keys would
+    // refuse while other tables point at it. The pragma is a no-op inside a transaction.
+    conn.pragma_update(None, "foreign_keys", false)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     for (i, sql) in (1..)
@@ -730,7 +779,8 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", i)?;
     }
-    tx.commit()
+    tx.commit()?;
+    conn.pragma_update(None, "foreign_keys", true)
 }
 
 /// A committed batch's answers, waiting for the WAL flush.
@@ -1190,6 +1240,82 @@ mod tests {
             plan.iter().any(|step| step.contains("jobs_dead")),
             "{plan:?}"
         );
+    }
+
+    /// Jobs and attempts keep their rows, indexes and checks through the rebuild, and writing
+    /// them no longer builds a temporary table per statement.
+    #[test]
+    fn migration_4_rebuilds_jobs_and_attempts_with_the_same_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.db");
+        let old = Connection::open(&path).unwrap();
+        for (version, sql) in (1..).zip(&MIGRATIONS[..3]) {
+            old.execute_batch(sql).unwrap();
+            old.pragma_update(None, "user_version", version).unwrap();
+        }
+        old.execute_batch(
+            "INSERT INTO events (source, delivery_id, event_type, received_at, payload)
+                 VALUES ('cl', 'd1', 'scan.completed', 0, '{}');
+             INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at, created_at, updated_at, last_error)
+                 VALUES (1, 'r', 'archive', 'failed', 1, 5, 0, 1, 'HTTP 500'), (1, 'r', 'mail', 'dead', 3, 0, 0, 0, 'gone');
+             INSERT INTO attempts (job_id, number, started_at, finished_at, outcome, error)
+                 VALUES (1, 1, 0, 1, 'failed', 'HTTP 500'), (2, 3, 0, 0, 'dead', 'gone');",
+        )
+        .unwrap();
+        drop(old);
+
+        let mut conn = Connection::open(&path).unwrap();
+        migrate(&mut conn).unwrap();
+        let query = |sql: &str| -> String { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(
+            query(
+                "SELECT group_concat(id || ':' || sink || ':' || status || ':' || attempts || ':' || last_error, ' ')
+                 FROM jobs"
+            ),
+            "1:archive:failed:1:HTTP 500 2:mail:dead:3:gone"
+        );
+        assert_eq!(
+            query("SELECT group_concat(job_id || ':' || outcome, ' ') FROM attempts"),
+            "1:failed 2:dead"
+        );
+        assert_eq!(
+            query(
+                "SELECT group_concat(name, ' ') FROM sqlite_schema
+                 WHERE type = 'index' AND tbl_name IN ('jobs', 'attempts') ORDER BY name"
+            ),
+            "jobs_event jobs_due jobs_waiting jobs_dead attempts_job"
+        );
+        assert!(
+            conn.execute("UPDATE jobs SET status = 'lost' WHERE id = 1", [])
+                .is_err(),
+            "the status check survives the rebuild"
+        );
+        assert!(
+            conn.execute(
+                "INSERT INTO attempts (job_id, number, started_at, finished_at, outcome) VALUES (9, 1, 0, 0, 'succeeded')",
+                [],
+            )
+            .is_err(),
+            "attempts still reference jobs"
+        );
+        for sql in [
+            "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at, updated_at)
+             VALUES (1, 'r', 'archive', 'pending', 0, 0, 0)",
+            "UPDATE jobs SET status = 'succeeded' WHERE id = 1",
+            "INSERT INTO attempts (job_id, number, started_at, finished_at, outcome) VALUES (1, 2, 0, 0, 'succeeded')",
+        ] {
+            let program: Vec<String> = conn
+                .prepare(&format!("EXPLAIN {sql}"))
+                .unwrap()
+                .query_map([], |row| row.get(1))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                !program.iter().any(|op| op == "OpenEphemeral"),
+                "{sql}: {program:?}"
+            );
+        }
     }
 
     /// One failed flush poisons the store: that batch and every later one is answered with the
