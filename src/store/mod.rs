@@ -17,6 +17,7 @@
 //! - Checkpoints run on a thread of their own, so a commit never waits for one.
 
 pub mod admin;
+mod dedupe;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -170,6 +171,11 @@ INSERT INTO attempts_new SELECT id, job_id, number, started_at, finished_at, out
 DROP TABLE attempts;
 ALTER TABLE attempts_new RENAME TO attempts;
 CREATE INDEX attempts_job ON attempts(job_id);
+",
+    r"
+-- Keys reach `dedupe` in sorted batches after their events are stored (see store::dedupe);
+-- this is the last event whose key is there. Every earlier event's key already is.
+INSERT INTO meta (key, value) SELECT 'dedupe_merged', coalesce(max(id), 0) FROM events;
 ",
 ];
 
@@ -428,6 +434,7 @@ impl Store {
             )
             .map_err(open_err)?;
         migrate(&mut writer).map_err(open_err)?;
+        let recent = dedupe::Recent::open(&mut writer).map_err(open_err)?;
         let reader = open_reader(&path, config).map_err(open_err)?;
         // The connections' first reads in WAL mode created the WAL file. SQLite deletes it only
         // when the last connection closes, and the writer's stays open until every flush is
@@ -455,7 +462,7 @@ impl Store {
             .map_err(StoreError::Thread)?;
         let writer = std::thread::Builder::new()
             .name("hookroute-writer".into())
-            .spawn(move || writer_loop(writer, rx, max_batch, &to_syncer, &failed))
+            .spawn(move || writer_loop(writer, recent, rx, max_batch, &to_syncer, &failed))
             .map_err(StoreError::Thread)?;
         let (stop_checkpoints, stop) = std::sync::mpsc::channel();
         let checkpointer = std::thread::Builder::new()
@@ -792,6 +799,7 @@ type SyncFailure = Arc<OnceLock<Arc<std::io::Error>>>;
 
 fn writer_loop(
     mut conn: Connection,
+    mut recent: dedupe::Recent,
     mut rx: mpsc::Receiver<Command>,
     max_batch: usize,
     syncer: &std::sync::mpsc::Sender<Answers>,
@@ -813,7 +821,7 @@ fn writer_loop(
                 let _ = cmd.reply.send(Err(StoreError::Sync(Arc::clone(err))));
             }
         } else {
-            match apply_batch(&mut conn, &batch) {
+            match apply_batch(&mut conn, &mut recent, &batch) {
                 Ok(done) => {
                     let answers = batch.drain(..).map(|cmd| cmd.reply).zip(done).collect();
                     if syncer.send(answers).is_err() {
@@ -829,6 +837,12 @@ fn writer_loop(
                     }
                 }
             }
+        }
+        if (stop || recent.due())
+            && let Err(err) = recent.merge(&mut conn)
+        {
+            // The keys stay in memory, still deciding, and the next merge takes them too.
+            tracing::warn!(error = %err, "merging delivery ids into the dedupe index failed");
         }
         if stop {
             break;
@@ -876,22 +890,38 @@ fn open_wal(db: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new().write(true).open(path)
 }
 
-fn apply_batch(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<Vec<Done>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let done = batch
-        .iter()
-        .map(|cmd| apply(&tx, &cmd.op))
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    tx.commit()?;
-    Ok(done)
+fn apply_batch(
+    conn: &mut Connection,
+    recent: &mut dedupe::Recent,
+    batch: &[Command],
+) -> rusqlite::Result<Vec<Done>> {
+    let applied = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .and_then(|tx| {
+            let done = batch
+                .iter()
+                .map(|cmd| apply(&tx, recent, &cmd.op))
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            tx.commit()?;
+            Ok(done)
+        });
+    match applied {
+        Ok(_) => recent.commit(),
+        Err(_) => recent.roll_back(),
+    }
+    applied
 }
 
-fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
+fn apply(
+    tx: &rusqlite::Transaction<'_>,
+    recent: &mut dedupe::Recent,
+    op: &Op,
+) -> rusqlite::Result<Done> {
     match op {
         Op::Insert(event) => {
-            // The common case first: store the event, then claim its key. A repeat (rare:
-            // senders retry what failed) finds the key taken and takes its copy back out,
-            // which costs less than looking every key up before inserting it.
+            if let Some(first) = recent.seen(tx, &event.source, &event.delivery_id)? {
+                return Ok(Done::Inserted(Inserted::Duplicate(first)));
+            }
             tx.prepare_cached(
                 "INSERT INTO events (source, delivery_id, event_type, occurred_at, received_at, sender_delivery, payload)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -906,22 +936,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Done> {
                 event.body,
             ])?;
             let id = tx.last_insert_rowid();
-            let claimed = tx
-                .prepare_cached(
-                    "INSERT INTO dedupe (source, delivery_id, event_id, seen_at) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (source, delivery_id) DO NOTHING",
-                )?
-                .execute(params![event.source, event.delivery_id, id, event.received_at])?;
-            if claimed == 0 {
-                tx.prepare_cached("DELETE FROM events WHERE id = ?1")?
-                    .execute([id])?;
-                let first = tx
-                    .prepare_cached(
-                        "SELECT event_id FROM dedupe WHERE source = ?1 AND delivery_id = ?2",
-                    )?
-                    .query_row(params![event.source, event.delivery_id], |row| row.get(0))?;
-                return Ok(Done::Inserted(Inserted::Duplicate(first)));
-            }
+            recent.stage(&event.source, &event.delivery_id, id, event.received_at);
             let (jobs, suppressed) = apply_routes(tx, id, event)?;
             Ok(Done::Inserted(Inserted::New {
                 id,
@@ -1228,7 +1243,10 @@ mod tests {
             ),
             "jobs_dead"
         );
-        assert_eq!(query("SELECT count(*) || '' FROM meta"), "0");
+        assert_eq!(
+            query("SELECT count(*) || '' FROM meta WHERE key = 'dispatch_cursor'"),
+            "0"
+        );
         let plan: Vec<String> = conn
             .prepare("EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE status = 'dead'")
             .unwrap()
@@ -1284,6 +1302,12 @@ mod tests {
                  WHERE type = 'index' AND tbl_name IN ('jobs', 'attempts') ORDER BY name"
             ),
             "jobs_event jobs_due jobs_waiting jobs_dead attempts_job"
+        );
+        // Migration 5: the old writer stored every key with its event, so the merged keys
+        // end at the last event.
+        assert_eq!(
+            query("SELECT value FROM meta WHERE key = 'dedupe_merged'"),
+            "1"
         );
         assert!(
             conn.execute("UPDATE jobs SET status = 'lost' WHERE id = 1", [])

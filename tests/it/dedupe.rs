@@ -127,8 +127,13 @@ async fn dedupe_records_expire_after_the_retention() {
     let body = scan_body("expiring");
     daemon.accept_cl(&body).await;
     assert_eq!(daemon.post_cl(&body).await.status, 200);
-    assert_eq!(daemon.count("dedupe"), 1);
     assert_eq!(daemon.terminate().code(), Some(0));
+    // A clean stop leaves every key in the table.
+    assert_eq!(
+        db_rows(dir.path(), "SELECT delivery_id FROM dedupe", |r| r
+            .get::<_, String>(0)),
+        ["expiring"]
+    );
 
     // Pruning runs at start-up and then hourly; past the retention the id is forgotten, so
     // the same delivery is a new event again while the first one stays stored.
@@ -227,4 +232,56 @@ sinks = ["stuck"]
     let orphans: i64 =
         daemon.value("SELECT count(*) FROM attempts WHERE job_id NOT IN (SELECT id FROM jobs)");
     assert_eq!(orphans, 0);
+}
+
+/// Keys reach the unique index in batches, after their events: the ones not yet merged when
+/// the process dies are merged from the events table at the next start, so every retry is
+/// still a duplicate of the first copy.
+#[tokio::test]
+async fn delivery_ids_not_yet_merged_survive_a_crash() {
+    let dir = tempdir();
+    let text = config(dir.path(), NO_LIMITS, &standard_rest(dir.path()));
+    let daemon = Daemon::start(dir.path(), &text);
+    let bodies: Vec<Vec<u8>> = (0..3).map(|i| scan_body(&format!("crash-{i}"))).collect();
+    let mut ids = Vec::new();
+    for body in &bodies {
+        ids.push(daemon.accept_cl(body).await.json["id"].clone());
+    }
+    // Held in memory so far (merges run a second apart, after a write), and still decisive.
+    assert_eq!(daemon.count("dedupe"), 0);
+    let retry = daemon.post_cl(&bodies[0]).await;
+    assert_eq!((retry.status, &retry.json["id"]), (200, &ids[0]));
+    daemon.kill9();
+
+    let daemon = Daemon::start(dir.path(), &text);
+    assert_eq!(daemon.count("dedupe"), 3, "{}", daemon.log());
+    for (body, id) in bodies.iter().zip(&ids) {
+        let retry = daemon.post_cl(body).await;
+        assert_eq!(
+            (retry.status, &retry.json["status"]),
+            (200, &"duplicate".into())
+        );
+        assert_eq!(&retry.json["id"], id);
+    }
+    assert_eq!(daemon.count("events"), 3);
+}
+
+/// While deliveries keep coming, waiting keys are merged about once a second.
+#[tokio::test]
+async fn delivery_ids_are_merged_while_the_daemon_runs() {
+    let dir = tempdir();
+    let daemon = Daemon::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
+    );
+    daemon.accept_cl(&scan_body("early")).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    daemon.accept_cl(&scan_body("late")).await;
+    eventually(|| match daemon.count("dedupe") {
+        0 => Err("nothing merged".to_owned()),
+        _ => Ok(()),
+    })
+    .await;
+    assert_eq!(daemon.post_cl(&scan_body("early")).await.status, 200);
+    assert_eq!(daemon.post_cl(&scan_body("late")).await.status, 200);
 }
