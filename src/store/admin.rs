@@ -114,7 +114,13 @@ impl Admin {
                  UNION ALL
                  SELECT e.id, NULL, e.source, e.event_type, e.delivery_id, e.received_at, d.route, NULL,
                         d.status, 0, NULL, d.detail
-                 FROM dispatches d JOIN events e ON e.id = d.event_id)
+                 FROM dispatches d JOIN events e ON e.id = d.event_id
+                 UNION ALL
+                 SELECT e.id, NULL, e.source, e.event_type, e.delivery_id, e.received_at, NULL, NULL,
+                        'unrouted', 0, NULL, NULL
+                 FROM events e
+                 WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id)
+                   AND NOT EXISTS (SELECT 1 FROM dispatches d WHERE d.event_id = e.id))
              WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR source = ?2) AND received_at >= ?3
              ORDER BY 1 DESC, 2 LIMIT ?4",
         )?;

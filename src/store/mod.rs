@@ -271,9 +271,9 @@ pub struct RouteTo {
     pub sinks: Vec<String>,
 }
 
-/// Routing outcomes that create no job, as recorded in `dispatches`.
+/// A routing outcome that creates no job, as recorded in `dispatches`. (Earlier versions also
+/// recorded `unrouted` there; such rows stay valid.)
 const SUPPRESSED: &str = "suppressed";
-const UNROUTED: &str = "unrouted";
 
 /// What periodic pruning removes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1074,19 +1074,15 @@ fn apply_routes(
     event_id: i64,
     event: &NewEvent,
 ) -> rusqlite::Result<(usize, Vec<String>)> {
+    // An event no route takes is known by having neither jobs nor dispatch rows (`deliveries
+    // list` shows it as unrouted): a row of its own would be a write and an index entry per
+    // event, when taking no route can be the common case.
+    if event.routes.is_empty() {
+        return Ok((0, Vec::new()));
+    }
     let mut record = tx.prepare_cached(
         "INSERT INTO dispatches (event_id, route, status, detail, at) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
-    if event.routes.is_empty() {
-        record.execute(params![
-            event_id,
-            None::<&str>,
-            UNROUTED,
-            None::<&str>,
-            event.received_at
-        ])?;
-        return Ok((0, Vec::new()));
-    }
     let mut job = tx.prepare_cached(
         "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at, updated_at)
          VALUES (?1, ?2, ?3, 'pending', ?4, ?4, ?4)",

@@ -39,13 +39,14 @@ fn ids_in(dir: &Path, sink: &str) -> Vec<String> {
     ids
 }
 
-/// Waits until `events` events are routed and no delivery is outstanding.
+/// Waits until `events` events are stored (routed in the same transaction) and no delivery
+/// is outstanding.
 async fn wait_dispatched(daemon: &Daemon, events: i64) {
     let (routed, _) = eventually(|| {
         let counts: (i64, i64) = daemon
             .db()
             .query_row(
-                "SELECT (SELECT count(*) FROM (SELECT event_id FROM jobs UNION SELECT event_id FROM dispatches)),
+                "SELECT (SELECT count(*) FROM events),
                         (SELECT count(*) FROM jobs WHERE status NOT IN ('succeeded', 'dead'))",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -53,7 +54,10 @@ async fn wait_dispatched(daemon: &Daemon, events: i64) {
             .unwrap();
         match counts {
             (routed, 0) if routed >= events => Ok(counts),
-            _ => Err(format!("(routed, open jobs) = {counts:?}\n{}", daemon.log())),
+            _ => Err(format!(
+                "(routed, open jobs) = {counts:?}\n{}",
+                daemon.log()
+            )),
         }
     })
     .await;
@@ -85,6 +89,10 @@ async fn post_scorecard(daemon: &Daemon, body: &[u8]) -> Reply {
 fn statuses(daemon: &Daemon) -> Vec<(String, Option<String>, Option<String>, String)> {
     daemon.rows(
         "SELECT e.delivery_id, d.route, NULL, d.status FROM dispatches d JOIN events e ON e.id = d.event_id
+         UNION ALL
+         SELECT e.delivery_id, NULL, NULL, 'unrouted' FROM events e
+         WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id)
+           AND NOT EXISTS (SELECT 1 FROM dispatches d WHERE d.event_id = e.id)
          UNION ALL
          SELECT e.delivery_id, j.route, j.sink, j.status FROM jobs j JOIN events e ON e.id = j.event_id",
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
