@@ -1245,30 +1245,36 @@ mod tests {
             .unzip()
     }
 
+    /// A database made by the first `version` migrations and holding `rows`, then migrated to
+    /// the current schema.
+    fn migrated_from(version: usize, rows: &str) -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let old = Connection::open(&path).unwrap();
+        for (number, sql) in (1..).zip(&MIGRATIONS[..version]) {
+            old.execute_batch(sql).unwrap();
+            old.pragma_update(None, "user_version", number).unwrap();
+        }
+        old.execute_batch(rows).unwrap();
+        drop(old);
+        let mut conn = Connection::open(&path).unwrap();
+        migrate(&mut conn).unwrap();
+        (dir, conn)
+    }
+
     /// A database from before routing moved into the ingest transaction: its dispatch cursor
     /// goes, jobs it marked in flight are pending again, and only dead letters stay indexed
     /// by status.
     #[test]
     fn migration_3_upgrades_a_version_2_database() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v2.db");
-        let old = Connection::open(&path).unwrap();
-        for (version, sql) in (1..).zip(&MIGRATIONS[..2]) {
-            old.execute_batch(sql).unwrap();
-            old.pragma_update(None, "user_version", version).unwrap();
-        }
-        old.execute_batch(
+        let (_dir, conn) = migrated_from(
+            2,
             "INSERT INTO events (source, delivery_id, event_type, received_at, payload)
                  VALUES ('cl', 'd1', 'scan.completed', 0, '{}');
              INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at, created_at, updated_at)
                  VALUES (1, 'r', 'archive', 'in_flight', 1, 0, 0, 0), (1, 'r', 'mail', 'dead', 3, 0, 0, 0);
              INSERT INTO meta (key, value) VALUES ('dispatch_cursor', '1');",
-        )
-        .unwrap();
-        drop(old);
-
-        let mut conn = Connection::open(&path).unwrap();
-        migrate(&mut conn).unwrap();
+        );
         let query = |sql: &str| -> String { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
         assert_eq!(
             query("SELECT group_concat(status) FROM jobs ORDER BY id"),
@@ -1301,26 +1307,15 @@ mod tests {
     /// them no longer builds a temporary table per statement.
     #[test]
     fn migration_4_rebuilds_jobs_and_attempts_with_the_same_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v3.db");
-        let old = Connection::open(&path).unwrap();
-        for (version, sql) in (1..).zip(&MIGRATIONS[..3]) {
-            old.execute_batch(sql).unwrap();
-            old.pragma_update(None, "user_version", version).unwrap();
-        }
-        old.execute_batch(
+        let (_dir, conn) = migrated_from(
+            3,
             "INSERT INTO events (source, delivery_id, event_type, received_at, payload)
                  VALUES ('cl', 'd1', 'scan.completed', 0, '{}');
              INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at, created_at, updated_at, last_error)
                  VALUES (1, 'r', 'archive', 'failed', 1, 5, 0, 1, 'HTTP 500'), (1, 'r', 'mail', 'dead', 3, 0, 0, 0, 'gone');
              INSERT INTO attempts (job_id, number, started_at, finished_at, outcome, error)
                  VALUES (1, 1, 0, 1, 'failed', 'HTTP 500'), (2, 3, 0, 0, 'dead', 'gone');",
-        )
-        .unwrap();
-        drop(old);
-
-        let mut conn = Connection::open(&path).unwrap();
-        migrate(&mut conn).unwrap();
+        );
         let query = |sql: &str| -> String { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
         assert_eq!(
             query(
