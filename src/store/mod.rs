@@ -738,8 +738,9 @@ impl Store {
     }
 }
 
-/// One daemon per database: the jobs being attempted are held in memory, so a second daemon
-/// on the same file would attempt them again. An advisory lock on `<database>.lock`, which the
+/// One daemon per database: the jobs being attempted and the newest delivery ids are held in
+/// memory, so a second daemon on the same file would attempt those jobs again and miss those
+/// duplicates. An advisory lock on `<database>.lock`, which the
 /// kernel releases however the process ends; the command-line tools do not take it.
 fn lock_instance(db: &Path) -> Result<std::fs::File, StoreError> {
     let mut path = db.as_os_str().to_owned();
