@@ -15,6 +15,8 @@
 //!   never believes something was stored that was not.
 //! - Reads use their own connection and never block the writer (WAL).
 //! - Checkpoints run on a thread of their own, so a commit never waits for one.
+//! - Whether a delivery was seen is decided by the writer, from the `dedupe` table and the
+//!   keys not yet merged into it ([`dedupe`]).
 
 pub mod admin;
 mod dedupe;
