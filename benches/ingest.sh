@@ -44,7 +44,7 @@ load() {
 field() { sed -n "s/.*\b$1=\([0-9.]*\).*/\1/p" <<<"$2"; }
 
 # hookroute runs twice per round: "ingest" has no route, so each delivery is verified, deduped,
-# stored and recorded as unrouted (the ingest path alone); "+delivery" also routes every event
+# stored with no job (the ingest path alone); "+delivery" also routes every event
 # to a file sink, so a job is stored with each event, and jobs are delivered and their outcomes
 # recorded while the flood goes on.
 run_hookroute() { # $1 = variant; prints the load line
