@@ -33,7 +33,6 @@ struct Seen {
 #[derive(Debug, Default)]
 struct Keys {
     by_source: HashMap<String, HashMap<String, Seen>>,
-    len: usize,
 }
 
 impl Keys {
@@ -46,16 +45,16 @@ impl Keys {
             Some(ids) => ids,
             None => self.by_source.entry(source.to_owned()).or_default(),
         };
-        if ids.insert(delivery_id.to_owned(), seen).is_none() {
-            self.len += 1;
-        }
+        ids.insert(delivery_id.to_owned(), seen);
+    }
+
+    fn len(&self) -> usize {
+        self.by_source.values().map(HashMap::len).sum()
     }
 
     fn absorb(&mut self, other: Keys) {
         for (source, ids) in other.by_source {
-            for (delivery_id, seen) in ids {
-                self.insert(&source, &delivery_id, seen);
-            }
+            self.by_source.entry(source).or_default().extend(ids);
         }
     }
 }
@@ -135,7 +134,7 @@ impl Recent {
 
     /// The batch committed: its keys count from now on.
     pub(super) fn commit(&mut self) {
-        if self.staged.len > 0 {
+        if self.staged.len() > 0 {
             self.since.get_or_insert_with(Instant::now);
             self.committed.absorb(std::mem::take(&mut self.staged));
         }
@@ -148,13 +147,13 @@ impl Recent {
 
     /// Whether enough keys waited long enough to be merged.
     pub(super) fn due(&self) -> bool {
-        self.committed.len >= MERGE_AT || self.since.is_some_and(|t| t.elapsed() >= MERGE_EVERY)
+        self.committed.len() >= MERGE_AT || self.since.is_some_and(|t| t.elapsed() >= MERGE_EVERY)
     }
 
     /// Writes the committed keys into `dedupe` in key order, in one transaction of their own.
     /// It need not wait for a flush: were it lost, the next open would merge the same keys.
     pub(super) fn merge(&mut self, conn: &mut Connection) -> rusqlite::Result<()> {
-        if self.committed.len == 0 {
+        if self.committed.len() == 0 {
             return Ok(());
         }
         let mut keys: Vec<(&str, &str, Seen)> = self
