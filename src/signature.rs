@@ -76,16 +76,6 @@ impl Scheme {
             Self::Token { .. } => "token",
         }
     }
-
-    /// The header that carries the signature (or token).
-    pub fn signature_header(&self) -> &str {
-        match self {
-            Self::ComplianceLayer { .. } => COMPLIANCELAYER_SIGNATURE,
-            Self::StandardWebhooks { .. } => WEBHOOK_SIGNATURE,
-            Self::GitHub => GITHUB_SIGNATURE,
-            Self::HmacSha256 { header, .. } | Self::Token { header, .. } => header.as_str(),
-        }
-    }
 }
 
 /// HMAC key bytes (or the token itself). `Debug` never shows them.
