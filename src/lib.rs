@@ -33,7 +33,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use arc_swap::ArcSwap;
@@ -76,12 +75,12 @@ pub async fn run(
         Plan::build(&config).map_err(RunError::Sink)?,
     ));
     let store = Store::open(&config.storage)?;
-    let jobs_created = Arc::new(Notify::new());
+    let new_jobs = Arc::new(delivery::NewJobs::default());
     let stop = CancellationToken::new();
     let engine = tokio::spawn(
-        Engine::new(store.clone(), Arc::clone(&plan), Arc::clone(&jobs_created)).run(stop.clone()),
+        Engine::new(store.clone(), Arc::clone(&plan), Arc::clone(&new_jobs)).run(stop.clone()),
     );
-    let app = http::App::new(&config, store.clone(), Arc::clone(&plan), jobs_created);
+    let app = http::App::new(&config, store.clone(), Arc::clone(&plan), new_jobs);
     let upkeep = tokio::spawn(upkeep(
         app.clone(),
         store.clone(),

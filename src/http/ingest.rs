@@ -77,6 +77,8 @@ pub async fn ingest(
 
     let routes = dispatch::route(&state.plan.load(), &event);
     let unrouted = routes.is_empty();
+    // For the delivery engine, which reads only the sinks it is told have work.
+    let sinks: Vec<String> = routes.iter().flat_map(|to| to.sinks.clone()).collect();
     let (delivery_id, event_type) = (&event.delivery_id, &event.event_type);
     match state.store.insert(&event, body.to_vec(), now, routes).await {
         Ok(Inserted::New {
@@ -85,7 +87,7 @@ pub async fn ingest(
             suppressed,
         }) => {
             if jobs > 0 {
-                state.jobs_created.notify_one();
+                state.new_jobs.add(sinks.iter().map(String::as_str));
             }
             // Debug, not info: the `log` sink is how an operator journals every event.
             tracing::debug!(source = %source.name, %event_type, %delivery_id, event_id = id, jobs, %client, "delivery accepted");

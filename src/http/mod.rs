@@ -23,7 +23,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use ipnet::IpNet;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tower::ServiceExt as _;
 use tower_governor::GovernorLayer;
 use tower_governor::governor::GovernorConfigBuilder;
@@ -33,6 +32,7 @@ pub use error::ApiError;
 use limit::{ClientKey, FailureLimiter};
 
 use crate::config::{Config, ServerConfig, SourceConfig};
+use crate::delivery::NewJobs;
 use crate::dispatch::Plan;
 use crate::store::Store;
 
@@ -43,8 +43,8 @@ pub struct AppState {
     store: Store,
     /// Routes and sinks; swapped by a reload.
     plan: Arc<ArcSwap<Plan>>,
-    /// Tells the delivery engine there are new jobs.
-    jobs_created: Arc<Notify>,
+    /// Tells the delivery engine which sinks have new jobs.
+    new_jobs: Arc<NewJobs>,
     max_body_bytes: usize,
     body_read_timeout: Duration,
     trusted_proxies: Arc<[IpNet]>,
@@ -64,7 +64,7 @@ impl App {
         config: &Config,
         store: Store,
         plan: Arc<ArcSwap<Plan>>,
-        jobs_created: Arc<Notify>,
+        new_jobs: Arc<NewJobs>,
     ) -> Self {
         let trusted_proxies: Arc<[IpNet]> = config.server.trusted_proxies.clone().into();
         let limits = config.server.rate_limit;
@@ -72,7 +72,7 @@ impl App {
             sources: ArcSwap::from_pointee(sources_by_path(config)),
             store,
             plan,
-            jobs_created,
+            new_jobs,
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: config.server.body_read_timeout,
             trusted_proxies: Arc::clone(&trusted_proxies),
