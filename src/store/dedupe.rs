@@ -62,8 +62,6 @@ impl Keys {
 /// The keys not yet merged into `dedupe`. Owned by the writer thread.
 #[derive(Debug)]
 pub(super) struct Recent {
-    /// The last event id whose key is in `dedupe`.
-    merged: i64,
     /// Keys of committed events after `merged`.
     committed: Keys,
     /// Keys of the batch being applied: kept only if it commits.
@@ -81,8 +79,8 @@ impl Recent {
                 row.get(0)
             })
             .optional()?;
+        let merged: i64 = merged.and_then(|id| id.parse().ok()).unwrap_or(0);
         let mut recent = Self {
-            merged: merged.and_then(|id| id.parse().ok()).unwrap_or(0),
             committed: Keys::default(),
             staged: Keys::default(),
             since: None,
@@ -91,7 +89,7 @@ impl Recent {
             let mut tail = conn.prepare(
                 "SELECT id, source, delivery_id, received_at FROM events WHERE id > ?1 ORDER BY id",
             )?;
-            let mut rows = tail.query([recent.merged])?;
+            let mut rows = tail.query([merged])?;
             while let Some(row) = rows.next()? {
                 let seen = Seen {
                     event_id: row.get(0)?,
@@ -153,9 +151,6 @@ impl Recent {
     /// Writes the committed keys into `dedupe` in key order, in one transaction of their own.
     /// It need not wait for a flush: were it lost, the next open would merge the same keys.
     pub(super) fn merge(&mut self, conn: &mut Connection) -> rusqlite::Result<()> {
-        if self.committed.len() == 0 {
-            return Ok(());
-        }
         let mut keys: Vec<(&str, &str, Seen)> = self
             .committed
             .by_source
@@ -165,12 +160,10 @@ impl Recent {
                     .map(|(id, seen)| (source.as_str(), id.as_str(), *seen))
             })
             .collect();
+        let Some(last) = keys.iter().map(|key| key.2.event_id).max() else {
+            return Ok(()); // nothing waits
+        };
         keys.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-        let last = keys
-            .iter()
-            .map(|key| key.2.event_id)
-            .max()
-            .unwrap_or(self.merged);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             // A key already there (only a hand-edited database has one) keeps its first event.
@@ -184,7 +177,6 @@ impl Recent {
         }
         super::set_meta(&tx, MERGED, &last.to_string())?;
         tx.commit()?;
-        self.merged = last;
         self.committed = Keys::default();
         self.since = None;
         Ok(())
