@@ -8,15 +8,21 @@
 //! jobs a second while thousands arrive. Claimed jobs wait in memory for a slot, and a slot
 //! is freed as soon as the sink answers, before the outcome is recorded.
 //!
-//! Claims live in memory ([`Held`]): a job is read from the database with its event, held
-//! until its outcome is recorded, and left out of every read meanwhile. The database only
-//! learns of an attempt when it ended, so a job being attempted when the process dies is
-//! still pending and is tried again at the next start. Delivery is therefore at least once:
-//! a sink may see a repeat after a crash, and gets the delivery id to recognise it.
+//! Claims live in memory ([`Held`]): a job is held until its outcome is recorded, and left out
+//! of every read meanwhile. The database only learns of an attempt when it ended, so a job
+//! being attempted when the process dies is still pending and is tried again at the next
+//! start. Delivery is therefore at least once: a sink may see a repeat after a crash, and gets
+//! the delivery id to recognise it.
+//!
+//! New jobs reach the engine two ways. Ingest hands most over directly, with their event
+//! ([`NewJobs::hand_over`]), so nothing just written is read back: their rows are the durable
+//! copy, written due only [`HANDOFF_GRACE`] later (see [`Handoff`]). Everything else is read
+//! from the database: jobs of digests, of a sink whose hand-over queue is full, retries,
+//! re-queued jobs, and whatever an earlier run left.
 
 mod retry;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,7 +37,7 @@ pub use retry::RetryPolicy;
 use crate::dispatch::{NamedSink, Plan};
 use crate::event::Event;
 use crate::sinks::{Delivery, SinkError};
-use crate::store::{AttemptOutcome, DueJob, Job, Store};
+use crate::store::{AttemptOutcome, DueJob, Handoff, Job, Store};
 use crate::templates::Message;
 
 /// Longest sleep between looks at the queue: jobs re-queued from the command line are
@@ -41,6 +47,18 @@ const POLL: Duration = Duration::from_millis(500);
 const PREFETCH: usize = 16;
 /// Most jobs gathered into one digest.
 const DIGEST_LIMIT: usize = 500;
+/// When a handed-over job's row comes due if the engine never got it. Far longer than a
+/// hand-over takes (the time to flush the write), and short enough that a job whose request
+/// was dropped in between is still delivered soon.
+pub const HANDOFF_GRACE: Duration = Duration::from_secs(10);
+/// Most handed-over jobs waiting for one sink; past that, new jobs are read from the database
+/// when the sink has room. Bounds the memory that events waiting for a slow sink take.
+const HANDOFF_LIMIT: usize = 1024;
+/// How long handed-over jobs wait for more to fill a batching sink's call. Reads from the
+/// database batch by themselves, finding whatever came in meanwhile; hand-overs come one event
+/// at a time, and without the wait the file sink got a call every few jobs under the
+/// benchmark's flood, which cost the daemon about a quarter more CPU per request.
+const LINGER: Duration = Duration::from_millis(5);
 /// Sinks enforce `delivery.timeout` themselves (the HTTP client's timeout, the exec sink's
 /// process-group kill); the engine's own limit is a backstop that fires this much later, so
 /// it never cuts a sink off before the sink could clean up.
@@ -81,11 +99,14 @@ impl Held {
     }
 }
 
-/// Which sinks ingest created jobs for since the engine last asked: cheap to share with the
-/// HTTP handlers.
+/// What ingest tells the engine: the jobs it hands over, and which sinks have new jobs to read
+/// from the database. Cheap to share with the HTTP handlers.
 #[derive(Default)]
 pub struct NewJobs {
     sinks: Mutex<HashSet<String>>,
+    handed: Mutex<HashMap<String, VecDeque<DueJob>>>,
+    /// Every job the engine has: handed over, or claimed; shared with the engine.
+    held: Held,
     wake: Notify,
 }
 
@@ -103,8 +124,100 @@ impl NewJobs {
         self.wake.notify_one();
     }
 
+    /// Which of `sinks` (the routed ones of an event received at `now`) take their new jobs
+    /// by hand-over: those outside digests whose queue has room.
+    pub fn handoff<'a>(
+        &self,
+        plan: &Plan,
+        sinks: impl IntoIterator<Item = &'a String>,
+        now: Timestamp,
+    ) -> Handoff {
+        let mut sinks = sinks.into_iter().peekable();
+        if sinks.peek().is_none() {
+            return Handoff::default();
+        }
+        let queues = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut handoff = Handoff {
+            sinks: Vec::new(),
+            fallback: now + HANDOFF_GRACE,
+        };
+        for sink in sinks {
+            let open = plan.sinks.get(sink).is_some_and(|s| s.digest.is_none())
+                && queues.get(sink).is_none_or(|q| q.len() < HANDOFF_LIMIT);
+            if open && !handoff.sinks.contains(sink) {
+                handoff.sinks.push(sink.clone());
+            }
+        }
+        handoff
+    }
+
+    /// Gives the engine `jobs`, just stored for the sinks [`handoff`](Self::handoff) chose,
+    /// with their `event`.
+    pub fn hand_over(&self, jobs: Vec<Job>, event: Event) {
+        if jobs.is_empty() {
+            return;
+        }
+        {
+            // Held from now on: were the hand-over slower than the grace, a read of due jobs
+            // must still not return them.
+            let mut held = self.held.lock();
+            let mut queues = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+            let mut event = Some(event);
+            let last = jobs.len() - 1;
+            for (i, job) in jobs.into_iter().enumerate() {
+                // A job its row's read already claimed stays with that claim.
+                if !held.insert(job.id) {
+                    continue;
+                }
+                let event = if i == last {
+                    event.take()
+                } else {
+                    event.clone()
+                };
+                let queue = queues.entry(job.sink.clone()).or_default();
+                queue.push_back(DueJob { job, event });
+            }
+        }
+        self.wake.notify_one();
+    }
+
     fn take(&self) -> HashSet<String> {
         std::mem::take(&mut *self.sinks.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Up to `max` handed-over jobs of `sink`, oldest first.
+    fn take_handed(&self, sink: &str, max: usize) -> Vec<DueJob> {
+        let mut queues = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(queue) = queues.get_mut(sink) else {
+            return Vec::new();
+        };
+        let jobs = queue.drain(..max.min(queue.len())).collect();
+        if queue.is_empty() {
+            queues.remove(sink);
+        }
+        jobs
+    }
+
+    /// The sinks with handed-over jobs: how many, and when the oldest was stored.
+    fn handed_sinks(&self) -> Vec<(String, usize, Timestamp)> {
+        let queues = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+        queues
+            .iter()
+            .filter_map(|(sink, queue)| {
+                let oldest = queue.front()?.job.created_at;
+                Some((sink.clone(), queue.len(), oldest))
+            })
+            .collect()
+    }
+
+    /// Lets go of the jobs handed over for `sink`, which no longer takes them (a reload
+    /// removed it or made it a digest): their rows come due and are read as any other.
+    fn release(&self, sink: &str) {
+        let jobs = self.take_handed(sink, usize::MAX);
+        let mut held = self.held.lock();
+        for due in jobs {
+            held.remove(&due.job.id);
+        }
     }
 }
 
@@ -112,17 +225,15 @@ pub struct Engine {
     store: Store,
     plan: Arc<ArcSwap<Plan>>,
     new_jobs: Arc<NewJobs>,
-    held: Held,
 }
 
 impl Engine {
-    /// `new_jobs` is where ingest notes the sinks it created jobs for.
+    /// `new_jobs` is where ingest hands over jobs and notes the sinks it created others for.
     pub fn new(store: Store, plan: Arc<ArcSwap<Plan>>, new_jobs: Arc<NewJobs>) -> Self {
         Self {
             store,
             plan,
             new_jobs,
-            held: Held::default(),
         }
     }
 
@@ -158,10 +269,13 @@ impl Engine {
                     active.insert(name);
                 }
             }
-            let wait = Timestamp::now()
+            let mut wait = Timestamp::now()
                 .duration_until(next_look)
                 .unsigned_abs()
                 .min(POLL);
+            if let Some(linger) = self.start_handed(&plan, &mut limits, &mut running) {
+                wait = wait.min(linger);
+            }
             tokio::select! {
                 () = self.new_jobs.wake.notified() => {}
                 () = tokio::time::sleep(wait) => {}
@@ -170,6 +284,43 @@ impl Engine {
             }
         }
         running.abort_all();
+    }
+
+    /// Starts the handed-over jobs each sink has room for. A batching sink's jobs wait up to
+    /// [`LINGER`] for a full batch; returns how long until the first of those is due.
+    fn start_handed(
+        &self,
+        plan: &Arc<Plan>,
+        limits: &mut HashMap<String, Limits>,
+        running: &mut JoinSet<()>,
+    ) -> Option<Duration> {
+        let now = Timestamp::now();
+        let mut linger: Option<Duration> = None;
+        for (name, waiting, oldest) in self.new_jobs.handed_sinks() {
+            let Some(sink) = plan.sinks.get(&name).filter(|s| s.digest.is_none()) else {
+                self.new_jobs.release(&name);
+                continue;
+            };
+            let ready = oldest + LINGER;
+            if waiting < sink.batch && ready > now {
+                let left = now.duration_until(ready).unsigned_abs();
+                linger = Some(linger.map_or(left, |l| l.min(left)));
+                continue;
+            }
+            let limits = limits_for(limits, sink);
+            let room = limits.claimed.available_permits().min(waiting);
+            if room == 0 {
+                continue; // woken again when a running attempt ends
+            }
+            let Ok(reserved) = Arc::clone(&limits.claimed)
+                .try_acquire_many_owned(u32::try_from(room).unwrap_or(u32::MAX))
+            else {
+                continue;
+            };
+            let jobs = self.new_jobs.take_handed(&name, room);
+            self.launch(plan, sink, limits, jobs, reserved, running);
+        }
+        linger
     }
 
     /// Looks at the whole queue and starts what is due. Returns when to look again, and the
@@ -219,9 +370,13 @@ impl Engine {
     /// comes back.
     async fn bury_orphans(&self, sink: &str) {
         let far = Timestamp::MAX;
-        let due = self
-            .store
-            .due_jobs(sink, DIGEST_LIMIT, None, Some(far), self.held.snapshot());
+        let due = self.store.due_jobs(
+            sink,
+            DIGEST_LIMIT,
+            None,
+            Some(far),
+            self.new_jobs.held.snapshot(),
+        );
         let jobs = match due.await {
             Ok(jobs) => jobs,
             Err(err) => {
@@ -265,14 +420,14 @@ impl Engine {
             return None;
         }
         // Places reserved before claiming, so every claimed job is sure of one.
-        let Ok(mut reserved) = Arc::clone(&limits.claimed)
+        let Ok(reserved) = Arc::clone(&limits.claimed)
             .try_acquire_many_owned(u32::try_from(reserve).unwrap_or(u32::MAX))
         else {
             return None;
         };
         let due = self
             .store
-            .due_jobs(&sink.name, count, hold, None, self.held.snapshot());
+            .due_jobs(&sink.name, count, hold, None, self.new_jobs.held.snapshot());
         let jobs = match due.await {
             Ok(jobs) => jobs,
             Err(err) => {
@@ -281,7 +436,24 @@ impl Engine {
             }
         };
         let started = jobs.len();
-        self.held.lock().extend(jobs.iter().map(|due| due.job.id));
+        self.new_jobs
+            .held
+            .lock()
+            .extend(jobs.iter().map(|due| due.job.id));
+        self.launch(plan, sink, limits, jobs, reserved, running);
+        Some(started)
+    }
+
+    /// Runs the attempts at `jobs`, held and with their places `reserved`.
+    fn launch(
+        &self,
+        plan: &Arc<Plan>,
+        sink: &NamedSink,
+        limits: &Limits,
+        jobs: Vec<DueJob>,
+        mut reserved: tokio::sync::OwnedSemaphorePermit,
+        running: &mut JoinSet<()>,
+    ) {
         // A digest is one call holding one place; otherwise up to `batch` jobs go in a call,
         // each holding its own place.
         let per_call = if sink.digest.is_some() {
@@ -299,7 +471,7 @@ impl Engine {
             });
             let slot = Arc::clone(&limits.running);
             let (store, plan, sink) = (self.store.clone(), Arc::clone(plan), sink.clone());
-            let held = self.held.clone();
+            let held = self.new_jobs.held.clone();
             running.spawn(async move {
                 let ids: Vec<i64> = batch.iter().map(|due| due.job.id).collect();
                 let recorded = attempt(&store, &plan, &sink, batch, &slot).await;
@@ -314,7 +486,6 @@ impl Engine {
                 drop(claimed);
             });
         }
-        Some(started)
     }
 }
 

@@ -75,19 +75,36 @@ pub async fn ingest(
         return Err(state.reject(source, client, key, err));
     }
 
-    let routes = dispatch::route(&state.plan.load(), &event);
+    let (routes, handoff) = {
+        let plan = state.plan.load();
+        let routes = dispatch::route(&plan, &event);
+        let sinks = routes.iter().flat_map(|to| &to.sinks);
+        let handoff = state.new_jobs.handoff(&plan, sinks, now);
+        (routes, handoff)
+    };
     let unrouted = routes.is_empty();
-    // For the delivery engine, which reads only the sinks it is told have work.
-    let sinks: Vec<String> = routes.iter().flat_map(|to| to.sinks.clone()).collect();
+    // The sinks whose new jobs the delivery engine reads from the database: it reads only
+    // those it is told have work.
+    let stored_for: Vec<String> = routes
+        .iter()
+        .flat_map(|to| &to.sinks)
+        .filter(|sink| !handoff.sinks.contains(sink))
+        .cloned()
+        .collect();
+    let inserted = state
+        .store
+        .insert(&event, body.to_vec(), now, routes, handoff)
+        .await;
     let (delivery_id, event_type) = (&event.delivery_id, &event.event_type);
-    match state.store.insert(&event, body.to_vec(), now, routes).await {
+    match inserted {
         Ok(Inserted::New {
             id,
             jobs,
+            handed,
             suppressed,
         }) => {
-            if jobs > 0 {
-                state.new_jobs.add(sinks.iter().map(String::as_str));
+            if jobs > handed.len() {
+                state.new_jobs.add(stored_for.iter().map(String::as_str));
             }
             // Debug, not info: the `log` sink is how an operator journals every event.
             tracing::debug!(source = %source.name, %event_type, %delivery_id, event_id = id, jobs, %client, "delivery accepted");
@@ -104,7 +121,9 @@ pub async fn ingest(
                 id,
                 delivery_id,
             };
-            Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+            let answer = (StatusCode::ACCEPTED, Json(body)).into_response();
+            state.new_jobs.hand_over(handed, event);
+            Ok(answer)
         }
         Ok(Inserted::Duplicate(id)) => {
             tracing::debug!(source = %source.name, %event_type, %delivery_id, event_id = id, "duplicate delivery");

@@ -246,6 +246,8 @@ pub enum Inserted {
         id: i64,
         /// Delivery jobs created.
         jobs: usize,
+        /// The jobs created for [`Handoff::sinks`], to be handed to the delivery engine.
+        handed: Vec<Job>,
         /// Routes whose throttle suppressed the event.
         suppressed: Vec<String>,
     },
@@ -271,6 +273,18 @@ pub struct RouteTo {
     /// The route's throttle: this event's key, and the window's length.
     pub throttle: Option<(String, std::time::Duration)>,
     pub sinks: Vec<String>,
+}
+
+/// Sinks whose new jobs the delivery engine takes straight from ingest, with their event in
+/// memory, instead of reading them back from the database. Their rows are still written with
+/// the event, as the durable copy, but they come due only at `fallback`: until then no read
+/// of due jobs finds them, so the engine cannot be given the same job twice. A job whose
+/// hand-over never happened (the process died, or the request was dropped) is picked up from
+/// the database then, or at the next start ([`Store::open`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Handoff {
+    pub sinks: Vec<String>,
+    pub fallback: Timestamp,
 }
 
 /// A routing outcome that creates no job, as recorded in `dispatches`. (Earlier versions also
@@ -346,6 +360,7 @@ struct NewEvent {
     /// The event's time on its own clock, for throttles (unix milliseconds).
     occurred_ms: i64,
     routes: Vec<RouteTo>,
+    handoff: Handoff,
 }
 
 enum Op {
@@ -436,6 +451,7 @@ impl Store {
             )
             .map_err(open_err)?;
         migrate(&mut writer).map_err(open_err)?;
+        recover_handed(&writer).map_err(open_err)?;
         let recent = dedupe::Recent::open(&mut writer).map_err(open_err)?;
         let reader = open_reader(&path, config).map_err(open_err)?;
         // The connections' first reads in WAL mode created the WAL file. SQLite deletes it only
@@ -498,6 +514,7 @@ impl Store {
         body: Vec<u8>,
         received_at: Timestamp,
         routes: Vec<RouteTo>,
+        handoff: Handoff,
     ) -> Result<Inserted, StoreError> {
         let op = Op::Insert(Box::new(NewEvent {
             source: event.source.clone(),
@@ -509,6 +526,7 @@ impl Store {
             body,
             occurred_ms: event.occurred_at.unwrap_or(received_at).as_millisecond(),
             routes,
+            handoff,
         }));
         match self.submit(op).await? {
             Done::Inserted(inserted) => Ok(inserted),
@@ -928,6 +946,26 @@ fn replier(runtime: Option<tokio::runtime::Handle>) -> impl FnMut(Replies) {
     }
 }
 
+/// Makes the jobs handed to the delivery engine of an earlier run, and not finished by it, due
+/// from when they were created, as any other new job: no engine holds them now. A pending job
+/// due after its creation is one of those, since every other pending job is written due at
+/// once.
+fn recover_handed(conn: &Connection) -> rusqlite::Result<()> {
+    let n = conn.execute(
+        "UPDATE jobs INDEXED BY jobs_due SET next_attempt_at = created_at
+         WHERE status IN ('pending', 'failed') AND status = 'pending'
+               AND next_attempt_at > created_at",
+        [],
+    )?;
+    if n > 0 {
+        tracing::info!(
+            jobs = n,
+            "jobs handed over before the restart are due again"
+        );
+    }
+    Ok(())
+}
+
 fn open_wal(db: &Path) -> std::io::Result<std::fs::File> {
     let mut path = db.as_os_str().to_owned();
     path.push("-wal");
@@ -981,10 +1019,11 @@ fn apply(
             ])?;
             let id = tx.last_insert_rowid();
             recent.stage(&event.source, &event.delivery_id, id, event.received_at);
-            let (jobs, suppressed) = apply_routes(tx, id, event)?;
+            let (jobs, handed, suppressed) = apply_routes(tx, id, event)?;
             Ok(Done::Inserted(Inserted::New {
                 id,
                 jobs,
+                handed,
                 suppressed,
             }))
         }
@@ -1111,27 +1150,27 @@ fn apply(
 }
 
 /// Creates a new event's jobs, one per sink of every route that takes it, unless the route's
-/// throttle suppresses it; records what created no job. Returns the jobs created and the
-/// suppressing routes.
+/// throttle suppresses it; records what created no job. Returns how many jobs it created,
+/// those for handed-over sinks, and the suppressing routes.
 fn apply_routes(
     tx: &rusqlite::Transaction<'_>,
     event_id: i64,
     event: &NewEvent,
-) -> rusqlite::Result<(usize, Vec<String>)> {
+) -> rusqlite::Result<(usize, Vec<Job>, Vec<String>)> {
     // An event no route takes is known by having neither jobs nor dispatch rows (`deliveries
     // list` shows it as unrouted): a row of its own would be a write and an index entry per
     // event, when taking no route can be the common case.
     if event.routes.is_empty() {
-        return Ok((0, Vec::new()));
+        return Ok((0, Vec::new(), Vec::new()));
     }
     let mut record = tx.prepare_cached(
         "INSERT INTO dispatches (event_id, route, status, detail, at) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     let mut job = tx.prepare_cached(
         "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at, updated_at)
-         VALUES (?1, ?2, ?3, 'pending', ?4, ?4, ?4)",
+         VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?5)",
     )?;
-    let (mut jobs, mut suppressed) = (0, Vec::new());
+    let (mut jobs, mut handed, mut suppressed) = (0, Vec::new(), Vec::new());
     for to in &event.routes {
         if let Some((key, window)) = &to.throttle
             && !admit_throttled(tx, &to.route, key, *window, event.occurred_ms)?
@@ -1147,11 +1186,27 @@ fn apply_routes(
             continue;
         }
         for sink in &to.sinks {
-            job.execute(params![event_id, to.route, sink, event.received_at])?;
+            let hand = event.handoff.sinks.contains(sink);
+            let due = if hand {
+                event.handoff.fallback.as_millisecond()
+            } else {
+                event.received_at
+            };
+            job.execute(params![event_id, to.route, sink, due, event.received_at])?;
             jobs += 1;
+            if hand {
+                handed.push(Job {
+                    id: tx.last_insert_rowid(),
+                    event_id,
+                    route: to.route.clone(),
+                    sink: sink.clone(),
+                    attempt: 1,
+                    created_at: from_ms(event.received_at),
+                });
+            }
         }
     }
-    Ok((jobs, suppressed))
+    Ok((jobs, handed, suppressed))
 }
 
 /// Whether `route`'s throttle lets an event at `at_ms` through for `key`; if so, keeps the

@@ -497,6 +497,79 @@ async fn a_blocked_file_sink_never_stalls_ingest() {
     assert_eq!(jobs(&daemon).get("succeeded"), None);
 }
 
+/// New jobs are handed to the engine in memory until a sink has 1024 waiting; past that they
+/// wait in the database. Both ways meet at the sink, and no job takes both: every event is
+/// delivered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_handoff_queue_spills_to_the_database_and_nothing_is_delivered_twice() {
+    const EVENTS: usize = 1100;
+    let dir = tempdir();
+    let fifo = dir.path().join("slow.fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let sink = format!(
+        "[sinks.slow]\ntype = \"file\"\npath = \"{}\"\ndelivery = {{ concurrency = 1 }}\n",
+        fifo.display()
+    );
+    let daemon = Daemon::start(dir.path(), &with_sinks(dir.path(), &sink, &["slow"]));
+    // Nobody reads the FIFO yet, so the first call blocks and everything else waits.
+    let bodies: Vec<Vec<u8>> = (0..EVENTS)
+        .map(|i| scan_body(&format!("spill-{i}")))
+        .collect();
+    for chunk in bodies.chunks(50) {
+        futures_util::future::join_all(chunk.iter().map(|b| daemon.accept_cl(b))).await;
+    }
+    // A handed-over job's row is due only at the fallback; a stored one at once.
+    let handed: i64 = daemon.value("SELECT count(*) FROM jobs WHERE next_attempt_at > created_at");
+    let stored: i64 = daemon.value("SELECT count(*) FROM jobs WHERE next_attempt_at = created_at");
+    assert!(handed >= 1024, "{handed} handed over\n{}", daemon.log());
+    assert!(
+        stored > 0,
+        "nothing spilled to the database\n{}",
+        daemon.log()
+    );
+    assert_eq!(handed + stored, EVENTS as i64);
+    // Past the fallback the handed-over rows are due in the database too, while the engine
+    // still has them: it must not take them a second time.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let reader = std::io::BufReader::new(std::fs::File::open(&fifo).unwrap());
+        for line in reader.lines() {
+            if lines.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = HashMap::new();
+    while seen.len() < EVENTS {
+        let line = received
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{} of {EVENTS} delivered\n{}", seen.len(), daemon.log()));
+        let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let id = line["delivery_id"].as_str().unwrap().to_owned();
+        *seen.entry(id).or_insert(0) += 1;
+    }
+    wait_jobs(&daemon, "succeeded", EVENTS as i64).await;
+    // Anything delivered twice would have come in by now, after its job succeeded.
+    while let Ok(line) = received.recv_timeout(Duration::from_millis(200)) {
+        let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+        *seen
+            .entry(line["delivery_id"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert_eq!(seen.len(), EVENTS);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_in_flight_at_a_crash_are_delivered_after_restart() {
     let dir = tempdir();

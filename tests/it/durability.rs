@@ -39,15 +39,25 @@ async fn accepted_event_survives_kill_and_is_dispatched_after_restart() {
     assert_eq!(daemon.count("jobs"), 1);
     let succeeded: i64 = daemon.value("SELECT count(*) FROM jobs WHERE status = 'succeeded'");
     assert_eq!(succeeded, 0, "the FIFO sink cannot have been written");
+    // The job was handed to the engine in memory, so its row is due only at the fallback.
+    let wait_ms: i64 = daemon.value("SELECT next_attempt_at - created_at FROM jobs");
+    assert_eq!(wait_ms, 10_000);
     daemon.kill9();
 
+    // The restart makes it due at once, well before the fallback.
     let out = dir.path().join("events.jsonl");
+    let restarted = std::time::Instant::now();
     let daemon = Daemon::start(
         dir.path(),
         &config(dir.path(), NO_LIMITS, &rest_with_sink(&out)),
     );
     let lines = wait_lines(&out, 1).await;
     assert_eq!(lines.len(), 1, "{}", daemon.log());
+    assert!(
+        restarted.elapsed() < Duration::from_secs(5),
+        "delivered only after {:?}",
+        restarted.elapsed()
+    );
     assert_eq!(lines[0]["delivery_id"], "survivor");
     // The dedupe record survived too: the sender's retry is still a duplicate.
     assert_eq!(daemon.post_cl(&scan_body("survivor")).await.status, 200);
