@@ -476,9 +476,7 @@ async fn exec_failures_are_retried_and_timeouts_kill_the_process_group() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_file_sink_never_stalls_ingest() {
     let dir = tempdir();
-    let fifo = dir.path().join("stuck.fifo");
-    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
-    assert!(made.success());
+    let fifo = fifo(dir.path(), "stuck.fifo");
     let sink = format!(
         "[sinks.stuck]\ntype = \"file\"\npath = \"{}\"\n",
         fifo.display()
@@ -504,14 +502,7 @@ async fn a_blocked_file_sink_never_stalls_ingest() {
 async fn a_full_handoff_queue_spills_to_the_database_and_nothing_is_delivered_twice() {
     const EVENTS: usize = 1100;
     let dir = tempdir();
-    let fifo = dir.path().join("slow.fifo");
-    assert!(
-        Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success()
-    );
+    let fifo = fifo(dir.path(), "slow.fifo");
     let sink = format!(
         "[sinks.slow]\ntype = \"file\"\npath = \"{}\"\ndelivery = {{ concurrency = 1 }}\n",
         fifo.display()

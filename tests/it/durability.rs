@@ -20,14 +20,7 @@ async fn accepted_event_survives_kill_and_is_dispatched_after_restart() {
     let dir = tempdir();
     // The first run's sink is a FIFO nobody reads: opening it blocks, so the event is stored
     // but cannot be dispatched before the process dies.
-    let fifo = dir.path().join("stuck.fifo");
-    assert!(
-        Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success()
-    );
+    let fifo = fifo(dir.path(), "stuck.fifo");
     let daemon = Daemon::start(
         dir.path(),
         &config(dir.path(), NO_LIMITS, &rest_with_sink(&fifo)),

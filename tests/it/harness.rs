@@ -389,6 +389,14 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     path
 }
 
+/// A FIFO named `name` in `dir`: a file sink writing to it blocks until someone reads.
+pub fn fifo(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let made = std::process::Command::new("mkfifo").arg(&path).status();
+    assert!(made.unwrap().success(), "mkfifo {}", path.display());
+    path
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("hookroute-it")
