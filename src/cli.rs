@@ -630,7 +630,9 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
             "job {}: route {:?} -> sink {:?}: {} after {} attempt(s)",
             job.id, job.route, job.sink, job.status, job.attempts
         );
-        if job.status == "pending" || job.status == "failed" {
+        // A pending job is due now, or being delivered: its row's time is only the fallback
+        // for a job handed to the engine in memory, so it is a retry's time that is shown.
+        if job.status == "failed" {
             println!("  next try:      {}", job.next_attempt_at);
         }
         for attempt in &job.history {

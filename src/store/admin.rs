@@ -139,9 +139,8 @@ impl Admin {
                     received_at: at(row.get(5)?),
                     route: row.get(6)?,
                     sink: row.get(7)?,
-                    next_attempt_at: next
-                        .filter(|_| status == "pending" || status == "failed")
-                        .map(at),
+                    // A retry's time; a pending job is due now or being delivered.
+                    next_attempt_at: next.filter(|_| status == "failed").map(at),
                     status,
                     attempts: row.get(9)?,
                     detail: row.get(11)?,
