@@ -630,10 +630,8 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
             "job {}: route {:?} -> sink {:?}: {} after {} attempt(s)",
             job.id, job.route, job.sink, job.status, job.attempts
         );
-        // A pending job is due now, or being delivered: its row's time is only the fallback
-        // for a job handed to the engine in memory, so it is a retry's time that is shown.
-        if job.status == "failed" {
-            println!("  next try:      {}", job.next_attempt_at);
+        if let Some(next) = &job.next_attempt_at {
+            println!("  next try:      {next}");
         }
         for attempt in &job.history {
             println!(

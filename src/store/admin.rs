@@ -49,7 +49,8 @@ pub struct JobDetail {
     pub sink: String,
     pub status: String,
     pub attempts: u32,
-    pub next_attempt_at: String,
+    /// See [`retry_at`].
+    pub next_attempt_at: Option<String>,
     pub last_error: Option<String>,
     pub response: Option<String>,
     pub history: Vec<Attempt>,
@@ -84,6 +85,13 @@ pub struct Filter {
 
 pub struct Admin {
     conn: Connection,
+}
+
+/// When a job with `status`, due at `next`, is tried again, as the tools show it: only a failed
+/// job's retry has a time. A pending job is due now or being delivered, and its row's time
+/// is only the fallback of a job handed to the engine in memory.
+fn retry_at(status: &str, next: i64) -> Option<String> {
+    (status == "failed").then(|| at(next))
 }
 
 fn at(ms: i64) -> String {
@@ -139,8 +147,7 @@ impl Admin {
                     received_at: at(row.get(5)?),
                     route: row.get(6)?,
                     sink: row.get(7)?,
-                    // A retry's time; a pending job is due now or being delivered.
-                    next_attempt_at: next.filter(|_| status == "failed").map(at),
+                    next_attempt_at: next.and_then(|next| retry_at(&status, next)),
                     status,
                     attempts: row.get(9)?,
                     detail: row.get(11)?,
@@ -176,13 +183,15 @@ impl Admin {
         let mut details = Vec::new();
         let rows: Vec<JobDetail> = jobs
             .query_map([event_id], |row| {
+                let status: String = row.get(3)?;
+                let next: i64 = row.get(5)?;
                 Ok(JobDetail {
                     id: row.get(0)?,
                     route: row.get(1)?,
                     sink: row.get(2)?,
-                    status: row.get(3)?,
+                    next_attempt_at: retry_at(&status, next),
+                    status,
                     attempts: row.get(4)?,
-                    next_attempt_at: at(row.get(5)?),
                     last_error: row.get(6)?,
                     response: row.get(7)?,
                     history: Vec::new(),

@@ -131,6 +131,67 @@ delivery = {{ retry = {{ base = "100ms" }} }}
     assert_eq!(attempts, 3);
 }
 
+/// `deliveries list` and `show` give a next try for a failed job's retry only: a pending job
+/// is due now or being delivered, whatever its row's fallback time says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tools_give_a_next_try_only_for_a_retry() {
+    let dir = tempdir();
+    let slack = Recorder::start().await;
+    slack.script([Answer::status(500)]);
+    let stuck = fifo(dir.path(), "stuck.fifo");
+    let sinks = format!(
+        "[sinks.retrying]\ntype = \"slack\"\nwebhook_url = {{ value = \"{}\" }}\ndelivery = {{ retry = {{ base = \"1h\" }} }}\n\n[sinks.stuck]\ntype = \"file\"\npath = \"{}\"\n",
+        slack.url("/hook"),
+        stuck.display()
+    );
+    let daemon = Daemon::start(
+        dir.path(),
+        &with_sinks(dir.path(), &sinks, &["retrying", "stuck"]),
+    );
+    let event_id = daemon.accept_cl(&scan_body("next-try")).await.json["id"]
+        .as_i64()
+        .unwrap();
+    wait_jobs(&daemon, "failed", 1).await;
+    let config = daemon.config_path.clone();
+
+    let (code, out) = hookroute(&["deliveries", "list", "--json"], &config);
+    assert_eq!(code, Some(0), "{out}");
+    let rows: HashMap<String, serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|row| (row["sink"].as_str().unwrap().to_owned(), row))
+        .collect();
+    assert_eq!(rows["retrying"]["status"], "failed");
+    assert!(rows["retrying"]["next_attempt_at"].is_string(), "{out}");
+    assert_eq!(rows["stuck"]["status"], "pending");
+    assert!(rows["stuck"]["next_attempt_at"].is_null(), "{out}");
+
+    let (_, out) = hookroute(
+        &["deliveries", "show", &event_id.to_string(), "--json"],
+        &config,
+    );
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let next: Vec<bool> = shown["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|job| job["next_attempt_at"].is_string())
+        .collect();
+    let statuses: Vec<&str> = shown["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|job| job["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses.iter().zip(&next).collect::<Vec<_>>(),
+        [(&"failed", &true), (&"pending", &false)],
+        "{out}"
+    );
+    let (_, out) = hookroute(&["deliveries", "show", &event_id.to_string()], &config);
+    assert_eq!(out.matches("next try").count(), 1, "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_errors_go_to_dead_letters_and_can_be_retried() {
     let dir = tempdir();
