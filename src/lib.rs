@@ -6,26 +6,20 @@
 //! kept); `delivery` → `sinks`, `templates`, `store`. Sinks never see HTTP requests or the
 //! database; `rules`, `signature` and `templates` do no I/O.
 
+// The library is the daemon's own internals, documented for the people who work on it
+// (`cargo doc --document-private-items`): module docs may point at private items.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod cli;
-/// Configuration: raw TOML mirror, validation, the checked `Config`.
 pub mod config;
-/// Delivery: the job queue's engine and the retry policy.
 pub mod delivery;
-/// Built sinks and routing: where each event goes, decided before it is stored.
 pub mod dispatch;
-/// The normalised `Event` and its parsing from each sender's shape.
 pub mod event;
-/// Router, ingest handler, health endpoints and the server loop.
 pub mod http;
-/// Routing rules: compiled routes, pure evaluation.
 pub mod rules;
-/// Signature schemes: pure verification and signing.
 pub mod signature;
-/// Sinks: the `Sink` trait and one module per destination.
 pub mod sinks;
-/// SQLite: migrations, the group-commit writer, queries.
 pub mod store;
-/// Message templates: defaults per event family, overrides, rendering.
 pub mod templates;
 
 use std::future::Future;

@@ -243,7 +243,7 @@ impl Engine {
     /// Each turn asks only the sinks that can have work: those with new jobs, and those the
     /// last look at the whole queue found due, for as long as they keep finding jobs. The
     /// whole queue (digests, retries coming due, re-queued jobs, removed sinks) is looked at
-    /// when it said something would be due, and at least every [`POLL`]. Under a flood a turn
+    /// when it said something would be due, and at least every `POLL`. Under a flood a turn
     /// comes with every few deliveries, and reading the whole queue each time was measurable:
     /// without it, 5% to 20% more events were delivered during the benchmark's flood, at the
     /// same ingest rate.
