@@ -600,22 +600,24 @@ async fn a_full_handoff_queue_spills_to_the_database_and_nothing_is_delivered_tw
             }
         }
     });
-    let mut seen = HashMap::new();
-    while seen.len() < EVENTS {
-        let line = received
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("{} of {EVENTS} delivered\n{}", seen.len(), daemon.log()));
-        let line: serde_json::Value = serde_json::from_str(&line).unwrap();
-        let id = line["delivery_id"].as_str().unwrap().to_owned();
-        *seen.entry(id).or_insert(0) += 1;
-    }
-    wait_jobs(&daemon, "succeeded", EVENTS as i64).await;
-    // Anything delivered twice would have come in by now, after its job succeeded.
-    while let Ok(line) = received.recv_timeout(Duration::from_millis(200)) {
+    // Times each delivery id came through the FIFO.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut count = |line: String| {
         let line: serde_json::Value = serde_json::from_str(&line).unwrap();
         *seen
             .entry(line["delivery_id"].as_str().unwrap().to_owned())
             .or_insert(0) += 1;
+    };
+    for delivered in 0..EVENTS {
+        let line = received
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{delivered} of {EVENTS} lines\n{}", daemon.log()));
+        count(line);
+    }
+    wait_jobs(&daemon, "succeeded", EVENTS as i64).await;
+    // Anything delivered twice would have come in by now, after its job succeeded.
+    while let Ok(line) = received.recv_timeout(Duration::from_millis(200)) {
+        count(line);
     }
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "delivered more than once: {twice:?}");
