@@ -592,9 +592,24 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     };
     if args.json {
-        let value = serde_json::json!({ "id": stored.id, "received_at": stored.received_at.to_string(),
-            "event": stored.event, "jobs": jobs, "routing": notes });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        /// Serialised straight to text: going through a `serde_json::Value` would parse the
+        /// payload again, and a body serde_json cannot hold as a tree (`1e999`) would fail.
+        #[derive(serde::Serialize)]
+        struct Shown<'a> {
+            id: i64,
+            received_at: String,
+            event: &'a crate::event::Event,
+            jobs: &'a [crate::store::admin::JobDetail],
+            routing: &'a [crate::store::admin::Row],
+        }
+        let shown = Shown {
+            id: stored.id,
+            received_at: stored.received_at.to_string(),
+            event: &stored.event,
+            jobs: &jobs,
+            routing: &notes,
+        };
+        println!("{}", serde_json::to_string_pretty(&shown)?);
         return Ok(ExitCode::SUCCESS);
     }
     let event = &stored.event;

@@ -4,6 +4,7 @@
 //! `{"event", "timestamp", "data"}`. Only the event type is required: every other field may be
 //! missing, and new fields and event types pass through untouched in `payload`.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::OnceLock;
 
@@ -51,11 +52,9 @@ impl Payload {
         })
     }
 
-    /// The parsed body.
+    /// The parsed body: always its tree, whatever a stranger put in it (see [`tree`]).
     pub fn value(&self) -> &Value {
-        // Valid JSON by construction, so this parse cannot fail; `Null` is never reached.
-        self.tree
-            .get_or_init(|| serde_json::from_str(self.raw.get()).unwrap_or_default())
+        self.tree.get_or_init(|| tree(self.raw.get()))
     }
 
     /// The body as sent.
@@ -81,9 +80,198 @@ impl PartialEq for Payload {
 }
 
 impl Serialize for Payload {
+    /// The body as sent, on one line: a line-based consumer of the file sink (`jq`, Vector,
+    /// Loki) must see one delivery as one record, never a pretty-printed body's lines as
+    /// records of their own.
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.raw.serialize(serializer)
+        match one_line(self.raw.get()) {
+            Cow::Borrowed(_) => self.raw.serialize(serializer),
+            Cow::Owned(text) => RawValue::from_string(text)
+                .map_err(serde::ser::Error::custom)?
+                .serialize(serializer),
+        }
     }
+}
+
+/// Valid JSON `text` without line breaks: as it is when it has none, else with every
+/// whitespace character outside strings dropped, which changes nothing JSON can tell. (Inside
+/// a string a line break is always escaped, so only structure can hold one.)
+pub fn one_line(text: &str) -> Cow<'_, str> {
+    if !text.bytes().any(|b| b == b'\n' || b == b'\r') {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+        } else if matches!(c, ' ' | '\t' | '\n' | '\r') {
+            continue;
+        } else if c == '"' {
+            in_string = true;
+        }
+        out.push(c);
+    }
+    Cow::Owned(out)
+}
+
+/// Containers nested deeper than this are kept as their JSON text: serde_json's own limit, and
+/// what the recursive readers of a tree (conditions, templates, printing) are safe with.
+pub const MAX_DEPTH: usize = 128;
+
+/// The tree of valid JSON `text`. serde_json refuses two things valid JSON may hold: a number
+/// no `f64` can carry (`1e999`), and nesting past [`MAX_DEPTH`]. Either would cost the whole
+/// tree, and with it every condition and template on the event, so such a body is read again
+/// by [`lenient`], which keeps everything else as it is.
+fn tree(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| lenient(text))
+}
+
+/// An open container while [`lenient`] reads.
+enum Open {
+    Array(Vec<Value>),
+    Object(serde_json::Map<String, Value>, Option<String>),
+}
+
+/// Reads valid JSON `text` into a tree without recursion, in one pass: a number out of
+/// `f64`'s range becomes the string of its digits, a container deeper than [`MAX_DEPTH`] the
+/// string of its JSON text. A repeated key keeps its last value, as serde_json's maps do.
+/// Anything else (which valid JSON cannot hold) ends the read with what was read so far.
+fn lenient(text: &str) -> Value {
+    let bytes = text.as_bytes();
+    let mut open: Vec<Open> = Vec::new();
+    let mut at = 0;
+    loop {
+        let Some(&byte) = bytes.get(at) else {
+            return close_all(open);
+        };
+        let start = at;
+        let value = match byte {
+            b' ' | b'\t' | b'\n' | b'\r' | b',' | b':' => {
+                at += 1;
+                continue;
+            }
+            b'{' | b'[' if open.len() >= MAX_DEPTH => {
+                at = container_end(bytes, at);
+                Value::String(text.get(start..at).unwrap_or_default().to_owned())
+            }
+            b'{' => {
+                open.push(Open::Object(serde_json::Map::new(), None));
+                at += 1;
+                continue;
+            }
+            b'[' => {
+                open.push(Open::Array(Vec::new()));
+                at += 1;
+                continue;
+            }
+            b'}' | b']' => {
+                at += 1;
+                match open.pop() {
+                    Some(Open::Array(items)) => Value::Array(items),
+                    Some(Open::Object(map, _)) => Value::Object(map),
+                    None => return Value::Null,
+                }
+            }
+            b'"' => {
+                at = string_end(bytes, at);
+                let string: String = serde_json::from_str(text.get(start..at).unwrap_or_default())
+                    .unwrap_or_default();
+                if let Some(Open::Object(_, key @ None)) = open.last_mut() {
+                    *key = Some(string);
+                    continue;
+                }
+                Value::String(string)
+            }
+            b't' | b'f' | b'n' => {
+                let (value, len) = match byte {
+                    b't' => (Value::Bool(true), 4),
+                    b'f' => (Value::Bool(false), 5),
+                    _ => (Value::Null, 4),
+                };
+                at += len;
+                value
+            }
+            _ => {
+                while bytes
+                    .get(at)
+                    .is_some_and(|b| matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                {
+                    at += 1;
+                }
+                let digits = text.get(start..at).unwrap_or_default();
+                if digits.is_empty() {
+                    return close_all(open); // not JSON after all
+                }
+                serde_json::from_str::<serde_json::Number>(digits)
+                    .map_or_else(|_| Value::String(digits.to_owned()), Value::Number)
+            }
+        };
+        match open.last_mut() {
+            Some(Open::Array(items)) => items.push(value),
+            Some(Open::Object(map, key)) => {
+                map.insert(key.take().unwrap_or_default(), value);
+            }
+            None => return value,
+        }
+    }
+}
+
+/// Closes whatever is still open (only reached on text that is not valid JSON).
+fn close_all(mut open: Vec<Open>) -> Value {
+    let mut value = Value::Null;
+    while let Some(container) = open.pop() {
+        value = match container {
+            Open::Array(mut items) => {
+                items.push(value);
+                Value::Array(items)
+            }
+            Open::Object(map, _) => Value::Object(map),
+        };
+    }
+    value
+}
+
+/// Where the string starting at `at` (its opening quote) ends: just past its closing quote.
+fn string_end(bytes: &[u8], mut at: usize) -> usize {
+    at += 1;
+    while let Some(&byte) = bytes.get(at) {
+        at += 1;
+        match byte {
+            b'\\' => at += 1,
+            b'"' => return at,
+            _ => {}
+        }
+    }
+    bytes.len()
+}
+
+/// Where the container starting at `at` ends: just past its closing bracket.
+fn container_end(bytes: &[u8], mut at: usize) -> usize {
+    let mut depth = 0usize;
+    while let Some(&byte) = bytes.get(at) {
+        match byte {
+            b'"' => {
+                at = string_end(bytes, at);
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth -= 1;
+                if depth == 0 {
+                    return at + 1;
+                }
+            }
+            _ => {}
+        }
+        at += 1;
+    }
+    bytes.len()
 }
 
 /// The envelope fields of a body, read without building its tree. Like a JSON object read
@@ -121,7 +309,9 @@ impl<'de> Deserialize<'de> for Envelope {
                             continue;
                         }
                     };
-                    *slot = Some(map.next_value()?);
+                    // Read as text first: an odd number or deep nesting in an envelope field
+                    // must not make the body unreadable (see `tree`).
+                    *slot = Some(tree(map.next_value::<&'de RawValue>()?.get()));
                 }
                 Ok(envelope)
             }
@@ -278,6 +468,54 @@ mod tests {
         // A repeated key keeps its last value, as in a JSON object read into a map.
         let event = Event::parse("s", br#"{"type": "a", "type": "b"}"#, None, None).unwrap();
         assert_eq!(event.event_type, "b");
+    }
+
+    #[test]
+    fn odd_numbers_and_deep_nesting_keep_the_rest_of_the_tree() {
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        let body = format!(
+            r#"{{"type": "scan.completed", "id": 1e999, "data": {{"score": 10, "huge": -1e999, "big": 123456789012345678901234567890, "deep": {deep}}}}}"#
+        );
+        let event = Event::parse("s", body.as_bytes(), None, None).unwrap();
+        assert_eq!(event.delivery_id, "1e999");
+        let data = event.data();
+        assert_eq!(data["score"], 10);
+        assert_eq!(data["huge"], "-1e999");
+        assert_eq!(data["big"].as_f64(), Some(1.2345678901234568e29));
+        // Kept down to the depth limit; below it, the JSON text.
+        let mut node = &data["deep"];
+        for _ in 0..MAX_DEPTH - 2 {
+            node = &node[0];
+        }
+        let rest = node.as_str().expect("text below the limit");
+        assert_eq!(rest.len(), 2 * (200 - (MAX_DEPTH - 2)) + 1);
+        assert!(rest.starts_with("[[") && rest.ends_with("]]"));
+    }
+
+    #[test]
+    fn lenient_reads_what_serde_json_reads_the_same_way() {
+        for text in [
+            r#"{"a": [1, -2.5e3, true, false, null, "x\"y\\", {}], "b": {"c": [[]]}, "a": 0}"#,
+            r#"[ "\u00e9\n" , 0 , {"k" : {"l": "]}"}} ]"#,
+            "\"plain\"",
+            "  42  ",
+        ] {
+            let expected: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(lenient(text), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_body_on_several_lines_serialises_on_one() {
+        let body =
+            b"{\n  \"type\": \"x\",\r\n  \"data\": {\"text\": \"a b\\n c\", \"q\": \"\\\"\"}\n}";
+        let event = Event::parse("s", body, None, None).unwrap();
+        let line = serde_json::to_string(&event).unwrap();
+        assert!(!line.contains('\n') && !line.contains('\r'), "{line}");
+        let json: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(json["payload"]["data"]["text"], "a b\n c");
+        assert_eq!(json["payload"]["data"]["q"], "\"");
+        assert_eq!(one_line(r#"{"a": 1}"#), Cow::Borrowed(r#"{"a": 1}"#));
     }
 
     #[test]

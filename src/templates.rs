@@ -35,7 +35,19 @@ pub enum TemplateRef {
 pub struct Message {
     pub title: String,
     pub body: String,
+    /// Why the chosen template was not used (it failed, or went past [`FUEL`] or
+    /// [`OUTPUT_LIMIT`]) and a default was sent instead; kept in the job record.
+    pub fallback: Option<String>,
 }
+
+/// Most template instructions one rendering may execute (minijinja's fuel). The shipped
+/// templates take a few hundred on the senders' events and about ten per field listed; a
+/// template that loops over a stranger's payload inside another loop is stopped here instead
+/// of holding a thread for seconds.
+pub const FUEL: u64 = 100_000;
+
+/// Most bytes one rendering may produce: more than any chat message or email body needs.
+pub const OUTPUT_LIMIT: usize = 64 * 1024;
 
 const GENERIC: &str = "default/generic";
 
@@ -125,6 +137,7 @@ impl TemplatesBuilder {
     pub fn new(vars: &BTreeMap<String, String>, base_dir: &Path) -> Self {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Chainable);
+        env.set_fuel(Some(FUEL));
         env.add_global("vars", Value::from(Serde(vars)));
         for (id, text) in DEFAULTS {
             env.add_template_owned(*id, *text)
@@ -212,11 +225,51 @@ impl Templates {
             data => Value::from(Serde(event.data())),
             payload => Value::from(Serde(event.payload.value())),
         };
-        let rendered = self.env.get_template(id).and_then(|t| t.render(&ctx)).or_else(|err| {
-            tracing::warn!(template = id, error = %describe(&err), "template failed; using the generic one");
-            self.env.get_template(GENERIC).and_then(|t| t.render(&ctx))
+        let mut fallback = None;
+        let text = self.bounded(id, &ctx).or_else(|err| {
+            let why = format!("template {id} failed ({err}); sent the generic default");
+            tracing::warn!(template = id, error = %err, "template failed; using the generic one");
+            fallback = Some(why);
+            self.bounded(GENERIC, &ctx)
         });
-        split(&rendered.unwrap_or_else(|_| format!("{} from {}", event.event_type, event.source)))
+        let mut message =
+            split(&text.unwrap_or_else(|_| format!("{} from {}", event.event_type, event.source)));
+        message.fallback = fallback;
+        message
+    }
+
+    /// Renders template `id` within [`FUEL`] and [`OUTPUT_LIMIT`].
+    fn bounded(&self, id: &str, ctx: &Value) -> Result<String, String> {
+        let template = self.env.get_template(id).map_err(|e| describe(&e))?;
+        let mut out = Bounded(Vec::new());
+        match template.render_captured_to(ctx.clone(), &mut out) {
+            Ok(_) => Ok(String::from_utf8_lossy(&out.0).into_owned()),
+            Err(_) if out.0.len() >= OUTPUT_LIMIT => {
+                Err(format!("its output went past {OUTPUT_LIMIT} bytes"))
+            }
+            Err(err) if err.kind() == minijinja::ErrorKind::OutOfFuel => {
+                Err(format!("it went past {FUEL} instructions"))
+            }
+            Err(err) => Err(describe(&err)),
+        }
+    }
+}
+
+/// A buffer that refuses to grow past [`OUTPUT_LIMIT`], which ends the rendering.
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > OUTPUT_LIMIT {
+            self.0.resize(OUTPUT_LIMIT, 0);
+            return Err(std::io::Error::other("template output limit"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -234,6 +287,7 @@ fn split(text: &str) -> Message {
     Message {
         title: title.trim().to_owned(),
         body: body.trim().to_owned(),
+        fallback: None,
     }
 }
 
@@ -380,7 +434,8 @@ mod tests {
             m,
             Message {
                 title: "From a file: f.com".into(),
-                body: "second line".into()
+                body: "second line".into(),
+                fallback: None,
             }
         );
     }
@@ -423,7 +478,47 @@ mod tests {
             r#"{"type": "scan.completed", "data": {"domain": "a.com", "grade": "C", "score": 1}}"#,
         );
         assert_eq!(t.render(Some(&named), &e).title, "a.com: C");
-        // A template that fails at run time falls back to the generic one.
-        assert_eq!(t.render(Some(&failing), &e).title, "scan.completed from cl");
+        // A template that fails at run time falls back to the generic one, and says so.
+        let m = t.render(Some(&failing), &e);
+        assert_eq!(m.title, "scan.completed from cl");
+        assert!(m.fallback.unwrap().contains("inline/route w"));
+        assert_eq!(t.render(Some(&named), &e).fallback, None);
+    }
+
+    #[test]
+    fn a_template_is_bounded_in_work_and_output() {
+        let mut builder = TemplatesBuilder::new(&BTreeMap::new(), Path::new("."));
+        let mut add = |name: &str, text: &str| {
+            let source = TemplateSource::Inline { text: text.into() };
+            builder.resolve(name, &TemplateRef::Source(source)).unwrap()
+        };
+        let nested = add(
+            "nested",
+            "{% for a in data.items %}{% for b in data.items %}{% if a == b %}{% endif %}{% endfor %}{% endfor %}x",
+        );
+        let huge = add("huge", "{% for a in range(100000) %}0123456789{% endfor %}");
+        let modest = add(
+            "modest",
+            "{% for a in data.items %}{% endfor %}{{ data.items | length }} items",
+        );
+        let t = builder.build();
+        let items: Vec<u32> = (0..2000).collect();
+        let body = serde_json::json!({"type": "x.y", "data": {"items": items}}).to_string();
+        let e = event(&body);
+
+        let started = std::time::Instant::now();
+        let m = t.render(Some(&nested), &e);
+        assert!(m.fallback.unwrap().contains("instructions"), "out of fuel");
+        assert_eq!(m.title, "x.y from cl", "the generic default");
+        let m = t.render(Some(&huge), &e);
+        assert!(m.fallback.unwrap().contains("bytes"), "output bound");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "bounded work, not a 4-million-step loop: {:?}",
+            started.elapsed()
+        );
+        // The bound leaves room for an ordinary loop over a large payload.
+        let m = t.render(Some(&modest), &e);
+        assert_eq!((m.title.as_str(), m.fallback), ("2000 items", None));
     }
 }

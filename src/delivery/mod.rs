@@ -26,7 +26,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::panic::AssertUnwindSafe;
+
 use arc_swap::ArcSwap;
+use futures_util::FutureExt as _;
 use jiff::Timestamp;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
@@ -505,7 +508,7 @@ fn limits_for<'a>(limits: &'a mut HashMap<String, Limits>, sink: &NamedSink) -> 
 /// Returns whether every outcome was recorded.
 async fn attempt(
     store: &Store,
-    plan: &Plan,
+    plan: &Arc<Plan>,
     sink: &NamedSink,
     jobs: Vec<DueJob>,
     slot: &Arc<Semaphore>,
@@ -515,23 +518,22 @@ async fn attempt(
     };
     let started = Timestamp::now();
     let mut outcomes = Vec::with_capacity(jobs.len());
-    let mut prepared = Vec::with_capacity(jobs.len());
+    let mut live = Vec::with_capacity(jobs.len());
     for DueJob { job, event } in jobs {
-        let Some(event) = event else {
-            let outcome = AttemptOutcome::Dead {
-                error: "the event is no longer stored".into(),
-                response: String::new(),
-            };
-            outcomes.push((job, outcome));
-            continue;
-        };
-        let message = if sink.shows_message {
-            render(plan, sink, &job.route, &event)
-        } else {
-            Message::default()
-        };
-        prepared.push((job, event, message));
+        match event {
+            Some(event) => live.push((job, event)),
+            None => outcomes.push((
+                job,
+                AttemptOutcome::Dead {
+                    error: "the event is no longer stored".into(),
+                    response: String::new(),
+                },
+            )),
+        }
     }
+    let Some(prepared) = prepare(plan, sink, live).await else {
+        return false; // the runtime is shutting down: the jobs stay due
+    };
     if prepared.is_empty() {
         return finish(store, &sink.name, outcomes, started).await;
     }
@@ -544,15 +546,21 @@ async fn attempt(
         })
         .collect();
     let timeout = sink.delivery.timeout.0;
-    let result = match tokio::time::timeout(timeout + BACKSTOP_GRACE, async {
+    // A panic is a bug, but one an event can trigger: caught here it costs that job (a dead
+    // letter saying so) instead of leaving it pending, to panic again after every restart.
+    let call = AssertUnwindSafe(async {
         match deliveries.as_slice() {
             [one] => sink.sink.deliver(one).await,
             many => sink.sink.deliver_batch(many).await,
         }
     })
-    .await
-    {
-        Ok(result) => result,
+    .catch_unwind();
+    let result = match tokio::time::timeout(timeout + BACKSTOP_GRACE, call).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => Err(SinkError::permanent(format!(
+            "the sink failed on this event (a bug): {}",
+            panic_message(&*panic)
+        ))),
         Err(_) => Err(SinkError::transient(format!(
             "timed out after {}",
             humantime::format_duration(timeout)
@@ -561,14 +569,55 @@ async fn attempt(
     drop(deliveries);
     drop(slot);
     let now = Timestamp::now();
-    for (job, _, _) in prepared {
-        let outcome = sink
+    for (job, _, message) in prepared {
+        let mut outcome = sink
             .delivery
             .retry
             .decide(&job, result.as_ref().cloned(), now, jitter());
+        if let Some(why) = message.fallback {
+            outcome.note(&why);
+        }
         outcomes.push((job, outcome));
     }
     finish(store, &sink.name, outcomes, started).await
+}
+
+/// Pairs each job with its message, rendered on a blocking thread: a template works through
+/// a stranger's payload, and however bounded (see `templates::FUEL`), that work must not hold
+/// up the threads that answer senders or run other attempts. `None` only when the runtime is
+/// shutting down.
+async fn prepare(
+    plan: &Arc<Plan>,
+    sink: &NamedSink,
+    jobs: Vec<(Job, Event)>,
+) -> Option<Vec<(Job, Event, Message)>> {
+    if !sink.shows_message {
+        return Some(
+            jobs.into_iter()
+                .map(|(job, event)| (job, event, Message::default()))
+                .collect(),
+        );
+    }
+    let (plan, sink) = (Arc::clone(plan), sink.clone());
+    let rendered = tokio::task::spawn_blocking(move || {
+        jobs.into_iter()
+            .map(|(job, event)| {
+                let message = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    render(&plan, &sink, &job.route, &event)
+                }))
+                .unwrap_or_else(|panic| Message {
+                    title: format!("{} from {}", event.event_type, event.source),
+                    body: String::new(),
+                    fallback: Some(format!(
+                        "rendering failed on this event (a bug): {}",
+                        panic_message(&*panic)
+                    )),
+                });
+                (job, event, message)
+            })
+            .collect()
+    });
+    rendered.await.ok()
 }
 
 /// The message for `event` through `route` to `sink`: the route's template for the sink's
@@ -615,6 +664,15 @@ async fn finish(
             false
         }
     }
+}
+
+/// What a caught panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("panicked")
 }
 
 /// A uniform draw in [0, 1) for backoff jitter.

@@ -98,27 +98,23 @@ impl Sink for ExecSink {
         if let Some(dir) = &self.config.working_dir {
             command.current_dir(dir);
         }
-        let mut child = command.spawn().map_err(|err| {
-            let message = format!("cannot start {program}: {err}");
-            match err.kind() {
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
-                    SinkError::permanent(message)
-                }
-                _ => SinkError::transient(message),
-            }
-        })?;
+        let mut child = command.spawn().map_err(|err| spawn_error(program, &err))?;
         let group = child
             .id()
             .and_then(|id| rustix::process::Pid::from_raw(id as i32));
         let (mut stdin, stdout, stderr) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        // Input and output flow at once: a hook that streams (reads a little, writes a
+        // little) would otherwise fill its stdout pipe while we still wait to finish stdin.
         let run = async {
-            if let Some(stdin) = stdin.as_mut() {
-                // A hook that ignores its input closes the pipe early; that is its business.
-                let _ = stdin.write_all(&input).await;
-            }
-            drop(stdin.take());
-            let (out, err, status) = tokio::join!(capture(stdout), capture(stderr), child.wait());
+            let feed = async {
+                if let Some(mut stdin) = stdin.take() {
+                    // A hook that ignores its input closes the pipe early; that is its business.
+                    let _ = stdin.write_all(&input).await;
+                }
+            };
+            let ((), out, err, status) =
+                tokio::join!(feed, capture(stdout), capture(stderr), child.wait());
             (out, err, status)
         };
         let timeout: Duration = self.config.delivery.timeout.0;
@@ -148,6 +144,22 @@ impl Sink for ExecSink {
                 response,
             }),
         }
+    }
+}
+
+/// Why `program` could not be started, and whether trying again could help. A missing or
+/// forbidden program, an argument list or environment too large for the kernel (`E2BIG`) and
+/// a NUL byte in a value (the event's type or id goes into the environment) fail the same way
+/// every time, so they go straight to the dead letters with the reason.
+fn spawn_error(program: &str, err: &std::io::Error) -> SinkError {
+    use std::io::ErrorKind;
+    let message = format!("cannot start {program}: {err}");
+    match err.kind() {
+        ErrorKind::NotFound
+        | ErrorKind::PermissionDenied
+        | ErrorKind::InvalidInput
+        | ErrorKind::ArgumentListTooLong => SinkError::permanent(message),
+        _ => SinkError::transient(message),
     }
 }
 

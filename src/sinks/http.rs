@@ -8,9 +8,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use base64::Engine as _;
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 
-use super::{Delivery, DeliveryOptions, Sink, SinkError, bounded};
+use super::{Delivery, DeliveryOptions, RESPONSE_LIMIT, Sink, SinkError, bounded};
 use crate::config::SecretSource;
 use crate::event::Event;
 use crate::signature::{Key, Scheme, Verifier};
@@ -131,8 +132,7 @@ impl Sink for HttpSink {
             .headers(self.headers.clone())
             .header("content-type", content_type);
         if let Some(signer) = &self.signer {
-            // Stable across retries, so the next hop can deduplicate them.
-            let id = format!("{}:{}", delivery.event.source, delivery.event.delivery_id);
+            let id = webhook_id(delivery.event);
             for (name, value) in signer.sign(&body, jiff::Timestamp::now().as_second(), &id) {
                 request = request.header(name, value);
             }
@@ -141,11 +141,25 @@ impl Sink for HttpSink {
     }
 }
 
+/// Bytes a `webhook-id` spells as `%XX`: controls, space and `%` itself (non-ASCII always is),
+/// so every id is a valid header value whatever the sender put in its `id`.
+const ID_ESCAPED: &AsciiSet = &CONTROLS.add(b' ').add(b'%');
+
+/// `<source>:<delivery id>`, percent-encoded where a header could not carry it. Stable across
+/// retries, so the next hop can deduplicate them, and distinct for distinct ids.
+fn webhook_id(event: &Event) -> String {
+    let id = format!("{}:{}", event.source, event.delivery_id);
+    utf8_percent_encode(&id, ID_ESCAPED).to_string()
+}
+
 /// An HTTP client for sinks: rustls with the system's roots, and a per-request timeout.
 pub(super) fn client(timeout: Duration) -> Result<reqwest::Client, String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .timeout(timeout)
+        // A webhook answers where it was asked; following a redirect would carry the body
+        // (and its signature) to wherever the receiver points.
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("hookroute/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
@@ -153,18 +167,34 @@ pub(super) fn client(timeout: Duration) -> Result<reqwest::Client, String> {
 
 /// Sends a request and classifies the answer: 2xx delivered; 429 waits for `Retry-After`;
 /// 408, 425 and 5xx, and network trouble, are worth a retry; any other answer is permanent.
+///
+/// Neither the URL nor anything derived from it reaches the error: reqwest's own text quotes
+/// the URL, and a Slack incoming-webhook URL (or a token in a forwarding URL) is a secret.
+/// Only the first [`RESPONSE_LIMIT`] bytes of the answer are read; the connection is dropped
+/// after that, so a receiver cannot make the daemon buffer a body of any size.
 pub(super) async fn send(request: reqwest::RequestBuilder) -> Result<String, SinkError> {
-    let response = request
+    let mut response = request
         .send()
         .await
-        .map_err(|err| SinkError::transient(format!("request failed: {err}")))?;
+        .map_err(|err| SinkError::transient(format!("request failed: {}", describe(err))))?;
     let status = response.status();
     let retry_after = response
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_retry_after);
-    let text = response.text().await.unwrap_or_default();
+    let mut kept = Vec::new();
+    while kept.len() < RESPONSE_LIMIT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = RESPONSE_LIMIT - kept.len();
+                kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    drop(response);
+    let text = String::from_utf8_lossy(&kept);
     let summary = bounded(&format!("HTTP {}: {}", status.as_u16(), text.trim()));
     let message = format!("HTTP {}", status.as_u16());
     match status {
@@ -187,6 +217,28 @@ pub(super) async fn send(request: reqwest::RequestBuilder) -> Result<String, Sin
     }
 }
 
+/// A reqwest error and its causes in one line, without the URL reqwest attaches to it.
+fn describe(err: reqwest::Error) -> String {
+    let kind = if err.is_timeout() {
+        "timed out"
+    } else if err.is_connect() {
+        "cannot connect"
+    } else if err.is_redirect() {
+        "redirected (redirects are not followed)"
+    } else {
+        "error"
+    };
+    let err = err.without_url();
+    let mut text = kind.to_owned();
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(&err);
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
 /// `Retry-After` as seconds or as an HTTP date.
 fn parse_retry_after(value: &str) -> Option<Duration> {
     if let Ok(seconds) = value.trim().parse::<u64>() {
@@ -202,6 +254,22 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn webhook_ids_are_always_header_values() {
+        let mut event = Event::parse("cl", br#"{"type": "x"}"#, None, None).unwrap();
+        for (id, expected) in [
+            ("550e8400-e29b", "cl:550e8400-e29b"),
+            ("a\nb", "cl:a%0Ab"),
+            ("50% off", "cl:50%25%20off"),
+            ("é", "cl:%C3%A9"),
+        ] {
+            event.delivery_id = id.to_owned();
+            let encoded = webhook_id(&event);
+            assert_eq!(encoded, expected);
+            assert!(HeaderValue::try_from(encoded).is_ok());
+        }
+    }
 
     #[test]
     fn retry_after_forms() {

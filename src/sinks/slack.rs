@@ -64,7 +64,7 @@ impl Sink for SlackSink {
         let (message, event) = (delivery.message, delivery.event);
         let mut blocks = vec![json!({
             "type": "header",
-            "text": {"type": "plain_text", "text": truncate(&message.title, HEADER_LIMIT), "emoji": true},
+            "text": {"type": "plain_text", "text": truncate(&escape(&message.title), HEADER_LIMIT), "emoji": true},
         })];
         if !message.body.is_empty() {
             blocks.push(json!({
@@ -80,7 +80,7 @@ impl Sink for SlackSink {
             }],
         }));
         let mut payload = json!({
-            "text": format!("{}\n{}", message.title, message.body).trim_end(),
+            "text": escape(format!("{}\n{}", message.title, message.body).trim_end()),
             "blocks": blocks,
         });
         for (key, value) in [
@@ -96,19 +96,25 @@ impl Sink for SlackSink {
     }
 }
 
-/// Slack's mrkdwn treats `&`, `<` and `>` as markup; payload text must not become links or
-/// mentions.
+/// Slack reads `&`, `<` and `>` as markup in every text field (the `text` fallback shown in
+/// notifications as much as the blocks): payload data must not become a `<!channel>` ping or
+/// a link labelled as something else, so everything built from an event goes through here.
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
 
+/// Cuts escaped `text` to `limit` characters, never inside an entity (a cut `&amp;` would
+/// show as text).
 fn truncate(text: &str, limit: usize) -> String {
     if text.chars().count() <= limit {
         return text.to_owned();
     }
     let mut cut: String = text.chars().take(limit - 1).collect();
+    if let Some(amp) = cut.rfind('&').filter(|&at| !cut[at..].contains(';')) {
+        cut.truncate(amp);
+    }
     cut.push('…');
     cut
 }
@@ -125,5 +131,6 @@ mod tests {
         );
         assert_eq!(truncate("abcdef", 4), "abc…");
         assert_eq!(truncate("abc", 4), "abc");
+        assert_eq!(truncate("ab&amp;cd", 5), "ab…", "an entity is never cut");
     }
 }

@@ -347,6 +347,21 @@ pub enum AttemptOutcome {
     },
 }
 
+impl AttemptOutcome {
+    /// Adds a remark about the attempt (e.g. that a default template was sent) to what the
+    /// job record keeps of the sink's answer.
+    pub fn note(&mut self, remark: &str) {
+        let (Self::Succeeded { response }
+        | Self::Failed { response, .. }
+        | Self::Dead { response, .. }) = self;
+        *response = if response.is_empty() {
+            format!("note: {remark}")
+        } else {
+            format!("note: {remark}\n{response}")
+        };
+    }
+}
+
 /// The columns of a new event row. The parsed payload stays with the caller: dropping a JSON
 /// tree is work the single writer thread should not do.
 struct NewEvent {
