@@ -16,6 +16,7 @@ pub mod delivery;
 pub mod dispatch;
 pub mod event;
 pub mod http;
+pub mod private;
 pub mod rules;
 pub mod signature;
 pub mod sinks;

@@ -6,7 +6,7 @@
 //!
 //! Wire formats:
 //! - `compliancelayer`: `X-ComplianceLayer-Signature` holds the hex HMAC-SHA256 of the raw body
-//!   (bare, or `sha256=<hex>`), or the timestamped form `t=<unix>,v1=<hex>[,v1=<hex>…]` signed over
+//!   (bare, or `sha256=<hex>`, the prefix in either case), or the timestamped form `t=<unix>,v1=<hex>[,v1=<hex>…]` signed over
 //!   `<t>.<body>`.
 //! - `standard-webhooks`: <https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md>
 //! - `github`: `X-Hub-Signature-256: sha256=<hex>` over the raw body.
@@ -176,12 +176,10 @@ impl Verifier {
             }
             Scheme::GitHub => {
                 let value = header_str(headers, GITHUB_SIGNATURE)?;
-                let hex = value
-                    .strip_prefix("sha256=")
-                    .ok_or(SignatureError::Malformed {
-                        header: GITHUB_SIGNATURE.into(),
-                        reason: "expected sha256=<hex>",
-                    })?;
+                let hex = strip_sha256(value).ok_or(SignatureError::Malformed {
+                    header: GITHUB_SIGNATURE.into(),
+                    reason: "expected sha256=<hex>",
+                })?;
                 let given = decode_hex(GITHUB_SIGNATURE, hex)?;
                 self.match_any(&[given], &[body])
                     .map(|()| Verified::default())
@@ -275,7 +273,7 @@ impl Verifier {
         if require_timestamp {
             return Err(SignatureError::TimestampRequired);
         }
-        let hex = value.strip_prefix("sha256=").unwrap_or(value);
+        let hex = strip_sha256(value).unwrap_or(value);
         let given = decode_hex(header, hex)?;
         self.match_any(&[given], &[body])
             .map(|()| Verified::default())
@@ -421,6 +419,14 @@ impl Verifier {
             }
         }
     }
+}
+
+/// `value` after a `sha256=` prefix, in any case (`SHA256=` too), if it has one.
+fn strip_sha256(value: &str) -> Option<&str> {
+    const PREFIX: &str = "sha256=";
+    let head = value.get(..PREFIX.len())?;
+    head.eq_ignore_ascii_case(PREFIX)
+        .then(|| &value[PREFIX.len()..])
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, SignatureError> {
@@ -583,6 +589,8 @@ mod tests {
             digest.clone(),
             digest.to_uppercase(),
             format!("sha256={digest}"),
+            format!("SHA256={digest}"),
+            format!("Sha256={}", digest.to_uppercase()),
         ] {
             let h = headers(&[(COMPLIANCELAYER_SIGNATURE, &value)]);
             assert_eq!(

@@ -8,34 +8,46 @@ use ipnet::IpNet;
 
 pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
 
+/// A trusted proxy passed an `X-Forwarded-For` entry that is not an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("X-Forwarded-For from a trusted proxy holds an entry that is not an IP address")]
+pub struct MalformedForwardedFor;
+
 /// The client's address.
 ///
 /// `X-Forwarded-For` is read from the right: each trusted proxy appends the address it saw, so
 /// the rightmost entry that is not itself a trusted proxy is the first one nobody could forge.
-/// Anything left of it was written by the client and is ignored. A header we cannot parse
-/// leaves the last trustworthy hop as the answer.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+/// Anything left of it was written by the client and is ignored.
+///
+/// # Errors
+/// An entry that must be read (right of the client's) is not an address, or the header is not
+/// ASCII. Answering with the proxy's own address instead would charge the proxy, and so
+/// everyone behind it, with the failures of whoever sent the bad header.
+pub fn client_ip(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &[IpNet],
+) -> Result<IpAddr, MalformedForwardedFor> {
     let peer = peer.to_canonical();
     if !is_trusted(peer, trusted) {
-        return peer;
+        return Ok(peer);
     }
     let mut client = peer;
     let hops = headers.get_all(X_FORWARDED_FOR).iter().rev();
     for value in hops {
-        let Ok(text) = value.to_str() else {
-            return client;
-        };
+        let text = value.to_str().map_err(|_| MalformedForwardedFor)?;
         for entry in text.rsplit(',') {
-            let Ok(addr) = entry.trim().parse::<IpAddr>() else {
-                return client;
-            };
+            let addr = entry
+                .trim()
+                .parse::<IpAddr>()
+                .map_err(|_| MalformedForwardedFor)?;
             client = addr.to_canonical();
             if !is_trusted(client, trusted) {
-                return client;
+                return Ok(client);
             }
         }
     }
-    client
+    Ok(client)
 }
 
 fn is_trusted(addr: IpAddr, trusted: &[IpNet]) -> bool {
@@ -90,9 +102,8 @@ mod tests {
                 vec!["6.6.6.6", "198.51.100.1, 10.1.2.3"],
                 "198.51.100.1",
             ),
-            // Garbage stops the walk at the last trustworthy hop.
-            ("127.0.0.1", vec!["198.51.100.1, garbage"], "127.0.0.1"),
-            ("127.0.0.1", vec!["garbage, 10.9.9.9"], "10.9.9.9"),
+            // What the client wrote left of its own entry is never read.
+            ("127.0.0.1", vec!["garbage, 198.51.100.1"], "198.51.100.1"),
             // No header, or only proxies.
             ("127.0.0.1", vec![], "127.0.0.1"),
             ("127.0.0.1", vec!["10.0.0.1"], "10.0.0.1"),
@@ -102,10 +113,40 @@ mod tests {
         for (peer, header, expected) in cases {
             assert_eq!(
                 client_ip(ip(peer), &xff(&header), &trusted),
-                ip(expected),
+                Ok(ip(expected)),
                 "{peer} {header:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_malformed_entry_from_a_proxy_is_an_error_never_the_proxy() {
+        let trusted = nets(&["10.0.0.0/8", "127.0.0.1/32"]);
+        let peer: IpAddr = "127.0.0.1".parse().unwrap();
+        for header in [
+            vec!["198.51.100.1, garbage"],
+            vec!["garbage, 10.9.9.9"],
+            vec![""],
+            vec!["198.51.100.1", "10.0.0.1, "],
+        ] {
+            assert_eq!(
+                client_ip(peer, &xff(&header), &trusted),
+                Err(MalformedForwardedFor),
+                "{header:?}"
+            );
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"198.51.100.1\xff").unwrap(),
+        );
+        assert_eq!(
+            client_ip(peer, &headers, &trusted),
+            Err(MalformedForwardedFor)
+        );
+        // From an untrusted peer the header is not read at all.
+        let stranger: IpAddr = "203.0.113.5".parse().unwrap();
+        assert_eq!(client_ip(stranger, &headers, &trusted), Ok(stranger));
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub enum ApiError {
     /// 403: the client's address is not in the source's `allowed_ips`.
     #[error("client address {0} is not allowed for this source")]
     IpNotAllowed(std::net::IpAddr),
-    /// 429: over the rate limit, or locked out after too many failed signatures.
+    /// 429: over the rate limit, or a failed signature past the failure budget.
     #[error("too many requests; retry after {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
     /// 415: the body is not declared as JSON.
@@ -36,6 +36,9 @@ pub enum ApiError {
     /// 408: the body did not arrive within `body_read_timeout`.
     #[error("the request body was not received in time")]
     BodyTimeout,
+    /// 400: a trusted proxy's `X-Forwarded-For` holds something that is not an address.
+    #[error("X-Forwarded-For holds an entry that is not an IP address")]
+    MalformedForwardedFor,
     /// 400: the body could not be read.
     #[error("cannot read the request body")]
     BodyUnreadable,
@@ -48,6 +51,9 @@ pub enum ApiError {
     /// 400: not a JSON object with an event type.
     #[error("{0}")]
     BadEvent(#[from] EventError),
+    /// 503: too many bodies are being received at once; the sender should retry.
+    #[error("too many deliveries are being received at once; retry later")]
+    Overloaded,
     /// 503: the delivery could not be stored; the sender should retry.
     #[error("storage is unavailable; the delivery was not stored, retry later")]
     StorageUnavailable,
@@ -63,9 +69,11 @@ impl ApiError {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::BodyUnreadable | Self::BadEvent(_) => StatusCode::BAD_REQUEST,
+            Self::BodyUnreadable | Self::BadEvent(_) | Self::MalformedForwardedFor => {
+                StatusCode::BAD_REQUEST
+            }
             Self::Signature(_) | Self::StaleEvent(_) => StatusCode::UNAUTHORIZED,
-            Self::StorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StorageUnavailable | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -79,7 +87,7 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::BodyTimeout => "request_timeout",
-            Self::BodyUnreadable => "bad_request",
+            Self::BodyUnreadable | Self::MalformedForwardedFor => "bad_request",
             Self::BadEvent(EventError::InvalidJson(_)) => "invalid_json",
             Self::BadEvent(_) => "invalid_event",
             Self::Signature(SignatureError::MissingHeader(_)) => "missing_signature",
@@ -89,6 +97,7 @@ impl ApiError {
             Self::Signature(_) => "invalid_signature",
             Self::StaleEvent(_) => "event_too_old",
             Self::StorageUnavailable => "storage_unavailable",
+            Self::Overloaded => "overloaded",
         }
     }
 }
@@ -107,7 +116,7 @@ impl IntoResponse for ApiError {
             Self::RateLimited { retry_after_secs } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
-            Self::StorageUnavailable => {
+            Self::StorageUnavailable | Self::Overloaded => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from(STORAGE_RETRY_AFTER_SECS),

@@ -1,19 +1,22 @@
 //! `POST /hooks/<source>`: the ingest path. Cheap checks first (source, method, address,
-//! lockout, media type, size), then the signature on the raw bytes, then parsing, then the
-//! durable insert. Nothing is stored unless every check passed, and 2xx is answered only after
-//! the insert committed.
+//! media type, size, the shared budget of unverified bytes), then the signature on the raw
+//! bytes, then parsing, then the durable insert. Nothing is stored unless every check passed,
+//! and 2xx is answered only after the insert committed. A client past its failure budget is
+//! refused only when its signature fails: its valid deliveries still pass.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
+use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use jiff::Timestamp;
 use serde::Serialize;
+use tokio::sync::Semaphore;
 
 use super::AppState;
 use super::client_ip::{client_ip, limit_key};
@@ -38,13 +41,9 @@ pub async fn ingest(
     if parts.method != Method::POST {
         return Err(ApiError::MethodNotAllowed);
     }
-    let client = client_ip(peer.ip(), &parts.headers, &state.trusted_proxies);
+    let client = client_ip(peer.ip(), &parts.headers, &state.trusted_proxies)
+        .map_err(|_| ApiError::MalformedForwardedFor)?;
     let key = limit_key(client);
-    if let Some(wait) = state.failures.as_ref().and_then(|f| f.locked_for(key)) {
-        return Err(ApiError::RateLimited {
-            retry_after_secs: retry_after_secs(wait),
-        });
-    }
     if !source.allowed_ips.is_empty() && !source.allowed_ips.iter().any(|net| net.contains(&client))
     {
         tracing::warn!(source = %source.name, %client, "delivery from an address not allowed");
@@ -53,13 +52,14 @@ pub async fn ingest(
     if !is_json(&parts.headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let body = read_body(&state, &parts.headers, body).await?;
+    let (body, unverified) = read_body(&state, &parts.headers, body).await?;
 
     let now = Timestamp::now();
-    let verified = match source
+    let verified = source
         .verifier
-        .verify(&parts.headers, &body, now.as_second())
-    {
+        .verify(&parts.headers, &body, now.as_second());
+    drop(unverified);
+    let verified = match verified {
         Ok(verified) => verified,
         Err(err) => return Err(state.reject(source, client, key, ApiError::Signature(err))),
     };
@@ -188,12 +188,15 @@ fn is_json(headers: &HeaderMap) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Reads the whole body within the size limit and the read timeout.
-async fn read_body(
-    state: &AppState,
+/// Reads the whole body within the size limit and the read timeout, and within the budget all
+/// unverified bodies share (see [`UNVERIFIED_BODIES`]). The budget is drawn as bytes arrive,
+/// so a client that declares a large body and sends nothing holds none of it; what it holds is
+/// returned when the permit is dropped, once the signature has been checked.
+async fn read_body<'s>(
+    state: &'s AppState,
     headers: &HeaderMap,
     body: Body,
-) -> Result<axum::body::Bytes, ApiError> {
+) -> Result<(Bytes, Unverified<'s>), ApiError> {
     let limit = state.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -202,19 +205,69 @@ async fn read_body(
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let collected =
-        tokio::time::timeout(state.body_read_timeout, Limited::new(body, limit).collect())
-            .await
-            .map_err(|_| ApiError::BodyTimeout)?;
-    match collected {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::PayloadTooLarge { limit })
+    let mut held = Unverified::none(&state.unverified);
+    let read = async {
+        let mut body = body;
+        let mut bytes = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|err| {
+                tracing::debug!(error = %err, "cannot read request body");
+                ApiError::BodyUnreadable
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            if bytes.len() + data.len() > limit {
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+            held.grow(bytes.len() + data.len())?;
+            bytes.extend_from_slice(&data);
         }
-        Err(err) => {
-            tracing::debug!(error = %err, "cannot read request body");
-            Err(ApiError::BodyUnreadable)
+        Ok(Bytes::from(bytes))
+    };
+    let bytes = tokio::time::timeout(state.body_read_timeout, read)
+        .await
+        .map_err(|_| ApiError::BodyTimeout)??;
+    Ok((bytes, held))
+}
+
+/// How many bodies of `max_body_bytes` may be held at once before their signatures are checked,
+/// across all clients: 64 MiB with the default limit. Past it, new bytes are refused with 503
+/// and `Retry-After`, so stalled or slow uploads cannot take the daemon's memory.
+pub const UNVERIFIED_BODIES: usize = 64;
+
+/// The share of the unverified-body budget one request holds, in bytes; returned on drop.
+pub struct Unverified<'a> {
+    budget: &'a Semaphore,
+    held: usize,
+}
+
+impl<'a> Unverified<'a> {
+    fn none(budget: &'a Semaphore) -> Self {
+        Self { budget, held: 0 }
+    }
+
+    /// Holds at least `len` bytes, drawing in steps so each frame is not a draw of its own.
+    fn grow(&mut self, len: usize) -> Result<(), ApiError> {
+        const STEP: usize = 16 * 1024;
+        if len <= self.held {
+            return Ok(());
         }
+        let more = (len - self.held).next_multiple_of(STEP);
+        let permits = u32::try_from(more).map_err(|_| ApiError::Overloaded)?;
+        let permit = self
+            .budget
+            .try_acquire_many(permits)
+            .map_err(|_| ApiError::Overloaded)?;
+        permit.forget();
+        self.held += more;
+        Ok(())
+    }
+}
+
+impl Drop for Unverified<'_> {
+    fn drop(&mut self) {
+        self.budget.add_permits(self.held);
     }
 }
 

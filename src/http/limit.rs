@@ -1,13 +1,12 @@
 //! Rate limiting per client: tower-governor for all traffic, and a much stricter budget for
 //! failed signature checks (a sender bursts; an attacker guesses). Memory stays bounded: both
-//! limiters forget idle clients on every [`FailureLimiter::maintain`] tick, and the lockout
-//! table never grows past `max_clients`.
+//! limiters forget idle clients on every [`FailureLimiter::maintain`] tick, and the failure
+//! table is trimmed whenever it reaches `max_clients`.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use axum::http::Request;
@@ -36,19 +35,19 @@ impl KeyExtractor for ClientKey {
             .ok_or(GovernorError::UnableToExtractKey)?
             .0
             .ip();
-        Ok(limit_key(client_ip(
-            peer,
-            req.headers(),
-            &self.trusted_proxies,
-        )))
+        // A malformed header is answered 400 by the error handler, before any budget is drawn.
+        client_ip(peer, req.headers(), &self.trusted_proxies)
+            .map(limit_key)
+            .map_err(|_| GovernorError::UnableToExtractKey)
     }
 }
 
-/// Counts failed signature checks per client; past the budget the client is locked out,
-/// valid signatures included, until the budget refills.
+/// Counts failed signature checks per client; past the budget, the client's failures are
+/// answered 429 until the budget refills. Its valid deliveries still pass: the signature is
+/// checked whatever the budget says (HMAC-SHA256 over a bounded body is cheap), so an
+/// attacker who shares an address with a real sender (NAT, a /64) cannot lock the sender out.
 pub struct FailureLimiter {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
-    lockout: Mutex<HashMap<IpAddr, Instant>>,
     max_clients: usize,
 }
 
@@ -57,48 +56,28 @@ impl FailureLimiter {
         let quota = Quota::per_minute(config.failed_per_minute).allow_burst(config.failed_burst);
         Self {
             limiter: RateLimiter::keyed(quota),
-            lockout: Mutex::new(HashMap::new()),
             max_clients: config.max_clients,
         }
     }
 
-    /// How long `key` must still wait, if it is locked out.
-    pub fn locked_for(&self, key: IpAddr) -> Option<Duration> {
-        let lockout = self.lockout.lock().unwrap_or_else(|p| p.into_inner());
-        let until = *lockout.get(&key)?;
-        until
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-    }
-
-    /// Counts one failure; returns the lockout if this one exhausted the budget.
+    /// Counts one failure; returns how long to wait if the budget is spent.
     pub fn record_failure(&self, key: IpAddr) -> Option<Duration> {
+        if self.limiter.len() >= self.max_clients {
+            // Clients with a full budget again carry no information: forget them first.
+            self.limiter.retain_recent();
+        }
         let not_until = self.limiter.check_key(&key).err()?;
-        let wait = not_until
-            .wait_time_from(DefaultClock::default().now())
-            .max(Duration::from_secs(1));
-        let mut lockout = self.lockout.lock().unwrap_or_else(|p| p.into_inner());
-        if lockout.len() >= self.max_clients {
-            let now = Instant::now();
-            lockout.retain(|_, until| *until > now);
-        }
-        // When still full, the failure budget alone keeps answering 429 to this client's
-        // failures; only the lockout of its valid requests is skipped.
-        if lockout.len() < self.max_clients {
-            lockout.insert(key, Instant::now() + wait);
-        }
-        Some(wait)
+        Some(
+            not_until
+                .wait_time_from(DefaultClock::default().now())
+                .max(Duration::from_secs(1)),
+        )
     }
 
     /// Forgets clients that have been quiet long enough to have a full budget again.
     pub fn maintain(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
-        let now = Instant::now();
-        self.lockout
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, until| *until > now);
     }
 }
 
@@ -128,7 +107,7 @@ mod tests {
     }
 
     #[test]
-    fn lockout_after_the_failure_budget() {
+    fn failures_past_the_budget_wait() {
         let limiter = FailureLimiter::new(&config(10));
         let client: IpAddr = "192.0.2.1".parse().unwrap();
         assert_eq!(
@@ -136,7 +115,6 @@ mod tests {
             None,
             "the burst allows one failure"
         );
-        assert_eq!(limiter.locked_for(client), None);
         let wait = limiter
             .record_failure(client)
             .expect("second failure exhausts the budget");
@@ -144,22 +122,10 @@ mod tests {
             wait > Duration::from_secs(50) && wait <= Duration::from_secs(60),
             "{wait:?}"
         );
-        assert!(limiter.locked_for(client).is_some());
         assert_eq!(
-            limiter.locked_for("192.0.2.2".parse().unwrap()),
+            limiter.record_failure("192.0.2.2".parse().unwrap()),
             None,
             "others are not affected"
         );
-    }
-
-    #[test]
-    fn lockout_table_is_bounded() {
-        let limiter = FailureLimiter::new(&config(2));
-        for i in 1..=5u8 {
-            let client = IpAddr::from([192, 0, 2, i]);
-            limiter.record_failure(client);
-            assert!(limiter.record_failure(client).is_some());
-        }
-        assert_eq!(limiter.lockout.lock().unwrap().len(), 2);
     }
 }

@@ -46,6 +46,8 @@ pub struct AppState {
     /// Tells the delivery engine which sinks have new jobs.
     new_jobs: Arc<NewJobs>,
     max_body_bytes: usize,
+    /// Bytes of bodies not yet verified, across all requests (see `ingest::UNVERIFIED_BODIES`).
+    unverified: tokio::sync::Semaphore,
     body_read_timeout: Duration,
     trusted_proxies: Arc<[IpNet]>,
     failures: Option<FailureLimiter>,
@@ -74,6 +76,13 @@ impl App {
             plan,
             new_jobs,
             max_body_bytes: config.server.max_body_bytes,
+            unverified: tokio::sync::Semaphore::new(
+                config
+                    .server
+                    .max_body_bytes
+                    .saturating_mul(ingest::UNVERIFIED_BODIES)
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            ),
             body_read_timeout: config.server.body_read_timeout,
             trusted_proxies: Arc::clone(&trusted_proxies),
             failures: limits.as_ref().map(FailureLimiter::new),
@@ -101,6 +110,9 @@ impl App {
                             retry_after_secs: wait_time.max(1),
                         }
                         .into_response()
+                    }
+                    tower_governor::GovernorError::UnableToExtractKey => {
+                        ApiError::MalformedForwardedFor.into_response()
                     }
                     other => {
                         tracing::error!(error = %other, "rate limiter failed");

@@ -49,6 +49,10 @@ pub struct EmailSinkConfig {
     pub password: Option<SecretSource>,
     /// An extra CA to trust (a private mail relay).
     pub ca_file: Option<PathBuf>,
+    /// Let `username`/`password` cross the network in clear (`starttls` other than `required`
+    /// to a host that is not loopback). Off by default: a configuration error otherwise.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
     pub from: String,
     pub to: Vec<String>,
     pub template: Option<TemplateRef>,
@@ -76,8 +80,26 @@ impl EmailSinkConfig {
             (None, None) => {}
             _ => return Err("username and password go together".into()),
         }
+        let in_clear = url.scheme() == "smtp" && self.starttls != StartTls::Required;
+        if self.password.is_some() && in_clear && !is_loopback(&url) && !self.allow_plaintext_auth {
+            return Err(format!(
+                "password: with starttls = {:?} the login could cross the network in clear; \
+                 use starttls = \"required\" or smtps://, or set allow_plaintext_auth = true",
+                format!("{:?}", self.starttls).to_lowercase()
+            ));
+        }
         Ok(())
     }
+}
+
+/// Whether `url` names this machine, where nothing crosses a network.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Parses an address from the configuration; CR and LF are refused outright.

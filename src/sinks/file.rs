@@ -81,10 +81,7 @@ impl Target {
     }
 
     fn open(&self) -> std::io::Result<File> {
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        File::options().create(true).append(true).open(&self.path)
+        crate::private::open(&self.path, File::options().append(true))
     }
 
     fn io_error(&self, source: std::io::Error) -> SinkError {

@@ -206,6 +206,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot create the database {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open the database {path}: {source}")]
     Open {
         path: PathBuf,
@@ -441,13 +446,19 @@ impl Store {
     /// [`StoreError`] when the directory or database cannot be created, opened or migrated.
     pub fn open(config: &StorageConfig) -> Result<Self, StoreError> {
         let path = config.path.clone();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+        if let Some(dir) = path.parent() {
+            crate::private::create_dir(dir).map_err(|source| StoreError::CreateDir {
                 path: dir.to_path_buf(),
                 source,
             })?;
         }
         let instance = lock_instance(&path)?;
+        // Created private before SQLite sees it: SQLite gives the WAL and shared-memory files
+        // the database file's own mode.
+        crate::private::touch(&path).map_err(|source| StoreError::Create {
+            path: path.clone(),
+            source,
+        })?;
         let open_err = |source| StoreError::Open {
             path: path.clone(),
             source,
@@ -785,12 +796,8 @@ fn lock_instance(db: &Path) -> Result<std::fs::File, StoreError> {
         path: path.clone(),
         source,
     };
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(lock_err)?;
+    let file =
+        crate::private::open(&path, std::fs::OpenOptions::new().write(true)).map_err(lock_err)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
