@@ -182,6 +182,11 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     }
 }
 
+/// Most bytes hyper buffers per connection (its default is about 400 KiB): bodies are counted
+/// against the budget of unverified bytes as they are read, so what waits unread in
+/// connections' buffers must stay small; a webhook's headers fit many times over.
+const READ_BUFFER: usize = 64 * 1024;
+
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, lets
 /// in-flight requests finish (up to `shutdown_timeout`) and returns.
 ///
@@ -195,7 +200,8 @@ pub async fn serve(
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout);
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(READ_BUFFER);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {

@@ -8,6 +8,7 @@ mod dedupe;
 mod delivery;
 mod durability;
 mod email;
+mod hostile;
 mod proxies;
 mod recorder;
 mod routing;
