@@ -204,3 +204,107 @@ async fn one_daemon_per_database() {
     );
     daemon.accept_cl(&scan_body("still-served")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_under_a_flood_loses_no_acknowledged_delivery() {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Arc, Mutex};
+
+    const KILLS: usize = 5;
+    const SENDERS: usize = 8;
+    let dir = tempdir();
+    let archive = dir.path().join("events.jsonl");
+    let config_path = write_config(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &rest_with_sink(&archive)),
+    );
+    let acknowledged = Arc::new(Mutex::new(HashSet::new()));
+    let mut next_id = 0usize;
+    for round in 0..KILLS {
+        let daemon = Daemon::start_with(dir.path(), &config_path, &[]);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut senders = Vec::new();
+        for sender in 0..SENDERS {
+            let (url, stop, acked) = (
+                daemon.url("/hooks/cl"),
+                Arc::clone(&stop),
+                Arc::clone(&acknowledged),
+            );
+            let first = next_id + sender * 1_000_000;
+            senders.push(tokio::spawn(async move {
+                let client = http_client();
+                let mut id = first;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = format!("crash-{round}-{id}");
+                    let body = scan_body(&key);
+                    let sent = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .header("x-compliancelayer-signature", hmac_hex(CL_SECRET, &[&body]))
+                        .body(body)
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await;
+                    if sent.is_ok_and(|r| r.status() == 202) {
+                        acked.lock().unwrap().insert(key);
+                    }
+                    id += 1;
+                }
+            }));
+        }
+        next_id += 1;
+        // A random moment 0.5 s to 4 s into the flood.
+        let at = Duration::from_millis(500 + rand::random::<u64>() % 3500);
+        tokio::time::sleep(at).await;
+        daemon.kill9();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for sender in senders {
+            sender.await.unwrap();
+        }
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > 100,
+        "too little load: {}",
+        acknowledged.len()
+    );
+
+    // One more start delivers whatever the kills left waiting.
+    let daemon = Daemon::start_with(dir.path(), &config_path, &[]);
+    let delivered: HashMap<String, usize> = eventually(|| {
+        let text = std::fs::read_to_string(&archive).unwrap_or_default();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for line in text.lines() {
+            let Ok(line) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue; // a line cut by the kill
+            };
+            *seen
+                .entry(line["delivery_id"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+        let missing = acknowledged
+            .iter()
+            .filter(|id| !seen.contains_key(*id))
+            .count();
+        if missing == 0 {
+            Ok(seen)
+        } else {
+            Err(format!("{missing} acknowledged deliveries not delivered"))
+        }
+    })
+    .await;
+    let stored: HashSet<String> = daemon
+        .rows("SELECT delivery_id FROM events", |r| r.get(0))
+        .into_iter()
+        .collect();
+    assert!(
+        acknowledged.is_subset(&stored),
+        "an acknowledged delivery was lost"
+    );
+    let repeats: usize = delivered.values().map(|n| n - 1).sum();
+    eprintln!(
+        "{KILLS} kills: {} acknowledged, {} stored, all delivered; {repeats} delivered more than once",
+        acknowledged.len(),
+        stored.len()
+    );
+}

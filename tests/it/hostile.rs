@@ -687,3 +687,197 @@ fn a_password_in_clear_off_loopback_is_a_configuration_error() {
     assert!(check("smtp://127.0.0.1:25", "").status.success());
     assert!(check("smtp://[::1]:25", "").status.success());
 }
+
+/// Writes `request` as raw bytes (in `parts`, with `pause` between them) and returns the
+/// status of every response read before the server closed the connection; fails if the
+/// server neither answers nor closes within seconds.
+fn exchange(addr: SocketAddr, parts: &[&[u8]], pause: Duration) -> Vec<u16> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(4)))
+        .unwrap();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(pause);
+        }
+        if stream.write_all(part).is_err() {
+            break; // the server already answered and closed
+        }
+    }
+    let mut answer = Vec::new();
+    if let Err(err) = stream.read_to_end(&mut answer) {
+        // A reset after the answer is a close too; a timeout is a server that hung.
+        assert_ne!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock,
+            "the connection was left open: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    String::from_utf8_lossy(&answer)
+        .split("HTTP/1.")
+        .skip(1)
+        .filter_map(|r| r.get(2..5)?.parse().ok())
+        .filter(|&status| status != 100)
+        .collect()
+}
+
+/// A POST with `Connection: close`, its length declared, `headers` (each `Name: value`).
+fn request(path: &str, headers: &[String], body: &[u8]) -> Vec<u8> {
+    let mut text = format!(
+        "POST {path} HTTP/1.1\r\nHost: hooks.example\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for header in headers {
+        text += header;
+        text += "\r\n";
+    }
+    text += "\r\n";
+    let mut bytes = text.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+#[test]
+fn bad_input_gets_its_exact_status_and_changes_nothing() {
+    let dir = tempdir();
+    let archive = dir.path().join("events.jsonl");
+    let text = config(
+        dir.path(),
+        &format!(
+            "{NO_LIMITS}\nmax_body_bytes = 4096\nheader_read_timeout = \"1s\"\nbody_read_timeout = \"1s\"\ntrusted_proxies = [\"127.0.0.1\"]"
+        ),
+        &standard_rest(dir.path()),
+    );
+    let daemon = Daemon::start(dir.path(), &text);
+    let json = "Content-Type: application/json".to_owned();
+    let signed = |body: &[u8]| {
+        vec![
+            json.clone(),
+            format!(
+                "X-ComplianceLayer-Signature: {}",
+                hmac_hex(CL_SECRET, &[body])
+            ),
+        ]
+    };
+    let wrong = vec![
+        json.clone(),
+        format!("X-ComplianceLayer-Signature: SHA256={}", "ab".repeat(32)),
+    ];
+    let body = scan_body("table");
+    let big = vec![b' '; 5000];
+    let mut many_headers = wrong.clone();
+    many_headers.extend((0..10_000).map(|i| format!("X-Filler-{i}: {i}")));
+    let chunked_over = {
+        let mut bytes = b"POST /hooks/cl HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..5 {
+            bytes.extend_from_slice(b"400\r\n");
+            bytes.extend_from_slice(&[b' '; 0x400]);
+            bytes.extend_from_slice(b"\r\n");
+        }
+        bytes.extend_from_slice(b"0\r\n\r\n");
+        bytes
+    };
+    let mut pipelined = request("/hooks/cl", &wrong, &body);
+    pipelined.splice(
+        0..0,
+        String::from_utf8(request("/hooks/cl", &wrong, &body))
+            .unwrap()
+            .replace("Connection: close", "Connection: keep-alive")
+            .into_bytes(),
+    );
+    let http10 = String::from_utf8(request("/hooks/cl", &wrong, &body))
+        .unwrap()
+        .replace("HTTP/1.1", "HTTP/1.0")
+        .into_bytes();
+    let mut non_ascii_xff = request("/hooks/cl", &signed(&body), &body);
+    let at = non_ascii_xff
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap();
+    non_ascii_xff.splice(
+        at..at,
+        b"\r\nX-Forwarded-For: 198.51.100.1\xff".iter().copied(),
+    );
+    let mut expect_continue = wrong.clone();
+    expect_continue.push("Expect: 100-continue".into());
+    let headers_only = request("/hooks/cl", &wrong, &body);
+    let head_end = headers_only.len() - body.len();
+
+    let rows: Vec<(&str, Vec<Vec<u8>>, Vec<u16>)> = vec![
+        ("unknown path", vec![request("/hooks/nope", &signed(&body), &body)], vec![404]),
+        ("path with NUL", vec![request("/hooks/cl%00", &signed(&body), &body)], vec![404]),
+        (
+            "GET",
+            vec![b"GET /hooks/cl HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec()],
+            vec![405],
+        ),
+        (
+            "made-up method",
+            vec![b"BREW /hooks/cl HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec()],
+            vec![405],
+        ),
+        (
+            "not JSON",
+            vec![request("/hooks/cl", &["Content-Type: text/plain".into()], &body)],
+            vec![415],
+        ),
+        ("declared too large", vec![request("/hooks/cl", &signed(&big), &big)], vec![413]),
+        (
+            "Content-Length overflow",
+            vec![b"POST /hooks/cl HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 99999999999999999999999\r\n\r\n{}".to_vec()],
+            vec![400],
+        ),
+        ("chunked past the limit", vec![chunked_over], vec![413]),
+        ("no signature", vec![request("/hooks/cl", std::slice::from_ref(&json), &body)], vec![401]),
+        ("wrong signature", vec![request("/hooks/cl", &wrong, &body)], vec![401]),
+        (
+            "signature not ASCII",
+            vec![{
+                let mut r = request("/hooks/cl", std::slice::from_ref(&json), &body);
+                let at = r.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                r.splice(at..at, b"\r\nX-ComplianceLayer-Signature: \xe9\xe9".iter().copied());
+                r
+            }],
+            vec![401],
+        ),
+        ("signed, not JSON", vec![request("/hooks/cl", &signed(b"{nope"), b"{nope")], vec![400]),
+        ("signed, not UTF-8", vec![request("/hooks/cl", &signed(b"\"\xff\""), b"\"\xff\"")], vec![400]),
+        ("signed array", vec![request("/hooks/cl", &signed(b"[1]"), b"[1]")], vec![400]),
+        (
+            "signed, no type",
+            vec![request("/hooks/cl", &signed(br#"{"data": {}}"#), br#"{"data": {}}"#)],
+            vec![400],
+        ),
+        ("malformed X-Forwarded-For from the proxy", vec![non_ascii_xff], vec![400]),
+        ("10,000 headers", vec![request("/hooks/cl", &many_headers, &body)], vec![431]),
+        ("HTTP/1.0", vec![http10], vec![401]),
+        ("two pipelined", vec![pipelined], vec![401, 401]),
+        ("100-continue", vec![request("/hooks/cl", &expect_continue, &body)], vec![401]),
+        (
+            "slowloris headers",
+            vec![b"POST /hooks/cl HTTP/1.1\r\n".to_vec(), b"Host: x\r\n".to_vec()],
+            vec![],
+        ),
+        (
+            "body never finished",
+            vec![headers_only[..head_end + 10].to_vec(), Vec::new()],
+            vec![408],
+        ),
+    ];
+    for (name, parts, expected) in rows {
+        let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        let statuses = exchange(daemon.addr, &parts, Duration::from_millis(700));
+        assert_eq!(statuses, expected, "{name}");
+        assert_eq!(daemon.count("events"), 0, "{name} stored something");
+    }
+    assert!(!archive.exists(), "something was delivered");
+    // The daemon is still well: a good delivery goes through.
+    let ok = exchange(
+        daemon.addr,
+        &[&request("/hooks/cl", &signed(&body), &body)],
+        Duration::ZERO,
+    );
+    assert_eq!(ok, [202]);
+}
