@@ -219,7 +219,6 @@ async fn kill_9_at_random_moments_under_a_flood_loses_no_acknowledged_delivery()
         &config(dir.path(), NO_LIMITS, &rest_with_sink(&archive)),
     );
     let acknowledged = Arc::new(Mutex::new(HashSet::new()));
-    let mut next_id = 0usize;
     for round in 0..KILLS {
         let daemon = Daemon::start_with(dir.path(), &config_path, &[]);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -230,7 +229,7 @@ async fn kill_9_at_random_moments_under_a_flood_loses_no_acknowledged_delivery()
                 Arc::clone(&stop),
                 Arc::clone(&acknowledged),
             );
-            let first = next_id + sender * 1_000_000;
+            let first = sender * 1_000_000;
             senders.push(tokio::spawn(async move {
                 let client = http_client();
                 let mut id = first;
@@ -252,7 +251,6 @@ async fn kill_9_at_random_moments_under_a_flood_loses_no_acknowledged_delivery()
                 }
             }));
         }
-        next_id += 1;
         // A random moment 0.5 s to 4 s into the flood.
         let at = Duration::from_millis(500 + rand::random::<u64>() % 3500);
         tokio::time::sleep(at).await;

@@ -805,7 +805,9 @@ fn bad_input_gets_its_exact_status_and_changes_nothing() {
     let headers_only = request("/hooks/cl", &wrong, &body);
     let head_end = headers_only.len() - body.len();
 
-    let rows: Vec<(&str, Vec<Vec<u8>>, Vec<u16>)> = vec![
+    /// A name, the request in parts, and the statuses it must get.
+    type Row = (&'static str, Vec<Vec<u8>>, Vec<u16>);
+    let rows: Vec<Row> = vec![
         ("unknown path", vec![request("/hooks/nope", &signed(&body), &body)], vec![404]),
         ("path with NUL", vec![request("/hooks/cl%00", &signed(&body), &body)], vec![404]),
         (
