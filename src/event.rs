@@ -535,4 +535,95 @@ mod tests {
             Err(EventError::InvalidJson(_))
         ));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// JSON text as a stranger may write it: every kind of value, numbers no `f64`
+        /// holds, repeated keys, escapes and raw Unicode in strings, any layout.
+        fn json_text() -> impl Strategy<Value = String> {
+            let leaf = prop_oneof![
+                Just("null".to_owned()),
+                any::<bool>().prop_map(|b| b.to_string()),
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<u64>().prop_map(|n| n.to_string()),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(|f| serde_json::to_string(&f).unwrap()),
+                prop_oneof![
+                    Just("1e999"),
+                    Just("-1e400"),
+                    Just("123456789012345678901234567890"),
+                    Just("0.000000000000000000000000000001e-400"),
+                ]
+                .prop_map(str::to_owned),
+                any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+            ];
+            let space = prop_oneof![Just(""), Just(" "), Just("\n  "), Just("\r\n\t")];
+            leaf.prop_recursive(6, 64, 6, move |inner| {
+                prop_oneof![
+                    (prop::collection::vec(inner.clone(), 0..6), space.clone()).prop_map(
+                        |(items, sp)| format!("[{sp}{}{sp}]", items.join(&format!(",{sp}")))
+                    ),
+                    (
+                        prop::collection::vec(
+                            (
+                                prop_oneof![Just("a"), Just("b"), Just("type"), Just("é\\n")],
+                                inner
+                            ),
+                            0..6
+                        ),
+                        space.clone()
+                    )
+                        .prop_map(|(fields, sp)| {
+                            let fields: Vec<String> = fields
+                                .iter()
+                                .map(|(k, v)| {
+                                    format!("{}{sp}:{sp}{v}", serde_json::to_string(k).unwrap())
+                                })
+                                .collect();
+                            format!("{{{sp}{}{sp}}}", fields.join(&format!(",{sp}")))
+                        }),
+                ]
+            })
+        }
+
+        /// `text` nested inside `depth` arrays.
+        fn nested(text: &str, depth: usize) -> String {
+            format!("{}{text}{}", "[".repeat(depth), "]".repeat(depth))
+        }
+
+        proptest! {
+            #[test]
+            fn lenient_agrees_with_serde_json_wherever_serde_json_can_read(text in json_text()) {
+                if let Ok(expected) = serde_json::from_str::<Value>(&text) {
+                    prop_assert_eq!(lenient(&text), expected);
+                }
+            }
+
+            #[test]
+            fn any_valid_body_keeps_its_tree(data in json_text(), depth in 0usize..400) {
+                let body = format!("{{\"type\": \"x.y\", \"data\": {}}}", nested(&data, depth));
+                let event = Event::parse("s", body.as_bytes(), None, None).unwrap();
+                prop_assert_eq!(&event.payload.value()["type"], "x.y");
+                prop_assert!(event.payload.value().get("data").is_some());
+            }
+
+            #[test]
+            fn any_body_serialises_as_one_line_that_round_trips(data in json_text()) {
+                let body = format!("{{\n  \"type\": \"x.y\",\n  \"data\":\n{data}\n}}");
+                let event = Event::parse("s", body.as_bytes(), None, None).unwrap();
+                let line = serde_json::to_string(&event).unwrap();
+                prop_assert!(!line.contains('\n') && !line.contains('\r'));
+                let read = lenient(&line);
+                prop_assert_eq!(&read["payload"], &lenient(&body));
+            }
+
+            #[test]
+            fn parsing_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+                let _ = Event::parse("s", &bytes, None, None).map(|e| e.payload.value().clone());
+            }
+        }
+    }
 }

@@ -686,9 +686,8 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn sign_then_verify_every_scheme() {
-        let schemes = [
+    fn every_scheme() -> [Scheme; 6] {
+        [
             Scheme::ComplianceLayer {
                 tolerance: TOLERANCE,
                 require_timestamp: false,
@@ -710,8 +709,12 @@ mod tests {
                 header: HeaderName::from_static("x-token"),
                 prefix: String::new(),
             },
-        ];
-        for scheme in schemes {
+        ]
+    }
+
+    #[test]
+    fn sign_then_verify_every_scheme() {
+        for scheme in every_scheme() {
             let verifier = Verifier::new(scheme.clone(), vec![Key::new(b"k".to_vec())]);
             let h: HeaderMap = verifier.sign(b"{}", 50, "msg_1").into_iter().collect();
             assert!(verifier.verify(&h, b"{}", 60).is_ok(), "{}", scheme.name());
@@ -722,5 +725,72 @@ mod tests {
     fn debug_hides_keys() {
         let verifier = Verifier::new(Scheme::GitHub, vec![Key::new(b"topsecret".to_vec())]);
         assert!(!format!("{verifier:?}").contains("topsecret"));
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Header values as a stranger may send them: any bytes a header can carry.
+        fn header_value() -> impl Strategy<Value = HeaderValue> {
+            prop_oneof![
+                "[ -~]{0,80}".prop_map(|s| HeaderValue::from_str(&s).unwrap()),
+                "(t=[0-9]{0,12},)?(v1=[0-9a-fA-F]{0,70},?){0,3}"
+                    .prop_map(|s| HeaderValue::from_str(&s).unwrap()),
+                "(v1,[A-Za-z0-9+/=]{0,50} ?){0,3}".prop_map(|s| HeaderValue::from_str(&s).unwrap()),
+                prop::collection::vec(any::<u8>(), 0..80)
+                    .prop_filter_map("a header value", |b| HeaderValue::from_bytes(&b).ok()),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn no_header_value_panics_and_none_forges(
+                value in header_value(),
+                body in prop::collection::vec(any::<u8>(), 0..64),
+                now in any::<i64>(),
+            ) {
+                for scheme in every_scheme() {
+                    let verifier = Verifier::new(scheme.clone(), vec![Key::new(b"k".to_vec())]);
+                    let mut headers = HeaderMap::new();
+                    for name in [COMPLIANCELAYER_SIGNATURE, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP,
+                                 WEBHOOK_ID, GITHUB_SIGNATURE, "x-sig", "x-token"] {
+                        headers.insert(HeaderName::from_static(name), value.clone());
+                    }
+                    // Without the key, a random value verifies only by a 2^-256 chance (or,
+                    // for the token scheme, by being the token).
+                    let forged = verifier.verify(&headers, &body, now).is_ok();
+                    prop_assert!(!forged || value.as_bytes().ends_with(b"k"), "{}", scheme.name());
+                }
+            }
+
+            #[test]
+            fn what_is_signed_verifies_and_any_change_does_not(
+                body in prop::collection::vec(any::<u8>(), 0..256),
+                flip in any::<prop::sample::Index>(),
+                id in "[!-~]{1,40}",
+                now in 0i64..4_000_000_000,
+                upper in any::<bool>(),
+            ) {
+                for scheme in every_scheme() {
+                    let verifier = Verifier::new(scheme.clone(), vec![Key::new(b"k".to_vec())]);
+                    let mut headers: HeaderMap = verifier.sign(&body, now, &id).into_iter().collect();
+                    // The bare form's prefix and digits, in any case.
+                    let bare = headers
+                        .get(COMPLIANCELAYER_SIGNATURE)
+                        .filter(|v| !v.as_bytes().starts_with(b"t="));
+                    if upper && let Some(v) = bare {
+                        let loud = format!("SHA256={}", v.to_str().unwrap().to_uppercase());
+                        headers.insert(COMPLIANCELAYER_SIGNATURE, HeaderValue::from_str(&loud).unwrap());
+                    }
+                    prop_assert!(verifier.verify(&headers, &body, now).is_ok(), "{}", scheme.name());
+                    if !body.is_empty() && !matches!(scheme, Scheme::Token { .. }) {
+                        let mut changed = body.clone();
+                        changed[flip.index(body.len())] ^= 1;
+                        prop_assert!(verifier.verify(&headers, &changed, now).is_err());
+                    }
+                }
+            }
+        }
     }
 }

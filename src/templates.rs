@@ -521,4 +521,42 @@ mod tests {
         let m = t.render(Some(&modest), &e);
         assert_eq!((m.title.as_str(), m.fallback), ("2000 items", None));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(32))]
+
+            #[test]
+            fn any_loop_nest_over_any_payload_stays_within_the_bounds(
+                depth in 1usize..5,
+                items in 0usize..3000,
+                width in 0usize..200,
+                print in any::<bool>(),
+            ) {
+                let mut text = String::new();
+                for level in 0..depth {
+                    text += &format!("{{% for x{level} in data.items %}}");
+                }
+                if print {
+                    text += "{{ data.items }}";
+                }
+                text += &"{% endfor %}".repeat(depth);
+                let mut builder = TemplatesBuilder::new(&BTreeMap::new(), Path::new("."));
+                let id = builder
+                    .resolve("t", &TemplateRef::Source(TemplateSource::Inline { text }))
+                    .unwrap();
+                let t = builder.build();
+                let items: Vec<String> = (0..items).map(|i| format!("{i:0width$}")).collect();
+                let body = serde_json::json!({"type": "x", "data": {"items": items}}).to_string();
+                let m = t.render(Some(&id), &event(&body));
+                prop_assert!(m.title.len() + m.body.len() <= OUTPUT_LIMIT);
+                if let Some(why) = &m.fallback {
+                    prop_assert!(why.contains("instructions") || why.contains("bytes"), "{why}");
+                }
+            }
+        }
+    }
 }

@@ -161,4 +161,54 @@ mod tests {
             "192.0.2.1".parse::<IpAddr>().unwrap()
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn entry() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<std::net::Ipv4Addr>().prop_map(|ip| ip.to_string()),
+                any::<std::net::Ipv6Addr>().prop_map(|ip| ip.to_string()),
+                Just("10.1.2.3".to_owned()),
+                Just("127.0.0.1".to_owned()),
+                "[ -~]{0,20}",
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn never_the_proxy_for_a_bad_header_and_never_a_panic(
+                entries in prop::collection::vec(entry(), 0..6),
+                raw in prop::collection::vec(any::<u8>(), 0..40),
+                peer in prop_oneof![Just("127.0.0.1"), Just("10.9.9.9"), Just("203.0.113.1")],
+            ) {
+                let trusted = nets(&["10.0.0.0/8", "127.0.0.1/32"]);
+                let peer: IpAddr = peer.parse().unwrap();
+                let mut headers = xff(&[&entries.join(", ")]);
+                if let Ok(value) = HeaderValue::from_bytes(&raw) {
+                    headers.append(X_FORWARDED_FOR, value);
+                }
+                match client_ip(peer, &headers, &trusted) {
+                    _ if !is_trusted(peer, &trusted) => {
+                        prop_assert_eq!(client_ip(peer, &headers, &trusted), Ok(peer));
+                    }
+                    // Read from the right, the answer is the first untrusted entry, or the
+                    // leftmost proxy when every entry is one: an address the header names,
+                    // never the peer itself unless there is no header at all.
+                    Ok(client) => {
+                        let text: Vec<String> = headers
+                            .get_all(X_FORWARDED_FOR)
+                            .iter()
+                            .filter_map(|v| v.to_str().ok())
+                            .flat_map(|t| t.split(',').map(|e| e.trim().to_owned()))
+                            .collect();
+                        let named = text.iter().any(|e| e.parse::<IpAddr>().is_ok_and(|a| a.to_canonical() == client));
+                        prop_assert!(named || (text.is_empty() && client == peer), "{client} {text:?}");
+                    }
+                    Err(MalformedForwardedFor) => {}
+                }
+            }
+        }
+    }
 }

@@ -133,4 +133,26 @@ mod tests {
         assert_eq!(truncate("abc", 4), "abc");
         assert_eq!(truncate("ab&amp;cd", 5), "ab…", "an entity is never cut");
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn escaped_text_has_no_markup_and_reads_back(text in any::<String>(), limit in 2usize..200) {
+                let escaped = escape(&text);
+                prop_assert!(!escaped.contains('<') && !escaped.contains('>'));
+                let unescaped = escaped.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&");
+                prop_assert_eq!(&unescaped, &text);
+                let cut = truncate(&escaped, limit);
+                prop_assert!(cut.chars().count() <= limit);
+                // Never half an entity: every `&` still starts one.
+                for (at, _) in cut.match_indices('&') {
+                    let rest = &cut[at..];
+                    prop_assert!(rest.starts_with("&lt;") || rest.starts_with("&gt;") || rest.starts_with("&amp;"), "{cut}");
+                }
+            }
+        }
+    }
 }
