@@ -96,7 +96,7 @@ impl Serialize for Payload {
 /// Valid JSON `text` without line breaks: as it is when it has none, else with every
 /// whitespace character outside strings dropped, which changes nothing JSON can tell. (Inside
 /// a string a line break is always escaped, so only structure can hold one.)
-pub fn one_line(text: &str) -> Cow<'_, str> {
+fn one_line(text: &str) -> Cow<'_, str> {
     if !text.bytes().any(|b| b == b'\n' || b == b'\r') {
         return Cow::Borrowed(text);
     }
