@@ -15,16 +15,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use ipnet::IpNet;
 
+use crate::duration::HumanDuration;
 use crate::rules::{Route, RouteSpec, RouteTable};
 use crate::signature::{Key, Scheme, Verifier};
 use crate::sinks::SinkSpec;
 use crate::templates::{TemplateSource, Templates, TemplatesBuilder};
-use raw::{HumanDuration, RawConfig, RawRules, RawSource, SchemeName, SecretEncoding};
+use raw::{RawConfig, RawRules, RawSource, SchemeName, SecretEncoding};
 
 /// Prefix of the environment variables that override file settings, e.g.
 /// `HOOKROUTE_SERVER__LISTEN=127.0.0.1:9000` for `server.listen`.
@@ -636,13 +636,7 @@ fn decode_secret(secret: &str, encoding: SecretEncoding) -> Result<Vec<u8>, &'st
     }
     match encoding {
         SecretEncoding::Utf8 => Ok(secret.as_bytes().to_vec()),
-        SecretEncoding::Base64 => {
-            let encoded = secret.strip_prefix("whsec_").unwrap_or(secret);
-            match base64::engine::general_purpose::STANDARD.decode(encoded) {
-                Ok(bytes) if !bytes.is_empty() => Ok(bytes),
-                _ => Err("the secret is not valid base64 after its `whsec_` prefix"),
-            }
-        }
+        SecretEncoding::Base64 => crate::secret::decode_whsec(secret),
     }
 }
 
@@ -689,71 +683,5 @@ impl Problems {
                 problems: self.0,
             })
         }
-    }
-}
-
-/// A secret a sink needs (a webhook URL, a password, a signing key), given inline, in a file or
-/// in an environment variable. Resolved when the sink is built; `Debug` never shows it.
-#[derive(Clone, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SecretSource {
-    pub value: Option<String>,
-    pub file: Option<PathBuf>,
-    pub env: Option<String>,
-}
-
-impl fmt::Debug for SecretSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecretSource")
-            .field("value", &self.value.as_ref().map(|_| "***"))
-            .field("file", &self.file)
-            .field("env", &self.env)
-            .finish()
-    }
-}
-
-impl SecretSource {
-    /// Checks that exactly one of `value`, `file`, `env` is given.
-    ///
-    /// # Errors
-    /// A message naming `key`.
-    pub fn validate(&self, key: &str) -> Result<(), String> {
-        let given = [
-            self.value.is_some(),
-            self.file.is_some(),
-            self.env.is_some(),
-        ]
-        .iter()
-        .filter(|g| **g)
-        .count();
-        match given {
-            1 => Ok(()),
-            0 => Err(format!("{key}: give one of value, file or env")),
-            _ => Err(format!("{key}: give only one of value, file or env")),
-        }
-    }
-
-    /// Reads the secret. A file's final newline is not part of it.
-    ///
-    /// # Errors
-    /// A message naming `key` (never the secret).
-    pub fn resolve(&self, key: &str) -> Result<String, String> {
-        let secret = if let Some(value) = &self.value {
-            value.clone()
-        } else if let Some(file) = &self.file {
-            std::fs::read_to_string(file)
-                .map_err(|err| format!("{key}: cannot read {}: {err}", file.display()))?
-                .trim_end_matches(['\r', '\n'])
-                .to_owned()
-        } else if let Some(var) = &self.env {
-            std::env::var(var)
-                .map_err(|_| format!("{key}: environment variable {var:?} is not set"))?
-        } else {
-            return Err(format!("{key}: no secret given"));
-        };
-        if secret.is_empty() {
-            return Err(format!("{key}: the secret is empty"));
-        }
-        Ok(secret)
     }
 }

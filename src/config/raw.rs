@@ -10,8 +10,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
+use crate::duration::HumanDuration;
 use crate::rules::RouteSpec;
 use crate::signature::Encoding;
 use crate::sinks::SinkSpec;
@@ -187,20 +188,5 @@ impl OneOrMany {
             Self::One(one) => std::slice::from_ref(one),
             Self::Many(many) => many,
         }
-    }
-}
-
-/// A duration written for humans: `"300s"`, `"15m"`, `"24h"`, `"7d"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text).map(HumanDuration).map_err(|err| {
-            serde::de::Error::custom(format!(
-                "invalid duration {text:?} ({err}); write e.g. \"30s\", \"15m\", \"24h\" or \"7d\""
-            ))
-        })
     }
 }

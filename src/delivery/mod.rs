@@ -35,8 +35,6 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use retry::RetryPolicy;
-
 use crate::dispatch::{NamedSink, Plan};
 use crate::event::Event;
 use crate::sinks::{Delivery, SinkError};
@@ -570,10 +568,13 @@ async fn attempt(
     drop(slot);
     let now = Timestamp::now();
     for (job, _, message) in prepared {
-        let mut outcome = sink
-            .delivery
-            .retry
-            .decide(&job, result.as_ref().cloned(), now, jitter());
+        let mut outcome = retry::decide(
+            &sink.delivery.retry,
+            &job,
+            result.as_ref().cloned(),
+            now,
+            jitter(),
+        );
         if let Some(why) = message.fallback {
             outcome.note(&why);
         }

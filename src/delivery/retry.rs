@@ -7,97 +7,62 @@
 //! `max_age` from the job's creation. A sink that asks us to wait (429 + Retry-After) is
 //! waited for, within the same limits.
 
-use std::time::Duration;
-
 use jiff::{SignedDuration, Timestamp};
-use serde::Deserialize;
 
-use crate::config::raw::HumanDuration;
-use crate::sinks::SinkError;
+use crate::sinks::{RetryPolicy, SinkError};
 use crate::store::{AttemptOutcome, Job};
 
-/// Per-sink retry settings (`[sinks.<name>.delivery.retry]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryPolicy {
-    pub base: HumanDuration,
-    pub cap: HumanDuration,
-    pub max_attempts: u32,
-    pub max_age: HumanDuration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            base: HumanDuration(Duration::from_secs(2)),
-            cap: HumanDuration(Duration::from_secs(30 * 60)),
-            max_attempts: 12,
-            max_age: HumanDuration(Duration::from_secs(24 * 3600)),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The wait before attempt `attempt + 1`, for a draw `unit` in [0, 1).
-    pub fn backoff(&self, attempt: u32, unit: f64) -> Duration {
-        let exponent = attempt.saturating_sub(1).min(32);
-        let ceiling = self
-            .base
-            .0
-            .saturating_mul(1u32 << exponent.min(31))
-            .min(self.cap.0);
-        ceiling.mul_f64(unit.clamp(0.0, 1.0))
-    }
-
-    /// The job's fate after attempt `job.attempt` ended with `result` at `now`.
-    pub fn decide(
-        &self,
-        job: &Job,
-        result: Result<String, &SinkError>,
-        now: Timestamp,
-        unit: f64,
-    ) -> AttemptOutcome {
-        let error = match result {
-            Ok(response) => return AttemptOutcome::Succeeded { response },
-            Err(error) => error,
-        };
-        let (message, response) = (error.to_string(), error.response().to_owned());
-        let wait = match error {
-            SinkError::Permanent { .. } => {
-                return AttemptOutcome::Dead {
-                    error: message,
-                    response,
-                };
-            }
-            SinkError::RateLimited { retry_after, .. } => *retry_after,
-            SinkError::Transient { .. } => self.backoff(job.attempt, unit),
-        };
-        let retry_at = now
-            .saturating_add(SignedDuration::try_from(wait).unwrap_or(SignedDuration::MAX))
-            .unwrap_or(now);
-        let deadline = job
-            .created_at
-            .saturating_add(SignedDuration::try_from(self.max_age.0).unwrap_or(SignedDuration::MAX))
-            .unwrap_or(Timestamp::MAX);
-        if job.attempt >= self.max_attempts {
-            let error = format!("{message} (gave up after {} attempts)", job.attempt);
-            AttemptOutcome::Dead { error, response }
-        } else if retry_at > deadline {
-            let error = format!("{message} (gave up: the next try would pass max_age)");
-            AttemptOutcome::Dead { error, response }
-        } else {
-            AttemptOutcome::Failed {
+/// The job's fate after attempt `job.attempt` ended with `result` at `now`, under `policy`.
+pub fn decide(
+    policy: &RetryPolicy,
+    job: &Job,
+    result: Result<String, &SinkError>,
+    now: Timestamp,
+    unit: f64,
+) -> AttemptOutcome {
+    let error = match result {
+        Ok(response) => return AttemptOutcome::Succeeded { response },
+        Err(error) => error,
+    };
+    let (message, response) = (error.to_string(), error.response().to_owned());
+    let wait = match error {
+        SinkError::Permanent { .. } => {
+            return AttemptOutcome::Dead {
                 error: message,
                 response,
-                retry_at,
-            }
+            };
+        }
+        SinkError::RateLimited { retry_after, .. } => *retry_after,
+        SinkError::Transient { .. } => policy.backoff(job.attempt, unit),
+    };
+    let retry_at = now
+        .saturating_add(SignedDuration::try_from(wait).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(now);
+    let deadline = job
+        .created_at
+        .saturating_add(SignedDuration::try_from(policy.max_age.0).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX);
+    if job.attempt >= policy.max_attempts {
+        let error = format!("{message} (gave up after {} attempts)", job.attempt);
+        AttemptOutcome::Dead { error, response }
+    } else if retry_at > deadline {
+        let error = format!("{message} (gave up: the next try would pass max_age)");
+        AttemptOutcome::Dead { error, response }
+    } else {
+        AttemptOutcome::Failed {
+            error: message,
+            response,
+            retry_at,
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::duration::HumanDuration;
 
     fn policy() -> RetryPolicy {
         RetryPolicy {
@@ -150,12 +115,12 @@ mod tests {
         let p = policy();
         let now = Timestamp::from_second(1010).unwrap();
         assert_eq!(
-            p.decide(&job(1), Ok("200".into()), now, 0.5),
+            decide(&p, &job(1), Ok("200".into()), now, 0.5),
             AttemptOutcome::Succeeded {
                 response: "200".into()
             }
         );
-        match p.decide(&job(2), Err(&transient()), now, 1.0) {
+        match decide(&p, &job(2), Err(&transient()), now, 1.0) {
             AttemptOutcome::Failed {
                 retry_at, response, ..
             } => {
@@ -169,10 +134,10 @@ mod tests {
             response: "no_service".into(),
         };
         assert!(matches!(
-            p.decide(&job(1), Err(&permanent), now, 0.5),
+            decide(&p, &job(1), Err(&permanent), now, 0.5),
             AttemptOutcome::Dead { .. }
         ));
-        match p.decide(&job(5), Err(&transient()), now, 0.5) {
+        match decide(&p, &job(5), Err(&transient()), now, 0.5) {
             AttemptOutcome::Dead { error, .. } => {
                 assert!(error.contains("gave up after 5 attempts"), "{error}")
             }
@@ -183,7 +148,7 @@ mod tests {
             message: "HTTP 429".into(),
             response: String::new(),
         };
-        match p.decide(&job(1), Err(&limited), now, 0.0) {
+        match decide(&p, &job(1), Err(&limited), now, 0.0) {
             AttemptOutcome::Failed { retry_at, .. } => {
                 assert_eq!(retry_at, Timestamp::from_second(1040).unwrap())
             }
@@ -195,7 +160,7 @@ mod tests {
             response: String::new(),
         };
         assert!(matches!(
-            p.decide(&job(1), Err(&too_late), now, 0.0),
+            decide(&p, &job(1), Err(&too_late), now, 0.0),
             AttemptOutcome::Dead { .. }
         ));
     }

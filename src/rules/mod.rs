@@ -14,7 +14,7 @@ use std::time::Duration;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 
-use crate::config::raw::HumanDuration;
+use crate::duration::HumanDuration;
 use crate::event::Event;
 pub use cel_env::{Activation, Expr};
 

@@ -21,8 +21,8 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
 
 use super::{Delivery, DeliveryOptions, Sink, SinkError, bounded};
-use crate::config::SecretSource;
-use crate::config::raw::HumanDuration;
+use crate::duration::HumanDuration;
+use crate::secret::SecretSource;
 use crate::templates::TemplateRef;
 
 /// What an `smtp://` server is asked for.

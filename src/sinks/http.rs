@@ -7,13 +7,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
-use base64::Engine as _;
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 
 use super::{Delivery, DeliveryOptions, RESPONSE_LIMIT, Sink, SinkError, bounded};
-use crate::config::SecretSource;
 use crate::event::Event;
+use crate::secret::{SecretSource, decode_whsec};
 use crate::signature::{Key, Scheme, Verifier};
 use crate::templates::TemplateRef;
 
@@ -68,10 +67,7 @@ impl HttpSink {
         let signer = match &config.sign {
             Some(source) => {
                 let secret = source.resolve("sign")?;
-                let encoded = secret.strip_prefix("whsec_").unwrap_or(&secret);
-                let key = base64::engine::general_purpose::STANDARD
-                    .decode(encoded)
-                    .map_err(|_| "sign: the secret is not whsec_<base64>".to_owned())?;
+                let key = decode_whsec(&secret).map_err(|why| format!("sign: {why}"))?;
                 Some(Verifier::new(
                     Scheme::StandardWebhooks {
                         tolerance: Duration::ZERO,

@@ -11,15 +11,16 @@ pub mod exec;
 pub mod file;
 pub mod http;
 pub mod log;
+mod options;
 pub mod slack;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+pub use options::{DeliveryOptions, RetryPolicy};
 use serde::Deserialize;
 
-use crate::config::raw::HumanDuration;
-use crate::delivery::RetryPolicy;
+use crate::duration::HumanDuration;
 use crate::event::Event;
 use crate::templates::{Message, TemplateRef};
 
@@ -111,27 +112,6 @@ pub fn bounded(text: &str) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
-}
-
-/// How a sink's jobs are run (`[sinks.<name>.delivery]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DeliveryOptions {
-    /// Jobs of this sink in flight at once.
-    pub concurrency: usize,
-    /// One attempt's time limit; for `exec`, after it the whole process group is killed.
-    pub timeout: HumanDuration,
-    pub retry: RetryPolicy,
-}
-
-impl Default for DeliveryOptions {
-    fn default() -> Self {
-        Self {
-            concurrency: 4,
-            timeout: HumanDuration(Duration::from_secs(30)),
-            retry: RetryPolicy::default(),
-        }
-    }
 }
 
 /// A sink as configured: `[sinks.<name>]` with `type = "..."`.

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{Delivery, DeliveryOptions, Sink, SinkError, http};
-use crate::config::SecretSource;
+use crate::secret::SecretSource;
 use crate::templates::TemplateRef;
 
 /// Slack's limits on a header block and a section's text.

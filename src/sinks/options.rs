@@ -1,0 +1,64 @@
+//! How a sink's jobs are run: `[sinks.<name>.delivery]`, with its retry policy. A leaf that the
+//! sinks' configurations and the delivery engine both read; what an outcome means for a job is
+//! decided in `delivery::retry`.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::duration::HumanDuration;
+
+/// How a sink's jobs are run (`[sinks.<name>.delivery]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryOptions {
+    /// Jobs of this sink in flight at once.
+    pub concurrency: usize,
+    /// One attempt's time limit; for `exec`, after it the whole process group is killed.
+    pub timeout: HumanDuration,
+    pub retry: RetryPolicy,
+}
+
+impl Default for DeliveryOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 4,
+            timeout: HumanDuration(Duration::from_secs(30)),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// Per-sink retry settings (`[sinks.<name>.delivery.retry]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    pub base: HumanDuration,
+    pub cap: HumanDuration,
+    pub max_attempts: u32,
+    pub max_age: HumanDuration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            base: HumanDuration(Duration::from_secs(2)),
+            cap: HumanDuration(Duration::from_secs(30 * 60)),
+            max_attempts: 12,
+            max_age: HumanDuration(Duration::from_secs(24 * 3600)),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `attempt + 1`, for a draw `unit` in [0, 1).
+    pub fn backoff(&self, attempt: u32, unit: f64) -> Duration {
+        let exponent = attempt.saturating_sub(1).min(32);
+        let ceiling = self
+            .base
+            .0
+            .saturating_mul(1u32 << exponent.min(31))
+            .min(self.cap.0);
+        ceiling.mul_f64(unit.clamp(0.0, 1.0))
+    }
+}
