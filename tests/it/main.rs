@@ -9,6 +9,7 @@ mod delivery;
 mod durability;
 mod email;
 mod hostile;
+mod layout;
 mod proxies;
 mod recorder;
 mod routing;
