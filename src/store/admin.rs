@@ -10,7 +10,8 @@ use jiff::Timestamp;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 
-use super::{SELECT_EVENT, StoredEvent, from_ms, row_to_event};
+use super::events::row_to_event;
+use super::{SELECT_EVENT, StoredEvent, from_ms};
 
 /// Every status a listed row can have.
 pub const STATUSES: &[&str] = &[

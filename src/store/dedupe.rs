@@ -175,7 +175,7 @@ impl Recent {
                 insert.execute(params![source, delivery_id, seen.event_id, seen.at])?;
             }
         }
-        super::set_meta(&tx, MERGED, &last.to_string())?;
+        super::writer::set_meta(&tx, MERGED, &last.to_string())?;
         tx.commit()?;
         self.committed = Keys::default();
         self.since = None;
@@ -190,7 +190,7 @@ mod tests {
     fn open() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = Connection::open(dir.path().join("d.db")).unwrap();
-        super::super::migrate(&mut conn).unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
         (dir, conn)
     }
 

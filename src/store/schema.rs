@@ -1,0 +1,304 @@
+//! The schema and its migrations. `PRAGMA user_version` counts the migrations that ran; each
+//! runs once, in order, in one transaction with the others still due.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts how many ran.
+pub(super) const MIGRATIONS: &[&str] = &[
+    r"
+CREATE TABLE events (
+    id              INTEGER PRIMARY KEY,
+    source          TEXT    NOT NULL,
+    delivery_id     TEXT    NOT NULL,
+    event_type      TEXT    NOT NULL,
+    occurred_at     TEXT,
+    received_at     INTEGER NOT NULL,   -- unix milliseconds
+    sender_delivery TEXT,
+    payload         BLOB    NOT NULL    -- the body exactly as signed
+);
+
+-- One row per (source, delivery id) seen within the retention window.
+CREATE TABLE dedupe (
+    source      TEXT    NOT NULL,
+    delivery_id TEXT    NOT NULL,
+    event_id    INTEGER NOT NULL,
+    seen_at     INTEGER NOT NULL,
+    PRIMARY KEY (source, delivery_id)
+) WITHOUT ROWID;
+CREATE INDEX dedupe_seen_at ON dedupe(seen_at);
+
+-- Routing outcomes that created no job: a throttled route, or an event no route took.
+CREATE TABLE dispatches (
+    id       INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    route    TEXT,                      -- NULL when unrouted
+    status   TEXT    NOT NULL CHECK (status IN ('suppressed', 'unrouted')),
+    detail   TEXT,                      -- the throttle key
+    at       INTEGER NOT NULL
+);
+CREATE INDEX dispatches_event ON dispatches(event_id);
+CREATE INDEX dispatches_status ON dispatches(status, id);
+
+-- One delivery of one event through one route to one sink, retried until it succeeds or dies.
+CREATE TABLE jobs (
+    id              INTEGER PRIMARY KEY,
+    event_id        INTEGER NOT NULL REFERENCES events(id),
+    route           TEXT    NOT NULL,
+    sink            TEXT    NOT NULL,
+    status          TEXT    NOT NULL CHECK (status IN ('pending', 'in_flight', 'succeeded', 'failed', 'dead')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,   -- unix milliseconds
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    last_error      TEXT,
+    response        TEXT                -- the sink's answer, summarised and bounded
+);
+CREATE INDEX jobs_event ON jobs(event_id);
+CREATE INDEX jobs_due ON jobs(sink, next_attempt_at) WHERE status IN ('pending', 'failed');
+CREATE INDEX jobs_status ON jobs(status, id);
+
+CREATE TABLE attempts (
+    id          INTEGER PRIMARY KEY,
+    job_id      INTEGER NOT NULL REFERENCES jobs(id),
+    number      INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER NOT NULL,
+    outcome     TEXT    NOT NULL CHECK (outcome IN ('succeeded', 'failed', 'dead')),
+    error       TEXT,
+    response    TEXT
+);
+CREATE INDEX attempts_job ON attempts(job_id);
+
+-- Throttle windows, per route and rendered key: durable, so a restart does not reopen them.
+CREATE TABLE throttles (
+    route      TEXT    NOT NULL,
+    key        TEXT    NOT NULL,
+    started_at INTEGER NOT NULL,        -- unix milliseconds, on the events' own clock
+    window_ms  INTEGER NOT NULL,
+    PRIMARY KEY (route, key)
+) WITHOUT ROWID;
+
+-- `dispatch_cursor`: every event with an id up to it has its outcomes recorded. One row
+-- updated per dispatch round, rather than a flag rewritten on every (payload-heavy) event row.
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+",
+    r"
+-- Waiting jobs by sink and age: with `jobs_due`, what the delivery engine asks on every turn
+-- (which sinks wait, since when, and when next) is a few index seeks, however long the queue.
+CREATE INDEX jobs_waiting ON jobs(sink, created_at) WHERE status IN ('pending', 'failed');
+",
+    r"
+-- Events are routed in the transaction that stores them, so there is no dispatch cursor.
+DELETE FROM meta WHERE key = 'dispatch_cursor';
+-- The jobs being attempted are the engine's to know, in memory; a job stays pending until
+-- its outcome is recorded. Jobs an earlier version marked in flight are simply pending.
+UPDATE jobs SET status = 'pending' WHERE status = 'in_flight';
+-- Status indexes cost a write on every insert and every status change, and only the dead
+-- letters are ever looked up by status (`dead-letter retry`): index just those.
+DROP INDEX jobs_status;
+CREATE INDEX jobs_dead ON jobs(id) WHERE status = 'dead';
+DROP INDEX dispatches_status;
+",
+    r"
+-- A CHECK of `x IN (...)` over more than two values makes SQLite build a temporary table on
+-- every insert and update of the row (a few per cent of the daemon's CPU under load); the
+-- same check spelled as ORs does not. SQLite cannot change a CHECK in place, so both tables
+-- are rebuilt (https://sqlite.org/lang_altertable.html#otheralter). `in_flight` is gone:
+-- migration 3 retired it.
+CREATE TABLE jobs_new (
+    id              INTEGER PRIMARY KEY,
+    event_id        INTEGER NOT NULL REFERENCES events(id),
+    route           TEXT    NOT NULL,
+    sink            TEXT    NOT NULL,
+    status          TEXT    NOT NULL
+                    CHECK (status = 'pending' OR status = 'succeeded' OR status = 'failed' OR status = 'dead'),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,   -- unix milliseconds
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    last_error      TEXT,
+    response        TEXT                -- the sink's answer, summarised and bounded
+);
+INSERT INTO jobs_new SELECT id, event_id, route, sink, status, attempts, next_attempt_at,
+                            created_at, updated_at, last_error, response FROM jobs;
+DROP TABLE jobs;
+ALTER TABLE jobs_new RENAME TO jobs;
+CREATE INDEX jobs_event ON jobs(event_id);
+CREATE INDEX jobs_due ON jobs(sink, next_attempt_at) WHERE status IN ('pending', 'failed');
+CREATE INDEX jobs_waiting ON jobs(sink, created_at) WHERE status IN ('pending', 'failed');
+CREATE INDEX jobs_dead ON jobs(id) WHERE status = 'dead';
+
+CREATE TABLE attempts_new (
+    id          INTEGER PRIMARY KEY,
+    job_id      INTEGER NOT NULL REFERENCES jobs(id),
+    number      INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER NOT NULL,
+    outcome     TEXT    NOT NULL CHECK (outcome = 'succeeded' OR outcome = 'failed' OR outcome = 'dead'),
+    error       TEXT,
+    response    TEXT
+);
+INSERT INTO attempts_new SELECT id, job_id, number, started_at, finished_at, outcome, error, response
+                         FROM attempts;
+DROP TABLE attempts;
+ALTER TABLE attempts_new RENAME TO attempts;
+CREATE INDEX attempts_job ON attempts(job_id);
+",
+    r"
+-- Keys reach `dedupe` in sorted batches after their events are stored (see store::dedupe);
+-- this is the last event whose key is there. Every earlier event's key already is.
+INSERT INTO meta (key, value) SELECT 'dedupe_merged', coalesce(max(id), 0) FROM events;
+",
+];
+
+/// Brings the schema up to date, then enforces foreign keys on `conn`.
+pub(super) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    // Off while migrating: rebuilding a table drops the old one, which foreign keys would
+    // refuse while other tables point at it. The pragma is a no-op inside a transaction.
+    conn.pragma_update(None, "foreign_keys", false)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    for (i, sql) in (1..)
+        .zip(MIGRATIONS)
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i)?;
+    }
+    tx.commit()?;
+    conn.pragma_update(None, "foreign_keys", true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database made by the first `version` migrations and holding `rows`, then migrated to
+    /// the current schema.
+    fn migrated_from(version: usize, rows: &str) -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let old = Connection::open(&path).unwrap();
+        for (number, sql) in (1..).zip(&MIGRATIONS[..version]) {
+            old.execute_batch(sql).unwrap();
+            old.pragma_update(None, "user_version", number).unwrap();
+        }
+        old.execute_batch(rows).unwrap();
+        drop(old);
+        let mut conn = Connection::open(&path).unwrap();
+        migrate(&mut conn).unwrap();
+        (dir, conn)
+    }
+
+    /// A database from before routing moved into the ingest transaction: its dispatch cursor
+    /// goes, jobs it marked in flight are pending again, and only dead letters stay indexed
+    /// by status.
+    #[test]
+    fn migration_3_upgrades_a_version_2_database() {
+        let (_dir, conn) = migrated_from(
+            2,
+            "INSERT INTO events (source, delivery_id, event_type, received_at, payload)
+                 VALUES ('cl', 'd1', 'scan.completed', 0, '{}');
+             INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at, created_at, updated_at)
+                 VALUES (1, 'r', 'archive', 'in_flight', 1, 0, 0, 0), (1, 'r', 'mail', 'dead', 3, 0, 0, 0);
+             INSERT INTO meta (key, value) VALUES ('dispatch_cursor', '1');",
+        );
+        let query = |sql: &str| -> String { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(
+            query("SELECT group_concat(status) FROM jobs ORDER BY id"),
+            "pending,dead"
+        );
+        assert_eq!(
+            query(
+                "SELECT group_concat(name) FROM sqlite_schema WHERE name IN ('jobs_status', 'dispatches_status', 'jobs_dead')"
+            ),
+            "jobs_dead"
+        );
+        assert_eq!(
+            query("SELECT count(*) || '' FROM meta WHERE key = 'dispatch_cursor'"),
+            "0"
+        );
+        let plan: Vec<String> = conn
+            .prepare("EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE status = 'dead'")
+            .unwrap()
+            .query_map([], |row| row.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter().any(|step| step.contains("jobs_dead")),
+            "{plan:?}"
+        );
+    }
+
+    /// Jobs and attempts keep their rows, indexes and checks through the rebuild, and writing
+    /// them no longer builds a temporary table per statement.
+    #[test]
+    fn migration_4_rebuilds_jobs_and_attempts_with_the_same_rows() {
+        let (_dir, conn) = migrated_from(
+            3,
+            "INSERT INTO events (source, delivery_id, event_type, received_at, payload)
+                 VALUES ('cl', 'd1', 'scan.completed', 0, '{}');
+             INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at, created_at, updated_at, last_error)
+                 VALUES (1, 'r', 'archive', 'failed', 1, 5, 0, 1, 'HTTP 500'), (1, 'r', 'mail', 'dead', 3, 0, 0, 0, 'gone');
+             INSERT INTO attempts (job_id, number, started_at, finished_at, outcome, error)
+                 VALUES (1, 1, 0, 1, 'failed', 'HTTP 500'), (2, 3, 0, 0, 'dead', 'gone');",
+        );
+        let query = |sql: &str| -> String { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(
+            query(
+                "SELECT group_concat(id || ':' || sink || ':' || status || ':' || attempts || ':' || last_error, ' ')
+                 FROM jobs"
+            ),
+            "1:archive:failed:1:HTTP 500 2:mail:dead:3:gone"
+        );
+        assert_eq!(
+            query("SELECT group_concat(job_id || ':' || outcome, ' ') FROM attempts"),
+            "1:failed 2:dead"
+        );
+        assert_eq!(
+            query(
+                "SELECT group_concat(name, ' ') FROM sqlite_schema
+                 WHERE type = 'index' AND tbl_name IN ('jobs', 'attempts') ORDER BY name"
+            ),
+            "jobs_event jobs_due jobs_waiting jobs_dead attempts_job"
+        );
+        // Migration 5: the old writer stored every key with its event, so the merged keys
+        // end at the last event.
+        assert_eq!(
+            query("SELECT value FROM meta WHERE key = 'dedupe_merged'"),
+            "1"
+        );
+        assert!(
+            conn.execute("UPDATE jobs SET status = 'lost' WHERE id = 1", [])
+                .is_err(),
+            "the status check survives the rebuild"
+        );
+        assert!(
+            conn.execute(
+                "INSERT INTO attempts (job_id, number, started_at, finished_at, outcome) VALUES (9, 1, 0, 0, 'succeeded')",
+                [],
+            )
+            .is_err(),
+            "attempts still reference jobs"
+        );
+        for sql in [
+            "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at, updated_at)
+             VALUES (1, 'r', 'archive', 'pending', 0, 0, 0)",
+            "UPDATE jobs SET status = 'succeeded' WHERE id = 1",
+            "INSERT INTO attempts (job_id, number, started_at, finished_at, outcome) VALUES (1, 2, 0, 0, 'succeeded')",
+        ] {
+            let program: Vec<String> = conn
+                .prepare(&format!("EXPLAIN {sql}"))
+                .unwrap()
+                .query_map([], |row| row.get(1))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                !program.iter().any(|op| op == "OpenEphemeral"),
+                "{sql}: {program:?}"
+            );
+        }
+    }
+}
