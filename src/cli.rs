@@ -268,7 +268,7 @@ fn summary(config: &Config) -> String {
         let _ = writeln!(out, "  (none: events are stored but go nowhere)");
     }
     for sink in &config.sinks {
-        let _ = writeln!(out, "  {:<18} {}", sink.name, sink.spec.kind());
+        let _ = writeln!(out, "  {:<18} {}", sink.name, sink.spec.config().kind());
     }
     let routing = &config.routing;
     let _ = writeln!(
@@ -370,26 +370,16 @@ fn route_test(args: RouteTestArgs) -> anyhow::Result<ExitCode> {
                     let Some(sink) = config.sinks.iter().find(|s| &s.name == name) else {
                         continue;
                     };
-                    let kind = sink.spec.kind();
-                    let template = route
-                        .templates
-                        .get(kind)
-                        .or_else(|| routing.sink_templates.get(name));
-                    let message = routing
-                        .templates
-                        .render(template.map(String::as_str), &event);
+                    let kind = sink.spec.config().kind();
                     let _ = writeln!(out, "   -> {name} ({kind}):");
-                    match kind {
-                        "file" => {
-                            let _ = writeln!(out, "      appends the event as one JSON line");
-                        }
-                        _ => {
-                            for line in
-                                std::iter::once(message.title.as_str()).chain(message.body.lines())
-                            {
-                                let _ = writeln!(out, "      | {line}");
-                            }
-                        }
+                    if let Some(what) = sink.spec.config().without_message() {
+                        let _ = writeln!(out, "      {what}");
+                        continue;
+                    }
+                    let message = routing.message(&route.name, name, kind, &event);
+                    for line in std::iter::once(message.title.as_str()).chain(message.body.lines())
+                    {
+                        let _ = writeln!(out, "      | {line}");
                     }
                 }
             }

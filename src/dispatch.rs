@@ -41,17 +41,17 @@ impl Plan {
     pub fn build(config: &Config) -> Result<Self, String> {
         let mut sinks = HashMap::new();
         for s in &config.sinks {
-            let sink = s
-                .spec
+            let config = s.spec.config();
+            let sink = config
                 .build(&s.name)
                 .map_err(|err| format!("sinks.{}: {err}", s.name))?;
             let named = NamedSink {
                 name: s.name.clone(),
-                kind: s.spec.kind(),
+                kind: config.kind(),
                 sink,
-                delivery: *s.spec.delivery(),
-                digest: s.spec.digest(),
-                batch: s.spec.batch(),
+                delivery: *config.delivery(),
+                digest: config.digest(),
+                batch: config.batch(),
                 shows_message: s.spec.shows_message(),
             };
             sinks.insert(s.name.clone(), named);

@@ -20,10 +20,11 @@ use figment::providers::{Env, Format, Toml};
 use ipnet::IpNet;
 
 use crate::duration::HumanDuration;
+use crate::event::Event;
 use crate::rules::{Route, RouteSpec, RouteTable};
 use crate::signature::{Key, Scheme, Verifier};
 use crate::sinks::SinkSpec;
-use crate::templates::{TemplateSource, Templates, TemplatesBuilder};
+use crate::templates::{Message, TemplateSource, Templates, TemplatesBuilder};
 use raw::{RawConfig, RawRules, RawSource, SchemeName, SecretEncoding};
 
 /// Prefix of the environment variables that override file settings, e.g.
@@ -44,7 +45,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub storage: StorageConfig,
     pub sources: Vec<SourceConfig>,
-    pub sinks: Vec<SinkConfig>,
+    pub sinks: Vec<ConfiguredSink>,
     pub routing: Arc<Routing>,
 }
 
@@ -59,6 +60,27 @@ pub struct Routing {
     pub origin: PathBuf,
     /// Things worth a look that do not stop the daemon (e.g. event families with no route).
     pub warnings: Vec<String>,
+}
+
+impl Routing {
+    /// The template for a message through `route` to the sink `sink` of type `kind`: the
+    /// route's for that type, else the sink's own; `None` means the default for the event's
+    /// family. The one place that decides, for the daemon and `route-test` alike.
+    pub fn template_for(&self, route: &str, sink: &str, kind: &str) -> Option<&str> {
+        self.table
+            .routes()
+            .iter()
+            .find(|r| r.name == route)
+            .and_then(|r| r.templates.get(kind))
+            .or_else(|| self.sink_templates.get(sink))
+            .map(String::as_str)
+    }
+
+    /// The message for `event` through `route` to `sink` (of type `kind`).
+    pub fn message(&self, route: &str, sink: &str, kind: &str, event: &Event) -> Message {
+        self.templates
+            .render(self.template_for(route, sink, kind), event)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -105,7 +127,7 @@ pub struct SourceConfig {
 }
 
 #[derive(Debug, Clone)]
-pub struct SinkConfig {
+pub struct ConfiguredSink {
     pub name: String,
     pub spec: SinkSpec,
 }
@@ -202,10 +224,13 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
 
     let mut sinks = Vec::new();
     for (name, spec) in raw.sinks {
-        if let Err(message) = spec.validate() {
-            problems.add(format!("sinks.{name}"), message);
+        for problem in spec.validate() {
+            match problem.split_once(": ") {
+                Some((key, message)) => problems.add(format!("sinks.{name}.{key}"), message),
+                None => problems.add(format!("sinks.{name}"), problem),
+            }
         }
-        sinks.push(SinkConfig { name, spec });
+        sinks.push(ConfiguredSink { name, spec });
     }
     let rules = RulesInput {
         file: raw.rules_file,
@@ -254,7 +279,7 @@ fn validate_routing(
     config_path: &Path,
     input: RulesInput,
     sources: &[SourceConfig],
-    sinks: &[SinkConfig],
+    sinks: &[ConfiguredSink],
     problems: &mut Problems,
 ) -> Routing {
     let base_dir = config_path.parent().unwrap_or(Path::new("."));
@@ -301,7 +326,7 @@ fn validate_routing(
     }
     let mut sink_templates = HashMap::new();
     for sink in sinks {
-        if let Some(reference) = sink.spec.template() {
+        if let Some(reference) = sink.spec.config().template() {
             match templates.resolve(&format!("sink/{}", sink.name), reference) {
                 Ok(id) => {
                     sink_templates.insert(sink.name.clone(), id);
@@ -330,7 +355,7 @@ fn validate_routing(
         let mut kinds = Vec::new();
         for (j, name) in spec.sinks.iter().enumerate() {
             match sinks.iter().find(|s| &s.name == name) {
-                Some(sink) => kinds.push(sink.spec.kind()),
+                Some(sink) => kinds.push(sink.spec.config().kind()),
                 None => problems.add(format!("{at}.sinks[{j}]"), format!("unknown sink {name:?}")),
             }
         }

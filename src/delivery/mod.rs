@@ -621,16 +621,9 @@ async fn prepare(
     rendered.await.ok()
 }
 
-/// The message for `event` through `route` to `sink`: the route's template for the sink's
-/// kind, else the sink's own, else the default for the event's family.
+/// The message for `event` through `route` to `sink` (see `Routing::template_for`).
 fn render(plan: &Plan, sink: &NamedSink, route: &str, event: &Event) -> Message {
-    let route = plan.routing.table.routes().iter().find(|r| r.name == route);
-    let template = route
-        .and_then(|r| r.templates.get(sink.kind))
-        .or_else(|| plan.routing.sink_templates.get(&sink.name));
-    plan.routing
-        .templates
-        .render(template.map(String::as_str), event)
+    plan.routing.message(route, &sink.name, sink.kind, event)
 }
 
 /// Logs an attempt's outcomes and records them; returns whether they were recorded.

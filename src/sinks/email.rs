@@ -62,33 +62,73 @@ pub struct EmailSinkConfig {
     pub delivery: DeliveryOptions,
 }
 
-impl EmailSinkConfig {
-    pub(super) fn validate(&self) -> Result<(), String> {
-        let url = reqwest::Url::parse(&self.url).map_err(|e| format!("url: {e}"))?;
-        if !matches!(url.scheme(), "smtp" | "smtps") || url.host_str().is_none() {
-            return Err("url: must be smtp://host[:port] or smtps://host[:port]".into());
-        }
-        mailbox("from", &self.from)?;
-        if self.to.is_empty() {
-            return Err("to: list at least one recipient".into());
-        }
-        for (i, to) in self.to.iter().enumerate() {
-            mailbox(&format!("to[{i}]"), to)?;
-        }
-        match (&self.username, &self.password) {
-            (Some(_), Some(password)) => password.validate("password")?,
-            (None, None) => {}
-            _ => return Err("username and password go together".into()),
-        }
-        let in_clear = url.scheme() == "smtp" && self.starttls != StartTls::Required;
-        if self.password.is_some() && in_clear && !is_loopback(&url) && !self.allow_plaintext_auth {
-            return Err(format!(
-                "password: with starttls = {:?} the login could cross the network in clear; \
-                 use starttls = \"required\" or smtps://, or set allow_plaintext_auth = true",
-                format!("{:?}", self.starttls).to_lowercase()
+impl super::SinkConfig for EmailSinkConfig {
+    fn kind(&self) -> &'static str {
+        "email"
+    }
+
+    fn delivery(&self) -> &DeliveryOptions {
+        &self.delivery
+    }
+
+    fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut check = |result: Result<(), String>| {
+            if let Err(problem) = result {
+                problems.push(problem);
+            }
+        };
+        let url = reqwest::Url::parse(&self.url)
+            .ok()
+            .filter(|url| matches!(url.scheme(), "smtp" | "smtps") && url.host_str().is_some());
+        if url.is_none() {
+            check(Err(
+                "url: must be smtp://host[:port] or smtps://host[:port]".into(),
             ));
         }
-        Ok(())
+        check(mailbox("from", &self.from).map(drop));
+        if self.to.is_empty() {
+            check(Err("to: list at least one recipient".into()));
+        }
+        for (i, to) in self.to.iter().enumerate() {
+            check(mailbox(&format!("to[{i}]"), to).map(drop));
+        }
+        match (&self.username, &self.password) {
+            (Some(_), Some(password)) => check(
+                password
+                    .validate("password")
+                    .and_then(|()| password.resolve("password").map(drop)),
+            ),
+            (None, None) => {}
+            _ => check(Err("username and password go together".into())),
+        }
+        if let Some(url) = url {
+            let in_clear = url.scheme() == "smtp" && self.starttls != StartTls::Required;
+            if self.password.is_some()
+                && in_clear
+                && !is_loopback(&url)
+                && !self.allow_plaintext_auth
+            {
+                check(Err(format!(
+                    "password: with starttls = {:?} the login could cross the network in clear; \
+                     use starttls = \"required\" or smtps://, or set allow_plaintext_auth = true",
+                    format!("{:?}", self.starttls).to_lowercase()
+                )));
+            }
+        }
+        problems
+    }
+
+    fn build(&self, _name: &str) -> Result<std::sync::Arc<dyn Sink>, String> {
+        Ok(std::sync::Arc::new(EmailSink::new(self)?))
+    }
+
+    fn template(&self) -> Option<&TemplateRef> {
+        self.template.as_ref()
+    }
+
+    fn digest(&self) -> Option<std::time::Duration> {
+        self.digest.map(|HumanDuration(window)| window)
     }
 }
 

@@ -34,16 +34,32 @@ pub struct ExecSinkConfig {
     pub delivery: DeliveryOptions,
 }
 
-impl ExecSinkConfig {
-    pub(super) fn validate(&self) -> Result<(), String> {
+impl super::SinkConfig for ExecSinkConfig {
+    fn kind(&self) -> &'static str {
+        "exec"
+    }
+
+    fn delivery(&self) -> &DeliveryOptions {
+        &self.delivery
+    }
+
+    fn validate(&self) -> Vec<String> {
         match self.command.first() {
-            None => Err(
+            None => vec![
                 "command: give the program and its arguments, e.g. [\"/usr/local/bin/hook\"]"
                     .into(),
-            ),
-            Some(program) if program.is_empty() => Err("command[0]: empty program".into()),
-            Some(_) => Ok(()),
+            ],
+            Some(program) if program.is_empty() => vec!["command[0]: empty program".into()],
+            Some(_) => Vec::new(),
         }
+    }
+
+    fn build(&self, _name: &str) -> Result<std::sync::Arc<dyn Sink>, String> {
+        Ok(std::sync::Arc::new(ExecSink::new(self)))
+    }
+
+    fn without_message(&self) -> Option<&'static str> {
+        Some("runs the hook with the event as JSON on stdin")
     }
 }
 

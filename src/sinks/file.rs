@@ -27,12 +27,32 @@ pub struct FileSinkConfig {
     pub delivery: super::DeliveryOptions,
 }
 
-impl FileSinkConfig {
-    pub(super) fn validate(&self) -> Result<(), String> {
+impl super::SinkConfig for FileSinkConfig {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
+    fn delivery(&self) -> &super::DeliveryOptions {
+        &self.delivery
+    }
+
+    fn validate(&self) -> Vec<String> {
         if self.path.as_os_str().is_empty() {
-            return Err("path: must not be empty".into());
+            return vec!["path: must not be empty".into()];
         }
-        Ok(())
+        Vec::new()
+    }
+
+    fn build(&self, _name: &str) -> Result<Arc<dyn Sink>, String> {
+        Ok(Arc::new(FileSink::new(self)))
+    }
+
+    fn without_message(&self) -> Option<&'static str> {
+        Some("appends the event as one JSON line")
+    }
+
+    fn batch(&self) -> usize {
+        BATCH
     }
 }
 

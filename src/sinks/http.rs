@@ -3,6 +3,7 @@
 //! home of the request-and-classify step the `slack` sink shares.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -33,22 +34,56 @@ pub struct HttpSinkConfig {
     pub delivery: DeliveryOptions,
 }
 
-impl HttpSinkConfig {
-    pub(super) fn validate(&self) -> Result<(), String> {
-        let url = reqwest::Url::parse(&self.url).map_err(|e| format!("url: {e}"))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err("url: must be http:// or https://".into());
+impl super::SinkConfig for HttpSinkConfig {
+    fn kind(&self) -> &'static str {
+        "http"
+    }
+
+    fn delivery(&self) -> &DeliveryOptions {
+        &self.delivery
+    }
+
+    fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        match reqwest::Url::parse(&self.url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+            Ok(_) => problems.push("url: must be http:// or https://".into()),
+            Err(err) => problems.push(format!("url: {err}")),
         }
         for (name, value) in &self.headers {
-            HeaderName::try_from(name.as_str())
-                .map_err(|_| format!("headers: {name:?} is not a header name"))?;
-            HeaderValue::try_from(value.as_str())
-                .map_err(|_| format!("headers.{name}: not a valid header value"))?;
+            if HeaderName::try_from(name.as_str()).is_err() {
+                problems.push(format!("headers: {name:?} is not a header name"));
+            }
+            if HeaderValue::try_from(value.as_str()).is_err() {
+                problems.push(format!("headers.{name}: not a valid header value"));
+            }
         }
-        if let Some(sign) = &self.sign {
-            sign.validate("sign")?;
+        if let Err(problem) = self.signing_key() {
+            problems.push(problem);
         }
-        Ok(())
+        problems
+    }
+
+    fn build(&self, _name: &str) -> Result<Arc<dyn Sink>, String> {
+        Ok(Arc::new(HttpSink::new(self)?))
+    }
+
+    fn template(&self) -> Option<&TemplateRef> {
+        self.template.as_ref()
+    }
+}
+
+impl HttpSinkConfig {
+    /// The key `sign` names, read and decoded, if the sink signs.
+    fn signing_key(&self) -> Result<Option<Vec<u8>>, String> {
+        let Some(source) = &self.sign else {
+            return Ok(None);
+        };
+        source.validate("sign")?;
+        let secret = source.resolve("sign")?;
+        decode_whsec(&secret)
+            .map(Some)
+            .map_err(|why| format!("sign: {why}"))
     }
 }
 
@@ -64,19 +99,14 @@ impl HttpSink {
     /// # Errors
     /// The signing secret cannot be read or decoded, or the client cannot be built.
     pub fn new(config: &HttpSinkConfig) -> Result<Self, String> {
-        let signer = match &config.sign {
-            Some(source) => {
-                let secret = source.resolve("sign")?;
-                let key = decode_whsec(&secret).map_err(|why| format!("sign: {why}"))?;
-                Some(Verifier::new(
-                    Scheme::StandardWebhooks {
-                        tolerance: Duration::ZERO,
-                    },
-                    vec![Key::new(key)],
-                ))
-            }
-            None => None,
-        };
+        let signer = config.signing_key()?.map(|key| {
+            Verifier::new(
+                Scheme::StandardWebhooks {
+                    tolerance: Duration::ZERO,
+                },
+                vec![Key::new(key)],
+            )
+        });
         let headers = config
             .headers
             .iter()

@@ -1,5 +1,7 @@
 //! The `log` sink: one structured log line per event (the journal, under systemd).
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use serde::Deserialize;
 
@@ -13,6 +15,28 @@ pub struct LogSinkConfig {
     pub template: Option<TemplateRef>,
     #[serde(default)]
     pub delivery: super::DeliveryOptions,
+}
+
+impl super::SinkConfig for LogSinkConfig {
+    fn kind(&self) -> &'static str {
+        "log"
+    }
+
+    fn delivery(&self) -> &super::DeliveryOptions {
+        &self.delivery
+    }
+
+    fn validate(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn build(&self, name: &str) -> Result<Arc<dyn Sink>, String> {
+        Ok(Arc::new(LogSink::new(name)))
+    }
+
+    fn template(&self) -> Option<&TemplateRef> {
+        self.template.as_ref()
+    }
 }
 
 pub struct LogSink {

@@ -1,6 +1,8 @@
 //! Where events go. Every sink has the same shape (Vector's): a config struct that denies
-//! unknown keys, a pure `validate`, a `build` that creates clients, and the running sink
-//! behind the [`Sink`] trait. Adding a sink is one new file plus one [`SinkSpec`] variant.
+//! unknown keys, a `validate` that reports every problem, a `build` that creates clients, and
+//! the running sink behind the [`Sink`] trait. What a sink can do is described once, by its
+//! configuration's [`SinkConfig`] implementation. Adding a sink is one new file, one
+//! [`SinkSpec`] variant and one arm in [`SinkSpec::config`].
 //!
 //! Sinks never see HTTP requests or the database: they get a [`Delivery`] and say how it went.
 //! Whether a failure is worth a retry is the sink's [`SinkError`] variant; what to do about it
@@ -14,13 +16,13 @@ pub mod log;
 mod options;
 pub mod slack;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 pub use options::{DeliveryOptions, RetryPolicy};
 use serde::Deserialize;
 
-use crate::duration::HumanDuration;
 use crate::event::Event;
 use crate::templates::{Message, TemplateRef};
 
@@ -114,7 +116,55 @@ pub fn bounded(text: &str) -> String {
     format!("{}…", &text[..end])
 }
 
+/// What a configured sink is and can do: implemented once per sink by its configuration
+/// struct, the defaults covering most sinks. Everything the daemon asks about a sink (its
+/// template, whether it batches or digests, whether it shows a rendered message, how to check
+/// and build it) is asked here, so no other module matches on the kinds of sink.
+pub trait SinkConfig {
+    /// The `type` as written in the configuration.
+    fn kind(&self) -> &'static str;
+
+    /// `[sinks.<name>.delivery]`.
+    fn delivery(&self) -> &DeliveryOptions;
+
+    /// Every problem with the settings, each as `key: what is wrong` (the key relative to the
+    /// sink). Secrets are read here, so a configuration `check-config` accepts is one `serve`
+    /// can build; no message ever quotes a secret.
+    fn validate(&self) -> Vec<String>;
+
+    /// Creates the running sink.
+    ///
+    /// # Errors
+    /// A message when a client cannot be created (e.g. an unreadable CA file).
+    fn build(&self, name: &str) -> Result<Arc<dyn Sink>, String>;
+
+    /// The sink's own message template, if it overrides the default.
+    fn template(&self) -> Option<&TemplateRef> {
+        None
+    }
+
+    /// What the sink does with the event when it shows no rendered message (it hands over
+    /// the event itself), for `route-test`; `None` for sinks that show the message.
+    fn without_message(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Most jobs handed to the sink in one call (each job keeps its own outcome record, and
+    /// all of them share the call's outcome).
+    fn batch(&self) -> usize {
+        1
+    }
+
+    /// The window over which events are collected into one delivery, for sinks that digest.
+    fn digest(&self) -> Option<Duration> {
+        None
+    }
+}
+
 /// A sink as configured: `[sinks.<name>]` with `type = "..."`.
+///
+/// Adding a sink takes one new file in `src/sinks/` (its configuration struct implementing
+/// [`SinkConfig`], and its [`Sink`]), one variant here, and one arm in [`SinkSpec::config`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SinkSpec {
@@ -127,96 +177,123 @@ pub enum SinkSpec {
 }
 
 impl SinkSpec {
-    /// The `type` as written in the configuration.
-    pub fn kind(&self) -> &'static str {
+    /// The sink's configuration and capabilities.
+    pub fn config(&self) -> &dyn SinkConfig {
         match self {
-            Self::File(_) => "file",
-            Self::Log(_) => "log",
-            Self::Slack(_) => "slack",
-            Self::Http(_) => "http",
-            Self::Exec(_) => "exec",
-            Self::Email(_) => "email",
+            Self::File(config) => config,
+            Self::Log(config) => config,
+            Self::Slack(config) => config,
+            Self::Http(config) => config,
+            Self::Exec(config) => config,
+            Self::Email(config) => config,
         }
     }
 
-    pub fn delivery(&self) -> &DeliveryOptions {
-        match self {
-            Self::File(config) => &config.delivery,
-            Self::Log(config) => &config.delivery,
-            Self::Slack(config) => &config.delivery,
-            Self::Http(config) => &config.delivery,
-            Self::Exec(config) => &config.delivery,
-            Self::Email(config) => &config.delivery,
-        }
-    }
-
-    /// Most jobs handed to the sink in one call (each job keeps its own outcome record, and
-    /// all of them share the call's outcome).
-    pub fn batch(&self) -> usize {
-        match self {
-            Self::File(_) => file::BATCH,
-            _ => 1,
-        }
-    }
-
-    /// The window over which events are collected into one delivery, for sinks that digest.
-    pub fn digest(&self) -> Option<Duration> {
-        match self {
-            Self::Email(config) => config.digest.map(|HumanDuration(d)| d),
-            _ => None,
-        }
+    /// Every problem with the settings, the delivery options' included.
+    pub fn validate(&self) -> Vec<String> {
+        let config = self.config();
+        let mut problems = config.delivery().validate();
+        problems.extend(config.validate());
+        problems
     }
 
     /// Whether the sink shows a rendered message; `file` and `exec` hand over the event
     /// itself, so rendering one for them would be work thrown away on every delivery.
     pub fn shows_message(&self) -> bool {
-        !matches!(self, Self::File(_) | Self::Exec(_))
+        self.config().without_message().is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn spec(value: serde_json::Value) -> SinkSpec {
+        serde_json::from_value(value).unwrap()
     }
 
-    /// The sink's own message template, if it overrides the default.
-    pub fn template(&self) -> Option<&TemplateRef> {
-        match self {
-            Self::File(_) | Self::Exec(_) => None,
-            Self::Log(config) => config.template.as_ref(),
-            Self::Slack(config) => config.template.as_ref(),
-            Self::Http(config) => config.template.as_ref(),
-            Self::Email(config) => config.template.as_ref(),
+    /// What each kind of sink can do, as the engine, routing and `route-test` see it.
+    #[test]
+    fn every_sink_describes_itself_once() {
+        let template = json!({"text": "{{ type }}"});
+        let cases = [
+            (
+                json!({"type": "file", "path": "/tmp/x.jsonl"}),
+                "file",
+                false,
+                file::BATCH,
+                false,
+            ),
+            (
+                json!({"type": "log", "template": template}),
+                "log",
+                true,
+                1,
+                false,
+            ),
+            (
+                json!({"type": "slack", "webhook_url": {"value": "https://hooks.slack.test/T/B/X"}, "template": template}),
+                "slack",
+                true,
+                1,
+                false,
+            ),
+            (
+                json!({"type": "http", "url": "https://example.test/in", "template": template}),
+                "http",
+                true,
+                1,
+                false,
+            ),
+            (
+                json!({"type": "exec", "command": ["/bin/true"]}),
+                "exec",
+                false,
+                1,
+                false,
+            ),
+            (
+                json!({"type": "email", "url": "smtps://mail.test", "from": "a@example.test", "to": ["b@example.test"], "digest": "15m", "template": template}),
+                "email",
+                true,
+                1,
+                true,
+            ),
+        ];
+        for (value, kind, shows_message, batch, digests) in cases {
+            let spec = spec(value);
+            let config = spec.config();
+            assert_eq!(config.kind(), kind);
+            assert_eq!(spec.shows_message(), shows_message, "{kind}");
+            assert_eq!(config.template().is_some(), shows_message, "{kind}");
+            assert_eq!(config.batch(), batch, "{kind}");
+            assert_eq!(config.digest().is_some(), digests, "{kind}");
+            assert_eq!(spec.validate(), Vec::<String>::new(), "{kind}");
+            assert!(config.build("x").is_ok(), "{kind}");
         }
     }
 
-    /// Checks the settings without touching the outside world.
-    ///
-    /// # Errors
-    /// A message saying which setting is wrong.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.delivery().concurrency == 0 {
-            return Err("delivery.concurrency: must be at least 1".into());
+    #[test]
+    fn validation_reports_every_problem_and_reads_secrets() {
+        let email = spec(json!({
+            "type": "email", "url": "ftp://x", "from": "not an address", "to": [],
+            "username": "u", "password": {"env": "HOOKROUTE_TEST_UNSET_PASSWORD"},
+            "delivery": {"concurrency": 0}
+        }));
+        let problems = email.validate();
+        for key in ["delivery.concurrency", "url", "from", "to", "password"] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(&format!("{key}: "))),
+                "{key} missing from {problems:?}"
+            );
         }
-        if self.delivery().retry.max_attempts == 0 {
-            return Err("delivery.retry.max_attempts: must be at least 1".into());
-        }
-        match self {
-            Self::File(config) => config.validate(),
-            Self::Log(_) => Ok(()),
-            Self::Slack(config) => config.validate(),
-            Self::Http(config) => config.validate(),
-            Self::Exec(config) => config.validate(),
-            Self::Email(config) => config.validate(),
-        }
-    }
-
-    /// Creates the running sink.
-    ///
-    /// # Errors
-    /// A message when a client cannot be created (e.g. an unreadable CA file).
-    pub fn build(&self, name: &str) -> Result<std::sync::Arc<dyn Sink>, String> {
-        Ok(match self {
-            Self::File(config) => std::sync::Arc::new(file::FileSink::new(config)),
-            Self::Log(_) => std::sync::Arc::new(log::LogSink::new(name)),
-            Self::Slack(config) => std::sync::Arc::new(slack::SlackSink::new(config)?),
-            Self::Http(config) => std::sync::Arc::new(http::HttpSink::new(config)?),
-            Self::Exec(config) => std::sync::Arc::new(exec::ExecSink::new(config)),
-            Self::Email(config) => std::sync::Arc::new(email::EmailSink::new(config)?),
-        })
+        let slack =
+            spec(json!({"type": "slack", "webhook_url": {"env": "HOOKROUTE_TEST_UNSET_URL"}}));
+        assert_eq!(
+            slack.validate(),
+            ["webhook_url: environment variable \"HOOKROUTE_TEST_UNSET_URL\" is not set"]
+        );
     }
 }

@@ -19,6 +19,20 @@ pub struct DeliveryOptions {
     pub retry: RetryPolicy,
 }
 
+impl DeliveryOptions {
+    /// Every problem, each as `key: what is wrong`.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.concurrency == 0 {
+            problems.push("delivery.concurrency: must be at least 1".into());
+        }
+        if self.retry.max_attempts == 0 {
+            problems.push("delivery.retry.max_attempts: must be at least 1".into());
+        }
+        problems
+    }
+}
+
 impl Default for DeliveryOptions {
     fn default() -> Self {
         Self {

@@ -2,6 +2,8 @@
 //! Slack shows in notifications. The webhook URL is a secret: give it inline, in a file or in
 //! an environment variable.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::json;
@@ -26,9 +28,42 @@ pub struct SlackSinkConfig {
     pub delivery: DeliveryOptions,
 }
 
+impl super::SinkConfig for SlackSinkConfig {
+    fn kind(&self) -> &'static str {
+        "slack"
+    }
+
+    fn delivery(&self) -> &DeliveryOptions {
+        &self.delivery
+    }
+
+    fn validate(&self) -> Vec<String> {
+        match self
+            .webhook_url
+            .validate("webhook_url")
+            .and_then(|()| self.url())
+        {
+            Ok(_) => Vec::new(),
+            Err(problem) => vec![problem],
+        }
+    }
+
+    fn build(&self, _name: &str) -> Result<Arc<dyn Sink>, String> {
+        Ok(Arc::new(SlackSink::new(self)?))
+    }
+
+    fn template(&self) -> Option<&TemplateRef> {
+        self.template.as_ref()
+    }
+}
+
 impl SlackSinkConfig {
-    pub(super) fn validate(&self) -> Result<(), String> {
-        self.webhook_url.validate("webhook_url")
+    /// The webhook URL, read from wherever it is kept. The message never quotes it: the URL
+    /// is the secret.
+    fn url(&self) -> Result<String, String> {
+        let url = self.webhook_url.resolve("webhook_url")?;
+        reqwest::Url::parse(&url).map_err(|_| "webhook_url: not a URL".to_owned())?;
+        Ok(url)
     }
 }
 
@@ -44,10 +79,7 @@ impl SlackSink {
     /// # Errors
     /// The webhook URL cannot be read or is not a URL.
     pub fn new(config: &SlackSinkConfig) -> Result<Self, String> {
-        let url = config.webhook_url.resolve("webhook_url")?;
-        // Checked here, not in `validate`, because the URL is only known once resolved; the
-        // message does not quote it (it is a secret).
-        reqwest::Url::parse(&url).map_err(|_| "webhook_url: not a URL".to_owned())?;
+        let url = config.url()?;
         Ok(Self {
             client: http::client(config.delivery.timeout.0)?,
             url,

@@ -55,7 +55,7 @@ fn check_config_accepts_the_shipped_example() {
 fn check_config_reports_every_problem_precisely() {
     let dir = tempdir();
     let path = dir.path().join("bad.toml");
-    let cases: [(&str, &[&str]); 7] = [
+    let cases: [(&str, &[&str]); 8] = [
         (
             "[storage]\ndedupe_retention = \"7d\"\nevent_retention = \"1d\"\n\n[sources.cl]\nsecret = \"s\"\n",
             &["storage.event_retention: must be at least storage.dedupe_retention"],
@@ -88,6 +88,17 @@ fn check_config_reports_every_problem_precisely() {
         (
             "[sources.cl]\nsecret = \"s\"\n\n[sinks.x]\ntype = \"carrier-pigeon\"\n",
             &["carrier-pigeon", "sinks"],
+        ),
+        // A sink's secret is read when the configuration is checked, as `serve` would, and
+        // every problem of the sink is reported, not only the first.
+        (
+            "[sources.cl]\nsecret = \"s\"\n\n[sinks.chat]\ntype = \"slack\"\nwebhook_url = { env = \"HOOKROUTE_TEST_UNSET_URL\" }\n\n[sinks.fwd]\ntype = \"http\"\nurl = \"ftp://x\"\nheaders = { \"bad header\" = \"v\" }\ndelivery = { concurrency = 0 }\n",
+            &[
+                "sinks.chat.webhook_url: environment variable \"HOOKROUTE_TEST_UNSET_URL\" is not set",
+                "sinks.fwd.url: must be http:// or https://",
+                "sinks.fwd.headers: \"bad header\" is not a header name",
+                "sinks.fwd.delivery.concurrency: must be at least 1",
+            ],
         ),
     ];
     for (toml, expected) in cases {

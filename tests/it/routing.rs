@@ -560,3 +560,35 @@ async fn reload_applies_a_valid_config_and_keeps_running_on_an_invalid_one() {
     wait_dispatched(&daemon, 3).await;
     assert_eq!(ids_in(dir.path(), "b"), ["after", "still-b"]);
 }
+
+/// `route-test` shows what each sink gets: an exec hook gets the event as JSON, not the
+/// rendered message (the capability is asked of the sink, in one place).
+#[test]
+fn route_test_shows_what_each_kind_of_sink_gets() {
+    let dir = tempdir();
+    let rest = format!(
+        "[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n[sinks.hook]\ntype = \"exec\"\ncommand = [\"/bin/true\"]\n\n[sinks.console]\ntype = \"log\"\n\n{}",
+        "[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = [\"hook\", \"console\"]\n"
+    );
+    let path = write_config(dir.path(), &config(dir.path(), NO_LIMITS, &rest));
+    let event = dir.path().join("event.json");
+    std::fs::write(&event, sample("compliancelayer-scan.completed.json")).unwrap();
+    let out = Command::new(BIN)
+        .args(["route-test", "--config"])
+        .arg(&path)
+        .arg(&event)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    let hook = out.split("-> hook (exec):").nth(1).unwrap();
+    let hook = hook.split("-> console").next().unwrap();
+    assert_eq!(
+        hook.trim(),
+        "runs the hook with the event as JSON on stdin",
+        "{out}"
+    );
+    assert!(
+        out.contains("-> console (log):\n      | Scan completed: example.com"),
+        "{out}"
+    );
+}
