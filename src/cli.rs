@@ -157,8 +157,7 @@ pub struct SendArgs {
 /// # Errors
 /// Configuration and startup failures, which `main` reports with exit code 2.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    // reqwest is built without a default TLS provider; pick ring once for the whole process.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::sinks::install_tls_provider();
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::CheckConfig(args) => check_config(args),
@@ -664,16 +663,11 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     };
     // Replays go through today's routes; throttles are not applied to what an operator asks for.
-    let mut pairs: Vec<(String, String)> = config
-        .routing
-        .table
-        .route(&stored.event)
+    let mut pairs: Vec<(String, String)> = crate::dispatch::route(&config.routing, &stored.event)
         .into_iter()
-        .flat_map(|(route, _)| {
-            route
-                .sinks
-                .iter()
-                .map(|sink| (route.name.clone(), sink.clone()))
+        .flat_map(|to| {
+            let route = to.route;
+            to.sinks.into_iter().map(move |sink| (route.clone(), sink))
         })
         .filter(|(_, sink)| args.sink.as_ref().is_none_or(|only| only == sink))
         .collect();

@@ -63,10 +63,11 @@ impl Plan {
     }
 }
 
-/// Where `event` goes under `plan`: every route that takes it, with its throttle key and its
-/// sinks. Empty when no route does.
-pub fn route(plan: &Plan, event: &Event) -> Vec<RouteTo> {
-    plan.routing
+/// Where `event` goes under `routing`: every route that takes it, with its throttle key and
+/// its sinks. Empty when no route does. The daemon stores this with the event; `replay` queues
+/// the same (route, sink) pairs.
+pub fn route(routing: &Routing, event: &Event) -> Vec<RouteTo> {
+    routing
         .table
         .route(event)
         .into_iter()

@@ -17,6 +17,7 @@ pub mod dispatch;
 pub mod duration;
 pub mod event;
 pub mod http;
+pub mod intake;
 pub mod private;
 pub mod rules;
 pub mod secret;
@@ -77,7 +78,8 @@ pub async fn run(
     let engine = tokio::spawn(
         Engine::new(store.clone(), Arc::clone(&plan), Arc::clone(&new_jobs)).run(stop.clone()),
     );
-    let app = http::App::new(&config, store.clone(), Arc::clone(&plan), new_jobs);
+    let intake = intake::Intake::new(store.clone(), Arc::clone(&plan), new_jobs);
+    let app = http::App::new(&config, store.clone(), intake);
     let upkeep = tokio::spawn(upkeep(
         app.clone(),
         store.clone(),

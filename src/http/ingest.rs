@@ -23,10 +23,9 @@ use super::client_ip::{client_ip, limit_key};
 use super::error::ApiError;
 use super::limit::retry_after_secs;
 use crate::config::SourceConfig;
-use crate::dispatch;
 use crate::event::Event;
+use crate::intake::Accepted;
 use crate::signature::{COMPLIANCELAYER_DELIVERY, GITHUB_DELIVERY, WEBHOOK_ID};
-use crate::store::Inserted;
 
 pub async fn ingest(
     State(state): State<Arc<AppState>>,
@@ -75,70 +74,32 @@ pub async fn ingest(
         return Err(state.reject(source, client, key, err));
     }
 
-    let (routes, handoff) = {
-        let plan = state.plan.load();
-        let routes = dispatch::route(&plan, &event);
-        let sinks = routes.iter().flat_map(|to| &to.sinks);
-        let handoff = state.new_jobs.handoff(&plan, sinks, now);
-        (routes, handoff)
-    };
-    let unrouted = routes.is_empty();
-    // The sinks whose new jobs the delivery engine reads from the database: it reads only
-    // those it is told have work.
-    let stored_for: Vec<String> = routes
-        .iter()
-        .flat_map(|to| &to.sinks)
-        .filter(|sink| !handoff.sinks.contains(sink))
-        .cloned()
-        .collect();
-    let inserted = state
-        .store
-        .insert(&event, body.to_vec(), now, routes, handoff)
-        .await;
-    let (delivery_id, event_type) = (&event.delivery_id, &event.event_type);
-    match inserted {
-        Ok(Inserted::New {
-            id,
-            jobs,
-            handed,
-            suppressed,
-        }) => {
-            if jobs > handed.len() {
-                state.new_jobs.add(stored_for.iter().map(String::as_str));
-            }
+    let (source_name, event_type, delivery_id) = (
+        source.name.clone(),
+        event.event_type.clone(),
+        event.delivery_id.clone(),
+    );
+    let (status, answer, id) = match state.intake.accept(event, body.to_vec(), now).await {
+        Ok(Accepted::New { id, jobs }) => {
             // Debug, not info: the `log` sink is how an operator journals every event.
-            tracing::debug!(source = %source.name, %event_type, %delivery_id, event_id = id, jobs, %client, "delivery accepted");
-            // Debug too: an unrouted event is recorded (`deliveries list --status unrouted`),
-            // and event types no route takes are pointed out when the configuration loads.
-            if unrouted {
-                tracing::debug!(source = %source.name, %event_type, %delivery_id, event_id = id, "no route matched");
-            }
-            for route in suppressed {
-                tracing::info!(source = %source.name, %event_type, %delivery_id, event_id = id, %route, "suppressed by throttle");
-            }
-            let body = Answer {
-                status: "accepted",
-                id,
-                delivery_id,
-            };
-            let answer = (StatusCode::ACCEPTED, Json(body)).into_response();
-            state.new_jobs.hand_over(handed, event);
-            Ok(answer)
+            tracing::debug!(source = %source_name, %event_type, %delivery_id, event_id = id, jobs, %client, "delivery accepted");
+            (StatusCode::ACCEPTED, "accepted", id)
         }
-        Ok(Inserted::Duplicate(id)) => {
-            tracing::debug!(source = %source.name, %event_type, %delivery_id, event_id = id, "duplicate delivery");
-            let body = Answer {
-                status: "duplicate",
-                id,
-                delivery_id,
-            };
-            Ok((StatusCode::OK, Json(body)).into_response())
+        Ok(Accepted::Duplicate(id)) => {
+            tracing::debug!(source = %source_name, %event_type, %delivery_id, event_id = id, "duplicate delivery");
+            (StatusCode::OK, "duplicate", id)
         }
         Err(err) => {
-            tracing::error!(source = %source.name, %delivery_id, error = %err, "cannot store delivery");
-            Err(ApiError::StorageUnavailable)
+            tracing::error!(source = %source_name, %delivery_id, error = %err, "cannot store delivery");
+            return Err(ApiError::StorageUnavailable);
         }
-    }
+    };
+    let body = Answer {
+        status: answer,
+        id,
+        delivery_id: &delivery_id,
+    };
+    Ok((status, Json(body)).into_response())
 }
 
 /// The body of a 2xx answer.

@@ -32,19 +32,17 @@ pub use error::ApiError;
 use limit::{ClientKey, FailureLimiter};
 
 use crate::config::{Config, ServerConfig, SourceConfig};
-use crate::delivery::NewJobs;
-use crate::dispatch::Plan;
+use crate::intake::Intake;
 use crate::store::Store;
 
 /// Shared by every request.
 pub struct AppState {
     /// Sources by path; replaced whole on reload (secret rotation, new sources).
     sources: ArcSwap<HashMap<String, SourceConfig>>,
+    /// For readiness: whether the database takes a write.
     store: Store,
-    /// Routes and sinks; swapped by a reload.
-    plan: Arc<ArcSwap<Plan>>,
-    /// Tells the delivery engine which sinks have new jobs.
-    new_jobs: Arc<NewJobs>,
+    /// Where verified events go.
+    intake: Intake,
     max_body_bytes: usize,
     /// Bytes of bodies not yet verified, across all requests (see `ingest::UNVERIFIED_BODIES`).
     unverified: tokio::sync::Semaphore,
@@ -62,19 +60,13 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(
-        config: &Config,
-        store: Store,
-        plan: Arc<ArcSwap<Plan>>,
-        new_jobs: Arc<NewJobs>,
-    ) -> Self {
+    pub fn new(config: &Config, store: Store, intake: Intake) -> Self {
         let trusted_proxies: Arc<[IpNet]> = config.server.trusted_proxies.clone().into();
         let limits = config.server.rate_limit;
         let state = Arc::new(AppState {
             sources: ArcSwap::from_pointee(sources_by_path(config)),
             store,
-            plan,
-            new_jobs,
+            intake,
             max_body_bytes: config.server.max_body_bytes,
             unverified: tokio::sync::Semaphore::new(
                 config

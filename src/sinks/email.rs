@@ -160,7 +160,7 @@ impl EmailSink {
     /// # Errors
     /// The password or CA file cannot be read, or the transport cannot be built.
     pub fn new(config: &EmailSinkConfig) -> Result<Self, String> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        super::install_tls_provider();
         let url = reqwest::Url::parse(&config.url).map_err(|e| format!("url: {e}"))?;
         let host = url
             .host_str()

@@ -180,7 +180,7 @@ fn webhook_id(event: &Event) -> String {
 
 /// An HTTP client for sinks: rustls with the system's roots, and a per-request timeout.
 pub(super) fn client(timeout: Duration) -> Result<reqwest::Client, String> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    super::install_tls_provider();
     reqwest::Client::builder()
         .timeout(timeout)
         // A webhook answers where it was asked; following a redirect would carry the body

@@ -101,6 +101,15 @@ impl SinkError {
     }
 }
 
+/// Makes ring the process's TLS provider, once: reqwest and lettre are built without a
+/// default one, and every client (sinks, `hookroute send`) must find it installed.
+pub fn install_tls_provider() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// The most of a sink's answer kept in a job record.
 pub const RESPONSE_LIMIT: usize = 2048;
 

@@ -1,0 +1,109 @@
+//! Accepting a verified event, the one step between the HTTP edge and everything behind it:
+//! route it, store it durably with its routing outcome (jobs, throttle windows, suppressed
+//! routes) and its dedupe check, then hand its new jobs to the delivery engine. The HTTP
+//! handler calls [`Intake::accept`] once and only speaks HTTP; this module decides nothing
+//! about requests.
+//!
+//! The hand-over: new jobs of sinks that take them ([`NewJobs::handoff`]) go to the engine in
+//! memory, with their event, once the write is on disk, so the engine never reads back what
+//! was just written. Their rows are the durable copy, written due only after a grace period
+//! ([`crate::delivery::HANDOFF_GRACE`]) in case the hand-over never happens; a restart makes
+//! them due at once.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use jiff::Timestamp;
+
+use crate::delivery::NewJobs;
+use crate::dispatch::{self, Plan};
+use crate::event::Event;
+use crate::store::{Inserted, Store, StoreError};
+
+/// What became of an accepted event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Stored for good, with this id; `jobs` deliveries are on their way.
+    New { id: i64, jobs: usize },
+    /// Seen before; the first copy's id. Nothing was stored or dispatched again.
+    Duplicate(i64),
+}
+
+/// Routes, stores and hands over events; cheap to clone.
+#[derive(Clone)]
+pub struct Intake {
+    store: Store,
+    /// Routes and sinks; swapped by a reload.
+    plan: Arc<ArcSwap<Plan>>,
+    /// Where new jobs go to the delivery engine.
+    new_jobs: Arc<NewJobs>,
+}
+
+impl Intake {
+    pub fn new(store: Store, plan: Arc<ArcSwap<Plan>>, new_jobs: Arc<NewJobs>) -> Self {
+        Self {
+            store,
+            plan,
+            new_jobs,
+        }
+    }
+
+    /// Stores `event` (its raw `body` as signed), received at `now`, unless its delivery id
+    /// was seen; routes it in the same transaction and hands its new jobs over. Returns once
+    /// the event is durable.
+    ///
+    /// # Errors
+    /// [`StoreError`] when it could not be stored: nothing was, and the sender should retry.
+    pub async fn accept(
+        &self,
+        event: Event,
+        body: Vec<u8>,
+        now: Timestamp,
+    ) -> Result<Accepted, StoreError> {
+        let (routes, handoff) = {
+            let plan = self.plan.load();
+            let routes = dispatch::route(&plan.routing, &event);
+            let sinks = routes.iter().flat_map(|to| &to.sinks);
+            let handoff = self.new_jobs.handoff(&plan, sinks, now);
+            (routes, handoff)
+        };
+        let unrouted = routes.is_empty();
+        // The sinks whose new jobs the engine reads from the database: it reads only those it
+        // is told have work.
+        let stored_for: Vec<String> = routes
+            .iter()
+            .flat_map(|to| &to.sinks)
+            .filter(|sink| !handoff.sinks.contains(sink))
+            .cloned()
+            .collect();
+        let inserted = self
+            .store
+            .insert(&event, body, now, routes, handoff)
+            .await?;
+        let (source, event_type, delivery_id) =
+            (&event.source, &event.event_type, &event.delivery_id);
+        match inserted {
+            Inserted::New {
+                id,
+                jobs,
+                handed,
+                suppressed,
+            } => {
+                if jobs > handed.len() {
+                    self.new_jobs.add(stored_for.iter().map(String::as_str));
+                }
+                // Debug: an unrouted event is recorded (`deliveries list --status unrouted`),
+                // and event types no route takes are pointed out when the configuration loads.
+                if unrouted {
+                    tracing::debug!(%source, %event_type, %delivery_id, event_id = id, "no route matched");
+                }
+                for route in suppressed {
+                    tracing::info!(%source, %event_type, %delivery_id, event_id = id, %route, "suppressed by throttle");
+                }
+                self.new_jobs.hand_over(handed, event);
+                Ok(Accepted::New { id, jobs })
+            }
+            Inserted::Duplicate(id) => Ok(Accepted::Duplicate(id)),
+        }
+    }
+}
