@@ -31,10 +31,6 @@ use raw::{RawConfig, RawRules, RawSource, SchemeName, SecretEncoding};
 /// `HOOKROUTE_SERVER__LISTEN=127.0.0.1:9000` for `server.listen`.
 pub const ENV_PREFIX: &str = "HOOKROUTE_";
 
-/// Default signature timestamp tolerance, as Stripe and Standard Webhooks recommend.
-const DEFAULT_TOLERANCE: Duration = Duration::from_secs(300);
-/// Default header of the `token` scheme.
-const DEFAULT_TOKEN_HEADER: &str = "X-Webhook-Token";
 /// Paths the daemon serves itself, so no source may take them.
 const RESERVED_PATHS: [&str; 2] = ["/healthz", "/readyz"];
 
@@ -480,7 +476,7 @@ fn validate_source(name: &str, raw: RawSource, problems: &mut Problems) -> Optio
         );
     }
     let scheme_name = raw.scheme.unwrap_or(SchemeName::Compliancelayer);
-    let path = raw.path.clone().unwrap_or_else(|| format!("/hooks/{name}"));
+    let path = raw.path.clone().unwrap_or_else(|| raw::default_path(name));
     if !path.starts_with('/') {
         problems.add(key("path"), format!("{path:?} must start with '/'"));
     } else if RESERVED_PATHS.contains(&path.as_str()) {
@@ -545,7 +541,7 @@ fn validate_source(name: &str, raw: RawSource, problems: &mut Problems) -> Optio
     let keys = resolve_secrets(name, &raw, secret_encoding, scheme_name == Token, problems);
     let tolerance = raw
         .tolerance
-        .map_or(DEFAULT_TOLERANCE, |HumanDuration(d)| d);
+        .map_or(raw::DEFAULT_TOLERANCE, |HumanDuration(d)| d);
     let header = |default: Option<&str>, problems: &mut Problems| {
         let text = raw.header.as_deref().or(default);
         match text.map(axum::http::HeaderName::try_from) {
@@ -578,7 +574,7 @@ fn validate_source(name: &str, raw: RawSource, problems: &mut Problems) -> Optio
             prefix: raw.prefix.clone().unwrap_or_default(),
             encoding: raw.encoding.unwrap_or(crate::signature::Encoding::Hex),
         }),
-        Token => header(Some(DEFAULT_TOKEN_HEADER), problems).map(|header| Scheme::Token {
+        Token => header(Some(raw::DEFAULT_TOKEN_HEADER), problems).map(|header| Scheme::Token {
             header,
             prefix: raw.prefix.clone().unwrap_or_default(),
         }),

@@ -1,7 +1,10 @@
 //! What the operator wrote: a serde mirror of the TOML file (after `HOOKROUTE_*` overrides).
 //!
 //! Every struct denies unknown keys so a typo is an error, not a silently ignored setting.
-//! Defaults live here and only here; `config::validate` turns this into the checked [`Config`].
+//! The defaults of the daemon's own tables live here and only here, including those that
+//! depend on another setting (a source's path, its scheme's tolerance and header); each
+//! sink's live with its configuration struct in `sinks`, its delivery options' in
+//! `sinks::options`. `config::validate` turns this into the checked [`Config`].
 //!
 //! [`Config`]: super::Config
 
@@ -17,6 +20,17 @@ use crate::rules::RouteSpec;
 use crate::signature::Encoding;
 use crate::sinks::SinkSpec;
 use crate::templates::TemplateSource;
+
+/// A source's timestamp tolerance where its scheme signs one, as Stripe and Standard Webhooks
+/// recommend.
+pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(300);
+/// The header of the `token` scheme.
+pub const DEFAULT_TOKEN_HEADER: &str = "X-Webhook-Token";
+
+/// The path of source `name`.
+pub fn default_path(name: &str) -> String {
+    format!("/hooks/{name}")
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
