@@ -11,6 +11,7 @@
 #![allow(rustdoc::private_intra_doc_links)]
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod dispatch;
@@ -76,7 +77,13 @@ pub async fn run(
     let new_jobs = Arc::new(delivery::NewJobs::default());
     let stop = CancellationToken::new();
     let engine = tokio::spawn(
-        Engine::new(store.clone(), Arc::clone(&plan), Arc::clone(&new_jobs)).run(stop.clone()),
+        Engine::new(
+            store.clone(),
+            Arc::clone(&plan),
+            Arc::clone(&new_jobs),
+            Arc::new(clock::SystemClock),
+        )
+        .run(stop.clone()),
     );
     let intake = intake::Intake::new(store.clone(), Arc::clone(&plan), new_jobs);
     let app = http::App::new(&config, store.clone(), intake);

@@ -20,26 +20,26 @@
 //! from the database: jobs of digests, of a sink whose hand-over queue is full, retries,
 //! re-queued jobs, and whatever an earlier run left.
 
+mod attempt;
+mod inbox;
 mod retry;
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
-use std::panic::AssertUnwindSafe;
-
 use arc_swap::ArcSwap;
-use futures_util::FutureExt as _;
 use jiff::Timestamp;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub use inbox::NewJobs;
+
+use crate::clock::Clock;
 use crate::dispatch::{NamedSink, Plan};
-use crate::event::Event;
-use crate::sinks::{Delivery, SinkError};
-use crate::store::{AttemptOutcome, DueJob, Handoff, Job, Store};
-use crate::templates::Message;
+use crate::store::{AttemptOutcome, DueJob, Store};
+use attempt::{attempt, finish};
 
 /// Longest sleep between looks at the queue: jobs re-queued from the command line are
 /// picked up within this.
@@ -85,156 +85,26 @@ impl Limits {
     }
 }
 
-/// The jobs being attempted, by id: claimed, not yet recorded. A job leaves only once its
-/// outcome is in the database, so no read ever finds it due while it is attempted.
-#[derive(Clone, Default)]
-struct Held(Arc<Mutex<HashSet<i64>>>);
-
-impl Held {
-    fn snapshot(&self) -> HashSet<i64> {
-        self.lock().clone()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// What ingest tells the engine: the jobs it hands over, and which sinks have new jobs to read
-/// from the database. Cheap to share with the HTTP handlers.
-#[derive(Default)]
-pub struct NewJobs {
-    sinks: Mutex<HashSet<String>>,
-    handed: Mutex<HashMap<String, VecDeque<DueJob>>>,
-    /// Every job the engine has: handed over, or claimed; shared with the engine.
-    held: Held,
-    wake: Notify,
-}
-
-impl NewJobs {
-    /// Notes jobs just stored for `sinks`, and wakes the engine.
-    pub fn add<'a>(&self, sinks: impl IntoIterator<Item = &'a str>) {
-        {
-            let mut noted = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
-            for sink in sinks {
-                if !noted.contains(sink) {
-                    noted.insert(sink.to_owned());
-                }
-            }
-        }
-        self.wake.notify_one();
-    }
-
-    /// Which of `sinks` (the routed ones of an event received at `now`) take their new jobs
-    /// by hand-over: those outside digests whose queue has room.
-    pub fn handoff<'a>(
-        &self,
-        plan: &Plan,
-        sinks: impl IntoIterator<Item = &'a String>,
-        now: Timestamp,
-    ) -> Handoff {
-        let mut sinks = sinks.into_iter().peekable();
-        if sinks.peek().is_none() {
-            return Handoff::default();
-        }
-        let queues = self.handed.lock().unwrap_or_else(|p| p.into_inner());
-        let mut handoff = Handoff {
-            sinks: Vec::new(),
-            fallback: now + HANDOFF_GRACE,
-        };
-        for sink in sinks {
-            let open = plan.sinks.get(sink).is_some_and(|s| s.digest.is_none())
-                && queues.get(sink).is_none_or(|q| q.len() < HANDOFF_LIMIT);
-            if open && !handoff.sinks.contains(sink) {
-                handoff.sinks.push(sink.clone());
-            }
-        }
-        handoff
-    }
-
-    /// Gives the engine `jobs`, just stored for the sinks [`handoff`](Self::handoff) chose,
-    /// with their `event`.
-    pub fn hand_over(&self, jobs: Vec<Job>, event: Event) {
-        if jobs.is_empty() {
-            return;
-        }
-        {
-            // Held from now on: were the hand-over slower than the grace, a read of due jobs
-            // must still not return them.
-            let mut held = self.held.lock();
-            let mut queues = self.handed.lock().unwrap_or_else(|p| p.into_inner());
-            let mut event = Some(event);
-            let last = jobs.len() - 1;
-            for (i, job) in jobs.into_iter().enumerate() {
-                // A job its row's read already claimed stays with that claim.
-                if !held.insert(job.id) {
-                    continue;
-                }
-                let event = if i == last {
-                    event.take()
-                } else {
-                    event.clone()
-                };
-                let queue = queues.entry(job.sink.clone()).or_default();
-                queue.push_back(DueJob { job, event });
-            }
-        }
-        self.wake.notify_one();
-    }
-
-    fn take(&self) -> HashSet<String> {
-        std::mem::take(&mut *self.sinks.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// Up to `max` handed-over jobs of `sink`, oldest first.
-    fn take_handed(&self, sink: &str, max: usize) -> Vec<DueJob> {
-        let mut queues = self.handed.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(queue) = queues.get_mut(sink) else {
-            return Vec::new();
-        };
-        let jobs = queue.drain(..max.min(queue.len())).collect();
-        if queue.is_empty() {
-            queues.remove(sink);
-        }
-        jobs
-    }
-
-    /// The sinks with handed-over jobs: how many, and when the oldest was stored.
-    fn handed_sinks(&self) -> Vec<(String, usize, Timestamp)> {
-        let queues = self.handed.lock().unwrap_or_else(|p| p.into_inner());
-        queues
-            .iter()
-            .filter_map(|(sink, queue)| {
-                let oldest = queue.front()?.job.created_at;
-                Some((sink.clone(), queue.len(), oldest))
-            })
-            .collect()
-    }
-
-    /// Lets go of the jobs handed over for `sink`, which no longer takes them (a reload
-    /// removed it or made it a digest): their rows come due and are read as any other.
-    fn release(&self, sink: &str) {
-        let jobs = self.take_handed(sink, usize::MAX);
-        let mut held = self.held.lock();
-        for due in jobs {
-            held.remove(&due.job.id);
-        }
-    }
-}
-
 pub struct Engine {
     store: Store,
     plan: Arc<ArcSwap<Plan>>,
     new_jobs: Arc<NewJobs>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Engine {
     /// `new_jobs` is where ingest hands over jobs and notes the sinks it created others for.
-    pub fn new(store: Store, plan: Arc<ArcSwap<Plan>>, new_jobs: Arc<NewJobs>) -> Self {
+    pub fn new(
+        store: Store,
+        plan: Arc<ArcSwap<Plan>>,
+        new_jobs: Arc<NewJobs>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
             store,
             plan,
             new_jobs,
+            clock,
         }
     }
 
@@ -249,34 +119,10 @@ impl Engine {
     /// without it, 5% to 20% more events were delivered during the benchmark's flood, at the
     /// same ingest rate.
     pub async fn run(self, stop: CancellationToken) {
-        let mut limits: HashMap<String, Limits> = HashMap::new();
-        let mut running = JoinSet::new();
-        let mut next_look = Timestamp::now();
-        let mut active = HashSet::new();
+        let mut turns = Turns::new(self.clock.now());
         while !stop.is_cancelled() {
-            let plan = self.plan.load_full();
-            let mut sinks = self.new_jobs.take();
-            if Timestamp::now() >= next_look {
-                (next_look, active) = self.look(&plan, &mut limits, &mut running).await;
-            } else {
-                sinks.extend(active.drain());
-            }
-            for name in sinks {
-                let Some(sink) = plan.sinks.get(&name).filter(|s| s.digest.is_none()) else {
-                    continue; // a digest, or a removed sink: the next look sees to it
-                };
-                let limit = limits_for(&mut limits, sink);
-                if self.start(&plan, sink, limit, &mut running).await != Some(0) {
-                    active.insert(name);
-                }
-            }
-            let mut wait = Timestamp::now()
-                .duration_until(next_look)
-                .unsigned_abs()
-                .min(POLL);
-            if let Some(linger) = self.start_handed(&plan, &mut limits, &mut running) {
-                wait = wait.min(linger);
-            }
+            let wait = self.turn(&mut turns).await;
+            let running = &mut turns.running;
             tokio::select! {
                 () = self.new_jobs.wake.notified() => {}
                 () = tokio::time::sleep(wait) => {}
@@ -284,7 +130,40 @@ impl Engine {
                 () = stop.cancelled() => {}
             }
         }
-        running.abort_all();
+        turns.running.abort_all();
+    }
+
+    /// One turn: starts what is due and what was handed over, as far as each sink has room.
+    /// Returns how long the engine may sleep before the next, unless woken.
+    async fn turn(&self, turns: &mut Turns) -> Duration {
+        let plan = self.plan.load_full();
+        let mut sinks = self.new_jobs.take();
+        if self.clock.now() >= turns.next_look {
+            (turns.next_look, turns.active) = self
+                .look(&plan, &mut turns.limits, &mut turns.running)
+                .await;
+        } else {
+            sinks.extend(turns.active.drain());
+        }
+        for name in sinks {
+            let Some(sink) = plan.sinks.get(&name).filter(|s| s.digest.is_none()) else {
+                continue; // a digest, or a removed sink: the next look sees to it
+            };
+            let limit = limits_for(&mut turns.limits, sink);
+            if self.start(&plan, sink, limit, &mut turns.running).await != Some(0) {
+                turns.active.insert(name);
+            }
+        }
+        let mut wait = self
+            .clock
+            .now()
+            .duration_until(turns.next_look)
+            .unsigned_abs()
+            .min(POLL);
+        if let Some(linger) = self.start_handed(&plan, &mut turns.limits, &mut turns.running) {
+            wait = wait.min(linger);
+        }
+        wait
     }
 
     /// Starts the handed-over jobs each sink has room for. A batching sink's jobs wait up to
@@ -295,7 +174,7 @@ impl Engine {
         limits: &mut HashMap<String, Limits>,
         running: &mut JoinSet<()>,
     ) -> Option<Duration> {
-        let now = Timestamp::now();
+        let now = self.clock.now();
         let mut linger: Option<Duration> = None;
         for (name, waiting, oldest) in self.new_jobs.handed_sinks() {
             let Some(sink) = plan.sinks.get(&name).filter(|s| s.digest.is_none()) else {
@@ -336,10 +215,10 @@ impl Engine {
             Ok(due) => due,
             Err(err) => {
                 tracing::error!(error = %err, "cannot read the delivery queue");
-                return (Timestamp::now() + POLL, HashSet::new());
+                return (self.clock.now() + POLL, HashSet::new());
             }
         };
-        let now = Timestamp::now();
+        let now = self.clock.now();
         let mut next = now + POLL;
         let mut active = HashSet::new();
         for (name, summary) in due {
@@ -370,12 +249,12 @@ impl Engine {
     /// forever: dead-letter them, visibly, so `dead-letter retry` can revive them if the sink
     /// comes back.
     async fn bury_orphans(&self, sink: &str) {
-        let far = Timestamp::MAX;
+        // Every job of the sink, however far off its next try.
         let due = self.store.due_jobs(
             sink,
             DIGEST_LIMIT,
             None,
-            Some(far),
+            Timestamp::MAX,
             self.new_jobs.held.snapshot(),
         );
         let jobs = match due.await {
@@ -396,7 +275,8 @@ impl Engine {
                 (due.job, outcome)
             })
             .collect();
-        finish(&self.store, sink, outcomes, Timestamp::now()).await;
+        let now = self.clock.now();
+        finish(&self.store, sink, outcomes, now, now).await;
     }
 
     /// Claims what `sink` has room for and starts the attempts. Returns how many jobs it
@@ -426,9 +306,13 @@ impl Engine {
         else {
             return None;
         };
-        let due = self
-            .store
-            .due_jobs(&sink.name, count, hold, None, self.new_jobs.held.snapshot());
+        let due = self.store.due_jobs(
+            &sink.name,
+            count,
+            hold,
+            self.clock.now(),
+            self.new_jobs.held.snapshot(),
+        );
         let jobs = match due.await {
             Ok(jobs) => jobs,
             Err(err) => {
@@ -472,10 +356,10 @@ impl Engine {
             });
             let slot = Arc::clone(&limits.running);
             let (store, plan, sink) = (self.store.clone(), Arc::clone(plan), sink.clone());
-            let held = self.new_jobs.held.clone();
+            let (held, clock) = (self.new_jobs.held.clone(), Arc::clone(&self.clock));
             running.spawn(async move {
                 let ids: Vec<i64> = batch.iter().map(|due| due.job.id).collect();
-                let recorded = attempt(&store, &plan, &sink, batch, &slot).await;
+                let recorded = attempt(&*clock, &store, &plan, &sink, batch, &slot).await;
                 // A job whose outcome could not be recorded stays held, as the database
                 // still says it is due: attempted again after a restart, not in a loop now.
                 if recorded {
@@ -486,6 +370,28 @@ impl Engine {
                 }
                 drop(claimed);
             });
+        }
+    }
+}
+
+/// What the engine carries from one turn to the next.
+struct Turns {
+    limits: HashMap<String, Limits>,
+    /// The attempts in progress.
+    running: JoinSet<()>,
+    /// When to look at the whole queue again.
+    next_look: Timestamp,
+    /// Sinks that found jobs in their last read, and may have more.
+    active: HashSet<String>,
+}
+
+impl Turns {
+    fn new(now: Timestamp) -> Self {
+        Self {
+            limits: HashMap::new(),
+            running: JoinSet::new(),
+            next_look: now,
+            active: HashSet::new(),
         }
     }
 }
@@ -502,174 +408,116 @@ fn limits_for<'a>(limits: &'a mut HashMap<String, Limits>, sink: &NamedSink) -> 
     limit
 }
 
-/// One attempt at delivering `jobs` (one job, or a digest's worth) and its recorded outcome.
-/// Returns whether every outcome was recorded.
-async fn attempt(
-    store: &Store,
-    plan: &Arc<Plan>,
-    sink: &NamedSink,
-    jobs: Vec<DueJob>,
-    slot: &Arc<Semaphore>,
-) -> bool {
-    let Ok(slot) = slot.acquire().await else {
-        return false; // never closed
-    };
-    let started = Timestamp::now();
-    let mut outcomes = Vec::with_capacity(jobs.len());
-    let mut live = Vec::with_capacity(jobs.len());
-    for DueJob { job, event } in jobs {
-        match event {
-            Some(event) => live.push((job, event)),
-            None => outcomes.push((
-                job,
-                AttemptOutcome::Dead {
-                    error: "the event is no longer stored".into(),
-                    response: String::new(),
-                },
-            )),
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::event::Event;
+    use crate::sinks::{Delivery, Sink, SinkError};
+    use crate::store::{Handoff, RouteTo};
+
+    /// A sink that records the delivery ids it was given.
+    #[derive(Default)]
+    struct Recording(Mutex<Vec<String>>);
+
+    #[async_trait]
+    impl Sink for Recording {
+        async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
+            let mut seen = self.0.lock().unwrap();
+            seen.push(delivery.event.delivery_id.clone());
+            Ok("recorded".into())
         }
     }
-    let Some(prepared) = prepare(plan, sink, live).await else {
-        return false; // the runtime is shutting down: the jobs stay due
-    };
-    if prepared.is_empty() {
-        return finish(store, &sink.name, outcomes, started).await;
-    }
-    let deliveries: Vec<Delivery<'_>> = prepared
-        .iter()
-        .map(|(job, event, message): &(Job, _, Message)| Delivery {
-            event,
-            route: &job.route,
-            message,
-        })
-        .collect();
-    let timeout = sink.delivery.timeout.0;
-    // A panic is a bug, but one an event can trigger: caught here it costs that job (a dead
-    // letter saying so) instead of leaving it pending, to panic again after every restart.
-    let call = AssertUnwindSafe(async {
-        match deliveries.as_slice() {
-            [one] => sink.sink.deliver(one).await,
-            many => sink.sink.deliver_batch(many).await,
-        }
-    })
-    .catch_unwind();
-    let result = match tokio::time::timeout(timeout + BACKSTOP_GRACE, call).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(panic)) => Err(SinkError::permanent(format!(
-            "the sink failed on this event (a bug): {}",
-            panic_message(&*panic)
-        ))),
-        Err(_) => Err(SinkError::transient(format!(
-            "timed out after {}",
-            humantime::format_duration(timeout)
-        ))),
-    };
-    drop(deliveries);
-    drop(slot);
-    let now = Timestamp::now();
-    for (job, _, message) in prepared {
-        let mut outcome = retry::decide(
-            &sink.delivery.retry,
-            &job,
-            result.as_ref().cloned(),
-            now,
-            jitter(),
+
+    /// A store in `dir`, a plan whose one sink `rec` records, and an engine on `clock`.
+    async fn engine(dir: &std::path::Path, clock: &ManualClock) -> (Engine, Arc<Recording>, Store) {
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[storage]\npath = \"{}\"\n\n[sources.cl]\nsecret = \"s\"\n\n[sinks.rec]\ntype = \"log\"\n",
+                dir.join("db.sqlite").display()
+            ),
+        )
+        .unwrap();
+        let config = crate::config::load(&config).unwrap();
+        let mut plan = Plan::build(&config).unwrap();
+        let recording = Arc::new(Recording::default());
+        let rec = plan.sinks.get_mut("rec").unwrap();
+        rec.sink = Arc::clone(&recording) as Arc<dyn Sink>;
+        rec.shows_message = false;
+        let store = Store::open(&config.storage).unwrap();
+        let engine = Engine::new(
+            store.clone(),
+            Arc::new(ArcSwap::from_pointee(plan)),
+            Arc::default(),
+            Arc::new(clock.clone()),
         );
-        if let Some(why) = message.fallback {
-            outcome.note(&why);
-        }
-        outcomes.push((job, outcome));
+        (engine, recording, store)
     }
-    finish(store, &sink.name, outcomes, started).await
-}
 
-/// Pairs each job with its message, rendered on a blocking thread: a template works through
-/// a stranger's payload, and however bounded (see `templates::FUEL`), that work must not hold
-/// up the threads that answer senders or run other attempts. `None` only when the runtime is
-/// shutting down.
-async fn prepare(
-    plan: &Arc<Plan>,
-    sink: &NamedSink,
-    jobs: Vec<(Job, Event)>,
-) -> Option<Vec<(Job, Event, Message)>> {
-    if !sink.shows_message {
-        return Some(
-            jobs.into_iter()
-                .map(|(job, event)| (job, event, Message::default()))
-                .collect(),
+    /// Stores an event received at `at`, routed to `rec`: its job is due then.
+    async fn store_job(store: &Store, id: &str, at: Timestamp) {
+        let body = format!(r#"{{"id": "{id}", "type": "x.y"}}"#);
+        let event = Event::parse("cl", body.as_bytes(), None, None).unwrap();
+        let route = RouteTo {
+            route: "r".into(),
+            throttle: None,
+            sinks: vec!["rec".into()],
+        };
+        store
+            .insert(
+                &event,
+                body.into_bytes(),
+                at,
+                vec![route],
+                Handoff::default(),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn finish_running(turns: &mut Turns) {
+        while turns.running.join_next().await.is_some() {}
+    }
+
+    #[tokio::test]
+    async fn a_turn_starts_what_is_due_by_its_clock_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let start: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let clock = ManualClock::new(start);
+        let (engine, recording, store) = engine(dir.path(), &clock).await;
+        store_job(&store, "now", start).await;
+        store_job(&store, "in-an-hour", start + Duration::from_secs(3600)).await;
+
+        let mut turns = Turns::new(clock.now());
+        let wait = engine.turn(&mut turns).await;
+        finish_running(&mut turns).await;
+        assert_eq!(*recording.0.lock().unwrap(), ["now"]);
+        assert_eq!(wait, POLL, "nothing else is due before the next poll");
+        assert_eq!(turns.next_look, start + POLL);
+
+        // Half an hour on, still nothing: the later job is not due.
+        clock.advance(Duration::from_secs(1800));
+        engine.turn(&mut turns).await;
+        finish_running(&mut turns).await;
+        assert_eq!(recording.0.lock().unwrap().len(), 1);
+
+        // An hour on it is, and it is delivered once; so was the first.
+        clock.advance(Duration::from_secs(1801));
+        engine.turn(&mut turns).await;
+        finish_running(&mut turns).await;
+        engine.turn(&mut turns).await;
+        finish_running(&mut turns).await;
+        assert_eq!(*recording.0.lock().unwrap(), ["now", "in-an-hour"]);
+        assert!(
+            store.due_summary().await.unwrap().is_empty(),
+            "no job waits"
         );
+        store.close().await;
     }
-    let (plan, sink) = (Arc::clone(plan), sink.clone());
-    let rendered = tokio::task::spawn_blocking(move || {
-        jobs.into_iter()
-            .map(|(job, event)| {
-                let message = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    render(&plan, &sink, &job.route, &event)
-                }))
-                .unwrap_or_else(|panic| Message {
-                    title: format!("{} from {}", event.event_type, event.source),
-                    body: String::new(),
-                    fallback: Some(format!(
-                        "rendering failed on this event (a bug): {}",
-                        panic_message(&*panic)
-                    )),
-                });
-                (job, event, message)
-            })
-            .collect()
-    });
-    rendered.await.ok()
-}
-
-/// The message for `event` through `route` to `sink` (see `Routing::template_for`).
-fn render(plan: &Plan, sink: &NamedSink, route: &str, event: &Event) -> Message {
-    plan.routing.message(route, &sink.name, sink.kind, event)
-}
-
-/// Logs an attempt's outcomes and records them; returns whether they were recorded.
-async fn finish(
-    store: &Store,
-    sink: &str,
-    outcomes: Vec<(Job, AttemptOutcome)>,
-    started: Timestamp,
-) -> bool {
-    if outcomes.is_empty() {
-        return true;
-    }
-    for (job, outcome) in &outcomes {
-        match outcome {
-            AttemptOutcome::Succeeded { .. } => {
-                tracing::debug!(%sink, job = job.id, attempt = job.attempt, "delivered");
-            }
-            AttemptOutcome::Failed {
-                error, retry_at, ..
-            } => {
-                tracing::warn!(%sink, job = job.id, attempt = job.attempt, %error, %retry_at, "delivery failed; will retry");
-            }
-            AttemptOutcome::Dead { error, .. } => {
-                tracing::error!(%sink, job = job.id, attempt = job.attempt, %error, "delivery failed for good (dead letter)");
-            }
-        }
-    }
-    match store.finish_attempt(outcomes, started).await {
-        Ok(()) => true,
-        Err(err) => {
-            tracing::error!(%sink, error = %err, "cannot record a delivery attempt");
-            false
-        }
-    }
-}
-
-/// What a caught panic said.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("panicked")
-}
-
-/// A uniform draw in [0, 1) for backoff jitter.
-fn jitter() -> f64 {
-    rand::random::<f64>()
 }

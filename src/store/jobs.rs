@@ -84,7 +84,6 @@ pub(super) fn due(
     sink: &str,
     limit: usize,
     hold: Option<std::time::Duration>,
-    due_by: i64,
     now: i64,
     held: &HashSet<i64>,
 ) -> rusqlite::Result<Vec<DueJob>> {
@@ -95,7 +94,7 @@ pub(super) fn due(
                  WHERE sink = ?1 AND status IN ('pending', 'failed') AND next_attempt_at <= ?2
                  ORDER BY created_at LIMIT 1",
             )?
-            .query_row(params![sink, due_by], |row| row.get(0))
+            .query_row(params![sink, now], |row| row.get(0))
             .optional()?;
         let hold_ms = i64::try_from(hold.as_millis()).unwrap_or(i64::MAX);
         if oldest.is_none_or(|oldest| oldest.saturating_add(hold_ms) > now) {
@@ -113,7 +112,7 @@ pub(super) fn due(
          WHERE j.sink = ?1 AND j.status IN ('pending', 'failed') AND j.next_attempt_at <= ?2
          ORDER BY j.next_attempt_at, j.id LIMIT 0 + ?3"
     ))?;
-    let mut rows = stmt.query(params![sink, due_by, (limit + held.len()) as i64])?;
+    let mut rows = stmt.query(params![sink, now, (limit + held.len()) as i64])?;
     let mut due = Vec::with_capacity(limit);
     while let Some(row) = rows.next()? {
         if due.len() == limit {

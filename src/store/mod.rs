@@ -365,8 +365,7 @@ impl Store {
 
     /// Up to `limit` due jobs of `sink`, oldest due first, each with its event, leaving out
     /// `held` (the jobs the engine is already attempting). With `hold`, none until the oldest
-    /// due job has waited that long; then all of them (a digest). With `due_by`, jobs due up
-    /// to then rather than now.
+    /// due job has waited that long; then all of them (a digest). Due means due by `now`.
     ///
     /// A read: which jobs are being attempted is the engine's to know, in memory. Marking
     /// them in the database would cost every job a write through the single writer, and a
@@ -380,17 +379,16 @@ impl Store {
         sink: &str,
         limit: usize,
         hold: Option<std::time::Duration>,
-        due_by: Option<Timestamp>,
+        now: Timestamp,
         held: HashSet<i64>,
     ) -> Result<Vec<DueJob>, StoreError> {
         let sink = sink.to_owned();
-        let now = Timestamp::now().as_millisecond();
-        let due_by = due_by.map_or(now, Timestamp::as_millisecond);
-        self.read(move |conn| jobs::due(conn, &sink, limit, hold, due_by, now, &held))
+        let now = now.as_millisecond();
+        self.read(move |conn| jobs::due(conn, &sink, limit, hold, now, &held))
             .await
     }
 
-    /// Records an attempt and moves its jobs on: each succeeded, failed (due again later) or
+    /// Records an attempt that ran from `started_at` to `finished_at` and moves its jobs on: each succeeded, failed (due again later) or
     /// dead. One write for all of them, however many jobs the attempt carried.
     ///
     /// # Errors
@@ -399,11 +397,12 @@ impl Store {
         &self,
         outcomes: Vec<(Job, AttemptOutcome)>,
         started_at: Timestamp,
+        finished_at: Timestamp,
     ) -> Result<(), StoreError> {
         let op = Op::FinishAttempt {
             outcomes,
             started_at: started_at.as_millisecond(),
-            at: Timestamp::now().as_millisecond(),
+            at: finished_at.as_millisecond(),
         };
         self.submit(op).await.map(|_| ())
     }

@@ -1,0 +1,191 @@
+//! One attempt: render the messages (off the async threads), call the sink (a panic caught
+//! and recorded), decide each job's fate and record it.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures_util::FutureExt as _;
+use jiff::Timestamp;
+use tokio::sync::Semaphore;
+
+use super::{BACKSTOP_GRACE, retry};
+use crate::clock::Clock;
+use crate::dispatch::{NamedSink, Plan};
+use crate::event::Event;
+use crate::sinks::{Delivery, SinkError};
+use crate::store::{AttemptOutcome, DueJob, Job, Store};
+use crate::templates::Message;
+
+/// One attempt at delivering `jobs` (one job, or a digest's worth) and its recorded outcome.
+/// Returns whether every outcome was recorded.
+pub(super) async fn attempt(
+    clock: &dyn Clock,
+    store: &Store,
+    plan: &Arc<Plan>,
+    sink: &NamedSink,
+    jobs: Vec<DueJob>,
+    slot: &Arc<Semaphore>,
+) -> bool {
+    let Ok(slot) = slot.acquire().await else {
+        return false; // never closed
+    };
+    let started = clock.now();
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    let mut live = Vec::with_capacity(jobs.len());
+    for DueJob { job, event } in jobs {
+        match event {
+            Some(event) => live.push((job, event)),
+            None => outcomes.push((
+                job,
+                AttemptOutcome::Dead {
+                    error: "the event is no longer stored".into(),
+                    response: String::new(),
+                },
+            )),
+        }
+    }
+    let Some(prepared) = prepare(plan, sink, live).await else {
+        return false; // the runtime is shutting down: the jobs stay due
+    };
+    if prepared.is_empty() {
+        return finish(store, &sink.name, outcomes, started, started).await;
+    }
+    let deliveries: Vec<Delivery<'_>> = prepared
+        .iter()
+        .map(|(job, event, message): &(Job, _, Message)| Delivery {
+            event,
+            route: &job.route,
+            message,
+        })
+        .collect();
+    let timeout = sink.delivery.timeout.0;
+    // A panic is a bug, but one an event can trigger: caught here it costs that job (a dead
+    // letter saying so) instead of leaving it pending, to panic again after every restart.
+    let call = AssertUnwindSafe(async {
+        match deliveries.as_slice() {
+            [one] => sink.sink.deliver(one).await,
+            many => sink.sink.deliver_batch(many).await,
+        }
+    })
+    .catch_unwind();
+    let result = match tokio::time::timeout(timeout + BACKSTOP_GRACE, call).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => Err(SinkError::permanent(format!(
+            "the sink failed on this event (a bug): {}",
+            panic_message(&*panic)
+        ))),
+        Err(_) => Err(SinkError::transient(format!(
+            "timed out after {}",
+            humantime::format_duration(timeout)
+        ))),
+    };
+    drop(deliveries);
+    drop(slot);
+    let now = clock.now();
+    for (job, _, message) in prepared {
+        let mut outcome = retry::decide(
+            &sink.delivery.retry,
+            &job,
+            result.as_ref().cloned(),
+            now,
+            jitter(),
+        );
+        if let Some(why) = message.fallback {
+            outcome.note(&why);
+        }
+        outcomes.push((job, outcome));
+    }
+    finish(store, &sink.name, outcomes, started, now).await
+}
+
+/// Pairs each job with its message, rendered on a blocking thread: a template works through
+/// a stranger's payload, and however bounded (see `templates::FUEL`), that work must not hold
+/// up the threads that answer senders or run other attempts. `None` only when the runtime is
+/// shutting down.
+async fn prepare(
+    plan: &Arc<Plan>,
+    sink: &NamedSink,
+    jobs: Vec<(Job, Event)>,
+) -> Option<Vec<(Job, Event, Message)>> {
+    if !sink.shows_message {
+        return Some(
+            jobs.into_iter()
+                .map(|(job, event)| (job, event, Message::default()))
+                .collect(),
+        );
+    }
+    let (plan, sink) = (Arc::clone(plan), sink.clone());
+    let rendered = tokio::task::spawn_blocking(move || {
+        jobs.into_iter()
+            .map(|(job, event)| {
+                let message = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    render(&plan, &sink, &job.route, &event)
+                }))
+                .unwrap_or_else(|panic| Message {
+                    title: format!("{} from {}", event.event_type, event.source),
+                    body: String::new(),
+                    fallback: Some(format!(
+                        "rendering failed on this event (a bug): {}",
+                        panic_message(&*panic)
+                    )),
+                });
+                (job, event, message)
+            })
+            .collect()
+    });
+    rendered.await.ok()
+}
+
+/// The message for `event` through `route` to `sink` (see `Routing::template_for`).
+fn render(plan: &Plan, sink: &NamedSink, route: &str, event: &Event) -> Message {
+    plan.routing.message(route, &sink.name, sink.kind, event)
+}
+
+/// Logs an attempt's outcomes and records them; returns whether they were recorded.
+pub(super) async fn finish(
+    store: &Store,
+    sink: &str,
+    outcomes: Vec<(Job, AttemptOutcome)>,
+    started: Timestamp,
+    finished: Timestamp,
+) -> bool {
+    if outcomes.is_empty() {
+        return true;
+    }
+    for (job, outcome) in &outcomes {
+        match outcome {
+            AttemptOutcome::Succeeded { .. } => {
+                tracing::debug!(%sink, job = job.id, attempt = job.attempt, "delivered");
+            }
+            AttemptOutcome::Failed {
+                error, retry_at, ..
+            } => {
+                tracing::warn!(%sink, job = job.id, attempt = job.attempt, %error, %retry_at, "delivery failed; will retry");
+            }
+            AttemptOutcome::Dead { error, .. } => {
+                tracing::error!(%sink, job = job.id, attempt = job.attempt, %error, "delivery failed for good (dead letter)");
+            }
+        }
+    }
+    match store.finish_attempt(outcomes, started, finished).await {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::error!(%sink, error = %err, "cannot record a delivery attempt");
+            false
+        }
+    }
+}
+
+/// What a caught panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("panicked")
+}
+
+/// A uniform draw in [0, 1) for backoff jitter.
+fn jitter() -> f64 {
+    rand::random::<f64>()
+}
