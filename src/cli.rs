@@ -15,7 +15,7 @@ use crate::config::{self, Config};
 use crate::event::Event;
 use crate::rules::Verdict;
 use crate::signature::{COMPLIANCELAYER_DELIVERY, COMPLIANCELAYER_EVENT, Scheme};
-use crate::store::admin::{Admin, EventDetail, Filter};
+use crate::store::admin::{AdminStorage, EventDetail, Filter};
 
 const DEFAULT_CONFIG: &str = "/etc/hookroute/config.toml";
 /// How long `send` waits for an answer; the senders themselves wait 30 s.
@@ -513,10 +513,9 @@ fn connectable(listen: SocketAddr) -> SocketAddr {
     }
 }
 
-fn admin(config_path: &std::path::Path) -> anyhow::Result<(Config, Admin)> {
+fn admin(config_path: &std::path::Path) -> anyhow::Result<(Config, Box<dyn AdminStorage>)> {
     let config = config::load(config_path)?;
-    let admin = Admin::open(&config.storage.path)
-        .with_context(|| format!("cannot open the database {}", config.storage.path.display()))?;
+    let admin = crate::store::open_admin(&config.storage)?;
     Ok((config, admin))
 }
 

@@ -73,7 +73,7 @@ pub async fn run(
     let plan = Arc::new(ArcSwap::from_pointee(
         Plan::build(&config).map_err(RunError::Sink)?,
     ));
-    let store = Store::open(&config.storage)?;
+    let store = store::open(&config.storage)?;
     let new_jobs = Arc::new(delivery::NewJobs::default());
     let stop = CancellationToken::new();
     let engine = tokio::spawn(

@@ -8,7 +8,7 @@
 //! jobs a second while thousands arrive. Claimed jobs wait in memory for a slot, and a slot
 //! is freed as soon as the sink answers, before the outcome is recorded.
 //!
-//! Claims live in memory ([`Held`]): a job is held until its outcome is recorded, and left out
+//! Claims live in memory ([`inbox::Held`]): a job is held until its outcome is recorded, and left out
 //! of every read meanwhile. The database only learns of an attempt when it ended, so a job
 //! being attempted when the process dies is still pending and is tried again at the next
 //! start. Delivery is therefore at least once: a sink may see a repeat after a crash, and gets
@@ -16,7 +16,7 @@
 //!
 //! New jobs reach the engine two ways. Ingest hands most over directly, with their event
 //! ([`NewJobs::hand_over`]), so nothing just written is read back: their rows are the durable
-//! copy, written due only [`HANDOFF_GRACE`] later (see [`Handoff`]). Everything else is read
+//! copy, written due only [`HANDOFF_GRACE`] later (see [`crate::store::Handoff`]). Everything else is read
 //! from the database: jobs of digests, of a sink whose hand-over queue is full, retries,
 //! re-queued jobs, and whatever an earlier run left.
 
@@ -450,7 +450,7 @@ mod tests {
         let rec = plan.sinks.get_mut("rec").unwrap();
         rec.sink = Arc::clone(&recording) as Arc<dyn Sink>;
         rec.shows_message = false;
-        let store = Store::open(&config.storage).unwrap();
+        let store = crate::store::open(&config.storage).unwrap();
         let engine = Engine::new(
             store.clone(),
             Arc::new(ArcSwap::from_pointee(plan)),

@@ -1,59 +1,27 @@
-//! SQLite storage: migrations, the single writer thread (group commit) and typed queries.
+//! Storage: what the rest of the daemon needs from a database, as one trait ([`Storage`]) and
+//! the types it speaks, so a second backend implements the trait without touching `http`,
+//! `intake`, `rules` or `delivery`. The one backend today is SQLite ([`sqlite`]), with its
+//! single-writer group commit; `hookroute`'s durability guarantees are the trait's contract:
 //!
-//! Invariants:
-//! - One thread owns the write connection. Commands queue on a channel; the writer takes
-//!   whatever is queued (up to `max_batch`) and applies it in one `BEGIN IMMEDIATE`
-//!   transaction. Every command is answered only once that transaction is on disk: an
-//!   answered insert is durable, and the HTTP layer may then say 2xx.
-//! - Commit and flush are pipelined. The writer commits with `synchronous = NORMAL` (in WAL
-//!   mode: consistent after a crash, and the WAL is synced before every checkpoint) and hands
-//!   the batch's answers to the syncer thread, which `fdatasync`s the WAL and only then
-//!   answers. The writer meanwhile applies the next batch, so it never idles on the disk,
-//!   and one flush covers every batch committed while the previous one ran. The durability
-//!   is `synchronous = FULL`'s; the throughput is not bound by one fsync per transaction.
-//! - A failing batch is rolled back whole and every command in it gets the error, so a caller
-//!   never believes something was stored that was not.
-//! - Reads use their own connection and never block the writer (WAL).
-//! - Checkpoints run on a thread of their own, so a commit never waits for one.
-//! - Whether a delivery was seen is decided by the writer, from the `dedupe` table and the
-//!   keys not yet merged into it ([`dedupe`]).
-//!
-//! Where things are: this file holds the [`Store`] handle, its public types and the start-up
-//! sequence; [`schema`] the migrations; [`writer`] the writer, syncer and checkpointer threads
-//! and the commands they apply; [`events`] storing an event with its routing outcome; [`jobs`]
-//! the due-job reads and attempt records; [`dedupe`] the delivery-id index; [`retention`]
-//! pruning; [`admin`] the command-line tools' queries.
-
-/// The columns [`events::event_at`] reads, in its order, of `events` aliased `e`.
-macro_rules! event_columns {
-    () => {
-        "e.id, e.source, e.delivery_id, e.event_type, e.occurred_at, e.received_at, e.sender_delivery, e.payload"
-    };
-}
-/// One event per row, as [`events::row_to_event`] reads it.
-pub(crate) const SELECT_EVENT: &str = concat!("SELECT ", event_columns!(), " FROM events e");
+//! - [`Storage::insert`] answers only once the event, its routing outcome and its delivery id
+//!   are durable (a 2xx may follow), and stores nothing when it fails;
+//! - a delivery id is stored once per source within the retention (the dedupe check is part
+//!   of the insert, so it is exact);
+//! - a job is due until its outcome is recorded ([`Storage::finish_attempt`]): jobs being
+//!   attempted when the process dies are attempted again (at least once).
 
 pub mod admin;
-mod dedupe;
-mod events;
-mod jobs;
-mod retention;
-mod schema;
-mod writer;
+pub mod sqlite;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::path::PathBuf;
+use std::sync::Arc;
 
+use async_trait::async_trait;
 use jiff::Timestamp;
-use rusqlite::Connection;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::config::StorageConfig;
 use crate::event::Event;
-use events::NewEvent;
-use writer::{Command, Done, Op, QUEUE_DEPTH, SyncFailure};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -141,7 +109,7 @@ pub struct RouteTo {
 /// the event, as the durable copy, but they come due only at `fallback`: until then no read
 /// of due jobs finds them, so the engine cannot be given the same job twice. A job whose
 /// hand-over never happened (the process died, or the request was dropped) is picked up from
-/// the database then, or at the next start ([`Store::open`]).
+/// the database then, or at the next start ([`open`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Handoff {
     pub sinks: Vec<String>,
@@ -219,325 +187,99 @@ impl AttemptOutcome {
     }
 }
 
-/// Handle to the database: cheap to clone, shared by the HTTP handlers and the delivery engine.
-#[derive(Clone)]
-pub struct Store {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    /// Held while the store is open: see [`lock_instance`].
-    _instance: std::fs::File,
-    queue: mpsc::Sender<Command>,
-    reader: Mutex<Connection>,
-    /// `None` once closed.
-    threads: Mutex<Option<Threads>>,
-}
-
-struct Threads {
-    writer: JoinHandle<()>,
-    syncer: JoinHandle<()>,
-    checkpointer: JoinHandle<()>,
-    /// Dropping it stops the checkpointer.
-    stop_checkpoints: std::sync::mpsc::Sender<()>,
-}
-
-impl Store {
-    /// Opens (creating if needed) the database, migrates it and starts the writer thread.
+/// The operations the daemon needs from its database.
+#[async_trait]
+pub trait Storage: Send + Sync {
+    /// Stores `event` (its raw `body` as signed), received at `received_at`, with its
+    /// routing outcome, unless its delivery id was seen: each of `routes` becomes jobs (or a
+    /// suppressed record when its throttle window is closed); the jobs of `handoff`'s sinks
+    /// come due only at its fallback. Answers once all of it is durable.
     ///
     /// # Errors
-    /// [`StoreError`] when the directory or database cannot be created, opened or migrated.
-    pub fn open(config: &StorageConfig) -> Result<Self, StoreError> {
-        let path = config.path.clone();
-        if let Some(dir) = path.parent() {
-            crate::private::create_dir(dir).map_err(|source| StoreError::CreateDir {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-        }
-        let instance = lock_instance(&path)?;
-        // Created private before SQLite sees it: SQLite gives the WAL and shared-memory files
-        // the database file's own mode.
-        crate::private::touch(&path).map_err(|source| StoreError::Create {
-            path: path.clone(),
-            source,
-        })?;
-        let open_err = |source| StoreError::Open {
-            path: path.clone(),
-            source,
-        };
-        let mut writer = Connection::open(&path).map_err(open_err)?;
-        writer.busy_timeout(config.busy_timeout).map_err(open_err)?;
-        // The page cache is small on purpose: reads come through the memory map, and when
-        // a B-tree split renumbers pages SQLite parks one at a page number past 1 GiB, after
-        // which the next commit scans the whole cache for pages past the end of the file. At
-        // 64 MiB that scan alone was 5% of the daemon's CPU under load.
-        writer
-            .execute_batch(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
-                 PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -2048;
-                 PRAGMA mmap_size = 268435456;",
-            )
-            .map_err(open_err)?;
-        schema::migrate(&mut writer).map_err(open_err)?;
-        jobs::recover_handed(&writer).map_err(open_err)?;
-        let recent = dedupe::Recent::open(&mut writer).map_err(open_err)?;
-        let reader = open_reader(&path, config).map_err(open_err)?;
-        // The connections' first reads in WAL mode created the WAL file. SQLite deletes it only
-        // when the last connection closes, and the writer's stays open until every flush is
-        // done, so this descriptor names the live WAL throughout.
-        let wal = writer::open_wal(&path).map_err(|source| StoreError::OpenWal {
-            path: path.clone(),
-            source,
-        })?;
-
-        let checkpointer = Connection::open(&path).map_err(open_err)?;
-        checkpointer
-            .busy_timeout(config.busy_timeout)
-            .map_err(open_err)?;
-
-        let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
-        let max_batch = config.max_batch;
-        let (to_syncer, committed) = std::sync::mpsc::channel();
-        let failed = SyncFailure::default();
-        let syncer = std::thread::Builder::new()
-            .name("hookroute-sync".into())
-            .spawn({
-                let failed = Arc::clone(&failed);
-                let answer = writer::replier(tokio::runtime::Handle::try_current().ok());
-                move || writer::sync_loop(|| wal.sync_data(), &committed, &failed, answer)
-            })
-            .map_err(StoreError::Thread)?;
-        let writer = std::thread::Builder::new()
-            .name("hookroute-writer".into())
-            .spawn(move || writer::writer_loop(writer, recent, rx, max_batch, &to_syncer, &failed))
-            .map_err(StoreError::Thread)?;
-        let (stop_checkpoints, stop) = std::sync::mpsc::channel();
-        let checkpointer = std::thread::Builder::new()
-            .name("hookroute-checkpoint".into())
-            .spawn(move || writer::checkpoint_loop(checkpointer, stop))
-            .map_err(StoreError::Thread)?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                _instance: instance,
-                queue,
-                reader: Mutex::new(reader),
-                threads: Mutex::new(Some(Threads {
-                    writer,
-                    syncer,
-                    checkpointer,
-                    stop_checkpoints,
-                })),
-            }),
-        })
-    }
-
-    /// Stores a verified delivery, routed to `routes`, unless its `(source, delivery_id)` was
-    /// seen before. Returns only once the transaction holding it is on disk.
-    ///
-    /// # Errors
-    /// [`StoreError`] when the write failed: nothing was stored.
-    pub async fn insert(
+    /// [`StoreError`] when it was not stored; nothing was.
+    async fn insert(
         &self,
         event: &Event,
         body: Vec<u8>,
         received_at: Timestamp,
         routes: Vec<RouteTo>,
         handoff: Handoff,
-    ) -> Result<Inserted, StoreError> {
-        let op = Op::Insert(Box::new(NewEvent {
-            source: event.source.clone(),
-            delivery_id: event.delivery_id.clone(),
-            event_type: event.event_type.clone(),
-            occurred_at: event.occurred_at.map(|t| t.to_string()),
-            received_at: received_at.as_millisecond(),
-            sender_delivery: event.sender_delivery.clone(),
-            body,
-            occurred_ms: event.occurred_at.unwrap_or(received_at).as_millisecond(),
-            routes,
-            handoff,
-        }));
-        match self.submit(op).await? {
-            Done::Inserted(inserted) => Ok(inserted),
-            _ => unreachable!("insert answers Inserted"),
-        }
-    }
+    ) -> Result<Inserted, StoreError>;
 
-    /// Up to `limit` due jobs of `sink`, oldest due first, each with its event, leaving out
-    /// `held` (the jobs the engine is already attempting). With `hold`, none until the oldest
-    /// due job has waited that long; then all of them (a digest). Due means due by `now`.
-    ///
-    /// A read: which jobs are being attempted is the engine's to know, in memory. Marking
-    /// them in the database would cost every job a write through the single writer, and a
-    /// crash needs no mark: a job is pending until its outcome is recorded, so whatever was
-    /// being attempted is attempted again after a restart.
+    /// Up to `limit` jobs of `sink` due by `now`, oldest due first, each with its event,
+    /// leaving out `held` (the jobs the engine is attempting). With `hold`, none until the
+    /// oldest due job has waited that long; then all of them (a digest).
     ///
     /// # Errors
     /// [`StoreError`] on a database error.
-    pub async fn due_jobs(
+    async fn due_jobs(
         &self,
         sink: &str,
         limit: usize,
         hold: Option<std::time::Duration>,
         now: Timestamp,
         held: HashSet<i64>,
-    ) -> Result<Vec<DueJob>, StoreError> {
-        let sink = sink.to_owned();
-        let now = now.as_millisecond();
-        self.read(move |conn| jobs::due(conn, &sink, limit, hold, now, &held))
-            .await
-    }
+    ) -> Result<Vec<DueJob>, StoreError>;
 
-    /// Records an attempt that ran from `started_at` to `finished_at` and moves its jobs on: each succeeded, failed (due again later) or
-    /// dead. One write for all of them, however many jobs the attempt carried.
+    /// Records an attempt that ran from `started_at` to `finished_at` and moves its jobs on:
+    /// each succeeded, failed (due again later) or dead.
     ///
     /// # Errors
     /// [`StoreError`] when the write failed; the jobs stay due.
-    pub async fn finish_attempt(
+    async fn finish_attempt(
         &self,
         outcomes: Vec<(Job, AttemptOutcome)>,
         started_at: Timestamp,
         finished_at: Timestamp,
-    ) -> Result<(), StoreError> {
-        let op = Op::FinishAttempt {
-            outcomes,
-            started_at: started_at.as_millisecond(),
-            at: finished_at.as_millisecond(),
-        };
-        self.submit(op).await.map(|_| ())
-    }
+    ) -> Result<(), StoreError>;
 
     /// For each sink with jobs waiting: when the next is due and when the oldest was created.
     ///
     /// # Errors
     /// [`StoreError`] on a database error.
-    pub async fn due_summary(&self) -> Result<HashMap<String, DueSummary>, StoreError> {
-        self.read(jobs::waiting).await
-    }
+    async fn due_summary(&self) -> Result<HashMap<String, DueSummary>, StoreError>;
 
     /// Proves the database takes writes (readiness).
     ///
     /// # Errors
     /// [`StoreError`] when it does not.
-    pub async fn touch(&self) -> Result<(), StoreError> {
-        self.submit(Op::Touch {
-            at: Timestamp::now().as_millisecond(),
-        })
-        .await
-        .map(|_| ())
-    }
+    async fn touch(&self) -> Result<(), StoreError>;
 
     /// Deletes up to `limit` records of `what` older than `keep`; returns how many went.
-    /// Dedupe records and events are aged by the wall clock; throttle windows by the events'
-    /// own clock (the newest window's start), the one their windows are measured on.
     ///
     /// # Errors
     /// [`StoreError`] when the write failed.
-    pub async fn prune(
+    async fn prune(
         &self,
         what: Prunable,
         keep: std::time::Duration,
         limit: usize,
-    ) -> Result<usize, StoreError> {
-        let keep = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
-        match self
-            .submit(Op::Prune {
-                what,
-                keep,
-                now: Timestamp::now().as_millisecond(),
-                limit,
-            })
-            .await?
-        {
-            Done::Count(n) => Ok(n),
-            _ => unreachable!("prune answers Count"),
-        }
-    }
+    ) -> Result<usize, StoreError>;
 
-    async fn submit(&self, op: Op) -> Result<Done, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.inner
-            .queue
-            .send(Command { op, reply })
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
-        answer.await.map_err(|_| StoreError::WriterGone)?
-    }
-
-    /// Runs a read on the read connection, off the async threads.
-    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
-    {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let conn = inner
-                .reader
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            f(&conn).map_err(StoreError::from)
-        })
-        .await
-        .map_err(|_| StoreError::WriterGone)?
-    }
-
-    /// Lets the writer commit everything queued before this call, then stops it. Idempotent.
-    pub async fn close(&self) {
-        let threads = self
-            .inner
-            .threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(threads) = threads {
-            if let Err(err) = self.submit(Op::Shutdown).await {
-                tracing::warn!(error = %err, "database writer did not stop cleanly");
-            }
-            let _ = tokio::task::spawn_blocking(move || {
-                let _ = threads.writer.join();
-                let _ = threads.syncer.join();
-                drop(threads.stop_checkpoints);
-                let _ = threads.checkpointer.join();
-            })
-            .await;
-        }
-    }
+    /// Makes everything accepted so far durable and stops the backend's workers. Idempotent.
+    async fn close(&self);
 }
 
-/// One daemon per database: the jobs being attempted and the newest delivery ids are held in
-/// memory, so a second daemon on the same file would attempt those jobs again and miss those
-/// duplicates. An advisory lock on `<database>.lock`, which the
-/// kernel releases however the process ends; the command-line tools do not take it.
-fn lock_instance(db: &Path) -> Result<std::fs::File, StoreError> {
-    let mut path = db.as_os_str().to_owned();
-    path.push(".lock");
-    let path = PathBuf::from(path);
-    let lock_err = |source| StoreError::Lock {
-        path: path.clone(),
+/// The database handle the daemon passes around.
+pub type Store = Arc<dyn Storage>;
+
+/// Opens the database `config` names for the operator's commands: an existing one only (a
+/// typo in the path is an error, not a new empty database).
+///
+/// # Errors
+/// [`StoreError`] when it cannot be opened.
+pub fn open_admin(config: &StorageConfig) -> Result<Box<dyn admin::AdminStorage>, StoreError> {
+    let admin = sqlite::admin::Admin::open(&config.path).map_err(|source| StoreError::Open {
+        path: config.path.clone(),
         source,
-    };
-    let file =
-        crate::private::open(&path, std::fs::OpenOptions::new().write(true)).map_err(lock_err)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
-            path: db.to_path_buf(),
-        }),
-        Err(std::fs::TryLockError::Error(source)) => Err(lock_err(source)),
-    }
+    })?;
+    Ok(Box::new(admin))
 }
 
-fn open_reader(path: &Path, config: &StorageConfig) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(config.busy_timeout)?;
-    Ok(conn)
-}
-
-/// A stored unix-millisecond time; a corrupt one reads as the epoch rather than failing.
-pub(crate) fn from_ms(ms: i64) -> Timestamp {
-    Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH)
+/// Opens the database `config` names (creating and migrating it as needed).
+///
+/// # Errors
+/// [`StoreError`] when it cannot be opened.
+pub fn open(config: &StorageConfig) -> Result<Store, StoreError> {
+    Ok(Arc::new(sqlite::SqliteStore::open(config)?))
 }

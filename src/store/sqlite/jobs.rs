@@ -78,7 +78,7 @@ pub(super) fn recover_handed(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Up to `limit` due jobs of `sink` with their events, leaving out `held`: see
-/// [`Store::due_jobs`](super::Store::due_jobs).
+/// [`Storage::due_jobs`](crate::store::Storage::due_jobs).
 pub(super) fn due(
     conn: &Connection,
     sink: &str,
