@@ -1,10 +1,24 @@
 //! hookroute: receives compliance webhooks, verifies and deduplicates them, stores each durably
 //! before answering, and dispatches it to sinks.
 //!
-//! Dependencies point one way: `http` → `signature`, `event`, `dispatch` (routing), `store`;
-//! `dispatch` → `rules`, `sinks`; `store` → `rules::throttle` (applied where the windows are
-//! kept); `delivery` → `sinks`, `templates`, `store`. Sinks never see HTTP requests or the
-//! database; `rules`, `signature` and `templates` do no I/O.
+//! A delivery's way through the crate, and where to look:
+//!
+//! - [`http`]: the router, the ingest handler (checks, then the signature on the raw bytes,
+//!   via [`signature`]; then [`event`] normalises the body), health endpoints, the server loop.
+//! - [`intake`]: the one step after HTTP: route the event ([`dispatch`], over [`rules`]),
+//!   store it with its routing outcome ([`store`]), hand its new jobs to [`delivery`].
+//! - [`delivery`]: the engine that turns due jobs into attempts at [`sinks`], with messages
+//!   from [`templates`] and the retry decisions of `delivery::retry`.
+//! - [`config`]: the TOML file, validated into the [`config::Config`] everything is built
+//!   from; [`cli`]: the commands, the operator's tools among them.
+//! - Leaves any module may use: [`duration`], [`secret`], [`clock`], [`private`] (file modes).
+//!
+//! Dependencies point one way, and a test (`tests/it/layout.rs`) keeps it so: `cli` and
+//! `http` → `intake` → `dispatch`, `store`, `delivery`; `delivery` → `dispatch`, `store`,
+//! `sinks`, `templates`; `dispatch` → `config`, `sinks`; `config` → `rules`, `sinks`,
+//! `signature`, `templates`; `store` → `rules` (throttle windows are kept with the events).
+//! Sinks never see HTTP requests or the database; `rules`, `signature`, `event` and
+//! `templates` do no I/O.
 
 // The library is the daemon's own internals, documented for the people who work on it
 // (`cargo doc --document-private-items`): module docs may point at private items.
