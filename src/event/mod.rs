@@ -57,7 +57,7 @@ impl Payload {
         })
     }
 
-    /// The parsed body: always its tree, whatever a stranger put in it (see [`tree`]).
+    /// The parsed body: always its tree, whatever a stranger put in it (see [`tree::tree`]).
     pub fn value(&self) -> &Value {
         self.tree.get_or_init(|| tree(self.raw.get()))
     }

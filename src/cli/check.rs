@@ -1,0 +1,234 @@
+//! `check-config` (a summary of what the daemon will do) and `route-test` (what an event
+//! would get, and why), both without sending anything.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+use super::{ConfigArg, RouteTestArgs};
+use crate::config::{self, Config};
+use crate::event::Event;
+use crate::rules::Verdict;
+
+pub(super) fn check_config(args: ConfigArg) -> anyhow::Result<ExitCode> {
+    let config = config::load(&args.config)?;
+    print!("{}", summary(&config));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `check-config` prints: enough to see at a glance what the daemon will do.
+fn summary(config: &Config) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let server = &config.server;
+    let _ = writeln!(out, "configuration OK: {}", config.file.display());
+    let _ = writeln!(out, "listen:      http://{}", server.listen);
+    let _ = writeln!(
+        out,
+        "database:    {} (dedupe records kept {})",
+        config.storage.path.display(),
+        humantime::format_duration(config.storage.dedupe_retention)
+    );
+    match &server.rate_limit {
+        Some(l) => {
+            let _ = writeln!(
+                out,
+                "rate limit:  {}/s per client (burst {}); failed signatures {}/min (burst {})",
+                l.per_second, l.burst, l.failed_per_minute, l.failed_burst
+            );
+        }
+        None => {
+            let _ = writeln!(out, "rate limit:  off");
+        }
+    }
+    if !server.trusted_proxies.is_empty() {
+        let proxies: Vec<String> = server
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let _ = writeln!(
+            out,
+            "proxies:     X-Forwarded-For trusted from {}",
+            proxies.join(", ")
+        );
+    }
+    let _ = writeln!(out, "sources:");
+    for source in &config.sources {
+        let _ = write!(
+            out,
+            "  {:<18} POST {:<28} scheme={} secrets={}",
+            source.name,
+            source.path,
+            source.verifier.scheme().name(),
+            source.verifier.key_count()
+        );
+        if !source.allowed_ips.is_empty() {
+            let nets: Vec<String> = source.allowed_ips.iter().map(ToString::to_string).collect();
+            let _ = write!(out, " allowed_ips={}", nets.join(","));
+        }
+        if let Some(age) = source.max_event_age {
+            let _ = write!(out, " max_event_age={}", humantime::format_duration(age));
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(out, "sinks:");
+    if config.sinks.is_empty() {
+        let _ = writeln!(out, "  (none: events are stored but go nowhere)");
+    }
+    for sink in &config.sinks {
+        let _ = writeln!(out, "  {:<18} {}", sink.name, sink.spec.config().kind());
+    }
+    let routing = &config.routing;
+    let _ = writeln!(
+        out,
+        "routes (from {}, first match wins unless continue):",
+        routing.origin.display()
+    );
+    if routing.table.is_empty() {
+        let _ = writeln!(out, "  (none: every event is stored as unrouted)");
+    }
+    for (i, route) in routing.table.routes().iter().enumerate() {
+        let _ = write!(
+            out,
+            "  {}. {:?} events={:?}",
+            i + 1,
+            route.name,
+            route.event_globs
+        );
+        if !route.sources.is_empty() {
+            let _ = write!(out, " sources={:?}", route.sources);
+        }
+        if let Some(when) = &route.when {
+            let _ = write!(out, " when=`{}`", when.text());
+        }
+        let _ = write!(out, " -> {}", route.sinks.join(", "));
+        if let Some(throttle) = &route.throttle {
+            let key = throttle
+                .key
+                .as_ref()
+                .map_or("(one window)".to_owned(), |k| format!("`{}`", k.text()));
+            let _ = write!(
+                out,
+                " throttle={} per {key}",
+                humantime::format_duration(throttle.window)
+            );
+        }
+        if route.continue_ {
+            out.push_str(" continue");
+        }
+        out.push('\n');
+    }
+    for warning in &routing.warnings {
+        let _ = writeln!(out, "warning: {warning}");
+    }
+    out
+}
+
+pub(super) fn route_test(args: RouteTestArgs) -> anyhow::Result<ExitCode> {
+    use std::fmt::Write as _;
+    let config = config::load(&args.config)?;
+    let source = match &args.source {
+        Some(name) => config
+            .sources
+            .iter()
+            .find(|s| &s.name == name)
+            .map(|s| s.name.clone())
+            .with_context(|| format!("no source named {name:?} in {}", config.file.display()))?,
+        None => config
+            .sources
+            .first()
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
+    };
+    let body = std::fs::read(&args.event)
+        .with_context(|| format!("cannot read {}", args.event.display()))?;
+    let event = Event::parse(&source, &body, None, None)
+        .with_context(|| format!("{} is not an event", args.event.display()))?;
+
+    let routing = &config.routing;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "event: {} from {} (delivery id {})",
+        event.event_type, event.source, event.delivery_id
+    );
+    let mut matched = 0;
+    for (i, (route, verdict)) in routing.table.evaluate(&event).into_iter().enumerate() {
+        let _ = write!(out, "{}. {:?}: ", i + 1, route.name);
+        let when = route.when.as_ref().map(|w| w.text()).unwrap_or_default();
+        match verdict {
+            Verdict::Matched {
+                condition,
+                throttle_key,
+            } => {
+                matched += 1;
+                out.push_str("MATCHED");
+                if let Some(value) = condition {
+                    let _ = write!(out, " (when `{when}` is {value})");
+                }
+                out.push('\n');
+                if let (Some(throttle), Some(key)) = (&route.throttle, throttle_key) {
+                    let _ = writeln!(
+                        out,
+                        "   throttle: first event per key {key:?} every {} passes (not applied in a test)",
+                        humantime::format_duration(throttle.window)
+                    );
+                }
+                for name in &route.sinks {
+                    let Some(sink) = config.sinks.iter().find(|s| &s.name == name) else {
+                        continue;
+                    };
+                    let kind = sink.spec.config().kind();
+                    let _ = writeln!(out, "   -> {name} ({kind}):");
+                    if let Some(what) = sink.spec.config().without_message() {
+                        let _ = writeln!(out, "      {what}");
+                        continue;
+                    }
+                    let message = routing.message(&route.name, name, kind, &event);
+                    for line in std::iter::once(message.title.as_str()).chain(message.body.lines())
+                    {
+                        let _ = writeln!(out, "      | {line}");
+                    }
+                }
+            }
+            Verdict::NoEventMatch => {
+                let _ = writeln!(
+                    out,
+                    "no match: {:?} is not one of {:?}",
+                    event.event_type, route.event_globs
+                );
+            }
+            Verdict::NoSourceMatch => {
+                let _ = writeln!(
+                    out,
+                    "no match: source {:?} is not one of {:?}",
+                    event.source, route.sources
+                );
+            }
+            Verdict::ConditionFalse { value } => {
+                let _ = writeln!(out, "no match: when `{when}` is {value}");
+            }
+            Verdict::NotReached => {
+                let _ = writeln!(
+                    out,
+                    "not reached: an earlier route matched without continue"
+                );
+            }
+        }
+    }
+    if matched == 0 {
+        let _ = writeln!(
+            out,
+            "result: no route matched; the daemon would store the event as unrouted"
+        );
+    } else {
+        let _ = writeln!(out, "result: {matched} route(s) matched");
+    }
+    print!("{out}");
+    Ok(if matched == 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

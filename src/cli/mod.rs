@@ -1,0 +1,200 @@
+//! The command line: the clap definitions, `serve`, and the dispatch to the other commands
+//! ([`check`]: `check-config`, `route-test`; [`send`]; [`tools`]: the operator's). Decides
+//! exit codes: 0 ok, 1 a check failed (e.g. a delivery was refused), 2 bad configuration or
+//! startup failure.
+
+mod check;
+mod send;
+mod tools;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config;
+
+const DEFAULT_CONFIG: &str = "/etc/hookroute/config.toml";
+/// How long `send` waits for an answer; the senders themselves wait 30 s.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hookroute",
+    version,
+    about = "Verify, deduplicate, store and route compliance webhooks"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve(ConfigArg),
+    /// Validate the configuration and print a summary; exit 2 with the problems otherwise.
+    CheckConfig(ConfigArg),
+    /// Sign a JSON payload as the source's sender would and POST it to the daemon.
+    Send(SendArgs),
+    /// Show which routes an event matches, why, and the message each sink would get; sends
+    /// nothing. Exit 0 if a route matched, 1 if none did.
+    RouteTest(RouteTestArgs),
+    /// Inspect deliveries; works on the database while the daemon runs.
+    #[command(subcommand)]
+    Deliveries(DeliveriesCommand),
+    /// Queue an event's delivery again: through the current routes, or to one sink.
+    Replay(ReplayArgs),
+    /// Dead letters: deliveries that failed for good.
+    #[command(subcommand)]
+    DeadLetter(DeadLetterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesCommand {
+    /// Deliveries, newest first: one row per job, suppressed route or unrouted event.
+    List(ListArgs),
+    /// An event, its routes, and every delivery attempt.
+    Show(ShowArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// Put dead deliveries back in the queue with a fresh set of attempts.
+    Retry(RetryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::store::admin::STATUSES))]
+    pub status: Option<String>,
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Only events received within this long, e.g. "1h", "7d".
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<Duration>,
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Event id (the `id` the daemon answered with, or the EVENT column of `list`).
+    pub id: i64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Event id.
+    pub id: i64,
+    /// Deliver to this sink only (even if no route sends this event there).
+    #[arg(long)]
+    pub sink: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Job id (the JOB column of `deliveries list --status dead`).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub id: Option<i64>,
+    /// Every dead delivery.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RouteTestArgs {
+    /// Configuration file.
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// The source the event comes from; defaults to the first configured source.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// The event's JSON body, as the sender would post it.
+    pub event: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// Configuration file.
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Configuration file (for the source's scheme, secret and path).
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Name of the source to sign for, as in `[sources.<name>]`.
+    #[arg(long)]
+    pub source: String,
+    /// JSON payload to send.
+    pub file: PathBuf,
+    /// Where to POST; defaults to the configured listen address and the source's path.
+    #[arg(long)]
+    pub url: Option<String>,
+}
+
+/// Runs a parsed command.
+///
+/// # Errors
+/// Configuration and startup failures, which `main` reports with exit code 2.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    crate::sinks::install_tls_provider();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::CheckConfig(args) => check::check_config(args),
+        Command::Send(args) => runtime()?.block_on(send::send(args)),
+        Command::RouteTest(args) => check::route_test(args),
+        Command::Deliveries(DeliveriesCommand::List(args)) => tools::list(args),
+        Command::Deliveries(DeliveriesCommand::Show(args)) => tools::show(args),
+        Command::Replay(args) => tools::replay(args),
+        Command::DeadLetter(DeadLetterCommand::Retry(args)) => tools::retry_dead(args),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn serve(args: ConfigArg) -> anyhow::Result<ExitCode> {
+    let config = config::load(&args.config)?;
+    runtime()?.block_on(async {
+        let listen = config.server.listen;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        crate::run(config, listener, shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Resolves on SIGTERM (systemd's stop) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term =
+        signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on Unix");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,207 @@
+//! The operator's tools: `deliveries list` and `show`, `replay`, `dead-letter retry`. They work
+//! on the database while the daemon runs, through [`AdminStorage`].
+
+use std::process::ExitCode;
+
+use super::{ListArgs, ReplayArgs, RetryArgs, ShowArgs};
+use crate::config::{self, Config};
+use crate::store::admin::{AdminStorage, EventDetail, Filter};
+
+fn admin(config_path: &std::path::Path) -> anyhow::Result<(Config, Box<dyn AdminStorage>)> {
+    let config = config::load(config_path)?;
+    let admin = crate::store::open_admin(&config.storage)?;
+    Ok((config, admin))
+}
+
+pub(super) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let (_, admin) = admin(&args.config)?;
+    let since = match args.since {
+        Some(since) => Some(jiff::Timestamp::now() - jiff::SignedDuration::try_from(since)?),
+        None => None,
+    };
+    let filter = Filter {
+        status: args.status,
+        source: args.source,
+        since,
+        limit: args.limit,
+    };
+    let rows = admin.list(&filter)?;
+    if args.json {
+        for row in &rows {
+            println!("{}", serde_json::to_string(row)?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>6} {:>6}  {:<20} {:<16} {:<22} {:<24} {:<14} {:<10} {:>3}  DETAIL",
+        "EVENT", "JOB", "RECEIVED", "SOURCE", "TYPE", "ROUTE", "SINK", "STATUS", "TRY"
+    );
+    for row in &rows {
+        let detail = match (&row.detail, &row.next_attempt_at) {
+            (Some(detail), Some(next)) => format!("{detail} (next try {next})"),
+            (Some(detail), None) => detail.clone(),
+            (None, Some(next)) => format!("next try {next}"),
+            (None, None) => String::new(),
+        };
+        println!(
+            "{:>6} {:>6}  {:<20} {:<16} {:<22} {:<24} {:<14} {:<10} {:>3}  {}",
+            row.event_id,
+            row.job_id
+                .map(|id| id.to_string())
+                .unwrap_or_else(|| "-".into()),
+            row.received_at.get(..19).unwrap_or(&row.received_at),
+            row.source,
+            row.event_type,
+            row.route.as_deref().unwrap_or("-"),
+            row.sink.as_deref().unwrap_or("-"),
+            row.status,
+            row.attempts,
+            detail.replace('\n', " "),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let (_, admin) = admin(&args.config)?;
+    let Some(EventDetail {
+        stored,
+        jobs,
+        routing: notes,
+    }) = admin.show(args.id)?
+    else {
+        eprintln!("no event {}", args.id);
+        return Ok(ExitCode::from(1));
+    };
+    if args.json {
+        /// Serialised straight to text: going through a `serde_json::Value` would parse the
+        /// payload again, and a body serde_json cannot hold as a tree (`1e999`) would fail.
+        #[derive(serde::Serialize)]
+        struct Shown<'a> {
+            id: i64,
+            received_at: String,
+            event: &'a crate::event::Event,
+            jobs: &'a [crate::store::admin::JobDetail],
+            routing: &'a [crate::store::admin::Row],
+        }
+        let shown = Shown {
+            id: stored.id,
+            received_at: stored.received_at.to_string(),
+            event: &stored.event,
+            jobs: &jobs,
+            routing: &notes,
+        };
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let event = &stored.event;
+    println!(
+        "event {}: {} from {}",
+        stored.id, event.event_type, event.source
+    );
+    println!("  delivery id:   {}", event.delivery_id);
+    if let Some(header) = &event.sender_delivery {
+        println!("  sender's id:   {header}");
+    }
+    println!("  received:      {}", stored.received_at);
+    if let Some(at) = event.occurred_at {
+        println!("  occurred:      {at}");
+    }
+    println!(
+        "  payload:       {}",
+        serde_json::to_string_pretty(event.payload.value())?.replace('\n', "\n                 ")
+    );
+    for note in &notes {
+        println!(
+            "  {}: {}{}",
+            note.status,
+            note.route.as_deref().unwrap_or("no route matched"),
+            note.detail
+                .as_ref()
+                .map(|k| format!(" (throttle key {k:?})"))
+                .unwrap_or_default()
+        );
+    }
+    for job in &jobs {
+        println!(
+            "job {}: route {:?} -> sink {:?}: {} after {} attempt(s)",
+            job.id, job.route, job.sink, job.status, job.attempts
+        );
+        if let Some(next) = &job.next_attempt_at {
+            println!("  next try:      {next}");
+        }
+        for attempt in &job.history {
+            println!(
+                "  attempt {} at {}: {}",
+                attempt.number, attempt.started_at, attempt.outcome
+            );
+            if let Some(error) = &attempt.error {
+                println!("    error:       {error}");
+            }
+            if let Some(response) = attempt.response.as_deref().filter(|r| !r.is_empty()) {
+                println!(
+                    "    response:    {}",
+                    response.replace('\n', "\n                 ")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let (config, mut admin) = admin(&args.config)?;
+    let Some(EventDetail { stored, .. }) = admin.show(args.id)? else {
+        eprintln!("no event {}", args.id);
+        return Ok(ExitCode::from(1));
+    };
+    // Replays go through today's routes; throttles are not applied to what an operator asks for.
+    let mut pairs: Vec<(String, String)> = crate::dispatch::route(&config.routing, &stored.event)
+        .into_iter()
+        .flat_map(|to| {
+            let route = to.route;
+            to.sinks.into_iter().map(move |sink| (route.clone(), sink))
+        })
+        .filter(|(_, sink)| args.sink.as_ref().is_none_or(|only| only == sink))
+        .collect();
+    if let Some(sink) = &args.sink {
+        anyhow::ensure!(
+            config.sinks.iter().any(|s| &s.name == sink),
+            "no sink named {sink:?} in {}",
+            config.file.display()
+        );
+        if pairs.is_empty() {
+            pairs.push(("replay".into(), sink.clone()));
+        }
+    }
+    pairs.dedup();
+    if pairs.is_empty() {
+        eprintln!(
+            "no route matches event {}; nothing queued (name a sink with --sink)",
+            args.id
+        );
+        return Ok(ExitCode::from(1));
+    }
+    let ids = admin.enqueue(args.id, &pairs)?;
+    for ((route, sink), id) in pairs.iter().zip(ids) {
+        println!(
+            "queued job {id}: event {} via route {route:?} to sink {sink:?}",
+            args.id
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn retry_dead(args: RetryArgs) -> anyhow::Result<ExitCode> {
+    let (_, admin) = admin(&args.config)?;
+    let count = admin.retry_dead(args.id)?;
+    println!(
+        "re-queued {count} dead deliver{}",
+        if count == 1 { "y" } else { "ies" }
+    );
+    Ok(if count == 0 && args.id.is_some() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
