@@ -84,6 +84,20 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    run_with_clock(config, listener, shutdown, Arc::new(clock::SystemClock)).await
+}
+
+/// [`run`] on `clock`: the time by which deliveries are received and jobs come due. Tests
+/// drive the daemon in-process with a clock they move.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_clock(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    clock: Arc<dyn clock::Clock>,
+) -> Result<(), RunError> {
     let plan = Arc::new(ArcSwap::from_pointee(
         Plan::build(&config).map_err(RunError::Sink)?,
     ));
@@ -95,12 +109,12 @@ pub async fn run(
             store.clone(),
             Arc::clone(&plan),
             Arc::clone(&new_jobs),
-            Arc::new(clock::SystemClock),
+            Arc::clone(&clock),
         )
         .run(stop.clone()),
     );
     let intake = intake::Intake::new(store.clone(), Arc::clone(&plan), new_jobs);
-    let app = http::App::new(&config, store.clone(), intake);
+    let app = http::App::new(&config, store.clone(), intake, clock);
     let upkeep = tokio::spawn(upkeep(
         app.clone(),
         store.clone(),

@@ -53,7 +53,7 @@ pub async fn ingest(
     }
     let (body, unverified) = read_body(&state, &parts.headers, body).await?;
 
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let verified = source
         .verifier
         .verify(&parts.headers, &body, now.as_second());

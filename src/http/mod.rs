@@ -31,6 +31,7 @@ pub use client_ip::{client_ip, limit_key};
 pub use error::ApiError;
 use limit::{ClientKey, FailureLimiter};
 
+use crate::clock::Clock;
 use crate::config::{Config, ServerConfig, SourceConfig};
 use crate::intake::Intake;
 use crate::store::Store;
@@ -43,6 +44,8 @@ pub struct AppState {
     store: Store,
     /// Where verified events go.
     intake: Intake,
+    /// The time deliveries are received at (and signatures' timestamps checked against).
+    clock: Arc<dyn Clock>,
     max_body_bytes: usize,
     /// Bytes of bodies not yet verified, across all requests (see `ingest::UNVERIFIED_BODIES`).
     unverified: tokio::sync::Semaphore,
@@ -60,13 +63,14 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: &Config, store: Store, intake: Intake) -> Self {
+    pub fn new(config: &Config, store: Store, intake: Intake, clock: Arc<dyn Clock>) -> Self {
         let trusted_proxies: Arc<[IpNet]> = config.server.trusted_proxies.clone().into();
         let limits = config.server.rate_limit;
         let state = Arc::new(AppState {
             sources: ArcSwap::from_pointee(sources_by_path(config)),
             store,
             intake,
+            clock,
             max_body_bytes: config.server.max_body_bytes,
             unverified: tokio::sync::Semaphore::new(
                 config

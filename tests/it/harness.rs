@@ -59,13 +59,94 @@ pub const CATCH_ALL: &str =
 /// No rate limits: for tests that send many failures on purpose.
 pub const NO_LIMITS: &str = "rate_limit = { enabled = false }";
 
-pub struct Daemon {
-    child: Child,
+/// Where a daemon answers, and its database: what the tests talk to, whether the daemon is a
+/// process of its own ([`Daemon`]) or runs in the test ([`InProcess`]).
+pub struct Endpoint {
     pub addr: SocketAddr,
     pub dir: PathBuf,
+    pub client: reqwest::Client,
+}
+
+/// The real binary, as a child process: for crashes, signals and the command line.
+pub struct Daemon {
+    child: Child,
+    endpoint: Endpoint,
     pub config_path: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
-    pub client: reqwest::Client,
+}
+
+impl std::ops::Deref for Daemon {
+    type Target = Endpoint;
+
+    fn deref(&self) -> &Endpoint {
+        &self.endpoint
+    }
+}
+
+/// The daemon run in the test's own runtime through `hookroute::run_with_clock`, on a clock
+/// the test moves: for behaviour that depends on time, without waiting for it.
+pub struct InProcess {
+    endpoint: Endpoint,
+    pub clock: hookroute::clock::ManualClock,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), hookroute::RunError>>>,
+}
+
+impl std::ops::Deref for InProcess {
+    type Target = Endpoint;
+
+    fn deref(&self) -> &Endpoint {
+        &self.endpoint
+    }
+}
+
+impl InProcess {
+    /// Writes `config` into `dir` and runs the daemon on it, its clock starting now.
+    pub async fn start(dir: &Path, config: &str) -> Self {
+        let config = hookroute::config::load(&write_config(dir, config)).expect("valid config");
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clock = hookroute::clock::ManualClock::new(jiff::Timestamp::now());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(hookroute::run_with_clock(
+            config,
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+            Arc::new(clock.clone()),
+        ));
+        Self {
+            endpoint: Endpoint {
+                addr,
+                dir: dir.to_path_buf(),
+                client: http_client(),
+            },
+            clock,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the daemon as SIGTERM would, and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
 }
 
 impl Daemon {
@@ -113,20 +194,45 @@ impl Daemon {
         };
         Self {
             child,
-            addr,
-            dir: dir.to_path_buf(),
+            endpoint: Endpoint {
+                addr,
+                dir: dir.to_path_buf(),
+                client: http_client(),
+            },
             config_path: config_path.to_path_buf(),
             log,
-            client: http_client(),
         }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
     }
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        signal(self.child.id(), "TERM");
+        wait_timeout(&mut self.child, Duration::from_secs(15))
+            .expect("daemon stopped after SIGTERM")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn wait(mut self, limit: Duration) -> Option<ExitStatus> {
+        wait_timeout(&mut self.child, limit)
+    }
+}
+
+impl Endpoint {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
     }
 
     /// Posts `body` to `path` with JSON content type and the given headers.
@@ -179,27 +285,6 @@ impl Daemon {
         row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
     ) -> Vec<T> {
         db_rows(&self.dir, sql, row)
-    }
-
-    /// SIGKILL: no chance to flush anything.
-    pub fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// SIGTERM and wait for the exit status.
-    pub fn terminate(mut self) -> ExitStatus {
-        signal(self.child.id(), "TERM");
-        wait_timeout(&mut self.child, Duration::from_secs(15))
-            .expect("daemon stopped after SIGTERM")
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn wait(mut self, limit: Duration) -> Option<ExitStatus> {
-        wait_timeout(&mut self.child, limit)
     }
 }
 
@@ -352,6 +437,15 @@ pub fn sample(name: &str) -> Vec<u8> {
             .join(name),
     )
     .unwrap()
+}
+
+/// The lines `path` holds now (the file sink's output): for checking that nothing more came.
+pub fn read_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// Waits until `path` holds `n` lines (the file sink's output) and returns them.
