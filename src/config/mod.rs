@@ -506,3 +506,6 @@ impl Problems {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,8 +1,19 @@
 //! Where events go. Every sink has the same shape (Vector's): a config struct that denies
 //! unknown keys, a `validate` that reports every problem, a `build` that creates clients, and
 //! the running sink behind the [`Sink`] trait. What a sink can do is described once, by its
-//! configuration's [`SinkConfig`] implementation. Adding a sink is one new file, one
-//! [`SinkSpec`] variant and one arm in [`SinkSpec::config`].
+//! configuration's [`SinkConfig`] implementation.
+//!
+//! Adding a sink, all of it:
+//! 1. a new file `src/sinks/<type>.rs` (and its `pub mod <type>;` line below), holding the
+//!    configuration struct (`#[serde(deny_unknown_fields)]`, with a `delivery:
+//!    DeliveryOptions` field), its [`SinkConfig`] implementation (overriding the defaults
+//!    only where the sink differs: a template, batches, digests, no rendered message), and the
+//!    running sink implementing [`Sink`];
+//! 2. one variant in [`SinkSpec`], named after the `type` the operator writes;
+//! 3. one arm in [`SinkSpec::config`].
+//!
+//! Nothing else matches on the kinds of sink: routing, the engine, `check-config` and
+//! `route-test` ask [`SinkConfig`].
 //!
 //! Sinks never see HTTP requests or the database: they get a [`Delivery`] and say how it went.
 //! Whether a failure is worth a retry is the sink's [`SinkError`] variant; what to do about it

@@ -1,6 +1,7 @@
 //! The shape of the source tree, checked so it stays the way the crate docs describe it:
 //! dependencies between the top-level modules of `src/` point one way (no module imports from
-//! one that imports it back, however indirectly).
+//! one that imports it back, however indirectly), and no file grows past what a reader takes
+//! in at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -122,6 +123,22 @@ fn module_dependencies_point_one_way() {
     if let Some(cycle) = find_cycle(&graph) {
         panic!("modules import each other: {}", cycle.join(" -> "));
     }
+}
+
+/// Past this a file holds more than one concern; split it.
+const MOST_LINES: usize = 600;
+
+#[test]
+fn no_file_in_src_is_too_long_to_read() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let long: Vec<String> = sources(&src)
+        .into_iter()
+        .filter_map(|file| {
+            let lines = std::fs::read_to_string(&file).unwrap().lines().count();
+            (lines > MOST_LINES).then(|| format!("{} ({lines} lines)", file.display()))
+        })
+        .collect();
+    assert!(long.is_empty(), "over {MOST_LINES} lines: {long:?}");
 }
 
 #[test]
