@@ -205,11 +205,6 @@ impl SqliteStore {
 
 #[async_trait]
 impl Storage for SqliteStore {
-    /// Stores a verified delivery, routed to `routes`, unless its `(source, delivery_id)` was
-    /// seen before. Returns only once the transaction holding it is on disk.
-    ///
-    /// # Errors
-    /// [`StoreError`] when the write failed: nothing was stored.
     async fn insert(
         &self,
         event: &Event,
@@ -236,17 +231,6 @@ impl Storage for SqliteStore {
         }
     }
 
-    /// Up to `limit` due jobs of `sink`, oldest due first, each with its event, leaving out
-    /// `held` (the jobs the engine is already attempting). With `hold`, none until the oldest
-    /// due job has waited that long; then all of them (a digest). Due means due by `now`.
-    ///
-    /// A read: which jobs are being attempted is the engine's to know, in memory. Marking
-    /// them in the database would cost every job a write through the single writer, and a
-    /// crash needs no mark: a job is pending until its outcome is recorded, so whatever was
-    /// being attempted is attempted again after a restart.
-    ///
-    /// # Errors
-    /// [`StoreError`] on a database error.
     async fn due_jobs(
         &self,
         sink: &str,
@@ -255,17 +239,15 @@ impl Storage for SqliteStore {
         now: Timestamp,
         held: HashSet<i64>,
     ) -> Result<Vec<DueJob>, StoreError> {
+        // A read: which jobs are being attempted is the engine's to know, in memory. Marking
+        // them in the database would cost every job a write through the single writer, and a
+        // crash needs no mark: a job is pending until its outcome is recorded.
         let sink = sink.to_owned();
         let now = now.as_millisecond();
         self.read(move |conn| jobs::due(conn, &sink, limit, hold, now, &held))
             .await
     }
 
-    /// Records an attempt that ran from `started_at` to `finished_at` and moves its jobs on: each succeeded, failed (due again later) or
-    /// dead. One write for all of them, however many jobs the attempt carried.
-    ///
-    /// # Errors
-    /// [`StoreError`] when the write failed; the jobs stay due.
     async fn finish_attempt(
         &self,
         outcomes: Vec<(Job, AttemptOutcome)>,
@@ -280,18 +262,10 @@ impl Storage for SqliteStore {
         self.submit(op).await.map(|_| ())
     }
 
-    /// For each sink with jobs waiting: when the next is due and when the oldest was created.
-    ///
-    /// # Errors
-    /// [`StoreError`] on a database error.
     async fn due_summary(&self) -> Result<HashMap<String, DueSummary>, StoreError> {
         self.read(jobs::waiting).await
     }
 
-    /// Proves the database takes writes (readiness).
-    ///
-    /// # Errors
-    /// [`StoreError`] when it does not.
     async fn touch(&self) -> Result<(), StoreError> {
         self.submit(Op::Touch {
             at: Timestamp::now().as_millisecond(),
@@ -300,12 +274,6 @@ impl Storage for SqliteStore {
         .map(|_| ())
     }
 
-    /// Deletes up to `limit` records of `what` older than `keep`; returns how many went.
-    /// Dedupe records and events are aged by the wall clock; throttle windows by the events'
-    /// own clock (the newest window's start), the one their windows are measured on.
-    ///
-    /// # Errors
-    /// [`StoreError`] when the write failed.
     async fn prune(
         &self,
         what: Prunable,
@@ -327,7 +295,6 @@ impl Storage for SqliteStore {
         }
     }
 
-    /// Lets the writer commit everything queued before this call, then stops it. Idempotent.
     async fn close(&self) {
         let threads = self
             .inner

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what the tests need on a Debian machine, then runs them: the one test command the
+# README gives, and what CI (.ci/run) calls.
+#
+# The integration tests use mkfifo (coreutils), kill and pkill (procps) to drive the daemon,
+# and a real SMTP server: aiosmtpd, run by Debian's own python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v mkfifo >/dev/null 2>&1 || missing+=(coreutils)
+command -v pkill >/dev/null 2>&1 || missing+=(procps)
+/usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || missing+=(python3-aiosmtpd)
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
+    "${sudo[@]}" apt-get update -q
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q "${missing[@]}"
+fi
+
+cargo test --locked "$@"
