@@ -18,6 +18,7 @@ use jiff::Timestamp;
 use crate::delivery::NewJobs;
 use crate::dispatch::{self, Plan};
 use crate::event::Event;
+use crate::metrics::Metrics;
 use crate::store::{Inserted, Store, StoreError};
 
 /// What became of an accepted event.
@@ -37,14 +38,21 @@ pub struct Intake {
     plan: Arc<ArcSwap<Plan>>,
     /// Where new jobs go to the delivery engine.
     new_jobs: Arc<NewJobs>,
+    metrics: Arc<Metrics>,
 }
 
 impl Intake {
-    pub fn new(store: Store, plan: Arc<ArcSwap<Plan>>, new_jobs: Arc<NewJobs>) -> Self {
+    pub fn new(
+        store: Store,
+        plan: Arc<ArcSwap<Plan>>,
+        new_jobs: Arc<NewJobs>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             store,
             plan,
             new_jobs,
+            metrics,
         }
     }
 
@@ -95,9 +103,11 @@ impl Intake {
                 // Debug: an unrouted event is recorded (`deliveries list --status unrouted`),
                 // and event types no route takes are pointed out when the configuration loads.
                 if unrouted {
+                    self.metrics.unrouted(source);
                     tracing::debug!(%source, %event_type, %delivery_id, event_id = id, "no route matched");
                 }
                 for route in suppressed {
+                    self.metrics.suppressed(&route);
                     tracing::info!(%source, %event_type, %delivery_id, event_id = id, %route, "suppressed by throttle");
                 }
                 self.new_jobs.hand_over(handed, event);

@@ -33,6 +33,7 @@ pub mod duration;
 pub mod event;
 pub mod http;
 pub mod intake;
+pub mod metrics;
 pub mod private;
 pub mod rules;
 pub mod secret;
@@ -102,6 +103,8 @@ pub async fn run_with_clock(
         Plan::build(&config).map_err(RunError::Sink)?,
     ));
     let store = store::open(&config.storage)?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    metrics.config_loaded(true, clock.now().as_millisecond() as f64 / 1000.0);
     let new_jobs = Arc::new(delivery::NewJobs::default());
     let stop = CancellationToken::new();
     let engine = tokio::spawn(
@@ -110,11 +113,23 @@ pub async fn run_with_clock(
             Arc::clone(&plan),
             Arc::clone(&new_jobs),
             Arc::clone(&clock),
+            Arc::clone(&metrics),
         )
         .run(stop.clone()),
     );
-    let intake = intake::Intake::new(store.clone(), Arc::clone(&plan), new_jobs);
-    let app = http::App::new(&config, store.clone(), intake, clock);
+    let intake = intake::Intake::new(
+        store.clone(),
+        Arc::clone(&plan),
+        new_jobs,
+        Arc::clone(&metrics),
+    );
+    let app = http::App::new(
+        &config,
+        store.clone(),
+        intake,
+        Arc::clone(&clock),
+        Arc::clone(&metrics),
+    );
     let upkeep = tokio::spawn(upkeep(
         app.clone(),
         store.clone(),
@@ -128,6 +143,7 @@ pub async fn run_with_clock(
         config.clone(),
         app.clone(),
         plan,
+        Reloads { metrics, clock },
         stop.clone(),
     ));
 
@@ -154,6 +170,7 @@ async fn reload_on_hangup(
     running: Config,
     app: http::App,
     plan: Arc<ArcSwap<Plan>>,
+    reloads: Reloads,
     stop: CancellationToken,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -173,15 +190,18 @@ async fn reload_on_hangup(
                 Ok((new, plan))
             }) {
             Ok((new, new_plan)) => {
-                if (&new.server, &new.storage) != (&running.server, &running.storage) {
+                if (&new.server, &new.storage, &new.metrics)
+                    != (&running.server, &running.storage, &running.metrics)
+                {
                     tracing::warn!(
-                        "[server] and [storage] changes take effect at the next restart"
+                        "[server], [storage] and [metrics] changes take effect at the next restart"
                     );
                 }
                 for warning in &new.routing.warnings {
                     tracing::warn!("{warning}");
                 }
                 app.reload(&new);
+                reloads.loaded(true);
                 plan.store(Arc::new(new_plan));
                 tracing::info!(
                     sources = new.sources.len(),
@@ -190,8 +210,24 @@ async fn reload_on_hangup(
                     "configuration reloaded"
                 );
             }
-            Err(err) => tracing::error!("reload failed, keeping the running configuration: {err}"),
+            Err(err) => {
+                reloads.loaded(false);
+                tracing::error!("reload failed, keeping the running configuration: {err}");
+            }
         }
+    }
+}
+
+/// Where reloads are counted.
+struct Reloads {
+    metrics: Arc<metrics::Metrics>,
+    clock: Arc<dyn clock::Clock>,
+}
+
+impl Reloads {
+    fn loaded(&self, ok: bool) {
+        let now = self.clock.now().as_millisecond() as f64 / 1000.0;
+        self.metrics.config_loaded(ok, now);
     }
 }
 

@@ -33,7 +33,7 @@ use raw::{RawConfig, RawRules};
 pub const ENV_PREFIX: &str = "HOOKROUTE_";
 
 /// Paths the daemon serves itself, so no source may take them.
-const RESERVED_PATHS: [&str; 2] = ["/healthz", "/readyz"];
+const RESERVED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -41,6 +41,7 @@ pub struct Config {
     pub file: PathBuf,
     pub server: ServerConfig,
     pub storage: StorageConfig,
+    pub metrics: MetricsConfig,
     pub sources: Vec<SourceConfig>,
     pub sinks: Vec<ConfiguredSink>,
     pub routing: Arc<Routing>,
@@ -110,6 +111,14 @@ pub struct StorageConfig {
     pub event_retention: Duration,
     pub busy_timeout: Duration,
     pub max_batch: usize,
+}
+
+/// `GET /metrics`: whether it is served, and to whom.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// Who may scrape (the client address as for sources); empty means anyone.
+    pub allowed_ips: Vec<IpNet>,
 }
 
 /// One webhook sender: where it posts and how its deliveries are verified.
@@ -195,6 +204,15 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         );
     }
 
+    let metrics = MetricsConfig {
+        enabled: raw.metrics.enabled,
+        allowed_ips: parse_networks(
+            "metrics.allowed_ips",
+            &raw.metrics.allowed_ips,
+            &mut problems,
+        ),
+    };
+
     if raw.sources.is_empty() {
         problems.add(
             "sources",
@@ -242,6 +260,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         file: path.to_path_buf(),
         server: server.expect("server is Some when there are no problems"),
         storage,
+        metrics,
         sources,
         sinks,
         routing: Arc::new(routing),

@@ -40,6 +40,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub storage: RawStorage,
     #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
     pub sources: BTreeMap<String, RawSource>,
     #[serde(default)]
     pub sinks: BTreeMap<String, SinkSpec>,
@@ -53,6 +55,24 @@ pub struct RawConfig {
     /// Strings every template sees as `vars.<name>`, e.g. `scan_url`.
     #[serde(default)]
     pub template_vars: BTreeMap<String, String>,
+}
+
+/// `[metrics]`: `GET /metrics` on the main listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    pub enabled: bool,
+    /// CIDRs (or bare addresses) that may scrape; empty: anyone who reaches the listener.
+    pub allowed_ips: Vec<String>,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            allowed_ips: Vec::new(),
+        }
+    }
 }
 
 /// The rules file named by `rules_file`.

@@ -12,6 +12,7 @@ use super::{BACKSTOP_GRACE, retry};
 use crate::clock::Clock;
 use crate::dispatch::{NamedSink, Plan};
 use crate::event::Event;
+use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::sinks::{Delivery, SinkError};
 use crate::store::{AttemptOutcome, DueJob, Job, Store};
 use crate::templates::Message;
@@ -20,6 +21,7 @@ use crate::templates::Message;
 /// Returns whether every outcome was recorded.
 pub(super) async fn attempt(
     clock: &dyn Clock,
+    metrics: &Metrics,
     store: &Store,
     plan: &Arc<Plan>,
     sink: &NamedSink,
@@ -48,7 +50,7 @@ pub(super) async fn attempt(
         return false; // the runtime is shutting down: the jobs stay due
     };
     if prepared.is_empty() {
-        return finish(store, &sink.name, outcomes, started, started).await;
+        return finish(store, metrics, &sink.name, outcomes, started, started).await;
     }
     let deliveries: Vec<Delivery<'_>> = prepared
         .iter()
@@ -68,6 +70,7 @@ pub(super) async fn attempt(
         }
     })
     .catch_unwind();
+    let called = std::time::Instant::now();
     let result = match tokio::time::timeout(timeout + BACKSTOP_GRACE, call).await {
         Ok(Ok(result)) => result,
         Ok(Err(panic)) => Err(SinkError::permanent(format!(
@@ -79,6 +82,7 @@ pub(super) async fn attempt(
             humantime::format_duration(timeout)
         ))),
     };
+    metrics.attempt(&sink.name, called.elapsed());
     drop(deliveries);
     drop(slot);
     let now = clock.now();
@@ -95,7 +99,7 @@ pub(super) async fn attempt(
         }
         outcomes.push((job, outcome));
     }
-    finish(store, &sink.name, outcomes, started, now).await
+    finish(store, metrics, &sink.name, outcomes, started, now).await
 }
 
 /// Pairs each job with its message, rendered on a blocking thread: a template works through
@@ -144,6 +148,7 @@ fn render(plan: &Plan, sink: &NamedSink, route: &str, event: &Event) -> Message 
 /// Logs an attempt's outcomes and records them; returns whether they were recorded.
 pub(super) async fn finish(
     store: &Store,
+    metrics: &Metrics,
     sink: &str,
     outcomes: Vec<(Job, AttemptOutcome)>,
     started: Timestamp,
@@ -153,6 +158,14 @@ pub(super) async fn finish(
         return true;
     }
     for (job, outcome) in &outcomes {
+        metrics.delivery(
+            sink,
+            match outcome {
+                AttemptOutcome::Succeeded { .. } => DeliveryOutcome::Succeeded,
+                AttemptOutcome::Failed { .. } => DeliveryOutcome::Failed,
+                AttemptOutcome::Dead { .. } => DeliveryOutcome::Dead,
+            },
+        );
         match outcome {
             AttemptOutcome::Succeeded { .. } => {
                 tracing::debug!(%sink, job = job.id, attempt = job.attempt, "delivered");

@@ -38,6 +38,7 @@ pub use inbox::NewJobs;
 
 use crate::clock::Clock;
 use crate::dispatch::{NamedSink, Plan};
+use crate::metrics::Metrics;
 use crate::store::{AttemptOutcome, DueJob, Store};
 use attempt::{attempt, finish};
 
@@ -90,6 +91,7 @@ pub struct Engine {
     plan: Arc<ArcSwap<Plan>>,
     new_jobs: Arc<NewJobs>,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
 }
 
 impl Engine {
@@ -99,12 +101,14 @@ impl Engine {
         plan: Arc<ArcSwap<Plan>>,
         new_jobs: Arc<NewJobs>,
         clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             store,
             plan,
             new_jobs,
             clock,
+            metrics,
         }
     }
 
@@ -276,7 +280,7 @@ impl Engine {
             })
             .collect();
         let now = self.clock.now();
-        finish(&self.store, sink, outcomes, now, now).await;
+        finish(&self.store, &self.metrics, sink, outcomes, now, now).await;
     }
 
     /// Claims what `sink` has room for and starts the attempts. Returns how many jobs it
@@ -356,10 +360,14 @@ impl Engine {
             });
             let slot = Arc::clone(&limits.running);
             let (store, plan, sink) = (self.store.clone(), Arc::clone(plan), sink.clone());
-            let (held, clock) = (self.new_jobs.held.clone(), Arc::clone(&self.clock));
+            let (held, clock, metrics) = (
+                self.new_jobs.held.clone(),
+                Arc::clone(&self.clock),
+                Arc::clone(&self.metrics),
+            );
             running.spawn(async move {
                 let ids: Vec<i64> = batch.iter().map(|due| due.job.id).collect();
-                let recorded = attempt(&*clock, &store, &plan, &sink, batch, &slot).await;
+                let recorded = attempt(&*clock, &metrics, &store, &plan, &sink, batch, &slot).await;
                 // A job whose outcome could not be recorded stays held, as the database
                 // still says it is due: attempted again after a restart, not in a loop now.
                 if recorded {
@@ -456,6 +464,7 @@ mod tests {
             Arc::new(ArcSwap::from_pointee(plan)),
             Arc::default(),
             Arc::new(clock.clone()),
+            Arc::default(),
         );
         (engine, recording, store)
     }

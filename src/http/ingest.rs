@@ -32,6 +32,7 @@ pub async fn ingest(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     let (parts, body) = request.into_parts();
     let sources = state.sources.load();
     let source = sources
@@ -81,11 +82,17 @@ pub async fn ingest(
     );
     let (status, answer, id) = match state.intake.accept(event, body.to_vec(), now).await {
         Ok(Accepted::New { id, jobs }) => {
+            state
+                .metrics
+                .ingested(&source_name, true, arrived.elapsed());
             // Debug, not info: the `log` sink is how an operator journals every event.
             tracing::debug!(source = %source_name, %event_type, %delivery_id, event_id = id, jobs, %client, "delivery accepted");
             (StatusCode::ACCEPTED, "accepted", id)
         }
         Ok(Accepted::Duplicate(id)) => {
+            state
+                .metrics
+                .ingested(&source_name, false, arrived.elapsed());
             tracing::debug!(source = %source_name, %event_type, %delivery_id, event_id = id, "duplicate delivery");
             (StatusCode::OK, "duplicate", id)
         }
@@ -122,6 +129,7 @@ impl AppState {
         err: ApiError,
     ) -> ApiError {
         tracing::warn!(source = %source.name, %client, reason = %err, "delivery refused");
+        self.metrics.signature_failure(&source.name, err.code());
         match self.failures.as_ref().and_then(|f| f.record_failure(key)) {
             Some(wait) => ApiError::RateLimited {
                 retry_after_secs: retry_after_secs(wait),
@@ -169,7 +177,9 @@ async fn read_body<'s>(
     let mut held = Unverified::none(&state.unverified);
     let read = async {
         let mut body = body;
-        let mut bytes = Vec::new();
+        // Sized once from the declared length: growing by doubling would copy the body and
+        // leave the smaller buffers behind; pages not yet written cost no memory.
+        let mut bytes = Vec::with_capacity(declared.map_or(0, |len| len as usize));
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|err| {
                 tracing::debug!(error = %err, "cannot read request body");

@@ -34,6 +34,7 @@ use limit::{ClientKey, FailureLimiter};
 use crate::clock::Clock;
 use crate::config::{Config, ServerConfig, SourceConfig};
 use crate::intake::Intake;
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// Shared by every request.
@@ -46,6 +47,9 @@ pub struct AppState {
     intake: Intake,
     /// The time deliveries are received at (and signatures' timestamps checked against).
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    /// Who may read `/metrics`.
+    metrics_allowed: Vec<IpNet>,
     max_body_bytes: usize,
     /// Bytes of bodies not yet verified, across all requests (see `ingest::UNVERIFIED_BODIES`).
     unverified: tokio::sync::Semaphore,
@@ -63,7 +67,13 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: &Config, store: Store, intake: Intake, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        config: &Config,
+        store: Store,
+        intake: Intake,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let trusted_proxies: Arc<[IpNet]> = config.server.trusted_proxies.clone().into();
         let limits = config.server.rate_limit;
         let state = Arc::new(AppState {
@@ -71,6 +81,8 @@ impl App {
             store,
             intake,
             clock,
+            metrics,
+            metrics_allowed: config.metrics.allowed_ips.clone(),
             max_body_bytes: config.server.max_body_bytes,
             unverified: tokio::sync::Semaphore::new(
                 config
@@ -119,9 +131,18 @@ impl App {
             }
             None => (hooks, None),
         };
-        let router = Router::new()
+        // Every answer on a webhook path is counted, the rate limiter's included.
+        let hooks = hooks.layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            count_requests,
+        ));
+        let mut router = Router::new()
             .route("/healthz", get(healthz))
-            .route("/readyz", get(readyz))
+            .route("/readyz", get(readyz));
+        if config.metrics.enabled {
+            router = router.route("/metrics", get(scrape));
+        }
+        let router = router
             .with_state(Arc::clone(&state))
             .fallback_service(hooks);
         Self {
@@ -182,6 +203,58 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 /// against the budget of unverified bytes as they are read, so what waits unread in
 /// connections' buffers must stay small; a webhook's headers fit many times over.
 const READ_BUFFER: usize = 64 * 1024;
+
+/// Counts the answer to a request on a webhook path, by source (`unknown` for a path no source
+/// has: a label per path a stranger makes up would grow without bound).
+async fn count_requests(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let source = state
+        .sources
+        .load()
+        .get(request.uri().path())
+        .map_or_else(|| "unknown".to_owned(), |s| s.name.clone());
+    let response = next.run(request).await;
+    state.metrics.request(&source, response.status().as_u16());
+    response
+}
+
+/// `GET /metrics`: the Prometheus text format, to the addresses `[metrics] allowed_ips` lets in.
+async fn scrape(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
+) -> Result<axum::response::Response, ApiError> {
+    let client = client_ip(peer.ip(), &headers, &state.trusted_proxies)
+        .map_err(|_| ApiError::MalformedForwardedFor)?;
+    if !state.metrics_allowed.is_empty()
+        && !state
+            .metrics_allowed
+            .iter()
+            .any(|net| net.contains(&client))
+    {
+        return Err(ApiError::IpNotAllowed(client));
+    }
+    let queues = state
+        .store
+        .queues(state.clock.now())
+        .await
+        .unwrap_or_else(|err| {
+            tracing::warn!(error = %err, "cannot read the delivery queues for /metrics");
+            Vec::new()
+        });
+    let text = state.metrics.render(&queues, state.store.size_bytes());
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        text,
+    )
+        .into_response())
+}
 
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, lets
 /// in-flight requests finish (up to `shutdown_timeout`) and returns.

@@ -22,6 +22,7 @@ use jiff::Timestamp;
 
 use crate::config::StorageConfig;
 use crate::event::Event;
+use crate::metrics::SinkQueue;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -255,6 +256,16 @@ pub trait Storage: Send + Sync {
         keep: std::time::Duration,
         limit: usize,
     ) -> Result<usize, StoreError>;
+
+    /// Each sink's waiting jobs (how many, and the oldest one's age at `now`) and dead
+    /// letters: what `/metrics` shows.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database error.
+    async fn queues(&self, now: Timestamp) -> Result<Vec<SinkQueue>, StoreError>;
+
+    /// The database's size on disk, in bytes (its write-ahead log included).
+    fn size_bytes(&self) -> u64;
 
     /// Makes everything accepted so far durable and stops the backend's workers. Idempotent.
     async fn close(&self);

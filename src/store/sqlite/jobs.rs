@@ -7,6 +7,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::events::event_at;
 use super::{AttemptOutcome, DueJob, DueSummary, Job, from_ms};
+use crate::metrics::SinkQueue;
 
 /// Records an attempt that started at `started_at` and ended at `at` (unix milliseconds), and
 /// moves each of its jobs on.
@@ -169,4 +170,45 @@ pub(super) fn waiting(conn: &Connection) -> rusqlite::Result<HashMap<String, Due
         ))
     })?;
     rows.collect()
+}
+
+/// Each sink's waiting jobs (count, oldest creation) and dead letters, for `/metrics`.
+pub(super) fn queues(conn: &Connection, now: i64) -> rusqlite::Result<Vec<SinkQueue>> {
+    let mut queues: HashMap<String, SinkQueue> = HashMap::new();
+    let mut waiting = conn.prepare_cached(
+        "SELECT sink, count(*), min(created_at) FROM jobs INDEXED BY jobs_waiting
+         WHERE status IN ('pending', 'failed') GROUP BY sink",
+    )?;
+    let mut rows = waiting.query([])?;
+    while let Some(row) = rows.next()? {
+        let sink: String = row.get(0)?;
+        let oldest: i64 = row.get(2)?;
+        let entry = queues.entry(sink.clone()).or_insert_with(|| empty(sink));
+        entry.waiting = row.get::<_, i64>(1)?.unsigned_abs();
+        entry.oldest_waiting =
+            std::time::Duration::from_millis(u64::try_from(now - oldest).unwrap_or(0));
+    }
+    let mut dead = conn.prepare_cached(
+        "SELECT sink, count(*) FROM jobs INDEXED BY jobs_dead WHERE status = 'dead' GROUP BY sink",
+    )?;
+    let mut rows = dead.query([])?;
+    while let Some(row) = rows.next()? {
+        let sink: String = row.get(0)?;
+        queues
+            .entry(sink.clone())
+            .or_insert_with(|| empty(sink))
+            .dead = row.get::<_, i64>(1)?.unsigned_abs();
+    }
+    let mut queues: Vec<SinkQueue> = queues.into_values().collect();
+    queues.sort_by(|a, b| a.sink.cmp(&b.sink));
+    Ok(queues)
+}
+
+fn empty(sink: String) -> SinkQueue {
+    SinkQueue {
+        sink,
+        waiting: 0,
+        oldest_waiting: std::time::Duration::ZERO,
+        dead: 0,
+    }
 }

@@ -58,6 +58,7 @@ use super::{
 };
 use crate::config::StorageConfig;
 use crate::event::Event;
+use crate::metrics::SinkQueue;
 use events::NewEvent;
 use writer::{Command, Done, Op, QUEUE_DEPTH, SyncFailure};
 
@@ -68,6 +69,8 @@ pub struct SqliteStore {
 }
 
 struct Inner {
+    /// The database file, for its size.
+    path: PathBuf,
     /// Held while the store is open: see [`lock_instance`].
     _instance: std::fs::File,
     queue: mpsc::Sender<Command>,
@@ -161,6 +164,7 @@ impl SqliteStore {
             .map_err(StoreError::Thread)?;
         Ok(Self {
             inner: Arc::new(Inner {
+                path: path.clone(),
                 _instance: instance,
                 queue,
                 reader: Mutex::new(reader),
@@ -293,6 +297,22 @@ impl Storage for SqliteStore {
             Done::Count(n) => Ok(n),
             _ => unreachable!("prune answers Count"),
         }
+    }
+
+    async fn queues(&self, now: Timestamp) -> Result<Vec<SinkQueue>, StoreError> {
+        let now = now.as_millisecond();
+        self.read(move |conn| jobs::queues(conn, now)).await
+    }
+
+    fn size_bytes(&self) -> u64 {
+        ["", "-wal"]
+            .iter()
+            .map(|suffix| {
+                let mut file = self.inner.path.as_os_str().to_owned();
+                file.push(suffix);
+                std::fs::metadata(file).map_or(0, |m| m.len())
+            })
+            .sum()
     }
 
     async fn close(&self) {
