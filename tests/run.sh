@@ -3,7 +3,8 @@
 # README gives, and what CI (.ci/run) calls.
 #
 # The integration tests use mkfifo (coreutils), kill and pkill (procps) to drive the daemon,
-# and a real SMTP server: aiosmtpd, run by Debian's own python3.
+# a real SMTP server (aiosmtpd) and a real Prometheus parser (prometheus_client), both run by
+# Debian's own python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ missing=()
 command -v mkfifo >/dev/null 2>&1 || missing+=(coreutils)
 command -v pkill >/dev/null 2>&1 || missing+=(procps)
 /usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || missing+=(python3-aiosmtpd)
+/usr/bin/python3 -c 'import prometheus_client' >/dev/null 2>&1 || missing+=(python3-prometheus-client)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi

@@ -10,6 +10,7 @@ mod durability;
 mod email;
 mod hostile;
 mod layout;
+mod metrics;
 mod proxies;
 mod recorder;
 mod routing;

@@ -1,0 +1,275 @@
+//! `GET /metrics` against the real daemon, read back with a real Prometheus parser (the Python
+//! client's, from Debian's `python3-prometheus-client`): the values follow what was sent.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+
+use crate::harness::*;
+
+/// The samples of a scrape, by name and labels (`name{a="1",b="2"}`, labels sorted), as the
+/// Prometheus client library parses them.
+fn parse(text: &str) -> HashMap<String, f64> {
+    let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+samples = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+        samples[f"{s.name}{{{labels}}}"] = s.value
+print(json.dumps(samples))
+"#;
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 with prometheus_client (tests/run.sh installs it)");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused the scrape: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `promtool check metrics` on a scrape: the exposition format and Prometheus's naming rules.
+/// CI installs promtool (Debian's `prometheus`) and so requires it; elsewhere it is used when
+/// present.
+fn promtool_check(text: &str) {
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(_) if std::env::var_os("CI").is_none() => return,
+        Err(err) => panic!("promtool is required in CI: {err}"),
+    };
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn scrape(daemon: &Daemon) -> (u16, String, String) {
+    let response = daemon
+        .client
+        .get(daemon.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, content_type, response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_what_was_sent_and_delivered() {
+    let dir = tempdir();
+    let stuck = fifo(dir.path(), "stuck.fifo");
+    let rest = format!(
+        r#"[sources.cl]
+secret = "{CL_SECRET}"
+
+[sinks.archive]
+type = "file"
+path = "{}"
+
+[sinks.stuck]
+type = "file"
+path = "{}"
+
+[sinks.gone]
+type = "http"
+url = "http://127.0.0.1:1/in"
+delivery = {{ retry = {{ max_attempts = 1 }} }}
+
+[[routes]]
+name = "all"
+events = ["*"]
+sinks = ["archive", "stuck", "gone"]
+"#,
+        dir.path().join("events.jsonl").display(),
+        stuck.display()
+    );
+    let daemon = Daemon::start(dir.path(), &config(dir.path(), NO_LIMITS, &rest));
+    daemon.accept_cl(&scan_body("m-1")).await;
+    daemon.accept_cl(&scan_body("m-2")).await;
+    assert_eq!(daemon.post_cl(&scan_body("m-1")).await.status, 200);
+    let forged = [("x-compliancelayer-signature", "0".repeat(64))];
+    assert_eq!(
+        daemon
+            .post("/hooks/cl", &scan_body("m-3"), &forged)
+            .await
+            .status,
+        401
+    );
+    assert_eq!(daemon.post("/hooks/nowhere", b"{}", &[]).await.status, 404);
+    wait_lines(&dir.path().join("events.jsonl"), 2).await;
+    eventually(|| {
+        let dead: i64 = daemon.value("SELECT count(*) FROM jobs WHERE status = 'dead'");
+        if dead == 2 {
+            Ok(())
+        } else {
+            Err(format!("{dead} dead"))
+        }
+    })
+    .await;
+
+    let (status, content_type, text) = scrape(&daemon).await;
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    promtool_check(&text);
+    let samples = parse(&text);
+    let value = |key: &str| {
+        *samples
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} missing from\n{text}"))
+    };
+    assert_eq!(
+        value(r#"hookroute_requests_total{source="cl",status="202"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"hookroute_requests_total{source="cl",status="200"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"hookroute_requests_total{source="cl",status="401"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"hookroute_requests_total{source="unknown",status="404"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"hookroute_signature_failures_total{reason="invalid_signature",source="cl"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"hookroute_events_accepted_total{source="cl"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"hookroute_events_duplicate_total{source="cl"}"#),
+        1.0
+    );
+    assert_eq!(value("hookroute_ingest_duration_seconds_count{}"), 3.0);
+    assert_eq!(
+        value(r#"hookroute_deliveries_total{outcome="succeeded",sink="archive"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"hookroute_deliveries_total{outcome="dead",sink="gone"}"#),
+        2.0
+    );
+    assert!(value(r#"hookroute_attempt_duration_seconds_count{sink="archive"}"#) >= 1.0);
+    // The stuck sink's jobs wait: one is being attempted (blocked on the FIFO), both count.
+    assert_eq!(value(r#"hookroute_jobs_waiting{sink="stuck"}"#), 2.0);
+    assert!(value(r#"hookroute_oldest_waiting_seconds{sink="stuck"}"#) >= 0.0);
+    assert_eq!(value(r#"hookroute_dead_letters{sink="gone"}"#), 2.0);
+    assert_eq!(
+        value(&format!(
+            r#"hookroute_build_info{{version="{}"}}"#,
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
+    );
+    assert_eq!(
+        value(r#"hookroute_config_reloads_total{outcome="success"}"#),
+        1.0
+    );
+    assert!(value("hookroute_config_last_reload_success_timestamp_seconds{}") > 1.7e9);
+    assert!(value("hookroute_database_size_bytes{}") > 4096.0);
+
+    // A reload that fails is counted, and the last success stays.
+    std::fs::write(&daemon.config_path, "not toml [").unwrap();
+    signal(daemon.pid(), "HUP");
+    eventually(|| {
+        let samples = parse(&futures_block(scrape(&daemon)).2);
+        match samples.get(r#"hookroute_config_reloads_total{outcome="failure"}"#) {
+            Some(n) if *n == 1.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
+/// Runs a future to completion from synchronous code inside the test's runtime.
+fn futures_block<F: std::future::Future>(future: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
+}
+
+#[tokio::test]
+async fn metrics_can_be_limited_to_some_addresses_or_turned_off() {
+    let dir = tempdir();
+    let only_elsewhere = format!(
+        "[metrics]\nallowed_ips = [\"10.0.0.0/8\"]\n\n{}",
+        standard_rest(dir.path())
+    );
+    let daemon = Daemon::start(dir.path(), &config(dir.path(), NO_LIMITS, &only_elsewhere));
+    let (status, _, text) = scrape(&daemon).await;
+    assert_eq!(status, 403, "{text}");
+    drop(daemon);
+
+    let dir = tempdir();
+    let off = format!(
+        "[metrics]\nenabled = false\n\n{}",
+        standard_rest(dir.path())
+    );
+    let daemon = Daemon::start(dir.path(), &config(dir.path(), NO_LIMITS, &off));
+    assert_eq!(scrape(&daemon).await.0, 404);
+}
+
+/// The alert rules the README offers are valid Prometheus rules (`promtool check rules`).
+#[test]
+fn the_readme_alert_rules_are_valid() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let rules = readme
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a yaml block of alert rules in README.md");
+    for metric in [
+        "hookroute_dead_letters",
+        "hookroute_oldest_waiting_seconds",
+        "hookroute_signature_failures_total",
+    ] {
+        assert!(rules.contains(metric), "{metric} has no rule");
+    }
+    let dir = tempdir();
+    let file = dir.path().join("rules.yml");
+    std::fs::write(&file, rules).unwrap();
+    match Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "promtool check rules: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(_) if std::env::var_os("CI").is_none() => {}
+        Err(err) => panic!("promtool is required in CI: {err}"),
+    }
+}
