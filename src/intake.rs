@@ -100,15 +100,13 @@ impl Intake {
                 if jobs > handed.len() {
                     self.new_jobs.add(stored_for.iter().map(String::as_str));
                 }
-                // Debug: an unrouted event is recorded (`deliveries list --status unrouted`),
-                // and event types no route takes are pointed out when the configuration loads.
                 if unrouted {
                     self.metrics.unrouted(source);
-                    tracing::debug!(%source, %event_type, %delivery_id, event_id = id, "no route matched");
+                    tracing::info!(event_id = id, %delivery_id, %source, %event_type, "no route matched");
                 }
                 for route in suppressed {
                     self.metrics.suppressed(&route);
-                    tracing::info!(%source, %event_type, %delivery_id, event_id = id, %route, "suppressed by throttle");
+                    tracing::info!(event_id = id, %delivery_id, %source, %event_type, %route, "suppressed by throttle");
                 }
                 self.new_jobs.hand_over(handed, event);
                 Ok(Accepted::New { id, jobs })

@@ -5,17 +5,27 @@ use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
+use hookroute::config::raw::LogFormat;
 use tracing_subscriber::EnvFilter;
+
+/// Without `RUST_LOG`: hookroute's own lines from info up, and only warnings and errors from
+/// the libraries it uses.
+const DEFAULT_FILTER: &str = "warn,hookroute=info";
 
 fn main() -> ExitCode {
     let cli = hookroute::cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // An empty RUST_LOG (a unit's `Environment=RUST_LOG=`) means the default, not silence.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::new(directives),
+        _ => EnvFilter::new(DEFAULT_FILTER),
+    };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match hookroute::config::log_format(Some(cli.config_path())) {
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     match hookroute::cli::run(cli) {
         Ok(code) => code,
         Err(err) => {

@@ -31,6 +31,21 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The configuration file the command reads.
+    pub fn config_path(&self) -> &std::path::Path {
+        match &self.command {
+            Command::Serve(args) | Command::CheckConfig(args) => &args.config,
+            Command::Send(args) => &args.config,
+            Command::RouteTest(args) => &args.config,
+            Command::Deliveries(DeliveriesCommand::List(args)) => &args.config,
+            Command::Deliveries(DeliveriesCommand::Show(args)) => &args.config,
+            Command::Replay(args) => &args.config,
+            Command::DeadLetter(DeadLetterCommand::Retry(args)) => &args.config,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon.

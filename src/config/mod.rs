@@ -154,6 +154,26 @@ pub enum ConfigError {
     },
 }
 
+/// The log format `[log] format` (or `HOOKROUTE_LOG__FORMAT`) asks for, read on its own before
+/// logging starts, so the rest of the configuration's problems are logged in that format. A
+/// file that cannot be read or parsed gives the default; loading it properly reports why.
+pub fn log_format(path: Option<&Path>) -> raw::LogFormat {
+    #[derive(serde::Deserialize, Default)]
+    struct OnlyLog {
+        #[serde(default)]
+        log: raw::RawLog,
+    }
+    let mut figment = Figment::new();
+    if let Some(path) = path {
+        figment = figment.merge(Toml::file(path));
+    }
+    figment
+        .merge(Env::prefixed(ENV_PREFIX).split("__").only(&["log.format"]))
+        .extract::<OnlyLog>()
+        .map(|only| only.log.format)
+        .unwrap_or_default()
+}
+
 /// Reads, overrides and validates the configuration at `path`.
 ///
 /// # Errors

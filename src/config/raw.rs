@@ -42,6 +42,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub metrics: RawMetrics,
     #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
     pub sources: BTreeMap<String, RawSource>,
     #[serde(default)]
     pub sinks: BTreeMap<String, SinkSpec>,
@@ -73,6 +75,24 @@ impl Default for RawMetrics {
             allowed_ips: Vec::new(),
         }
     }
+}
+
+/// `[log]`: how log lines are written (read before the rest, see `config::log_format`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub format: LogFormat,
+}
+
+/// A log line's shape.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `key=value` text, for people and the journal.
+    #[default]
+    Text,
+    /// One JSON object per line, for Vector, Loki and the like.
+    Json,
 }
 
 /// The rules file named by `rules_file`.

@@ -55,6 +55,8 @@ pub(super) async fn attempt(
     let deliveries: Vec<Delivery<'_>> = prepared
         .iter()
         .map(|(job, event, message): &(Job, _, Message)| Delivery {
+            job_id: job.id,
+            event_id: job.event_id,
             event,
             route: &job.route,
             message,
@@ -168,15 +170,15 @@ pub(super) async fn finish(
         );
         match outcome {
             AttemptOutcome::Succeeded { .. } => {
-                tracing::debug!(%sink, job = job.id, attempt = job.attempt, "delivered");
+                tracing::debug!(job_id = job.id, event_id = job.event_id, %sink, route = %job.route, attempt = job.attempt, "delivered");
             }
             AttemptOutcome::Failed {
                 error, retry_at, ..
             } => {
-                tracing::warn!(%sink, job = job.id, attempt = job.attempt, %error, %retry_at, "delivery failed; will retry");
+                tracing::warn!(job_id = job.id, event_id = job.event_id, %sink, route = %job.route, attempt = job.attempt, %error, %retry_at, "delivery failed; will retry");
             }
             AttemptOutcome::Dead { error, .. } => {
-                tracing::error!(%sink, job = job.id, attempt = job.attempt, %error, "delivery failed for good (dead letter)");
+                tracing::error!(job_id = job.id, event_id = job.event_id, %sink, route = %job.route, attempt = job.attempt, %error, "delivery failed for good (dead letter)");
             }
         }
     }

@@ -85,15 +85,14 @@ pub async fn ingest(
             state
                 .metrics
                 .ingested(&source_name, true, arrived.elapsed());
-            // Debug, not info: the `log` sink is how an operator journals every event.
-            tracing::debug!(source = %source_name, %event_type, %delivery_id, event_id = id, jobs, %client, "delivery accepted");
+            tracing::info!(event_id = id, %delivery_id, source = %source_name, %event_type, jobs, %client, "delivery accepted");
             (StatusCode::ACCEPTED, "accepted", id)
         }
         Ok(Accepted::Duplicate(id)) => {
             state
                 .metrics
                 .ingested(&source_name, false, arrived.elapsed());
-            tracing::debug!(source = %source_name, %event_type, %delivery_id, event_id = id, "duplicate delivery");
+            tracing::info!(event_id = id, %delivery_id, source = %source_name, %event_type, %client, "duplicate delivery");
             (StatusCode::OK, "duplicate", id)
         }
         Err(err) => {

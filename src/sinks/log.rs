@@ -56,6 +56,8 @@ impl Sink for LogSink {
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
         let event = delivery.event;
         tracing::info!(
+            job_id = delivery.job_id,
+            event_id = delivery.event_id,
             sink = %self.name,
             route = %delivery.route,
             source = %event.source,

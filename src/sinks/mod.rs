@@ -40,6 +40,9 @@ use crate::templates::{Message, TemplateRef};
 /// One event on its way to one sink through one route.
 #[derive(Debug, Clone, Copy)]
 pub struct Delivery<'a> {
+    /// The job this delivery is, and its stored event's id: for log lines and records.
+    pub job_id: i64,
+    pub event_id: i64,
     pub event: &'a Event,
     pub route: &'a str,
     /// Rendered from the route's, the sink's or the default template; empty for sinks that

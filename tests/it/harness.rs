@@ -172,11 +172,18 @@ impl Daemon {
         let lines = Arc::clone(&log);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // `addr=…` in text lines, `"addr":"…"` in JSON ones.
                 let listening = line
-                    .contains(" listening ")
-                    .then(|| line.split("addr=").nth(1))
+                    .contains("listening")
+                    .then(|| {
+                        line.split("addr=")
+                            .nth(1)
+                            .or_else(|| line.split("\"addr\":\"").nth(1))
+                    })
                     .flatten();
-                if let Some(addr) = listening.and_then(|s| s.split_whitespace().next()) {
+                if let Some(addr) =
+                    listening.and_then(|s| s.split(|c: char| c.is_whitespace() || c == '"').next())
+                {
                     let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
                 }
                 lines.lock().unwrap().push(line);

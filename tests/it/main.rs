@@ -10,6 +10,7 @@ mod durability;
 mod email;
 mod hostile;
 mod layout;
+mod logs;
 mod metrics;
 mod proxies;
 mod recorder;
