@@ -119,8 +119,8 @@ impl super::SinkConfig for EmailSinkConfig {
         problems
     }
 
-    fn build(&self, _name: &str) -> Result<std::sync::Arc<dyn Sink>, String> {
-        Ok(std::sync::Arc::new(EmailSink::new(self)?))
+    fn build(&self, name: &str) -> Result<std::sync::Arc<dyn Sink>, String> {
+        Ok(std::sync::Arc::new(EmailSink::new(self, name)?))
     }
 
     fn template(&self) -> Option<&TemplateRef> {
@@ -151,6 +151,9 @@ fn mailbox(key: &str, text: &str) -> Result<Mailbox, String> {
 }
 
 pub struct EmailSink {
+    name: String,
+    /// The relay must offer STARTTLS: if it does not, say how to change that.
+    starttls_required: bool,
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
     to: Vec<Mailbox>,
@@ -159,7 +162,7 @@ pub struct EmailSink {
 impl EmailSink {
     /// # Errors
     /// The password or CA file cannot be read, or the transport cannot be built.
-    pub fn new(config: &EmailSinkConfig) -> Result<Self, String> {
+    pub fn new(config: &EmailSinkConfig, name: &str) -> Result<Self, String> {
         super::install_tls_provider();
         let url = reqwest::Url::parse(&config.url).map_err(|e| format!("url: {e}"))?;
         let host = url
@@ -194,6 +197,8 @@ impl EmailSink {
             ));
         }
         Ok(Self {
+            name: name.to_owned(),
+            starttls_required: !implicit && config.starttls == StartTls::Required,
             transport: builder.build(),
             from: mailbox("from", &config.from)?,
             to: config
@@ -204,7 +209,32 @@ impl EmailSink {
         })
     }
 
-    async fn send(&self, subject: &str, text: &str) -> Result<String, SinkError> {
+    /// A `Message-ID` that is the same each time these deliveries are retried, so a mail client
+    /// can recognise a repeat (delivery is at least once): from the sink, the routes and the
+    /// events' delivery ids.
+    fn message_id(&self, deliveries: &[Delivery<'_>]) -> String {
+        use sha2::{Digest as _, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(self.name.as_bytes());
+        for delivery in deliveries {
+            for part in [
+                delivery.route,
+                &delivery.event.source,
+                &delivery.event.delivery_id,
+            ] {
+                hash.update([0]);
+                hash.update(part.as_bytes());
+            }
+        }
+        format!("<{}@hookroute>", &hex::encode(hash.finalize())[..32])
+    }
+
+    async fn send(
+        &self,
+        subject: &str,
+        text: &str,
+        message_id: String,
+    ) -> Result<String, SinkError> {
         let text = normalise(text);
         let html = format!(
             "<!doctype html><html><body><h2>{}</h2><p>{}</p></body></html>",
@@ -218,6 +248,7 @@ impl EmailSink {
                 .body(body)
         };
         let mut message = Message::builder()
+            .message_id(Some(message_id))
             .from(self.from.clone())
             .subject(one_line(subject));
         for to in &self.to {
@@ -236,6 +267,17 @@ impl EmailSink {
                 response.code(),
                 response.message().collect::<Vec<_>>().join(" ")
             ))),
+            Err(err)
+                if self.starttls_required
+                    && err.is_client()
+                    && err.to_string().contains("STARTTLS") =>
+            {
+                Err(SinkError::permanent(format!(
+                    "SMTP: {err}; the relay does not offer STARTTLS, which starttls = \"required\" \
+                     (the default) asks for: use smtps://, or set starttls = \"opportunistic\" or \
+                     \"never\" for a relay you trust"
+                )))
+            }
             Err(err) if err.is_permanent() => Err(SinkError::permanent(format!("SMTP: {err}"))),
             Err(err) => Err(SinkError::transient(format!("SMTP: {err}"))),
         }
@@ -245,7 +287,8 @@ impl EmailSink {
 #[async_trait]
 impl Sink for EmailSink {
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
-        self.send(&delivery.message.title, &delivery.message.body)
+        let id = self.message_id(std::slice::from_ref(delivery));
+        self.send(&delivery.message.title, &delivery.message.body, id)
             .await
     }
 
@@ -272,7 +315,8 @@ impl Sink for EmailSink {
             })
             .collect::<Vec<_>>()
             .join("\n\n----\n\n");
-        self.send(&subject, &body).await
+        self.send(&subject, &body, self.message_id(deliveries))
+            .await
     }
 }
 

@@ -1,4 +1,6 @@
-//! The `file` sink: appends one JSON line per event, for archives and for `tail -f`.
+//! The `file` sink: appends one JSON line per event, for archives and for `tail -f`. A rotated
+//! file (logrotate, `systemd/hookroute.logrotate`) is noticed at the next write: the path is
+//! opened again, no signal needed.
 
 use std::fs::File;
 use std::io::Write;
@@ -88,6 +90,11 @@ impl Target {
     /// line.
     fn append(&self, line: &[u8]) -> Result<(), SinkError> {
         let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        // logrotate renamed or removed the file (and may have created a new one): write to
+        // whatever the path names now, never on into the rotated file.
+        if guard.as_ref().is_some_and(|file| !self.is_at_path(file)) {
+            *guard = None;
+        }
         let file = match &mut *guard {
             Some(file) => file,
             empty => empty.insert(self.open().map_err(|e| self.io_error(e))?),
@@ -98,6 +105,15 @@ impl Target {
             return Err(self.io_error(err));
         }
         Ok(())
+    }
+
+    /// Whether the path still names `file` (two `stat`s per batch of lines).
+    fn is_at_path(&self, file: &File) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        match (std::fs::metadata(&self.path), file.metadata()) {
+            (Ok(named), Ok(open)) => named.dev() == open.dev() && named.ino() == open.ino(),
+            _ => false,
+        }
     }
 
     fn open(&self) -> std::io::Result<File> {

@@ -742,3 +742,35 @@ async fn jobs_of_a_sink_removed_by_reload_become_dead_letters() {
     let error: String = daemon.value("SELECT last_error FROM jobs WHERE sink = 'forward'");
     assert_eq!(error, "sink \"forward\" is no longer configured");
 }
+
+/// logrotate renames the archive (and may create an empty one in its place): the next
+/// delivery goes to a file at the configured path, never on into the rotated one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_sink_follows_its_path_after_a_rotation() {
+    let dir = tempdir();
+    let archive = dir.path().join("events.jsonl");
+    let daemon = Daemon::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
+    );
+    daemon.accept_cl(&scan_body("before")).await;
+    wait_lines(&archive, 1).await;
+    // Rotated away, nothing in its place.
+    std::fs::rename(&archive, dir.path().join("events.jsonl.1")).unwrap();
+    daemon.accept_cl(&scan_body("after-rename")).await;
+    let lines = wait_lines(&archive, 1).await;
+    assert_eq!(lines.len(), 1, "the path was not reopened");
+    assert_eq!(lines[0]["delivery_id"], "after-rename");
+    // Rotated with `create`: an empty file appears at the path.
+    std::fs::rename(&archive, dir.path().join("events.jsonl.2")).unwrap();
+    std::fs::write(&archive, "").unwrap();
+    daemon.accept_cl(&scan_body("after-create")).await;
+    let lines = wait_lines(&archive, 1).await;
+    assert_eq!(lines.len(), 1, "the new file was not written");
+    assert_eq!(lines[0]["delivery_id"], "after-create");
+    let rotated = |name: &str| read_lines(&dir.path().join(name)).len();
+    assert_eq!(
+        (rotated("events.jsonl.1"), rotated("events.jsonl.2")),
+        (1, 1)
+    );
+}

@@ -372,3 +372,43 @@ templates = { email = { text = "{{ data.subject }}\n{{ data.body }}" } }
     assert!(error.contains("550"), "{error}");
     wait_status(&daemon, "ops", "succeeded").await;
 }
+
+/// A relay that offers no STARTTLS, while the sink requires it (the default): nothing is sent
+/// in clear, the job dies at once, and the error says what to change. A message that does go
+/// out carries a `Date` and a `Message-ID` that stays the same when the job is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_required_against_a_plain_relay_says_what_to_set() {
+    let dir = tempdir();
+    let smtp = Smtp::start(dir.path(), "plain-relay", "plain", None, None);
+    let sink = |name: &str, starttls: &str| {
+        format!(
+            "[sinks.{name}]\ntype = \"email\"\nurl = \"smtp://127.0.0.1:{}\"\n{starttls}\nfrom = \"h@example.com\"\nto = [\"a@example.com\"]\n",
+            smtp.port
+        )
+    };
+    let sinks = sink("strict", "") + &sink("relay", "starttls = \"never\"");
+    let routes = "[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = [\"strict\", \"relay\"]\n";
+    let daemon = daemon_with(dir.path(), &sinks, routes);
+    daemon.accept_cl(&scan_body("mid")).await;
+
+    let error = wait_status(&daemon, "strict", "dead")
+        .await
+        .unwrap_or_default();
+    assert!(error.contains("starttls"), "{error}");
+    let attempts: i64 = daemon.value("SELECT attempts FROM jobs WHERE sink = 'strict'");
+    assert_eq!(attempts, 1, "a permanent failure");
+
+    let message = &smtp.messages(1).await[0];
+    let header = |name: &str| {
+        message["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h[0].as_str().unwrap().eq_ignore_ascii_case(name))
+            .map(|h| h[1].as_str().unwrap().to_owned())
+    };
+    assert!(header("Date").is_some(), "{message}");
+    let id = header("Message-ID").expect("a Message-ID");
+    assert!(id.starts_with('<') && id.ends_with("@hookroute>"), "{id}");
+    assert_eq!(smtp.received().len(), 1, "the strict sink sent nothing");
+}

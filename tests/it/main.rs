@@ -6,6 +6,7 @@ mod harness;
 mod cli;
 mod dedupe;
 mod delivery;
+mod deploy;
 mod durability;
 mod email;
 mod hostile;
