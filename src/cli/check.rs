@@ -126,26 +126,45 @@ fn summary(config: &Config) -> String {
 }
 
 pub(super) fn route_test(args: RouteTestArgs) -> anyhow::Result<ExitCode> {
-    use std::fmt::Write as _;
     let config = config::load(&args.config)?;
-    let source = match &args.source {
-        Some(name) => config
-            .sources
-            .iter()
-            .find(|s| &s.name == name)
-            .map(|s| s.name.clone())
-            .with_context(|| format!("no source named {name:?} in {}", config.file.display()))?,
-        None => config
-            .sources
-            .first()
-            .map(|s| s.name.clone())
-            .unwrap_or_default(),
+    // Routes may depend on the source: without --source, the event is shown from each.
+    let sources: Vec<&str> = match &args.source {
+        Some(name) => vec![
+            config
+                .sources
+                .iter()
+                .find(|s| &s.name == name)
+                .map(|s| s.name.as_str())
+                .with_context(|| {
+                    format!("no source named {name:?} in {}", config.file.display())
+                })?,
+        ],
+        None => config.sources.iter().map(|s| s.name.as_str()).collect(),
     };
     let body = std::fs::read(&args.event)
         .with_context(|| format!("cannot read {}", args.event.display()))?;
-    let event = Event::parse(&source, &body, None, None)
-        .with_context(|| format!("{} is not an event", args.event.display()))?;
+    let mut matched = 0;
+    for (i, source) in sources.iter().enumerate() {
+        let event = Event::parse(source, &body, None, None)
+            .with_context(|| format!("{} is not an event", args.event.display()))?;
+        if i > 0 {
+            println!();
+        }
+        let (text, n) = explain(&config, &event);
+        print!("{text}");
+        matched += n;
+    }
+    Ok(if matched == 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
 
+/// Every route's verdict on `event` and why, and what each matched sink would get; returns the
+/// text and how many routes matched.
+fn explain(config: &Config, event: &Event) -> (String, usize) {
+    use std::fmt::Write as _;
     let routing = &config.routing;
     let mut out = String::new();
     let _ = writeln!(
@@ -154,7 +173,7 @@ pub(super) fn route_test(args: RouteTestArgs) -> anyhow::Result<ExitCode> {
         event.event_type, event.source, event.delivery_id
     );
     let mut matched = 0;
-    for (i, (route, verdict)) in routing.table.evaluate(&event).into_iter().enumerate() {
+    for (i, (route, verdict)) in routing.table.evaluate(event).into_iter().enumerate() {
         let _ = write!(out, "{}. {:?}: ", i + 1, route.name);
         let when = route.when.as_ref().map(|w| w.text()).unwrap_or_default();
         match verdict {
@@ -185,7 +204,7 @@ pub(super) fn route_test(args: RouteTestArgs) -> anyhow::Result<ExitCode> {
                         let _ = writeln!(out, "      {what}");
                         continue;
                     }
-                    let message = routing.message(&route.name, name, kind, &event);
+                    let message = routing.message(&route.name, name, kind, event);
                     for line in std::iter::once(message.title.as_str()).chain(message.body.lines())
                     {
                         let _ = writeln!(out, "      | {line}");
@@ -225,10 +244,5 @@ pub(super) fn route_test(args: RouteTestArgs) -> anyhow::Result<ExitCode> {
     } else {
         let _ = writeln!(out, "result: {matched} route(s) matched");
     }
-    print!("{out}");
-    Ok(if matched == 0 {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    (out, matched)
 }

@@ -137,7 +137,7 @@ pub struct RouteTestArgs {
     /// Configuration file.
     #[arg(long, short, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
-    /// The source the event comes from; defaults to the first configured source.
+    /// The source the event comes from; without it, the event is shown from every source.
     #[arg(long)]
     pub source: Option<String>,
     /// The event's JSON body, as the sender would post it.

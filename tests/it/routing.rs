@@ -592,3 +592,32 @@ fn route_test_shows_what_each_kind_of_sink_gets() {
         "{out}"
     );
 }
+
+/// Without `--source`, an event is shown from every source, since routes may name sources:
+/// a Scorecard sample is not reported as if ComplianceLayer had sent it.
+#[test]
+fn route_test_without_a_source_shows_every_source() {
+    let dir = tempdir();
+    let rest = format!(
+        "[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n[sources.scorecard]\nscheme = \"token\"\nsecret = \"t0ken\"\n\n[sinks.console]\ntype = \"log\"\n\n[[routes]]\nname = \"scorecard policies\"\nevents = [\"policy.*\"]\nsources = [\"scorecard\"]\nsinks = [\"console\"]\n"
+    );
+    let path = write_config(dir.path(), &config(dir.path(), NO_LIMITS, &rest));
+    let event = dir.path().join("event.json");
+    std::fs::write(&event, sample("scorecard-policy.published.json")).unwrap();
+    let out = Command::new(BIN)
+        .args(["route-test", "--config"])
+        .arg(&path)
+        .arg(&event)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let from_cl = text.find("from cl ").expect("shown from cl");
+    let from_scorecard = text.find("from scorecard ").expect("shown from scorecard");
+    assert!(from_cl < from_scorecard, "{text}");
+    assert!(
+        text[from_cl..from_scorecard].contains("no match: source \"cl\""),
+        "{text}"
+    );
+    assert!(text[from_scorecard..].contains("MATCHED"), "{text}");
+}
