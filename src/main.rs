@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(stderr);
-    match hookroute::config::log_format(Some(cli.config_path())) {
+    match hookroute::config::log_format(cli.config_path()) {
         LogFormat::Json => logs.json().flatten_event(true).init(),
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
     }

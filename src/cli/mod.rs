@@ -32,9 +32,9 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// The configuration file the command reads.
-    pub fn config_path(&self) -> &std::path::Path {
-        match &self.command {
+    /// The configuration file the command reads, if it reads one.
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        Some(match &self.command {
             Command::Serve(args) | Command::CheckConfig(args) => &args.config,
             Command::Send(args) => &args.config,
             Command::RouteTest(args) => &args.config,
@@ -42,7 +42,8 @@ impl Cli {
             Command::Deliveries(DeliveriesCommand::Show(args)) => &args.config,
             Command::Replay(args) => &args.config,
             Command::DeadLetter(DeadLetterCommand::Retry(args)) => &args.config,
-        }
+            Command::Completions { .. } | Command::Man => return None,
+        })
     }
 }
 
@@ -65,6 +66,15 @@ pub enum Command {
     /// Dead letters: deliveries that failed for good.
     #[command(subcommand)]
     DeadLetter(DeadLetterCommand),
+    /// Print a shell completion script, e.g. `hookroute completions bash >
+    /// /usr/share/bash-completion/completions/hookroute`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `hookroute man > hookroute.1`.
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,15 +93,20 @@ pub enum DeadLetterCommand {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    /// Configuration file (the tools read its `[storage]` and, for replay, its routes).
     #[arg(long, short, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
+    /// Only rows with this status: pending, succeeded, failed (will retry), dead,
+    /// suppressed or unrouted.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::store::admin::STATUSES))]
     pub status: Option<String>,
+    /// Only events from this source.
     #[arg(long)]
     pub source: Option<String>,
     /// Only events received within this long, e.g. "1h", "7d".
     #[arg(long, value_parser = humantime::parse_duration)]
     pub since: Option<Duration>,
+    /// At most this many rows.
     #[arg(long, default_value_t = 100)]
     pub limit: usize,
     /// One JSON object per line.
@@ -101,16 +116,19 @@ pub struct ListArgs {
 
 #[derive(Debug, Args)]
 pub struct ShowArgs {
+    /// Configuration file (the tools read its `[storage]` and, for replay, its routes).
     #[arg(long, short, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
     /// Event id (the `id` the daemon answered with, or the EVENT column of `list`).
     pub id: i64,
+    /// The event, its routing and its jobs as one JSON document.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
+    /// Configuration file (the tools read its `[storage]` and, for replay, its routes).
     #[arg(long, short, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
     /// Event id.
@@ -122,6 +140,7 @@ pub struct ReplayArgs {
 
 #[derive(Debug, Args)]
 pub struct RetryArgs {
+    /// Configuration file (the tools read its `[storage]` and, for replay, its routes).
     #[arg(long, short, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
     /// Job id (the JOB column of `deliveries list --status dead`).
@@ -181,6 +200,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Deliveries(DeliveriesCommand::Show(args)) => tools::show(args),
         Command::Replay(args) => tools::replay(args),
         Command::DeadLetter(DeadLetterCommand::Retry(args)) => tools::retry_dead(args),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "hookroute", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut std::io::stdout())
+                .context("cannot write the manual page")?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -211,5 +241,38 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    /// `--help` explains every flag and argument of every command.
+    #[test]
+    fn every_argument_has_help() {
+        fn check(command: &clap::Command, path: &str) {
+            let path = format!("{path} {}", command.get_name());
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                assert!(
+                    builtin || arg.get_help().is_some(),
+                    "{path}: {} has no help",
+                    arg.get_id()
+                );
+            }
+            for sub in command.get_subcommands() {
+                assert!(
+                    sub.get_about().is_some(),
+                    "{path} {} has no about",
+                    sub.get_name()
+                );
+                check(sub, &path);
+            }
+        }
+        Cli::command().debug_assert();
+        check(&Cli::command(), "");
     }
 }

@@ -214,3 +214,42 @@ async fn send_signs_and_delivers_a_sample() {
         text(&out)
     );
 }
+
+/// Completions for bash, zsh and fish, and a man page, all from the command definitions.
+#[test]
+fn completions_and_the_man_page_come_from_the_commands() {
+    for (shell, marker) in [
+        ("bash", "_hookroute()"),
+        ("zsh", "#compdef hookroute"),
+        ("fish", "complete -c hookroute"),
+    ] {
+        let out = hookroute(&["completions", shell], &[]);
+        assert!(out.status.success(), "{shell}: {}", text(&out));
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains(marker), "{shell}: {script}");
+        assert!(
+            script.contains("route-test") && script.contains("dead-letter"),
+            "{shell}"
+        );
+    }
+    // The bash script is valid bash.
+    let dir = tempdir();
+    let bash = dir.path().join("hookroute.bash");
+    std::fs::write(&bash, hookroute(&["completions", "bash"], &[]).stdout).unwrap();
+    let checked = Command::new("bash").arg("-n").arg(&bash).status().unwrap();
+    assert!(checked.success());
+
+    let man = hookroute(&["man"], &[]);
+    assert!(man.status.success());
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH hookroute"),
+        "{page}"
+    );
+    for command in ["serve", "check\\-config", "route\\-test", "deliveries"] {
+        assert!(
+            page.contains(command),
+            "{command} missing from the man page"
+        );
+    }
+}
