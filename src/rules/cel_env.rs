@@ -20,10 +20,27 @@ impl Expr {
     /// The parser's message with the line and column of the first problem.
     pub fn compile(text: &str) -> Result<Self, String> {
         match Program::compile(text) {
-            Ok(program) => Ok(Self {
-                text: text.to_owned(),
-                program,
-            }),
+            Ok(program) => {
+                // A name the activation does not provide would make the expression false for
+                // every event: a route that silently never matches (`score < 70` for
+                // `data.score < 70`). Refused here, where the operator sees it.
+                let references = program.references();
+                if let Some(unknown) = references
+                    .variables()
+                    .into_iter()
+                    .find(|name| !VARIABLES.contains(name) && !is_bound(text, name))
+                {
+                    return Err(format!(
+                        "unknown variable {unknown:?} in {text:?}; conditions see {} (fields \
+                         of the payload's data are data.<field>)",
+                        VARIABLES.join(", ")
+                    ));
+                }
+                Ok(Self {
+                    text: text.to_owned(),
+                    program,
+                })
+            }
             Err(errors) => Err(errors
                 .errors
                 .iter()
@@ -43,6 +60,31 @@ impl Expr {
     pub fn text(&self) -> &str {
         &self.text
     }
+}
+
+/// The variables every expression sees (see [`Activation`]).
+pub const VARIABLES: [&str; 6] = [
+    "type",
+    "source",
+    "delivery_id",
+    "occurred_at",
+    "data",
+    "payload",
+];
+
+/// Whether `name` is bound by a macro in `text` (`list.exists(x, x > 1)`): such names are
+/// references too, to the macro's own variable.
+fn is_bound(text: &str, name: &str) -> bool {
+    ["all", "exists", "exists_one", "map", "filter"]
+        .iter()
+        .any(|m| {
+            text.match_indices(&format!(".{m}(")).any(|(at, found)| {
+                text[at + found.len()..]
+                    .trim_start()
+                    .strip_prefix(name)
+                    .is_some_and(|rest| rest.trim_start().starts_with(','))
+            })
+        })
 }
 
 impl fmt::Debug for Expr {

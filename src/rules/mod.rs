@@ -403,4 +403,24 @@ mod tests {
         );
         assert!(text.contains("routes[3] (\"broken\").sinks"), "{text}");
     }
+
+    #[test]
+    fn a_condition_naming_an_unknown_variable_is_an_error_naming_the_route() {
+        let bad = spec("low scores", &["scan.completed"], Some("score < 70"), false);
+        let problems = Route::compile(0, &bad, BTreeMap::new()).unwrap_err();
+        let text = problems.join("\n");
+        assert!(
+            text.contains("routes[0] (\"low scores\").when: unknown variable \"score\""),
+            "{text}"
+        );
+        for fine in [
+            "data.score < 70 || data.grade in ['D', 'F']",
+            "has(data.domain) && type.startsWith('scan.') && source == 'cl'",
+            "data.items.exists(item, item > 3) && data.items.all(x, x != 0)",
+            "payload.id != '' && delivery_id != '' && occurred_at != ''",
+        ] {
+            let ok = spec("fine", &["*"], Some(fine), false);
+            assert!(Route::compile(0, &ok, BTreeMap::new()).is_ok(), "{fine}");
+        }
+    }
 }
