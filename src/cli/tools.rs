@@ -8,7 +8,7 @@ use crate::config::{self, Config};
 use crate::store::admin::{AdminStorage, EventDetail, Filter};
 
 fn admin(config_path: &std::path::Path) -> anyhow::Result<(Config, Box<dyn AdminStorage>)> {
-    let config = config::load(config_path)?;
+    let config = config::load_for_tools(config_path)?;
     let admin = crate::store::open_admin(&config.storage)?;
     Ok((config, admin))
 }

@@ -180,7 +180,25 @@ pub fn log_format(path: Option<&Path>) -> raw::LogFormat {
 /// [`ConfigError`] naming the file, the key and what is wrong with it.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let raw = parse(path)?;
-    validate(path, raw)
+    validate(path, raw, Secrets::Read)
+}
+
+/// As [`load`], for the operator's tools (`deliveries`, `replay`, `dead-letter`), which need
+/// the storage and the routes but never a secret: a secret that cannot be read (an unset
+/// `secret_env` in an incident shell) does not stop them. Sources get a key that is never used.
+///
+/// # Errors
+/// As [`load`], secrets aside.
+pub fn load_for_tools(path: &Path) -> Result<Config, ConfigError> {
+    let raw = parse(path)?;
+    validate(path, raw, Secrets::Skip)
+}
+
+/// Whether validation reads the secrets a configuration names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Secrets {
+    Read,
+    Skip,
 }
 
 /// Step 1: the TOML file, then `HOOKROUTE_*` environment overrides.
@@ -205,12 +223,15 @@ fn parse(path: &Path) -> Result<RawConfig, ConfigError> {
 }
 
 /// Step 2: check everything, collecting every problem rather than stopping at the first.
-fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+fn validate(path: &Path, raw: RawConfig, secrets: Secrets) -> Result<Config, ConfigError> {
     let mut problems = Problems::default();
 
     let server = validate_server(raw.server, &mut problems);
+    // Relative to the configuration file, so the tools find the daemon's database from any
+    // working directory.
+    let base = path.parent().unwrap_or(Path::new("."));
     let storage = StorageConfig {
-        path: raw.storage.path,
+        path: base.join(&raw.storage.path),
         dedupe_retention: raw.storage.dedupe_retention.0,
         event_retention: raw.storage.event_retention.0,
         busy_timeout: raw.storage.busy_timeout.0,
@@ -241,7 +262,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let mut sources = Vec::new();
     for (name, source) in raw.sources {
-        if let Some(source) = sources::validate_source(&name, source, &mut problems) {
+        if let Some(source) = sources::validate_source(&name, source, secrets, &mut problems) {
             sources.push(source);
         }
     }
@@ -259,7 +280,11 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
 
     let mut sinks = Vec::new();
     for (name, spec) in raw.sinks {
-        for problem in spec.validate() {
+        let mut found = spec.validate();
+        if secrets == Secrets::Read {
+            found.extend(spec.read_secrets());
+        }
+        for problem in found {
             match problem.split_once(": ") {
                 Some((key, message)) => problems.add(format!("sinks.{name}.{key}"), message),
                 None => problems.add(format!("sinks.{name}"), problem),

@@ -94,11 +94,7 @@ impl super::SinkConfig for EmailSinkConfig {
             check(mailbox(&format!("to[{i}]"), to).map(drop));
         }
         match (&self.username, &self.password) {
-            (Some(_), Some(password)) => check(
-                password
-                    .validate("password")
-                    .and_then(|()| password.resolve("password").map(drop)),
-            ),
+            (Some(_), Some(password)) => check(password.validate("password")),
             (None, None) => {}
             _ => check(Err("username and password go together".into())),
         }
@@ -121,6 +117,11 @@ impl super::SinkConfig for EmailSinkConfig {
 
     fn build(&self, name: &str) -> Result<std::sync::Arc<dyn Sink>, String> {
         Ok(std::sync::Arc::new(EmailSink::new(self, name)?))
+    }
+
+    fn read_secrets(&self) -> Vec<String> {
+        let read = self.password.as_ref().map(|p| p.resolve("password"));
+        read.and_then(Result::err).into_iter().collect()
     }
 
     fn template(&self) -> Option<&TemplateRef> {

@@ -58,10 +58,14 @@ impl super::SinkConfig for HttpSinkConfig {
                 problems.push(format!("headers.{name}: not a valid header value"));
             }
         }
-        if let Err(problem) = self.signing_key() {
+        if let Some(Err(problem)) = self.sign.as_ref().map(|sign| sign.validate("sign")) {
             problems.push(problem);
         }
         problems
+    }
+
+    fn read_secrets(&self) -> Vec<String> {
+        self.signing_key().err().into_iter().collect()
     }
 
     fn build(&self, _name: &str) -> Result<Arc<dyn Sink>, String> {

@@ -151,9 +151,16 @@ pub trait SinkConfig {
     fn delivery(&self) -> &DeliveryOptions;
 
     /// Every problem with the settings, each as `key: what is wrong` (the key relative to the
-    /// sink). Secrets are read here, so a configuration `check-config` accepts is one `serve`
-    /// can build; no message ever quotes a secret.
+    /// sink). Secrets are only checked for shape here; see [`SinkConfig::read_secrets`].
     fn validate(&self) -> Vec<String>;
+
+    /// Reads the sink's secrets and reports those that cannot be read or used, as
+    /// [`SinkConfig::validate`] does: `check-config` and `serve` call it, so what one accepts
+    /// the other can build; the operator's tools do not, and work without the secrets. No
+    /// message ever quotes a secret.
+    fn read_secrets(&self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Creates the running sink.
     ///
@@ -218,6 +225,11 @@ impl SinkSpec {
         let mut problems = config.delivery().validate();
         problems.extend(config.validate());
         problems
+    }
+
+    /// Every problem reading the sink's secrets (see [`SinkConfig::read_secrets`]).
+    pub fn read_secrets(&self) -> Vec<String> {
+        self.config().read_secrets()
     }
 
     /// Whether the sink shows a rendered message; `file` and `exec` hand over the event
@@ -294,6 +306,7 @@ mod tests {
             assert_eq!(config.batch(), batch, "{kind}");
             assert_eq!(config.digest().is_some(), digests, "{kind}");
             assert_eq!(spec.validate(), Vec::<String>::new(), "{kind}");
+            assert_eq!(spec.read_secrets(), Vec::<String>::new(), "{kind}");
             assert!(config.build("x").is_ok(), "{kind}");
         }
     }
@@ -305,7 +318,8 @@ mod tests {
             "username": "u", "password": {"env": "HOOKROUTE_TEST_UNSET_PASSWORD"},
             "delivery": {"concurrency": 0}
         }));
-        let problems = email.validate();
+        let mut problems = email.validate();
+        problems.extend(email.read_secrets());
         for key in ["delivery.concurrency", "url", "from", "to", "password"] {
             assert!(
                 problems.iter().any(|p| p.starts_with(&format!("{key}: "))),
@@ -316,6 +330,11 @@ mod tests {
             spec(json!({"type": "slack", "webhook_url": {"env": "HOOKROUTE_TEST_UNSET_URL"}}));
         assert_eq!(
             slack.validate(),
+            Vec::<String>::new(),
+            "only read on demand"
+        );
+        assert_eq!(
+            slack.read_secrets(),
             ["webhook_url: environment variable \"HOOKROUTE_TEST_UNSET_URL\" is not set"]
         );
     }

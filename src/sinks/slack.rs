@@ -38,14 +38,15 @@ impl super::SinkConfig for SlackSinkConfig {
     }
 
     fn validate(&self) -> Vec<String> {
-        match self
-            .webhook_url
+        self.webhook_url
             .validate("webhook_url")
-            .and_then(|()| self.url())
-        {
-            Ok(_) => Vec::new(),
-            Err(problem) => vec![problem],
-        }
+            .err()
+            .into_iter()
+            .collect()
+    }
+
+    fn read_secrets(&self) -> Vec<String> {
+        self.url().err().into_iter().collect()
     }
 
     fn build(&self, _name: &str) -> Result<Arc<dyn Sink>, String> {

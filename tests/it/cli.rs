@@ -253,3 +253,62 @@ fn completions_and_the_man_page_come_from_the_commands() {
         );
     }
 }
+
+/// In an incident the operator's shell rarely has the daemon's secrets: the tools work
+/// without them (and from any directory: a relative `storage.path` is the config file's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tools_need_no_secret_and_no_particular_directory() {
+    let dir = tempdir();
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrate_limit = {{ enabled = false }}\n\n[storage]\npath = \"data/hookroute.db\"\n\n[sources.cl]\nsecret_env = \"HOOKROUTE_TEST_CL_SECRET\"\n\n[sinks.chat]\ntype = \"slack\"\nwebhook_url = {{ env = \"HOOKROUTE_TEST_SLACK_URL\" }}\n\n[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n\n{CATCH_ALL}",
+        dir.path().join("events.jsonl").display()
+    );
+    let config = write_config(dir.path(), &toml);
+    let env = [
+        ("HOOKROUTE_TEST_CL_SECRET", CL_SECRET),
+        (
+            "HOOKROUTE_TEST_SLACK_URL",
+            "http://127.0.0.1:1/services/T/B/X",
+        ),
+    ];
+    let daemon = Daemon::start_with(dir.path(), &config, &env);
+    let reply = daemon.accept_cl(&scan_body("incident")).await;
+    let id = reply.json["id"].to_string();
+    assert!(
+        dir.path().join("data/hookroute.db").exists(),
+        "relative to the config file"
+    );
+    wait_lines(&dir.path().join("events.jsonl"), 1).await;
+    daemon.terminate();
+
+    let elsewhere = tempdir();
+    let tool = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .current_dir(elsewhere.path())
+            .env_remove("HOOKROUTE_TEST_CL_SECRET")
+            .env_remove("HOOKROUTE_TEST_SLACK_URL")
+            .output()
+            .unwrap();
+        (out.status.code(), text(&out))
+    };
+    let (code, out) = tool(&["deliveries", "list"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("scan.completed") && out.contains("succeeded"),
+        "{out}"
+    );
+    assert_eq!(tool(&["deliveries", "show", &id]).0, Some(0));
+    let (code, out) = tool(&["replay", &id, "--sink", "archive"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(tool(&["dead-letter", "retry", "--all"]).0, Some(0));
+    // check-config still reads every secret: what it accepts, serve can run.
+    let (code, out) = tool(&["check-config"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("HOOKROUTE_TEST_CL_SECRET") && out.contains("HOOKROUTE_TEST_SLACK_URL"),
+        "{out}"
+    );
+}
