@@ -26,7 +26,15 @@ async fn run(format: &str) -> (tempfile::TempDir, Vec<String>) {
         }
     })
     .await;
-    let log = daemon.log();
+    // Lines are written by a thread of their own: wait for them, not only for the database.
+    let log = eventually(|| {
+        let log = daemon.log();
+        let all = ["delivery accepted", "no route matched", "dead letter"]
+            .iter()
+            .all(|line| log.contains(line));
+        if all { Ok(log) } else { Err(log) }
+    })
+    .await;
     drop(daemon);
     (dir, log.lines().map(str::to_owned).collect())
 }
