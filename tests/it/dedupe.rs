@@ -138,11 +138,7 @@ async fn dedupe_records_expire_after_the_retention() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(daemon.count("dedupe"), 0, "{}", daemon.log());
-    assert!(
-        daemon.log().contains("pruned expired records what=Dedupe"),
-        "{}",
-        daemon.log()
-    );
+    wait_log(&daemon, "pruned expired records what=Dedupe").await;
     daemon.accept_cl(&body).await;
     assert_eq!(daemon.count("events"), 2);
 }

@@ -471,6 +471,25 @@ pub async fn wait_lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
     }
 }
 
+/// Waits until the daemon's log holds `needle` `times` times (its lines are written by a
+/// thread of their own, a moment after what they report), and returns the log.
+pub async fn wait_log_n(daemon: &Daemon, needle: &str, times: usize) -> String {
+    eventually(|| {
+        let log = daemon.log();
+        if log.matches(needle).count() >= times {
+            Ok(log)
+        } else {
+            Err(format!("{needle:?} not logged {times} times:\n{log}"))
+        }
+    })
+    .await
+}
+
+/// Waits until the daemon's log holds `needle`, and returns the log.
+pub async fn wait_log(daemon: &Daemon, needle: &str) -> String {
+    wait_log_n(daemon, needle, 1).await
+}
+
 /// Polls `check` until it succeeds, for at most 20 s; then fails with its last complaint.
 pub async fn eventually<T>(mut check: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -150,7 +150,8 @@ async fn sink_secrets_never_reach_the_log_the_database_or_the_tools() {
     let event = reply.json["id"].to_string();
     wait_status(&daemon, "dead", names.len() as i64).await;
 
-    let mut seen = vec![("log".to_owned(), daemon.log())];
+    let log = wait_log_n(&daemon, "dead letter", names.len()).await;
+    let mut seen = vec![("log".to_owned(), log)];
     seen.push(("database".into(), database_bytes(dir.path())));
     for args in [
         vec!["deliveries", "list"],

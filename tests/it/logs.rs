@@ -105,7 +105,7 @@ async fn the_format_can_come_from_the_environment() {
     );
     let daemon = Daemon::start_with(dir.path(), &path, &[("HOOKROUTE_LOG__FORMAT", "json")]);
     daemon.accept_cl(&scan_body("env")).await;
-    let log = daemon.log();
+    let log = wait_log(&daemon, "delivery accepted").await;
     assert!(log.lines().count() >= 2, "{log}");
     for line in log.lines() {
         let line: serde_json::Value =

@@ -64,18 +64,6 @@ async fn wait_dispatched(daemon: &Daemon, events: i64) {
     assert_eq!(routed, events, "{}", daemon.log());
 }
 
-async fn wait_log(daemon: &Daemon, needle: &str) {
-    eventually(|| {
-        let log = daemon.log();
-        if log.contains(needle) {
-            Ok(())
-        } else {
-            Err(format!("{needle:?} not logged:\n{log}"))
-        }
-    })
-    .await
-}
-
 async fn post_scorecard(daemon: &Daemon, body: &[u8]) -> Reply {
     daemon
         .post(
