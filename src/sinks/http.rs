@@ -26,8 +26,12 @@ pub struct HttpSinkConfig {
     pub url: String,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// Send the rendered message as text instead of the event as JSON.
+    /// Send the rendered message instead of the event as JSON.
     pub template: Option<TemplateRef>,
+    /// The `Content-Type` of a rendered message (default `text/plain; charset=utf-8`). A JSON
+    /// type (`application/json`, `application/*+json`) makes the template a JSON body builder:
+    /// Teams, Mattermost, Discord and PagerDuty take one; what it renders must parse as JSON.
+    pub content_type: Option<String>,
     /// Re-sign each request with Standard Webhooks headers under this `whsec_` secret.
     pub sign: Option<SecretSource>,
     #[serde(default)]
@@ -50,7 +54,16 @@ impl super::SinkConfig for HttpSinkConfig {
             Ok(_) => problems.push("url: must be http:// or https://".into()),
             Err(err) => problems.push(format!("url: {err}")),
         }
+        if self.content_type.is_some() && self.template.is_none() {
+            problems.push("content_type: applies to a `template`; the event itself is JSON".into());
+        }
+        if let Some(Err(_)) = self.content_type.as_deref().map(HeaderValue::try_from) {
+            problems.push("content_type: not a valid header value".into());
+        }
         for (name, value) in &self.headers {
+            if name.eq_ignore_ascii_case("content-type") {
+                problems.push(format!("headers.{name}: set by the sink; use content_type"));
+            }
             if HeaderName::try_from(name.as_str()).is_err() {
                 problems.push(format!("headers: {name:?} is not a header name"));
             }
@@ -95,7 +108,8 @@ pub struct HttpSink {
     client: reqwest::Client,
     url: String,
     headers: reqwest::header::HeaderMap,
-    as_text: bool,
+    /// With a template: the rendered message's `Content-Type`, and whether it must be JSON.
+    as_text: Option<(HeaderValue, bool)>,
     signer: Option<Verifier>,
 }
 
@@ -125,7 +139,18 @@ impl HttpSink {
             client: client(config.delivery.timeout.0)?,
             url: config.url.clone(),
             headers,
-            as_text: config.template.is_some(),
+            as_text: config.template.is_some().then(|| {
+                let content_type = config
+                    .content_type
+                    .as_deref()
+                    .unwrap_or("text/plain; charset=utf-8");
+                let essence = content_type.split(';').next().unwrap_or_default().trim();
+                let json = essence.eq_ignore_ascii_case("application/json")
+                    || (essence.starts_with("application/") && essence.ends_with("+json"));
+                let value = HeaderValue::try_from(content_type)
+                    .unwrap_or(HeaderValue::from_static("text/plain; charset=utf-8"));
+                (value, json)
+            }),
             signer,
         })
     }
@@ -142,25 +167,34 @@ struct Body<'a> {
 #[async_trait]
 impl Sink for HttpSink {
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
-        let (body, content_type) = if self.as_text {
-            let message = delivery.message;
-            (
-                format!("{}\n\n{}", message.title, message.body).into_bytes(),
-                "text/plain; charset=utf-8",
-            )
-        } else {
-            let body = serde_json::to_vec(&Body {
-                route: delivery.route,
-                event: delivery.event,
-            })
-            .map_err(|e| SinkError::permanent(format!("cannot encode the event: {e}")))?;
-            (body, "application/json")
+        let (body, content_type) = match &self.as_text {
+            Some((content_type, json)) => {
+                let message = delivery.message;
+                let text = if message.body.is_empty() {
+                    message.title.clone()
+                } else {
+                    format!("{}\n{}", message.title, message.body)
+                };
+                if *json && let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(&text) {
+                    return Err(SinkError::permanent(format!(
+                        "the template did not render JSON ({err}); the receiver expects {}",
+                        content_type.to_str().unwrap_or("JSON")
+                    )));
+                }
+                (text.into_bytes(), content_type.clone())
+            }
+            None => {
+                let body = serde_json::to_vec(&Body {
+                    route: delivery.route,
+                    event: delivery.event,
+                })
+                .map_err(|e| SinkError::permanent(format!("cannot encode the event: {e}")))?;
+                (body, HeaderValue::from_static("application/json"))
+            }
         };
-        let mut request = self
-            .client
-            .post(&self.url)
-            .headers(self.headers.clone())
-            .header("content-type", content_type);
+        let mut headers = self.headers.clone();
+        headers.insert(reqwest::header::CONTENT_TYPE, content_type);
+        let mut request = self.client.post(&self.url).headers(headers);
         if let Some(signer) = &self.signer {
             let id = webhook_id(delivery.event);
             for (name, value) in signer.sign(&body, jiff::Timestamp::now().as_second(), &id) {

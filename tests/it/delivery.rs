@@ -774,3 +774,98 @@ async fn the_file_sink_follows_its_path_after_a_rotation() {
         (1, 1)
     );
 }
+
+/// With a template the http sink sends the rendered message with one `Content-Type`: text by
+/// default (no stray blank lines), or a JSON body built by the template, which is how Teams,
+/// Mattermost, Discord and PagerDuty are reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_sink_sends_a_template_as_text_or_as_json() {
+    let dir = tempdir();
+    let receiver = Recorder::start().await;
+    let sinks = format!(
+        r#"[sinks.text]
+type = "http"
+url = "{}"
+template = {{ text = "{{{{ data.domain }}}} scanned" }}
+
+[sinks.chat]
+type = "http"
+url = "{}"
+content_type = "application/json"
+template = {{ text = '{{"text": {{{{ (data.domain ~ " scored " ~ data.score) | tojson }}}}}}' }}
+"#,
+        receiver.url("/text"),
+        receiver.url("/chat")
+    );
+    let daemon = Daemon::start(
+        dir.path(),
+        &with_sinks(dir.path(), &sinks, &["text", "chat"]),
+    );
+    daemon.accept_cl(&scan_body("templated")).await;
+    wait_jobs(&daemon, "succeeded", 2).await;
+    let requests = receiver.requests();
+    let by_path = |path: &str| requests.iter().find(|r| r.path == path).unwrap().clone();
+    let text = by_path("/text");
+    let types: Vec<_> = text.headers.get_all("content-type").iter().collect();
+    assert_eq!(types, ["text/plain; charset=utf-8"]);
+    assert_eq!(String::from_utf8_lossy(&text.body), "example.com scanned");
+    let chat = by_path("/chat");
+    let types: Vec<_> = chat.headers.get_all("content-type").iter().collect();
+    assert_eq!(types, ["application/json"]);
+    assert_eq!(
+        chat.json(),
+        serde_json::json!({"text": "example.com scored 85"})
+    );
+}
+
+/// The README's templates for Teams, Mattermost, Discord and PagerDuty build JSON bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_chat_and_paging_templates_send_json() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme
+        .split("### JSON bodies for chat and paging services")
+        .nth(1)
+        .and_then(|rest| rest.split("```toml\n").nth(1))
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README's block of JSON templates");
+    let receiver = Recorder::start().await;
+    // Every service's URL points at the recorder, by the sink's name.
+    let mut sinks = String::new();
+    let mut names = Vec::new();
+    for line in block.lines() {
+        if let Some(name) = line.strip_prefix("[sinks.") {
+            let name = name.split(']').next().unwrap().to_owned();
+            sinks += line;
+            sinks += "\n";
+            names.push(name);
+        } else if line.starts_with("url = ") {
+            sinks += &format!(
+                "url = \"{}\"\n",
+                receiver.url(&format!("/{}", names.last().unwrap()))
+            );
+        } else {
+            sinks += line;
+            sinks += "\n";
+        }
+    }
+    assert_eq!(names, ["teams", "mattermost", "discord", "pagerduty"]);
+    let dir = tempdir();
+    let names_ref: Vec<&str> = names.iter().map(String::as_str).collect();
+    let text = with_sinks(dir.path(), &sinks, &names_ref)
+        + "\n[template_vars]\npagerduty_key = \"R0UTINGKEY\"\n";
+    let daemon = Daemon::start(dir.path(), &text);
+    daemon
+        .accept_cl(&sample("compliancelayer-scan.completed.json"))
+        .await;
+    wait_jobs(&daemon, "succeeded", 4).await;
+    for request in receiver.requests() {
+        let body: serde_json::Value = serde_json::from_slice(&request.body)
+            .unwrap_or_else(|e| panic!("{}: not JSON ({e})", request.path));
+        assert_eq!(request.headers["content-type"], "application/json");
+        if request.path == "/pagerduty" {
+            assert_eq!(body["routing_key"], "R0UTINGKEY");
+            assert_eq!(body["payload"]["custom_details"]["domain"], "example.com");
+        }
+    }
+}

@@ -120,6 +120,16 @@ impl Smtp {
     }
 }
 
+/// A received message's header `name` (any case).
+fn header(message: &serde_json::Value, name: &str) -> Option<String> {
+    message["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h[0].as_str().unwrap().eq_ignore_ascii_case(name))
+        .map(|h| h[1].as_str().unwrap().to_owned())
+}
+
 fn daemon_with(dir: &Path, sinks: &str, routes: &str) -> Daemon {
     let text = config(
         dir,
@@ -188,14 +198,7 @@ async fn starttls_with_a_test_ca_and_auth() {
         message["subject"],
         "Scan completed: example.com graded B (85/100, low risk)"
     );
-    let header = |name: &str| {
-        message["headers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|h| h[0].as_str().unwrap().eq_ignore_ascii_case(name))
-            .map(|h| h[1].as_str().unwrap().to_owned())
-    };
+    let header = |name: &str| header(message, name);
     assert_eq!(
         header("From").as_deref(),
         Some("Hookroute <hookroute@example.com>")
@@ -399,14 +402,7 @@ async fn starttls_required_against_a_plain_relay_says_what_to_set() {
     assert_eq!(attempts, 1, "a permanent failure");
 
     let message = &smtp.messages(1).await[0];
-    let header = |name: &str| {
-        message["headers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|h| h[0].as_str().unwrap().eq_ignore_ascii_case(name))
-            .map(|h| h[1].as_str().unwrap().to_owned())
-    };
+    let header = |name: &str| header(message, name);
     assert!(header("Date").is_some(), "{message}");
     let id = header("Message-ID").expect("a Message-ID");
     assert!(id.starts_with('<') && id.ends_with("@hookroute>"), "{id}");

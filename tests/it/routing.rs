@@ -561,13 +561,7 @@ fn route_test_shows_what_each_kind_of_sink_gets() {
     let path = write_config(dir.path(), &config(dir.path(), NO_LIMITS, &rest));
     let event = dir.path().join("event.json");
     std::fs::write(&event, sample("compliancelayer-scan.completed.json")).unwrap();
-    let out = Command::new(BIN)
-        .args(["route-test", "--config"])
-        .arg(&path)
-        .arg(&event)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&out.stdout);
+    let (_, out) = route_test(&path, &event);
     let hook = out.split("-> hook (exec):").nth(1).unwrap();
     let hook = hook.split("-> console").next().unwrap();
     assert_eq!(
@@ -592,14 +586,8 @@ fn route_test_without_a_source_shows_every_source() {
     let path = write_config(dir.path(), &config(dir.path(), NO_LIMITS, &rest));
     let event = dir.path().join("event.json");
     std::fs::write(&event, sample("scorecard-policy.published.json")).unwrap();
-    let out = Command::new(BIN)
-        .args(["route-test", "--config"])
-        .arg(&path)
-        .arg(&event)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let (code, text) = route_test(&path, &event);
+    assert_eq!(code, Some(0), "{text}");
     let from_cl = text.find("from cl ").expect("shown from cl");
     let from_scorecard = text.find("from scorecard ").expect("shown from scorecard");
     assert!(from_cl < from_scorecard, "{text}");
@@ -608,4 +596,19 @@ fn route_test_without_a_source_shows_every_source() {
         "{text}"
     );
     assert!(text[from_scorecard..].contains("MATCHED"), "{text}");
+}
+
+/// `hookroute route-test` on `event` under the configuration at `path`: its exit code and
+/// what it printed.
+fn route_test(path: &std::path::Path, event: &std::path::Path) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(["route-test", "--config"])
+        .arg(path)
+        .arg(event)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
