@@ -119,8 +119,12 @@ pub struct ShowArgs {
     /// Configuration file (the tools read its `[storage]` and, for replay, its routes).
     #[arg(long, short, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
-    /// Event id (the `id` the daemon answered with, or the EVENT column of `list`).
+    /// Event id (the `id` the daemon answered with, or the EVENT column of `list`); with
+    /// `--job`, a job id (the JOB column, `job_id` in the log) whose event to show.
     pub id: i64,
+    /// Take ID as a job id.
+    #[arg(long)]
+    pub job: bool,
     /// The event, its routing and its jobs as one JSON document.
     #[arg(long)]
     pub json: bool,

@@ -64,13 +64,32 @@ pub(super) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
 
 pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     let (_, admin) = admin(&args.config)?;
+    // Event ids and job ids are both small numbers: say so when the other kind exists.
+    let event_id = if args.job {
+        let Some(event_id) = admin.job_event(args.id)? else {
+            let hint = if admin.show(args.id)?.is_some() {
+                format!(" (event {0} exists: `deliveries show {0}`)", args.id)
+            } else {
+                String::new()
+            };
+            eprintln!("no job {}{hint}", args.id);
+            return Ok(ExitCode::from(1));
+        };
+        event_id
+    } else {
+        args.id
+    };
     let Some(EventDetail {
         stored,
         jobs,
         routing: notes,
-    }) = admin.show(args.id)?
+    }) = admin.show(event_id)?
     else {
-        eprintln!("no event {}", args.id);
+        let hint = match admin.job_event(event_id)? {
+            Some(_) => format!(" (job {0} exists: `deliveries show --job {0}`)", event_id),
+            None => String::new(),
+        };
+        eprintln!("no event {event_id}{hint}");
         return Ok(ExitCode::from(1));
     };
     if args.json {
@@ -124,8 +143,8 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     }
     for job in &jobs {
         println!(
-            "job {}: route {:?} -> sink {:?}: {} after {} attempt(s)",
-            job.id, job.route, job.sink, job.status, job.attempts
+            "job {} (event {}): route {:?} -> sink {:?}: {} after {} attempt(s)",
+            job.id, stored.id, job.route, job.sink, job.status, job.attempts
         );
         if let Some(next) = &job.next_attempt_at {
             println!("  next try:      {next}");

@@ -92,6 +92,12 @@ pub trait AdminStorage {
     /// On a database error.
     fn show(&self, event_id: i64) -> Result<Option<EventDetail>, StoreError>;
 
+    /// The event a job delivers, if there is such a job.
+    ///
+    /// # Errors
+    /// On a database error.
+    fn job_event(&self, job_id: i64) -> Result<Option<i64>, StoreError>;
+
     /// Queues new jobs for `event_id`, one per (route, sink); returns their ids.
     ///
     /// # Errors

@@ -869,3 +869,59 @@ async fn the_readmes_chat_and_paging_templates_send_json() {
         }
     }
 }
+
+/// Event ids and job ids are both small numbers: `show` takes either, names both, hints at
+/// the other kind, and numbers a retried dead letter's attempts 1..N with a summary to match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_tells_events_and_jobs_apart_and_counts_every_attempt() {
+    let dir = tempdir();
+    let receiver = Recorder::start().await;
+    receiver.script([Answer::status(400)]);
+    let sinks = format!(
+        "[sinks.forward]\ntype = \"http\"\nurl = \"{}\"\n\n[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n",
+        receiver.url("/in"),
+        dir.path().join("archive.jsonl").display()
+    );
+    let daemon = Daemon::start(
+        dir.path(),
+        &with_sinks(dir.path(), &sinks, &["forward", "archive"]),
+    );
+    daemon.accept_cl(&scan_body("ids")).await;
+    wait_jobs(&daemon, "dead", 1).await;
+    let config = daemon.config_path.clone();
+    let forward_job: i64 = daemon.value("SELECT id FROM jobs WHERE sink = 'forward'");
+    let (code, out) = hookroute(&["dead-letter", "retry", &forward_job.to_string()], &config);
+    assert_eq!(code, Some(0), "{out}");
+    wait_jobs(&daemon, "succeeded", 2).await;
+
+    let (code, out) = hookroute(
+        &["deliveries", "show", "--job", &forward_job.to_string()],
+        &config,
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("job {forward_job} (event 1): route \"all\" -> sink \"forward\": succeeded after 2 attempt(s)")),
+        "{out}"
+    );
+    // The forward job's block: its attempts are 1 and 2, each once.
+    let block = out
+        .split(&format!("job {forward_job} (event 1)"))
+        .nth(1)
+        .unwrap()
+        .split("\njob ")
+        .next()
+        .unwrap();
+    let numbers: Vec<&str> = block
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("attempt "))
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(numbers, ["1", "2"], "{out}");
+    // Job 2 exists, event 2 does not: the answer says which to ask for.
+    let (code, out) = hookroute(&["deliveries", "show", "2"], &config);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("no event 2 (job 2 exists: `deliveries show --job 2`)"),
+        "{out}"
+    );
+}

@@ -144,6 +144,12 @@ impl AdminStorage for Admin {
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;
+            // A dead letter retried starts a fresh count for the retry policy; the record
+            // numbers every attempt the job ever had, in order, and counts them all.
+            for (number, attempt) in (1..).zip(job.history.iter_mut()) {
+                attempt.number = number;
+            }
+            job.attempts = u32::try_from(job.history.len()).unwrap_or(u32::MAX);
             details.push(job);
         }
         let notes = self
@@ -159,6 +165,15 @@ impl AdminStorage for Admin {
             jobs: details,
             routing: notes,
         }))
+    }
+
+    fn job_event(&self, job_id: i64) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT event_id FROM jobs WHERE id = ?1", [job_id], |row| {
+                row.get(0)
+            })
+            .optional()?)
     }
 
     /// Queues new jobs for `event_id`, one per (route, sink); returns their ids.
