@@ -3,7 +3,7 @@
 //! hub, and nothing here ever prints a secret (`Debug` shows `***`, errors name only the key).
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 
@@ -13,8 +13,12 @@ use base64::Engine as _;
 #[serde(deny_unknown_fields)]
 pub struct SecretSource {
     pub value: Option<String>,
+    /// A file; `%d/` at its start is systemd's credentials directory.
     pub file: Option<PathBuf>,
     pub env: Option<String>,
+    /// A systemd credential (`LoadCredential=name:/path` in the unit): the file of that name
+    /// in `$CREDENTIALS_DIRECTORY`.
+    pub credential: Option<String>,
 }
 
 impl fmt::Debug for SecretSource {
@@ -23,6 +27,7 @@ impl fmt::Debug for SecretSource {
             .field("value", &self.value.as_ref().map(|_| "***"))
             .field("file", &self.file)
             .field("env", &self.env)
+            .field("credential", &self.credential)
             .finish()
     }
 }
@@ -37,14 +42,17 @@ impl SecretSource {
             self.value.is_some(),
             self.file.is_some(),
             self.env.is_some(),
+            self.credential.is_some(),
         ]
         .iter()
         .filter(|g| **g)
         .count();
         match given {
             1 => Ok(()),
-            0 => Err(format!("{key}: give one of value, file or env")),
-            _ => Err(format!("{key}: give only one of value, file or env")),
+            0 => Err(format!("{key}: give one of value, file, env or credential")),
+            _ => Err(format!(
+                "{key}: give only one of value, file, env or credential"
+            )),
         }
     }
 
@@ -56,10 +64,9 @@ impl SecretSource {
         let secret = if let Some(value) = &self.value {
             value.clone()
         } else if let Some(file) = &self.file {
-            std::fs::read_to_string(file)
-                .map_err(|err| format!("{key}: cannot read {}: {err}", file.display()))?
-                .trim_end_matches(['\r', '\n'])
-                .to_owned()
+            read_file(key, &expand(file).map_err(|e| format!("{key}: {e}"))?)?
+        } else if let Some(name) = &self.credential {
+            read_file(key, &credential(name).map_err(|e| format!("{key}: {e}"))?)?
         } else if let Some(var) = &self.env {
             std::env::var(var)
                 .map_err(|_| format!("{key}: environment variable {var:?} is not set"))?
@@ -71,6 +78,45 @@ impl SecretSource {
         }
         Ok(secret)
     }
+}
+
+/// `path` with a leading `%d/` (systemd's specifier) made `$CREDENTIALS_DIRECTORY/`.
+///
+/// # Errors
+/// The path starts with `%d/` and no credentials directory is set.
+pub fn expand(path: &Path) -> Result<PathBuf, String> {
+    match path.strip_prefix("%d") {
+        Ok(rest) => Ok(credentials_dir()?.join(rest)),
+        Err(_) => Ok(path.to_path_buf()),
+    }
+}
+
+/// The file of systemd credential `name`.
+///
+/// # Errors
+/// No credentials directory is set, or `name` is not a plain file name.
+pub fn credential(name: &str) -> Result<PathBuf, String> {
+    if name.is_empty() || name.contains('/') || name == ".." {
+        return Err(format!("credential {name:?}: not a credential name"));
+    }
+    Ok(credentials_dir()?.join(name))
+}
+
+fn credentials_dir() -> Result<PathBuf, String> {
+    std::env::var_os("CREDENTIALS_DIRECTORY")
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            "CREDENTIALS_DIRECTORY is not set: systemd sets it for a unit with LoadCredential="
+                .to_owned()
+        })
+}
+
+/// A secret from a file; the final newline editors and `echo` add is not part of it.
+fn read_file(key: &str, path: &Path) -> Result<String, String> {
+    Ok(std::fs::read_to_string(path)
+        .map_err(|err| format!("{key}: cannot read {}: {err}", path.display()))?
+        .trim_end_matches(['\r', '\n'])
+        .to_owned())
 }
 
 /// The HMAC key of a Standard Webhooks secret: the base64 after its `whsec_` prefix (the prefix

@@ -185,6 +185,8 @@ pub struct RawSource {
     pub secret: Option<OneOrMany>,
     pub secret_file: Option<OneOrMany>,
     pub secret_env: Option<OneOrMany>,
+    /// systemd credentials (`LoadCredential=`), read from `$CREDENTIALS_DIRECTORY`.
+    pub secret_credential: Option<OneOrMany>,
     pub secret_encoding: Option<SecretEncoding>,
     pub tolerance: Option<HumanDuration>,
     pub require_timestamp: Option<bool>,

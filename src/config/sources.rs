@@ -165,9 +165,26 @@ fn resolve_secrets(
     for (i, secret) in list(&raw.secret).iter().enumerate() {
         found.push((format!("sources.{name}.secret[{i}]"), secret.clone()));
     }
+    for (i, name_or_file) in list(&raw.secret_credential).iter().enumerate() {
+        let key = format!("sources.{name}.secret_credential[{i}]");
+        let read = crate::secret::credential(name_or_file).and_then(|path| {
+            std::fs::read_to_string(&path).map_err(|err| format!("cannot read {path:?}: {err}"))
+        });
+        match read {
+            Ok(text) => found.push((key, text.trim_end_matches(['\r', '\n']).to_owned())),
+            Err(err) => problems.add(key, err),
+        }
+    }
     for (i, file) in list(&raw.secret_file).iter().enumerate() {
         let key = format!("sources.{name}.secret_file[{i}]");
-        match std::fs::read_to_string(file) {
+        let file = match crate::secret::expand(std::path::Path::new(file)) {
+            Ok(file) => file,
+            Err(err) => {
+                problems.add(key, err);
+                continue;
+            }
+        };
+        match std::fs::read_to_string(&file) {
             // Editors and `echo` add a final newline that is not part of the secret.
             Ok(text) => found.push((key, text.trim_end_matches(['\r', '\n']).to_owned())),
             Err(err) => problems.add(key, format!("cannot read {file:?}: {err}")),
@@ -186,7 +203,7 @@ fn resolve_secrets(
     if found.is_empty() {
         problems.add(
             format!("sources.{name}"),
-            "no secret: set `secret`, `secret_file` or `secret_env`",
+            "no secret: set `secret`, `secret_file`, `secret_env` or `secret_credential`",
         );
     }
     found

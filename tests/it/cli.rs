@@ -312,3 +312,60 @@ async fn the_tools_need_no_secret_and_no_particular_directory() {
         "{out}"
     );
 }
+
+/// systemd credentials (`LoadCredential=`): a source's `secret_credential`, a sink secret's
+/// `credential`, and `%d/` in a secret file's path all read `$CREDENTIALS_DIRECTORY`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_come_from_systemd_credentials() {
+    let dir = tempdir();
+    let creds = dir.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("cl-secret"), format!("{CL_SECRET}\n")).unwrap();
+    std::fs::write(
+        creds.join("signing"),
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    )
+    .unwrap();
+    let receiver = crate::recorder::Recorder::start().await;
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrate_limit = {{ enabled = false }}\n\n[storage]\npath = \"{}\"\n\n[sources.cl]\nsecret_credential = \"cl-secret\"\n\n[sinks.forward]\ntype = \"http\"\nurl = \"{}\"\nsign = {{ credential = \"signing\" }}\n\n[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = [\"forward\"]\n",
+        dir.path().join("hookroute.db").display(),
+        receiver.url("/in")
+    );
+    let config = write_config(dir.path(), &toml);
+    let creds_env = [("CREDENTIALS_DIRECTORY", creds.to_str().unwrap())];
+    let daemon = Daemon::start_with(dir.path(), &config, &creds_env);
+    daemon.accept_cl(&scan_body("credential")).await;
+    eventually(|| match receiver.requests().len() {
+        1 => Ok(()),
+        n => Err(format!("{n} requests")),
+    })
+    .await;
+    assert!(
+        receiver.requests()[0]
+            .headers
+            .contains_key("webhook-signature")
+    );
+    drop(daemon);
+
+    // `%d/` in a file path is the same directory.
+    let with_d = toml.replace(
+        "secret_credential = \"cl-secret\"",
+        "secret_file = \"%d/cl-secret\"",
+    );
+    let config = write_config(dir.path(), &with_d);
+    let out = hookroute(
+        &["check-config", "--config", config.to_str().unwrap()],
+        &creds_env,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    // Without the directory (not run by systemd), each problem says why.
+    let out = hookroute(&["check-config", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("CREDENTIALS_DIRECTORY is not set"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("sinks.forward.sign"), "{}", text(&out));
+}
