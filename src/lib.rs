@@ -44,6 +44,7 @@ pub mod templates;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -107,16 +108,15 @@ pub async fn run_with_clock(
     metrics.config_loaded(true, clock.now().as_millisecond() as f64 / 1000.0);
     let new_jobs = Arc::new(delivery::NewJobs::default());
     let stop = CancellationToken::new();
-    let engine = tokio::spawn(
-        Engine::new(
-            store.clone(),
-            Arc::clone(&plan),
-            Arc::clone(&new_jobs),
-            Arc::clone(&clock),
-            Arc::clone(&metrics),
-        )
-        .run(stop.clone()),
+    let engine = Engine::new(
+        store.clone(),
+        Arc::clone(&plan),
+        Arc::clone(&new_jobs),
+        Arc::clone(&clock),
+        Arc::clone(&metrics),
     );
+    let watchdog = tokio::spawn(watchdog(store.clone(), engine.heartbeat(), stop.clone()));
+    let engine = tokio::spawn(engine.run(stop.clone()));
     let intake = intake::Intake::new(
         store.clone(),
         Arc::clone(&plan),
@@ -157,10 +157,45 @@ pub async fn run_with_clock(
     stop.cancel();
     let _ = upkeep.await;
     let _ = reloader.await;
+    let _ = watchdog.await;
     let _ = engine.await;
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Pings systemd's watchdog (`WatchdogSec=` in the unit) only while the daemon does its work:
+/// every half interval, the database writer must commit and flush a write, and the delivery
+/// engine must have turned. A wedged writer or engine stops the pings, and systemd restarts
+/// the service; a merely slow one gets the other half of the interval.
+async fn watchdog(store: Store, engine: Arc<AtomicU64>, stop: CancellationToken) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let period = interval / 2;
+    let mut last_turn = engine.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            () = stop.cancelled() => return,
+        }
+        let writer = matches!(
+            tokio::time::timeout(period, store.touch()).await,
+            Ok(Ok(()))
+        );
+        let turn = engine.load(Ordering::Relaxed);
+        let engine_moved = turn != last_turn;
+        last_turn = turn;
+        if writer && engine_moved {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        } else {
+            tracing::warn!(
+                writer,
+                engine = engine_moved,
+                "no progress: not pinging the watchdog"
+            );
+        }
+    }
 }
 
 /// Re-reads the configuration on SIGHUP (`systemctl reload`). A valid one replaces sources,
