@@ -407,9 +407,10 @@ fn validate_routing(
         }
         for (j, source) in spec.sources.iter().enumerate() {
             if !sources.iter().any(|s| &s.name == source) {
+                let names = sources.iter().map(|s| s.name.as_str());
                 problems.add(
                     format!("{at}.sources[{j}]"),
-                    format!("unknown source {source:?}"),
+                    format!("unknown source {source:?}{}", did_you_mean(source, names)),
                 );
             }
         }
@@ -417,7 +418,14 @@ fn validate_routing(
         for (j, name) in spec.sinks.iter().enumerate() {
             match sinks.iter().find(|s| &s.name == name) {
                 Some(sink) => kinds.push(sink.spec.config().kind()),
-                None => problems.add(format!("{at}.sinks[{j}]"), format!("unknown sink {name:?}")),
+                None => {
+                    let names = sinks.iter().map(|s| s.name.as_str());
+                    let hint = did_you_mean(name, names);
+                    problems.add(
+                        format!("{at}.sinks[{j}]"),
+                        format!("unknown sink {name:?}{hint}"),
+                    );
+                }
             }
         }
         let mut route_templates = BTreeMap::new();
@@ -525,6 +533,17 @@ fn validate_server(raw: raw::RawServer, problems: &mut Problems) -> Option<Serve
         rate_limit,
     })
 }
+/// `; did you mean "…"?` naming the configured name closest to a misspelt `name`, if one is
+/// close enough to be what was meant.
+fn did_you_mean<'a>(name: &str, configured: impl Iterator<Item = &'a str>) -> String {
+    configured
+        .map(|candidate| (strsim::jaro_winkler(name, candidate), candidate))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, candidate)| format!("; did you mean {candidate:?}?"))
+        .unwrap_or_default()
+}
+
 /// Parses CIDRs, accepting a bare address as a single-host network.
 pub(super) fn parse_networks(key: &str, texts: &[String], problems: &mut Problems) -> Vec<IpNet> {
     texts

@@ -35,6 +35,10 @@ event_retention = "1d"
 secret = "s"
 path = "/healthz"
 
+[sources.scorecard]
+scheme = "token"
+secret = "t0ken"
+
 [sinks.archive]
 type = "file"
 path = ""
@@ -47,7 +51,8 @@ sinks = ["archive", "nope"]
 [[routes]]
 name = "a"
 events = ["*"]
-sinks = ["archive"]
+sources = ["scorecrd"]
+sinks = ["archive", "archve"]
 "#,
     );
     for expected in [
@@ -57,6 +62,8 @@ sinks = ["archive"]
         "sources.cl.path: ",
         "sinks.archive.path: must not be empty",
         "routes[0] (\"a\").sinks[1]: unknown sink \"nope\"",
+        "routes[1] (\"a\").sinks[1]: unknown sink \"archve\"; did you mean \"archive\"?",
+        "routes[1] (\"a\").sources[0]: unknown source \"scorecrd\"; did you mean \"scorecard\"?",
         "routes[1] (\"a\"): another route has the same name",
     ] {
         assert!(
@@ -64,7 +71,11 @@ sinks = ["archive"]
             "{expected:?} not in {found:#?}"
         );
     }
-    assert_eq!(found.len(), 7, "{found:#?}");
+    assert_eq!(found.len(), 9, "{found:#?}");
+    assert!(
+        !found[5].contains("did you mean"),
+        "nothing close to \"nope\": {found:#?}"
+    );
 }
 
 #[test]
