@@ -237,6 +237,20 @@ impl Event {
     }
 }
 
+/// Whether a `Content-Type` names JSON: `application/json` or any `application/*+json`, in any
+/// case, parameters allowed. What ingest accepts, and what makes an http sink's template a
+/// JSON body.
+pub fn is_json_media_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
 fn text(field: &Option<Value>) -> Option<&str> {
     field.as_ref().and_then(Value::as_str)
 }

@@ -140,20 +140,10 @@ impl AppState {
 
 /// `application/json`, or any `application/*+json`, parameters allowed.
 fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let essence = value
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+        .is_some_and(crate::event::is_json_media_type)
 }
 
 /// Reads the whole body within the size limit and the read timeout, and within the budget all

@@ -144,9 +144,7 @@ impl HttpSink {
                     .content_type
                     .as_deref()
                     .unwrap_or("text/plain; charset=utf-8");
-                let essence = content_type.split(';').next().unwrap_or_default().trim();
-                let json = essence.eq_ignore_ascii_case("application/json")
-                    || (essence.starts_with("application/") && essence.ends_with("+json"));
+                let json = crate::event::is_json_media_type(content_type);
                 let value = HeaderValue::try_from(content_type)
                     .unwrap_or(HeaderValue::from_static("text/plain; charset=utf-8"));
                 (value, json)
