@@ -64,9 +64,13 @@ impl SecretSource {
         let secret = if let Some(value) = &self.value {
             value.clone()
         } else if let Some(file) = &self.file {
-            read_file(key, &expand(file).map_err(|e| format!("{key}: {e}"))?)?
+            expand(file)
+                .and_then(|path| read_file(&path))
+                .map_err(|e| format!("{key}: {e}"))?
         } else if let Some(name) = &self.credential {
-            read_file(key, &credential(name).map_err(|e| format!("{key}: {e}"))?)?
+            credential(name)
+                .and_then(|path| read_file(&path))
+                .map_err(|e| format!("{key}: {e}"))?
         } else if let Some(var) = &self.env {
             std::env::var(var)
                 .map_err(|_| format!("{key}: environment variable {var:?} is not set"))?
@@ -112,9 +116,12 @@ fn credentials_dir() -> Result<PathBuf, String> {
 }
 
 /// A secret from a file; the final newline editors and `echo` add is not part of it.
-fn read_file(key: &str, path: &Path) -> Result<String, String> {
+///
+/// # Errors
+/// The file cannot be read; the message names the file, never its content.
+pub fn read_file(path: &Path) -> Result<String, String> {
     Ok(std::fs::read_to_string(path)
-        .map_err(|err| format!("{key}: cannot read {}: {err}", path.display()))?
+        .map_err(|err| format!("cannot read {}: {err}", path.display()))?
         .trim_end_matches(['\r', '\n'])
         .to_owned())
 }

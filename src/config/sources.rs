@@ -4,6 +4,7 @@
 use super::raw::{self, RawSource, SchemeName, SecretEncoding};
 use super::{Problems, RESERVED_PATHS, Secrets, SourceConfig, parse_networks};
 use crate::duration::HumanDuration;
+use crate::secret;
 use crate::signature::{Key, Scheme, Verifier};
 
 pub(super) fn validate_source(
@@ -149,8 +150,8 @@ pub(super) fn validate_source(
     })
 }
 
-/// Gathers the source's secrets from `secret`, `secret_file` and `secret_env`, all of them:
-/// during a rotation the old and the new secret are both live.
+/// Gathers the source's secrets from `secret`, `secret_file`, `secret_credential` and
+/// `secret_env`, all of them: during a rotation the old and the new secret are both live.
 fn resolve_secrets(
     name: &str,
     raw: &RawSource,
@@ -165,29 +166,22 @@ fn resolve_secrets(
     for (i, secret) in list(&raw.secret).iter().enumerate() {
         found.push((format!("sources.{name}.secret[{i}]"), secret.clone()));
     }
-    for (i, name_or_file) in list(&raw.secret_credential).iter().enumerate() {
-        let key = format!("sources.{name}.secret_credential[{i}]");
-        let read = crate::secret::credential(name_or_file).and_then(|path| {
-            std::fs::read_to_string(&path).map_err(|err| format!("cannot read {path:?}: {err}"))
+    // Files, named by path (`%d/` for systemd's credentials directory) or as credentials.
+    let files = list(&raw.secret_file).iter().enumerate().map(|(i, file)| {
+        let path = secret::expand(std::path::Path::new(file));
+        (format!("sources.{name}.secret_file[{i}]"), path)
+    });
+    let credentials = list(&raw.secret_credential)
+        .iter()
+        .enumerate()
+        .map(|(i, credential)| {
+            let path = secret::credential(credential);
+            (format!("sources.{name}.secret_credential[{i}]"), path)
         });
-        match read {
-            Ok(text) => found.push((key, text.trim_end_matches(['\r', '\n']).to_owned())),
+    for (key, path) in credentials.chain(files) {
+        match path.and_then(|path| secret::read_file(&path)) {
+            Ok(text) => found.push((key, text)),
             Err(err) => problems.add(key, err),
-        }
-    }
-    for (i, file) in list(&raw.secret_file).iter().enumerate() {
-        let key = format!("sources.{name}.secret_file[{i}]");
-        let file = match crate::secret::expand(std::path::Path::new(file)) {
-            Ok(file) => file,
-            Err(err) => {
-                problems.add(key, err);
-                continue;
-            }
-        };
-        match std::fs::read_to_string(&file) {
-            // Editors and `echo` add a final newline that is not part of the secret.
-            Ok(text) => found.push((key, text.trim_end_matches(['\r', '\n']).to_owned())),
-            Err(err) => problems.add(key, format!("cannot read {file:?}: {err}")),
         }
     }
     for (i, var) in list(&raw.secret_env).iter().enumerate() {
