@@ -23,28 +23,6 @@ fn with_sinks(dir: &Path, sinks: &str, route_to: &[&str]) -> String {
     )
 }
 
-/// Job counts by status.
-fn jobs(daemon: &Endpoint) -> HashMap<String, i64> {
-    daemon
-        .rows("SELECT status, count(*) FROM jobs GROUP BY status", |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .into_iter()
-        .collect()
-}
-
-async fn wait_jobs(daemon: &Endpoint, status: &str, n: i64) {
-    eventually(|| {
-        let counts = jobs(daemon);
-        if counts.get(status).copied().unwrap_or(0) >= n {
-            Ok(())
-        } else {
-            Err(format!("{n} {status} jobs: {counts:?}"))
-        }
-    })
-    .await
-}
-
 fn hookroute(args: &[&str], config: &Path) -> (Option<i32>, String) {
     let out = Command::new(BIN)
         .args(args)

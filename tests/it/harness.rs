@@ -2,6 +2,7 @@
 //! directory for its database and sink files, and signs deliveries independently of the
 //! daemon's own signer.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -488,6 +489,28 @@ pub async fn wait_log_n(daemon: &Daemon, needle: &str, times: usize) -> String {
 /// Waits until the daemon's log holds `needle`, and returns the log.
 pub async fn wait_log(daemon: &Daemon, needle: &str) -> String {
     wait_log_n(daemon, needle, 1).await
+}
+
+/// Job counts by status.
+pub fn jobs(daemon: &Endpoint) -> HashMap<String, i64> {
+    daemon
+        .rows("SELECT status, count(*) FROM jobs GROUP BY status", |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .into_iter()
+        .collect()
+}
+
+pub async fn wait_jobs(daemon: &Endpoint, status: &str, n: i64) {
+    eventually(|| {
+        let counts = jobs(daemon);
+        if counts.get(status).copied().unwrap_or(0) >= n {
+            Ok(())
+        } else {
+            Err(format!("{n} {status} jobs: {counts:?}"))
+        }
+    })
+    .await
 }
 
 /// Polls `check` until it succeeds, for at most 20 s; then fails with its last complaint.

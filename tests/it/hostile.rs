@@ -1,7 +1,6 @@
 //! Input written by a stranger, against the real daemon: each test pins a way it once wedged,
 //! forged, leaked or stalled something (issue #11), and fails on the build that had the bug.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
@@ -28,24 +27,6 @@ fn route_all(sinks: &[&str]) -> String {
         "[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = {}\n",
         serde_json::to_string(sinks).unwrap()
     )
-}
-
-/// Waits until the jobs table has `n` jobs with `status`; returns the counts by status.
-async fn wait_status(daemon: &Daemon, status: &str, n: i64) -> HashMap<String, i64> {
-    eventually(|| {
-        let counts: HashMap<String, i64> = daemon
-            .rows("SELECT status, count(*) FROM jobs GROUP BY status", |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .into_iter()
-            .collect();
-        if counts.get(status).copied().unwrap_or(0) >= n {
-            Ok(counts)
-        } else {
-            Err(format!("waiting for {n} {status} jobs: {counts:?}"))
-        }
-    })
-    .await
 }
 
 /// Runs the CLI on the daemon's configuration.
@@ -148,7 +129,7 @@ async fn sink_secrets_never_reach_the_log_the_database_or_the_tools() {
     );
     let reply = daemon.accept_cl(&scan_body("leak-1")).await;
     let event = reply.json["id"].to_string();
-    wait_status(&daemon, "dead", names.len() as i64).await;
+    wait_jobs(&daemon, "dead", names.len() as i64).await;
 
     let log = wait_log_n(&daemon, "dead letter", names.len()).await;
     let mut seen = vec![("log".to_owned(), log)];
@@ -219,7 +200,7 @@ async fn a_signed_forward_takes_any_id_and_the_file_archive_one_line_per_deliver
     // Pretty-printed, with a line that is a JSON object of its own: once a forged record.
     let pretty = b"{\n  \"id\": \"pretty\",\n  \"type\": \"scan.completed\",\n  \"data\":\n{\"forged\": true, \"text\": \"x\\ny\"}\n}\n";
     daemon.accept_cl(pretty).await;
-    wait_status(&daemon, "succeeded", 4).await;
+    wait_jobs(&daemon, "succeeded", 4).await;
 
     let ids: Vec<String> = next_hop
         .requests()
@@ -281,7 +262,7 @@ sinks = ["other"]
     );
     let reply = daemon.accept_cl(body.as_bytes()).await;
     let id = reply.json["id"].to_string();
-    wait_status(&daemon, "succeeded", 1).await;
+    wait_jobs(&daemon, "succeeded", 1).await;
     let route: String = daemon.value("SELECT route FROM jobs");
     assert_eq!(route, "failing scans", "score 10 is a failing scan");
 
@@ -351,7 +332,7 @@ template = {{ text = "{{% for a in data.items %}}{{% for b in data.items %}}{{% 
         "ingest stalled: {:?}",
         started.elapsed()
     );
-    wait_status(&daemon, "succeeded", 22).await;
+    wait_jobs(&daemon, "succeeded", 22).await;
     let notes: Vec<String> = daemon.rows(
         "SELECT a.response FROM attempts a JOIN jobs j ON j.id = a.job_id JOIN events e ON e.id = j.event_id WHERE e.delivery_id LIKE 'loop-%'",
         |r| r.get(0),
@@ -392,7 +373,7 @@ async fn an_exec_hook_that_streams_gets_a_large_event_and_hopeless_ones_die_at_o
     let body = serde_json::json!({"id": "big", "type": "scan.completed", "data": {"blob": big}});
     let started = Instant::now();
     daemon.accept_cl(body.to_string().as_bytes()).await;
-    wait_status(&daemon, "succeeded", 1).await;
+    wait_jobs(&daemon, "succeeded", 1).await;
     assert!(started.elapsed() < Duration::from_secs(8), "cat deadlocked");
 
     // A NUL in the type cannot be an environment value, and an id past the kernel's limit on
@@ -404,7 +385,7 @@ async fn an_exec_hook_that_streams_gets_a_large_event_and_hopeless_ones_die_at_o
     daemon
         .accept_cl(format!(r#"{{"id": "{long_id}", "type": "scan.completed"}}"#).as_bytes())
         .await;
-    wait_status(&daemon, "dead", 2).await;
+    wait_jobs(&daemon, "dead", 2).await;
     let dead: Vec<(i64, String)> = daemon.rows(
         "SELECT attempts, last_error FROM jobs WHERE status = 'dead'",
         |r| Ok((r.get(0)?, r.get(1)?)),
@@ -460,7 +441,7 @@ async fn a_huge_response_is_not_buffered() {
     let daemon = Daemon::start(dir.path(), &with(dir.path(), NO_LIMITS, &rest));
     let before = rss_kib(daemon.pid());
     daemon.accept_cl(&scan_body("huge-answer")).await;
-    wait_status(&daemon, "succeeded", 1).await;
+    wait_jobs(&daemon, "succeeded", 1).await;
     let response: String = daemon.value("SELECT response FROM jobs");
     assert!(
         response.starts_with("HTTP 200: zzz") && response.len() < 2100,
@@ -498,7 +479,7 @@ async fn slack_escapes_payload_markup_in_the_fallback_text_and_the_blocks() {
             .as_bytes(),
         )
         .await;
-    wait_status(&daemon, "succeeded", 1).await;
+    wait_jobs(&daemon, "succeeded", 1).await;
     let request = &slack.requests()[0];
     let body = String::from_utf8_lossy(&request.body);
     assert!(!body.contains('<') && !body.contains('>'), "{body}");

@@ -17,15 +17,7 @@ async fn run(format: &str) -> (tempfile::TempDir, Vec<String>) {
     daemon
         .accept_cl(br#"{"id": "nowhere", "type": "policy.created"}"#)
         .await;
-    eventually(|| {
-        let dead: i64 = daemon.value("SELECT count(*) FROM jobs WHERE status = 'dead'");
-        if dead == 1 {
-            Ok(())
-        } else {
-            Err(format!("{dead} dead"))
-        }
-    })
-    .await;
+    wait_jobs(&daemon, "dead", 1).await;
     // Lines are written by a thread of their own: wait for them, not only for the database.
     let log = eventually(|| {
         let log = daemon.log();

@@ -120,15 +120,7 @@ sinks = ["archive", "stuck", "gone"]
     );
     assert_eq!(daemon.post("/hooks/nowhere", b"{}", &[]).await.status, 404);
     wait_lines(&dir.path().join("events.jsonl"), 2).await;
-    eventually(|| {
-        let dead: i64 = daemon.value("SELECT count(*) FROM jobs WHERE status = 'dead'");
-        if dead == 2 {
-            Ok(())
-        } else {
-            Err(format!("{dead} dead"))
-        }
-    })
-    .await;
+    wait_jobs(&daemon, "dead", 2).await;
 
     let (status, content_type, text) = scrape(&daemon).await;
     assert_eq!(status, 200);
