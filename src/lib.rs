@@ -105,7 +105,7 @@ pub async fn run_with_clock(
     ));
     let store = store::open(&config.storage)?;
     let metrics = Arc::new(metrics::Metrics::new());
-    metrics.config_loaded(true, clock.now().as_millisecond() as f64 / 1000.0);
+    metrics.config_loaded(true, clock.now());
     let new_jobs = Arc::new(delivery::NewJobs::default());
     let stop = CancellationToken::new();
     let engine = Engine::new(
@@ -143,7 +143,8 @@ pub async fn run_with_clock(
         config.clone(),
         app.clone(),
         plan,
-        Reloads { metrics, clock },
+        metrics,
+        clock,
         stop.clone(),
     ));
 
@@ -205,7 +206,8 @@ async fn reload_on_hangup(
     running: Config,
     app: http::App,
     plan: Arc<ArcSwap<Plan>>,
-    reloads: Reloads,
+    metrics: Arc<metrics::Metrics>,
+    clock: Arc<dyn clock::Clock>,
     stop: CancellationToken,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -236,7 +238,7 @@ async fn reload_on_hangup(
                     tracing::warn!("{warning}");
                 }
                 app.reload(&new);
-                reloads.loaded(true);
+                metrics.config_loaded(true, clock.now());
                 plan.store(Arc::new(new_plan));
                 tracing::info!(
                     sources = new.sources.len(),
@@ -246,23 +248,10 @@ async fn reload_on_hangup(
                 );
             }
             Err(err) => {
-                reloads.loaded(false);
+                metrics.config_loaded(false, clock.now());
                 tracing::error!("reload failed, keeping the running configuration: {err}");
             }
         }
-    }
-}
-
-/// Where reloads are counted.
-struct Reloads {
-    metrics: Arc<metrics::Metrics>,
-    clock: Arc<dyn clock::Clock>,
-}
-
-impl Reloads {
-    fn loaded(&self, ok: bool) {
-        let now = self.clock.now().as_millisecond() as f64 / 1000.0;
-        self.metrics.config_loaded(ok, now);
     }
 }
 

@@ -300,11 +300,10 @@ impl Metrics {
             .inc();
     }
 
-    /// A configuration was loaded (at start, or by a reload) at `now` (unix seconds), or a
-    /// reload failed.
-    pub fn config_loaded(&self, ok: bool, now: f64) {
+    /// A configuration was loaded (at start, or by a reload) at `now`, or a reload failed.
+    pub fn config_loaded(&self, ok: bool, now: jiff::Timestamp) {
         if ok {
-            self.last_reload.set(now);
+            self.last_reload.set(now.as_millisecond() as f64 / 1000.0);
         }
         self.reloads
             .get_or_create(&Outcome {
