@@ -17,7 +17,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
     "${sudo[@]}" apt-get update -q
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q "${missing[@]}"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
 cargo test --locked "$@"
