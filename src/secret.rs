@@ -33,6 +33,15 @@ impl fmt::Debug for SecretSource {
 }
 
 impl SecretSource {
+    /// Makes a relative `file` relative to `base` (a `%d/` path is the credentials directory's).
+    pub fn relative_to(&mut self, base: &Path) {
+        if let Some(file) = &mut self.file
+            && !file.starts_with("%d")
+        {
+            *file = base.join(&*file);
+        }
+    }
+
     /// Checks that exactly one of `value`, `file`, `env` is given.
     ///
     /// # Errors

@@ -6,11 +6,13 @@
 //! secret files, so a secret enters the process in one place and leaves it only as key bytes
 //! inside a verifier or a sink's client.
 
+mod diagnose;
+mod problems;
 pub mod raw;
+mod routing;
 mod sources;
 
-use std::collections::{BTreeMap, HashMap};
-use std::fmt;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -19,14 +21,19 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
+use figment::value::Dict;
 use ipnet::IpNet;
+use serde::de::DeserializeOwned;
 
 use crate::event::Event;
-use crate::rules::{Route, RouteSpec, RouteTable};
+use crate::rules::RouteTable;
 use crate::signature::Verifier;
 use crate::sinks::SinkSpec;
-use crate::templates::{Message, TemplateSource, Templates, TemplatesBuilder};
-use raw::{RawConfig, RawRules};
+use crate::templates::{Message, Templates};
+use problems::Problems;
+use raw::RawConfig;
+pub use routing::SEED_EVENT_TYPES;
+use routing::{RulesInput, validate_routing};
 
 /// Prefix of the environment variables that override file settings, e.g.
 /// `HOOKROUTE_SERVER__LISTEN=127.0.0.1:9000` for `server.listen`.
@@ -143,10 +150,15 @@ pub struct ConfiguredSink {
 pub enum ConfigError {
     #[error("config file {0} does not exist")]
     NotFound(PathBuf),
-    /// TOML syntax, an unknown key or a value of the wrong type (figment names file and key).
-    #[error("{0}")]
-    Parse(String),
-    /// Values that parse but do not make sense, each with its key path.
+    #[error(
+        "cannot read the config file {0}: permission denied; it is readable by the service's \
+         group: run the command as the service user, e.g. `sudo -u hookroute hookroute …`"
+    )]
+    PermissionDenied(PathBuf),
+    #[error("cannot read the config file {0}: {1}")]
+    Unreadable(PathBuf, std::io::Error),
+    /// Syntax, unknown keys, wrong types and values that do not make sense, each with its file,
+    /// line, column and key path.
     #[error("{file}: {} problem(s):\n  {}", .problems.len(), .problems.join("\n  "))]
     Invalid {
         file: PathBuf,
@@ -203,23 +215,54 @@ enum Secrets {
 
 /// Step 1: the TOML file, then `HOOKROUTE_*` environment overrides.
 fn parse(path: &Path) -> Result<RawConfig, ConfigError> {
-    if !path.is_file() {
-        return Err(ConfigError::NotFound(path.to_path_buf()));
-    }
+    let text = std::fs::read_to_string(path).map_err(|err| match err.kind() {
+        std::io::ErrorKind::NotFound => ConfigError::NotFound(path.to_path_buf()),
+        std::io::ErrorKind::PermissionDenied => ConfigError::PermissionDenied(path.to_path_buf()),
+        _ => ConfigError::Unreadable(path.to_path_buf(), err),
+    })?;
     // Only nested keys (`SERVER__LISTEN`) are settings: the top level holds tables alone, and
     // this keeps variables such as `HOOKROUTE_CL_SECRET` (named by `secret_env`) from being
     // mistaken for unknown settings.
     let env = Env::prefixed(ENV_PREFIX)
         .filter(|key| key.as_str().contains("__"))
         .split("__");
-    Figment::new()
-        .merge(Toml::file_exact(path))
-        .merge(env)
-        .extract()
-        .map_err(|err| {
-            let all: Vec<String> = err.into_iter().map(|e| e.to_string()).collect();
-            ConfigError::Parse(all.join("\n"))
-        })
+    let mut problems = Problems::default();
+    let raw = read_toml(None, &text, Some(env), &mut problems);
+    problems.into_result(path)?;
+    Ok(raw.expect("a configuration without problems deserializes"))
+}
+
+/// Deserializes a TOML file's `text` (and `env` over it) as a `T`, or records every problem
+/// with it in `problems`, its syntax errors included. `file` is `None` for the configuration
+/// file, else the file the text came from.
+fn read_toml<T: DeserializeOwned>(
+    file: Option<&Path>,
+    text: &str,
+    env: Option<Env>,
+    problems: &mut Problems,
+) -> Option<T> {
+    if !problems::check_syntax(file, text, problems) {
+        return None;
+    }
+    let mut figment = Figment::from(Toml::string(text));
+    if let Some(env) = env {
+        figment = figment.merge(env);
+    }
+    match figment.extract::<T>() {
+        Ok(value) => Some(value),
+        Err(err) => {
+            let before = problems.len();
+            if let Ok(root) = figment.extract::<Dict>() {
+                diagnose::every_problem::<T>(file, &root, problems);
+            }
+            if problems.len() == before {
+                for err in err {
+                    problems.add_at(file, err.path.join("."), err.kind);
+                }
+            }
+            None
+        }
+    }
 }
 
 /// Step 2: check everything, collecting every problem rather than stopping at the first.
@@ -262,7 +305,8 @@ fn validate(path: &Path, raw: RawConfig, secrets: Secrets) -> Result<Config, Con
     }
     let mut sources = Vec::new();
     for (name, source) in raw.sources {
-        if let Some(source) = sources::validate_source(&name, source, secrets, &mut problems) {
+        if let Some(source) = sources::validate_source(&name, source, base, secrets, &mut problems)
+        {
             sources.push(source);
         }
     }
@@ -279,8 +323,11 @@ fn validate(path: &Path, raw: RawConfig, secrets: Secrets) -> Result<Config, Con
     }
 
     let mut sinks = Vec::new();
-    for (name, spec) in raw.sinks {
+    for (name, mut spec) in raw.sinks {
         let mut found = spec.validate();
+        // After the checks of what was written (an empty path stays an error), before
+        // anything reads a file.
+        spec.relative_to(base);
         if secrets == Secrets::Read {
             found.extend(spec.read_secrets());
         }
@@ -310,171 +357,6 @@ fn validate(path: &Path, raw: RawConfig, secrets: Secrets) -> Result<Config, Con
         sinks,
         routing: Arc::new(routing),
     })
-}
-
-/// The event families the senders document: each deserves a route.
-pub const SEED_EVENT_TYPES: &[&str] = &[
-    "scan.completed",
-    "alert.triggered",
-    "policy.created",
-    "policy.updated",
-    "policy.published",
-    "policy.approved",
-    "policy.rejected",
-    "assessment.started",
-    "assessment.completed",
-    "assessment.scored",
-    "assessment.failed",
-];
-
-struct RulesInput {
-    file: Option<PathBuf>,
-    routes: Vec<RouteSpec>,
-    templates: BTreeMap<String, TemplateSource>,
-    vars: BTreeMap<String, String>,
-}
-
-/// Compiles templates and routes, checking every reference between routes, sinks, sources
-/// and templates.
-fn validate_routing(
-    config_path: &Path,
-    input: RulesInput,
-    sources: &[SourceConfig],
-    sinks: &[ConfiguredSink],
-    problems: &mut Problems,
-) -> Routing {
-    let base_dir = config_path.parent().unwrap_or(Path::new("."));
-    let (origin, prefix, rules) = match input.file {
-        Some(file) => {
-            let file = base_dir.join(file);
-            if !input.routes.is_empty() || !input.templates.is_empty() {
-                problems.add(
-                    "rules_file",
-                    "routes and templates go either in the config file or in rules_file, not both",
-                );
-            }
-            let prefix = format!("{}: ", file.display());
-            let rules = if file.is_file() {
-                Figment::from(Toml::file_exact(&file))
-                    .extract::<RawRules>()
-                    .unwrap_or_else(|err| {
-                        for e in err {
-                            problems.add("rules_file", e);
-                        }
-                        RawRules::default()
-                    })
-            } else {
-                problems.add("rules_file", format!("{} does not exist", file.display()));
-                RawRules::default()
-            };
-            (file, prefix, rules)
-        }
-        None => (
-            config_path.to_path_buf(),
-            String::new(),
-            RawRules {
-                routes: input.routes,
-                templates: input.templates,
-            },
-        ),
-    };
-
-    let mut templates = TemplatesBuilder::new(&input.vars, base_dir);
-    for (name, source) in &rules.templates {
-        if let Err(message) = templates.add_named(name, source) {
-            problems.add(format!("{prefix}templates.{name}"), message);
-        }
-    }
-    let mut sink_templates = HashMap::new();
-    for sink in sinks {
-        if let Some(reference) = sink.spec.config().template() {
-            match templates.resolve(&format!("sink/{}", sink.name), reference) {
-                Ok(id) => {
-                    sink_templates.insert(sink.name.clone(), id);
-                }
-                Err(message) => problems.add(format!("sinks.{}.template", sink.name), message),
-            }
-        }
-    }
-
-    let mut routes = Vec::new();
-    for (i, spec) in rules.routes.iter().enumerate() {
-        let at = format!("{prefix}routes[{i}] ({:?})", spec.name);
-        if spec.name.trim().is_empty() {
-            problems.add(&at, "a route needs a name");
-        } else if rules.routes[..i].iter().any(|r| r.name == spec.name) {
-            problems.add(&at, "another route has the same name");
-        }
-        for (j, source) in spec.sources.iter().enumerate() {
-            if !sources.iter().any(|s| &s.name == source) {
-                let names = sources.iter().map(|s| s.name.as_str());
-                problems.add(
-                    format!("{at}.sources[{j}]"),
-                    format!("unknown source {source:?}{}", did_you_mean(source, names)),
-                );
-            }
-        }
-        let mut kinds = Vec::new();
-        for (j, name) in spec.sinks.iter().enumerate() {
-            match sinks.iter().find(|s| &s.name == name) {
-                Some(sink) => kinds.push(sink.spec.config().kind()),
-                None => {
-                    let names = sinks.iter().map(|s| s.name.as_str());
-                    let hint = did_you_mean(name, names);
-                    problems.add(
-                        format!("{at}.sinks[{j}]"),
-                        format!("unknown sink {name:?}{hint}"),
-                    );
-                }
-            }
-        }
-        let mut route_templates = BTreeMap::new();
-        for (kind, reference) in &spec.templates {
-            if !kinds.contains(&kind.as_str()) {
-                problems.add(
-                    format!("{at}.templates.{kind}"),
-                    format!("none of this route's sinks is of type {kind:?}"),
-                );
-                continue;
-            }
-            match templates.resolve(&format!("route/{}/{kind}", spec.name), reference) {
-                Ok(id) => {
-                    route_templates.insert(kind.clone(), id);
-                }
-                Err(message) => problems.add(format!("{at}.templates.{kind}"), message),
-            }
-        }
-        match Route::compile(i, spec, route_templates) {
-            Ok(route) => routes.push(route),
-            Err(messages) => {
-                for message in messages {
-                    problems.0.push(format!("{prefix}{message}"));
-                }
-            }
-        }
-    }
-
-    let table = RouteTable::new(routes);
-    let uncovered: Vec<&str> = SEED_EVENT_TYPES
-        .iter()
-        .copied()
-        .filter(|t| !table.routes().iter().any(|r| r.covers(t)))
-        .collect();
-    let warnings = if uncovered.is_empty() {
-        Vec::new()
-    } else {
-        vec![format!(
-            "no route matches {}: such events are stored and recorded as unrouted",
-            uncovered.join(", ")
-        )]
-    };
-    Routing {
-        table,
-        templates: templates.build(),
-        sink_templates,
-        origin,
-        warnings,
-    }
 }
 
 fn validate_server(raw: raw::RawServer, problems: &mut Problems) -> Option<ServerConfig> {
@@ -545,7 +427,7 @@ fn did_you_mean<'a>(name: &str, configured: impl Iterator<Item = &'a str>) -> St
 }
 
 /// Parses CIDRs, accepting a bare address as a single-host network.
-pub(super) fn parse_networks(key: &str, texts: &[String], problems: &mut Problems) -> Vec<IpNet> {
+fn parse_networks(key: &str, texts: &[String], problems: &mut Problems) -> Vec<IpNet> {
     texts
         .iter()
         .enumerate()
@@ -563,31 +445,6 @@ pub(super) fn parse_networks(key: &str, texts: &[String], problems: &mut Problem
                 .ok()
         })
         .collect()
-}
-
-/// Every validation problem, each as `key.path: what is wrong`.
-#[derive(Default)]
-pub(super) struct Problems(Vec<String>);
-
-impl Problems {
-    pub(super) fn add(&mut self, key: impl fmt::Display, message: impl fmt::Display) {
-        self.0.push(format!("{key}: {message}"));
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn into_result(self, file: &Path) -> Result<(), ConfigError> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid {
-                file: file.to_path_buf(),
-                problems: self.0,
-            })
-        }
-    }
 }
 
 #[cfg(test)]

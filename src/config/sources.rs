@@ -1,6 +1,8 @@
 //! A source's validation: its path, scheme and headers, and every secret it names, all of them
 //! live at once during a rotation.
 
+use std::path::Path;
+
 use super::raw::{self, RawSource, SchemeName, SecretEncoding};
 use super::{Problems, RESERVED_PATHS, Secrets, SourceConfig, parse_networks};
 use crate::duration::HumanDuration;
@@ -10,6 +12,7 @@ use crate::signature::{Key, Scheme, Verifier};
 pub(super) fn validate_source(
     name: &str,
     raw: RawSource,
+    base: &Path,
     secrets: Secrets,
     problems: &mut Problems,
 ) -> Option<SourceConfig> {
@@ -90,9 +93,14 @@ pub(super) fn validate_source(
         _ => raw.secret_encoding.unwrap_or(SecretEncoding::Utf8),
     };
     let keys = match secrets {
-        Secrets::Read => {
-            resolve_secrets(name, &raw, secret_encoding, scheme_name == Token, problems)
-        }
+        Secrets::Read => resolve_secrets(
+            name,
+            &raw,
+            base,
+            secret_encoding,
+            scheme_name == Token,
+            problems,
+        ),
         // The tools never verify a signature; the key is never used.
         Secrets::Skip => vec![Key::new(b"not read".to_vec())],
     };
@@ -155,6 +163,7 @@ pub(super) fn validate_source(
 fn resolve_secrets(
     name: &str,
     raw: &RawSource,
+    base: &Path,
     encoding: SecretEncoding,
     in_header: bool,
     problems: &mut Problems,
@@ -168,7 +177,7 @@ fn resolve_secrets(
     }
     // Files, named by path (`%d/` for systemd's credentials directory) or as credentials.
     let files = list(&raw.secret_file).iter().enumerate().map(|(i, file)| {
-        let path = secret::expand(std::path::Path::new(file));
+        let path = secret::expand(Path::new(file)).map(|path| base.join(path));
         (format!("sources.{name}.secret_file[{i}]"), path)
     });
     let credentials = list(&raw.secret_credential)

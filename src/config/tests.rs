@@ -12,9 +12,16 @@ fn load_text(toml: &str) -> Result<Config, ConfigError> {
     load(&path)
 }
 
+/// The problems with `toml`, each as `line:column: key: message` (the file's name taken off).
 fn problems(toml: &str) -> Vec<String> {
     match load_text(toml) {
-        Err(ConfigError::Invalid { problems, .. }) => problems,
+        Err(ConfigError::Invalid { file, problems }) => {
+            let prefix = format!("{}:", file.display());
+            problems
+                .iter()
+                .map(|p| p.strip_prefix(&prefix).unwrap_or(p).to_owned())
+                .collect()
+        }
         other => panic!("expected problems, got {other:?}"),
     }
 }
@@ -56,15 +63,15 @@ sinks = ["archive", "archve"]
 "#,
     );
     for expected in [
-        "server.listen: ",
-        "server.max_body_bytes: must be greater than 0",
-        "storage.event_retention: must be at least storage.dedupe_retention",
-        "sources.cl.path: ",
-        "sinks.archive.path: must not be empty",
-        "routes[0] (\"a\").sinks[1]: unknown sink \"nope\"",
-        "routes[1] (\"a\").sinks[1]: unknown sink \"archve\"; did you mean \"archive\"?",
-        "routes[1] (\"a\").sources[0]: unknown source \"scorecrd\"; did you mean \"scorecard\"?",
-        "routes[1] (\"a\"): another route has the same name",
+        "3:1: server.listen: ",
+        "4:1: server.max_body_bytes: must be greater than 0",
+        "8:1: storage.event_retention: must be at least storage.dedupe_retention",
+        "12:1: sources.cl.path: ",
+        "20:1: sinks.archive.path: must not be empty",
+        "25:21: routes[0] (\"a\").sinks[1]: unknown sink \"nope\"",
+        "31:21: routes[1] (\"a\").sinks[1]: unknown sink \"archve\"; did you mean \"archive\"?",
+        "30:12: routes[1] (\"a\").sources[0]: unknown source \"scorecrd\"; did you mean \"scorecard\"?",
+        "27:1: routes[1] (\"a\"): another route has the same name",
     ] {
         assert!(
             found.iter().any(|p| p.starts_with(expected)),
@@ -131,5 +138,94 @@ sinks = ["console", "other"]
         title("without", "other"),
         "x.y from cl",
         "the default for the family"
+    );
+}
+
+/// serde stops at the first error; the report does not: unknown keys and wrong types in
+/// several tables, and several in one table, each at its line and column, in file order.
+#[test]
+fn every_deserialization_problem_is_reported_at_its_field() {
+    let found = problems(
+        r#"
+[server]
+max_body_bytes = "lots"
+colour = "blue"
+
+[sources.cl]
+secret = "s"
+tolerence = "5m"
+
+[sinks.email-ciso]
+type = "email"
+url = "smtp://127.0.0.1"
+from = "a@example.test"
+to = 42
+smtp_host = "x"
+
+[sinks.ops]
+type = "slakc"
+
+[[routes]]
+name = "r"
+events = "scan.*"
+sinks = ["ops"]
+"#,
+    );
+    assert_eq!(
+        found,
+        [
+            "3:1: server.max_body_bytes: invalid type: found string \"lots\", expected usize",
+            "4:1: server.colour: unknown key `colour`; known keys: listen, max_body_bytes, \
+             trusted_proxies, header_read_timeout, body_read_timeout, shutdown_timeout, rate_limit",
+            "8:1: sources.cl.tolerence: unknown key `tolerence`; did you mean \"tolerance\"?",
+            "14:1: sinks.email-ciso.to: invalid type: found signed int `42`, expected a sequence",
+            "15:1: sinks.email-ciso.smtp_host: unknown key `smtp_host`; known keys: url, starttls, \
+             username, password, ca_file, allow_plaintext_auth, from, to, template, digest, delivery",
+            "18:1: sinks.ops.type: unknown value \"slakc\"; did you mean \"slack\"?",
+            "22:1: routes[0].events: invalid type: found string \"scan.*\", expected a sequence",
+        ]
+    );
+}
+
+#[test]
+fn every_syntax_error_is_reported_at_its_line_and_column() {
+    let found = problems("[server]\nlisten = \n\n[storage]\npath = \"x\nmax_batch = 1\n");
+    assert!(found.len() >= 2, "{found:#?}");
+    assert!(found[0].starts_with("2:10: "), "{found:#?}");
+    assert!(found.iter().any(|p| p.starts_with("5:")), "{found:#?}");
+}
+
+#[test]
+fn a_rules_files_problems_name_that_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &config,
+        "rules_file = \"rules.toml\"\n[sources.cl]\nsecret = \"s\"\n[sinks.out]\ntype = \"log\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &rules,
+        "[[routes]]\nname = \"a\"\nevents = [\"*\"]\nsinks = [\"out\"]\n\n\
+         [[routes]]\nname = \"b\"\nevents = [\"*\"]\nsinks = [\"uot\"]\nwhen = \"score < 7\"\n",
+    )
+    .unwrap();
+    let Err(ConfigError::Invalid { problems, .. }) = load(&config) else {
+        panic!("expected problems");
+    };
+    let at = format!("{}:", rules.display());
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert!(
+        problems[0].starts_with(&format!(
+            "{at}9:10: routes[1] (\"b\").sinks[0]: unknown sink"
+        )),
+        "{problems:#?}"
+    );
+    assert!(
+        problems[1].starts_with(&format!(
+            "{at}10:1: routes[1] (\"b\").when: unknown variable"
+        )),
+        "{problems:#?}"
     );
 }

@@ -97,17 +97,18 @@ impl Route {
     /// Compiles one route. `index` and the route's name go into every message.
     ///
     /// # Errors
-    /// Every problem found, each prefixed with the route's key path.
+    /// Every problem found, as its key path (starting with the route's) and what is wrong.
     pub fn compile(
         index: usize,
         spec: &RouteSpec,
         templates: BTreeMap<String, String>,
-    ) -> Result<Self, Vec<String>> {
+    ) -> Result<Self, Vec<(String, String)>> {
         let at = format!("routes[{index}] ({:?})", spec.name);
         let mut problems = Vec::new();
         if spec.events.is_empty() {
-            problems.push(format!(
-                "{at}.events: list at least one event glob, e.g. \"*\""
+            problems.push((
+                format!("{at}.events"),
+                "list at least one event glob, e.g. \"*\"".to_owned(),
             ));
         }
         let mut globs = GlobSetBuilder::new();
@@ -116,25 +117,28 @@ impl Route {
                 Ok(glob) => {
                     globs.add(glob);
                 }
-                Err(err) => problems.push(format!("{at}.events[{i}]: {err}")),
+                Err(err) => problems.push((format!("{at}.events[{i}]"), err.to_string())),
             }
         }
         if spec.sinks.is_empty() {
-            problems.push(format!("{at}.sinks: name at least one sink"));
+            problems.push((format!("{at}.sinks"), "name at least one sink".to_owned()));
         }
         let when = spec.when.as_deref().and_then(|text| {
             Expr::compile(text)
-                .map_err(|err| problems.push(format!("{at}.when: {err}")))
+                .map_err(|err| problems.push((format!("{at}.when"), err.to_string())))
                 .ok()
         });
         let throttle = spec.throttle.as_ref().and_then(|t| {
             if t.window.0.is_zero() {
-                problems.push(format!("{at}.throttle.window: must be longer than 0s"));
+                problems.push((
+                    format!("{at}.throttle.window"),
+                    "must be longer than 0s".to_owned(),
+                ));
             }
             let key = match t.key.as_deref().map(Expr::compile) {
                 Some(Ok(key)) => Some(key),
                 Some(Err(err)) => {
-                    problems.push(format!("{at}.throttle.key: {err}"));
+                    problems.push((format!("{at}.throttle.key"), err.to_string()));
                     return None;
                 }
                 None => None,
@@ -146,7 +150,7 @@ impl Route {
         });
         let events = globs
             .build()
-            .map_err(|err| problems.push(format!("{at}.events: {err}")));
+            .map_err(|err| problems.push((format!("{at}.events"), err.to_string())));
         match events {
             Ok(events) if problems.is_empty() => Ok(Self {
                 name: spec.name.clone(),
@@ -390,12 +394,17 @@ mod tests {
         assert_eq!(table.route(&missing)[0].1.as_deref(), Some(""));
     }
 
+    fn lines(problems: &[(String, String)]) -> String {
+        let lines: Vec<String> = problems.iter().map(|(k, m)| format!("{k}: {m}")).collect();
+        lines.join("\n")
+    }
+
     #[test]
     fn compile_errors_name_the_route_and_position() {
         let mut bad = spec("broken", &["scan.[", "x"], Some("data.score <"), false);
         bad.sinks.clear();
         let problems = Route::compile(3, &bad, BTreeMap::new()).unwrap_err();
-        let text = problems.join("\n");
+        let text = lines(&problems);
         assert!(text.contains("routes[3] (\"broken\").events[0]"), "{text}");
         assert!(
             text.contains("routes[3] (\"broken\").when: line 1, column"),
@@ -408,7 +417,7 @@ mod tests {
     fn a_condition_naming_an_unknown_variable_is_an_error_naming_the_route() {
         let bad = spec("low scores", &["scan.completed"], Some("score < 70"), false);
         let problems = Route::compile(0, &bad, BTreeMap::new()).unwrap_err();
-        let text = problems.join("\n");
+        let text = lines(&problems);
         assert!(
             text.contains("routes[0] (\"low scores\").when: unknown variable \"score\""),
             "{text}"

@@ -9,7 +9,7 @@
 //!
 //! With `digest = "15m"`, events are collected for that long and go out as one email.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use async_trait::async_trait;
@@ -63,6 +63,15 @@ pub struct EmailSinkConfig {
 }
 
 impl super::SinkConfig for EmailSinkConfig {
+    fn relative_to(&mut self, base: &Path) {
+        if let Some(file) = &mut self.ca_file {
+            *file = base.join(&*file);
+        }
+        if let Some(password) = &mut self.password {
+            password.relative_to(base);
+        }
+    }
+
     fn kind(&self) -> &'static str {
         "email"
     }

@@ -7,7 +7,7 @@
 //! use `HOOKROUTE_DELIVERY_ID` to recognise it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -35,6 +35,12 @@ pub struct ExecSinkConfig {
 }
 
 impl super::SinkConfig for ExecSinkConfig {
+    fn relative_to(&mut self, base: &Path) {
+        if let Some(dir) = &mut self.working_dir {
+            *dir = base.join(&*dir);
+        }
+    }
+
     fn kind(&self) -> &'static str {
         "exec"
     }

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -30,6 +30,10 @@ pub struct FileSinkConfig {
 }
 
 impl super::SinkConfig for FileSinkConfig {
+    fn relative_to(&mut self, base: &Path) {
+        self.path = base.join(&self.path);
+    }
+
     fn kind(&self) -> &'static str {
         "file"
     }

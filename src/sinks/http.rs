@@ -39,6 +39,12 @@ pub struct HttpSinkConfig {
 }
 
 impl super::SinkConfig for HttpSinkConfig {
+    fn relative_to(&mut self, base: &std::path::Path) {
+        if let Some(sign) = &mut self.sign {
+            sign.relative_to(base);
+        }
+    }
+
     fn kind(&self) -> &'static str {
         "http"
     }

@@ -9,8 +9,9 @@
 //!    DeliveryOptions` field), its [`SinkConfig`] implementation (overriding the defaults
 //!    only where the sink differs: a template, batches, digests, no rendered message), and the
 //!    running sink implementing [`Sink`];
-//! 2. one variant in [`SinkSpec`], named after the `type` the operator writes;
-//! 3. one arm in [`SinkSpec::config`].
+//! 2. one variant in [`SinkSpec`], one arm in [`SinkSpec::from_settings`] and its `type` in
+//!    [`SinkSpec::TYPES`];
+//! 3. one arm in the `each_sink!` dispatch.
 //!
 //! Nothing else matches on the kinds of sink: routing, the engine, `check-config` and
 //! `route-test` ask [`SinkConfig`].
@@ -27,12 +28,14 @@ pub mod log;
 mod options;
 pub mod slack;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 pub use options::{DeliveryOptions, RetryPolicy};
-use serde::Deserialize;
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer};
 
 use crate::event::Event;
 use crate::templates::{Message, TemplateRef};
@@ -162,6 +165,9 @@ pub trait SinkConfig {
         Vec::new()
     }
 
+    /// Makes relative paths in the settings (files, secret files) relative to `base`.
+    fn relative_to(&mut self, _base: &Path) {}
+
     /// Creates the running sink.
     ///
     /// # Errors
@@ -194,9 +200,9 @@ pub trait SinkConfig {
 /// A sink as configured: `[sinks.<name>]` with `type = "..."`.
 ///
 /// Adding a sink takes one new file in `src/sinks/` (its configuration struct implementing
-/// [`SinkConfig`], and its [`Sink`]), one variant here, and one arm in [`SinkSpec::config`].
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
+/// [`SinkConfig`], and its [`Sink`]), one variant here, and one arm in each of
+/// [`SinkSpec::from_settings`] and `each_sink!`.
+#[derive(Debug, Clone)]
 pub enum SinkSpec {
     File(file::FileSinkConfig),
     Log(log::LogSinkConfig),
@@ -206,17 +212,70 @@ pub enum SinkSpec {
     Email(email::EmailSinkConfig),
 }
 
+/// `$body` with `$config` bound to the configuration struct of whichever sink `$spec` is: the
+/// one list of the variants that dispatch goes through.
+macro_rules! each_sink {
+    ($spec:expr, $config:ident => $body:expr) => {
+        match $spec {
+            SinkSpec::File($config) => $body,
+            SinkSpec::Log($config) => $body,
+            SinkSpec::Slack($config) => $body,
+            SinkSpec::Http($config) => $body,
+            SinkSpec::Exec($config) => $body,
+            SinkSpec::Email($config) => $body,
+        }
+    };
+}
+
+/// `type = "..."` picks the variant; the rest of the table are its settings.
+impl<'de> Deserialize<'de> for SinkSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut table = serde_json::Map::deserialize(deserializer)?;
+        let kind = match table.remove("type") {
+            Some(serde_json::Value::String(kind)) => kind,
+            Some(_) => return Err(D::Error::custom("`type` must be a string")),
+            None => return Err(D::Error::missing_field("type")),
+        };
+        Self::from_settings(&kind, serde_json::Value::Object(table)).map_err(D::Error::custom)
+    }
+}
+
 impl SinkSpec {
+    /// Every `type` a sink may have.
+    pub const TYPES: &[&str] = &["file", "log", "slack", "http", "exec", "email"];
+
+    /// The sink of type `kind` from its settings (its table without `type`).
+    ///
+    /// Each type's struct is deserialized directly rather than through serde's buffered,
+    /// internally tagged enum, so an error from a deserializer that tracks key paths (figment's)
+    /// names the field it is about: `config` uses this to point at `sinks.ciso.to`.
+    ///
+    /// # Errors
+    /// An unknown `kind`, or the deserializer's error for the settings.
+    pub fn from_settings<'de, D: Deserializer<'de>>(
+        kind: &str,
+        settings: D,
+    ) -> Result<Self, D::Error> {
+        Ok(match kind {
+            "file" => Self::File(Deserialize::deserialize(settings)?),
+            "log" => Self::Log(Deserialize::deserialize(settings)?),
+            "slack" => Self::Slack(Deserialize::deserialize(settings)?),
+            "http" => Self::Http(Deserialize::deserialize(settings)?),
+            "exec" => Self::Exec(Deserialize::deserialize(settings)?),
+            "email" => Self::Email(Deserialize::deserialize(settings)?),
+            other => return Err(D::Error::unknown_variant(other, Self::TYPES)),
+        })
+    }
+
     /// The sink's configuration and capabilities.
     pub fn config(&self) -> &dyn SinkConfig {
-        match self {
-            Self::File(config) => config,
-            Self::Log(config) => config,
-            Self::Slack(config) => config,
-            Self::Http(config) => config,
-            Self::Exec(config) => config,
-            Self::Email(config) => config,
-        }
+        each_sink!(self, config => config)
+    }
+
+    /// Makes the settings' relative paths relative to `base`, the configuration file's
+    /// directory, so a sink finds its files from whatever directory the daemon started in.
+    pub fn relative_to(&mut self, base: &Path) {
+        each_sink!(self, config => config.relative_to(base));
     }
 
     /// Every problem with the settings, the delivery options' included.
@@ -297,6 +356,12 @@ mod tests {
                 true,
             ),
         ];
+        let kinds: Vec<&str> = cases.iter().map(|case| case.1).collect();
+        assert_eq!(
+            kinds,
+            SinkSpec::TYPES,
+            "every type is tested, and only those"
+        );
         for (value, kind, shows_message, batch, digests) in cases {
             let spec = spec(value);
             let config = spec.config();

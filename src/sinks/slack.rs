@@ -29,6 +29,10 @@ pub struct SlackSinkConfig {
 }
 
 impl super::SinkConfig for SlackSinkConfig {
+    fn relative_to(&mut self, base: &std::path::Path) {
+        self.webhook_url.relative_to(base);
+    }
+
     fn kind(&self) -> &'static str {
         "slack"
     }

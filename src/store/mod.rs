@@ -36,6 +36,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "cannot open the database {path}: permission denied; run the command as the service \
+         user, e.g. `sudo -u hookroute hookroute …`"
+    )]
+    PermissionDenied { path: PathBuf },
     #[error("cannot open the database {path}: {source}")]
     Open {
         path: PathBuf,
@@ -280,9 +285,19 @@ pub type Store = Arc<dyn Storage>;
 /// # Errors
 /// [`StoreError`] when it cannot be opened.
 pub fn open_admin(config: &StorageConfig) -> Result<Box<dyn admin::AdminStorage>, StoreError> {
-    let admin = sqlite::admin::Admin::open(&config.path).map_err(|source| StoreError::Open {
-        path: config.path.clone(),
-        source,
+    let admin = sqlite::admin::Admin::open(&config.path).map_err(|source| {
+        // SQLite says "unable to open database file"; the operator needs to hear why.
+        let denied = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&config.path)
+            .is_err_and(|err| err.kind() == std::io::ErrorKind::PermissionDenied);
+        let path = config.path.clone();
+        if denied {
+            StoreError::PermissionDenied { path }
+        } else {
+            StoreError::Open { path, source }
+        }
     })?;
     Ok(Box::new(admin))
 }

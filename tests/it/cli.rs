@@ -55,14 +55,29 @@ fn check_config_accepts_the_shipped_example() {
 fn check_config_reports_every_problem_precisely() {
     let dir = tempdir();
     let path = dir.path().join("bad.toml");
-    let cases: [(&str, &[&str]); 8] = [
+    let cases: [(&str, &[&str]); 10] = [
         (
             "[storage]\ndedupe_retention = \"7d\"\nevent_retention = \"1d\"\n\n[sources.cl]\nsecret = \"s\"\n",
             &["storage.event_retention: must be at least storage.dedupe_retention"],
         ),
         (
             "[server]\nlisten = \"127.0.0.1:0\"\nlisten_port = 5\n",
-            &["listen_port", "server", "bad.toml"],
+            &["bad.toml:3:1: server.listen_port: unknown key `listen_port`"],
+        ),
+        // Every deserialization problem at once, each at its line and column and under the
+        // key path as written, a wrong type inside a sink pointing at its field.
+        (
+            "[server]\nmax_body_bytes = \"1MB\"\n\n[sources.cl]\nsecret = \"s\"\ntolerence = \"1m\"\n\n[sinks.email-ciso]\ntype = \"email\"\nurl = \"smtp://127.0.0.1\"\nfrom = \"a@example.test\"\nto = \"b@example.test\"\n",
+            &[
+                "bad.toml:2:1: server.max_body_bytes: invalid type",
+                "bad.toml:6:1: sources.cl.tolerence: unknown key `tolerence`; did you mean \"tolerance\"?",
+                "bad.toml:12:1: sinks.email-ciso.to: invalid type: found string \"b@example.test\", expected a sequence",
+            ],
+        ),
+        // Every syntax error, not only the first.
+        (
+            "[server]\nlisten = \n\n[storage]\npath = \"x\nmax_batch = 1\n",
+            &["bad.toml:2:10: ", "bad.toml:5:"],
         ),
         (
             "[storage]\ndedupe_retention = \"a week\"\n",
@@ -255,13 +270,13 @@ fn completions_and_the_man_page_come_from_the_commands() {
 }
 
 /// In an incident the operator's shell rarely has the daemon's secrets: the tools work
-/// without them (and from any directory: a relative `storage.path` is the config file's).
+/// without them (and from any directory: a relative `storage.path` is the config file's, as
+/// is a relative file-sink path, whatever directory the daemon starts in).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tools_need_no_secret_and_no_particular_directory() {
     let dir = tempdir();
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nrate_limit = {{ enabled = false }}\n\n[storage]\npath = \"data/hookroute.db\"\n\n[sources.cl]\nsecret_env = \"HOOKROUTE_TEST_CL_SECRET\"\n\n[sinks.chat]\ntype = \"slack\"\nwebhook_url = {{ env = \"HOOKROUTE_TEST_SLACK_URL\" }}\n\n[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n\n{CATCH_ALL}",
-        dir.path().join("events.jsonl").display()
+        "[server]\nlisten = \"127.0.0.1:0\"\nrate_limit = {{ enabled = false }}\n\n[storage]\npath = \"data/hookroute.db\"\n\n[sources.cl]\nsecret_env = \"HOOKROUTE_TEST_CL_SECRET\"\n\n[sinks.chat]\ntype = \"slack\"\nwebhook_url = {{ env = \"HOOKROUTE_TEST_SLACK_URL\" }}\n\n[sinks.archive]\ntype = \"file\"\npath = \"events.jsonl\"\n\n{CATCH_ALL}"
     );
     let config = write_config(dir.path(), &toml);
     let env = [
@@ -278,6 +293,7 @@ async fn the_tools_need_no_secret_and_no_particular_directory() {
         dir.path().join("data/hookroute.db").exists(),
         "relative to the config file"
     );
+    // The daemon runs in the crate's directory; the file is the config file's neighbour.
     wait_lines(&dir.path().join("events.jsonl"), 1).await;
     daemon.terminate();
 
@@ -368,4 +384,64 @@ async fn secrets_come_from_systemd_credentials() {
         text(&out)
     );
     assert!(text(&out).contains("sinks.forward.sign"), "{}", text(&out));
+}
+
+/// A file the operator cannot read is named, with how to run the tool as the service user,
+/// rather than reported as "unable to open database file".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_denied_names_the_file_and_the_service_user() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempdir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = write_config(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
+    );
+    let daemon = Daemon::start_with(dir.path(), &config, &[]);
+    daemon.accept_cl(&scan_body("denied")).await;
+    daemon.terminate();
+    let db = dir.path().join("hookroute.db");
+    assert!(db.exists());
+
+    // Someone else: `nobody` when the tests run as root (who may read anything), else us
+    // after taking our own permissions away.
+    let as_someone_else = |args: &[&str]| {
+        let mut command = if nix_is_root() {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+            c
+        } else {
+            Command::new(BIN)
+        };
+        let out = command
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (out.status.code(), text(&out))
+    };
+    let mode = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+
+    mode(&db, 0o000);
+    mode(&config, 0o644);
+    let (code, out) = as_someone_else(&["deliveries", "list"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("permission denied"), "{out}");
+    assert!(out.contains(&db.display().to_string()), "{out}");
+    assert!(out.contains("sudo -u hookroute"), "{out}");
+
+    mode(&config, 0o000);
+    let (code, out) = as_someone_else(&["deliveries", "list"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("permission denied"), "{out}");
+    assert!(out.contains(&config.display().to_string()), "{out}");
+    assert!(out.contains("sudo -u hookroute"), "{out}");
+}
+
+fn nix_is_root() -> bool {
+    let out = Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "0"
 }

@@ -37,6 +37,8 @@ impl Admin {
     pub fn open(path: &Path) -> rusqlite::Result<Self> {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
         conn.busy_timeout(Duration::from_secs(10))?;
+        // Opening is lazy: read the schema now, so a file that cannot be read fails here.
+        conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
         Ok(Self { conn })
     }
 }

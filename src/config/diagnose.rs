@@ -1,0 +1,244 @@
+//! Every deserialization problem in one run.
+//!
+//! serde stops at the first error. When the whole configuration does not deserialize, this
+//! goes over it again, one unit at a time (each top-level table, each source, sink, route and
+//! template), and within a unit drops each offending key and tries again, so a typo in
+//! `[server]` and a wrong type in `[sinks.ciso]` are reported together, each with its key path.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use figment::error::Kind;
+use figment::value::{Dict, Value};
+use serde::de::DeserializeOwned;
+
+use super::raw::{RawLog, RawMetrics, RawServer, RawSource, RawStorage};
+use super::{Problems, did_you_mean};
+use crate::rules::RouteSpec;
+use crate::sinks::SinkSpec;
+use crate::templates::TemplateSource;
+
+/// Enough tries to report every mistake in one table, bounded against a pathological one.
+const MAX_PER_UNIT: usize = 64;
+
+/// Records every problem deserializing `root` as a `T` (the configuration or a rules file),
+/// from `file` (`None`: the configuration file).
+pub(super) fn every_problem<T: DeserializeOwned>(
+    file: Option<&Path>,
+    root: &Dict,
+    problems: &mut Problems,
+) {
+    for (key, value) in root {
+        // Alone, a known key deserializes as `T` (whose other keys all have defaults) or fails
+        // inside its value; an unknown one fails at the top with serde's list of the known.
+        let alone = Value::from(Dict::from([(key.clone(), value.clone())]));
+        match alone.deserialize::<T>() {
+            Ok(_) => continue,
+            Err(err) if err.path.is_empty() => {
+                for err in err {
+                    problems.add_at(file, key, message(&err.kind));
+                }
+                continue;
+            }
+            Err(_) => {}
+        }
+        let mut unit = Unit {
+            file,
+            at: key.clone(),
+            problems,
+        };
+        match key.as_str() {
+            "server" => unit.check::<RawServer>(value),
+            "storage" => unit.check::<RawStorage>(value),
+            "metrics" => unit.check::<RawMetrics>(value),
+            "log" => unit.check::<RawLog>(value),
+            "rules_file" => unit.check::<PathBuf>(value),
+            "template_vars" => unit.check::<BTreeMap<String, String>>(value),
+            "sources" => unit.each_entry(value, |unit, value| unit.check::<RawSource>(value)),
+            "templates" => {
+                unit.each_entry(value, |unit, value| unit.check::<TemplateSource>(value));
+            }
+            "sinks" => unit.each_entry(value, |unit, value| unit.check_sink(value)),
+            "routes" => unit.each_item(value, |unit, value| unit.check::<RouteSpec>(value)),
+            _ => unit.check::<T>(&alone),
+        }
+    }
+}
+
+/// One part of the configuration being checked, and where it is.
+struct Unit<'a> {
+    file: Option<&'a Path>,
+    /// Its key path, e.g. `sinks.ciso`.
+    at: String,
+    problems: &'a mut Problems,
+}
+
+impl Unit<'_> {
+    fn check<T: DeserializeOwned>(&mut self, value: &Value) {
+        self.check_with(value, |value| value.deserialize::<T>().err());
+    }
+
+    /// Deserializes `value` (`error` says what is wrong with it, if anything), dropping each key that fails and trying again, until it
+    /// deserializes or the failure is not about one key.
+    fn check_with(&mut self, value: &Value, error: impl Fn(&Value) -> Option<figment::Error>) {
+        let mut value = value.clone();
+        let mut dropped: Vec<Vec<String>> = Vec::new();
+        for _ in 0..MAX_PER_UNIT {
+            let Some(errors) = error(&value) else {
+                return;
+            };
+            let mut progress = false;
+            for err in errors {
+                if let Kind::MissingField(field) = &err.kind {
+                    let mut path = err.path.clone();
+                    path.push(field.to_string());
+                    if dropped.contains(&path) {
+                        // Reported already, as whatever was wrong with the value dropped.
+                        return;
+                    }
+                }
+                let key = key_path(&self.at, &value, &err.path);
+                self.problems.add_at(self.file, key, message(&err.kind));
+                if remove(&mut value, &err.path) {
+                    dropped.push(err.path);
+                    progress = true;
+                }
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    /// A sink's settings are checked as the type it names, so errors name their field.
+    fn check_sink(&mut self, value: &Value) {
+        let kind = match value {
+            Value::Dict(_, table) => table.get("type").and_then(Value::as_str),
+            _ => None,
+        };
+        let (Some(kind), Value::Dict(tag, table)) = (kind, value) else {
+            return self.check::<SinkSpec>(value);
+        };
+        if !SinkSpec::TYPES.contains(&kind) {
+            let unknown = Kind::UnknownVariant(kind.to_owned(), SinkSpec::TYPES);
+            let key = format!("{}.type", self.at);
+            return self.problems.add_at(self.file, key, message(&unknown));
+        }
+        let mut settings = table.clone();
+        settings.remove("type");
+        let kind = kind.to_owned();
+        self.check_with(&Value::Dict(*tag, settings), |value| {
+            SinkSpec::from_settings(&kind, value).err()
+        });
+    }
+
+    fn each_entry(&mut self, value: &Value, mut check: impl FnMut(&mut Unit<'_>, &Value)) {
+        let Value::Dict(_, entries) = value else {
+            return self.check::<Dict>(value);
+        };
+        for (name, value) in entries {
+            let mut unit = Unit {
+                file: self.file,
+                at: format!("{}.{}", self.at, key_segment(name)),
+                problems: self.problems,
+            };
+            check(&mut unit, value);
+        }
+    }
+
+    fn each_item(&mut self, value: &Value, mut check: impl FnMut(&mut Unit<'_>, &Value)) {
+        let Value::Array(_, items) = value else {
+            return self.check::<Vec<Value>>(value);
+        };
+        for (i, value) in items.iter().enumerate() {
+            let mut unit = Unit {
+                file: self.file,
+                at: format!("{}[{i}]", self.at),
+                problems: self.problems,
+            };
+            check(&mut unit, value);
+        }
+    }
+}
+
+/// What is wrong, in the configuration's words (a key, not a field).
+fn message(kind: &Kind) -> String {
+    match kind {
+        Kind::UnknownField(name, expected) => {
+            let hint = did_you_mean(name, expected.iter().copied());
+            if hint.is_empty() {
+                let known: Vec<&str> = expected.to_vec();
+                format!("unknown key `{name}`; known keys: {}", known.join(", "))
+            } else {
+                format!("unknown key `{name}`{hint}")
+            }
+        }
+        Kind::UnknownVariant(name, expected) => {
+            let hint = did_you_mean(name, expected.iter().copied());
+            if hint.is_empty() {
+                format!("unknown value {name:?}; expected one of {expected:?}")
+            } else {
+                format!("unknown value {name:?}{hint}")
+            }
+        }
+        Kind::MissingField(name) => format!("missing key `{name}`"),
+        other => other.to_string(),
+    }
+}
+
+/// `at` followed by figment's `path` inside `value`, array indices as `[i]`.
+fn key_path(at: &str, value: &Value, path: &[String]) -> String {
+    let mut key = at.to_owned();
+    let mut value = Some(value);
+    for step in path {
+        match value {
+            Some(Value::Array(_, items)) => {
+                key.push_str(&format!("[{step}]"));
+                value = step.parse().ok().and_then(|i: usize| items.get(i));
+            }
+            Some(Value::Dict(_, table)) => {
+                key.push('.');
+                key.push_str(&key_segment(step));
+                value = table.get(step);
+            }
+            _ => {
+                key.push('.');
+                key.push_str(&key_segment(step));
+                value = None;
+            }
+        }
+    }
+    key
+}
+
+/// A key as TOML writes it: bare when it can be, quoted otherwise.
+fn key_segment(name: &str) -> String {
+    let bare = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if bare {
+        name.to_owned()
+    } else {
+        format!("{name:?}")
+    }
+}
+
+/// Removes the value at `path`; whether there was one.
+fn remove(value: &mut Value, path: &[String]) -> bool {
+    match (value, path) {
+        (Value::Dict(_, table), [last]) => table.remove(last).is_some(),
+        (Value::Dict(_, table), [first, rest @ ..]) => table
+            .get_mut(first)
+            .is_some_and(|value| remove(value, rest)),
+        (Value::Array(_, items), [first, rest @ ..]) => match first.parse::<usize>() {
+            Ok(i) if i < items.len() && rest.is_empty() => {
+                items.remove(i);
+                true
+            }
+            Ok(i) if i < items.len() => remove(&mut items[i], rest),
+            _ => false,
+        },
+        _ => false,
+    }
+}

@@ -1,0 +1,315 @@
+//! Every problem a configuration has, each reported as a compiler would:
+//! `file:line:column: key.path: what is wrong`.
+//!
+//! Validation records a problem by its key path as the operator wrote it (`sinks.ciso.to`,
+//! `routes[2] ("low scores").when`); only when the report is written are the files read again
+//! and each path looked up in the parsed TOML for its line and column. A key set by a
+//! `HOOKROUTE_*` variable, or one the file lacks, is reported without a position.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::ConfigError;
+
+/// One problem: where, and what is wrong.
+#[derive(Debug)]
+struct Problem {
+    /// `None`: the configuration file itself (as opposed to its `rules_file`).
+    file: Option<PathBuf>,
+    key: String,
+    message: String,
+    /// Where a syntax error is (a byte offset); other problems are found by their key.
+    offset: Option<usize>,
+}
+
+/// Every problem found so far.
+#[derive(Debug, Default)]
+pub(super) struct Problems(Vec<Problem>);
+
+impl Problems {
+    /// A problem with the configuration file's `key`.
+    pub(super) fn add(&mut self, key: impl fmt::Display, message: impl fmt::Display) {
+        self.add_at(None, key, message);
+    }
+
+    /// A problem with `key` of `file` (`None`: the configuration file).
+    pub(super) fn add_at(
+        &mut self,
+        file: Option<&Path>,
+        key: impl fmt::Display,
+        message: impl fmt::Display,
+    ) {
+        self.0.push(Problem {
+            file: file.map(Path::to_path_buf),
+            key: key.to_string(),
+            message: message.to_string(),
+            offset: None,
+        });
+    }
+
+    /// A TOML syntax error in `file` (`None`: the configuration file), at a byte range.
+    fn add_syntax(&mut self, file: Option<&Path>, span: Option<Range<usize>>, message: &str) {
+        self.0.push(Problem {
+            file: file.map(Path::to_path_buf),
+            key: String::new(),
+            message: message.trim_end().to_owned(),
+            offset: span.map(|span| span.start),
+        });
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Every problem, located, as one error; `Ok` when there are none.
+    pub(super) fn into_result(self, config_file: &Path) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        // Each file read once; the report follows the files' order, then each file's lines.
+        let mut texts: Vec<(PathBuf, Option<String>)> = Vec::new();
+        let mut located: Vec<(usize, usize, String)> = self
+            .0
+            .into_iter()
+            .map(|problem| {
+                let file = problem
+                    .file
+                    .clone()
+                    .unwrap_or_else(|| config_file.to_path_buf());
+                let index = match texts.iter().position(|(f, _)| *f == file) {
+                    Some(index) => index,
+                    None => {
+                        let text = std::fs::read_to_string(&file).ok();
+                        texts.push((file, text));
+                        texts.len() - 1
+                    }
+                };
+                let (file, text) = &texts[index];
+                let (offset, line) = render(file, text.as_deref(), &problem);
+                (index, offset.unwrap_or(usize::MAX), line)
+            })
+            .collect();
+        located.sort_by_key(|(file, offset, _)| (*file, *offset));
+        let problems = located.into_iter().map(|(_, _, line)| line).collect();
+        Err(ConfigError::Invalid {
+            file: config_file.to_path_buf(),
+            problems,
+        })
+    }
+}
+
+/// Records every TOML syntax error in `text` (the parser recovers and goes on); returns
+/// whether there were none.
+pub(super) fn check_syntax(file: Option<&Path>, text: &str, problems: &mut Problems) -> bool {
+    let (_, errors) = DeTable::parse_recoverable(text);
+    for error in &errors {
+        problems.add_syntax(file, error.span(), error.message());
+    }
+    errors.is_empty()
+}
+
+/// `file:line:column: key: message`, without the position when the key cannot be found; and
+/// the byte offset the position is at.
+fn render(file: &Path, text: Option<&str>, problem: &Problem) -> (Option<usize>, String) {
+    let Problem {
+        key,
+        message,
+        offset,
+        ..
+    } = problem;
+    let offset = offset.or_else(|| text.and_then(|text| locate(text, key)));
+    let at = match (text, offset) {
+        (Some(text), Some(offset)) => {
+            let (line, column) = line_and_column(text, offset);
+            format!("{}:{line}:{column}", file.display())
+        }
+        _ => file.display().to_string(),
+    };
+    let line = if key.is_empty() {
+        format!("{at}: {message}")
+    } else {
+        format!("{at}: {key}: {message}")
+    };
+    (offset, line)
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// One step of a key path.
+#[derive(Debug, PartialEq)]
+enum Segment<'a> {
+    Key(Cow<'a, str>),
+    Index(usize),
+}
+
+/// The steps of a key path as validation writes it: `a.b`, `a[2]`, `"quoted key"`, and a
+/// route's name in parentheses after its index (`routes[0] ("name")`), which is skipped.
+fn segments(key: &str) -> Vec<Segment<'_>> {
+    let mut found = Vec::new();
+    let mut rest = key;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('.') {
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix('[') {
+            let Some((index, after)) = after.split_once(']') else {
+                break;
+            };
+            match index.parse() {
+                Ok(index) => found.push(Segment::Index(index)),
+                Err(_) => break,
+            }
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix(" (") {
+            rest = skip_parenthesis(after);
+        } else if rest.starts_with('"') {
+            let Some((name, after)) = quoted(rest) else {
+                break;
+            };
+            found.push(Segment::Key(name));
+            rest = after;
+        } else {
+            let end = rest.find(['.', '[', ' ']).unwrap_or(rest.len());
+            found.push(Segment::Key(Cow::Borrowed(&rest[..end])));
+            rest = &rest[end..];
+        }
+    }
+    found
+}
+
+/// A `"…"` at the start of `text` (as `{:?}` writes it) and what follows it.
+fn quoted(text: &str) -> Option<(Cow<'_, str>, &str)> {
+    let mut escaped = false;
+    for (i, c) in text.char_indices().skip(1) {
+        match c {
+            '\\' if !escaped => escaped = true,
+            '"' if !escaped => {
+                let inner = &text[1..i];
+                let name = if inner.contains('\\') {
+                    Cow::Owned(inner.replace("\\\"", "\"").replace("\\\\", "\\"))
+                } else {
+                    Cow::Borrowed(inner)
+                };
+                return Some((name, &text[i + 1..]));
+            }
+            _ => escaped = false,
+        }
+    }
+    None
+}
+
+/// What follows the `)` that closes a parenthesis opened just before `text`.
+fn skip_parenthesis(text: &str) -> &str {
+    match text.strip_prefix('"').and_then(|_| quoted(text)) {
+        Some((_, after)) => after.strip_prefix(')').unwrap_or(after),
+        None => text.split_once(')').map_or("", |(_, after)| after),
+    }
+}
+
+/// The byte offset of the deepest part of `key` the file has: the key itself where it is
+/// written, else the table or array element that holds it.
+fn locate(text: &str, key: &str) -> Option<usize> {
+    let (root, _) = DeTable::parse_recoverable(text);
+    let mut table = root.get_ref();
+    let mut value: Option<&Spanned<DeValue<'_>>> = None;
+    let mut at = None;
+    for segment in segments(key) {
+        let next = match (&segment, value.map(Spanned::get_ref)) {
+            (Segment::Key(name), None) => entry(table, name),
+            (Segment::Key(name), Some(DeValue::Table(inner))) => {
+                table = inner;
+                entry(table, name)
+            }
+            (Segment::Index(i), Some(DeValue::Array(items))) => {
+                items.get(*i).map(|item| (item.span().start, item))
+            }
+            _ => None,
+        };
+        let Some((offset, found)) = next else {
+            break;
+        };
+        at = Some(offset);
+        value = Some(found);
+    }
+    at
+}
+
+/// The entry `name` of `table`: where its key is written, and its value.
+fn entry<'t, 'i>(table: &'t DeTable<'i>, name: &str) -> Option<(usize, &'t Spanned<DeValue<'i>>)> {
+    table
+        .iter()
+        .find(|(key, _)| key.get_ref() == name)
+        .map(|(key, value)| (key.span().start, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_paths_split_into_steps() {
+        use Segment::{Index, Key};
+        let key = |s: &'static str| Key(Cow::Borrowed(s));
+        assert_eq!(
+            segments("sinks.email-ciso.to"),
+            [key("sinks"), key("email-ciso"), key("to")]
+        );
+        assert_eq!(
+            segments(r#"routes[2] ("a \"b\" (c)").sinks[1]"#),
+            [key("routes"), Index(2), key("sinks"), Index(1)]
+        );
+        assert_eq!(
+            segments(r#"sources."odd name".path"#),
+            [key("sources"), key("odd name"), key("path")]
+        );
+        assert_eq!(segments(""), []);
+    }
+
+    #[test]
+    fn keys_are_found_where_they_are_written() {
+        let text = "[server]\nlisten = 1\n\n[sinks.ciso]\ntype = \"email\"\nto = 42\n\n\
+                    [[routes]]\nname = \"a\"\n\n[[routes]]\nname = \"b\"\nsinks = [\"x\", \"y\"]\n";
+        let at = |key: &str| locate(text, key).map(|offset| line_and_column(text, offset));
+        assert_eq!(at("server.listen"), Some((2, 1)));
+        assert_eq!(at("sinks.ciso.to"), Some((6, 1)));
+        assert_eq!(
+            at("sinks.ciso.missing"),
+            Some((4, 8)),
+            "the table that lacks it"
+        );
+        assert_eq!(at(r#"routes[1] ("b").sinks[1]"#), Some((13, 15)));
+        assert_eq!(at("storage.path"), None);
+    }
+
+    #[test]
+    fn every_syntax_error_is_reported_with_its_position() {
+        let text = "[server]\nlisten = \n[storage]\npath = \"x\nmax_batch = 1\n";
+        let mut problems = Problems::default();
+        assert!(!check_syntax(None, text, &mut problems));
+        let lines: Vec<String> = problems
+            .0
+            .iter()
+            .map(|p| render(Path::new("c.toml"), Some(text), p).1)
+            .collect();
+        assert!(lines.len() >= 2, "{lines:?}");
+        assert!(lines[0].starts_with("c.toml:2:"), "{lines:?}");
+        assert!(
+            lines.iter().any(|l| l.starts_with("c.toml:4:")),
+            "{lines:?}"
+        );
+    }
+}

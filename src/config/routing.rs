@@ -1,0 +1,173 @@
+//! Routes and templates: compiled, and every reference between routes, sinks, sources and
+//! templates checked, whether they live in the configuration file or in its `rules_file`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use super::raw::RawRules;
+use super::{ConfiguredSink, Problems, Routing, SourceConfig, did_you_mean, read_toml};
+use crate::rules::{Route, RouteSpec, RouteTable};
+use crate::templates::{TemplateSource, TemplatesBuilder};
+
+/// The event families the senders document: each deserves a route.
+pub const SEED_EVENT_TYPES: &[&str] = &[
+    "scan.completed",
+    "alert.triggered",
+    "policy.created",
+    "policy.updated",
+    "policy.published",
+    "policy.approved",
+    "policy.rejected",
+    "assessment.started",
+    "assessment.completed",
+    "assessment.scored",
+    "assessment.failed",
+];
+
+pub(super) struct RulesInput {
+    pub(super) file: Option<PathBuf>,
+    pub(super) routes: Vec<RouteSpec>,
+    pub(super) templates: BTreeMap<String, TemplateSource>,
+    pub(super) vars: BTreeMap<String, String>,
+}
+
+/// Compiles templates and routes, checking every reference between routes, sinks, sources
+/// and templates.
+pub(super) fn validate_routing(
+    config_path: &Path,
+    input: RulesInput,
+    sources: &[SourceConfig],
+    sinks: &[ConfiguredSink],
+    problems: &mut Problems,
+) -> Routing {
+    let base_dir = config_path.parent().unwrap_or(Path::new("."));
+    // The file routes and templates are in, when it is not the configuration file.
+    let (origin, rules_file, rules) = match input.file {
+        Some(file) => {
+            let file = base_dir.join(file);
+            if !input.routes.is_empty() || !input.templates.is_empty() {
+                problems.add(
+                    "rules_file",
+                    "routes and templates go either in the config file or in rules_file, not both",
+                );
+            }
+            let rules = match std::fs::read_to_string(&file) {
+                Ok(text) => read_toml(Some(&file), &text, None, problems),
+                Err(err) => {
+                    problems.add("rules_file", format!("{}: {err}", file.display()));
+                    None
+                }
+            };
+            (file.clone(), Some(file), rules.unwrap_or_default())
+        }
+        None => (
+            config_path.to_path_buf(),
+            None,
+            RawRules {
+                routes: input.routes,
+                templates: input.templates,
+            },
+        ),
+    };
+
+    let mut templates = TemplatesBuilder::new(&input.vars, base_dir);
+    for (name, source) in &rules.templates {
+        if let Err(message) = templates.add_named(name, source) {
+            problems.add_at(rules_file.as_deref(), format!("templates.{name}"), message);
+        }
+    }
+    let mut sink_templates = HashMap::new();
+    for sink in sinks {
+        if let Some(reference) = sink.spec.config().template() {
+            match templates.resolve(&format!("sink/{}", sink.name), reference) {
+                Ok(id) => {
+                    sink_templates.insert(sink.name.clone(), id);
+                }
+                Err(message) => problems.add(format!("sinks.{}.template", sink.name), message),
+            }
+        }
+    }
+
+    let mut routes = Vec::new();
+    for (i, spec) in rules.routes.iter().enumerate() {
+        let at = format!("routes[{i}] ({:?})", spec.name);
+        let mut add = |key: &dyn fmt::Display, message: &dyn fmt::Display| {
+            problems.add_at(rules_file.as_deref(), key, message);
+        };
+        if spec.name.trim().is_empty() {
+            add(&at, &"a route needs a name");
+        } else if rules.routes[..i].iter().any(|r| r.name == spec.name) {
+            add(&at, &"another route has the same name");
+        }
+        for (j, source) in spec.sources.iter().enumerate() {
+            if !sources.iter().any(|s| &s.name == source) {
+                let names = sources.iter().map(|s| s.name.as_str());
+                add(
+                    &format!("{at}.sources[{j}]"),
+                    &format!("unknown source {source:?}{}", did_you_mean(source, names)),
+                );
+            }
+        }
+        let mut kinds = Vec::new();
+        for (j, name) in spec.sinks.iter().enumerate() {
+            match sinks.iter().find(|s| &s.name == name) {
+                Some(sink) => kinds.push(sink.spec.config().kind()),
+                None => {
+                    let names = sinks.iter().map(|s| s.name.as_str());
+                    let hint = did_you_mean(name, names);
+                    add(
+                        &format!("{at}.sinks[{j}]"),
+                        &format!("unknown sink {name:?}{hint}"),
+                    );
+                }
+            }
+        }
+        let mut route_templates = BTreeMap::new();
+        for (kind, reference) in &spec.templates {
+            if !kinds.contains(&kind.as_str()) {
+                add(
+                    &format!("{at}.templates.{kind}"),
+                    &format!("none of this route's sinks is of type {kind:?}"),
+                );
+                continue;
+            }
+            match templates.resolve(&format!("route/{}/{kind}", spec.name), reference) {
+                Ok(id) => {
+                    route_templates.insert(kind.clone(), id);
+                }
+                Err(message) => add(&format!("{at}.templates.{kind}"), &message),
+            }
+        }
+        match Route::compile(i, spec, route_templates) {
+            Ok(route) => routes.push(route),
+            Err(found) => {
+                for (key, message) in found {
+                    add(&key, &message);
+                }
+            }
+        }
+    }
+
+    let table = RouteTable::new(routes);
+    let uncovered: Vec<&str> = SEED_EVENT_TYPES
+        .iter()
+        .copied()
+        .filter(|t| !table.routes().iter().any(|r| r.covers(t)))
+        .collect();
+    let warnings = if uncovered.is_empty() {
+        Vec::new()
+    } else {
+        vec![format!(
+            "no route matches {}: such events are stored and recorded as unrouted",
+            uncovered.join(", ")
+        )]
+    };
+    Routing {
+        table,
+        templates: templates.build(),
+        sink_templates,
+        origin,
+        warnings,
+    }
+}
