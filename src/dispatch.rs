@@ -66,19 +66,36 @@ impl Plan {
 /// Where `event` goes under `routing`: every route that takes it, with its throttle key and
 /// its sinks. Empty when no route does. The daemon stores this with the event; `replay` queues
 /// the same (route, sink) pairs.
-pub fn route(routing: &Routing, event: &Event) -> Vec<RouteTo> {
-    routing
-        .table
-        .route(event)
-        .into_iter()
-        .map(|(route, key)| RouteTo {
-            route: route.name.clone(),
-            throttle: route
-                .throttle
-                .as_ref()
-                .zip(key)
-                .map(|(t, key)| (key, t.window)),
-            sinks: route.sinks.clone(),
-        })
-        .collect()
+pub fn route(routing: &Routing, event: &Event) -> Routed {
+    let taken = routing.table.route(event);
+    Routed {
+        to: taken
+            .routes
+            .into_iter()
+            .map(|(route, key)| RouteTo {
+                route: route.name.clone(),
+                throttle: route
+                    .throttle
+                    .as_ref()
+                    .zip(key)
+                    .map(|(t, key)| (key, t.window)),
+                sinks: route.sinks.clone(),
+            })
+            .collect(),
+        unevaluated: taken
+            .unevaluated
+            .into_iter()
+            .map(|(route, reason)| (route.name.clone(), reason))
+            .collect(),
+    }
+}
+
+/// Where an event goes, and which routes could not tell.
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// Every route that takes the event; empty when none does.
+    pub to: Vec<RouteTo>,
+    /// Routes whose condition could not be evaluated on the event, and why: they do not take
+    /// it, which the operator should hear about (a field of an unexpected type, say).
+    pub unevaluated: Vec<(String, String)>,
 }

@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use jiff::Timestamp;
 
 use crate::delivery::NewJobs;
-use crate::dispatch::{self, Plan};
+use crate::dispatch::{self, Plan, Routed};
 use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::store::{Inserted, Store, StoreError};
@@ -68,12 +68,15 @@ impl Intake {
         body: Vec<u8>,
         now: Timestamp,
     ) -> Result<Accepted, StoreError> {
-        let (routes, handoff) = {
+        let (routes, unevaluated, handoff) = {
             let plan = self.plan.load();
-            let routes = dispatch::route(&plan.routing, &event);
+            let Routed {
+                to: routes,
+                unevaluated,
+            } = dispatch::route(&plan.routing, &event);
             let sinks = routes.iter().flat_map(|to| &to.sinks);
             let handoff = self.new_jobs.handoff(&plan, sinks, now);
-            (routes, handoff)
+            (routes, unevaluated, handoff)
         };
         let unrouted = routes.is_empty();
         // The sinks whose new jobs the engine reads from the database: it reads only those it
@@ -99,6 +102,9 @@ impl Intake {
             } => {
                 if jobs > handed.len() {
                     self.new_jobs.add(stored_for.iter().map(String::as_str));
+                }
+                for (route, reason) in &unevaluated {
+                    tracing::info!(event_id = id, %delivery_id, %source, %event_type, %route, %reason, "route condition could not be evaluated");
                 }
                 if unrouted {
                     self.metrics.unrouted(source);

@@ -226,8 +226,12 @@ fn explain(config: &Config, event: &Event) -> (String, usize) {
                     event.source, route.sources
                 );
             }
-            Verdict::ConditionFalse { value } => {
-                let _ = writeln!(out, "no match: when `{when}` is {value}");
+            Verdict::ConditionFalse => {
+                let _ = writeln!(out, "no match: when `{when}` is false");
+            }
+            Verdict::ConditionError { reason } => {
+                // The reason says "cannot evaluate: …".
+                let _ = writeln!(out, "no match: when `{when}` {reason}");
             }
             Verdict::NotReached => {
                 let _ = writeln!(

@@ -176,6 +176,7 @@ pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     };
     // Replays go through today's routes; throttles are not applied to what an operator asks for.
     let mut pairs: Vec<(String, String)> = crate::dispatch::route(&config.routing, &stored.event)
+        .to
         .into_iter()
         .flat_map(|to| {
             let route = to.route;

@@ -75,6 +75,13 @@ pub struct RouteTable {
     routes: Vec<Route>,
 }
 
+/// What the routes made of one event (see [`RouteTable::route`]).
+#[derive(Debug, Default)]
+pub struct Taken<'a> {
+    pub routes: Vec<(&'a Route, Option<String>)>,
+    pub unevaluated: Vec<(&'a Route, String)>,
+}
+
 /// What one route made of one event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -85,9 +92,12 @@ pub enum Verdict {
     },
     NoEventMatch,
     NoSourceMatch,
-    /// The condition was false, or could not be evaluated (the reason says which).
-    ConditionFalse {
-        value: String,
+    /// The condition was false.
+    ConditionFalse,
+    /// The condition could not be evaluated on this event (a field of the wrong type, say):
+    /// the route does not take it, and the operator is told why.
+    ConditionError {
+        reason: String,
     },
     /// An earlier route matched without `continue`.
     NotReached,
@@ -206,15 +216,18 @@ impl RouteTable {
             .collect()
     }
 
-    /// The routes that take `event`, with their throttle keys.
-    pub fn route(&self, event: &Event) -> Vec<(&Route, Option<String>)> {
-        self.evaluate(event)
-            .into_iter()
-            .filter_map(|(route, verdict)| match verdict {
-                Verdict::Matched { throttle_key, .. } => Some((route, throttle_key)),
-                _ => None,
-            })
-            .collect()
+    /// The routes that take `event`, with their throttle keys; and those whose condition
+    /// could not be evaluated on it, with why.
+    pub fn route(&self, event: &Event) -> Taken<'_> {
+        let mut taken = Taken::default();
+        for (route, verdict) in self.evaluate(event) {
+            match verdict {
+                Verdict::Matched { throttle_key, .. } => taken.routes.push((route, throttle_key)),
+                Verdict::ConditionError { reason } => taken.unevaluated.push((route, reason)),
+                _ => {}
+            }
+        }
+        taken
     }
 }
 
@@ -229,12 +242,8 @@ impl Route {
         let condition = match &self.when {
             Some(expr) => match activation.eval_bool(expr) {
                 Ok(true) => Some("true".to_owned()),
-                Ok(false) => {
-                    return Verdict::ConditionFalse {
-                        value: "false".into(),
-                    };
-                }
-                Err(reason) => return Verdict::ConditionFalse { value: reason },
+                Ok(false) => return Verdict::ConditionFalse,
+                Err(reason) => return Verdict::ConditionError { reason },
             },
             None => None,
         };
@@ -285,6 +294,7 @@ mod tests {
     fn taken(table: &RouteTable, event: &Event) -> Vec<String> {
         table
             .route(event)
+            .routes
             .into_iter()
             .map(|(r, _)| r.name.clone())
             .collect()
@@ -353,7 +363,9 @@ mod tests {
         let bare = event("cl", r#"{"type": "scan.completed"}"#);
         assert!(taken(&table, &bare).is_empty());
         match &table.evaluate(&bare)[0].1 {
-            Verdict::ConditionFalse { value } => assert!(value.contains("No such key"), "{value}"),
+            Verdict::ConditionError { reason } => {
+                assert!(reason.contains("No such key"), "{reason}")
+            }
             other => panic!("{other:?}"),
         }
         let policy = event(
@@ -389,9 +401,9 @@ mod tests {
         });
         let table = table(&[s]);
         let e = event("cl", r#"{"type": "x", "data": {"domain": "example.com"}}"#);
-        assert_eq!(table.route(&e)[0].1.as_deref(), Some("example.com"));
+        assert_eq!(table.route(&e).routes[0].1.as_deref(), Some("example.com"));
         let missing = event("cl", r#"{"type": "x"}"#);
-        assert_eq!(table.route(&missing)[0].1.as_deref(), Some(""));
+        assert_eq!(table.route(&missing).routes[0].1.as_deref(), Some(""));
     }
 
     fn lines(problems: &[(String, String)]) -> String {

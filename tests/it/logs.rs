@@ -7,7 +7,7 @@ use crate::harness::*;
 async fn run(format: &str) -> (tempfile::TempDir, Vec<String>) {
     let dir = tempdir();
     let rest = format!(
-        "[log]\nformat = \"{format}\"\n\n[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n\n[sinks.gone]\ntype = \"http\"\nurl = \"http://127.0.0.1:1/in\"\ndelivery = {{ retry = {{ max_attempts = 1 }} }}\n\n[[routes]]\nname = \"scans\"\nevents = [\"scan.*\"]\nsinks = [\"archive\", \"gone\"]\n",
+        "[log]\nformat = \"{format}\"\n\n[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n\n[sinks.gone]\ntype = \"http\"\nurl = \"http://127.0.0.1:1/in\"\ndelivery = {{ retry = {{ max_attempts = 1 }} }}\n\n[[routes]]\nname = \"scans\"\nevents = [\"scan.*\"]\nsinks = [\"archive\", \"gone\"]\n\n[[routes]]\nname = \"versions\"\nevents = [\"policy.*\"]\nwhen = \"data.version > 2\"\nsinks = [\"archive\"]\n",
         dir.path().join("events.jsonl").display()
     );
     // No RUST_LOG: the default filter.
@@ -21,9 +21,14 @@ async fn run(format: &str) -> (tempfile::TempDir, Vec<String>) {
     // Lines are written by a thread of their own: wait for them, not only for the database.
     let log = eventually(|| {
         let log = daemon.log();
-        let all = ["delivery accepted", "no route matched", "dead letter"]
-            .iter()
-            .all(|line| log.contains(line));
+        let all = [
+            "delivery accepted",
+            "no route matched",
+            "route condition could not be evaluated",
+            "dead letter",
+        ]
+        .iter()
+        .all(|line| log.contains(line));
         if all { Ok(log) } else { Err(log) }
     })
     .await;
@@ -52,6 +57,17 @@ async fn json_lines_carry_the_ids_of_events_and_jobs() {
     let unrouted = find("no route matched");
     assert_eq!(unrouted["delivery_id"], "nowhere");
     assert!(unrouted["event_id"].is_number());
+    // The policy event has no `data`: the route's condition cannot be evaluated, and says so.
+    let unevaluated = find("route condition could not be evaluated");
+    assert_eq!(unevaluated["level"], "INFO");
+    assert_eq!(unevaluated["route"], "versions");
+    assert_eq!(unevaluated["event_id"], unrouted["event_id"]);
+    assert!(
+        unevaluated["reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{unevaluated}"
+    );
     let dead = find("delivery failed for good (dead letter)");
     for key in ["job_id", "event_id"] {
         assert!(dead[key].is_number(), "{key}: {dead}");

@@ -408,7 +408,7 @@ sinks = ["console", "a"]
     );
     assert_eq!(code, Some(1), "{out}");
     assert!(
-        out.contains("no match: when `data.score < 70` is cannot evaluate: No such key: score"),
+        out.contains("no match: when `data.score < 70` cannot evaluate: No such key: score"),
         "{out}"
     );
     assert!(out.contains("no route matched"), "{out}");
