@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds the Debian package (target/debian/hookroute_*.deb) with cargo-deb: the release binary,
+# the unit, sysusers, tmpfiles and logrotate snippets, the man page and shell completions
+# generated from the command definitions, and /etc/hookroute/config.toml, which is
+# config.example.toml with its data under /var/lib/hookroute.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v cargo-deb >/dev/null 2>&1 || cargo install --locked cargo-deb
+cargo build --release --locked
+
+assets=target/deb-assets
+rm -rf "$assets" && mkdir -p "$assets"
+bin=target/release/hookroute
+"$bin" man | gzip -9n > "$assets/hookroute.1.gz"
+"$bin" completions bash > "$assets/hookroute.bash"
+"$bin" completions zsh > "$assets/_hookroute"
+"$bin" completions fish > "$assets/hookroute.fish"
+sed -e 's|"\./data/|"/var/lib/hookroute/|' config.example.toml > "$assets/config.toml"
+if grep -q '"\./data/' "$assets/config.toml"; then
+    echo "package.sh: config.toml still has a ./data/ path" >&2
+    exit 1
+fi
+
+cargo deb --no-build --locked "$@"

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Checks the Debian package that systemd/package.sh built: its contents and modes, its
+# conffile, that installing it creates the service user without starting anything, that the
+# service user can read and check the packaged configuration, and the unit's sandbox score.
+# Needs root (it installs the package); .ci/run calls it after building.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+deb=$(ls -t target/debian/hookroute_*.deb | head -n1)
+fail() { echo "package check: $*" >&2; exit 1; }
+
+contents=$(dpkg-deb --contents "$deb")
+for entry in \
+    "-rwxr-xr-x (root/root|0/0) .* ./usr/bin/hookroute" \
+    "-rw-r--r-- (root/root|0/0) .* ./lib/systemd/system/hookroute.service" \
+    "-rw-r--r-- (root/root|0/0) .* ./usr/lib/sysusers.d/hookroute.conf" \
+    "-rw-r--r-- (root/root|0/0) .* ./usr/lib/tmpfiles.d/hookroute.conf" \
+    "-rw-r--r-- (root/root|0/0) .* ./etc/logrotate.d/hookroute" \
+    "-rw-r----- (root/root|0/0) .* ./etc/hookroute/config.toml" \
+    "-rw-r--r-- (root/root|0/0) .* ./usr/share/man/man1/hookroute.1.gz" \
+    "-rw-r--r-- (root/root|0/0) .* ./usr/share/bash-completion/completions/hookroute" \
+    "-rw-r--r-- (root/root|0/0) .* ./usr/share/zsh/vendor-completions/_hookroute" \
+    "-rw-r--r-- (root/root|0/0) .* ./usr/share/fish/vendor_completions.d/hookroute.fish"; do
+    grep -Eq -- "^$entry\$" <<<"$contents" || fail "no entry like '$entry' in:
+$contents"
+done
+dpkg-deb --info "$deb" conffiles | grep -qx /etc/hookroute/config.toml || fail "config.toml is not a conffile"
+# The stripped binary: no symbol table.
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+dpkg-deb --extract "$deb" "$tmp"
+if readelf --section-headers "$tmp/usr/bin/hookroute" | grep -q '\.symtab'; then
+    fail "the binary is not stripped"
+fi
+grep -q '^ExecStart=/usr/bin/hookroute serve --config /etc/hookroute/config.toml$' \
+    "$tmp/lib/systemd/system/hookroute.service" || fail "the unit does not start /usr/bin/hookroute"
+dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./postinst > "$tmp/postinst"
+if grep -v '^[[:space:]]*#' "$tmp/postinst" |
+    grep -Eq 'systemctl (start|enable|restart)|deb-systemd-invoke'; then
+    fail "postinst starts or enables the service"
+fi
+
+# Installed: the user exists, the configuration is root:hookroute 0640, nothing runs, and the
+# service user can check the packaged configuration.
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q "./$deb" >/dev/null
+getent passwd hookroute >/dev/null || fail "no hookroute user after installing"
+[ "$(stat -c '%U:%G %a' /etc/hookroute/config.toml)" = "root:hookroute 640" ] ||
+    fail "config.toml is $(stat -c '%U:%G %a' /etc/hookroute/config.toml)"
+[ "$(stat -c '%U:%G %a' /var/lib/hookroute)" = "hookroute:hookroute 750" ] ||
+    fail "/var/lib/hookroute is $(stat -c '%U:%G %a' /var/lib/hookroute)"
+if pgrep -x hookroute >/dev/null; then fail "installing started hookroute"; fi
+setpriv --reuid=hookroute --regid=hookroute --init-groups \
+    /usr/bin/hookroute check-config --config /etc/hookroute/config.toml >/dev/null ||
+    fail "the service user cannot check the packaged configuration"
+man -l /usr/share/man/man1/hookroute.1.gz >/dev/null 2>&1 || zcat /usr/share/man/man1/hookroute.1.gz | grep -q '^\.TH' ||
+    fail "the man page does not render"
+DEBIAN_FRONTEND=noninteractive apt-get remove -y -q hookroute >/dev/null
+
+# The unit's sandbox: systemd's own exposure score, which must stay at 2.0 or below.
+exposure=$(systemd-analyze security --offline=true systemd/hookroute.service 2>/dev/null |
+    sed -n 's/.*Overall exposure level for hookroute.service: \([0-9.]*\).*/\1/p')
+[ -n "$exposure" ] || fail "systemd-analyze gave no exposure level"
+awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }' || fail "exposure $exposure is above 2.0"
+echo "package check: $deb ok (unit exposure $exposure)"
