@@ -78,8 +78,9 @@ impl Unit<'_> {
         self.check_with(value, |value| value.deserialize::<T>().err());
     }
 
-    /// Deserializes `value` (`error` says what is wrong with it, if anything), dropping each key that fails and trying again, until it
-    /// deserializes or the failure is not about one key.
+    /// Deserializes `value` (`error` says what is wrong with it, if anything), dropping each
+    /// key that fails and trying again, until it deserializes or the failure is not about one
+    /// key.
     fn check_with(&mut self, value: &Value, error: impl Fn(&Value) -> Option<figment::Error>) {
         let mut value = value.clone();
         let mut dropped: Vec<Vec<String>> = Vec::new();
@@ -137,12 +138,7 @@ impl Unit<'_> {
             return self.check::<Dict>(value);
         };
         for (name, value) in entries {
-            let mut unit = Unit {
-                file: self.file,
-                at: format!("{}.{}", self.at, key_segment(name)),
-                problems: self.problems,
-            };
-            check(&mut unit, value);
+            check(&mut self.child(format!(".{}", key_segment(name))), value);
         }
     }
 
@@ -151,12 +147,16 @@ impl Unit<'_> {
             return self.check::<Vec<Value>>(value);
         };
         for (i, value) in items.iter().enumerate() {
-            let mut unit = Unit {
-                file: self.file,
-                at: format!("{}[{i}]", self.at),
-                problems: self.problems,
-            };
-            check(&mut unit, value);
+            check(&mut self.child(format!("[{i}]")), value);
+        }
+    }
+
+    /// The part of this unit at `step` (`.name` or `[i]`).
+    fn child(&mut self, step: String) -> Unit<'_> {
+        Unit {
+            file: self.file,
+            at: self.at.clone() + &step,
+            problems: self.problems,
         }
     }
 }
@@ -167,8 +167,7 @@ fn message(kind: &Kind) -> String {
         Kind::UnknownField(name, expected) => {
             let hint = did_you_mean(name, expected.iter().copied());
             if hint.is_empty() {
-                let known: Vec<&str> = expected.to_vec();
-                format!("unknown key `{name}`; known keys: {}", known.join(", "))
+                format!("unknown key `{name}`; known keys: {}", expected.join(", "))
             } else {
                 format!("unknown key `{name}`{hint}")
             }
@@ -191,21 +190,15 @@ fn key_path(at: &str, value: &Value, path: &[String]) -> String {
     let mut key = at.to_owned();
     let mut value = Some(value);
     for step in path {
-        match value {
-            Some(Value::Array(_, items)) => {
-                key.push_str(&format!("[{step}]"));
-                value = step.parse().ok().and_then(|i: usize| items.get(i));
-            }
-            Some(Value::Dict(_, table)) => {
-                key.push('.');
-                key.push_str(&key_segment(step));
-                value = table.get(step);
-            }
-            _ => {
-                key.push('.');
-                key.push_str(&key_segment(step));
-                value = None;
-            }
+        if let Some(Value::Array(_, items)) = value {
+            key.push_str(&format!("[{step}]"));
+            value = step.parse().ok().and_then(|i: usize| items.get(i));
+        } else {
+            key.push('.');
+            key.push_str(&key_segment(step));
+            value = value
+                .and_then(|v| v.as_dict())
+                .and_then(|table| table.get(step));
         }
     }
     key

@@ -71,26 +71,41 @@ impl Problems {
         if self.0.is_empty() {
             return Ok(());
         }
-        // Each file read once; the report follows the files' order, then each file's lines.
-        let mut texts: Vec<(PathBuf, Option<String>)> = Vec::new();
+        // Each file read and parsed once; the report follows the files' order, then each
+        // file's lines.
+        let file_of = |problem: &Problem| {
+            problem
+                .file
+                .clone()
+                .unwrap_or_else(|| config_file.to_path_buf())
+        };
+        let mut files: Vec<PathBuf> = Vec::new();
+        for file in self.0.iter().map(file_of) {
+            if !files.contains(&file) {
+                files.push(file);
+            }
+        }
+        let texts: Vec<Option<String>> = files
+            .iter()
+            .map(|file| std::fs::read_to_string(file).ok())
+            .collect();
+        let parsed: Vec<Option<(&str, Spanned<DeTable<'_>>)>> = texts
+            .iter()
+            .map(|text| {
+                let text = text.as_deref()?;
+                Some((text, DeTable::parse_recoverable(text).0))
+            })
+            .collect();
         let mut located: Vec<(usize, usize, String)> = self
             .0
-            .into_iter()
+            .iter()
             .map(|problem| {
-                let file = problem
-                    .file
-                    .clone()
-                    .unwrap_or_else(|| config_file.to_path_buf());
-                let index = match texts.iter().position(|(f, _)| *f == file) {
-                    Some(index) => index,
-                    None => {
-                        let text = std::fs::read_to_string(&file).ok();
-                        texts.push((file, text));
-                        texts.len() - 1
-                    }
-                };
-                let (file, text) = &texts[index];
-                let (offset, line) = render(file, text.as_deref(), &problem);
+                let file = file_of(problem);
+                let index = files.iter().position(|f| *f == file).expect("listed above");
+                let source = parsed[index]
+                    .as_ref()
+                    .map(|(text, root)| (*text, root.get_ref()));
+                let (offset, line) = render(&file, source, problem);
                 (index, offset.unwrap_or(usize::MAX), line)
             })
             .collect();
@@ -114,17 +129,21 @@ pub(super) fn check_syntax(file: Option<&Path>, text: &str, problems: &mut Probl
 }
 
 /// `file:line:column: key: message`, without the position when the key cannot be found; and
-/// the byte offset the position is at.
-fn render(file: &Path, text: Option<&str>, problem: &Problem) -> (Option<usize>, String) {
+/// the byte offset the position is at. `source` is the file's text and its parsed form.
+fn render(
+    file: &Path,
+    source: Option<(&str, &DeTable<'_>)>,
+    problem: &Problem,
+) -> (Option<usize>, String) {
     let Problem {
         key,
         message,
         offset,
         ..
     } = problem;
-    let offset = offset.or_else(|| text.and_then(|text| locate(text, key)));
-    let at = match (text, offset) {
-        (Some(text), Some(offset)) => {
+    let offset = offset.or_else(|| source.and_then(|(_, root)| locate(root, key)));
+    let at = match (source, offset) {
+        (Some((text, _)), Some(offset)) => {
             let (line, column) = line_and_column(text, offset);
             format!("{}:{line}:{column}", file.display())
         }
@@ -222,9 +241,8 @@ fn skip_parenthesis(text: &str) -> &str {
 
 /// The byte offset of the deepest part of `key` the file has: the key itself where it is
 /// written, else the table or array element that holds it.
-fn locate(text: &str, key: &str) -> Option<usize> {
-    let (root, _) = DeTable::parse_recoverable(text);
-    let mut table = root.get_ref();
+fn locate(root: &DeTable<'_>, key: &str) -> Option<usize> {
+    let mut table = root;
     let mut value: Option<&Spanned<DeValue<'_>>> = None;
     let mut at = None;
     for segment in segments(key) {
@@ -283,7 +301,9 @@ mod tests {
     fn keys_are_found_where_they_are_written() {
         let text = "[server]\nlisten = 1\n\n[sinks.ciso]\ntype = \"email\"\nto = 42\n\n\
                     [[routes]]\nname = \"a\"\n\n[[routes]]\nname = \"b\"\nsinks = [\"x\", \"y\"]\n";
-        let at = |key: &str| locate(text, key).map(|offset| line_and_column(text, offset));
+        let (root, _) = DeTable::parse_recoverable(text);
+        let at =
+            |key: &str| locate(root.get_ref(), key).map(|offset| line_and_column(text, offset));
         assert_eq!(at("server.listen"), Some((2, 1)));
         assert_eq!(at("sinks.ciso.to"), Some((6, 1)));
         assert_eq!(
@@ -303,7 +323,10 @@ mod tests {
         let lines: Vec<String> = problems
             .0
             .iter()
-            .map(|p| render(Path::new("c.toml"), Some(text), p).1)
+            .map(|p| {
+                let (root, _) = DeTable::parse_recoverable(text);
+                render(Path::new("c.toml"), Some((text, root.get_ref())), p).1
+            })
             .collect();
         assert!(lines.len() >= 2, "{lines:?}");
         assert!(lines[0].starts_with("c.toml:2:"), "{lines:?}");
