@@ -404,9 +404,14 @@ async fn permission_denied_names_the_file_and_the_service_user() {
     assert!(db.exists());
 
     // Someone else: `nobody` when the tests run as root (who may read anything), else us
-    // after taking our own permissions away.
-    let as_someone_else = |args: &[&str]| {
-        let mut command = if nix_is_root() {
+    // after taking our own permissions away. The database first, then the config file.
+    let mode = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    mode(&config, 0o644);
+    for unreadable in [&db, &config] {
+        mode(unreadable, 0o000);
+        let mut command = if rustix::process::geteuid().is_root() {
             let mut c = Command::new("setpriv");
             c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
             c
@@ -414,34 +419,17 @@ async fn permission_denied_names_the_file_and_the_service_user() {
             Command::new(BIN)
         };
         let out = command
-            .args(args)
-            .arg("--config")
+            .args(["deliveries", "list", "--config"])
             .arg(&config)
             .output()
             .unwrap();
-        (out.status.code(), text(&out))
-    };
-    let mode = |path: &std::path::Path, mode: u32| {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    };
-
-    mode(&db, 0o000);
-    mode(&config, 0o644);
-    let (code, out) = as_someone_else(&["deliveries", "list"]);
-    assert_eq!(code, Some(2), "{out}");
-    assert!(out.contains("permission denied"), "{out}");
-    assert!(out.contains(&db.display().to_string()), "{out}");
-    assert!(out.contains("sudo -u hookroute"), "{out}");
-
-    mode(&config, 0o000);
-    let (code, out) = as_someone_else(&["deliveries", "list"]);
-    assert_eq!(code, Some(2), "{out}");
-    assert!(out.contains("permission denied"), "{out}");
-    assert!(out.contains(&config.display().to_string()), "{out}");
-    assert!(out.contains("sudo -u hookroute"), "{out}");
-}
-
-fn nix_is_root() -> bool {
-    let out = Command::new("id").arg("-u").output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim() == "0"
+        let out_text = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{out_text}");
+        assert!(out_text.contains("permission denied"), "{out_text}");
+        assert!(
+            out_text.contains(&unreadable.display().to_string()),
+            "{out_text}"
+        );
+        assert!(out_text.contains("sudo -u hookroute"), "{out_text}");
+    }
 }
