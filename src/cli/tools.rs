@@ -5,16 +5,19 @@ use std::process::ExitCode;
 
 use super::{ListArgs, ReplayArgs, RetryArgs, ShowArgs};
 use crate::config::{self, Config};
-use crate::store::admin::{AdminStorage, EventDetail, Filter};
+use crate::store::admin::{Access, AdminStorage, EventDetail, Filter};
 
-fn admin(config_path: &std::path::Path) -> anyhow::Result<(Config, Box<dyn AdminStorage>)> {
+fn admin(
+    config_path: &std::path::Path,
+    access: Access,
+) -> anyhow::Result<(Config, Box<dyn AdminStorage>)> {
     let config = config::load_for_tools(config_path)?;
-    let admin = crate::store::open_admin(&config.storage)?;
+    let admin = crate::store::open_admin(&config.storage, access)?;
     Ok((config, admin))
 }
 
 pub(super) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let (_, admin) = admin(&args.config)?;
+    let (_, admin) = admin(&args.config, Access::Read)?;
     let since = match args.since {
         Some(since) => Some(jiff::Timestamp::now() - jiff::SignedDuration::try_from(since)?),
         None => None,
@@ -63,7 +66,7 @@ pub(super) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
-    let (_, admin) = admin(&args.config)?;
+    let (_, admin) = admin(&args.config, Access::Read)?;
     // Event ids and job ids are both small numbers: say so when the other kind exists.
     let event_id = if args.job {
         let Some(event_id) = admin.job_event(args.id)? else {
@@ -169,7 +172,7 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    let (config, mut admin) = admin(&args.config)?;
+    let (config, mut admin) = admin(&args.config, Access::Write)?;
     let Some(EventDetail { stored, .. }) = admin.show(args.id)? else {
         eprintln!("no event {}", args.id);
         return Ok(ExitCode::from(1));
@@ -213,7 +216,7 @@ pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) fn retry_dead(args: RetryArgs) -> anyhow::Result<ExitCode> {
-    let (_, admin) = admin(&args.config)?;
+    let (_, admin) = admin(&args.config, Access::Write)?;
     let count = admin.retry_dead(args.id)?;
     println!(
         "re-queued {count} dead deliver{}",

@@ -7,6 +7,13 @@ use serde::Serialize;
 
 use super::{StoreError, StoredEvent};
 
+/// What a command does with the database: reads open it read-only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
 /// Every status a listed row can have.
 pub const STATUSES: &[&str] = &[
     "pending",

@@ -46,6 +46,19 @@ pub enum StoreError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error(
+        "the database {path} has schema version {version}, this hookroute knows version {known}: {}",
+        if version > known {
+            "it was written by a newer hookroute; run that one"
+        } else {
+            "start the daemon once to migrate it, then run the command again"
+        }
+    )]
+    Schema {
+        path: PathBuf,
+        version: i64,
+        known: i64,
+    },
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// A batch failed; every command in it shares the cause.
@@ -280,23 +293,29 @@ pub trait Storage: Send + Sync {
 pub type Store = Arc<dyn Storage>;
 
 /// Opens the database `config` names for the operator's commands: an existing one only (a
-/// typo in the path is an error, not a new empty database).
+/// typo in the path is an error, not a new empty database), read-only unless `access` says
+/// the command writes.
 ///
 /// # Errors
 /// [`StoreError`] when it cannot be opened.
-pub fn open_admin(config: &StorageConfig) -> Result<Box<dyn admin::AdminStorage>, StoreError> {
-    let admin = sqlite::admin::Admin::open(&config.path).map_err(|source| {
+pub fn open_admin(
+    config: &StorageConfig,
+    access: admin::Access,
+) -> Result<Box<dyn admin::AdminStorage>, StoreError> {
+    let admin = sqlite::admin::Admin::open(&config.path, access).map_err(|err| {
         // SQLite says "unable to open database file"; the operator needs to hear why.
-        let denied = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&config.path)
-            .is_err_and(|err| err.kind() == std::io::ErrorKind::PermissionDenied);
-        let path = config.path.clone();
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(access == admin::Access::Write);
+        let denied = matches!(err, StoreError::Open { .. })
+            && options
+                .open(&config.path)
+                .is_err_and(|err| err.kind() == std::io::ErrorKind::PermissionDenied);
         if denied {
-            StoreError::PermissionDenied { path }
+            StoreError::PermissionDenied {
+                path: config.path.clone(),
+            }
         } else {
-            StoreError::Open { path, source }
+            err
         }
     })?;
     Ok(Box::new(admin))

@@ -386,6 +386,67 @@ async fn secrets_come_from_systemd_credentials() {
     assert!(text(&out).contains("sinks.forward.sign"), "{}", text(&out));
 }
 
+/// The tools run by someone the permissions apply to: `nobody` when the tests run as root (who
+/// may read and write anything), else us.
+fn someone_else() -> Command {
+    if rustix::process::geteuid().is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+        c
+    } else {
+        Command::new(BIN)
+    }
+}
+
+/// `deliveries list` and `show` only read: they work on a database they may not write, and
+/// leave it and its WAL as they were; `replay`, which writes, says it may not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_commands_work_on_a_database_they_may_not_write() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempdir();
+    let config = write_config(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
+    );
+    let daemon = Daemon::start_with(dir.path(), &config, &[]);
+    daemon.accept_cl(&scan_body("kept")).await;
+    daemon.terminate();
+    let db = dir.path().join("hookroute.db");
+    let before = std::fs::read(&db).unwrap();
+    let mode = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // The daemon leaves its WAL and shared-memory index beside the database, and a reader
+    // takes its turn through them: those it may write, the database itself not.
+    mode(&config, 0o644);
+    mode(&db, 0o444);
+    for suffix in ["-wal", "-shm"] {
+        mode(&dir.path().join(format!("hookroute.db{suffix}")), 0o666);
+    }
+    mode(dir.path(), 0o755);
+    let run = |args: &[&str]| {
+        let out = someone_else()
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (out.status.code(), text(&out))
+    };
+    let (code, listed) = run(&["deliveries", "list", "--json"]);
+    assert_eq!(code, Some(0), "{listed}");
+    assert!(listed.contains(r#""delivery_id":"kept""#), "{listed}");
+    let (code, shown) = run(&["deliveries", "show", "1"]);
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(shown.contains("kept"), "{shown}");
+    let (code, refused) = run(&["replay", "1", "--sink", "archive"]);
+    assert_eq!(code, Some(2), "{refused}");
+    assert!(refused.contains("permission denied"), "{refused}");
+    assert_eq!(std::fs::read(&db).unwrap(), before, "the database changed");
+    let wal = std::fs::metadata(dir.path().join("hookroute.db-wal")).unwrap();
+    assert_eq!(wal.len(), 0, "a read wrote to the WAL");
+}
+
 /// A file the operator cannot read is named, with how to run the tool as the service user,
 /// rather than reported as "unable to open database file".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,14 +472,7 @@ async fn permission_denied_names_the_file_and_the_service_user() {
     mode(&config, 0o644);
     for unreadable in [&db, &config] {
         mode(unreadable, 0o000);
-        let mut command = if rustix::process::geteuid().is_root() {
-            let mut c = Command::new("setpriv");
-            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
-            c
-        } else {
-            Command::new(BIN)
-        };
-        let out = command
+        let out = someone_else()
             .args(["deliveries", "list", "--config"])
             .arg(&config)
             .output()

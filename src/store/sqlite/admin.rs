@@ -2,6 +2,18 @@
 //! with a busy timeout, so they take turns with the daemon's writer. Re-queued jobs are
 //! picked up by the running daemon's delivery engine, which looks at the queue every half
 //! second.
+//!
+//! Every query here is an index seek that reads about as many rows as it prints, so a command
+//! takes as long on a year of history as on a day's (a test checks each plan and that the
+//! work done does not grow with the history). `deliveries list` walks newest first:
+//! - with no status, or `succeeded` (the normal outcome, so matches come quickly), it walks
+//!   events (by id, or by `events_source`) and reads each one's jobs and routing records;
+//! - any other status has a partial index of its own, newest event first (`jobs_dead`,
+//!   `jobs_open`, `dispatches_status`, `events_unrouted`); a `--source` with it filters
+//!   those rows.
+//!
+//! `--since` becomes the first event id received since then, found by bisecting ids (events
+//! are numbered in the order they arrive), so it bounds every walk without an index on time.
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,7 +24,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use super::events::row_to_event;
 use super::{SELECT_EVENT, from_ms};
 use crate::store::StoreError;
-use crate::store::admin::{AdminStorage, Attempt, EventDetail, Filter, JobDetail, Row};
+use crate::store::admin::{Access, AdminStorage, Attempt, EventDetail, Filter, JobDetail, Row};
 
 pub struct Admin {
     conn: Connection,
@@ -29,73 +41,267 @@ fn at(ms: i64) -> String {
     from_ms(ms).to_string()
 }
 
+/// The columns of a listed row, in [`row_at`]'s order: the event's, then the job's or the
+/// routing record's.
+macro_rules! row_columns {
+    () => {
+        "e.id, e.source, e.event_type, e.delivery_id, e.received_at"
+    };
+}
+
+/// Jobs with `status`, one of those a job leaves, through the partial index `index` of
+/// jobs whose status is `partial`: newest event first.
+macro_rules! jobs_with {
+    ($index:literal, $partial:literal, $status:literal) => {
+        concat!(
+            "SELECT ",
+            row_columns!(),
+            ", j.id, j.route, j.sink, j.status, j.attempts, j.next_attempt_at, j.last_error
+             FROM jobs j INDEXED BY ",
+            $index,
+            " JOIN events e ON e.id = j.event_id
+             WHERE ",
+            $partial,
+            " AND j.status = '",
+            $status,
+            "' AND j.event_id >= ?1 AND (?2 IS NULL OR e.source = ?2)
+             ORDER BY j.event_id DESC, j.id LIMIT ?3"
+        )
+    };
+}
+const DEAD_JOBS: &str = jobs_with!("jobs_dead", "j.status = 'dead'", "dead");
+const PENDING_JOBS: &str = jobs_with!("jobs_open", "j.status IN ('pending', 'failed')", "pending");
+const FAILED_JOBS: &str = jobs_with!("jobs_open", "j.status IN ('pending', 'failed')", "failed");
+const SUPPRESSED: &str = concat!(
+    "SELECT ",
+    row_columns!(),
+    ", NULL, d.route, NULL, d.status, 0, NULL, d.detail
+     FROM dispatches d INDEXED BY dispatches_status JOIN events e ON e.id = d.event_id
+     WHERE d.status = 'suppressed' AND d.event_id >= ?1 AND (?2 IS NULL OR e.source = ?2)
+     ORDER BY d.event_id DESC, d.id LIMIT ?3"
+);
+const UNROUTED: &str = concat!(
+    "SELECT ",
+    row_columns!(),
+    ", NULL, NULL, NULL, 'unrouted', 0, NULL, NULL
+     FROM events e INDEXED BY events_unrouted
+     WHERE e.unrouted = 1 AND e.id >= ?1 AND (?2 IS NULL OR e.source = ?2)
+     ORDER BY e.id DESC LIMIT ?3"
+);
+/// A page of events, newest first, below a cursor: all of them, or one source's.
+const EVENTS_PAGE: &str = concat!(
+    "SELECT ",
+    row_columns!(),
+    " FROM events e WHERE e.id < ?1 AND e.id >= ?2 ORDER BY e.id DESC LIMIT ?3"
+);
+const SOURCE_EVENTS_PAGE: &str = concat!(
+    "SELECT ",
+    row_columns!(),
+    " FROM events e INDEXED BY events_source
+     WHERE e.source = ?4 AND e.id < ?1 AND e.id >= ?2 ORDER BY e.id DESC LIMIT ?3"
+);
+/// One event's jobs, and its routing records, as the columns after [`row_columns!`].
+const EVENT_JOBS: &str = "SELECT id, route, sink, status, attempts, next_attempt_at, last_error
+     FROM jobs WHERE event_id = ?1 ORDER BY id";
+const EVENT_DISPATCHES: &str = "SELECT NULL, route, NULL, status, 0, NULL, detail
+     FROM dispatches WHERE event_id = ?1 ORDER BY id";
+/// The first event at or after an id, for bisecting by time.
+const EVENT_FROM: &str = "SELECT id, received_at FROM events WHERE id >= ?1 ORDER BY id LIMIT 1";
+/// The newest event's id (a seek: SQLite reads a rowid's `max()` off the end of the tree).
+const LAST_EVENT: &str = "SELECT max(id) FROM events";
+
+/// How many events a walk reads at a time.
+const PAGE: i64 = 64;
+
+/// The event columns of a listed row.
+struct Head {
+    event_id: i64,
+    source: String,
+    event_type: String,
+    delivery_id: String,
+    received_at: i64,
+}
+
+fn head_at(row: &rusqlite::Row<'_>) -> rusqlite::Result<Head> {
+    Ok(Head {
+        event_id: row.get(0)?,
+        source: row.get(1)?,
+        event_type: row.get(2)?,
+        delivery_id: row.get(3)?,
+        received_at: row.get(4)?,
+    })
+}
+
+/// A listed row: `head`, then a job's or a routing record's columns from `first` on.
+fn row_at(head: &Head, row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Row> {
+    let status: String = row.get(first + 3)?;
+    let next: Option<i64> = row.get(first + 5)?;
+    Ok(Row {
+        event_id: head.event_id,
+        job_id: row.get(first)?,
+        source: head.source.clone(),
+        event_type: head.event_type.clone(),
+        delivery_id: head.delivery_id.clone(),
+        received_at: at(head.received_at),
+        route: row.get(first + 1)?,
+        sink: row.get(first + 2)?,
+        next_attempt_at: next.and_then(|next| retry_at(&status, next)),
+        status,
+        attempts: row.get(first + 4)?,
+        detail: row.get(first + 6)?,
+    })
+}
+
 impl Admin {
-    /// Opens an existing database (never creates one: a typo in the path is an error).
+    /// Opens an existing database (never creates one: a typo in the path is an error) of the
+    /// schema this build knows. Read-only access opens it read-only: a read never writes,
+    /// migrates or merges anything.
     ///
     /// # Errors
-    /// The database does not exist or cannot be opened.
-    pub fn open(path: &Path) -> rusqlite::Result<Self> {
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        // Opening is lazy: read the schema now, so a file that cannot be read fails here.
-        conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
+    /// The database does not exist, cannot be opened, or has another schema version.
+    pub fn open(path: &Path, access: Access) -> Result<Self, StoreError> {
+        let flags = match access {
+            Access::Read => OpenFlags::SQLITE_OPEN_READ_ONLY,
+            Access::Write => OpenFlags::SQLITE_OPEN_READ_WRITE,
+        };
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(open_err)?;
+        // Opening is lazy: reading the header now makes a file that cannot be read fail here.
+        let version = super::schema::version(&conn).map_err(open_err)?;
+        super::schema::check_version(path, version)?;
+        // SQLite opens a file it may not write read-only, and says so only at the first write.
+        if access == Access::Write && conn.is_readonly(rusqlite::MAIN_DB).map_err(open_err)? {
+            return Err(StoreError::PermissionDenied {
+                path: path.to_path_buf(),
+            });
+        }
         Ok(Self { conn })
+    }
+
+    /// The first event id received at or after `since`, by bisecting ids.
+    fn first_since(&self, since: Timestamp) -> rusqlite::Result<i64> {
+        let since = since.as_millisecond();
+        let mut from = self.conn.prepare_cached(EVENT_FROM)?;
+        let Some(last) = self
+            .conn
+            .prepare_cached(LAST_EVENT)?
+            .query_row([], |row| row.get::<_, Option<i64>>(0))?
+        else {
+            return Ok(0);
+        };
+        // The first id whose next event was received since then; past the last if none was.
+        let (mut low, mut high) = (0, last + 1);
+        while low < high {
+            let middle = low + (high - low) / 2;
+            let received: Option<i64> = from.query_row([middle], |row| row.get(1)).optional()?;
+            if received.is_some_and(|received| received >= since) {
+                high = middle;
+            } else {
+                low = middle + 1;
+            }
+        }
+        Ok(low)
+    }
+
+    /// Rows through one status's index: `sql` is one of the queries for a status.
+    fn by_status(&self, sql: &str, floor: i64, filter: &Filter) -> rusqlite::Result<Vec<Row>> {
+        let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(params![floor, filter.source, limit])?;
+        let mut listed = Vec::new();
+        while let Some(row) = rows.next()? {
+            listed.push(row_at(&head_at(row)?, row, 5)?);
+        }
+        Ok(listed)
+    }
+
+    /// Rows of the newest events from `floor` on, a page of events at a time, until `limit`;
+    /// with `succeeded`, only the jobs that succeeded.
+    fn walk(&self, floor: i64, filter: &Filter, succeeded: bool) -> rusqlite::Result<Vec<Row>> {
+        let mut listed = Vec::new();
+        let mut below = i64::MAX;
+        while listed.len() < filter.limit {
+            let heads: Vec<Head> = match &filter.source {
+                Some(source) => self
+                    .conn
+                    .prepare_cached(SOURCE_EVENTS_PAGE)?
+                    .query_map(params![below, floor, PAGE, source], head_at)?
+                    .collect::<rusqlite::Result<_>>()?,
+                None => self
+                    .conn
+                    .prepare_cached(EVENTS_PAGE)?
+                    .query_map(params![below, floor, PAGE], head_at)?
+                    .collect::<rusqlite::Result<_>>()?,
+            };
+            let Some(last) = heads.last() else { break };
+            below = last.event_id;
+            for head in &heads {
+                let rows = self.event_rows(head)?;
+                listed.extend(
+                    rows.into_iter()
+                        .filter(|row| !succeeded || row.status == "succeeded"),
+                );
+            }
+        }
+        listed.truncate(filter.limit);
+        Ok(listed)
+    }
+
+    /// One event's rows: its routing records, then its jobs; or `unrouted` if it has neither.
+    fn event_rows(&self, head: &Head) -> rusqlite::Result<Vec<Row>> {
+        let mut rows = Vec::new();
+        for sql in [EVENT_DISPATCHES, EVENT_JOBS] {
+            let mut stmt = self.conn.prepare_cached(sql)?;
+            let mut found = stmt.query([head.event_id])?;
+            while let Some(row) = found.next()? {
+                rows.push(row_at(head, row, 0)?);
+            }
+        }
+        if rows.is_empty() {
+            rows.push(Row {
+                event_id: head.event_id,
+                job_id: None,
+                source: head.source.clone(),
+                event_type: head.event_type.clone(),
+                delivery_id: head.delivery_id.clone(),
+                received_at: at(head.received_at),
+                route: None,
+                sink: None,
+                status: "unrouted".into(),
+                attempts: 0,
+                next_attempt_at: None,
+                detail: None,
+            });
+        }
+        Ok(rows)
     }
 }
 
 impl AdminStorage for Admin {
-    /// Deliveries, newest event first.
-    ///
-    /// # Errors
-    /// On a database error.
     fn list(&self, filter: &Filter) -> Result<Vec<Row>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT * FROM (
-                 SELECT e.id, j.id, e.source, e.event_type, e.delivery_id, e.received_at, j.route, j.sink,
-                        j.status, j.attempts, j.next_attempt_at, j.last_error
-                 FROM jobs j JOIN events e ON e.id = j.event_id
-                 UNION ALL
-                 SELECT e.id, NULL, e.source, e.event_type, e.delivery_id, e.received_at, d.route, NULL,
-                        d.status, 0, NULL, d.detail
-                 FROM dispatches d JOIN events e ON e.id = d.event_id
-                 UNION ALL
-                 SELECT e.id, NULL, e.source, e.event_type, e.delivery_id, e.received_at, NULL, NULL,
-                        'unrouted', 0, NULL, NULL
-                 FROM events e
-                 WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id)
-                   AND NOT EXISTS (SELECT 1 FROM dispatches d WHERE d.event_id = e.id))
-             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR source = ?2) AND received_at >= ?3
-             ORDER BY 1 DESC, 2 LIMIT ?4",
-        )?;
-        let since = filter.since.map_or(0, Timestamp::as_millisecond);
-        let rows = stmt.query_map(
-            params![filter.status, filter.source, since, filter.limit as i64],
-            |row| {
-                let status: String = row.get(8)?;
-                let next: Option<i64> = row.get(10)?;
-                Ok(Row {
-                    event_id: row.get(0)?,
-                    job_id: row.get(1)?,
-                    source: row.get(2)?,
-                    event_type: row.get(3)?,
-                    delivery_id: row.get(4)?,
-                    received_at: at(row.get(5)?),
-                    route: row.get(6)?,
-                    sink: row.get(7)?,
-                    next_attempt_at: next.and_then(|next| retry_at(&status, next)),
-                    status,
-                    attempts: row.get(9)?,
-                    detail: row.get(11)?,
-                })
-            },
-        )?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let floor = match filter.since {
+            Some(since) => self.first_since(since)?,
+            None => 0,
+        };
+        let status = filter.status.as_deref();
+        let indexed = match status {
+            None | Some("succeeded") => return Ok(self.walk(floor, filter, status.is_some())?),
+            Some("pending") => PENDING_JOBS,
+            Some("failed") => FAILED_JOBS,
+            Some("dead") => DEAD_JOBS,
+            Some("suppressed") => SUPPRESSED,
+            Some("unrouted") => UNROUTED,
+            Some(_) => return Ok(Vec::new()),
+        };
+        let rows = self.by_status(indexed, floor, filter)?;
+        Ok(rows)
     }
 
-    /// An event, its jobs with every attempt, and its routing outcomes.
-    ///
-    /// # Errors
-    /// On a database error.
     fn show(&self, event_id: i64) -> Result<Option<EventDetail>, StoreError> {
         let Some(event) = self
             .conn
@@ -108,11 +314,11 @@ impl AdminStorage for Admin {
         else {
             return Ok(None);
         };
-        let mut jobs = self.conn.prepare(
+        let mut jobs = self.conn.prepare_cached(
             "SELECT id, route, sink, status, attempts, next_attempt_at, last_error, response FROM jobs
              WHERE event_id = ?1 ORDER BY id",
         )?;
-        let mut attempts = self.conn.prepare(
+        let mut attempts = self.conn.prepare_cached(
             "SELECT number, started_at, finished_at, outcome, error, response FROM attempts WHERE job_id = ?1 ORDER BY id",
         )?;
         let mut details = Vec::new();
@@ -154,18 +360,22 @@ impl AdminStorage for Admin {
             job.attempts = u32::try_from(job.history.len()).unwrap_or(u32::MAX);
             details.push(job);
         }
-        let notes = self
-            .list(&Filter {
-                limit: usize::MAX >> 1,
-                ..Filter::default()
-            })?
+        let head = Head {
+            event_id,
+            source: event.event.source.clone(),
+            event_type: event.event.event_type.clone(),
+            delivery_id: event.event.delivery_id.clone(),
+            received_at: event.received_at.as_millisecond(),
+        };
+        let routing = self
+            .event_rows(&head)?
             .into_iter()
-            .filter(|r| r.event_id == event_id && r.job_id.is_none())
+            .filter(|row| row.job_id.is_none())
             .collect();
         Ok(Some(EventDetail {
             stored: event,
             jobs: details,
-            routing: notes,
+            routing,
         }))
     }
 
@@ -178,10 +388,6 @@ impl AdminStorage for Admin {
             .optional()?)
     }
 
-    /// Queues new jobs for `event_id`, one per (route, sink); returns their ids.
-    ///
-    /// # Errors
-    /// On a database error.
     fn enqueue(
         &mut self,
         event_id: i64,
@@ -199,22 +405,34 @@ impl AdminStorage for Admin {
                 insert.execute(params![event_id, route, sink, now])?;
                 ids.push(tx.last_insert_rowid());
             }
+            // It has jobs now: no longer listed as unrouted.
+            tx.execute(
+                "UPDATE events SET unrouted = NULL WHERE id = ?1 AND unrouted IS NOT NULL",
+                [event_id],
+            )?;
         }
         tx.commit()?;
         Ok(ids)
     }
 
-    /// Puts dead jobs back in the queue with a fresh set of attempts: one job, or all of them.
-    /// Returns how many were re-queued.
-    ///
-    /// # Errors
-    /// On a database error.
     fn retry_dead(&self, job_id: Option<i64>) -> Result<usize, StoreError> {
         let now = Timestamp::now().as_millisecond();
-        Ok(self.conn.execute(
-            "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = ?1, created_at = ?1, updated_at = ?1
-             WHERE status = 'dead' AND (?2 IS NULL OR id = ?2)",
-            params![now, job_id],
-        )?)
+        let requeue = "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = ?1,
+                                       created_at = ?1, updated_at = ?1";
+        let count = match job_id {
+            Some(id) => self.conn.execute(
+                &format!("{requeue} WHERE id = ?2 AND status = 'dead'"),
+                params![now, id],
+            )?,
+            None => self.conn.execute(
+                &format!("{requeue} WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_dead WHERE status = 'dead')"),
+                params![now],
+            )?,
+        };
+        Ok(count)
     }
 }
+
+#[cfg(test)]
+#[path = "admin_tests.rs"]
+mod tests;

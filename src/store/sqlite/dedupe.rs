@@ -190,7 +190,7 @@ mod tests {
     fn open() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = Connection::open(dir.path().join("d.db")).unwrap();
-        super::super::schema::migrate(&mut conn).unwrap();
+        super::super::schema::migrate(&mut conn, std::path::Path::new("d.db")).unwrap();
         (dir, conn)
     }
 

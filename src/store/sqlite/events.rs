@@ -33,8 +33,9 @@ pub(super) fn insert(
         return Ok(Inserted::Duplicate(first));
     }
     tx.prepare_cached(
-        "INSERT INTO events (source, delivery_id, event_type, occurred_at, received_at, sender_delivery, payload)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO events (source, delivery_id, event_type, occurred_at, received_at, sender_delivery, payload,
+                             unrouted)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         event.source,
@@ -44,6 +45,7 @@ pub(super) fn insert(
         event.received_at,
         event.sender_delivery,
         event.body,
+        event.routes.is_empty().then_some(1),
     ])?;
     let id = tx.last_insert_rowid();
     recent.stage(&event.source, &event.delivery_id, id, event.received_at);
@@ -56,8 +58,7 @@ pub(super) fn insert(
     })
 }
 
-/// A routing outcome that creates no job, as recorded in `dispatches`. (Earlier versions also
-/// recorded `unrouted` there; such rows stay valid.)
+/// A routing outcome that creates no job, as recorded in `dispatches`.
 const SUPPRESSED: &str = "suppressed";
 
 /// Creates a new event's jobs, one per sink of every route that takes it, unless the route's
@@ -68,9 +69,8 @@ fn apply_routes(
     event_id: i64,
     event: &NewEvent,
 ) -> rusqlite::Result<(usize, Vec<Job>, Vec<String>)> {
-    // An event no route takes is known by having neither jobs nor dispatch rows (`deliveries
-    // list` shows it as unrouted): a row of its own would be a write and an index entry per
-    // event, when taking no route can be the common case.
+    // An event no route takes is flagged on its own row (`unrouted`), not given a row
+    // elsewhere: taking no route can be the common case.
     if event.routes.is_empty() {
         return Ok((0, Vec::new(), Vec::new()));
     }

@@ -124,7 +124,7 @@ impl SqliteStore {
                  PRAGMA mmap_size = 268435456;",
             )
             .map_err(open_err)?;
-        schema::migrate(&mut writer).map_err(open_err)?;
+        schema::migrate(&mut writer, &path)?;
         jobs::recover_handed(&writer).map_err(open_err)?;
         let recent = dedupe::Recent::open(&mut writer).map_err(open_err)?;
         let reader = open_reader(&path, config).map_err(open_err)?;

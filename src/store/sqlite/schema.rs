@@ -1,7 +1,11 @@
 //! The schema and its migrations. `PRAGMA user_version` counts the migrations that ran; each
 //! runs once, in order, in one transaction with the others still due.
 
+use std::path::Path;
+
 use rusqlite::{Connection, TransactionBehavior};
+
+use crate::store::StoreError;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many ran.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -149,10 +153,64 @@ CREATE INDEX attempts_job ON attempts(job_id);
 -- this is the last event whose key is there. Every earlier event's key already is.
 INSERT INTO meta (key, value) SELECT 'dedupe_merged', coalesce(max(id), 0) FROM events;
 ",
+    r"
+-- What `deliveries list` filters by, so each filter is an index seek that reads only the rows
+-- it prints, however long the history (see store::sqlite::admin):
+-- by source, newest first (appended to at the end of each source's range, so cheap to keep);
+CREATE INDEX events_source ON events(source, id);
+-- events no route took: flagged, since such an event has nothing else to be found by. Set
+-- when stored, cleared when a replay gives it jobs. Earlier versions' `unrouted` dispatch rows
+-- become the flag.
+ALTER TABLE events ADD COLUMN unrouted INTEGER;
+UPDATE events SET unrouted = 1
+ WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = events.id)
+   AND NOT EXISTS (SELECT 1 FROM dispatches d WHERE d.event_id = events.id AND d.status <> 'unrouted');
+DELETE FROM dispatches WHERE status = 'unrouted';
+CREATE INDEX events_unrouted ON events(id) WHERE unrouted = 1;
+-- jobs by status, newest event first: only the statuses a job leaves (waiting, dead), so a
+-- delivered job is written to no status index. Succeeded jobs are found from their events.
+DROP INDEX jobs_dead;
+CREATE INDEX jobs_dead ON jobs(event_id) WHERE status = 'dead';
+CREATE INDEX jobs_open ON jobs(event_id) WHERE status IN ('pending', 'failed');
+-- suppressed routes, newest event first (a row exists only when a throttle suppressed one).
+CREATE INDEX dispatches_status ON dispatches(status, event_id);
+",
 ];
 
-/// Brings the schema up to date, then enforces foreign keys on `conn`.
-pub(super) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+/// The schema version of `conn`'s database: how many migrations ran.
+pub(super) fn version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA user_version", [], |row| row.get(0))
+}
+
+/// Refuses a database this build cannot read: one from a newer build, or (for the tools, which
+/// never migrate) one the daemon has not migrated yet.
+pub(super) fn check_version(path: &Path, version: i64) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    if version == known {
+        return Ok(());
+    }
+    Err(StoreError::Schema {
+        path: path.to_path_buf(),
+        version,
+        known,
+    })
+}
+
+/// Brings the schema up to date, then enforces foreign keys on `conn`. A database from a newer
+/// build is refused, not run on a schema this build does not know.
+pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let found = version(conn).map_err(open_err)?;
+    if found > MIGRATIONS.len() as i64 {
+        return check_version(path, found);
+    }
+    apply(conn).map_err(open_err)
+}
+
+fn apply(conn: &mut Connection) -> rusqlite::Result<()> {
     // Off while migrating: rebuilding a table drops the old one, which foreign keys would
     // refuse while other tables point at it. The pragma is a no-op inside a transaction.
     conn.pragma_update(None, "foreign_keys", false)?;
@@ -186,7 +244,7 @@ mod tests {
         old.execute_batch(rows).unwrap();
         drop(old);
         let mut conn = Connection::open(&path).unwrap();
-        migrate(&mut conn).unwrap();
+        apply(&mut conn).unwrap();
         (dir, conn)
     }
 
@@ -210,7 +268,7 @@ mod tests {
         );
         assert_eq!(
             query(
-                "SELECT group_concat(name) FROM sqlite_schema WHERE name IN ('jobs_status', 'dispatches_status', 'jobs_dead')"
+                "SELECT group_concat(name) FROM sqlite_schema WHERE name IN ('jobs_status', 'jobs_dead')"
             ),
             "jobs_dead"
         );
@@ -261,7 +319,7 @@ mod tests {
                 "SELECT group_concat(name, ' ') FROM sqlite_schema
                  WHERE type = 'index' AND tbl_name IN ('jobs', 'attempts') ORDER BY name"
             ),
-            "jobs_event jobs_due jobs_waiting jobs_dead attempts_job"
+            "jobs_event jobs_due jobs_waiting attempts_job jobs_dead jobs_open"
         );
         // Migration 5: the old writer stored every key with its event, so the merged keys
         // end at the last event.
@@ -300,5 +358,31 @@ mod tests {
                 "{sql}: {program:?}"
             );
         }
+    }
+
+    /// Events no route took are flagged, from either way earlier versions recorded them (no
+    /// rows at all, or an `unrouted` dispatch row, which goes); routed and suppressed events
+    /// are not.
+    #[test]
+    fn migration_6_flags_unrouted_events() {
+        let (_dir, conn) = migrated_from(
+            5,
+            "INSERT INTO events (source, delivery_id, event_type, received_at, payload) VALUES
+                 ('cl', 'routed', 'scan.completed', 0, '{}'), ('cl', 'bare', 'scan.completed', 0, '{}'),
+                 ('cl', 'recorded', 'scan.completed', 0, '{}'), ('cl', 'throttled', 'scan.completed', 0, '{}');
+             INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at, created_at, updated_at)
+                 VALUES (1, 'r', 'archive', 'succeeded', 1, 0, 0, 0);
+             INSERT INTO dispatches (event_id, route, status, detail, at)
+                 VALUES (3, NULL, 'unrouted', NULL, 0), (4, 'r', 'suppressed', 'k', 0);",
+        );
+        let query = |sql: &str| -> String { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(
+            query("SELECT group_concat(delivery_id, ' ') FROM events WHERE unrouted = 1"),
+            "bare recorded"
+        );
+        assert_eq!(
+            query("SELECT group_concat(status, ' ') FROM dispatches"),
+            "suppressed"
+        );
     }
 }
