@@ -71,8 +71,10 @@ pub enum RunError {
 const LIMITER_UPKEEP: Duration = Duration::from_secs(10);
 /// How often expired dedupe records are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
-/// Records deleted per write, so pruning never holds the writer for long.
-const PRUNE_CHUNK: usize = 1000;
+/// Records looked at per pruning step, so pruning never holds the writer for long.
+const PRUNE_STEP: usize = 256;
+/// Free pages (4 KiB each) returned to the file system per step.
+const RECLAIM_STEP: usize = 256;
 /// How long a closed throttle window is kept, behind the newest window's start.
 const THROTTLE_MARGIN: Duration = Duration::from_secs(24 * 3600);
 
@@ -281,24 +283,40 @@ async fn upkeep(app: http::App, store: Store, storage: StorageConfig, stop: Canc
     }
 }
 
-/// Prunes `what` older than `retention`, a chunk per write so ingest never waits long.
+/// Prunes `what` older than `retention`, a small step per write, pausing after each as long
+/// as it took: a backlog of expired records (after the retention was shortened, say) then
+/// takes at most half the writer's time, and a request waits at most one step for it. Then
+/// returns the space freed, in the same way.
 async fn prune(store: &Store, what: Prunable, retention: Duration) {
-    let mut pruned = 0;
+    let (mut pruned, mut from) = (0, 0);
     loop {
-        match store.prune(what, retention, PRUNE_CHUNK).await {
-            Ok(n) => {
-                pruned += n;
-                if n < PRUNE_CHUNK {
-                    break;
-                }
+        let started = tokio::time::Instant::now();
+        match store.prune(what, retention, from, PRUNE_STEP).await {
+            Ok(step) => {
+                pruned += step.removed;
+                let Some(next) = step.next else { break };
+                from = next;
             }
             Err(err) => {
                 tracing::warn!(?what, error = %err, "cannot prune");
                 break;
             }
         }
+        tokio::time::sleep(started.elapsed()).await;
     }
-    if pruned > 0 {
-        tracing::info!(?what, pruned, "pruned expired records");
+    if pruned == 0 {
+        return;
+    }
+    tracing::info!(?what, pruned, "pruned expired records");
+    loop {
+        let started = tokio::time::Instant::now();
+        match store.reclaim(RECLAIM_STEP).await {
+            Ok(0) => break,
+            Ok(_) => tokio::time::sleep(started.elapsed()).await,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot return free space to the file system");
+                break;
+            }
+        }
     }
 }

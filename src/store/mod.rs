@@ -11,6 +11,7 @@
 //!   attempted when the process dies are attempted again (at least once).
 
 pub mod admin;
+pub mod body;
 pub mod sqlite;
 
 use std::collections::{HashMap, HashSet};
@@ -146,6 +147,14 @@ pub enum Prunable {
     Throttles,
 }
 
+/// One step of a pruning pass: how many records went, and where the next step starts
+/// (`None` once nothing expired is left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneStep {
+    pub removed: usize,
+    pub next: Option<i64>,
+}
+
 /// A job being attempted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
@@ -264,7 +273,8 @@ pub trait Storage: Send + Sync {
     /// [`StoreError`] when it does not.
     async fn touch(&self) -> Result<(), StoreError>;
 
-    /// Deletes up to `limit` records of `what` older than `keep`; returns how many went.
+    /// One step of pruning `what` older than `keep`: looks at up to `limit` records from
+    /// `from` on (0, or the previous step's `next`) and deletes those expired.
     ///
     /// # Errors
     /// [`StoreError`] when the write failed.
@@ -272,8 +282,16 @@ pub trait Storage: Send + Sync {
         &self,
         what: Prunable,
         keep: std::time::Duration,
+        from: i64,
         limit: usize,
-    ) -> Result<usize, StoreError>;
+    ) -> Result<PruneStep, StoreError>;
+
+    /// Returns up to `pages` pages of the space pruning freed to the file system; answers how
+    /// many free pages are left to return (0 if the backend reuses space instead).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the write failed.
+    async fn reclaim(&self, pages: usize) -> Result<usize, StoreError>;
 
     /// Each sink's waiting jobs (how many, and the oldest one's age at `now`) and dead
     /// letters: what `/metrics` shows.

@@ -164,8 +164,10 @@ pub(super) fn event_at(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Resul
             event_type: row.get(first + 3)?,
             occurred_at: occurred_at.and_then(|t| t.parse().ok()),
             sender_delivery: row.get(first + 6)?,
-            // Stored only after it parsed, so this holds JSON; `Null` guards a hand-edited row.
-            payload: Payload::from_slice(payload).unwrap_or_default(),
+            // Stored only after it parsed, so this holds JSON; `Null` guards a damaged row.
+            payload: crate::store::body::unpack(payload)
+                .and_then(|body| Payload::from_slice(&body).ok())
+                .unwrap_or_default(),
         },
     })
 }

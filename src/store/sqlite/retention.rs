@@ -1,71 +1,256 @@
 //! What periodic pruning removes: delivery ids past `dedupe_retention`, finished events past
-//! `event_retention` with their jobs and attempts, and closed throttle windows. A chunk per
-//! call, so pruning never holds the writer for long.
+//! `event_retention` with their jobs and attempts, and closed throttle windows; and returning
+//! the space they took to the file system. A small step per call, each an index seek, so a
+//! backlog of a million expired events never holds the writer for long.
 
-use rusqlite::{Transaction, params};
+use rusqlite::{OptionalExtension, Transaction, params};
 
-use super::Prunable;
+use super::{Prunable, PruneStep};
 
-/// Deletes up to `limit` records of `what` older than `keep` milliseconds; returns how many.
+/// Deletes records of `what` older than `keep` milliseconds, looking at up to `limit` of them
+/// from `from` on (an event id, for events).
 pub(super) fn prune(
     tx: &Transaction<'_>,
     what: Prunable,
     keep: i64,
     now: i64,
+    from: i64,
     limit: usize,
-) -> rusqlite::Result<usize> {
-    match what {
-        Prunable::Dedupe => {
-            let before = now.saturating_sub(keep);
-            let n = tx
-                .prepare_cached(
-                    "DELETE FROM dedupe WHERE (source, delivery_id) IN
-                     (SELECT source, delivery_id FROM dedupe WHERE seen_at < ?1 LIMIT ?2)",
-                )?
-                .execute(params![before, limit as i64])?;
-            Ok(n)
-        }
-        Prunable::Events => {
-            let before = now.saturating_sub(keep);
-            // Oldest first, stopping at the first event young enough to keep (ids grow with
-            // time), so only expired rows are read; skipped are events with a delivery still
-            // to come.
-            let mut expired = Vec::new();
-            let mut scan = tx.prepare_cached(
-                "SELECT id, received_at, EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = events.id
-                                                 AND j.status IN ('pending', 'failed'))
-                 FROM events ORDER BY id",
-            )?;
-            let mut rows = scan.query([])?;
-            while let Some(row) = rows.next()? {
-                if row.get::<_, i64>(1)? >= before || expired.len() >= limit {
-                    break;
-                }
-                if !row.get::<_, bool>(2)? {
-                    expired.push(row.get::<_, i64>(0)?);
-                }
+) -> rusqlite::Result<PruneStep> {
+    let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
+    let before = now.saturating_sub(keep);
+    let removed = match what {
+        Prunable::Dedupe => tx
+            .prepare_cached(EXPIRED_KEYS)?
+            .execute(params![before, limit_sql])?,
+        Prunable::Throttles => tx
+            .prepare_cached(
+                "DELETE FROM throttles WHERE (route, key) IN
+                 (SELECT route, key FROM throttles
+                  WHERE started_at + window_ms < (SELECT max(started_at) FROM throttles) - ?1 LIMIT ?2)",
+            )?
+            .execute(params![keep, limit_sql])?,
+        Prunable::Events => return prune_events(tx, before, from, limit_sql),
+    };
+    Ok(PruneStep {
+        removed,
+        next: (removed == limit).then_some(from),
+    })
+}
+
+/// Events from an id on, oldest first: whether each was received before a time, and whether
+/// it has a delivery still to come.
+const OLDEST_EVENTS: &str = "SELECT id, received_at < ?2,
+            EXISTS (SELECT 1 FROM jobs j INDEXED BY jobs_open
+                    WHERE j.event_id = events.id AND j.status IN ('pending', 'failed'))
+     FROM events WHERE id >= ?1 ORDER BY id LIMIT ?3";
+/// An event and everything recorded about it.
+const DELETE_EVENT: [&str; 4] = [
+    "DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE event_id = ?1)",
+    "DELETE FROM jobs WHERE event_id = ?1",
+    "DELETE FROM dispatches WHERE event_id = ?1",
+    "DELETE FROM events WHERE id = ?1",
+];
+const EXPIRED_KEYS: &str = "DELETE FROM dedupe WHERE (source, delivery_id) IN
+     (SELECT source, delivery_id FROM dedupe WHERE seen_at < ?1 LIMIT ?2)";
+
+/// Events received before `before`, oldest first from id `from`, with their jobs, attempts and
+/// routing records; an event with a delivery still to come stays. Ids grow with time, so the
+/// first event young enough to keep ends the pass.
+fn prune_events(
+    tx: &Transaction<'_>,
+    before: i64,
+    from: i64,
+    limit: i64,
+) -> rusqlite::Result<PruneStep> {
+    let mut expired = Vec::new();
+    let (mut examined, mut last) = (0, None);
+    {
+        let mut oldest = tx.prepare_cached(OLDEST_EVENTS)?;
+        let mut rows = oldest.query(params![from, before, limit])?;
+        while let Some(row) = rows.next()? {
+            examined += 1;
+            if !row.get::<_, bool>(1)? {
+                return finish(tx, &expired, None);
             }
-            for id in &expired {
-                for sql in [
-                    "DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE event_id = ?1)",
-                    "DELETE FROM jobs WHERE event_id = ?1",
-                    "DELETE FROM dispatches WHERE event_id = ?1",
-                    "DELETE FROM events WHERE id = ?1",
-                ] {
-                    tx.prepare_cached(sql)?.execute([id])?;
-                }
+            let id: i64 = row.get(0)?;
+            last = Some(id);
+            if !row.get::<_, bool>(2)? {
+                expired.push(id);
             }
-            Ok(expired.len())
         }
-        Prunable::Throttles => {
-            let n = tx
-                .prepare_cached(
-                    "DELETE FROM throttles WHERE (route, key) IN
-                     (SELECT route, key FROM throttles
-                      WHERE started_at + window_ms < (SELECT max(started_at) FROM throttles) - ?1 LIMIT ?2)",
-                )?
-                .execute(params![keep, limit as i64])?;
-            Ok(n)
+    }
+    let next = (examined == limit).then(|| last.map(|id| id + 1)).flatten();
+    finish(tx, &expired, next)
+}
+
+fn finish(tx: &Transaction<'_>, expired: &[i64], next: Option<i64>) -> rusqlite::Result<PruneStep> {
+    for id in expired {
+        for sql in DELETE_EVENT {
+            tx.prepare_cached(sql)?.execute([id])?;
         }
+    }
+    Ok(PruneStep {
+        removed: expired.len(),
+        next,
+    })
+}
+
+/// Returns up to `pages` free pages at the end of the file to the file system, if the
+/// database keeps track of them (`auto_vacuum = INCREMENTAL`, set when it was created);
+/// returns how many free pages are left to return.
+pub(super) fn reclaim(tx: &Transaction<'_>, pages: usize) -> rusqlite::Result<usize> {
+    let mode: i64 = tx.query_row("PRAGMA auto_vacuum", [], |row| row.get(0))?;
+    if mode != INCREMENTAL {
+        return Ok(0);
+    }
+    // A pragma that returns no rows (nothing to free) still ran.
+    tx.query_row(&format!("PRAGMA incremental_vacuum({pages})"), [], |_| {
+        Ok(())
+    })
+    .optional()?;
+    let free: i64 = tx.query_row("PRAGMA freelist_count", [], |row| row.get(0))?;
+    Ok(usize::try_from(free).unwrap_or(0))
+}
+
+/// `PRAGMA auto_vacuum`'s value for incremental vacuum.
+pub(super) const INCREMENTAL: i64 = 2;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::Connection;
+
+    /// A new database as the store makes it, holding `events` events received at 0..events
+    /// ms, each with one job (the ones in `open` still waiting) and one attempt, and 8 KiB of
+    /// payload each so that pruning them frees pages.
+    fn database(events: i64, open: &[i64]) -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let mut conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "auto_vacuum", INCREMENTAL)
+            .unwrap();
+        super::super::schema::migrate(&mut conn, &path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for id in 1..=events {
+            tx.execute(
+                "INSERT INTO events (id, source, delivery_id, event_type, received_at, payload)
+                 VALUES (?1, 'cl', ?1, 'scan.completed', ?1, zeroblob(8192))",
+                [id],
+            )
+            .unwrap();
+            let status = if open.contains(&id) {
+                "failed"
+            } else {
+                "succeeded"
+            };
+            tx.execute(
+                "INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at, created_at, updated_at)
+                 VALUES (?1, 'r', 'archive', ?2, 1, 0, 0, 0)",
+                params![id, status],
+            )
+            .unwrap();
+            tx.execute(
+                "INSERT INTO attempts (job_id, number, started_at, finished_at, outcome)
+                 VALUES (last_insert_rowid(), 1, 0, 0, 'failed')",
+                [],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        (dir, conn)
+    }
+
+    fn count(conn: &Connection, table: &str) -> i64 {
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// 1,000 events of which the first 899 expired: steps of 64 look at no more than 64 each,
+    /// go on where the last one stopped, keep the expired events whose delivery is still
+    /// waiting, and stop at the first event young enough to keep.
+    #[test]
+    fn events_are_pruned_in_bounded_steps_that_resume() {
+        let (_dir, mut conn) = database(1000, &[5, 500]);
+        let (mut from, mut steps, mut removed) = (0, 0, 0);
+        loop {
+            let tx = conn.transaction().unwrap();
+            let step = prune(&tx, Prunable::Events, 100, 1000, from, 64).unwrap();
+            tx.commit().unwrap();
+            assert!(step.removed <= 64);
+            removed += step.removed;
+            steps += 1;
+            let Some(next) = step.next else { break };
+            assert!(next > from, "a step moves on");
+            from = next;
+        }
+        assert_eq!(removed, 897, "899 expired, 2 of them still waiting");
+        assert_eq!(steps, 15, "900 events looked at, 64 at a time");
+        assert_eq!(count(&conn, "events"), 103);
+        assert_eq!(count(&conn, "jobs"), 103);
+        assert_eq!(count(&conn, "attempts"), 103);
+        let kept: i64 = conn
+            .query_row("SELECT min(id) FROM events WHERE id > 500", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(
+            kept, 900,
+            "received at 900 ms, when 1000 - 100 is the limit"
+        );
+    }
+
+    /// The steps read by index: no statement scans a table.
+    #[test]
+    fn a_step_seeks_instead_of_scanning() {
+        let (_dir, conn) = database(10, &[]);
+        let mut statements = Vec::new();
+        for sql in [OLDEST_EVENTS, EXPIRED_KEYS]
+            .into_iter()
+            .chain(DELETE_EVENT)
+        {
+            let mut explain = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let mut rows = explain.raw_query();
+            while let Some(row) = rows.next().unwrap() {
+                statements.push((sql, row.get::<_, String>(3).unwrap()));
+            }
+        }
+        let scans: Vec<_> = statements
+            .iter()
+            .filter(|(_, step)| step.starts_with("SCAN"))
+            .collect();
+        assert!(scans.is_empty(), "{scans:#?}");
+    }
+
+    /// Space freed by pruning goes back to the file system, a bounded step at a time.
+    #[test]
+    fn freed_pages_are_returned_in_steps() {
+        let (_dir, mut conn) = database(300, &[]);
+        let pages = |conn: &Connection| -> i64 {
+            conn.query_row("PRAGMA page_count", [], |r| r.get(0))
+                .unwrap()
+        };
+        let full = pages(&conn);
+        let tx = conn.transaction().unwrap();
+        let step = prune(&tx, Prunable::Events, 0, 1000, 0, 300).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(step.removed, 300);
+        let mut left = Vec::new();
+        loop {
+            let tx = conn.transaction().unwrap();
+            let free = reclaim(&tx, 128).unwrap();
+            tx.commit().unwrap();
+            left.push(free);
+            if free == 0 {
+                break;
+            }
+        }
+        assert!(left.len() > 2, "{left:?}");
+        assert!(left.windows(2).all(|w| w[0] - w[1] <= 128), "{left:?}");
+        assert!(
+            pages(&conn) * 10 < full,
+            "{} of {full} pages left",
+            pages(&conn)
+        );
     }
 }

@@ -9,7 +9,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::dedupe::Recent;
 use super::events::NewEvent;
-use super::{AttemptOutcome, Inserted, Job, Prunable, StoreError, events, jobs, retention};
+use super::{
+    AttemptOutcome, Inserted, Job, Prunable, PruneStep, StoreError, events, jobs, retention,
+};
 
 /// How often the checkpointer copies the WAL back into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -37,14 +39,18 @@ pub(super) enum Op {
         /// How long records are kept, in milliseconds, on the clock their table uses.
         keep: i64,
         now: i64,
+        from: i64,
         limit: usize,
     },
+    /// Returns up to this many free pages to the file system.
+    Reclaim(usize),
     /// Answered after everything queued before it committed; the writer then exits.
     Shutdown,
 }
 
 pub(super) enum Done {
     Inserted(Inserted),
+    Pruned(PruneStep),
     Count(usize),
     Unit,
 }
@@ -235,8 +241,10 @@ fn apply(tx: &Transaction<'_>, recent: &mut Recent, op: &Op) -> rusqlite::Result
             what,
             keep,
             now,
+            from,
             limit,
-        } => Done::Count(retention::prune(tx, *what, *keep, *now, *limit)?),
+        } => Done::Pruned(retention::prune(tx, *what, *keep, *now, *from, *limit)?),
+        Op::Reclaim(pages) => Done::Count(retention::reclaim(tx, *pages)?),
         Op::Shutdown => Done::Unit,
     })
 }
