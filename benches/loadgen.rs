@@ -164,13 +164,14 @@ async fn main() {
     let secs = started.elapsed().as_secs_f64();
     let ms = |histogram: &Histogram<u64>, q| histogram.value_at_quantile(q) as f64 / 1000.0;
     print!(
-        "ok={} failed={} seconds={:.2} rps={:.0} p50_ms={:.2} p99_ms={:.2}",
+        "ok={} failed={} seconds={:.2} rps={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2}",
         total.ok,
         total.failed,
         secs,
         total.ok as f64 / secs,
         ms(&total.latencies, 0.50),
         ms(&total.latencies, 0.99),
+        ms(&total.latencies, 1.0),
     );
     if let Some(tail) = tail {
         // Lines still on their way get two more seconds.

@@ -308,11 +308,20 @@ async fn prune(store: &Store, what: Prunable, retention: Duration) {
         return;
     }
     tracing::info!(?what, pruned, "pruned expired records");
+    let mut returning = false;
     loop {
         let started = tokio::time::Instant::now();
         match store.reclaim(RECLAIM_STEP).await {
-            Ok(0) => break,
-            Ok(_) => tokio::time::sleep(started.elapsed()).await,
+            Ok(0) => {
+                if returning {
+                    tracing::info!("returned the freed space to the file system");
+                }
+                break;
+            }
+            Ok(_) => {
+                returning = true;
+                tokio::time::sleep(started.elapsed()).await;
+            }
             Err(err) => {
                 tracing::warn!(error = %err, "cannot return free space to the file system");
                 break;
