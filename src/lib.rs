@@ -71,10 +71,13 @@ pub enum RunError {
 const LIMITER_UPKEEP: Duration = Duration::from_secs(10);
 /// How often expired dedupe records are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
-/// Records looked at per pruning step, so pruning never holds the writer for long.
+/// Records looked at per pruning step, at most; a step also ends after a few milliseconds
+/// (see `store::sqlite::retention`).
 const PRUNE_STEP: usize = 256;
 /// Free pages (4 KiB each) returned to the file system per step.
-const RECLAIM_STEP: usize = 256;
+const RECLAIM_STEP: usize = 64;
+/// How many times as long as a pruning step took the next one waits.
+const PRUNE_PACE: u32 = 3;
 /// How long a closed throttle window is kept, behind the newest window's start.
 const THROTTLE_MARGIN: Duration = Duration::from_secs(24 * 3600);
 
@@ -257,41 +260,64 @@ async fn reload_on_hangup(
     }
 }
 
-/// Periodic housekeeping: rate-limiter memory, and the retention of dedupe records, events and
-/// throttle windows.
+/// Periodic housekeeping: the rate limiter's memory, and (a task of its own, since a backlog
+/// can take minutes) the retention of dedupe records, events and throttle windows.
 async fn upkeep(app: http::App, store: Store, storage: StorageConfig, stop: CancellationToken) {
+    let retention = tokio::spawn(retention(store, storage, stop.clone()));
     let mut tick = tokio::time::interval(LIMITER_UPKEEP);
-    let mut last_prune: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => app.maintain(),
+            () = stop.cancelled() => break,
+        }
+    }
+    let _ = retention.await;
+}
+
+/// Prunes at start-up and then every [`PRUNE_EVERY`], until `stop`.
+async fn retention(store: Store, storage: StorageConfig, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        app.maintain();
-        if last_prune.is_some_and(|at| at.elapsed() < PRUNE_EVERY) {
-            continue;
-        }
-        last_prune = Some(tokio::time::Instant::now());
-        for (what, retention) in [
+        for (what, keep) in [
             (Prunable::Dedupe, storage.dedupe_retention),
             (Prunable::Events, storage.event_retention),
             // A day past the newest window, on the events' clock: margin for late events.
             (Prunable::Throttles, THROTTLE_MARGIN),
         ] {
-            prune(&store, what, retention).await;
+            if prune(&store, what, keep, &stop).await.is_err() {
+                return; // stopping
+            }
         }
     }
 }
 
-/// Prunes `what` older than `retention`, a small step per write, pausing after each as long
-/// as it took: a backlog of expired records (after the retention was shortened, say) then
-/// takes at most half the writer's time, and a request waits at most one step for it. Then
-/// returns the space freed, in the same way.
-async fn prune(store: &Store, what: Prunable, retention: Duration) {
+/// Waits `paced` times as long as a step that began at `started` took, so that pruning takes
+/// at most a quarter of the writer's time; `Err` if the daemon stops meanwhile.
+async fn pause(started: tokio::time::Instant, stop: &CancellationToken) -> Result<(), ()> {
+    tokio::select! {
+        () = tokio::time::sleep(started.elapsed() * PRUNE_PACE) => Ok(()),
+        () = stop.cancelled() => Err(()),
+    }
+}
+
+/// Prunes `what` older than `keep`, a small step per write with a pause after each (see
+/// [`pause`]): a backlog of expired records (after the retention was shortened, say) then
+/// never holds the writer for long, and a request waits at most one step for it. Then
+/// returns the space freed, in the same way. `Err` if the daemon stops meanwhile.
+async fn prune(
+    store: &Store,
+    what: Prunable,
+    keep: Duration,
+    stop: &CancellationToken,
+) -> Result<(), ()> {
     let (mut pruned, mut from) = (0, 0);
     loop {
         let started = tokio::time::Instant::now();
-        match store.prune(what, retention, from, PRUNE_STEP).await {
+        match store.prune(what, keep, from, PRUNE_STEP).await {
             Ok(step) => {
                 pruned += step.removed;
                 let Some(next) = step.next else { break };
@@ -302,30 +328,27 @@ async fn prune(store: &Store, what: Prunable, retention: Duration) {
                 break;
             }
         }
-        tokio::time::sleep(started.elapsed()).await;
+        pause(started, stop).await?;
     }
     if pruned == 0 {
-        return;
+        return Ok(());
     }
     tracing::info!(?what, pruned, "pruned expired records");
     let mut returning = false;
     loop {
         let started = tokio::time::Instant::now();
         match store.reclaim(RECLAIM_STEP).await {
-            Ok(0) => {
-                if returning {
-                    tracing::info!("returned the freed space to the file system");
-                }
-                break;
-            }
-            Ok(_) => {
-                returning = true;
-                tokio::time::sleep(started.elapsed()).await;
-            }
+            Ok(0) => break,
+            Ok(_) => returning = true,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot return free space to the file system");
                 break;
             }
         }
+        pause(started, stop).await?;
     }
+    if returning {
+        tracing::info!(?what, "returned the freed space to the file system");
+    }
+    Ok(())
 }

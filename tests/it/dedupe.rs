@@ -275,3 +275,63 @@ async fn delivery_ids_are_merged_while_the_daemon_runs() {
     assert_eq!(daemon.post_cl(&scan_body("early")).await.status, 200);
     assert_eq!(daemon.post_cl(&scan_body("late")).await.status, 200);
 }
+
+/// A backlog of expired events (as after shortening the retention) goes a little at a time:
+/// requests are answered meanwhile, and a SIGTERM stops the daemon at once, not after the
+/// backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pruning_backlog_delays_neither_requests_nor_a_stop() {
+    let dir = tempdir();
+    let text = config(dir.path(), NO_LIMITS, &standard_rest(dir.path()));
+    // The daemon makes the database; the backlog is then written into it, received in 1970.
+    assert_eq!(Daemon::start(dir.path(), &text).terminate().code(), Some(0));
+    let backlog = 100_000;
+    {
+        let mut conn = rusqlite::Connection::open(dir.path().join("hookroute.db")).unwrap();
+        let tx = conn.transaction().unwrap();
+        for id in 0..backlog {
+            tx.execute(
+                "INSERT INTO events (source, delivery_id, event_type, received_at, payload)
+                 VALUES ('cl', ?1, 'scan.completed', 0, CAST('{}' AS BLOB))",
+                [format!("expired-{id}")],
+            )
+            .unwrap();
+            tx.execute(
+                "INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at, created_at, updated_at)
+                 VALUES (last_insert_rowid(), 'everything', 'archive', 'succeeded', 1, 0, 0, 0)",
+                [],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let total = backlog;
+
+    let daemon = Daemon::start(dir.path(), &text);
+    eventually(|| match daemon.count("events") {
+        n if n < total => Ok(()),
+        n => Err(format!("{n} events: pruning has not begun")),
+    })
+    .await;
+    for i in 0..20 {
+        let sent = std::time::Instant::now();
+        daemon.accept_cl(&scan_body(&format!("during-{i}"))).await;
+        assert!(
+            sent.elapsed() < std::time::Duration::from_millis(500),
+            "a request took {:?} while pruning",
+            sent.elapsed()
+        );
+    }
+    let stopping = std::time::Instant::now();
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert!(
+        stopping.elapsed() < std::time::Duration::from_secs(3),
+        "stopping took {:?}",
+        stopping.elapsed()
+    );
+    let left: i64 = db_value(dir.path(), "SELECT count(*) FROM events");
+    assert!(
+        left > 1000,
+        "the backlog was not the point: only {left} left"
+    );
+}

@@ -1,11 +1,19 @@
 //! What periodic pruning removes: delivery ids past `dedupe_retention`, finished events past
 //! `event_retention` with their jobs and attempts, and closed throttle windows; and returning
-//! the space they took to the file system. A small step per call, each an index seek, so a
-//! backlog of a million expired events never holds the writer for long.
+//! the space they took to the file system. A small step per call, each an index seek, that
+//! also ends after [`STEP_TIME`], so a backlog of a million expired events never holds the
+//! writer for long.
+
+use std::time::{Duration, Instant};
 
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{Prunable, PruneStep};
+
+/// How long a step may hold the writer, about: a step stops at the first record past it.
+const STEP_TIME: Duration = Duration::from_millis(4);
+/// Delivery ids deleted per statement within a step.
+const KEYS_AT_ONCE: usize = 32;
 
 /// Deletes records of `what` older than `keep` milliseconds, looking at up to `limit` of them
 /// from `from` on (an event id, for events).
@@ -17,12 +25,38 @@ pub(super) fn prune(
     from: i64,
     limit: usize,
 ) -> rusqlite::Result<PruneStep> {
+    prune_within(tx, what, keep, now, from, limit, STEP_TIME)
+}
+
+/// [`prune`], in steps that end after `budget` (having made progress).
+fn prune_within(
+    tx: &Transaction<'_>,
+    what: Prunable,
+    keep: i64,
+    now: i64,
+    from: i64,
+    limit: usize,
+    budget: Duration,
+) -> rusqlite::Result<PruneStep> {
+    let started = Instant::now();
+    let within = |done: usize| done == 0 || started.elapsed() < budget;
     let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
     let before = now.saturating_sub(keep);
     let removed = match what {
-        Prunable::Dedupe => tx
-            .prepare_cached(EXPIRED_KEYS)?
-            .execute(params![before, limit_sql])?,
+        Prunable::Dedupe => {
+            let (mut removed, mut more) = (0, true);
+            let mut expired = tx.prepare_cached(EXPIRED_KEYS)?;
+            while more && removed < limit && within(removed) {
+                let chunk = KEYS_AT_ONCE.min(limit - removed);
+                let n = expired.execute(params![before, chunk as i64])?;
+                more = n == chunk;
+                removed += n;
+            }
+            return Ok(PruneStep {
+                removed,
+                next: more.then_some(from),
+            });
+        }
         Prunable::Throttles => tx
             .prepare_cached(
                 "DELETE FROM throttles WHERE (route, key) IN
@@ -30,7 +64,7 @@ pub(super) fn prune(
                   WHERE started_at + window_ms < (SELECT max(started_at) FROM throttles) - ?1 LIMIT ?2)",
             )?
             .execute(params![keep, limit_sql])?,
-        Prunable::Events => return prune_events(tx, before, from, limit_sql),
+        Prunable::Events => return prune_events(tx, before, from, limit_sql, within),
     };
     Ok(PruneStep {
         removed,
@@ -62,38 +96,38 @@ fn prune_events(
     before: i64,
     from: i64,
     limit: i64,
+    within: impl Fn(usize) -> bool,
 ) -> rusqlite::Result<PruneStep> {
-    let mut expired = Vec::new();
-    let (mut examined, mut last) = (0, None);
-    {
-        let mut oldest = tx.prepare_cached(OLDEST_EVENTS)?;
-        let mut rows = oldest.query(params![from, before, limit])?;
-        while let Some(row) = rows.next()? {
-            examined += 1;
-            if !row.get::<_, bool>(1)? {
-                return finish(tx, &expired, None);
+    let candidates: Vec<(i64, bool, bool)> = tx
+        .prepare_cached(OLDEST_EVENTS)?
+        .query_map(params![from, before, limit], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut removed = 0;
+    for (looked, &(id, expired, waiting)) in candidates.iter().enumerate() {
+        if !expired {
+            return Ok(PruneStep {
+                removed,
+                next: None,
+            });
+        }
+        if !within(looked) {
+            return Ok(PruneStep {
+                removed,
+                next: Some(id),
+            });
+        }
+        if !waiting {
+            for sql in DELETE_EVENT {
+                tx.prepare_cached(sql)?.execute([id])?;
             }
-            let id: i64 = row.get(0)?;
-            last = Some(id);
-            if !row.get::<_, bool>(2)? {
-                expired.push(id);
-            }
+            removed += 1;
         }
     }
-    let next = (examined == limit).then(|| last.map(|id| id + 1)).flatten();
-    finish(tx, &expired, next)
-}
-
-fn finish(tx: &Transaction<'_>, expired: &[i64], next: Option<i64>) -> rusqlite::Result<PruneStep> {
-    for id in expired {
-        for sql in DELETE_EVENT {
-            tx.prepare_cached(sql)?.execute([id])?;
-        }
-    }
-    Ok(PruneStep {
-        removed: expired.len(),
-        next,
-    })
+    let full = candidates.len() == usize::try_from(limit).unwrap_or(usize::MAX);
+    let next = candidates.last().filter(|_| full).map(|&(id, ..)| id + 1);
+    Ok(PruneStep { removed, next })
 }
 
 /// Returns up to `pages` free pages at the end of the file to the file system, if the
@@ -175,7 +209,8 @@ mod tests {
         let (mut from, mut steps, mut removed) = (0, 0, 0);
         loop {
             let tx = conn.transaction().unwrap();
-            let step = prune(&tx, Prunable::Events, 100, 1000, from, 64).unwrap();
+            let step =
+                prune_within(&tx, Prunable::Events, 100, 1000, from, 64, Duration::MAX).unwrap();
             tx.commit().unwrap();
             assert!(step.removed <= 64);
             removed += step.removed;
@@ -197,6 +232,34 @@ mod tests {
         assert_eq!(
             kept, 900,
             "received at 900 ms, when 1000 - 100 is the limit"
+        );
+    }
+
+    /// A step ends when its time is up, having removed at least one record, so pruning goes
+    /// on however slow the disk.
+    #[test]
+    fn a_step_ends_when_its_time_is_up() {
+        let (_dir, mut conn) = database(10, &[]);
+        let mut step = |from| {
+            let tx = conn.transaction().unwrap();
+            let step =
+                prune_within(&tx, Prunable::Events, 0, 1000, from, 64, Duration::ZERO).unwrap();
+            tx.commit().unwrap();
+            step
+        };
+        assert_eq!(
+            step(0),
+            PruneStep {
+                removed: 1,
+                next: Some(2)
+            }
+        );
+        assert_eq!(
+            step(2),
+            PruneStep {
+                removed: 1,
+                next: Some(3)
+            }
         );
     }
 
@@ -232,7 +295,7 @@ mod tests {
         };
         let full = pages(&conn);
         let tx = conn.transaction().unwrap();
-        let step = prune(&tx, Prunable::Events, 0, 1000, 0, 300).unwrap();
+        let step = prune_within(&tx, Prunable::Events, 0, 1000, 0, 300, Duration::MAX).unwrap();
         tx.commit().unwrap();
         assert_eq!(step.removed, 300);
         let mut left = Vec::new();
