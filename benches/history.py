@@ -121,12 +121,17 @@ def load(addr, *args):
     return {k: float(v) for k, v in result.items()}
 
 
-def stored():
+def query(sql):
+    """The one value `sql` reads from the database, read-only."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0
+        return conn.execute(sql).fetchone()[0]
     finally:
         conn.close()
+
+
+def stored():
+    return query("SELECT max(id) FROM events") or 0
 
 
 def drained():
@@ -284,19 +289,11 @@ def prune_scenario(events):
 
 
 def free_pages():
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute("PRAGMA freelist_count").fetchone()[0]
-    finally:
-        conn.close()
+    return query("PRAGMA freelist_count")
 
 
 def count_events():
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute("SELECT count(*) FROM events").fetchone()[0]
-    finally:
-        conn.close()
+    return query("SELECT count(*) FROM events")
 
 
 if __name__ == "__main__":

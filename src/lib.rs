@@ -77,7 +77,7 @@ const PRUNE_STEP: usize = 256;
 /// Free pages (4 KiB each) returned to the file system per step.
 const RECLAIM_STEP: usize = 64;
 /// How many times as long as a pruning step took the next one waits.
-const PRUNE_PACE: u32 = 3;
+const PRUNE_PACE: u32 = 9;
 /// How long a closed throttle window is kept, behind the newest window's start.
 const THROTTLE_MARGIN: Duration = Duration::from_secs(24 * 3600);
 
@@ -296,7 +296,7 @@ async fn retention(store: Store, storage: StorageConfig, stop: CancellationToken
 }
 
 /// Waits `paced` times as long as a step that began at `started` took, so that pruning takes
-/// at most a quarter of the writer's time; `Err` if the daemon stops meanwhile.
+/// at most a tenth of the writer's time; `Err` if the daemon stops meanwhile.
 async fn pause(started: tokio::time::Instant, stop: &CancellationToken) -> Result<(), ()> {
     tokio::select! {
         () = tokio::time::sleep(started.elapsed() * PRUNE_PACE) => Ok(()),

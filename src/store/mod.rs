@@ -9,6 +9,9 @@
 //!   of the insert, so it is exact);
 //! - a job is due until its outcome is recorded ([`Storage::finish_attempt`]): jobs being
 //!   attempted when the process dies are attempted again (at least once).
+//!
+//! Beside the trait: [`admin`], what the operator's commands ask of a backend; [`body`], how
+//! a body is stored (compressed when that pays).
 
 pub mod admin;
 pub mod body;

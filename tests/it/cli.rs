@@ -386,6 +386,28 @@ async fn secrets_come_from_systemd_credentials() {
     assert!(text(&out).contains("sinks.forward.sign"), "{}", text(&out));
 }
 
+/// A daemon's directory (readable by all), its config file and its database, after it stored
+/// `body` and stopped.
+async fn stopped_after(body: &[u8]) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempdir();
+    mode(dir.path(), 0o755);
+    let config = write_config(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
+    );
+    let daemon = Daemon::start_with(dir.path(), &config, &[]);
+    daemon.accept_cl(body).await;
+    daemon.terminate();
+    let db = dir.path().join("hookroute.db");
+    assert!(db.exists());
+    (dir, config, db)
+}
+
+fn mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
 /// The tools run by someone the permissions apply to: `nobody` when the tests run as root (who
 /// may read and write anything), else us.
 fn someone_else() -> Command {
@@ -402,20 +424,8 @@ fn someone_else() -> Command {
 /// leave it and its WAL as they were; `replay`, which writes, says it may not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_commands_work_on_a_database_they_may_not_write() {
-    use std::os::unix::fs::PermissionsExt as _;
-    let dir = tempdir();
-    let config = write_config(
-        dir.path(),
-        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
-    );
-    let daemon = Daemon::start_with(dir.path(), &config, &[]);
-    daemon.accept_cl(&scan_body("kept")).await;
-    daemon.terminate();
-    let db = dir.path().join("hookroute.db");
+    let (dir, config, db) = stopped_after(&scan_body("kept")).await;
     let before = std::fs::read(&db).unwrap();
-    let mode = |path: &std::path::Path, mode: u32| {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    };
     // The daemon leaves its WAL and shared-memory index beside the database, and a reader
     // takes its turn through them: those it may write, the database itself not.
     mode(&config, 0o644);
@@ -451,24 +461,10 @@ async fn read_only_commands_work_on_a_database_they_may_not_write() {
 /// rather than reported as "unable to open database file".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permission_denied_names_the_file_and_the_service_user() {
-    use std::os::unix::fs::PermissionsExt as _;
-    let dir = tempdir();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let config = write_config(
-        dir.path(),
-        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
-    );
-    let daemon = Daemon::start_with(dir.path(), &config, &[]);
-    daemon.accept_cl(&scan_body("denied")).await;
-    daemon.terminate();
-    let db = dir.path().join("hookroute.db");
-    assert!(db.exists());
+    let (_dir, config, db) = stopped_after(&scan_body("denied")).await;
 
     // Someone else: `nobody` when the tests run as root (who may read anything), else us
     // after taking our own permissions away. The database first, then the config file.
-    let mode = |path: &std::path::Path, mode: u32| {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    };
     mode(&config, 0o644);
     for unreadable in [&db, &config] {
         mode(unreadable, 0o000);

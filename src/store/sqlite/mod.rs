@@ -22,7 +22,7 @@
 //! sequence; [`schema`] the migrations; [`writer`] the writer, syncer and checkpointer threads
 //! and the commands they apply; [`events`] storing an event with its routing outcome; [`jobs`]
 //! the due-job reads and attempt records; [`dedupe`] the delivery-id index; [`retention`]
-//! pruning; [`admin`] the command-line tools' queries.
+//! pruning and returning freed space; [`admin`] the command-line tools' queries.
 
 /// The columns [`events::event_at`] reads, in its order, of `events` aliased `e`.
 macro_rules! event_columns {
