@@ -254,31 +254,41 @@ impl Admin {
 
     /// One event's rows: its routing records, then its jobs; or `unrouted` if it has neither.
     fn event_rows(&self, head: &Head) -> rusqlite::Result<Vec<Row>> {
-        let mut rows = Vec::new();
-        for sql in [EVENT_DISPATCHES, EVENT_JOBS] {
-            let mut stmt = self.conn.prepare_cached(sql)?;
-            let mut found = stmt.query([head.event_id])?;
-            while let Some(row) = found.next()? {
-                rows.push(row_at(head, row, 0)?);
-            }
-        }
+        let mut rows = self.rows_of(EVENT_DISPATCHES, head)?;
+        rows.extend(self.rows_of(EVENT_JOBS, head)?);
         if rows.is_empty() {
-            rows.push(Row {
-                event_id: head.event_id,
-                job_id: None,
-                source: head.source.clone(),
-                event_type: head.event_type.clone(),
-                delivery_id: head.delivery_id.clone(),
-                received_at: at(head.received_at),
-                route: None,
-                sink: None,
-                status: "unrouted".into(),
-                attempts: 0,
-                next_attempt_at: None,
-                detail: None,
-            });
+            rows.push(unrouted(head));
         }
         Ok(rows)
+    }
+
+    /// The rows `sql` (one of the per-event queries) reads for `head`'s event.
+    fn rows_of(&self, sql: &str, head: &Head) -> rusqlite::Result<Vec<Row>> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut found = stmt.query([head.event_id])?;
+        let mut rows = Vec::new();
+        while let Some(row) = found.next()? {
+            rows.push(row_at(head, row, 0)?);
+        }
+        Ok(rows)
+    }
+}
+
+/// The row of an event no route took (and none was replayed to).
+fn unrouted(head: &Head) -> Row {
+    Row {
+        event_id: head.event_id,
+        job_id: None,
+        source: head.source.clone(),
+        event_type: head.event_type.clone(),
+        delivery_id: head.delivery_id.clone(),
+        received_at: at(head.received_at),
+        route: None,
+        sink: None,
+        status: "unrouted".into(),
+        attempts: 0,
+        next_attempt_at: None,
+        detail: None,
     }
 }
 
@@ -367,11 +377,11 @@ impl AdminStorage for Admin {
             delivery_id: event.event.delivery_id.clone(),
             received_at: event.received_at.as_millisecond(),
         };
-        let routing = self
-            .event_rows(&head)?
-            .into_iter()
-            .filter(|row| row.job_id.is_none())
-            .collect();
+        // The jobs are read above, with their responses: only the routing records are left.
+        let mut routing = self.rows_of(EVENT_DISPATCHES, &head)?;
+        if routing.is_empty() && details.is_empty() {
+            routing.push(unrouted(&head));
+        }
         Ok(Some(EventDetail {
             stored: event,
             jobs: details,

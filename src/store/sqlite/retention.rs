@@ -42,7 +42,7 @@ fn prune_within(
     let within = |done: usize| done == 0 || started.elapsed() < budget;
     let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
     let before = now.saturating_sub(keep);
-    let removed = match what {
+    match what {
         Prunable::Dedupe => {
             let (mut removed, mut more) = (0, true);
             let mut expired = tx.prepare_cached(EXPIRED_KEYS)?;
@@ -52,24 +52,26 @@ fn prune_within(
                 more = n == chunk;
                 removed += n;
             }
-            return Ok(PruneStep {
+            Ok(PruneStep {
                 removed,
                 next: more.then_some(from),
-            });
+            })
         }
-        Prunable::Throttles => tx
-            .prepare_cached(
-                "DELETE FROM throttles WHERE (route, key) IN
-                 (SELECT route, key FROM throttles
-                  WHERE started_at + window_ms < (SELECT max(started_at) FROM throttles) - ?1 LIMIT ?2)",
-            )?
-            .execute(params![keep, limit_sql])?,
-        Prunable::Events => return prune_events(tx, before, from, limit_sql, within),
-    };
-    Ok(PruneStep {
-        removed,
-        next: (removed == limit).then_some(from),
-    })
+        Prunable::Throttles => {
+            let removed = tx
+                .prepare_cached(
+                    "DELETE FROM throttles WHERE (route, key) IN
+                     (SELECT route, key FROM throttles
+                      WHERE started_at + window_ms < (SELECT max(started_at) FROM throttles) - ?1 LIMIT ?2)",
+                )?
+                .execute(params![keep, limit_sql])?;
+            Ok(PruneStep {
+                removed,
+                next: (removed == limit).then_some(from),
+            })
+        }
+        Prunable::Events => prune_events(tx, before, from, limit_sql, within),
+    }
 }
 
 /// Events from an id on, oldest first: whether each was received before a time, and whether
