@@ -65,7 +65,7 @@ impl Intake {
     pub async fn accept(
         &self,
         event: Event,
-        body: Vec<u8>,
+        body: &[u8],
         now: Timestamp,
     ) -> Result<Accepted, StoreError> {
         let (routes, unevaluated, handoff) = {

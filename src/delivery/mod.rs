@@ -492,7 +492,7 @@ mod tests {
         store
             .insert(
                 &event,
-                body.into_bytes(),
+                body.as_bytes(),
                 at,
                 vec![route],
                 Handoff::default(),

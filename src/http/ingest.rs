@@ -80,7 +80,7 @@ pub async fn ingest(
         event.event_type.clone(),
         event.delivery_id.clone(),
     );
-    let (status, answer, id) = match state.intake.accept(event, body.to_vec(), now).await {
+    let (status, answer, id) = match state.intake.accept(event, &body, now).await {
         Ok(Accepted::New { id, jobs }) => {
             state
                 .metrics

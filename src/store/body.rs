@@ -1,70 +1,59 @@
-//! Bodies as stored: a zstd frame when compressing makes the body smaller, else the body as
-//! it came. Webhook bodies are JSON, which compresses two to three times, and the body is
-//! most of what a stored delivery costs on disk. No flag tells the two apart: a stored body is
-//! JSON (it parsed before it was stored), and JSON never starts with zstd's magic number
-//! (`28 B5 2F FD`, and `(` starts no JSON text).
+//! Bodies as stored: LZ4-compressed when that makes the body smaller, else the body as it
+//! came. Webhook bodies are JSON, which LZ4 shrinks by a third or more, and the body is most of
+//! what a stored delivery costs on disk. A compressed body is a zero byte (no JSON text starts
+//! with one, and a stored body is JSON: it parsed before it was stored), the body's length
+//! (`u32`, little-endian) and one LZ4 block.
 //!
-//! Compression runs on the request's own task, before the body reaches the single writer; a
-//! thread's compression context is kept, since making one costs more than compressing 1 KiB.
+//! Compression runs on the request's own task, before the body reaches the single writer, so
+//! its cost is CPU on every request: LZ4 because it has no entropy stage. zstd at its fastest
+//! level kept a 1 KiB scanner body 2 % smaller but took twice as long, which cost the ingest
+//! flood a twentieth of its throughput (benches/README.md).
 
 use std::borrow::Cow;
-use std::cell::RefCell;
 
-/// The first bytes of every zstd frame.
-const MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
-/// Smaller bodies are stored as they are: a frame's header would eat what it saves.
+/// The first byte of a compressed body.
+const TAG: u8 = 0;
+/// Smaller bodies are stored as they are: compressing them saves next to nothing.
 const WORTH_IT: usize = 128;
-/// A negative ("fast") level leaves literals uncoded: on a 1 KiB scanner body it takes
-/// 2.7 µs for 675 bytes, where level 1 takes 5.3 µs for 526 (benches/README.md). Either keeps a
-/// stored delivery well under its budget; the request path is where time is short.
-const LEVEL: i32 = -1;
-/// The largest body a stored frame may claim to hold; a larger claim is a damaged row.
-const LARGEST: u64 = 64 << 20;
-
-thread_local! {
-    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
-    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
-}
+/// The largest body a stored one may claim to hold; a larger claim is a damaged row.
+const LARGEST: usize = 64 << 20;
 
 /// The body to store for `body`: compressed if that is smaller.
 #[must_use]
-pub fn pack(body: Vec<u8>) -> Vec<u8> {
-    if body.len() < WORTH_IT {
-        return body;
+pub fn pack(body: &[u8]) -> Vec<u8> {
+    if body.len() < WORTH_IT || body.len() > LARGEST {
+        return body.to_vec();
     }
-    let packed = COMPRESSOR.with_borrow_mut(|compressor| {
-        let compressor = match compressor {
-            Some(compressor) => compressor,
-            None => compressor.insert(zstd::bulk::Compressor::new(LEVEL).ok()?),
-        };
-        compressor.compress(&body).ok()
-    });
-    match packed {
-        Some(packed) if packed.len() < body.len() => packed,
-        _ => body,
+    let bound = 1 + lz4_flex::block::get_maximum_output_size(body.len()) + 4;
+    let mut packed = vec![0; bound];
+    packed[0] = TAG;
+    #[allow(clippy::cast_possible_truncation)] // at most LARGEST
+    packed[1..5].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    match lz4_flex::block::compress_into(body, &mut packed[5..]) {
+        Ok(size) if 5 + size < body.len() => {
+            packed.truncate(5 + size);
+            packed
+        }
+        _ => body.to_vec(),
     }
 }
 
-/// The body a stored one holds; `None` if it is a damaged frame.
+/// The body a stored one holds; `None` if it is a damaged one.
 #[must_use]
 pub fn unpack(stored: &[u8]) -> Option<Cow<'_, [u8]>> {
-    if !stored.starts_with(&MAGIC) {
+    let Some((&TAG, rest)) = stored.split_first() else {
         return Some(Cow::Borrowed(stored));
-    }
-    let size = zstd::zstd_safe::get_frame_content_size(stored).ok()??;
+    };
+    let (size, block) = rest.split_first_chunk::<4>()?;
+    let size = usize::try_from(u32::from_le_bytes(*size)).ok()?;
     if size > LARGEST {
         return None;
     }
-    DECOMPRESSOR.with_borrow_mut(|decompressor| {
-        let decompressor = match decompressor {
-            Some(decompressor) => decompressor,
-            None => decompressor.insert(zstd::bulk::Decompressor::new().ok()?),
-        };
-        let body = decompressor
-            .decompress(stored, usize::try_from(size).ok()?)
-            .ok()?;
-        Some(Cow::Owned(body))
-    })
+    let mut body = vec![0; size];
+    match lz4_flex::block::decompress_into(block, &mut body) {
+        Ok(written) if written == size => Some(Cow::Owned(body)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -94,17 +83,17 @@ mod tests {
         .take(512)
         .collect();
         for body in samples.chain([json.clone(), short.clone(), random.clone()]) {
-            let stored = pack(body.clone());
+            let stored = pack(&body);
             assert!(stored.len() <= body.len());
             assert_eq!(unpack(&stored).unwrap().as_ref(), body.as_slice());
         }
         assert!(
-            pack(json.clone()).len() * 4 < json.len(),
+            pack(&json).len() * 4 < json.len(),
             "repetitive JSON shrinks"
         );
-        assert_eq!(pack(short.clone()), short, "too short to bother");
+        assert_eq!(pack(&short), short, "too short to bother");
         assert_eq!(
-            pack(random.clone()),
+            pack(&random),
             random,
             "incompressible bytes stay as they are"
         );
@@ -112,9 +101,20 @@ mod tests {
 
     #[test]
     fn a_damaged_frame_is_not_a_body() {
-        let mut stored = pack(br#"{"padding":""#.repeat(40));
+        let mut stored = pack(&br#"{"padding":""#.repeat(40));
+        assert_eq!(stored[0], TAG);
         stored.truncate(stored.len() / 2);
-        assert!(unpack(&stored).is_none());
-        assert!(unpack(&[0x28, 0xB5, 0x2F, 0xFD, 0xFF]).is_none());
+        assert!(unpack(&stored).is_none(), "cut short");
+        assert!(unpack(&[TAG, 0xFF]).is_none(), "no length");
+        assert!(
+            unpack(&[TAG, 0xFF, 0xFF, 0xFF, 0xFF, 0]).is_none(),
+            "claims 4 GiB"
+        );
+        let mut longer = pack(&br#"{"padding":""#.repeat(40));
+        longer[1] += 1;
+        assert!(
+            unpack(&longer).is_none(),
+            "claims a byte more than it holds"
+        );
     }
 }

@@ -231,7 +231,7 @@ pub trait Storage: Send + Sync {
     async fn insert(
         &self,
         event: &Event,
-        body: Vec<u8>,
+        body: &[u8],
         received_at: Timestamp,
         routes: Vec<RouteTo>,
         handoff: Handoff,

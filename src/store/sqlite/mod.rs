@@ -226,7 +226,7 @@ impl Storage for SqliteStore {
     async fn insert(
         &self,
         event: &Event,
-        body: Vec<u8>,
+        body: &[u8],
         received_at: Timestamp,
         routes: Vec<RouteTo>,
         handoff: Handoff,
