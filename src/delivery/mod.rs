@@ -490,13 +490,7 @@ mod tests {
             sinks: vec!["rec".into()],
         };
         store
-            .insert(
-                &event,
-                body.as_bytes(),
-                at,
-                vec![route],
-                Handoff::default(),
-            )
+            .insert(&event, body.as_bytes(), at, vec![route], Handoff::default())
             .await
             .unwrap();
     }

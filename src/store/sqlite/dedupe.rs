@@ -3,25 +3,29 @@
 //! Delivery ids are random, so inserting each key into that unique index as its event is
 //! stored dirties one random index page per delivery, written to the WAL and again at
 //! checkpoint: under load, that was a quarter of the writer's time. So the writer keeps the
-//! keys of events stored since the last merge in memory and merges them into `dedupe` in key
-//! order, many to an index page, twenty times a second. The events table is the log behind the
-//! memory: `meta.dedupe_merged` is the last event id whose key is in `dedupe`, and opening the
-//! store merges the keys of every later event, so a crash loses none. Only the writer thread
-//! stores events (and only one process serves a database, see `lock_instance`), so the table
-//! and the memory together decide exactly whether a key was seen.
+//! keys of events stored in the last second in memory and then merges them into `dedupe` in
+//! key order, many to an index page, a few hundred keys per writer turn so no request waits
+//! long for a merge. The events table is the log behind the memory: `meta.dedupe_merged` is
+//! the last event id whose key is in `dedupe`, and opening the store merges the keys of every
+//! later event, so a crash loses none. Only the writer thread stores events (and only one
+//! process serves a database, see `lock_instance`), so the table and the memory together
+//! decide exactly whether a key was seen.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
-/// How long a key waits in memory, at most, before it is merged. A merge holds the writer
-/// for about one index page per key once the index outgrows the merge, so merges stay small:
-/// once a second, at 2,000 requests/s, it was a 10 ms stall every second (p99 +0.5 ms, the
-/// slowest request 13 ms instead of 7; benches/README.md). Under a flood the keys per merge
-/// grow with the rate, and so does how many share a page.
-const MERGE_EVERY: Duration = Duration::from_millis(50);
-/// How many keys wait in memory, at most (about 100 bytes each).
+/// How long keys gather in memory before they are merged. The longer, the more keys share
+/// an index page, which under a flood is most of a merge's cost: merging every 50 ms instead
+/// cost the ingest flood about a tenth of its throughput (benches/README.md).
+const MERGE_EVERY: Duration = Duration::from_secs(1);
+/// Keys merged per writer turn: each is about one index page once the index outgrows a
+/// merge, so a turn's merge holds the writer for a millisecond or two. (All of a second's
+/// keys at once, at 2,000 requests/s, was a 10 ms stall every second: p99 +0.5 ms.)
+const MERGE_STEP: usize = 256;
+/// How many keys wait in memory, at most (about 100 bytes each); past it, merges take
+/// whatever waits instead of a step.
 const MERGE_AT: usize = 1 << 16;
 /// The `meta` key holding the last event id whose key is in `dedupe`.
 const MERGED: &str = "dedupe_merged";
@@ -66,12 +70,37 @@ impl Keys {
 /// The keys not yet merged into `dedupe`. Owned by the writer thread.
 #[derive(Debug)]
 pub(super) struct Recent {
-    /// Keys of committed events after `merged`.
-    committed: Keys,
     /// Keys of the batch being applied: kept only if it commits.
     staged: Keys,
-    /// When the oldest unmerged key was committed.
+    /// Keys of events committed since the merge in progress began.
+    committed: Keys,
+    /// When the oldest key in `committed` was committed.
     since: Option<Instant>,
+    /// The merge in progress: keys in key order, the first `done` of them merged.
+    merging: Merging,
+}
+
+/// A second's keys on their way into `dedupe`, in key order.
+#[derive(Debug, Default)]
+struct Merging {
+    keys: Vec<(String, String, Seen)>,
+    done: usize,
+    /// The newest event among `keys`: every key up to it is in `dedupe` once all are.
+    last: i64,
+}
+
+impl Merging {
+    fn get(&self, source: &str, delivery_id: &str) -> Option<Seen> {
+        let at = self
+            .keys
+            .binary_search_by(|(s, id, _)| (s.as_str(), id.as_str()).cmp(&(source, delivery_id)))
+            .ok()?;
+        Some(self.keys[at].2)
+    }
+
+    fn waiting(&self) -> usize {
+        self.keys.len() - self.done
+    }
 }
 
 impl Recent {
@@ -85,9 +114,10 @@ impl Recent {
             .optional()?;
         let merged: i64 = merged.and_then(|id| id.parse().ok()).unwrap_or(0);
         let mut recent = Self {
-            committed: Keys::default(),
             staged: Keys::default(),
+            committed: Keys::default(),
             since: None,
+            merging: Merging::default(),
         };
         {
             let mut tail = conn.prepare(
@@ -104,7 +134,7 @@ impl Recent {
                     .insert(&row.get::<_, String>(1)?, &row.get::<_, String>(2)?, seen);
             }
         }
-        recent.merge(conn)?;
+        recent.merge_all(conn)?;
         Ok(recent)
     }
 
@@ -120,6 +150,7 @@ impl Recent {
             .staged
             .get(source, delivery_id)
             .or_else(|| self.committed.get(source, delivery_id))
+            .or_else(|| self.merging.get(source, delivery_id))
         {
             return Ok(Some(seen.event_id));
         }
@@ -147,42 +178,85 @@ impl Recent {
         self.staged = Keys::default();
     }
 
-    /// Whether enough keys waited long enough to be merged.
+    /// Whether a merge is under way, or enough keys waited long enough to start one.
     pub(super) fn due(&self) -> bool {
-        self.committed.len() >= MERGE_AT || self.since.is_some_and(|t| t.elapsed() >= MERGE_EVERY)
+        self.merging.waiting() > 0
+            || self.committed.len() >= MERGE_AT
+            || self.since.is_some_and(|t| t.elapsed() >= MERGE_EVERY)
     }
 
-    /// Writes the committed keys into `dedupe` in key order, in one transaction of their own.
-    /// It need not wait for a flush: were it lost, the next open would merge the same keys.
+    /// Writes the next step of waiting keys into `dedupe`, in one transaction of its own,
+    /// starting a merge of the committed keys if none is under way. It need not wait for a
+    /// flush: were it lost, the next open would merge the same keys.
     pub(super) fn merge(&mut self, conn: &mut Connection) -> rusqlite::Result<()> {
-        let mut keys: Vec<(&str, &str, Seen)> = self
-            .committed
+        if self.merging.waiting() == 0 {
+            self.start_merge();
+        }
+        let step = if self.merging.waiting() + self.committed.len() >= MERGE_AT {
+            self.merging.waiting()
+        } else {
+            MERGE_STEP
+        };
+        self.merge_step(conn, step)
+    }
+
+    /// Merges every key in memory (when the writer stops, or opens the store).
+    pub(super) fn merge_all(&mut self, conn: &mut Connection) -> rusqlite::Result<()> {
+        let waiting = self.merging.waiting();
+        self.merge_step(conn, waiting)?;
+        self.start_merge();
+        let waiting = self.merging.waiting();
+        self.merge_step(conn, waiting)
+    }
+
+    /// Takes the committed keys as the next merge, in key order.
+    fn start_merge(&mut self) {
+        let mut keys: Vec<(String, String, Seen)> = std::mem::take(&mut self.committed)
             .by_source
-            .iter()
+            .into_iter()
             .flat_map(|(source, ids)| {
-                ids.iter()
-                    .map(|(id, seen)| (source.as_str(), id.as_str(), *seen))
+                ids.into_iter()
+                    .map(move |(id, seen)| (source.clone(), id, seen))
             })
             .collect();
-        let Some(last) = keys.iter().map(|key| key.2.event_id).max() else {
-            return Ok(()); // nothing waits
+        keys.sort_unstable_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        let last = keys.iter().map(|key| key.2.event_id).max().unwrap_or(0);
+        self.merging = Merging {
+            keys,
+            done: 0,
+            last,
         };
-        keys.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        self.since = None;
+    }
+
+    /// Writes up to `limit` waiting keys; after the last, records that every key up to the
+    /// merge's newest event is in the table.
+    fn merge_step(&mut self, conn: &mut Connection, limit: usize) -> rusqlite::Result<()> {
+        let merging = &mut self.merging;
+        let end = merging.done + limit.min(merging.waiting());
+        if end == merging.done {
+            return Ok(());
+        }
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            // A key already there (only a hand-edited database has one) keeps its first event.
+            // A key already there (a merge cut short by a crash left it, or a hand-edited
+            // database) keeps its first event.
             let mut insert = tx.prepare_cached(
                 "INSERT INTO dedupe (source, delivery_id, event_id, seen_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (source, delivery_id) DO NOTHING",
             )?;
-            for (source, delivery_id, seen) in &keys {
+            for (source, delivery_id, seen) in &merging.keys[merging.done..end] {
                 insert.execute(params![source, delivery_id, seen.event_id, seen.at])?;
             }
         }
-        super::writer::set_meta(&tx, MERGED, &last.to_string())?;
+        if end == merging.keys.len() {
+            super::writer::set_meta(&tx, MERGED, &merging.last.to_string())?;
+        }
         tx.commit()?;
-        self.committed = Keys::default();
-        self.since = None;
+        merging.done = end;
+        if merging.waiting() == 0 {
+            *merging = Merging::default();
+        }
         Ok(())
     }
 }
@@ -265,6 +339,53 @@ mod tests {
             )
             .unwrap();
         assert_eq!(merged, "3");
+    }
+
+    fn merged(conn: &Connection) -> Option<String> {
+        conn.query_row(
+            "SELECT value FROM meta WHERE key = 'dedupe_merged'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .unwrap()
+    }
+
+    /// A merge takes a step per writer turn; keys stay decided by memory until it is done,
+    /// and keys committed meanwhile wait for the next merge.
+    #[test]
+    fn a_merge_moves_a_step_of_keys_per_turn() {
+        let (_dir, mut conn) = open();
+        let mut recent = Recent::open(&mut conn).unwrap();
+        let before = merged(&conn);
+        let ids: Vec<String> = (0..MERGE_STEP + 10).map(|n| format!("k{n:05}")).collect();
+        for id in &ids {
+            let event = store_event(&conn, id);
+            recent.stage("cl", id, event, 7);
+        }
+        recent.commit();
+        recent.merge(&mut conn).unwrap();
+        assert_eq!(table(&conn).len(), MERGE_STEP, "one step");
+        assert_eq!(merged(&conn), before, "not every key is in the table yet");
+        assert!(recent.due(), "the rest waits for the next turn");
+        let late = store_event(&conn, "late");
+        recent.stage("cl", "late", late, 7);
+        recent.commit();
+        for id in [&ids[0], &ids[MERGE_STEP + 9]] {
+            assert!(seen(&recent, &mut conn, id).is_some(), "{id} is decided");
+        }
+        recent.merge(&mut conn).unwrap();
+        assert_eq!(
+            table(&conn).len(),
+            ids.len(),
+            "the late key is not in this merge"
+        );
+        assert_eq!(merged(&conn), Some(ids.len().to_string()));
+        assert_eq!(seen(&recent, &mut conn, "late"), Some(late));
+        assert!(!recent.due(), "the late key waits its second");
+        recent.merge_all(&mut conn).unwrap();
+        assert_eq!(table(&conn).len(), ids.len() + 1);
+        assert_eq!(merged(&conn), Some(late.to_string()));
     }
 
     /// What a crash leaves: events stored after the last merge. Opening merges their keys;

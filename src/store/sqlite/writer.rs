@@ -108,9 +108,14 @@ pub(super) fn writer_loop(
                 }
             }
         }
-        if (stop || recent.due())
-            && let Err(err) = recent.merge(&mut conn)
-        {
+        let merged = if stop {
+            recent.merge_all(&mut conn)
+        } else if recent.due() {
+            recent.merge(&mut conn)
+        } else {
+            Ok(())
+        };
+        if let Err(err) = merged {
             // The keys stay in memory, still deciding, and the next merge takes them too.
             tracing::warn!(error = %err, "merging delivery ids into the dedupe index failed");
         }
