@@ -308,10 +308,6 @@ def free_pages():
     return query("PRAGMA freelist_count")
 
 
-def count_events():
-    return query("SELECT count(*) FROM events")
-
-
 if __name__ == "__main__":
     try:
         main()

@@ -331,16 +331,10 @@ mod tests {
             [("a".into(), 2, 7), ("b".into(), 3, 7), ("c".into(), 1, 7)]
         );
         assert_eq!(seen(&recent, &mut conn, "c"), Some(1), "found in the table");
-        let merged: String = conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'dedupe_merged'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(merged, "3");
+        assert_eq!(merged(&conn).as_deref(), Some("3"));
     }
 
+    /// Where the last completed merge ended, as `meta` records it.
     fn merged(conn: &Connection) -> Option<String> {
         conn.query_row(
             "SELECT value FROM meta WHERE key = 'dedupe_merged'",
