@@ -89,6 +89,14 @@ impl FileSink {
     }
 }
 
+/// Syncs what was written to `file`; a FIFO or a terminal has nothing to sync.
+fn sync(file: &File) -> std::io::Result<()> {
+    match file.sync_data() {
+        Err(err) if err.kind() == std::io::ErrorKind::InvalidInput => Ok(()),
+        result => result,
+    }
+}
+
 impl Target {
     /// Appends one line. Under the lock, so concurrent deliveries never interleave within a
     /// line.
@@ -107,7 +115,7 @@ impl Target {
         // crash of the machine as the event it came from does. Syncing each batch also keeps
         // the kernel from gathering 30 s of lines into one writeback burst, which stalled
         // the store's own syncs (and so the answers to senders) for up to 0.3 s.
-        if let Err(err) = file.write_all(line).and_then(|()| file.sync_data()) {
+        if let Err(err) = file.write_all(line).and_then(|()| sync(file)) {
             // Reopen next time: the file may have been rotated or its disk replaced.
             *guard = None;
             return Err(self.io_error(err));
