@@ -108,7 +108,7 @@ pub async fn run_with_clock(
     let plan = Arc::new(ArcSwap::from_pointee(
         Plan::build(&config).map_err(RunError::Sink)?,
     ));
-    let store = store::open(&config.storage)?;
+    let store = store::open(&config.storage).await?;
     let metrics = Arc::new(metrics::Metrics::new());
     metrics.config_loaded(true, clock.now());
     let new_jobs = Arc::new(delivery::NewJobs::default());

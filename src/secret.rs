@@ -9,7 +9,7 @@ use base64::Engine as _;
 
 /// A secret a sink needs (a webhook URL, a password, a signing key), given inline, in a file or
 /// in an environment variable. Resolved when the sink is built; `Debug` never shows it.
-#[derive(Clone, Default, serde::Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretSource {
     pub value: Option<String>,

@@ -26,7 +26,7 @@ fn summary(config: &Config) -> String {
     let _ = writeln!(
         out,
         "database:    {} (dedupe records kept {})",
-        config.storage.path.display(),
+        config.storage.describe(),
         humantime::format_duration(config.storage.dedupe_retention)
     );
     match &server.rate_limit {

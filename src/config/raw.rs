@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::duration::HumanDuration;
 use crate::rules::RouteSpec;
+use crate::secret::SecretSource;
 use crate::signature::Encoding;
 use crate::sinks::SinkSpec;
 use crate::templates::TemplateSource;
@@ -158,17 +159,30 @@ impl Default for RawRateLimit {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawStorage {
-    pub path: PathBuf,
+    /// SQLite (the default: `./data/hookroute.db` when neither this nor `url` is given).
+    pub path: Option<PathBuf>,
+    /// PostgreSQL, for several daemons on one database.
+    pub url: Option<String>,
+    /// PostgreSQL's password: never in the URL, which appears in logs and errors.
+    pub password: Option<SecretSource>,
+    /// PostgreSQL connections per daemon.
+    pub pool_size: u32,
     pub dedupe_retention: HumanDuration,
     pub event_retention: HumanDuration,
     pub busy_timeout: HumanDuration,
     pub max_batch: usize,
 }
 
+/// Where the database is when the configuration names none.
+pub const DEFAULT_DATABASE: &str = "./data/hookroute.db";
+
 impl Default for RawStorage {
     fn default() -> Self {
         Self {
-            path: PathBuf::from("./data/hookroute.db"),
+            path: None,
+            url: None,
+            password: None,
+            pool_size: 16,
             dedupe_retention: HumanDuration(Duration::from_secs(7 * 24 * 3600)),
             event_retention: HumanDuration(Duration::from_secs(90 * 24 * 3600)),
             busy_timeout: HumanDuration(Duration::from_secs(5)),

@@ -229,3 +229,44 @@ fn a_rules_files_problems_name_that_file() {
         "{problems:#?}"
     );
 }
+
+/// `url` selects PostgreSQL; a password never goes in it, and one database is named, not two.
+#[test]
+fn a_postgres_url_is_checked_and_never_holds_the_password() {
+    let with = |storage: &str| format!("[storage]\n{storage}\n\n[sources.cl]\nsecret = \"s\"\n");
+    let config = load_text(&with(
+        "url = \"postgres://hookroute@db.internal/hookroute?sslmode=verify-full\"\npassword = { env = \"PGPASS_TEST\" }",
+    ))
+    .unwrap();
+    let Backend::Postgres(pg) = &config.storage.backend else {
+        panic!("{:?}", config.storage.backend)
+    };
+    assert_eq!(pg.pool_size, 16);
+    assert_eq!(
+        config.storage.describe(),
+        "postgres://hookroute@db.internal/hookroute?sslmode=verify-full"
+    );
+
+    let found = problems(&with("url = \"postgres://hookroute:hunter2@db/hookroute\""));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].contains("storage.url: holds a password"),
+        "{found:?}"
+    );
+    assert!(
+        !found[0].contains("hunter2"),
+        "the message never repeats it"
+    );
+    let found = problems(&with("url = \"postgres://db/h?password=hunter2\""));
+    assert!(found[0].contains("holds a password") && !found[0].contains("hunter2"));
+
+    let found = problems(&with("url = \"mysql://db/h\""));
+    assert!(found[0].contains("not a PostgreSQL URL"), "{found:?}");
+    let found = problems(&with("url = \"postgres://db/h\"\npath = \"h.db\""));
+    assert!(found[0].contains("give path (SQLite) or url (PostgreSQL), not both"));
+    let found = problems(&with("path = \"h.db\"\npassword = { value = \"x\" }"));
+    assert!(
+        found[0].contains("storage.password: only PostgreSQL"),
+        "{found:?}"
+    );
+}

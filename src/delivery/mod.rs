@@ -469,7 +469,7 @@ mod tests {
         let rec = plan.sinks.get_mut("rec").unwrap();
         rec.sink = Arc::clone(&recording) as Arc<dyn Sink>;
         rec.shows_message = false;
-        let store = crate::store::open(&config.storage).unwrap();
+        let store = crate::store::open(&config.storage).await.unwrap();
         let engine = Engine::new(
             store.clone(),
             Arc::new(ArcSwap::from_pointee(plan)),

@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::{HashMap, HashSet};
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use jiff::Timestamp;
 
-use crate::config::StorageConfig;
+use crate::config::{Backend, StorageConfig};
 use crate::event::Event;
 use crate::metrics::SinkQueue;
 
@@ -51,7 +52,7 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
     #[error(
-        "the database {path} has schema version {version}, this hookroute knows version {known}: {}",
+        "the database {database} has schema version {version}, this hookroute knows version {known}: {}",
         if version > known {
             "it was written by a newer hookroute; run that one"
         } else {
@@ -59,12 +60,20 @@ pub enum StoreError {
         }
     )]
     Schema {
-        path: PathBuf,
+        /// The file, or the URL.
+        database: String,
         version: i64,
         known: i64,
     },
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("database error: {0}")]
+    Postgres(#[from] sqlx::Error),
+    /// The database's password could not be read (the message names the key, never the secret).
+    #[error("{0}")]
+    Secret(String),
+    #[error("{0} is not available on PostgreSQL yet")]
+    Unsupported(&'static str),
     /// A batch failed; every command in it shares the cause.
     #[error("database write failed: {0}")]
     Write(Arc<rusqlite::Error>),
@@ -323,18 +332,20 @@ pub fn open_admin(
     config: &StorageConfig,
     access: admin::Access,
 ) -> Result<Box<dyn admin::AdminStorage>, StoreError> {
-    let admin = sqlite::admin::Admin::open(&config.path, access).map_err(|err| {
+    let path = match &config.backend {
+        Backend::Sqlite(path) => path,
+        Backend::Postgres(_) => return Err(StoreError::Unsupported("the operator's tools")),
+    };
+    let admin = sqlite::admin::Admin::open(path, access).map_err(|err| {
         // SQLite says "unable to open database file"; the operator needs to hear why.
         let mut options = std::fs::OpenOptions::new();
         options.read(true).write(access == admin::Access::Write);
         let denied = matches!(err, StoreError::Open { .. })
             && options
-                .open(&config.path)
+                .open(path)
                 .is_err_and(|err| err.kind() == std::io::ErrorKind::PermissionDenied);
         if denied {
-            StoreError::PermissionDenied {
-                path: config.path.clone(),
-            }
+            StoreError::PermissionDenied { path: path.clone() }
         } else {
             err
         }
@@ -346,6 +357,14 @@ pub fn open_admin(
 ///
 /// # Errors
 /// [`StoreError`] when it cannot be opened.
-pub fn open(config: &StorageConfig) -> Result<Store, StoreError> {
-    Ok(Arc::new(sqlite::SqliteStore::open(config)?))
+pub async fn open(config: &StorageConfig) -> Result<Store, StoreError> {
+    Ok(match &config.backend {
+        Backend::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path, config)?),
+        Backend::Postgres(pg) => Arc::new(postgres::PostgresStore::open(pg).await?),
+    })
+}
+
+/// A stored unix-millisecond time; a corrupt one reads as the epoch rather than failing.
+pub(crate) fn from_ms(ms: i64) -> Timestamp {
+    Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH)
 }

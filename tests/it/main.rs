@@ -2,6 +2,7 @@
 //! requests, a real SQLite file. One binary, one module per capability.
 
 mod harness;
+mod postgres;
 
 mod cli;
 mod dedupe;
@@ -15,6 +16,7 @@ mod logs;
 mod metrics;
 mod proxies;
 mod recorder;
+mod replicas;
 mod routing;
 mod signatures;
 mod status;

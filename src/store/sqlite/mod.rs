@@ -54,7 +54,7 @@ use async_trait::async_trait;
 
 use super::{
     AttemptOutcome, DueJob, DueSummary, Handoff, Inserted, Job, Prunable, PruneStep, RouteTo,
-    Storage, StoreError, StoredEvent,
+    Storage, StoreError, StoredEvent, from_ms,
 };
 use crate::config::StorageConfig;
 use crate::event::Event;
@@ -92,8 +92,8 @@ impl SqliteStore {
     ///
     /// # Errors
     /// [`StoreError`] when the directory or database cannot be created, opened or migrated.
-    pub fn open(config: &StorageConfig) -> Result<Self, StoreError> {
-        let path = config.path.clone();
+    pub fn open(path: &Path, config: &StorageConfig) -> Result<Self, StoreError> {
+        let path = path.to_path_buf();
         if let Some(dir) = path.parent() {
             crate::private::create_dir(dir).map_err(|source| StoreError::CreateDir {
                 path: dir.to_path_buf(),
@@ -388,9 +388,4 @@ fn open_reader(path: &Path, config: &StorageConfig) -> rusqlite::Result<Connecti
     )?;
     conn.busy_timeout(config.busy_timeout)?;
     Ok(conn)
-}
-
-/// A stored unix-millisecond time; a corrupt one reads as the epoch rather than failing.
-pub(crate) fn from_ms(ms: i64) -> Timestamp {
-    Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH)
 }

@@ -190,7 +190,7 @@ pub(super) fn check_version(path: &Path, version: i64) -> Result<(), StoreError>
         return Ok(());
     }
     Err(StoreError::Schema {
-        path: path.to_path_buf(),
+        database: path.display().to_string(),
         version,
         known,
     })

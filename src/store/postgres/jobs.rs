@@ -1,0 +1,230 @@
+//! Delivery jobs shared by the replicas: claiming due ones under a lease, recording outcomes
+//! (which release the lease), and what the engine and `/metrics` ask about the queue.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use sqlx::Row as _;
+use sqlx::postgres::{PgPool, PgRow};
+
+use super::LEASE;
+use super::events::event_at;
+use crate::metrics::SinkQueue;
+use crate::store::from_ms;
+use crate::store::{AttemptOutcome, DueJob, DueSummary, Job, StoreError};
+
+/// Claims up to `limit` due jobs of `sink` for `replica`: see
+/// [`Storage::due_jobs`](crate::store::Storage::due_jobs).
+pub(super) async fn claim(
+    pool: &PgPool,
+    replica: i64,
+    sink: &str,
+    limit: usize,
+    hold: Option<Duration>,
+    now: Timestamp,
+) -> Result<Vec<DueJob>, StoreError> {
+    // The jobs this replica attempts are leased to it, so the claim below leaves them out
+    // as it leaves out every other live replica's: `held` adds nothing here.
+    let now = now.as_millisecond();
+    let lease = lease_ms();
+    let mut tx = pool.begin().await?;
+    if let Some(hold) = hold {
+        // One digest at a time across the replicas; one finding the lock taken has
+        // nothing to send (the other is sending it).
+        let mine: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended('digest ' || $1, 0))",
+        )
+        .bind(sink)
+        .fetch_one(&mut *tx)
+        .await?;
+        let oldest: Option<i64> = sqlx::query_scalar(concat!(
+            "SELECT min(created_at) FROM jobs
+             WHERE sink = $1 AND status IN ('pending', 'failed') AND next_attempt_at <= $2
+               AND NOT coalesce(",
+            leased_elsewhere!(),
+            now_ms!(),
+            " - $3), false)"
+        ))
+        .bind(sink)
+        .bind(now)
+        .bind(lease)
+        .fetch_one(&mut *tx)
+        .await?;
+        let hold_ms = i64::try_from(hold.as_millis()).unwrap_or(i64::MAX);
+        if !mine || oldest.is_none_or(|oldest| oldest.saturating_add(hold_ms) > now) {
+            tx.rollback().await?;
+            return Ok(Vec::new());
+        }
+    }
+    let rows = sqlx::query(concat!(
+        "WITH claimed AS (
+             UPDATE jobs SET leased_by = $4
+             WHERE id IN (
+                 SELECT id FROM jobs
+                 WHERE sink = $1 AND status IN ('pending', 'failed') AND next_attempt_at <= $2
+                   AND NOT coalesce(",
+        leased_elsewhere!(),
+        now_ms!(),
+        " - $5), false)
+                 ORDER BY next_attempt_at, id LIMIT $3
+                 FOR UPDATE SKIP LOCKED)
+             RETURNING id, event_id, route, sink, attempts, created_at, next_attempt_at)
+         SELECT c.id, c.event_id, c.route, c.sink, c.attempts, c.created_at,
+                e.id, e.source, e.delivery_id, e.event_type, e.occurred_at, e.received_at,
+                e.sender_delivery, e.payload
+         FROM claimed c LEFT JOIN events e ON e.id = c.event_id
+         ORDER BY c.next_attempt_at, c.id"
+    ))
+    .bind(sink)
+    .bind(now)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .bind(replica)
+    .bind(lease)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    rows.iter().map(due_job).collect()
+}
+
+/// Records an attempt's outcomes, releasing its jobs' leases.
+pub(super) async fn finish(
+    pool: &PgPool,
+    outcomes: Vec<(Job, AttemptOutcome)>,
+    started_at: Timestamp,
+    finished_at: Timestamp,
+) -> Result<(), StoreError> {
+    let at = finished_at.as_millisecond();
+    let mut columns: Outcomes = Outcomes::default();
+    for (job, outcome) in &outcomes {
+        let (status, error, response, next) = match outcome {
+            AttemptOutcome::Succeeded { response } => ("succeeded", None, response, at),
+            AttemptOutcome::Failed {
+                error,
+                response,
+                retry_at,
+            } => ("failed", Some(error), response, retry_at.as_millisecond()),
+            AttemptOutcome::Dead { error, response } => ("dead", Some(error), response, at),
+        };
+        columns.ids.push(job.id);
+        columns.statuses.push(status);
+        columns.errors.push(error.map(String::as_str));
+        columns.responses.push(response);
+        columns.next.push(next);
+        columns
+            .numbers
+            .push(i32::try_from(job.attempt).unwrap_or(i32::MAX));
+    }
+    // The lease goes with the outcome: a failed job is anyone's to retry when it is due.
+    sqlx::query(
+        "WITH o AS (
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[],
+                                  $5::bigint[], $6::int[])
+                 AS o (id, status, error, response, next, number)),
+         updated AS (
+             UPDATE jobs j SET status = o.status, last_error = o.error, response = o.response,
+                               next_attempt_at = o.next, updated_at = $7,
+                               attempts = o.number, leased_by = NULL
+             FROM o WHERE j.id = o.id)
+         INSERT INTO attempts (job_id, number, started_at, finished_at, outcome, error, response)
+         SELECT id, number, $8, $7, status, error, response FROM o",
+    )
+    .bind(&columns.ids)
+    .bind(&columns.statuses)
+    .bind(&columns.errors)
+    .bind(&columns.responses)
+    .bind(&columns.next)
+    .bind(&columns.numbers)
+    .bind(at)
+    .bind(started_at.as_millisecond())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// For each sink with jobs no live replica holds: when the next is due, and the oldest.
+pub(super) async fn waiting(pool: &PgPool) -> Result<HashMap<String, DueSummary>, StoreError> {
+    let rows = sqlx::query(concat!(
+        "SELECT sink, min(next_attempt_at), min(created_at) FROM jobs
+         WHERE status IN ('pending', 'failed') AND NOT coalesce(",
+        leased_elsewhere!(),
+        now_ms!(),
+        " - $1), false)
+         GROUP BY sink"
+    ))
+    .bind(lease_ms())
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            (
+                row.get(0),
+                DueSummary {
+                    next_due: from_ms(row.get(1)),
+                    oldest: from_ms(row.get(2)),
+                },
+            )
+        })
+        .collect())
+}
+
+/// Each sink's waiting jobs and dead letters, for `/metrics`.
+pub(super) async fn queues(pool: &PgPool, now: Timestamp) -> Result<Vec<SinkQueue>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT sink, count(*) FILTER (WHERE status IN ('pending', 'failed')),
+                min(created_at) FILTER (WHERE status IN ('pending', 'failed')),
+                count(*) FILTER (WHERE status = 'dead')
+         FROM jobs WHERE status IN ('pending', 'failed', 'dead')
+         GROUP BY sink ORDER BY sink",
+    )
+    .fetch_all(pool)
+    .await?;
+    let now = now.as_millisecond();
+    Ok(rows
+        .iter()
+        .map(|row| SinkQueue {
+            sink: row.get(0),
+            waiting: row.get::<i64, _>(1).unsigned_abs(),
+            oldest_waiting: row
+                .get::<Option<i64>, _>(2)
+                .map_or(Duration::ZERO, |oldest| {
+                    Duration::from_millis(u64::try_from(now - oldest).unwrap_or(0))
+                }),
+            dead: row.get::<i64, _>(3).unsigned_abs(),
+        })
+        .collect())
+}
+
+/// The columns of `finish_attempt`'s outcomes, bound as arrays.
+#[derive(Default)]
+struct Outcomes<'a> {
+    ids: Vec<i64>,
+    statuses: Vec<&'static str>,
+    errors: Vec<Option<&'a str>>,
+    responses: Vec<&'a String>,
+    next: Vec<i64>,
+    numbers: Vec<i32>,
+}
+
+fn lease_ms() -> i64 {
+    i64::try_from(LEASE.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A claimed job, with its event if it is still stored.
+fn due_job(row: &PgRow) -> Result<DueJob, StoreError> {
+    let attempts: i32 = row.try_get(4)?;
+    let job = Job {
+        id: row.try_get(0)?,
+        event_id: row.try_get(1)?,
+        route: row.try_get(2)?,
+        sink: row.try_get(3)?,
+        attempt: u32::try_from(attempts).unwrap_or(0).saturating_add(1),
+        created_at: from_ms(row.try_get(5)?),
+    };
+    let event = match row.try_get::<Option<i64>, _>(6)? {
+        None => None,
+        Some(_) => Some(event_at(row, 6)?.event),
+    };
+    Ok(DueJob { job, event })
+}

@@ -1,0 +1,195 @@
+//! Several daemons on one PostgreSQL database (a real server: `postgres::Cluster`): dedupe
+//! exact across them, each job delivered once.
+
+use std::collections::HashMap;
+
+use crate::harness::*;
+use crate::postgres::{Cluster, database_name, shared};
+
+/// A daemon's configuration on the PostgreSQL database `url`, with the standard source and
+/// its file sink in `dir`.
+fn pg_config(dir: &std::path::Path, cluster: &Cluster, url: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+shutdown_timeout = "5s"
+{NO_LIMITS}
+
+[storage]
+url = "{url}"
+password = {{ file = "{}" }}
+
+{}"#,
+        cluster.password_file.display(),
+        standard_rest(dir)
+    )
+}
+
+/// Two daemons in two directories on one new database; returns them with the database's URL.
+fn two_daemons(cluster: &Cluster) -> ([tempfile::TempDir; 2], [Daemon; 2], String) {
+    let url = cluster.database();
+    let dirs = [tempdir(), tempdir()];
+    let daemons =
+        [0, 1].map(|i| Daemon::start(dirs[i].path(), &pg_config(dirs[i].path(), cluster, &url)));
+    (dirs, daemons, url)
+}
+
+/// Delivery ids of every line the daemons' file sinks wrote, with how often each came.
+fn delivered(dirs: &[tempfile::TempDir]) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for dir in dirs {
+        for line in read_lines(&dir.path().join("events.jsonl")) {
+            *seen
+                .entry(line["delivery_id"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_daemon_on_postgres_stores_a_delivery_once_and_delivers_it() {
+    let cluster = shared();
+    let url = cluster.database();
+    let dir = tempdir();
+    let daemon = Daemon::start(dir.path(), &pg_config(dir.path(), cluster, &url));
+    let body = sample("compliancelayer-scan.completed.json");
+    let first = daemon.accept_cl(&body).await;
+    let retry = daemon.post_cl(&body).await;
+    assert_eq!(
+        (retry.status, &retry.json["status"]),
+        (200, &"duplicate".into())
+    );
+    assert_eq!(retry.json["id"], first.json["id"]);
+    let lines = wait_lines(&dir.path().join("events.jsonl"), 1).await;
+    assert_eq!(lines[0]["payload"]["data"]["grade"], "B");
+    let db = database_name(&url);
+    assert_eq!(cluster.psql(db, "SELECT count(*) FROM events"), "1\n");
+    eventually(|| {
+        let status = cluster.psql(db, "SELECT status || ' ' || (leased_by IS NULL) FROM jobs");
+        (status == "succeeded true\n").then_some(()).ok_or(status)
+    })
+    .await;
+    assert!(
+        !daemon.log().contains(crate::postgres::PASSWORD),
+        "the password is never logged"
+    );
+    daemon.terminate();
+    assert_eq!(
+        cluster.psql(db, "SELECT count(*) FROM replicas"),
+        "0\n",
+        "a daemon that stops leaves the replicas"
+    );
+}
+
+#[tokio::test]
+async fn fifty_copies_over_two_daemons_store_one_and_deliver_it_once() {
+    let cluster = shared();
+    let (dirs, daemons, url) = two_daemons(cluster);
+    let body = scan_body("one-delivery-two-daemons");
+    let copies = (0..50).map(|i| daemons[i % 2].post_cl(&body));
+    let replies = futures_util::future::join_all(copies).await;
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 202).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 202 || *s == 200),
+        "{statuses:?}"
+    );
+    let db = database_name(&url);
+    assert_eq!(cluster.psql(db, "SELECT count(*) FROM events"), "1\n");
+    assert_eq!(cluster.psql(db, "SELECT count(*) FROM jobs"), "1\n");
+    eventually(|| {
+        let seen = delivered(&dirs);
+        (seen.values().sum::<usize>() == 1)
+            .then_some(())
+            .ok_or(format!("{seen:?}"))
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(delivered(&dirs).values().sum::<usize>(), 1);
+    for daemon in daemons {
+        daemon.terminate();
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_deliveries_over_two_daemons_are_each_delivered_once() {
+    let cluster = shared();
+    let (dirs, daemons, url) = two_daemons(cluster);
+    let ids: Vec<String> = (0..1000).map(|i| format!("spread-{i}")).collect();
+    for chunk in ids.chunks(50) {
+        let sends = chunk.iter().enumerate().map(|(i, id)| {
+            let (daemon, body) = (&daemons[i % 2], scan_body(id));
+            async move { daemon.accept_cl(&body).await }
+        });
+        futures_util::future::join_all(sends).await;
+    }
+    let seen = eventually(|| {
+        let seen = delivered(&dirs);
+        (seen.len() == ids.len())
+            .then_some(seen.clone())
+            .ok_or(format!("{} of {} delivered", seen.len(), ids.len()))
+    })
+    .await;
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    let db = database_name(&url);
+    assert_eq!(cluster.psql(db, "SELECT count(*) FROM events"), "1000\n");
+    assert_eq!(
+        cluster.psql(db, "SELECT count(*) FROM jobs WHERE status = 'succeeded'"),
+        "1000\n"
+    );
+    for daemon in daemons {
+        assert!(daemon.terminate().success());
+    }
+}
+
+/// PostgreSQL going away is a 503 with `Retry-After` (never a 2xx for an event that is not
+/// stored), `/readyz` says so, and the daemon recovers by itself when the server is back.
+#[tokio::test]
+async fn postgres_down_is_503_and_the_daemon_recovers_when_it_is_back() {
+    let cluster = Cluster::start();
+    let url = cluster.database();
+    let dir = tempdir();
+    let daemon = Daemon::start(dir.path(), &pg_config(dir.path(), &cluster, &url));
+    daemon.accept_cl(&scan_body("before")).await;
+
+    cluster.stop();
+    let reply = daemon.post_cl(&scan_body("while-down")).await;
+    assert_eq!((reply.status, reply.error()), (503, "storage_unavailable"));
+    assert!(reply.headers.contains_key("retry-after"));
+    let ready = daemon
+        .client
+        .get(daemon.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+
+    cluster.restart();
+    // The sender's retry is stored once the server is back.
+    let mut stored = false;
+    for _ in 0..50 {
+        if daemon.post_cl(&scan_body("while-down")).await.status == 202 {
+            stored = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(stored, "the daemon did not recover: {}", daemon.log());
+    let db = database_name(&url);
+    assert_eq!(
+        cluster.psql(
+            db,
+            "SELECT string_agg(delivery_id, ' ' ORDER BY id) FROM events"
+        ),
+        "before while-down\n"
+    );
+    wait_lines(&dir.path().join("events.jsonl"), 2).await;
+    assert_eq!(read_lines(&dir.path().join("events.jsonl")).len(), 2);
+}
