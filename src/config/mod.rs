@@ -137,6 +137,8 @@ pub struct PostgresConfig {
     /// Read when the database is opened, by the daemon and the tools alike.
     pub password: Option<SecretSource>,
     pub pool_size: u32,
+    /// How long a replica may be silent before the jobs it holds are anyone's.
+    pub lease: Duration,
 }
 
 impl StorageConfig {
@@ -326,6 +328,9 @@ fn validate_backend(raw: &mut RawStorage, base: &Path, problems: &mut Problems) 
         }
         secret.relative_to(base);
     }
+    if raw.lease.0 < Duration::from_secs(1) {
+        problems.add("storage.lease", "must be at least 1s");
+    }
     if raw.pool_size == 0 {
         problems.add("storage.pool_size", "must be at least 1");
     }
@@ -333,6 +338,7 @@ fn validate_backend(raw: &mut RawStorage, base: &Path, problems: &mut Problems) 
         url,
         password,
         pool_size: raw.pool_size,
+        lease: raw.lease.0,
     })
 }
 

@@ -167,6 +167,8 @@ pub struct RawStorage {
     pub password: Option<SecretSource>,
     /// PostgreSQL connections per daemon.
     pub pool_size: u32,
+    /// PostgreSQL: how long a replica may be silent before the jobs it holds are anyone's.
+    pub lease: HumanDuration,
     pub dedupe_retention: HumanDuration,
     pub event_retention: HumanDuration,
     pub busy_timeout: HumanDuration,
@@ -183,6 +185,7 @@ impl Default for RawStorage {
             url: None,
             password: None,
             pool_size: 16,
+            lease: HumanDuration(Duration::from_secs(10)),
             dedupe_retention: HumanDuration(Duration::from_secs(7 * 24 * 3600)),
             event_retention: HumanDuration(Duration::from_secs(90 * 24 * 3600)),
             busy_timeout: HumanDuration(Duration::from_secs(5)),

@@ -5,7 +5,7 @@
 use jiff::Timestamp;
 use serde::Serialize;
 
-use super::{StoreError, StoredEvent};
+use super::{StoreError, StoredEvent, from_ms};
 
 /// What a command does with the database: reads open it read-only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,4 +121,53 @@ pub trait AdminStorage {
     /// # Errors
     /// On a database error.
     fn retry_dead(&self, job_id: Option<i64>) -> Result<usize, StoreError>;
+}
+
+/// When a job with `status`, due at `next`, is tried again, as the tools show it: only a failed
+/// job's retry has a time. A pending job is due now or being delivered, and its row's time
+/// is only the fallback of a job handed to the engine in memory.
+pub(crate) fn retry_at(status: &str, next: i64) -> Option<String> {
+    (status == "failed").then(|| at(next))
+}
+
+/// A stored time as the tools print it.
+pub(crate) fn at(ms: i64) -> String {
+    from_ms(ms).to_string()
+}
+
+/// The event columns of a listed row.
+pub(crate) struct Head {
+    pub event_id: i64,
+    pub source: String,
+    pub event_type: String,
+    pub delivery_id: String,
+    pub received_at: i64,
+}
+
+/// The row of an event no route took (and none was replayed to).
+pub(crate) fn unrouted(head: &Head) -> Row {
+    Row {
+        event_id: head.event_id,
+        job_id: None,
+        source: head.source.clone(),
+        event_type: head.event_type.clone(),
+        delivery_id: head.delivery_id.clone(),
+        received_at: at(head.received_at),
+        route: None,
+        sink: None,
+        status: "unrouted".into(),
+        attempts: 0,
+        next_attempt_at: None,
+        detail: None,
+    }
+}
+
+/// Numbers a job's attempts as `show` prints them. A dead letter retried starts a fresh count
+/// for the retry policy; the record numbers every attempt the job ever had, in order, and
+/// counts them all.
+pub(crate) fn number_attempts(job: &mut JobDetail) {
+    for (number, attempt) in (1..).zip(job.history.iter_mut()) {
+        attempt.number = number;
+    }
+    job.attempts = u32::try_from(job.history.len()).unwrap_or(u32::MAX);
 }

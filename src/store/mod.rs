@@ -72,8 +72,6 @@ pub enum StoreError {
     /// The database's password could not be read (the message names the key, never the secret).
     #[error("{0}")]
     Secret(String),
-    #[error("{0} is not available on PostgreSQL yet")]
-    Unsupported(&'static str),
     /// A batch failed; every command in it shares the cause.
     #[error("database write failed: {0}")]
     Write(Arc<rusqlite::Error>),
@@ -334,7 +332,7 @@ pub fn open_admin(
 ) -> Result<Box<dyn admin::AdminStorage>, StoreError> {
     let path = match &config.backend {
         Backend::Sqlite(path) => path,
-        Backend::Postgres(_) => return Err(StoreError::Unsupported("the operator's tools")),
+        Backend::Postgres(pg) => return Ok(Box::new(postgres::admin::Admin::open(pg, access)?)),
     };
     let admin = sqlite::admin::Admin::open(path, access).map_err(|err| {
         // SQLite says "unable to open database file"; the operator needs to hear why.

@@ -2,7 +2,7 @@
 
 use crate::harness::*;
 
-#[tokio::test]
+on_both_backends!(retry_is_a_duplicate_even_under_a_new_delivery_header);
 async fn retry_is_a_duplicate_even_under_a_new_delivery_header() {
     let dir = tempdir();
     let daemon = Daemon::start(
@@ -49,7 +49,7 @@ async fn retry_is_a_duplicate_even_under_a_new_delivery_header() {
     assert_eq!(daemon.count("jobs"), 1);
 }
 
-#[tokio::test]
+on_both_backends!(fifty_concurrent_copies_store_exactly_one);
 async fn fifty_concurrent_copies_store_exactly_one() {
     let dir = tempdir();
     let daemon = Daemon::start(
@@ -74,7 +74,7 @@ async fn fifty_concurrent_copies_store_exactly_one() {
     assert_eq!(read_lines(&dir.path().join("events.jsonl")).len(), 1);
 }
 
-#[tokio::test]
+on_both_backends!(scorecard_bodies_without_id_dedupe_on_their_hash);
 async fn scorecard_bodies_without_id_dedupe_on_their_hash() {
     let dir = tempdir();
     let rest = format!(
@@ -112,7 +112,7 @@ async fn scorecard_bodies_without_id_dedupe_on_their_hash() {
     assert_eq!(lines[0]["occurred_at"], "2025-02-20T15:30:00Z");
 }
 
-#[tokio::test]
+on_both_backends!(dedupe_records_expire_after_the_retention);
 async fn dedupe_records_expire_after_the_retention() {
     let dir = tempdir();
     let text = config(dir.path(), NO_LIMITS, &standard_rest(dir.path()))
@@ -143,7 +143,7 @@ async fn dedupe_records_expire_after_the_retention() {
     assert_eq!(daemon.count("events"), 2);
 }
 
-#[tokio::test]
+on_both_backends!(finished_events_expire_after_the_event_retention);
 async fn finished_events_expire_after_the_event_retention() {
     let dir = tempdir();
     let hook = dir.path().join("fails.sh");

@@ -109,9 +109,10 @@ delivery = {{ retry = {{ base = "100ms" }} }}
     assert_eq!(attempts, 3);
 }
 
+on_both_backends!(the_tools_give_a_next_try_only_for_a_retry);
+
 /// `deliveries list` and `show` give a next try for a failed job's retry only: a pending job
 /// is due now or being delivered, whatever its row's fallback time says.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tools_give_a_next_try_only_for_a_retry() {
     let dir = tempdir();
     let slack = Recorder::start().await;
@@ -170,7 +171,7 @@ async fn the_tools_give_a_next_try_only_for_a_retry() {
     assert_eq!(out.matches("next try").count(), 1, "{out}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_both_backends!(permanent_errors_go_to_dead_letters_and_can_be_retried);
 async fn permanent_errors_go_to_dead_letters_and_can_be_retried() {
     let dir = tempdir();
     let slack = Recorder::start().await;

@@ -56,7 +56,7 @@ async fn accepted_event_survives_kill_and_is_dispatched_after_restart() {
     assert_eq!(daemon.post_cl(&scan_body("survivor")).await.status, 200);
 }
 
-#[tokio::test]
+on_both_backends!(sigkill_after_2xx_loses_nothing);
 async fn sigkill_after_2xx_loses_nothing() {
     let dir = tempdir();
     let out = dir.path().join("events.jsonl");
@@ -119,7 +119,7 @@ async fn sigkill_after_2xx_loses_nothing() {
     .await;
 }
 
-#[tokio::test]
+on_both_backends!(sigterm_finishes_in_flight_requests);
 async fn sigterm_finishes_in_flight_requests() {
     let dir = tempdir();
     let out = dir.path().join("events.jsonl");
@@ -205,7 +205,7 @@ async fn one_daemon_per_database() {
     daemon.accept_cl(&scan_body("still-served")).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_both_backends!(kill_9_at_random_moments_under_a_flood_loses_no_acknowledged_delivery);
 async fn kill_9_at_random_moments_under_a_flood_loses_no_acknowledged_delivery() {
     use std::collections::{HashMap, HashSet};
     use std::sync::{Arc, Mutex};

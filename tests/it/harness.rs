@@ -17,7 +17,9 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_hookroute");
 pub const CL_SECRET: &str = "whsec_test_compliancelayer_secret";
 pub const CL_SECRET_OLD: &str = "whsec_old_rotated_secret";
 
-/// The daemon's `[server]` and `[storage]` preamble; `server` adds keys to `[server]`.
+/// The daemon's `[server]` and `[storage]` preamble; `server` adds keys to `[server]`. The
+/// storage is the backend the test runs on ([`on_both_backends!`]): SQLite in `dir`, or a new
+/// database of the shared PostgreSQL cluster, whose name is kept in `dir` for [`db_rows`].
 pub fn config(dir: &Path, server: &str, rest: &str) -> String {
     format!(
         r#"
@@ -26,15 +28,78 @@ listen = "127.0.0.1:0"
 shutdown_timeout = "5s"
 {server}
 
-[storage]
-path = "{db}"
-busy_timeout = "300ms"
+{storage}
 
 {rest}
 "#,
-        db = dir.join("hookroute.db").display()
+        storage = storage(dir),
     )
 }
+
+/// The database a test's daemons use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+tokio::task_local! {
+    /// The backend of the test running in this task (SQLite when not set).
+    pub static BACKEND: Backend;
+}
+
+/// The backend of the running test.
+pub fn backend() -> Backend {
+    BACKEND.try_with(|b| *b).unwrap_or(Backend::Sqlite)
+}
+
+/// Makes two tests of the async fn `name` (taking nothing), one per backend:
+/// `name::sqlite` and `name::postgres`. One test body, two backends.
+macro_rules! on_both_backends {
+    ($name:ident) => {
+        mod $name {
+            use $crate::harness::{BACKEND, Backend};
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                BACKEND.scope(Backend::Sqlite, super::$name()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                BACKEND.scope(Backend::Postgres, super::$name()).await;
+            }
+        }
+    };
+}
+
+/// The `[storage]` table for the running test's backend.
+fn storage(dir: &Path) -> String {
+    match backend() {
+        Backend::Sqlite => format!(
+            "[storage]\npath = \"{}\"\nbusy_timeout = \"300ms\"",
+            dir.join("hookroute.db").display()
+        ),
+        Backend::Postgres => {
+            // The directory's database if it has one: a test restarting its daemon with a
+            // fresh configuration means the same database.
+            let cluster = crate::postgres::shared();
+            let url = match std::fs::read_to_string(dir.join(PG_MARKER)) {
+                Ok(name) => cluster.url(&name),
+                Err(_) => cluster.database(),
+            };
+            std::fs::write(dir.join(PG_MARKER), crate::postgres::database_name(&url)).unwrap();
+            // A short lease, so a restarted daemon takes over its jobs within the tests' waits.
+            format!(
+                "[storage]\nurl = \"{url}\"\npassword = {{ file = \"{}\" }}\nlease = \"2s\"",
+                cluster.password_file.display()
+            )
+        }
+    }
+}
+
+/// In a test's directory, the name of its PostgreSQL database.
+const PG_MARKER: &str = "postgres-database";
 
 /// A ComplianceLayer source (two live secrets) and a file sink: what most tests need.
 pub fn standard_rest(dir: &Path) -> String {
@@ -334,18 +399,27 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
 
 /// The one value `sql` selects from the database in `dir`.
 pub fn db_value<T: rusqlite::types::FromSql>(dir: &Path, sql: &str) -> T {
-    open_db(dir)
-        .query_row(sql, [], |r| r.get(0))
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    db_rows(dir, sql, |r| r.get(0))
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("{sql}: no row"))
 }
 
-/// Every row `sql` selects from the database in `dir`, each read by `row`.
+/// Every row `sql` selects from the database in `dir`, each read by `row`. On PostgreSQL the
+/// rows `psql` prints are read through an in-memory SQLite table, so a test reads them the
+/// same way on either backend.
 pub fn db_rows<T>(
     dir: &Path,
     sql: &str,
     row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
 ) -> Vec<T> {
-    let db = open_db(dir);
+    let (db, sql) = match std::fs::read_to_string(dir.join(PG_MARKER)) {
+        Ok(database) => (
+            crate::postgres::shared().query(&database, sql),
+            "SELECT * FROM result",
+        ),
+        Err(_) => (open_db(dir), sql),
+    };
     let mut stmt = db.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
     stmt.query_map([], row)
         .unwrap()

@@ -1,6 +1,7 @@
 //! Integration tests: the real daemon on an ephemeral loopback port, real signed HTTP
 //! requests, a real SQLite file. One binary, one module per capability.
 
+#[macro_use]
 mod harness;
 mod postgres;
 

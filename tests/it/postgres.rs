@@ -186,7 +186,12 @@ rm -rf "$root"
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         self.psql("postgres", &format!("CREATE DATABASE {name}"));
-        format!("postgres://{USER}@127.0.0.1:{}/{name}", self.port)
+        self.url(&name)
+    }
+
+    /// The URL of `database`.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://{USER}@127.0.0.1:{}/{database}", self.port)
     }
 
     /// Runs `sql` in `database` with `psql`; returns what it printed, one row per line,
@@ -205,6 +210,60 @@ rm -rf "$root"
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// The rows `sql` selects in `database`, as the table `result` of an in-memory SQLite
+    /// database: integers as integers, NULL as NULL, everything else as text.
+    pub fn query(&self, database: &str, sql: &str) -> rusqlite::Connection {
+        const FIELD: char = '\u{1f}';
+        const RECORD: char = '\u{1e}';
+        const NULL: &str = "\u{1a}";
+        let output = Command::new(self.bin.join("psql"))
+            .arg("-h")
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string(), "-U", USER, "-d", database])
+            .args(["-AtqX", "-v", "ON_ERROR_STOP=1"])
+            .arg(format!("--field-separator={FIELD}"))
+            .arg(format!("--record-separator={RECORD}"))
+            .args(["-P", &format!("null={NULL}"), "-c", sql])
+            .output()
+            .expect("run psql");
+        assert!(
+            output.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8(output.stdout).unwrap();
+        let rows: Vec<Vec<&str>> = text
+            .trim_end_matches('\n')
+            .split(RECORD)
+            .filter(|r| !r.is_empty())
+            .map(|r| r.split(FIELD).collect())
+            .collect();
+        let columns = rows.first().map_or(1, Vec::len);
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let names: Vec<String> = (0..columns).map(|i| format!("c{i}")).collect();
+        conn.execute_batch(&format!("CREATE TABLE result ({})", names.join(", ")))
+            .unwrap();
+        let marks = vec!["?"; columns].join(", ");
+        let mut insert = conn
+            .prepare(&format!("INSERT INTO result VALUES ({marks})"))
+            .unwrap();
+        for row in rows {
+            let values: Vec<rusqlite::types::Value> = row
+                .into_iter()
+                .map(|v| match v {
+                    NULL => rusqlite::types::Value::Null,
+                    v => v.parse::<i64>().map_or_else(
+                        |_| rusqlite::types::Value::Text(v.to_owned()),
+                        rusqlite::types::Value::Integer,
+                    ),
+                })
+                .collect();
+            insert.execute(rusqlite::params_from_iter(values)).unwrap();
+        }
+        drop(insert);
+        conn
     }
 }
 

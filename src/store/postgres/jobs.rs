@@ -8,7 +8,6 @@ use jiff::Timestamp;
 use sqlx::Row as _;
 use sqlx::postgres::{PgPool, PgRow};
 
-use super::LEASE;
 use super::events::event_at;
 use crate::metrics::SinkQueue;
 use crate::store::from_ms;
@@ -19,6 +18,7 @@ use crate::store::{AttemptOutcome, DueJob, DueSummary, Job, StoreError};
 pub(super) async fn claim(
     pool: &PgPool,
     replica: i64,
+    lease: i64,
     sink: &str,
     limit: usize,
     hold: Option<Duration>,
@@ -27,7 +27,6 @@ pub(super) async fn claim(
     // The jobs this replica attempts are leased to it, so the claim below leaves them out
     // as it leaves out every other live replica's: `held` adds nothing here.
     let now = now.as_millisecond();
-    let lease = lease_ms();
     let mut tx = pool.begin().await?;
     if let Some(hold) = hold {
         // One digest at a time across the replicas; one finding the lock taken has
@@ -143,7 +142,10 @@ pub(super) async fn finish(
 }
 
 /// For each sink with jobs no live replica holds: when the next is due, and the oldest.
-pub(super) async fn waiting(pool: &PgPool) -> Result<HashMap<String, DueSummary>, StoreError> {
+pub(super) async fn waiting(
+    pool: &PgPool,
+    lease: i64,
+) -> Result<HashMap<String, DueSummary>, StoreError> {
     let rows = sqlx::query(concat!(
         "SELECT sink, min(next_attempt_at), min(created_at) FROM jobs
          WHERE status IN ('pending', 'failed') AND NOT coalesce(",
@@ -152,7 +154,7 @@ pub(super) async fn waiting(pool: &PgPool) -> Result<HashMap<String, DueSummary>
         " - $1), false)
          GROUP BY sink"
     ))
-    .bind(lease_ms())
+    .bind(lease)
     .fetch_all(pool)
     .await?;
     Ok(rows
@@ -205,10 +207,6 @@ struct Outcomes<'a> {
     responses: Vec<&'a String>,
     next: Vec<i64>,
     numbers: Vec<i32>,
-}
-
-fn lease_ms() -> i64 {
-    i64::try_from(LEASE.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// A claimed job, with its event if it is still stored.

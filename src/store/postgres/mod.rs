@@ -7,7 +7,7 @@
 //!   `ON CONFLICT DO NOTHING` in the transaction that stores its event, so a copy arriving at
 //!   another replica at the same instant waits for that transaction and then finds the key.
 //! - **Leases**: a replica claims due jobs with `FOR UPDATE SKIP LOCKED`, marking them
-//!   `leased_by` itself, and says it is alive every [`BEAT`] (`replicas.seen_at`, on the
+//!   `leased_by` itself, and says it is alive several times a lease (`replicas.seen_at`, on the
 //!   database's clock, so the hosts' clocks do not matter). A job leased by a replica that has
 //!   not said so within the lease is anyone's again: a replica killed mid-attempt leaves its
 //!   jobs to the others once its lease runs out. One that stops cleanly releases them.
@@ -35,11 +35,9 @@ use crate::config::PostgresConfig;
 use crate::event::Event;
 use crate::metrics::SinkQueue;
 
-/// How often a replica says it is alive.
-const BEAT: Duration = Duration::from_secs(2);
-/// How long a replica may stay silent before its leased jobs are anyone's: several beats, so
-/// a slow beat or two never hands over jobs that are still being attempted.
-pub const LEASE: Duration = Duration::from_secs(10);
+/// Beats per lease (`storage.lease`): a replica says it is alive five times a lease, so a slow
+/// beat or two never hands over jobs that are still being attempted.
+const BEATS_PER_LEASE: u32 = 5;
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -58,6 +56,7 @@ macro_rules! leased_elsewhere {
     };
 }
 
+pub mod admin;
 mod events;
 mod jobs;
 mod retention;
@@ -67,6 +66,8 @@ pub struct PostgresStore {
     pool: PgPool,
     /// This replica's row in `replicas`.
     replica: i64,
+    /// `storage.lease`, in milliseconds.
+    lease_ms: i64,
     size: Arc<AtomicU64>,
     stop: CancellationToken,
     beats: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -77,6 +78,17 @@ pub struct PostgresStore {
 /// # Errors
 /// [`StoreError`] when the password cannot be read or the server refuses.
 pub(crate) async fn connect(config: &PostgresConfig, size: u32) -> Result<PgPool, StoreError> {
+    let options = options(config)?;
+    let pool = PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+/// How to connect to the database `config` names, its password read now.
+fn options(config: &PostgresConfig) -> Result<PgConnectOptions, StoreError> {
     let mut options: PgConnectOptions = config.url.parse()?;
     if let Some(secret) = &config.password {
         let password = secret
@@ -84,13 +96,7 @@ pub(crate) async fn connect(config: &PostgresConfig, size: u32) -> Result<PgPool
             .map_err(StoreError::Secret)?;
         options = options.password(&password);
     }
-    let options = options.application_name("hookroute");
-    let pool = PgPoolOptions::new()
-        .max_connections(size)
-        .acquire_timeout(CONNECT_TIMEOUT)
-        .connect_with(options)
-        .await?;
-    Ok(pool)
+    Ok(options.application_name("hookroute"))
 }
 
 impl PostgresStore {
@@ -120,12 +126,14 @@ impl PostgresStore {
         let store = Self {
             pool,
             replica,
+            lease_ms: i64::try_from(config.lease.as_millis()).unwrap_or(i64::MAX),
             size: Arc::default(),
             stop: CancellationToken::new(),
             beats: std::sync::Mutex::new(None),
         };
         store.beat().await?;
         let beats = tokio::spawn(beat_loop(
+            config.lease / BEATS_PER_LEASE,
             store.pool.clone(),
             replica,
             Arc::clone(&store.size),
@@ -157,10 +165,16 @@ async fn beat(pool: &PgPool, replica: i64, size: &AtomicU64) -> Result<(), Store
     Ok(())
 }
 
-async fn beat_loop(pool: PgPool, replica: i64, size: Arc<AtomicU64>, stop: CancellationToken) {
+async fn beat_loop(
+    every: Duration,
+    pool: PgPool,
+    replica: i64,
+    size: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
-            () = tokio::time::sleep(BEAT) => {}
+            () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => return,
         }
         if let Err(err) = beat(&pool, replica, &size).await {
@@ -201,7 +215,16 @@ impl Storage for PostgresStore {
     ) -> Result<Vec<DueJob>, StoreError> {
         // The jobs this replica attempts are leased to it, so the claim leaves them out as it
         // leaves out every other live replica's: `held` adds nothing here.
-        jobs::claim(&self.pool, self.replica, sink, limit, hold, now).await
+        jobs::claim(
+            &self.pool,
+            self.replica,
+            self.lease_ms,
+            sink,
+            limit,
+            hold,
+            now,
+        )
+        .await
     }
 
     async fn finish_attempt(
@@ -214,7 +237,7 @@ impl Storage for PostgresStore {
     }
 
     async fn due_summary(&self) -> Result<HashMap<String, DueSummary>, StoreError> {
-        jobs::waiting(&self.pool).await
+        jobs::waiting(&self.pool, self.lease_ms).await
     }
 
     async fn touch(&self) -> Result<(), StoreError> {

@@ -122,7 +122,7 @@ async fn apply(conn: &mut sqlx::PgConnection, url: &str) -> Result<(), StoreErro
     conn.execute("CREATE TABLE IF NOT EXISTS hookroute_schema (version INTEGER NOT NULL)")
         .await?;
     let found = version(conn).await?;
-    check_newer(url, found)?;
+    check_version(url, found, false)?;
     for (number, sql) in (1..)
         .zip(MIGRATIONS)
         .skip(usize::try_from(found).unwrap_or(0))
@@ -142,6 +142,12 @@ async fn apply(conn: &mut sqlx::PgConnection, url: &str) -> Result<(), StoreErro
 
 /// How many migrations ran on the database (0 for a new one).
 pub(super) async fn version(conn: &mut sqlx::PgConnection) -> Result<i64, StoreError> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('hookroute_schema') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        return Ok(0);
+    }
     let found: Option<i32> = sqlx::query_scalar("SELECT max(version) FROM hookroute_schema")
         .fetch_one(&mut *conn)
         .await?;
@@ -150,9 +156,9 @@ pub(super) async fn version(conn: &mut sqlx::PgConnection) -> Result<i64, StoreE
 
 /// Refuses a schema this build does not know: a newer one always, an older one too where
 /// `exact` (the tools, which never migrate).
-pub(super) fn check_newer(url: &str, version: i64) -> Result<(), StoreError> {
+pub(super) fn check_version(url: &str, version: i64, exact: bool) -> Result<(), StoreError> {
     let known = MIGRATIONS.len() as i64;
-    if version > known {
+    if version > known || (exact && version != known) {
         return Err(StoreError::Schema {
             database: url.to_owned(),
             version,

@@ -21,24 +21,16 @@ use std::time::Duration;
 use jiff::Timestamp;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+use super::SELECT_EVENT;
 use super::events::row_to_event;
-use super::{SELECT_EVENT, from_ms};
 use crate::store::StoreError;
-use crate::store::admin::{Access, AdminStorage, Attempt, EventDetail, Filter, JobDetail, Row};
+use crate::store::admin::{
+    Access, AdminStorage, Attempt, EventDetail, Filter, Head, JobDetail, Row, at, number_attempts,
+    retry_at, unrouted,
+};
 
 pub struct Admin {
     conn: Connection,
-}
-
-/// When a job with `status`, due at `next`, is tried again, as the tools show it: only a failed
-/// job's retry has a time. A pending job is due now or being delivered, and its row's time
-/// is only the fallback of a job handed to the engine in memory.
-fn retry_at(status: &str, next: i64) -> Option<String> {
-    (status == "failed").then(|| at(next))
-}
-
-fn at(ms: i64) -> String {
-    from_ms(ms).to_string()
 }
 
 /// The columns of a listed row, in [`row_at`]'s order: the event's, then the job's or the
@@ -112,15 +104,6 @@ const LAST_EVENT: &str = "SELECT max(id) FROM events";
 
 /// How many events a walk reads at a time.
 const PAGE: i64 = 64;
-
-/// The event columns of a listed row.
-struct Head {
-    event_id: i64,
-    source: String,
-    event_type: String,
-    delivery_id: String,
-    received_at: i64,
-}
 
 fn head_at(row: &rusqlite::Row<'_>) -> rusqlite::Result<Head> {
     Ok(Head {
@@ -274,24 +257,6 @@ impl Admin {
     }
 }
 
-/// The row of an event no route took (and none was replayed to).
-fn unrouted(head: &Head) -> Row {
-    Row {
-        event_id: head.event_id,
-        job_id: None,
-        source: head.source.clone(),
-        event_type: head.event_type.clone(),
-        delivery_id: head.delivery_id.clone(),
-        received_at: at(head.received_at),
-        route: None,
-        sink: None,
-        status: "unrouted".into(),
-        attempts: 0,
-        next_attempt_at: None,
-        detail: None,
-    }
-}
-
 impl AdminStorage for Admin {
     fn list(&self, filter: &Filter) -> Result<Vec<Row>, StoreError> {
         let floor = match filter.since {
@@ -362,12 +327,7 @@ impl AdminStorage for Admin {
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;
-            // A dead letter retried starts a fresh count for the retry policy; the record
-            // numbers every attempt the job ever had, in order, and counts them all.
-            for (number, attempt) in (1..).zip(job.history.iter_mut()) {
-                attempt.number = number;
-            }
-            job.attempts = u32::try_from(job.history.len()).unwrap_or(u32::MAX);
+            number_attempts(&mut job);
             details.push(job);
         }
         let head = Head {

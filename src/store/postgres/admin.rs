@@ -1,0 +1,471 @@
+//! The operator's commands on PostgreSQL: the same queries as SQLite's
+//! (`store::sqlite::admin`, which says how each is an index seek), on one connection of their
+//! own. The commands are synchronous, so each call runs on a small runtime of its own. A
+//! read-only command's session is read-only: it cannot write, whatever it runs.
+
+use std::collections::HashMap;
+
+use jiff::Timestamp;
+use sqlx::postgres::PgConnection;
+use sqlx::{Connection as _, Executor as _};
+
+use super::events::event_at;
+use crate::config::PostgresConfig;
+use crate::store::StoreError;
+use crate::store::admin::{
+    Access, AdminStorage, Attempt, EventDetail, Filter, Head, JobDetail, Row, at, number_attempts,
+    retry_at, unrouted,
+};
+
+pub struct Admin {
+    runtime: tokio::runtime::Runtime,
+    /// Behind a mutex: the trait's reads take `&self`, a connection's queries `&mut`.
+    conn: std::sync::Mutex<PgConnection>,
+}
+
+/// A listed row as the queries below select it: the event's columns (a [`Head`]), then a
+/// job's or a routing record's (id, route, sink, status, attempts, next attempt, detail).
+type Listed = (
+    i64,
+    String,
+    String,
+    String,
+    i64,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    String,
+    i32,
+    Option<i64>,
+    Option<String>,
+);
+
+/// The columns of a listed row's event.
+macro_rules! head_columns {
+    () => {
+        "e.id, e.source, e.event_type, e.delivery_id, e.received_at"
+    };
+}
+
+/// Jobs with `status`, newest event first, through the partial index of jobs whose status
+/// is `partial`.
+macro_rules! jobs_with {
+    ($partial:literal, $status:literal) => {
+        concat!(
+            "SELECT ",
+            head_columns!(),
+            ", j.id, j.route, j.sink, j.status, j.attempts, j.next_attempt_at, j.last_error
+             FROM jobs j JOIN events e ON e.id = j.event_id
+             WHERE ",
+            $partial,
+            " AND j.status = '",
+            $status,
+            "' AND j.event_id >= $1 AND ($2::text IS NULL OR e.source = $2)
+             ORDER BY j.event_id DESC, j.id LIMIT $3"
+        )
+    };
+}
+const DEAD_JOBS: &str = jobs_with!("j.status = 'dead'", "dead");
+const PENDING_JOBS: &str = jobs_with!("j.status IN ('pending', 'failed')", "pending");
+const FAILED_JOBS: &str = jobs_with!("j.status IN ('pending', 'failed')", "failed");
+const SUPPRESSED: &str = concat!(
+    "SELECT ",
+    head_columns!(),
+    ", NULL::bigint, d.route, NULL::text, d.status, 0, NULL::bigint, d.detail
+     FROM dispatches d JOIN events e ON e.id = d.event_id
+     WHERE d.status = 'suppressed' AND d.event_id >= $1 AND ($2::text IS NULL OR e.source = $2)
+     ORDER BY d.event_id DESC, d.id LIMIT $3"
+);
+const UNROUTED: &str = concat!(
+    "SELECT ",
+    head_columns!(),
+    ", NULL::bigint, NULL::text, NULL::text, 'unrouted', 0, NULL::bigint, NULL::text
+     FROM events e
+     WHERE e.unrouted AND e.id >= $1 AND ($2::text IS NULL OR e.source = $2)
+     ORDER BY e.id DESC LIMIT $3"
+);
+/// A page of events, newest first, below a cursor: all of them, or one source's.
+const EVENTS_PAGE: &str = concat!(
+    "SELECT ",
+    head_columns!(),
+    " FROM events e WHERE e.id < $1 AND e.id >= $2 ORDER BY e.id DESC LIMIT $3"
+);
+const SOURCE_EVENTS_PAGE: &str = concat!(
+    "SELECT ",
+    head_columns!(),
+    " FROM events e WHERE e.source = $4 AND e.id < $1 AND e.id >= $2 ORDER BY e.id DESC LIMIT $3"
+);
+/// The routing records, then the jobs, of a page of events, as the columns after the head.
+const PAGE_ROWS: &str =
+    "SELECT event_id, NULL::bigint, route, NULL::text, status, 0, NULL::bigint, detail
+     FROM dispatches WHERE event_id = ANY($1)
+     UNION ALL
+     SELECT event_id, id, route, sink, status, attempts, next_attempt_at, last_error
+     FROM jobs WHERE event_id = ANY($1)
+     ORDER BY 1, 2 NULLS FIRST";
+
+/// A job as `show` selects it: id, route, sink, status, attempts, next attempt, last error,
+/// response.
+type JobColumns = (
+    i64,
+    String,
+    String,
+    String,
+    i32,
+    i64,
+    Option<String>,
+    Option<String>,
+);
+/// An attempt as `show` selects it: its job, number, start, end, outcome, error, response.
+type AttemptColumns = (i64, i32, i64, i64, String, Option<String>, Option<String>);
+
+/// How many events a walk reads at a time.
+const PAGE: i64 = 64;
+
+/// The columns after the head of a listed row, with their event's id.
+type Detail = (
+    i64,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    String,
+    i32,
+    Option<i64>,
+    Option<String>,
+);
+
+impl Admin {
+    /// Connects and checks the schema is the one this build knows (the tools never migrate).
+    ///
+    /// # Errors
+    /// The database cannot be reached, or has another schema version.
+    pub fn open(config: &PostgresConfig, access: Access) -> Result<Self, StoreError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StoreError::Thread)?;
+        let conn = runtime.block_on(async {
+            let mut conn = PgConnection::connect_with(&super::options(config)?).await?;
+            if access == Access::Read {
+                conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+                    .await?;
+            }
+            let version = super::schema::version(&mut conn).await?;
+            super::schema::check_version(&config.url, version, true)?;
+            Ok::<_, StoreError>(conn)
+        })?;
+        Ok(Self {
+            runtime,
+            conn: std::sync::Mutex::new(conn),
+        })
+    }
+
+    /// Runs `f` on the connection, to completion.
+    fn run<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        self.runtime.block_on(f(&mut conn))
+    }
+}
+
+/// A listed row from the columns the queries select.
+fn listed(row: Listed) -> Row {
+    let (
+        event_id,
+        source,
+        event_type,
+        delivery_id,
+        received_at,
+        job,
+        route,
+        sink,
+        status,
+        attempts,
+        next,
+        detail,
+    ) = row;
+    let head = Head {
+        event_id,
+        source,
+        event_type,
+        delivery_id,
+        received_at,
+    };
+    with_head(
+        &head,
+        (event_id, job, route, sink, status, attempts, next, detail),
+    )
+}
+
+fn with_head(head: &Head, detail: Detail) -> Row {
+    let (_, job_id, route, sink, status, attempts, next, detail) = detail;
+    Row {
+        event_id: head.event_id,
+        job_id,
+        source: head.source.clone(),
+        event_type: head.event_type.clone(),
+        delivery_id: head.delivery_id.clone(),
+        received_at: at(head.received_at),
+        route,
+        sink,
+        next_attempt_at: next.and_then(|next| retry_at(&status, next)),
+        status,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        detail,
+    }
+}
+
+/// The first event id received at or after `since`, by bisecting ids.
+async fn first_since(conn: &mut PgConnection, since: Timestamp) -> Result<i64, StoreError> {
+    let since = since.as_millisecond();
+    let last: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM events")
+        .fetch_one(&mut *conn)
+        .await?;
+    let Some(last) = last else { return Ok(0) };
+    let (mut low, mut high) = (0, last + 1);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        let received: Option<i64> =
+            sqlx::query_scalar("SELECT received_at FROM events WHERE id >= $1 ORDER BY id LIMIT 1")
+                .bind(middle)
+                .fetch_optional(&mut *conn)
+                .await?;
+        if received.is_some_and(|received| received >= since) {
+            high = middle;
+        } else {
+            low = middle + 1;
+        }
+    }
+    Ok(low)
+}
+
+/// Rows of the newest events from `floor` on, a page of events at a time, until the limit;
+/// with `succeeded`, only the jobs that succeeded.
+async fn walk(
+    conn: &mut PgConnection,
+    floor: i64,
+    filter: &Filter,
+    succeeded: bool,
+) -> Result<Vec<Row>, StoreError> {
+    let mut listed = Vec::new();
+    let mut below = i64::MAX;
+    while listed.len() < filter.limit {
+        let query = match &filter.source {
+            Some(source) => sqlx::query_as(SOURCE_EVENTS_PAGE)
+                .bind(below)
+                .bind(floor)
+                .bind(PAGE)
+                .bind(source),
+            None => sqlx::query_as(EVENTS_PAGE)
+                .bind(below)
+                .bind(floor)
+                .bind(PAGE),
+        };
+        let heads: Vec<(i64, String, String, String, i64)> = query.fetch_all(&mut *conn).await?;
+        let Some(last) = heads.last() else { break };
+        below = last.0;
+        let ids: Vec<i64> = heads.iter().map(|head| head.0).collect();
+        let details: Vec<Detail> = sqlx::query_as(PAGE_ROWS)
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut by_event: HashMap<i64, Vec<Detail>> = HashMap::new();
+        for detail in details {
+            by_event.entry(detail.0).or_default().push(detail);
+        }
+        for (event_id, source, event_type, delivery_id, received_at) in heads {
+            let head = Head {
+                event_id,
+                source,
+                event_type,
+                delivery_id,
+                received_at,
+            };
+            match by_event.remove(&event_id) {
+                None if !succeeded => listed.push(unrouted(&head)),
+                None => {}
+                Some(rows) => listed.extend(
+                    rows.into_iter()
+                        .map(|detail| with_head(&head, detail))
+                        .filter(|row| !succeeded || row.status == "succeeded"),
+                ),
+            }
+        }
+    }
+    listed.truncate(filter.limit);
+    Ok(listed)
+}
+
+impl AdminStorage for Admin {
+    fn list(&self, filter: &Filter) -> Result<Vec<Row>, StoreError> {
+        self.run(async |conn| {
+            let floor = match filter.since {
+                Some(since) => first_since(conn, since).await?,
+                None => 0,
+            };
+            let status = filter.status.as_deref();
+            let indexed = match status {
+                None | Some("succeeded") => {
+                    return walk(conn, floor, filter, status.is_some()).await;
+                }
+                Some("pending") => PENDING_JOBS,
+                Some("failed") => FAILED_JOBS,
+                Some("dead") => DEAD_JOBS,
+                Some("suppressed") => SUPPRESSED,
+                Some("unrouted") => UNROUTED,
+                Some(_) => return Ok(Vec::new()),
+            };
+            let rows: Vec<Listed> = sqlx::query_as(sqlx::AssertSqlSafe(indexed))
+                .bind(floor)
+                .bind(filter.source.as_deref())
+                .bind(i64::try_from(filter.limit).unwrap_or(i64::MAX))
+                .fetch_all(&mut *conn)
+                .await?;
+            Ok(rows.into_iter().map(listed).collect())
+        })
+    }
+
+    fn show(&self, event_id: i64) -> Result<Option<EventDetail>, StoreError> {
+        self.run(async |conn| {
+            let Some(row) = sqlx::query(
+                "SELECT id, source, delivery_id, event_type, occurred_at, received_at,
+                        sender_delivery, payload FROM events WHERE id = $1",
+            )
+            .bind(event_id)
+            .fetch_optional(&mut *conn)
+            .await?
+            else {
+                return Ok(None);
+            };
+            let stored = event_at(&row, 0)?;
+            let jobs: Vec<JobColumns> = sqlx::query_as(
+                "SELECT id, route, sink, status, attempts, next_attempt_at, last_error, response
+                     FROM jobs WHERE event_id = $1 ORDER BY id",
+            )
+            .bind(event_id)
+            .fetch_all(&mut *conn)
+            .await?;
+            let ids: Vec<i64> = jobs.iter().map(|job| job.0).collect();
+            let attempts: Vec<AttemptColumns> = sqlx::query_as(
+                "SELECT job_id, number, started_at, finished_at, outcome, error, response
+                     FROM attempts WHERE job_id = ANY($1) ORDER BY id",
+            )
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?;
+            let mut details = Vec::new();
+            for (id, route, sink, status, count, next, last_error, response) in jobs {
+                let mut job = JobDetail {
+                    id,
+                    route,
+                    sink,
+                    next_attempt_at: retry_at(&status, next),
+                    status,
+                    attempts: u32::try_from(count).unwrap_or(0),
+                    last_error,
+                    response,
+                    history: attempts
+                        .iter()
+                        .filter(|attempt| attempt.0 == id)
+                        .map(
+                            |(_, number, started, finished, outcome, error, response)| Attempt {
+                                number: u32::try_from(*number).unwrap_or(0),
+                                started_at: at(*started),
+                                finished_at: at(*finished),
+                                outcome: outcome.clone(),
+                                error: error.clone(),
+                                response: response.clone(),
+                            },
+                        )
+                        .collect(),
+                };
+                number_attempts(&mut job);
+                details.push(job);
+            }
+            let head = Head {
+                event_id,
+                source: stored.event.source.clone(),
+                event_type: stored.event.event_type.clone(),
+                delivery_id: stored.event.delivery_id.clone(),
+                received_at: stored.received_at.as_millisecond(),
+            };
+            let records: Vec<Detail> = sqlx::query_as(
+                "SELECT event_id, NULL::bigint, route, NULL::text, status, 0, NULL::bigint, detail
+                 FROM dispatches WHERE event_id = $1 ORDER BY id",
+            )
+            .bind(event_id)
+            .fetch_all(&mut *conn)
+            .await?;
+            let mut routing: Vec<Row> = records.into_iter().map(|d| with_head(&head, d)).collect();
+            if routing.is_empty() && details.is_empty() {
+                routing.push(unrouted(&head));
+            }
+            Ok(Some(EventDetail {
+                stored,
+                jobs: details,
+                routing,
+            }))
+        })
+    }
+
+    fn job_event(&self, job_id: i64) -> Result<Option<i64>, StoreError> {
+        self.run(async |conn| {
+            Ok(
+                sqlx::query_scalar("SELECT event_id FROM jobs WHERE id = $1")
+                    .bind(job_id)
+                    .fetch_optional(&mut *conn)
+                    .await?,
+            )
+        })
+    }
+
+    fn enqueue(
+        &mut self,
+        event_id: i64,
+        pairs: &[(String, String)],
+    ) -> Result<Vec<i64>, StoreError> {
+        let now = Timestamp::now().as_millisecond();
+        let (routes, sinks): (Vec<&str>, Vec<&str>) =
+            pairs.iter().map(|(r, s)| (r.as_str(), s.as_str())).unzip();
+        self.run(async |conn| {
+            let mut tx = conn.begin().await?;
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at, updated_at)
+                 SELECT $1, route, sink, 'pending', $2, $2, $2
+                 FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS t (route, sink, n)
+                 ORDER BY n RETURNING id",
+            )
+            .bind(event_id)
+            .bind(now)
+            .bind(&routes)
+            .bind(&sinks)
+            .fetch_all(&mut *tx)
+            .await?;
+            // It has jobs now: no longer listed as unrouted.
+            sqlx::query("UPDATE events SET unrouted = NULL WHERE id = $1 AND unrouted IS NOT NULL")
+                .bind(event_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(ids)
+        })
+    }
+
+    fn retry_dead(&self, job_id: Option<i64>) -> Result<usize, StoreError> {
+        let now = Timestamp::now().as_millisecond();
+        self.run(async |conn| {
+            let done = sqlx::query(
+                "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = $1,
+                                 created_at = $1, updated_at = $1, leased_by = NULL
+                 WHERE status = 'dead' AND ($2::bigint IS NULL OR id = $2)",
+            )
+            .bind(now)
+            .bind(job_id)
+            .execute(&mut *conn)
+            .await?;
+            Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
+        })
+    }
+}
