@@ -9,6 +9,11 @@ use crate::postgres::{Cluster, database_name, shared};
 /// A daemon's configuration on the PostgreSQL database `url`, with the standard source and
 /// its file sink in `dir`.
 fn pg_config(dir: &std::path::Path, cluster: &Cluster, url: &str) -> String {
+    with_rest(cluster, url, &standard_rest(dir))
+}
+
+/// A daemon's configuration on `url`, with `rest` (sources, sinks, routes).
+fn with_rest(cluster: &Cluster, url: &str, rest: &str) -> String {
     format!(
         r#"
 [server]
@@ -19,10 +24,11 @@ shutdown_timeout = "5s"
 [storage]
 url = "{url}"
 password = {{ file = "{}" }}
+lease = "2s"
 
 {}"#,
         cluster.password_file.display(),
-        standard_rest(dir)
+        rest
     )
 }
 
@@ -192,4 +198,80 @@ async fn postgres_down_is_503_and_the_daemon_recovers_when_it_is_back() {
     );
     wait_lines(&dir.path().join("events.jsonl"), 2).await;
     assert_eq!(read_lines(&dir.path().join("events.jsonl")).len(), 2);
+}
+
+/// A replica killed while it holds jobs (its sink hangs) leaves them to the other once its
+/// lease runs out; while it lives, the other never takes them. Nothing is lost, and nothing
+/// is delivered twice here: the killed replica's attempts never reached the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_jobs_are_delivered_by_the_other_after_its_lease() {
+    const EVENTS: usize = 20;
+    let cluster = shared();
+    let url = cluster.database();
+    let db = database_name(&url);
+    let shared_dir = tempdir();
+    // Nobody reads the FIFO yet: the sink's first write blocks, as a hung sink would.
+    let fifo = fifo(shared_dir.path(), "sink.fifo");
+    let rest = format!(
+        "[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n[sinks.slow]\ntype = \"file\"\npath = \"{}\"\ndelivery = {{ concurrency = 1 }}\n\n[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = [\"slow\"]\n",
+        fifo.display()
+    );
+    let dirs = [tempdir(), tempdir()];
+    let first = Daemon::start(dirs[0].path(), &with_rest(cluster, &url, &rest));
+    for i in 0..EVENTS {
+        first.accept_cl(&scan_body(&format!("held-{i}"))).await;
+    }
+    let second = Daemon::start(dirs[1].path(), &with_rest(cluster, &url, &rest));
+    let holders = || {
+        cluster.psql(
+            db,
+            "SELECT count(DISTINCT leased_by) || ' ' || count(leased_by) FROM jobs",
+        )
+    };
+    // Longer than a lease: the first replica beats, so its jobs stay its own.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        holders(),
+        format!("1 {EVENTS}\n"),
+        "every job leased to the first replica"
+    );
+    let owner = cluster.psql(db, "SELECT DISTINCT leased_by FROM jobs");
+    assert_eq!(cluster.psql(db, "SELECT min(id) FROM replicas"), owner);
+
+    first.kill9();
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let reader = std::io::BufReader::new(std::fs::File::open(&fifo).unwrap());
+        for line in reader.lines() {
+            if lines.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    while seen.values().sum::<usize>() < EVENTS {
+        let line = received
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{seen:?}\n{}", second.log()));
+        let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+        *seen
+            .entry(line["delivery_id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    eventually(|| {
+        let done = cluster.psql(db, "SELECT count(*) FROM jobs WHERE status = 'succeeded'");
+        (done == format!("{EVENTS}\n")).then_some(()).ok_or(done)
+    })
+    .await;
+    while let Ok(line) = received.recv_timeout(std::time::Duration::from_millis(300)) {
+        let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+        *seen
+            .entry(line["delivery_id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(seen.len(), EVENTS, "every job delivered");
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "duplicates: {twice:?}");
+    assert!(second.terminate().success());
 }

@@ -85,11 +85,14 @@ pub(super) async fn insert(
         }
     }
     // Jobs handed to this replica's engine are leased to it from the start: no other
-    // replica takes them while it lives, and all of them may once it does not.
+    // replica takes them while it lives, and all of them may once it does not. As on SQLite,
+    // their rows come due only at the hand-over's fallback, so that this replica takes one
+    // from the database only if the hand-over never happened.
     let rows = sqlx::query(
         "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at,
                            updated_at, leased_by)
-         SELECT $1, route, sink, 'pending', $2, $2, $2, CASE WHEN handed THEN $3 END
+         SELECT $1, route, sink, 'pending', CASE WHEN handed THEN $7 ELSE $2 END, $2, $2,
+                CASE WHEN handed THEN $3 END
          FROM unnest($4::text[], $5::text[], $6::bool[]) AS t (route, sink, handed)
          RETURNING id, route, sink, leased_by IS NOT NULL",
     )
@@ -99,6 +102,7 @@ pub(super) async fn insert(
     .bind(&pairs.0)
     .bind(&pairs.1)
     .bind(&pairs.2)
+    .bind(handoff.fallback.as_millisecond())
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;

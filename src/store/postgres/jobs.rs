@@ -17,15 +17,12 @@ use crate::store::{AttemptOutcome, DueJob, DueSummary, Job, StoreError};
 /// [`Storage::due_jobs`](crate::store::Storage::due_jobs).
 pub(super) async fn claim(
     pool: &PgPool,
-    replica: i64,
-    lease: i64,
+    (replica, lease, held): (i64, i64, &[i64]),
     sink: &str,
     limit: usize,
     hold: Option<Duration>,
     now: Timestamp,
 ) -> Result<Vec<DueJob>, StoreError> {
-    // The jobs this replica attempts are leased to it, so the claim below leaves them out
-    // as it leaves out every other live replica's: `held` adds nothing here.
     let now = now.as_millisecond();
     let mut tx = pool.begin().await?;
     if let Some(hold) = hold {
@@ -40,13 +37,13 @@ pub(super) async fn claim(
         let oldest: Option<i64> = sqlx::query_scalar(concat!(
             "SELECT min(created_at) FROM jobs
              WHERE sink = $1 AND status IN ('pending', 'failed') AND next_attempt_at <= $2
-               AND NOT coalesce(",
-            leased_elsewhere!(),
-            now_ms!(),
-            " - $3), false)"
+               AND ",
+            claimable!("$3", "$4", "$5")
         ))
         .bind(sink)
         .bind(now)
+        .bind(replica)
+        .bind(held)
         .bind(lease)
         .fetch_one(&mut *tx)
         .await?;
@@ -62,10 +59,9 @@ pub(super) async fn claim(
              WHERE id IN (
                  SELECT id FROM jobs
                  WHERE sink = $1 AND status IN ('pending', 'failed') AND next_attempt_at <= $2
-                   AND NOT coalesce(",
-        leased_elsewhere!(),
-        now_ms!(),
-        " - $5), false)
+                   AND ",
+        claimable!("$4", "$6", "$5"),
+        "
                  ORDER BY next_attempt_at, id LIMIT $3
                  FOR UPDATE SKIP LOCKED)
              RETURNING id, event_id, route, sink, attempts, created_at, next_attempt_at)
@@ -80,6 +76,7 @@ pub(super) async fn claim(
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
     .bind(replica)
     .bind(lease)
+    .bind(held)
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -141,19 +138,20 @@ pub(super) async fn finish(
     Ok(())
 }
 
-/// For each sink with jobs no live replica holds: when the next is due, and the oldest.
+/// For each sink with jobs this replica may take (its own included): when the next is due, and the oldest.
 pub(super) async fn waiting(
     pool: &PgPool,
+    replica: i64,
     lease: i64,
 ) -> Result<HashMap<String, DueSummary>, StoreError> {
     let rows = sqlx::query(concat!(
         "SELECT sink, min(next_attempt_at), min(created_at) FROM jobs
-         WHERE status IN ('pending', 'failed') AND NOT coalesce(",
-        leased_elsewhere!(),
-        now_ms!(),
-        " - $1), false)
+         WHERE status IN ('pending', 'failed') AND ",
+        claimable!("$1", "'{}'::bigint[]", "$2"),
+        "
          GROUP BY sink"
     ))
+    .bind(replica)
     .bind(lease)
     .fetch_all(pool)
     .await?;

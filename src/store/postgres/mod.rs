@@ -48,11 +48,26 @@ macro_rules! now_ms {
     };
 }
 
-/// Whether a job's lease holder is alive (to be followed by the oldest time a live replica
-/// may have been seen): the condition under which no one else may take it.
-macro_rules! leased_elsewhere {
-    () => {
-        "leased_by IN (SELECT id FROM replicas WHERE seen_at > "
+/// Whether replica `$me` may take a job: no one holds it; or `$me` leased it and its engine
+/// does not hold it (`$held`: a hand-over that never happened); or another replica leased it
+/// and has been silent for longer than the lease (`$lease`, milliseconds). A replica never
+/// takes a job back from itself while its engine holds it, even after an outage that made
+/// its own lease look expired.
+macro_rules! claimable {
+    ($me:literal, $held:literal, $lease:literal) => {
+        concat!(
+            "(leased_by IS NULL OR (leased_by = ",
+            $me,
+            " AND NOT id = ANY(",
+            $held,
+            ")) OR (leased_by <> ",
+            $me,
+            " AND leased_by NOT IN (SELECT id FROM replicas WHERE seen_at > ",
+            now_ms!(),
+            " - ",
+            $lease,
+            ")))"
+        )
     };
 }
 
@@ -211,14 +226,12 @@ impl Storage for PostgresStore {
         limit: usize,
         hold: Option<Duration>,
         now: Timestamp,
-        _held: HashSet<i64>,
+        held: HashSet<i64>,
     ) -> Result<Vec<DueJob>, StoreError> {
-        // The jobs this replica attempts are leased to it, so the claim leaves them out as it
-        // leaves out every other live replica's: `held` adds nothing here.
+        let held: Vec<i64> = held.into_iter().collect();
         jobs::claim(
             &self.pool,
-            self.replica,
-            self.lease_ms,
+            (self.replica, self.lease_ms, &held),
             sink,
             limit,
             hold,
@@ -237,7 +250,7 @@ impl Storage for PostgresStore {
     }
 
     async fn due_summary(&self) -> Result<HashMap<String, DueSummary>, StoreError> {
-        jobs::waiting(&self.pool, self.lease_ms).await
+        jobs::waiting(&self.pool, self.replica, self.lease_ms).await
     }
 
     async fn touch(&self) -> Result<(), StoreError> {
