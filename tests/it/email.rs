@@ -262,7 +262,8 @@ async fn implicit_tls_and_a_plain_relay() {
     assert_eq!(relayed["rcpt_tos"], serde_json::json!(["b@example.com"]));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_both_backends!(digest_sends_one_email_per_window);
+
 async fn digest_sends_one_email_per_window() {
     let dir = tempdir();
     let smtp = Smtp::start(dir.path(), "digest", "plain", None, None);

@@ -44,14 +44,12 @@ fn ids_in(dir: &Path, sink: &str) -> Vec<String> {
 async fn wait_dispatched(daemon: &Daemon, events: i64) {
     let (routed, _) = eventually(|| {
         let counts: (i64, i64) = daemon
-            .db()
-            .query_row(
+            .rows(
                 "SELECT (SELECT count(*) FROM events),
                         (SELECT count(*) FROM jobs WHERE status NOT IN ('succeeded', 'dead'))",
-                [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .unwrap();
+            .remove(0);
         match counts {
             (routed, 0) if routed >= events => Ok(counts),
             _ => Err(format!(
@@ -87,7 +85,8 @@ fn statuses(daemon: &Daemon) -> Vec<(String, Option<String>, Option<String>, Str
     )
 }
 
-#[tokio::test]
+on_both_backends!(globs_conditions_continue_and_first_match);
+
 async fn globs_conditions_continue_and_first_match() {
     let dir = tempdir();
     let routes = r#"
@@ -185,7 +184,8 @@ sinks = ["d"]
     assert_eq!(delivered, 2 + 6 + 1 + 4);
 }
 
-#[tokio::test]
+on_both_backends!(unrouted_events_are_stored_and_recorded);
+
 async fn unrouted_events_are_stored_and_recorded() {
     let dir = tempdir();
     let routes =
@@ -233,7 +233,8 @@ async fn unrouted_events_are_stored_and_recorded() {
     );
 }
 
-#[tokio::test]
+on_both_backends!(throttle_windows_follow_the_events_clock_and_survive_restarts);
+
 async fn throttle_windows_follow_the_events_clock_and_survive_restarts() {
     let dir = tempdir();
     let routes = r#"

@@ -137,7 +137,7 @@ async fn admit_throttled(
     window: Duration,
     at_ms: i64,
 ) -> Result<bool, StoreError> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(0) || $2, 1))")
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
         .bind(route)
         .bind(key)
         .execute(&mut **tx)
