@@ -275,3 +275,88 @@ async fn a_killed_replicas_jobs_are_delivered_by_the_other_after_its_lease() {
     assert!(twice.is_empty(), "duplicates: {twice:?}");
     assert!(second.terminate().success());
 }
+
+/// A rolling restart under a steady flood, as a load balancer sees it: SIGTERM one replica
+/// (it drains and releases its jobs), start it again, then the other. Every delivery that got
+/// a 2xx from either is stored once and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_a_flood_loses_nothing() {
+    use std::sync::{Arc, Mutex};
+    let cluster = shared();
+    let url = cluster.database();
+    let dirs = [tempdir(), tempdir()];
+    let configs =
+        [0, 1].map(|i| write_config(dirs[i].path(), &pg_config(dirs[i].path(), cluster, &url)));
+    let start = |i: usize| Daemon::start_with(dirs[i].path(), &configs[i], &[]);
+    let mut daemons = [Some(start(0)), Some(start(1))];
+    // The addresses the "load balancer" sends to: whichever replicas are up.
+    let up: Arc<Mutex<Vec<std::net::SocketAddr>>> = Arc::new(Mutex::new(
+        daemons.iter().flatten().map(|d| d.addr).collect(),
+    ));
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = tokio::spawn({
+        let (up, acked, stop) = (Arc::clone(&up), Arc::clone(&acked), Arc::clone(&stop));
+        async move {
+            let client = http_client();
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 5000 {
+                let targets = up.lock().unwrap().clone();
+                let Some(addr) = targets.get(n % targets.len().max(1)) else {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                };
+                let id = format!("rolling-{n}");
+                let body = scan_body(&id);
+                let sent = client
+                    .post(format!("http://{addr}/hooks/cl"))
+                    .header("content-type", "application/json")
+                    .header("x-compliancelayer-signature", hmac_hex(CL_SECRET, &[&body]))
+                    .body(body)
+                    .send()
+                    .await;
+                if sent.is_ok_and(|reply| reply.status().is_success()) {
+                    acked.lock().unwrap().push(id);
+                }
+                n += 1;
+            }
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for i in [0, 1] {
+        let daemon = daemons[i].take().unwrap();
+        up.lock().unwrap().retain(|addr| *addr != daemon.addr);
+        assert!(daemon.terminate().success(), "replica {i} drained");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let daemon = start(i);
+        up.lock().unwrap().push(daemon.addr);
+        daemons[i] = Some(daemon);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 100,
+        "the flood ran: {} acknowledged",
+        acked.len()
+    );
+    let seen = eventually(|| {
+        let seen = delivered(&dirs);
+        let missing = acked.iter().filter(|id| !seen.contains_key(*id)).count();
+        (missing == 0).then_some(seen.clone()).ok_or(format!(
+            "{missing} of {} acknowledged not delivered",
+            acked.len()
+        ))
+    })
+    .await;
+    let db = database_name(&url);
+    let stored: usize = cluster
+        .psql(db, "SELECT count(*) FROM events")
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(stored, acked.len(), "every 2xx stored, nothing else");
+    let twice = seen.values().filter(|n| **n > 1).count();
+    assert_eq!(twice, 0, "delivered twice");
+}
