@@ -211,6 +211,20 @@ pub enum AttemptOutcome {
 }
 
 impl AttemptOutcome {
+    /// What the job's row records of it, finished at `at` (unix milliseconds): its status,
+    /// error, response, and when it is next due.
+    pub(crate) fn columns(&self, at: i64) -> (&'static str, Option<&str>, &str, i64) {
+        match self {
+            Self::Succeeded { response } => ("succeeded", None, response, at),
+            Self::Failed {
+                error,
+                response,
+                retry_at,
+            } => ("failed", Some(error), response, retry_at.as_millisecond()),
+            Self::Dead { error, response } => ("dead", Some(error), response, at),
+        }
+    }
+
     /// Adds a remark about the attempt (e.g. that a default template was sent) to what the
     /// job record keeps of the sink's answer.
     pub fn note(&mut self, remark: &str) {

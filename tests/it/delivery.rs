@@ -572,16 +572,7 @@ async fn a_full_handoff_queue_spills_to_the_database_and_nothing_is_delivered_tw
     daemon.clock.advance(Duration::from_secs(11));
     tokio::time::sleep(Duration::from_secs(1)).await; // two of the engine's looks
 
-    let (lines, received) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let reader = std::io::BufReader::new(std::fs::File::open(&fifo).unwrap());
-        for line in reader.lines() {
-            if lines.send(line.unwrap()).is_err() {
-                return;
-            }
-        }
-    });
+    let received = fifo_lines(fifo);
     // Times each delivery id came through the FIFO.
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut count = |line: String| {

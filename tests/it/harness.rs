@@ -614,6 +614,21 @@ pub fn fifo(dir: &Path, name: &str) -> PathBuf {
     path
 }
 
+/// The lines written to the FIFO at `path`, as they come: opening it for reading (on a
+/// thread of its own) is what lets a file sink's blocked write through.
+pub fn fifo_lines(path: PathBuf) -> mpsc::Receiver<String> {
+    let (lines, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        let reader = BufReader::new(std::fs::File::open(&path).unwrap());
+        for line in reader.lines() {
+            if lines.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    received
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("hookroute-it")

@@ -239,16 +239,7 @@ async fn a_killed_replicas_jobs_are_delivered_by_the_other_after_its_lease() {
     assert_eq!(cluster.psql(db, "SELECT min(id) FROM replicas"), owner);
 
     first.kill9();
-    let (lines, received) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let reader = std::io::BufReader::new(std::fs::File::open(&fifo).unwrap());
-        for line in reader.lines() {
-            if lines.send(line.unwrap()).is_err() {
-                return;
-            }
-        }
-    });
+    let received = fifo_lines(fifo);
     let mut seen: HashMap<String, usize> = HashMap::new();
     while seen.values().sum::<usize>() < EVENTS {
         let line = received
@@ -359,4 +350,54 @@ async fn a_rolling_restart_under_a_flood_loses_nothing() {
     assert_eq!(stored, acked.len(), "every 2xx stored, nothing else");
     let twice = seen.values().filter(|n| **n > 1).count();
     assert_eq!(twice, 0, "delivered twice");
+}
+
+/// A database a newer hookroute migrated is refused, by the daemon and by the tools, with a
+/// message saying so; nothing is written to it.
+#[test]
+fn a_newer_schema_is_refused() {
+    let cluster = shared();
+    let url = cluster.database();
+    let dir = tempdir();
+    let config = write_config(dir.path(), &pg_config(dir.path(), cluster, &url));
+    let db = database_name(&url);
+    // Migrated by this build first (the tools refuse a database no daemon has migrated).
+    let tools = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let unmigrated = tools(&["deliveries", "list"]);
+    assert!(!unmigrated.status.success());
+    assert!(
+        String::from_utf8_lossy(&unmigrated.stderr).contains("start the daemon once"),
+        "{unmigrated:?}"
+    );
+    let daemon = Daemon::start_with(dir.path(), &config, &[]);
+    assert!(daemon.terminate().success());
+    assert_eq!(
+        cluster.psql(db, "SELECT max(version) FROM hookroute_schema"),
+        "1\n"
+    );
+    cluster.psql(db, "INSERT INTO hookroute_schema (version) VALUES (99)");
+    let before = cluster.psql(db, "SELECT count(*) FROM replicas");
+
+    let serve = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!serve.status.success());
+    let said = String::from_utf8_lossy(&serve.stderr);
+    assert!(
+        said.contains("schema version 99") && said.contains("newer hookroute"),
+        "{said}"
+    );
+    assert!(!said.contains(crate::postgres::PASSWORD));
+    let listed = tools(&["deliveries", "list"]);
+    assert!(String::from_utf8_lossy(&listed.stderr).contains("schema version 99"));
+    assert_eq!(cluster.psql(db, "SELECT count(*) FROM replicas"), before);
 }

@@ -93,18 +93,10 @@ pub(super) async fn finish(
     let at = finished_at.as_millisecond();
     let mut columns: Outcomes = Outcomes::default();
     for (job, outcome) in &outcomes {
-        let (status, error, response, next) = match outcome {
-            AttemptOutcome::Succeeded { response } => ("succeeded", None, response, at),
-            AttemptOutcome::Failed {
-                error,
-                response,
-                retry_at,
-            } => ("failed", Some(error), response, retry_at.as_millisecond()),
-            AttemptOutcome::Dead { error, response } => ("dead", Some(error), response, at),
-        };
+        let (status, error, response, next) = outcome.columns(at);
         columns.ids.push(job.id);
         columns.statuses.push(status);
-        columns.errors.push(error.map(String::as_str));
+        columns.errors.push(error);
         columns.responses.push(response);
         columns.next.push(next);
         columns
@@ -202,7 +194,7 @@ struct Outcomes<'a> {
     ids: Vec<i64>,
     statuses: Vec<&'static str>,
     errors: Vec<Option<&'a str>>,
-    responses: Vec<&'a String>,
+    responses: Vec<&'a str>,
     next: Vec<i64>,
     numbers: Vec<i32>,
 }

@@ -27,15 +27,7 @@ pub(super) fn record_attempt(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
     for (job, outcome) in outcomes {
-        let (status, error, response, next) = match outcome {
-            AttemptOutcome::Succeeded { response } => ("succeeded", None, response, at),
-            AttemptOutcome::Failed {
-                error,
-                response,
-                retry_at,
-            } => ("failed", Some(error), response, retry_at.as_millisecond()),
-            AttemptOutcome::Dead { error, response } => ("dead", Some(error), response, at),
-        };
+        let (status, error, response, next) = outcome.columns(at);
         update.execute(params![
             job.id,
             status,
