@@ -42,7 +42,9 @@ impl Cli {
             Command::Deliveries(DeliveriesCommand::Show(args)) => &args.config,
             Command::Replay(args) => &args.config,
             Command::DeadLetter(DeadLetterCommand::Retry(args)) => &args.config,
-            Command::Completions { .. } | Command::Man => return None,
+            Command::Completions { .. } | Command::Man | Command::MigrateStorage(_) => {
+                return None;
+            }
         })
     }
 }
@@ -66,6 +68,10 @@ pub enum Command {
     /// Dead letters: deliveries that failed for good.
     #[command(subcommand)]
     DeadLetter(DeadLetterCommand),
+    /// Copy an installation's SQLite database into PostgreSQL (events, delivery ids, jobs with
+    /// their attempts, throttle windows); run it again to complete an interrupted copy. Stop
+    /// the daemon first.
+    MigrateStorage(MigrateArgs),
     /// Print a shell completion script, e.g. `hookroute completions bash >
     /// /usr/share/bash-completion/completions/hookroute`.
     Completions {
@@ -168,6 +174,19 @@ pub struct RouteTestArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The SQLite database (`storage.path`).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The PostgreSQL database, `postgres://user@host/db?sslmode=…` (no password in it).
+    #[arg(long)]
+    pub to: String,
+    /// A file holding the PostgreSQL password (else `PGPASSWORD`, or none).
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct ConfigArg {
     /// Configuration file.
     #[arg(long, short, default_value = DEFAULT_CONFIG)]
@@ -204,6 +223,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Deliveries(DeliveriesCommand::Show(args)) => tools::show(args),
         Command::Replay(args) => tools::replay(args),
         Command::DeadLetter(DeadLetterCommand::Retry(args)) => tools::retry_dead(args),
+        Command::MigrateStorage(args) => runtime()?.block_on(tools::migrate_storage(args)),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "hookroute", &mut std::io::stdout());

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use super::{ListArgs, ReplayArgs, RetryArgs, ShowArgs};
+use super::{ListArgs, MigrateArgs, ReplayArgs, RetryArgs, ShowArgs};
 use crate::config::{self, Config};
 use crate::store::admin::{Access, AdminStorage, EventDetail, Filter};
 
@@ -227,4 +227,28 @@ pub(super) fn retry_dead(args: RetryArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+pub(super) async fn migrate_storage(args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    if let Err(problem) = crate::config::check_postgres_url(&args.to) {
+        anyhow::bail!("--to {problem}");
+    }
+    let to = crate::config::PostgresConfig {
+        url: args.to,
+        password: args.password_file.map(|file| crate::secret::SecretSource {
+            file: Some(file),
+            ..Default::default()
+        }),
+        pool_size: 2,
+        lease: std::time::Duration::from_secs(10),
+    };
+    let copied = crate::store::postgres::import::from_sqlite(&args.from, &to).await?;
+    for (table, rows) in copied {
+        println!("{table:<12} {rows} rows copied");
+    }
+    println!(
+        "done: point [storage] url at {} and start the daemons",
+        to.url
+    );
+    Ok(ExitCode::SUCCESS)
 }

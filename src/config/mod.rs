@@ -343,7 +343,10 @@ fn validate_backend(raw: &mut RawStorage, base: &Path, problems: &mut Problems) 
 }
 
 /// A `postgres://` URL without a password in it. The messages never repeat the URL.
-fn check_postgres_url(text: &str) -> Result<(), String> {
+///
+/// # Errors
+/// What is wrong with it.
+pub(crate) fn check_postgres_url(text: &str) -> Result<(), String> {
     let url = url::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
     if !matches!(url.scheme(), "postgres" | "postgresql") {
         return Err(format!(

@@ -401,3 +401,73 @@ fn a_newer_schema_is_refused() {
     assert!(String::from_utf8_lossy(&listed.stderr).contains("schema version 99"));
     assert_eq!(cluster.psql(db, "SELECT count(*) FROM replicas"), before);
 }
+
+/// `migrate-storage` moves a SQLite installation into PostgreSQL: its events, their delivery
+/// ids (a retry of an old delivery is still a duplicate), jobs and attempts; run twice, the
+/// second run copies nothing; new events continue after the copied ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_storage_moves_an_installation_idempotently() {
+    let dir = tempdir();
+    let old = Daemon::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
+    );
+    let bodies: Vec<Vec<u8>> = (0..3).map(|i| scan_body(&format!("moved-{i}"))).collect();
+    for body in &bodies {
+        old.accept_cl(body).await;
+    }
+    wait_jobs(&old, "succeeded", 3).await;
+    assert!(old.terminate().success());
+
+    let cluster = shared();
+    let url = cluster.database();
+    let db = database_name(&url);
+    let migrate = || {
+        std::process::Command::new(BIN)
+            .args(["migrate-storage", "--from"])
+            .arg(dir.path().join("hookroute.db"))
+            .args(["--to", &url, "--password-file"])
+            .arg(&cluster.password_file)
+            .output()
+            .unwrap()
+    };
+    let first = migrate();
+    let said = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(said.contains("events       3 rows copied"), "{said}");
+    let second = migrate();
+    let said = String::from_utf8_lossy(&second.stdout);
+    assert!(second.status.success());
+    assert!(
+        said.contains("events       0 rows copied") && said.contains("dedupe       0"),
+        "{said}"
+    );
+    assert_eq!(
+        cluster.psql(
+            db,
+            "SELECT count(*) || ' ' || count(DISTINCT delivery_id) FROM events"
+        ),
+        "3 3\n"
+    );
+    assert_eq!(
+        cluster.psql(db, "SELECT string_agg(status, ' ') FROM jobs"),
+        "succeeded succeeded succeeded\n"
+    );
+    assert_eq!(cluster.psql(db, "SELECT count(*) FROM attempts"), "3\n");
+
+    let new_dir = tempdir();
+    let daemon = Daemon::start(new_dir.path(), &pg_config(new_dir.path(), cluster, &url));
+    let retry = daemon.post_cl(&bodies[1]).await;
+    assert_eq!(
+        (retry.status, &retry.json["status"]),
+        (200, &"duplicate".into())
+    );
+    let fresh = daemon.accept_cl(&scan_body("after-the-move")).await;
+    assert!(fresh.json["id"].as_i64().unwrap() > 3, "{}", fresh.json);
+    wait_lines(&new_dir.path().join("events.jsonl"), 1).await;
+    assert_eq!(read_lines(&new_dir.path().join("events.jsonl")).len(), 1);
+}

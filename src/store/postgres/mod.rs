@@ -73,6 +73,7 @@ macro_rules! claimable {
 
 pub mod admin;
 mod events;
+pub mod import;
 mod jobs;
 mod retention;
 mod schema;

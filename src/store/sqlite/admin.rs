@@ -166,6 +166,11 @@ impl Admin {
         Ok(Self { conn })
     }
 
+    /// The connection, for a command that reads the whole database (`migrate-storage`).
+    pub fn into_connection(self) -> Connection {
+        self.conn
+    }
+
     /// The first event id received at or after `since`, by bisecting ids.
     fn first_since(&self, since: Timestamp) -> rusqlite::Result<i64> {
         let since = since.as_millisecond();
