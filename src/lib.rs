@@ -157,6 +157,15 @@ pub async fn run_with_clock(
         tracing::info!(%addr, sources = config.sources.len(), sinks = config.sinks.len(), "listening");
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    // shutdown_timeout counts from the signal, for the requests and the attempts together.
+    let signalled = Arc::new(std::sync::OnceLock::new());
+    let shutdown = {
+        let signalled = Arc::clone(&signalled);
+        async move {
+            shutdown.await;
+            let _ = signalled.set(tokio::time::Instant::now());
+        }
+    };
     http::serve(listener, app.router(), &config.server, shutdown).await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 
@@ -164,7 +173,13 @@ pub async fn run_with_clock(
     let _ = upkeep.await;
     let _ = reloader.await;
     let _ = watchdog.await;
-    let _ = engine.await;
+    if let Ok(attempts) = engine.await {
+        let since = signalled
+            .get()
+            .copied()
+            .unwrap_or_else(tokio::time::Instant::now);
+        delivery::drain(attempts, since + config.server.shutdown_timeout).await;
+    }
     store.close().await;
     tracing::info!("stopped");
     Ok(())

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures_util::FutureExt as _;
 use jiff::Timestamp;
-use tokio::sync::Semaphore;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{BACKSTOP_GRACE, retry};
 use crate::clock::Clock;
@@ -26,11 +26,8 @@ pub(super) async fn attempt(
     plan: &Arc<Plan>,
     sink: &NamedSink,
     jobs: Vec<DueJob>,
-    slot: &Arc<Semaphore>,
+    slot: OwnedSemaphorePermit,
 ) -> bool {
-    let Ok(slot) = slot.acquire().await else {
-        return false; // never closed
-    };
     let started = clock.now();
     let mut outcomes = Vec::with_capacity(jobs.len());
     let mut live = Vec::with_capacity(jobs.len());

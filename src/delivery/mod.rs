@@ -95,6 +95,9 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     /// Counts turns: whoever watches the engine (systemd's watchdog) sees it move.
     turns: Arc<AtomicU64>,
+    /// Cancelled when the engine stops: attempts still waiting for a slot give up, so a
+    /// stopping daemon finishes only the sink calls already made.
+    stopping: CancellationToken,
 }
 
 impl Engine {
@@ -113,6 +116,7 @@ impl Engine {
             clock,
             metrics,
             turns: Arc::default(),
+            stopping: CancellationToken::new(),
         }
     }
 
@@ -122,8 +126,9 @@ impl Engine {
         Arc::clone(&self.turns)
     }
 
-    /// Runs until `stop` is cancelled; attempts still running then are abandoned and retried
-    /// at the next start.
+    /// Runs until `stop` is cancelled, then returns the attempts in progress for the caller
+    /// to let finish (see [`drain`]). Attempts not yet at their sink give up: their jobs stay
+    /// due, for the next start or (on PostgreSQL) another replica.
     ///
     /// Each turn asks only the sinks that can have work: those with new jobs, and those the
     /// last look at the whole queue found due, for as long as they keep finding jobs. The
@@ -132,7 +137,7 @@ impl Engine {
     /// comes with every few deliveries, and reading the whole queue each time was measurable:
     /// without it, 5% to 20% more events were delivered during the benchmark's flood, at the
     /// same ingest rate.
-    pub async fn run(self, stop: CancellationToken) {
+    pub async fn run(self, stop: CancellationToken) -> JoinSet<()> {
         let mut turns = Turns::new(self.clock.now());
         while !stop.is_cancelled() {
             let wait = self.turn(&mut turns).await;
@@ -144,7 +149,8 @@ impl Engine {
                 () = stop.cancelled() => {}
             }
         }
-        turns.running.abort_all();
+        self.stopping.cancel();
+        turns.running
     }
 
     /// One turn: starts what is due and what was handed over, as far as each sink has room.
@@ -371,14 +377,23 @@ impl Engine {
             });
             let slot = Arc::clone(&limits.running);
             let (store, plan, sink) = (self.store.clone(), Arc::clone(plan), sink.clone());
-            let (held, clock, metrics) = (
+            let (held, clock, metrics, stopping) = (
                 self.new_jobs.held.clone(),
                 Arc::clone(&self.clock),
                 Arc::clone(&self.metrics),
+                self.stopping.clone(),
             );
             running.spawn(async move {
                 let ids: Vec<i64> = batch.iter().map(|due| due.job.id).collect();
-                let recorded = attempt(&*clock, &metrics, &store, &plan, &sink, batch, &slot).await;
+                let slot = tokio::select! {
+                    biased;
+                    () = stopping.cancelled() => return,
+                    slot = slot.acquire_owned() => slot,
+                };
+                let Ok(slot) = slot else {
+                    return; // never closed
+                };
+                let recorded = attempt(&*clock, &metrics, &store, &plan, &sink, batch, slot).await;
                 // A job whose outcome could not be recorded stays held, as the database
                 // still says it is due: attempted again after a restart, not in a loop now.
                 if recorded {
@@ -390,6 +405,23 @@ impl Engine {
                 drop(claimed);
             });
         }
+    }
+}
+
+/// Lets the attempts a stopped engine returned finish and record their outcomes until
+/// `deadline`, then abandons the rest (their jobs stay due and are attempted again). A sink
+/// that was called is answered and its outcome kept, so a graceful stop (a rolling restart)
+/// repeats nothing; only a crash or a sink slower than the deadline can.
+pub async fn drain(mut attempts: JoinSet<()>, deadline: tokio::time::Instant) {
+    let finished = tokio::time::timeout_at(deadline, async {
+        while attempts.join_next().await.is_some() {}
+    });
+    if finished.await.is_err() {
+        tracing::warn!(
+            attempts = attempts.len(),
+            "shutdown_timeout reached: abandoning attempts in progress (their jobs are attempted again)"
+        );
+        attempts.abort_all();
     }
 }
 

@@ -359,6 +359,66 @@ async fn concurrency_bounds_calls_in_flight_however_many_are_claimed() {
     assert_eq!(target.most_in_flight(), 2, "two at a time, never more");
 }
 
+on_both_backends!(a_graceful_stop_finishes_the_sink_calls_it_made);
+
+/// SIGTERM while a sink is answering: the call finishes and its outcome is recorded, the
+/// jobs waiting for a slot are left due, and the next start delivers those only. A rolling
+/// restart repeats nothing.
+async fn a_graceful_stop_finishes_the_sink_calls_it_made() {
+    let dir = tempdir();
+    let target = Recorder::start().await;
+    target.set_delay(Duration::from_millis(1500));
+    let sinks = format!(
+        "[sinks.target]\ntype = \"http\"\nurl = \"{}\"\ndelivery = {{ concurrency = 1 }}\n",
+        target.url("/")
+    );
+    let text = with_sinks(dir.path(), &sinks, &["target"]);
+    let daemon = Daemon::start(dir.path(), &text);
+    for i in 0..3 {
+        daemon.accept_cl(&scan_body(&format!("graceful-{i}"))).await;
+    }
+    eventually(|| {
+        (target.in_flight() == 1)
+            .then_some(())
+            .ok_or("no call in flight".to_owned())
+    })
+    .await;
+    let stopping = Instant::now();
+    assert!(daemon.terminate().success());
+    assert!(
+        stopping.elapsed() >= Duration::from_millis(500),
+        "the stop waited for the sink's answer"
+    );
+    assert_eq!(
+        target.requests().len(),
+        1,
+        "one call made, none started after"
+    );
+    let status = |dir: &Path| -> HashMap<String, i64> {
+        db_rows(
+            dir,
+            "SELECT status, count(*) FROM jobs GROUP BY status",
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .into_iter()
+        .collect()
+    };
+    let after_stop = status(dir.path());
+    assert_eq!(after_stop.get("succeeded"), Some(&1), "{after_stop:?}");
+    assert_eq!(after_stop.get("pending"), Some(&2), "{after_stop:?}");
+
+    target.set_delay(Duration::ZERO);
+    let daemon = Daemon::start(dir.path(), &text);
+    wait_jobs(&daemon, "succeeded", 3).await;
+    let mut ids: Vec<String> = target
+        .requests()
+        .iter()
+        .map(|r| r.json()["delivery_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["graceful-0", "graceful-1", "graceful-2"], "each once");
+}
+
 /// A hook path and the directory it writes into, under `dir`.
 fn hook_and_out(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let (hook, out) = (dir.join("hook.sh"), dir.join("out"));

@@ -119,6 +119,11 @@ impl Recorder {
         *self.state.delay.lock().unwrap() = delay;
     }
 
+    /// The requests it is answering now.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
+
     /// The most requests it was ever answering at once.
     pub fn most_in_flight(&self) -> usize {
         self.state.most_in_flight.load(Ordering::SeqCst)

@@ -288,11 +288,16 @@ impl Storage for PostgresStore {
             let _ = beats.await;
         }
         // Whatever this replica still holds is anyone's now, at once rather than after the
-        // lease; and it is no longer one of the replicas.
-        let released = sqlx::query("UPDATE jobs SET leased_by = NULL WHERE leased_by = $1")
-            .bind(self.replica)
-            .execute(&self.pool)
-            .await;
+        // lease (handed-over jobs too, which came due only at their fallback); and it is no
+        // longer one of the replicas.
+        let released = sqlx::query(
+            "UPDATE jobs SET leased_by = NULL, next_attempt_at = LEAST(next_attempt_at, $2)
+             WHERE leased_by = $1",
+        )
+        .bind(self.replica)
+        .bind(jiff::Timestamp::now().as_millisecond())
+        .execute(&self.pool)
+        .await;
         let left = sqlx::query("DELETE FROM replicas WHERE id = $1")
             .bind(self.replica)
             .execute(&self.pool)
