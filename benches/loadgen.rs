@@ -7,6 +7,8 @@
 //!   each on a fixed schedule; latency counts from when a request was due, so a slow answer
 //!   delays the next request without hiding the wait).
 //! - `--requests` stops after that many; else `--duration` seconds.
+//! - `--url` may be given more than once (replicas behind no balancer): connection `i` goes
+//!   to the `i`-th URL, round robin.
 //! - `--tail FILE` follows a file sink's output and reports each event's time from being sent
 //!   to its line being there (the body carries its send time).
 //!
@@ -27,9 +29,9 @@ use hyper_util::rt::TokioIo;
 
 #[derive(Parser)]
 struct Args {
-    /// Full URL to POST to.
-    #[arg(long)]
-    url: String,
+    /// Full URL to POST to; several spread the connections over them.
+    #[arg(long, required = true)]
+    url: Vec<String>,
     #[arg(long, default_value = "whsec_bench_secret")]
     secret: String,
     #[arg(long, default_value_t = 64)]
@@ -70,9 +72,15 @@ impl Tally {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let url: hyper::Uri = args.url.parse().expect("a valid URL");
-    let authority = url.authority().expect("URL with host:port").to_string();
-    let path = url.path().to_owned();
+    let targets: Vec<(String, String)> = args
+        .url
+        .iter()
+        .map(|url| {
+            let url: hyper::Uri = url.parse().expect("a valid URL");
+            let authority = url.authority().expect("URL with host:port").to_string();
+            (authority, url.path().to_owned())
+        })
+        .collect();
     let nonce = now_us();
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let started = Instant::now();
@@ -88,7 +96,8 @@ async fn main() {
 
     let tasks: Vec<_> = (0..args.connections)
         .map(|conn| {
-            let (authority, path, secret) = (authority.clone(), path.clone(), args.secret.clone());
+            let (authority, path) = targets[conn % targets.len()].clone();
+            let secret = args.secret.clone();
             let (body_size, budget) = (args.body_size, Arc::clone(&budget));
             let offset = gap.map(|gap| gap.mul_f64(conn as f64 / args.connections as f64));
             tokio::spawn(async move {

@@ -75,7 +75,9 @@ impl Intake {
                 unevaluated,
             } = dispatch::route(&plan.routing, &event);
             let sinks = routes.iter().flat_map(|to| &to.sinks);
-            let handoff = self.new_jobs.handoff(&plan, sinks, now);
+            let handoff = self
+                .new_jobs
+                .handoff(&plan, sinks, now, |c| self.store.share(c));
             (routes, unevaluated, handoff)
         };
         let unrouted = routes.is_empty();

@@ -57,12 +57,15 @@ impl NewJobs {
     }
 
     /// Which of `sinks` (the routed ones of an event received at `now`) take their new jobs
-    /// by hand-over: those outside digests whose queue has room.
+    /// by hand-over: those outside digests whose queue has room, and of which this daemon may
+    /// call some (`share` of a sink's concurrency, see
+    /// [`Storage::share`](crate::store::Storage::share)).
     pub fn handoff<'a>(
         &self,
         plan: &Plan,
         sinks: impl IntoIterator<Item = &'a String>,
         now: Timestamp,
+        share: impl Fn(usize) -> usize,
     ) -> Handoff {
         let mut sinks = sinks.into_iter().peekable();
         if sinks.peek().is_none() {
@@ -74,7 +77,10 @@ impl NewJobs {
             fallback: now + HANDOFF_GRACE,
         };
         for sink in sinks {
-            let open = plan.sinks.get(sink).is_some_and(|s| s.digest.is_none())
+            let open = plan
+                .sinks
+                .get(sink)
+                .is_some_and(|s| s.digest.is_none() && share(s.delivery.concurrency) > 0)
                 && queues.get(sink).is_none_or(|q| q.len() < HANDOFF_LIMIT);
             if open && !handoff.sinks.contains(sink) {
                 handoff.sinks.push(sink.clone());
@@ -142,13 +148,17 @@ impl NewJobs {
             .collect()
     }
 
-    /// Lets go of the jobs handed over for `sink`, which no longer takes them (a reload
-    /// removed it or made it a digest): their rows come due and are read as any other.
-    pub(super) fn release(&self, sink: &str) {
+    /// Lets go of the jobs handed over for `sink`, which no longer takes them here (a reload
+    /// removed it or made it a digest, or other replicas hold its concurrency): their rows
+    /// come due and are read as any other. Returns their ids.
+    pub(super) fn release(&self, sink: &str) -> Vec<i64> {
         let jobs = self.take_handed(sink, usize::MAX);
         let mut held = self.held.lock();
-        for due in jobs {
-            held.remove(&due.job.id);
-        }
+        jobs.iter()
+            .map(|due| {
+                held.remove(&due.job.id);
+                due.job.id
+            })
+            .collect()
     }
 }

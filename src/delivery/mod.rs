@@ -22,6 +22,7 @@
 
 mod attempt;
 mod inbox;
+mod limits;
 mod retry;
 
 use std::collections::{HashMap, HashSet};
@@ -31,7 +32,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use jiff::Timestamp;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +42,7 @@ use crate::dispatch::{NamedSink, Plan};
 use crate::metrics::Metrics;
 use crate::store::{AttemptOutcome, DueJob, Store};
 use attempt::{attempt, finish};
+use limits::Limits;
 
 /// Longest sleep between looks at the queue: jobs re-queued from the command line are
 /// picked up within this.
@@ -66,26 +67,6 @@ const LINGER: Duration = Duration::from_millis(5);
 /// process-group kill); the engine's own limit is a backstop that fires this much later, so
 /// it never cuts a sink off before the sink could clean up.
 const BACKSTOP_GRACE: Duration = Duration::from_secs(5);
-
-/// A sink's limits, replaced when a reload changes its concurrency (attempts holding the old
-/// ones finish undisturbed).
-struct Limits {
-    concurrency: usize,
-    /// Sink calls in progress.
-    running: Arc<Semaphore>,
-    /// Jobs claimed and not yet recorded: bounds what waits in memory.
-    claimed: Arc<Semaphore>,
-}
-
-impl Limits {
-    fn new(concurrency: usize) -> Self {
-        Self {
-            concurrency,
-            running: Arc::new(Semaphore::new(concurrency)),
-            claimed: Arc::new(Semaphore::new(concurrency.saturating_mul(PREFETCH))),
-        }
-    }
-}
 
 pub struct Engine {
     store: Store,
@@ -170,7 +151,7 @@ impl Engine {
             let Some(sink) = plan.sinks.get(&name).filter(|s| s.digest.is_none()) else {
                 continue; // a digest, or a removed sink: the next look sees to it
             };
-            let limit = limits_for(&mut turns.limits, sink);
+            let limit = self.limits_for(&mut turns.limits, sink);
             if self.start(&plan, sink, limit, &mut turns.running).await != Some(0) {
                 turns.active.insert(name);
             }
@@ -181,15 +162,17 @@ impl Engine {
             .duration_until(turns.next_look)
             .unsigned_abs()
             .min(POLL);
-        if let Some(linger) = self.start_handed(&plan, &mut turns.limits, &mut turns.running) {
+        let handed = self.start_handed(&plan, &mut turns.limits, &mut turns.running);
+        if let Some(linger) = handed.await {
             wait = wait.min(linger);
         }
         wait
     }
 
     /// Starts the handed-over jobs each sink has room for. A batching sink's jobs wait up to
-    /// [`LINGER`] for a full batch; returns how long until the first of those is due.
-    fn start_handed(
+    /// [`LINGER`] for a full batch; returns how long until the first of those is due. Jobs of
+    /// a sink whose whole concurrency other replicas hold are let go, for them to take.
+    async fn start_handed(
         &self,
         plan: &Arc<Plan>,
         limits: &mut HashMap<String, Limits>,
@@ -208,7 +191,14 @@ impl Engine {
                 linger = Some(linger.map_or(left, |l| l.min(left)));
                 continue;
             }
-            let limits = limits_for(limits, sink);
+            let limits = self.limits_for(limits, sink);
+            if limits.concurrency == 0 {
+                let jobs = self.new_jobs.release(&name);
+                if let Err(err) = self.store.release(jobs).await {
+                    tracing::warn!(sink = %name, error = %err, "cannot let go of handed-over jobs; they are released when this daemon stops");
+                }
+                continue;
+            }
             let room = limits.claimed.available_permits().min(waiting);
             if room == 0 {
                 continue; // woken again when a running attempt ends
@@ -257,7 +247,7 @@ impl Engine {
                 continue;
             }
             let started = self
-                .start(plan, sink, limits_for(limits, sink), running)
+                .start(plan, sink, self.limits_for(limits, sink), running)
                 .await;
             if sink.digest.is_none() && started != Some(0) {
                 active.insert(name);
@@ -298,6 +288,23 @@ impl Engine {
             .collect();
         let now = self.clock.now();
         finish(&self.store, &self.metrics, sink, outcomes, now, now).await;
+    }
+
+    /// `sink`'s limits: this daemon's share of its concurrency (all of it unless replicas
+    /// share it), resized when a reload or the replicas changed it.
+    fn limits_for<'a>(
+        &self,
+        limits: &'a mut HashMap<String, Limits>,
+        sink: &NamedSink,
+    ) -> &'a Limits {
+        let concurrency = self.store.share(sink.delivery.concurrency);
+        let limit = limits
+            .entry(sink.name.clone())
+            .or_insert_with(|| Limits::new(concurrency));
+        if limit.concurrency != concurrency {
+            limit.resize(concurrency);
+        }
+        limit
     }
 
     /// Claims what `sink` has room for and starts the attempts. Returns how many jobs it
@@ -445,18 +452,6 @@ impl Turns {
             active: HashSet::new(),
         }
     }
-}
-
-/// `sink`'s limits, made anew when a reload changed its concurrency.
-fn limits_for<'a>(limits: &'a mut HashMap<String, Limits>, sink: &NamedSink) -> &'a Limits {
-    let concurrency = sink.delivery.concurrency;
-    let limit = limits
-        .entry(sink.name.clone())
-        .or_insert_with(|| Limits::new(concurrency));
-    if limit.concurrency != concurrency {
-        *limit = Limits::new(concurrency);
-    }
-    limit
 }
 
 #[cfg(test)]

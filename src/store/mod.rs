@@ -327,6 +327,23 @@ pub trait Storage: Send + Sync {
     /// The database's size on disk, in bytes (its write-ahead log included).
     fn size_bytes(&self) -> u64;
 
+    /// How many of a sink's `concurrency` calls this daemon may make at once. A sink's
+    /// limit holds for everyone serving the database: one daemon has all of it; replicas
+    /// share it (see the PostgreSQL backend).
+    fn share(&self, concurrency: usize) -> usize {
+        concurrency
+    }
+
+    /// Lets go of `jobs` this daemon took (handed over, never attempted): anyone may attempt
+    /// them now. On a database only one daemon serves, their rows already say when.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the write failed; the jobs are released when this daemon stops.
+    async fn release(&self, jobs: Vec<i64>) -> Result<(), StoreError> {
+        let _ = jobs;
+        Ok(())
+    }
+
     /// Makes everything accepted so far durable and stops the backend's workers. Idempotent.
     async fn close(&self);
 }

@@ -85,7 +85,7 @@ async fn the_watchdog_is_pinged_only_while_the_writer_makes_progress() {
         }
         pings
     };
-    assert!(pings(Duration::from_millis(2500)) >= 3, "pinged while well");
+    assert!(pings(Duration::from_millis(2500)) >= 2, "pinged while well");
 
     // Another process holds the database's write lock: the writer cannot commit.
     let blocker = daemon.db();

@@ -14,9 +14,9 @@ use crate::harness::*;
 /// Debian's interpreter, which has python3-aiosmtpd (the pyenv one on PATH may not).
 const PYTHON: &str = "/usr/bin/python3";
 
-struct Smtp {
+pub struct Smtp {
     child: Child,
-    port: u16,
+    pub port: u16,
     out: PathBuf,
 }
 
@@ -28,7 +28,7 @@ impl Drop for Smtp {
 }
 
 /// A CA and a certificate for 127.0.0.1 it signed, as PEM files.
-struct TestCa {
+pub struct TestCa {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
@@ -55,7 +55,13 @@ fn test_ca(dir: &Path) -> TestCa {
 }
 
 impl Smtp {
-    fn start(dir: &Path, name: &str, mode: &str, ca: Option<&TestCa>, auth: Option<&str>) -> Self {
+    pub fn start(
+        dir: &Path,
+        name: &str,
+        mode: &str,
+        ca: Option<&TestCa>,
+        auth: Option<&str>,
+    ) -> Self {
         let out = dir.join(format!("mail-{name}"));
         std::fs::create_dir_all(&out).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -94,7 +100,7 @@ impl Smtp {
     }
 
     /// Waits for `n` messages and returns them, oldest first.
-    async fn messages(&self, n: usize) -> Vec<serde_json::Value> {
+    pub async fn messages(&self, n: usize) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let received = self.received();
@@ -106,7 +112,7 @@ impl Smtp {
     }
 
     /// The messages received so far, oldest first.
-    fn received(&self) -> Vec<serde_json::Value> {
+    pub fn received(&self) -> Vec<serde_json::Value> {
         let mut files: Vec<_> = std::fs::read_dir(&self.out)
             .unwrap()
             .filter_map(|e| e.ok().map(|e| e.path()))

@@ -3,8 +3,10 @@
 
 use std::collections::HashMap;
 
+use crate::email::Smtp;
 use crate::harness::*;
 use crate::postgres::{Cluster, database_name, shared};
+use crate::recorder::Recorder;
 
 /// A daemon's configuration on the PostgreSQL database `url`, with the standard source and
 /// its file sink in `dir`.
@@ -351,6 +353,156 @@ async fn a_rolling_restart_under_a_flood_loses_nothing() {
     // A graceful stop finishes the sink calls it made and records them: nothing repeats.
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "delivered twice: {twice:?}");
+}
+
+/// A sink's `concurrency` holds across replicas: however the events are spread over two
+/// daemons, the receiver never answers more calls at once than the limit, and each event
+/// reaches it once. With a limit of one, the replica without a share leaves its events' jobs
+/// to the one with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sinks_concurrency_is_a_limit_across_replicas() {
+    const EVENTS: usize = 16;
+    let cluster = shared();
+    for concurrency in [1, 3] {
+        let url = cluster.database();
+        let receiver = Recorder::start().await;
+        receiver.set_delay(std::time::Duration::from_millis(150));
+        let rest = format!(
+            "[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n[sinks.receiver]\ntype = \"http\"\nurl = \"{}\"\ndelivery = {{ concurrency = {concurrency} }}\n\n[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = [\"receiver\"]\n",
+            receiver.url("/")
+        );
+        let dirs = [tempdir(), tempdir()];
+        let daemons =
+            [0, 1].map(|i| Daemon::start(dirs[i].path(), &with_rest(cluster, &url, &rest)));
+        // Both replicas have seen each other and settled their shares.
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        for i in 0..EVENTS {
+            daemons[i % 2]
+                .accept_cl(&scan_body(&format!("limited-{concurrency}-{i}")))
+                .await;
+        }
+        eventually(|| {
+            let n = receiver.requests().len();
+            (n >= EVENTS)
+                .then_some(())
+                .ok_or(format!("{n} of {EVENTS} delivered"))
+        })
+        .await;
+        let mut ids: Vec<String> = receiver
+            .requests()
+            .iter()
+            .map(|r| r.json()["delivery_id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), EVENTS, "each event delivered once");
+        assert_eq!(
+            receiver.most_in_flight(),
+            concurrency,
+            "at most {concurrency} calls at once across both replicas"
+        );
+        for daemon in daemons {
+            assert!(daemon.terminate().success());
+        }
+    }
+}
+
+/// Throttle windows and digests are the database's, not a replica's: events of one throttle
+/// key sent to both replicas at once open one window (one delivered, the rest suppressed),
+/// and a digest sink fed by both sends one email for its window, with every event in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttles_and_digests_are_shared_across_replicas() {
+    const COPIES: usize = 10;
+    let cluster = shared();
+    let url = cluster.database();
+    let db = database_name(&url);
+    let smtp_dir = tempdir();
+    let smtp = Smtp::start(smtp_dir.path(), "shared-digest", "plain", None, None);
+    let dirs = [tempdir(), tempdir()];
+    let daemons = [0, 1].map(|i| {
+        let rest = format!(
+            r#"
+[sources.cl]
+secret = "{CL_SECRET}"
+
+[sinks.archive]
+type = "file"
+path = "{}"
+
+[sinks.digest]
+type = "email"
+url = "smtp://127.0.0.1:{}"
+starttls = "never"
+from = "h@example.com"
+to = ["ops@example.com"]
+digest = "3s"
+
+[[routes]]
+name = "per domain"
+events = ["scan.completed"]
+sinks = ["archive"]
+throttle = {{ window = "1h", key = "data.domain" }}
+continue = true
+
+[[routes]]
+name = "digest"
+events = ["*"]
+sinks = ["digest"]
+"#,
+            dirs[i].path().join("events.jsonl").display(),
+            smtp.port
+        );
+        Daemon::start(dirs[i].path(), &with_rest(cluster, &url, &rest))
+    });
+    // Copies of one key (distinct deliveries, one window), all at once over both replicas.
+    let sends = (0..COPIES).map(|i| {
+        let body = format!(
+            r#"{{"id": "throttled-{i}", "type": "scan.completed", "created_at": "2026-03-08T12:0{i}:00Z", "data": {{"domain": "a.com"}}}}"#
+        );
+        let daemon = &daemons[i % 2];
+        async move { daemon.accept_cl(body.as_bytes()).await }
+    });
+    futures_util::future::join_all(sends).await;
+    let archived = eventually(|| {
+        let seen = delivered(&dirs);
+        (!seen.is_empty())
+            .then_some(seen)
+            .ok_or("nothing archived".to_owned())
+    })
+    .await;
+    let suppressed = cluster.psql(
+        db,
+        "SELECT count(*) FROM dispatches WHERE status = 'suppressed' AND detail = 'a.com'",
+    );
+    assert_eq!(
+        suppressed,
+        format!("{}\n", COPIES - 1),
+        "one window for the key"
+    );
+    assert_eq!(cluster.psql(db, "SELECT count(*) FROM throttles"), "1\n");
+
+    let messages = smtp.messages(1).await;
+    let subject = messages[0]["subject"].as_str().unwrap();
+    assert!(
+        subject.starts_with(&format!("{COPIES} events, the first: ")),
+        "every event in the one digest: {subject}"
+    );
+    // Longer than a window again: no second digest from the other replica.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert_eq!(smtp.received().len(), 1, "one email for the window");
+    assert_eq!(
+        delivered(&dirs),
+        archived,
+        "one event of the key archived, once"
+    );
+    assert_eq!(archived.values().sum::<usize>(), 1);
+    assert_eq!(
+        cluster.psql(
+            db,
+            "SELECT count(*) FROM jobs WHERE sink = 'digest' AND status = 'succeeded'"
+        ),
+        format!("{COPIES}\n")
+    );
 }
 
 /// A database a newer hookroute migrated is refused, by the daemon and by the tools, with a

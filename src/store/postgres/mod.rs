@@ -84,9 +84,49 @@ pub struct PostgresStore {
     replica: i64,
     /// `storage.lease`, in milliseconds.
     lease_ms: i64,
-    size: Arc<AtomicU64>,
+    /// What the beats learn.
+    seen: Arc<Seen>,
     stop: CancellationToken,
     beats: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// What the beats learn: the database's size, and the replicas alive, by which sinks'
+/// concurrency is shared.
+#[derive(Default)]
+struct Seen {
+    size: AtomicU64,
+    replicas: std::sync::Mutex<Replicas>,
+}
+
+/// The replicas alive at the last beat, and this one's place among them.
+#[derive(Default, Clone, Copy)]
+struct Replicas {
+    alive: usize,
+    /// Alive replicas that joined before this one.
+    rank: usize,
+    /// Beats since this replica joined, and whether the first found it alone.
+    beats: u32,
+    alone: bool,
+    at: Option<std::time::Instant>,
+}
+
+/// Beats a replica that joined others waits before it takes its share of a sink's
+/// concurrency: by then each of them has beaten at least once since it joined and given up
+/// the part it takes.
+const SETTLING_BEATS: u32 = 3;
+
+impl Replicas {
+    /// This replica's part of `concurrency`: an equal share, the remainder going to the
+    /// longest-standing replicas; none while it has not beaten for a lease (the others
+    /// count it gone and share its part) or while the others may not have seen it join.
+    fn share(&self, concurrency: usize, lease: Duration) -> usize {
+        let current = self.at.is_some_and(|at| at.elapsed() < lease);
+        let settled = self.alone || self.beats >= SETTLING_BEATS;
+        if !current || !settled || self.alive == 0 {
+            return 0;
+        }
+        concurrency / self.alive + usize::from(self.rank < concurrency % self.alive)
+    }
 }
 
 /// Connects to the database `config` names (the password read now, never logged).
@@ -143,7 +183,7 @@ impl PostgresStore {
             pool,
             replica,
             lease_ms: i64::try_from(config.lease.as_millis()).unwrap_or(i64::MAX),
-            size: Arc::default(),
+            seen: Arc::default(),
             stop: CancellationToken::new(),
             beats: std::sync::Mutex::new(None),
         };
@@ -151,8 +191,8 @@ impl PostgresStore {
         let beats = tokio::spawn(beat_loop(
             config.lease / BEATS_PER_LEASE,
             store.pool.clone(),
-            replica,
-            Arc::clone(&store.size),
+            (replica, store.lease_ms),
+            Arc::clone(&store.seen),
             store.stop.clone(),
         ));
         *store.beats.lock().unwrap_or_else(|p| p.into_inner()) = Some(beats);
@@ -160,32 +200,66 @@ impl PostgresStore {
     }
 
     async fn beat(&self) -> Result<(), StoreError> {
-        beat(&self.pool, self.replica, &self.size).await
+        beat(&self.pool, (self.replica, self.lease_ms), &self.seen).await
+    }
+
+    /// Lets go of this replica's leases on `jobs` (all of them if `None`), making them due
+    /// at once: handed-over jobs came due only at their fallback.
+    async fn release_leases(&self, jobs: Option<Vec<i64>>) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE jobs SET leased_by = NULL, next_attempt_at = LEAST(next_attempt_at, $2)
+             WHERE leased_by = $1 AND ($3::bigint[] IS NULL OR id = ANY($3))",
+        )
+        .bind(self.replica)
+        .bind(jiff::Timestamp::now().as_millisecond())
+        .bind(jobs)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 }
 
-/// Says this replica is alive, and notes the database's size.
-async fn beat(pool: &PgPool, replica: i64, size: &AtomicU64) -> Result<(), StoreError> {
-    sqlx::query(concat!(
-        "UPDATE replicas SET seen_at = ",
+/// Says this replica is alive; notes the replicas alive and the database's size.
+async fn beat(
+    pool: &PgPool,
+    (replica, lease_ms): (i64, i64),
+    seen: &Seen,
+) -> Result<(), StoreError> {
+    let (alive, rank, bytes): (i64, i64, i64) = sqlx::query_as(concat!(
+        "WITH me AS (UPDATE replicas SET seen_at = ",
         now_ms!(),
-        " WHERE id = $1"
+        " WHERE id = $1 RETURNING id)
+         SELECT count(*), count(*) FILTER (WHERE id < $1),
+                pg_database_size(current_database())
+         FROM (SELECT id FROM replicas WHERE id <> $1 AND seen_at > ",
+        now_ms!(),
+        " - $2 UNION ALL SELECT id FROM me) AS alive"
     ))
     .bind(replica)
-    .execute(pool)
+    .bind(lease_ms)
+    .fetch_one(pool)
     .await?;
-    let bytes: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
-        .fetch_one(pool)
-        .await?;
-    size.store(bytes.unsigned_abs(), Ordering::Relaxed);
+    seen.size.store(bytes.unsigned_abs(), Ordering::Relaxed);
+    let mut replicas = seen.replicas.lock().unwrap_or_else(|p| p.into_inner());
+    let alive = usize::try_from(alive).unwrap_or(0);
+    if replicas.beats == 0 {
+        replicas.alone = alive == 1;
+    }
+    *replicas = Replicas {
+        alive,
+        rank: usize::try_from(rank).unwrap_or(0),
+        beats: replicas.beats.saturating_add(1),
+        at: Some(std::time::Instant::now()),
+        ..*replicas
+    };
     Ok(())
 }
 
 async fn beat_loop(
     every: Duration,
     pool: PgPool,
-    replica: i64,
-    size: Arc<AtomicU64>,
+    replica: (i64, i64),
+    seen: Arc<Seen>,
     stop: CancellationToken,
 ) {
     loop {
@@ -193,7 +267,7 @@ async fn beat_loop(
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => return,
         }
-        if let Err(err) = beat(&pool, replica, &size).await {
+        if let Err(err) = beat(&pool, replica, &seen).await {
             tracing::warn!(error = %err, "cannot tell the database this replica is alive");
         }
     }
@@ -278,7 +352,17 @@ impl Storage for PostgresStore {
     }
 
     fn size_bytes(&self) -> u64 {
-        self.size.load(Ordering::Relaxed)
+        self.seen.size.load(Ordering::Relaxed)
+    }
+
+    fn share(&self, concurrency: usize) -> usize {
+        let lease = Duration::from_millis(self.lease_ms.unsigned_abs());
+        let replicas = *self.seen.replicas.lock().unwrap_or_else(|p| p.into_inner());
+        replicas.share(concurrency, lease)
+    }
+
+    async fn release(&self, jobs: Vec<i64>) -> Result<(), StoreError> {
+        self.release_leases(Some(jobs)).await
     }
 
     async fn close(&self) {
@@ -290,24 +374,72 @@ impl Storage for PostgresStore {
         // Whatever this replica still holds is anyone's now, at once rather than after the
         // lease (handed-over jobs too, which came due only at their fallback); and it is no
         // longer one of the replicas.
-        let released = sqlx::query(
-            "UPDATE jobs SET leased_by = NULL, next_attempt_at = LEAST(next_attempt_at, $2)
-             WHERE leased_by = $1",
-        )
-        .bind(self.replica)
-        .bind(jiff::Timestamp::now().as_millisecond())
-        .execute(&self.pool)
-        .await;
+        let released = self.release_leases(None).await;
         let left = sqlx::query("DELETE FROM replicas WHERE id = $1")
             .bind(self.replica)
             .execute(&self.pool)
             .await;
-        match released.and(left) {
+        match released.and(left.map_err(StoreError::from)) {
             Ok(_) => tracing::info!(replica = self.replica, "left the database's replicas"),
             Err(err) => {
                 tracing::warn!(error = %err, "cannot release this replica's jobs; they are released when its lease runs out")
             }
         }
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(10);
+
+    fn replicas(alive: usize, rank: usize) -> Replicas {
+        Replicas {
+            alive,
+            rank,
+            beats: SETTLING_BEATS,
+            alone: false,
+            at: Some(std::time::Instant::now()),
+        }
+    }
+
+    #[test]
+    fn the_replicas_shares_add_up_to_the_concurrency() {
+        for alive in 1..=5 {
+            for concurrency in 1..=9 {
+                let shares: Vec<usize> = (0..alive)
+                    .map(|rank| replicas(alive, rank).share(concurrency, LEASE))
+                    .collect();
+                assert_eq!(shares.iter().sum::<usize>(), concurrency, "{shares:?}");
+                let (least, most) = (shares.iter().min(), shares.iter().max());
+                assert!(most.unwrap() - least.unwrap() <= 1, "{shares:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_share_before_the_others_saw_it_join_or_once_its_beats_are_stale() {
+        let joined = Replicas {
+            beats: 1,
+            ..replicas(2, 1)
+        };
+        assert_eq!(joined.share(4, LEASE), 0, "the others may still use it all");
+        let first = Replicas {
+            beats: 1,
+            alone: true,
+            ..replicas(1, 0)
+        };
+        assert_eq!(
+            first.share(4, LEASE),
+            4,
+            "alone from the start: nothing to wait for"
+        );
+        let stale = Replicas {
+            at: std::time::Instant::now().checked_sub(LEASE),
+            ..replicas(2, 0)
+        };
+        assert_eq!(stale.share(4, LEASE), 0, "the others count it gone");
     }
 }
