@@ -180,6 +180,10 @@ pub enum EventError {
     NotAnObject,
     #[error("body has no event type: expected a non-empty string in \"type\" or \"event\"")]
     NoEventType,
+    /// A NUL in the fields a delivery is known by: no database keeps it as text, no log or
+    /// environment variable shows it faithfully, and no sender means it.
+    #[error("\"{0}\" must not contain NUL characters")]
+    Nul(&'static str),
 }
 
 impl Event {
@@ -210,6 +214,9 @@ impl Event {
             .filter(|t| !t.is_empty())
             .ok_or(EventError::NoEventType)?
             .to_owned();
+        if event_type.contains('\0') {
+            return Err(EventError::Nul("type"));
+        }
         let occurred_at = text(&envelope.created_at)
             .or_else(|| text(&envelope.timestamp))
             .and_then(|text| text.parse::<Timestamp>().ok());
@@ -221,6 +228,9 @@ impl Event {
                 .and_then(payload_id)
                 .unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(body)))),
         };
+        if delivery_id.contains('\0') {
+            return Err(EventError::Nul("id"));
+        }
         Ok(Self {
             source: source.to_owned(),
             delivery_id,
@@ -385,12 +395,18 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_an_event() {
-        let cases: [(&[u8], EventError); 5] = [
+        let cases: [(&[u8], EventError); 8] = [
             (b"[1]", EventError::NotAnObject),
             (b"\"scan\"", EventError::NotAnObject),
             (br#"{"data": {}}"#, EventError::NoEventType),
             (br#"{"type": "  "}"#, EventError::NoEventType),
             (br#"{"type": 5}"#, EventError::NoEventType),
+            (
+                br#"{"type": "scan\u0000.completed"}"#,
+                EventError::Nul("type"),
+            ),
+            (br#"{"event": "a\u0000"}"#, EventError::Nul("type")),
+            (br#"{"type": "a", "id": "x\u0000y"}"#, EventError::Nul("id")),
         ];
         for (body, expected) in cases {
             assert_eq!(Event::parse("s", body, None, None), Err(expected));

@@ -143,12 +143,20 @@ impl<'e> Activation<'e> {
         }
     }
 
-    /// A throttle key: the expression's value as text, empty when it cannot be evaluated.
+    /// A throttle key: the expression's value as text, empty when it cannot be evaluated. A
+    /// NUL (JSON may spell one) is kept as U+FFFD: PostgreSQL keeps no NUL in text, and a
+    /// key is only ever compared.
     pub fn eval_key(&mut self, expr: &Expr) -> String {
-        expr.program
+        let key = expr
+            .program
             .execute(self.context())
             .map(|v| display(&v))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if key.contains('\0') {
+            key.replace('\0', "\u{FFFD}")
+        } else {
+            key
+        }
     }
 }
 

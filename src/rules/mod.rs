@@ -404,6 +404,8 @@ mod tests {
         assert_eq!(table.route(&e).routes[0].1.as_deref(), Some("example.com"));
         let missing = event("cl", r#"{"type": "x"}"#);
         assert_eq!(table.route(&missing).routes[0].1.as_deref(), Some(""));
+        let nul = event("cl", r#"{"type": "x", "data": {"domain": "a\u0000b"}}"#);
+        assert_eq!(table.route(&nul).routes[0].1.as_deref(), Some("a\u{FFFD}b"));
     }
 
     fn lines(problems: &[(String, String)]) -> String {

@@ -74,7 +74,7 @@ pub enum StoreError {
     Secret(String),
     /// A batch failed; every command in it shares the cause.
     #[error("database write failed: {0}")]
-    Write(Arc<rusqlite::Error>),
+    Write(Arc<dyn std::error::Error + Send + Sync>),
     #[error("cannot open the write-ahead log of {path}: {source}")]
     OpenWal {
         path: PathBuf,
@@ -132,6 +132,47 @@ pub struct RouteTo {
     /// The route's throttle: this event's key, and the window's length.
     pub throttle: Option<(String, std::time::Duration)>,
     pub sinks: Vec<String>,
+}
+
+/// The columns of a new event row, as both backends store it. The parsed payload stays with
+/// the caller: dropping a JSON tree is work a writer batching many events should not do.
+pub(crate) struct NewEvent {
+    pub source: String,
+    pub delivery_id: String,
+    pub event_type: String,
+    pub occurred_at: Option<String>,
+    pub received_at: i64,
+    pub sender_delivery: Option<String>,
+    /// The body as signed, packed ([`body::pack`]).
+    pub body: Vec<u8>,
+    /// The event's time on its own clock, for throttles (unix milliseconds).
+    pub occurred_ms: i64,
+    pub routes: Vec<RouteTo>,
+    pub handoff: Handoff,
+}
+
+impl NewEvent {
+    /// What [`Storage::insert`] was given, as a row to write.
+    pub(crate) fn new(
+        event: &Event,
+        body: &[u8],
+        received_at: Timestamp,
+        routes: Vec<RouteTo>,
+        handoff: Handoff,
+    ) -> Self {
+        Self {
+            source: event.source.clone(),
+            delivery_id: event.delivery_id.clone(),
+            event_type: event.event_type.clone(),
+            occurred_at: event.occurred_at.map(|t| t.to_string()),
+            received_at: received_at.as_millisecond(),
+            sender_delivery: event.sender_delivery.clone(),
+            body: body::pack(body),
+            occurred_ms: event.occurred_at.unwrap_or(received_at).as_millisecond(),
+            routes,
+            handoff,
+        }
+    }
 }
 
 /// Sinks whose new jobs the delivery engine takes straight from ingest, with their event in

@@ -157,6 +157,53 @@ async fn a_thousand_deliveries_over_two_daemons_are_each_delivered_once() {
     }
 }
 
+/// Deliveries arriving together share a transaction; one that PostgreSQL refuses (here a
+/// trigger refuses its type) fails alone, with a 503 its sender retries, never the others.
+#[tokio::test]
+async fn an_event_postgres_refuses_fails_alone_not_the_transaction_it_shared() {
+    let cluster = shared();
+    let url = cluster.database();
+    let db = database_name(&url);
+    let dir = tempdir();
+    let daemon = Daemon::start(dir.path(), &pg_config(dir.path(), cluster, &url));
+    cluster.psql(
+        db,
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.event_type = 'scan.refused' THEN RAISE EXCEPTION 'refused'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION refuse()",
+    );
+    let refused = |id: &str| {
+        serde_json::json!({"id": id, "type": "scan.refused", "data": {}})
+            .to_string()
+            .into_bytes()
+    };
+    let mut answers = Vec::new();
+    for round in 0..5 {
+        let sends = (0..40).map(|i| {
+            let id = format!("shared-{round}-{i}");
+            let (poison, daemon) = (i % 20 == 7, &daemon);
+            let body = if poison { refused(&id) } else { scan_body(&id) };
+            async move { (poison, daemon.post_cl(&body).await.status) }
+        });
+        answers.extend(futures_util::future::join_all(sends).await);
+    }
+    for (poison, status) in &answers {
+        assert_eq!(*status, if *poison { 503 } else { 202 }, "{answers:?}");
+    }
+    assert_eq!(cluster.psql(db, "SELECT count(*) FROM events"), "190\n");
+    eventually(|| {
+        let seen = delivered(std::slice::from_ref(&dir));
+        (seen.len() == 190)
+            .then_some(())
+            .ok_or(format!("{} of 190 delivered", seen.len()))
+    })
+    .await;
+    assert!(daemon.terminate().success());
+}
+
 /// PostgreSQL going away is a 503 with `Retry-After` (never a 2xx for an event that is not
 /// stored), `/readyz` says so, and the daemon recovers by itself when the server is back.
 #[tokio::test]

@@ -297,6 +297,39 @@ throttle = { window = "1h", key = "data.domain" }
     assert_eq!(daemon.count("throttles"), 2);
 }
 
+on_both_backends!(a_throttle_key_holding_a_nul_throttles_like_any_other);
+
+/// A throttle key comes from the payload, where JSON may spell a NUL; PostgreSQL keeps none in
+/// text (every such event was a 503 there), so the key keeps it as U+FFFD on both backends.
+async fn a_throttle_key_holding_a_nul_throttles_like_any_other() {
+    let dir = tempdir();
+    let routes = r#"
+[[routes]]
+name = "per domain"
+events = ["scan.completed"]
+sinks = ["a"]
+throttle = { window = "1h", key = "data.domain" }
+"#;
+    let daemon = Daemon::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            NO_LIMITS,
+            &(sinks_and_sources(dir.path()) + routes),
+        ),
+    );
+    for id in ["nul-first", "nul-again"] {
+        let body = format!(
+            r#"{{"id": "{id}", "type": "scan.completed", "created_at": "2026-03-08T12:00:00Z", "data": {{"domain": "a\u0000.com"}}}}"#
+        );
+        daemon.accept_cl(body.as_bytes()).await;
+    }
+    wait_dispatched(&daemon, 2).await;
+    assert_eq!(ids_in(dir.path(), "a"), ["nul-first"]);
+    let detail: String = daemon.value("SELECT detail FROM dispatches WHERE status = 'suppressed'");
+    assert_eq!(detail, "a\u{FFFD}.com");
+}
+
 #[tokio::test]
 async fn templates_render_into_the_log_sink() {
     let dir = tempdir();

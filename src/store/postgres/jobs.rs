@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use sqlx::Row as _;
 use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{Postgres, Row as _, Transaction};
 
 use super::events::event_at;
 use crate::metrics::SinkQueue;
@@ -83,39 +83,52 @@ pub(super) async fn claim(
     rows.iter().map(due_job).collect()
 }
 
-/// Records an attempt's outcomes, releasing its jobs' leases.
+/// One attempt's outcomes, as [`Storage::finish_attempt`](crate::store::Storage::finish_attempt)
+/// was given them.
+pub(super) struct Finished {
+    pub outcomes: Vec<(Job, AttemptOutcome)>,
+    pub started_at: Timestamp,
+    pub finished_at: Timestamp,
+}
+
+/// Records the outcomes of `attempts`, releasing their jobs' leases.
 pub(super) async fn finish(
-    pool: &PgPool,
-    outcomes: Vec<(Job, AttemptOutcome)>,
-    started_at: Timestamp,
-    finished_at: Timestamp,
+    tx: &mut Transaction<'_, Postgres>,
+    attempts: &[Finished],
 ) -> Result<(), StoreError> {
-    let at = finished_at.as_millisecond();
     let mut columns: Outcomes = Outcomes::default();
-    for (job, outcome) in &outcomes {
-        let (status, error, response, next) = outcome.columns(at);
-        columns.ids.push(job.id);
-        columns.statuses.push(status);
-        columns.errors.push(error);
-        columns.responses.push(response);
-        columns.next.push(next);
-        columns
-            .numbers
-            .push(i32::try_from(job.attempt).unwrap_or(i32::MAX));
+    for attempt in attempts {
+        let at = attempt.finished_at.as_millisecond();
+        for (job, outcome) in &attempt.outcomes {
+            let (status, error, response, next) = outcome.columns(at);
+            columns.ids.push(job.id);
+            columns.statuses.push(status);
+            columns.errors.push(error);
+            columns.responses.push(response);
+            columns.next.push(next);
+            columns
+                .numbers
+                .push(i32::try_from(job.attempt).unwrap_or(i32::MAX));
+            columns.started.push(attempt.started_at.as_millisecond());
+            columns.finished.push(at);
+        }
+    }
+    if columns.ids.is_empty() {
+        return Ok(());
     }
     // The lease goes with the outcome: a failed job is anyone's to retry when it is due.
     sqlx::query(
         "WITH o AS (
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[],
-                                  $5::bigint[], $6::int[])
-                 AS o (id, status, error, response, next, number)),
+                                  $5::bigint[], $6::int[], $7::bigint[], $8::bigint[])
+                 AS o (id, status, error, response, next, number, started, finished)),
          updated AS (
              UPDATE jobs j SET status = o.status, last_error = o.error, response = o.response,
-                               next_attempt_at = o.next, updated_at = $7,
+                               next_attempt_at = o.next, updated_at = o.finished,
                                attempts = o.number, leased_by = NULL
              FROM o WHERE j.id = o.id)
          INSERT INTO attempts (job_id, number, started_at, finished_at, outcome, error, response)
-         SELECT id, number, $8, $7, status, error, response FROM o",
+         SELECT id, number, started, finished, status, error, response FROM o",
     )
     .bind(&columns.ids)
     .bind(&columns.statuses)
@@ -123,9 +136,9 @@ pub(super) async fn finish(
     .bind(&columns.responses)
     .bind(&columns.next)
     .bind(&columns.numbers)
-    .bind(at)
-    .bind(started_at.as_millisecond())
-    .execute(pool)
+    .bind(&columns.started)
+    .bind(&columns.finished)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
@@ -197,6 +210,8 @@ struct Outcomes<'a> {
     responses: Vec<&'a str>,
     next: Vec<i64>,
     numbers: Vec<i32>,
+    started: Vec<i64>,
+    finished: Vec<i64>,
 }
 
 /// A claimed job, with its event if it is still stored.

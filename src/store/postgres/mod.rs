@@ -28,8 +28,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AttemptOutcome, DueJob, DueSummary, Handoff, Inserted, Job, Prunable, PruneStep, RouteTo,
-    Storage, StoreError,
+    AttemptOutcome, DueJob, DueSummary, Handoff, Inserted, Job, NewEvent, Prunable, PruneStep,
+    RouteTo, Storage, StoreError,
 };
 use crate::config::PostgresConfig;
 use crate::event::Event;
@@ -72,6 +72,7 @@ macro_rules! claimable {
 }
 
 pub mod admin;
+mod commit;
 mod events;
 pub mod import;
 mod jobs;
@@ -80,6 +81,8 @@ mod schema;
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// Where inserts wait to share a transaction.
+    committer: commit::Committer,
     /// This replica's row in `replicas`.
     replica: i64,
     /// `storage.lease`, in milliseconds.
@@ -180,6 +183,7 @@ impl PostgresStore {
         .await?;
         tracing::info!(replica, "joined the database's replicas");
         let store = Self {
+            committer: commit::Committer::start(pool.clone(), replica),
             pool,
             replica,
             lease_ms: i64::try_from(config.lease.as_millis()).unwrap_or(i64::MAX),
@@ -283,16 +287,8 @@ impl Storage for PostgresStore {
         routes: Vec<RouteTo>,
         handoff: Handoff,
     ) -> Result<Inserted, StoreError> {
-        events::insert(
-            &self.pool,
-            self.replica,
-            event,
-            body,
-            received_at,
-            routes,
-            handoff,
-        )
-        .await
+        let new = NewEvent::new(event, body, received_at, routes, handoff);
+        self.committer.insert(new).await
     }
 
     async fn due_jobs(
@@ -321,7 +317,12 @@ impl Storage for PostgresStore {
         started_at: Timestamp,
         finished_at: Timestamp,
     ) -> Result<(), StoreError> {
-        jobs::finish(&self.pool, outcomes, started_at, finished_at).await
+        let attempt = jobs::Finished {
+            outcomes,
+            started_at,
+            finished_at,
+        };
+        self.committer.finish(attempt).await
     }
 
     async fn due_summary(&self) -> Result<HashMap<String, DueSummary>, StoreError> {
@@ -366,6 +367,7 @@ impl Storage for PostgresStore {
     }
 
     async fn close(&self) {
+        self.committer.close().await;
         self.stop.cancel();
         let beats = self.beats.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(beats) = beats {

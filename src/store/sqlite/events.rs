@@ -4,24 +4,8 @@
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::dedupe::Recent;
-use super::{Handoff, Inserted, Job, RouteTo, StoredEvent, from_ms};
+use super::{Inserted, Job, NewEvent, StoredEvent, from_ms};
 use crate::event::{Event, Payload};
-
-/// The columns of a new event row. The parsed payload stays with the caller: dropping a JSON
-/// tree is work the single writer thread should not do.
-pub(super) struct NewEvent {
-    pub source: String,
-    pub delivery_id: String,
-    pub event_type: String,
-    pub occurred_at: Option<String>,
-    pub received_at: i64,
-    pub sender_delivery: Option<String>,
-    pub body: Vec<u8>,
-    /// The event's time on its own clock, for throttles (unix milliseconds).
-    pub occurred_ms: i64,
-    pub routes: Vec<RouteTo>,
-    pub handoff: Handoff,
-}
 
 /// Stores `event` unless its delivery id was seen, and applies its routing.
 pub(super) fn insert(

@@ -53,13 +53,12 @@ use tokio::sync::{mpsc, oneshot};
 use async_trait::async_trait;
 
 use super::{
-    AttemptOutcome, DueJob, DueSummary, Handoff, Inserted, Job, Prunable, PruneStep, RouteTo,
-    Storage, StoreError, StoredEvent, from_ms,
+    AttemptOutcome, DueJob, DueSummary, Handoff, Inserted, Job, NewEvent, Prunable, PruneStep,
+    RouteTo, Storage, StoreError, StoredEvent, from_ms,
 };
 use crate::config::StorageConfig;
 use crate::event::Event;
 use crate::metrics::SinkQueue;
-use events::NewEvent;
 use writer::{Command, Done, Op, QUEUE_DEPTH, SyncFailure};
 
 /// The SQLite database: cheap to clone, shared by the HTTP handlers and the delivery engine.
@@ -231,18 +230,13 @@ impl Storage for SqliteStore {
         routes: Vec<RouteTo>,
         handoff: Handoff,
     ) -> Result<Inserted, StoreError> {
-        let op = Op::Insert(Box::new(NewEvent {
-            source: event.source.clone(),
-            delivery_id: event.delivery_id.clone(),
-            event_type: event.event_type.clone(),
-            occurred_at: event.occurred_at.map(|t| t.to_string()),
-            received_at: received_at.as_millisecond(),
-            sender_delivery: event.sender_delivery.clone(),
-            body: crate::store::body::pack(body),
-            occurred_ms: event.occurred_at.unwrap_or(received_at).as_millisecond(),
+        let op = Op::Insert(Box::new(NewEvent::new(
+            event,
+            body,
+            received_at,
             routes,
             handoff,
-        }));
+        )));
         match self.submit(op).await? {
             Done::Inserted(inserted) => Ok(inserted),
             _ => unreachable!("insert answers Inserted"),

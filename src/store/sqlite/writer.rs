@@ -8,9 +8,9 @@ use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::dedupe::Recent;
-use super::events::NewEvent;
 use super::{
-    AttemptOutcome, Inserted, Job, Prunable, PruneStep, StoreError, events, jobs, retention,
+    AttemptOutcome, Inserted, Job, NewEvent, Prunable, PruneStep, StoreError, events, jobs,
+    retention,
 };
 
 /// How often the checkpointer copies the WAL back into the database file.
@@ -101,7 +101,7 @@ pub(super) fn writer_loop(
                 Err(err) => {
                     // Rolled back: nothing to flush, so the answer need not wait.
                     tracing::error!(error = %err, commands = batch.len(), "database batch failed");
-                    let err = Arc::new(err);
+                    let err: Arc<dyn std::error::Error + Send + Sync> = Arc::new(err);
                     for cmd in batch.drain(..) {
                         let _ = cmd.reply.send(Err(StoreError::Write(Arc::clone(&err))));
                     }
