@@ -599,10 +599,11 @@ async fn a_blocked_file_sink_never_stalls_ingest() {
     assert_eq!(jobs(&daemon).get("succeeded"), None);
 }
 
+on_both_backends!(a_full_handoff_queue_spills_to_the_database_and_nothing_is_delivered_twice);
+
 /// New jobs are handed to the engine in memory until a sink has 1024 waiting; past that they
 /// wait in the database. Both ways meet at the sink, and no job takes both: every event is
 /// delivered exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_handoff_queue_spills_to_the_database_and_nothing_is_delivered_twice() {
     const EVENTS: usize = 1100;
     let dir = tempdir();
@@ -697,7 +698,8 @@ async fn jobs_in_flight_at_a_crash_are_delivered_after_restart() {
     assert_eq!(ids, ["crash-0", "crash-1", "crash-2"]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_both_backends!(replay_requeues_through_routes_or_to_one_sink);
+
 async fn replay_requeues_through_routes_or_to_one_sink() {
     let dir = tempdir();
     let sinks = format!(
@@ -747,7 +749,8 @@ async fn replay_requeues_through_routes_or_to_one_sink() {
     assert_eq!(out.lines().count(), 1, "header only: {out}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_both_backends!(jobs_of_a_sink_removed_by_reload_become_dead_letters);
+
 async fn jobs_of_a_sink_removed_by_reload_become_dead_letters() {
     let dir = tempdir();
     let target = Recorder::start().await;
@@ -905,9 +908,10 @@ async fn the_readmes_chat_and_paging_templates_send_json() {
     }
 }
 
+on_both_backends!(show_tells_events_and_jobs_apart_and_counts_every_attempt);
+
 /// Event ids and job ids are both small numbers: `show` takes either, names both, hints at
 /// the other kind, and numbers a retried dead letter's attempts 1..N with a summary to match.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn show_tells_events_and_jobs_apart_and_counts_every_attempt() {
     let dir = tempdir();
     let receiver = Recorder::start().await;

@@ -228,7 +228,8 @@ async fn a_signed_forward_takes_any_id_and_the_file_archive_one_line_per_deliver
     assert_eq!(pretty_line["payload"], sent, "the payload round-trips");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_both_backends!(an_odd_number_or_deep_nesting_leaves_routing_and_the_tools_working);
+
 async fn an_odd_number_or_deep_nesting_leaves_routing_and_the_tools_working() {
     let dir = tempdir();
     let archive = |name: &str| dir.path().join(format!("{name}.jsonl"));

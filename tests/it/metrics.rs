@@ -77,7 +77,8 @@ async fn scrape(daemon: &Daemon) -> (u16, String, String) {
     (status, content_type, response.text().await.unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_both_backends!(metrics_follow_what_was_sent_and_delivered);
+
 async fn metrics_follow_what_was_sent_and_delivered() {
     let dir = tempdir();
     let stuck = fifo(dir.path(), "stuck.fifo");

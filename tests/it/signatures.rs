@@ -48,7 +48,8 @@ async fn compliancelayer_accepts_every_documented_form() {
     assert_eq!(daemon.count("events"), 4);
 }
 
-#[tokio::test]
+on_both_backends!(compliancelayer_refusals_store_nothing);
+
 async fn compliancelayer_refusals_store_nothing() {
     let dir = tempdir();
     let daemon = Daemon::start(

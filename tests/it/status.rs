@@ -15,7 +15,8 @@ fn assert_nothing_stored(daemon: &Daemon) {
     assert_eq!(daemon.count("dedupe"), 0);
 }
 
-#[tokio::test]
+on_both_backends!(client_errors_have_exact_codes_and_store_nothing);
+
 async fn client_errors_have_exact_codes_and_store_nothing() {
     let dir = tempdir();
     let rest = format!(
