@@ -276,40 +276,58 @@ async fn delivery_ids_are_merged_while_the_daemon_runs() {
     assert_eq!(daemon.post_cl(&scan_body("late")).await.status, 200);
 }
 
+on_both_backends!(a_pruning_backlog_delays_neither_requests_nor_a_stop);
+
 /// A backlog of expired events (as after shortening the retention) goes a little at a time:
 /// requests are answered meanwhile, and a SIGTERM stops the daemon at once, not after the
 /// backlog.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pruning_backlog_delays_neither_requests_nor_a_stop() {
     let dir = tempdir();
     let text = config(dir.path(), NO_LIMITS, &standard_rest(dir.path()));
     // The daemon makes the database; the backlog is then written into it, received in 1970.
     assert_eq!(Daemon::start(dir.path(), &text).terminate().code(), Some(0));
     let backlog = 100_000;
-    {
-        let mut conn = rusqlite::Connection::open(dir.path().join("hookroute.db")).unwrap();
-        let tx = conn.transaction().unwrap();
-        for id in 0..backlog {
+    match backend() {
+        Backend::Sqlite => {
+            let mut conn = rusqlite::Connection::open(dir.path().join("hookroute.db")).unwrap();
+            let tx = conn.transaction().unwrap();
+            for id in 0..backlog {
+                tx.execute(
+                    "INSERT INTO events (source, delivery_id, event_type, received_at, payload)
+                     VALUES ('cl', ?1, 'scan.completed', 0, CAST('{}' AS BLOB))",
+                    [format!("expired-{id}")],
+                )
+                .unwrap();
+                tx.execute(
+                    "INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at, created_at, updated_at)
+                     VALUES (last_insert_rowid(), 'everything', 'archive', 'succeeded', 1, 0, 0, 0)",
+                    [],
+                )
+                .unwrap();
+            }
+            // Their delivery ids expired long ago: none is left to merge into the dedupe index.
             tx.execute(
-                "INSERT INTO events (source, delivery_id, event_type, received_at, payload)
-                 VALUES ('cl', ?1, 'scan.completed', 0, CAST('{}' AS BLOB))",
-                [format!("expired-{id}")],
-            )
-            .unwrap();
-            tx.execute(
-                "INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at, created_at, updated_at)
-                 VALUES (last_insert_rowid(), 'everything', 'archive', 'succeeded', 1, 0, 0, 0)",
+                "UPDATE meta SET value = (SELECT max(id) FROM events) WHERE key = 'dedupe_merged'",
                 [],
             )
             .unwrap();
+            tx.commit().unwrap();
         }
-        // Their delivery ids expired long ago: none is left to merge into the dedupe index.
-        tx.execute(
-            "UPDATE meta SET value = (SELECT max(id) FROM events) WHERE key = 'dedupe_merged'",
-            [],
-        )
-        .unwrap();
-        tx.commit().unwrap();
+        Backend::Postgres => {
+            let database = std::fs::read_to_string(dir.path().join(PG_MARKER)).unwrap();
+            crate::postgres::shared().psql(
+                &database,
+                &format!(
+                    "WITH e AS (
+                         INSERT INTO events (source, delivery_id, event_type, received_at, payload)
+                         SELECT 'cl', 'expired-' || n, 'scan.completed', 0, '\\x7b7d'::bytea
+                         FROM generate_series(1, {backlog}) AS n RETURNING id)
+                     INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at,
+                                       created_at, updated_at)
+                     SELECT id, 'everything', 'archive', 'succeeded', 1, 0, 0, 0 FROM e"
+                ),
+            );
+        }
     }
     let total = backlog;
 

@@ -99,7 +99,7 @@ fn storage(dir: &Path) -> String {
 }
 
 /// In a test's directory, the name of its PostgreSQL database.
-const PG_MARKER: &str = "postgres-database";
+pub const PG_MARKER: &str = "postgres-database";
 
 /// A ComplianceLayer source (two live secrets) and a file sink: what most tests need.
 pub fn standard_rest(dir: &Path) -> String {
