@@ -235,8 +235,8 @@ async fn unrouted_events_are_stored_and_recorded() {
 
 on_both_backends!(throttle_windows_follow_the_events_clock_and_survive_restarts);
 
-async fn throttle_windows_follow_the_events_clock_and_survive_restarts() {
-    let dir = tempdir();
+/// A configuration routing scans to sink `a`, throttled per `data.domain` for an hour.
+fn throttled_per_domain(dir: &Path) -> String {
     let routes = r#"
 [[routes]]
 name = "per domain"
@@ -244,17 +244,20 @@ events = ["scan.completed"]
 sinks = ["a"]
 throttle = { window = "1h", key = "data.domain" }
 "#;
-    let text = config(
-        dir.path(),
-        NO_LIMITS,
-        &(sinks_and_sources(dir.path()) + routes),
-    );
+    config(dir, NO_LIMITS, &(sinks_and_sources(dir) + routes))
+}
+
+/// A scan of `domain` (raw JSON string content) at `at`, the events' clock: tests of windows
+/// need no sleeping.
+fn scan(id: &str, domain: &str, at: &str) -> Vec<u8> {
+    format!(r#"{{"id": "{id}", "type": "scan.completed", "created_at": "{at}", "data": {{"domain": "{domain}"}}}}"#)
+        .into_bytes()
+}
+
+async fn throttle_windows_follow_the_events_clock_and_survive_restarts() {
+    let dir = tempdir();
+    let text = throttled_per_domain(dir.path());
     let daemon = Daemon::start(dir.path(), &text);
-    // created_at is the events' clock: no sleeping through windows.
-    let scan = |id: &str, domain: &str, at: &str| {
-        format!(r#"{{"id": "{id}", "type": "scan.completed", "created_at": "{at}", "data": {{"domain": "{domain}"}}}}"#)
-            .into_bytes()
-    };
     for body in [
         scan("first", "a.com", "2026-03-08T12:00:00Z"),
         scan("same-window", "a.com", "2026-03-08T12:10:00Z"),
@@ -303,26 +306,11 @@ on_both_backends!(a_throttle_key_holding_a_nul_throttles_like_any_other);
 /// text (every such event was a 503 there), so the key keeps it as U+FFFD on both backends.
 async fn a_throttle_key_holding_a_nul_throttles_like_any_other() {
     let dir = tempdir();
-    let routes = r#"
-[[routes]]
-name = "per domain"
-events = ["scan.completed"]
-sinks = ["a"]
-throttle = { window = "1h", key = "data.domain" }
-"#;
-    let daemon = Daemon::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            NO_LIMITS,
-            &(sinks_and_sources(dir.path()) + routes),
-        ),
-    );
+    let daemon = Daemon::start(dir.path(), &throttled_per_domain(dir.path()));
     for id in ["nul-first", "nul-again"] {
-        let body = format!(
-            r#"{{"id": "{id}", "type": "scan.completed", "created_at": "2026-03-08T12:00:00Z", "data": {{"domain": "a\u0000.com"}}}}"#
-        );
-        daemon.accept_cl(body.as_bytes()).await;
+        daemon
+            .accept_cl(&scan(id, "a\\u0000.com", "2026-03-08T12:00:00Z"))
+            .await;
     }
     wait_dispatched(&daemon, 2).await;
     assert_eq!(ids_in(dir.path(), "a"), ["nul-first"]);

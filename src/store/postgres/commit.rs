@@ -149,12 +149,8 @@ async fn commit(pool: &sqlx::PgPool, replica: i64, batch: Vec<Write>) {
         }
         Err(err) => {
             let err: Arc<dyn std::error::Error + Send + Sync> = Arc::new(err);
-            for reply in inserts.replies {
-                let _ = reply.send(Err(StoreError::Write(Arc::clone(&err))));
-            }
-            for reply in finishes.replies {
-                let _ = reply.send(Err(StoreError::Write(Arc::clone(&err))));
-            }
+            inserts.fail(&err);
+            finishes.fail(&err);
         }
     }
 }
@@ -178,6 +174,13 @@ impl<W, T> Batch<W, T> {
     fn push(&mut self, write: W, reply: Reply<T>) {
         self.writes.push(write);
         self.replies.push(reply);
+    }
+
+    /// Answers every write with the transaction's failure.
+    fn fail(self, err: &Arc<dyn std::error::Error + Send + Sync>) {
+        for reply in self.replies {
+            let _ = reply.send(Err(StoreError::Write(Arc::clone(err))));
+        }
     }
 }
 

@@ -35,12 +35,12 @@ pub(super) async fn insert(
     let sorted: Vec<usize> = firsts.values().copied().collect();
     let mut throttles = Throttles::lock(tx, sorted.iter().map(|&n| &batch[n])).await?;
     let stored = store_events(tx, batch, &sorted).await?;
-    let seen: Vec<usize> = sorted
+    let seen_before: Vec<usize> = sorted
         .iter()
         .copied()
         .filter(|n| !stored.contains_key(n))
         .collect();
-    let seen = first_copies(tx, batch, &seen).await?;
+    let earlier = first_copies(tx, batch, &seen_before).await?;
     let mut jobs = NewJobs::default();
     let mut suppressed: HashMap<usize, Vec<String>> = HashMap::new();
     // In the order the events came: the first of two sharing a throttle key opens its window.
@@ -78,7 +78,7 @@ pub(super) async fn insert(
                     }
                 }
                 Some(&id) => Inserted::Duplicate(id),
-                None => Inserted::Duplicate(seen[&first]),
+                None => Inserted::Duplicate(earlier[&first]),
             }
         })
         .collect())

@@ -14,9 +14,7 @@ use crate::store::from_ms;
 use crate::store::{AttemptOutcome, DueJob, DueSummary, Job, StoreError};
 
 /// Claims up to `limit` due jobs of `sink` for `replica`: see
-/// [`Storage::due_jobs`](crate::store::Storage::due_jobs). A job a dead replica leased is due
-/// at once, as a crashed SQLite daemon's are at its restart: its hand-over died with it, and
-/// its row would come due only at the hand-over's fallback.
+/// [`Storage::due_jobs`](crate::store::Storage::due_jobs), due as [`due_at!`] says.
 pub(super) async fn claim(
     pool: &PgPool,
     (replica, lease, held): (i64, i64, &[i64]),
@@ -60,8 +58,9 @@ pub(super) async fn claim(
              UPDATE jobs SET leased_by = $4
              WHERE id IN (
                  SELECT id FROM jobs
-                 WHERE sink = $1 AND status IN ('pending', 'failed')
-                   AND (next_attempt_at <= $2 OR leased_by <> $4) AND ",
+                 WHERE sink = $1 AND status IN ('pending', 'failed') AND ",
+        due_at!("$4"),
+        " <= $2 AND ",
         claimable!("$4", "$6", "$5"),
         "
                  ORDER BY next_attempt_at, id LIMIT $3
@@ -146,16 +145,16 @@ pub(super) async fn finish(
 }
 
 /// For each sink with jobs this replica may take (its own included): when the next is due
-/// (a dead replica's at once, see [`claim`]), and the oldest.
+/// ([`due_at!`]), and the oldest.
 pub(super) async fn waiting(
     pool: &PgPool,
     replica: i64,
     lease: i64,
 ) -> Result<HashMap<String, DueSummary>, StoreError> {
     let rows = sqlx::query(concat!(
-        "SELECT sink, min(CASE WHEN leased_by <> $1 THEN 0 ELSE next_attempt_at END),
-                min(created_at)
-         FROM jobs
+        "SELECT sink, min(",
+        due_at!("$1"),
+        "), min(created_at) FROM jobs
          WHERE status IN ('pending', 'failed') AND ",
         claimable!("$1", "'{}'::bigint[]", "$2"),
         "

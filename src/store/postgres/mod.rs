@@ -71,6 +71,20 @@ macro_rules! claimable {
     };
 }
 
+/// When a job is due for replica `$me`: at its `next_attempt_at`, or at once if another
+/// replica leased it (one that [`claimable!`] lets `$me` take is dead, and so is its
+/// hand-over, whose row would come due only at the hand-over's fallback), as a crashed
+/// SQLite daemon's jobs are at its restart.
+macro_rules! due_at {
+    ($me:literal) => {
+        concat!(
+            "(CASE WHEN leased_by <> ",
+            $me,
+            " THEN 0 ELSE next_attempt_at END)"
+        )
+    };
+}
+
 pub mod admin;
 mod commit;
 mod events;
