@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::config::{Config, Routing};
 use crate::event::Event;
+use crate::secret::Redactor;
 use crate::sinks::{DeliveryOptions, Sink};
 use crate::store::RouteTo;
 
@@ -31,6 +32,8 @@ pub struct NamedSink {
 pub struct Plan {
     pub routing: Arc<Routing>,
     pub sinks: HashMap<String, NamedSink>,
+    /// Every configured secret (sinks' and sources'), to take out of what sinks answer.
+    pub redactor: Arc<Redactor>,
 }
 
 impl Plan {
@@ -40,8 +43,14 @@ impl Plan {
     /// The first sink that cannot be built, and why.
     pub fn build(config: &Config) -> Result<Self, String> {
         let mut sinks = HashMap::new();
+        let mut secrets: Vec<String> = config
+            .sources
+            .iter()
+            .flat_map(|source| source.verifier.key_texts())
+            .collect();
         for s in &config.sinks {
             let config = s.spec.config();
+            secrets.extend(config.secrets());
             let sink = config
                 .build(&s.name)
                 .map_err(|err| format!("sinks.{}: {err}", s.name))?;
@@ -59,6 +68,7 @@ impl Plan {
         Ok(Self {
             routing: Arc::clone(&config.routing),
             sinks,
+            redactor: Arc::new(Redactor::new(secrets)),
         })
     }
 }

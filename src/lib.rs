@@ -11,7 +11,8 @@
 //!   from [`templates`] and the retry decisions of `delivery::retry`.
 //! - [`config`]: the TOML file, validated into the [`config::Config`] everything is built
 //!   from; [`cli`]: the commands, the operator's tools among them.
-//! - Leaves any module may use: [`duration`], [`secret`], [`clock`], [`private`] (file modes).
+//! - Leaves any module may use: [`duration`], [`secret`], [`clock`], [`private`] (file modes),
+//!   [`text`] (a stranger's text made safe to keep, print and log).
 //!
 //! Dependencies point one way, and a test (`tests/it/layout.rs`) keeps it so: `cli` and
 //! `http` → `intake` → `dispatch`, `store`, `delivery`; `delivery` → `dispatch`, `store`,
@@ -41,6 +42,7 @@ pub mod signature;
 pub mod sinks;
 pub mod store;
 pub mod templates;
+pub mod text;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -31,7 +31,10 @@ fn main() -> ExitCode {
         .with_writer(stderr);
     match hookroute::config::log_format(cli.config_path()) {
         LogFormat::Json => logs.json().flatten_event(true).init(),
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => logs
+            .fmt_fields(hookroute::text::EscapedFields::default())
+            .with_ansi(std::io::stderr().is_terminal())
+            .init(),
     }
     match hookroute::cli::run(cli) {
         Ok(code) => code,

@@ -147,3 +147,153 @@ pub fn decode_whsec(secret: &str) -> Result<Vec<u8>, &'static str> {
         _ => Err("the secret is not valid base64 after its `whsec_` prefix"),
     }
 }
+
+/// Takes every configured secret out of text a stranger sent back: a receiver's 404 page that
+/// quotes the path it was posted to (`Cannot POST /hooks/ingest/TOKEN`), an SMTP relay that
+/// echoes the `AUTH PLAIN` line in its refusal. The delivery engine runs every answer and error
+/// through one before it is logged or kept.
+///
+/// Each secret is looked for in the forms it travels in (see [`forms`]); matches are replaced
+/// by `***`, the longest first, so a URL goes as a whole rather than piece by piece.
+#[derive(Default)]
+pub struct Redactor {
+    matcher: Option<aho_corasick::AhoCorasick>,
+}
+
+impl fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Redactor(***)")
+    }
+}
+
+/// What a redacted secret reads as.
+pub const REDACTED: &str = "***";
+
+/// Shortest text taken for a secret on its own: shorter would blank common words.
+const SHORTEST: usize = 4;
+/// Shortest part of a URL (a path segment) taken for a token, when it has a digit in it.
+const SHORTEST_TOKEN: usize = 8;
+/// Length from which a URL's path segment is a token even without a digit.
+const LONG_TOKEN: usize = 16;
+
+impl Redactor {
+    /// A redactor for `secrets`, each in all its [`forms`].
+    pub fn new(secrets: impl IntoIterator<Item = String>) -> Self {
+        let mut patterns: Vec<String> = secrets.into_iter().flat_map(|s| forms(&s)).collect();
+        patterns.sort_unstable();
+        patterns.dedup();
+        if patterns.is_empty() {
+            return Self::default();
+        }
+        let matcher = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(&patterns)
+            .ok();
+        Self { matcher }
+    }
+
+    /// `text` with every secret's every form replaced by [`REDACTED`].
+    pub fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        match &self.matcher {
+            Some(matcher) if matcher.is_match(text) => {
+                let replace = vec![REDACTED; matcher.patterns_len()];
+                std::borrow::Cow::Owned(matcher.replace_all(text, &replace))
+            }
+            _ => std::borrow::Cow::Borrowed(text),
+        }
+    }
+}
+
+/// The forms `secret` may come back in: as written, percent-encoded and -decoded, in base64
+/// (SMTP's `AUTH` lines), and, for a URL, each part that may carry a token: the password, the
+/// path and query together and apart, each query value, and each path segment that looks like
+/// a token (a digit and 8 characters, or 16). A header value's credentials after its scheme
+/// (`Bearer …`) count on their own.
+pub fn forms(secret: &str) -> Vec<String> {
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    use percent_encoding::{NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
+    let mut found = vec![secret.to_owned()];
+    if let Some((_, token)) = secret.split_once(' ')
+        && !token.contains(' ')
+    {
+        found.push(token.to_owned());
+    }
+    if let Ok(url) = url::Url::parse(secret)
+        && url.has_host()
+    {
+        found.extend(url.password().map(str::to_owned));
+        let path = url.path();
+        if path.len() > 1 {
+            found.push(path.to_owned());
+        }
+        if let Some(query) = url.query() {
+            found.push(query.to_owned());
+            found.push(format!("{path}?{query}"));
+            found.extend(url.query_pairs().map(|(_, value)| value.into_owned()));
+        }
+        found.extend(
+            url.path_segments()
+                .into_iter()
+                .flatten()
+                .filter(|s| {
+                    s.len() >= LONG_TOKEN
+                        || (s.len() >= SHORTEST_TOKEN && s.bytes().any(|b| b.is_ascii_digit()))
+                })
+                .map(str::to_owned),
+        );
+    }
+    let mut all = Vec::with_capacity(found.len() * 5);
+    for form in found.into_iter().filter(|f| f.len() >= SHORTEST) {
+        all.push(utf8_percent_encode(&form, NON_ALPHANUMERIC).to_string());
+        if let Ok(decoded) = percent_decode_str(&form).decode_utf8() {
+            all.push(decoded.into_owned());
+        }
+        all.push(STANDARD.encode(&form));
+        all.push(URL_SAFE_NO_PAD.encode(&form));
+        all.push(form);
+    }
+    all.retain(|f| f.len() >= SHORTEST);
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forwarding_urls_tokens_are_redacted_wherever_they_appear() {
+        let redactor = Redactor::new(["https://in.example/hooks/ingest/tok3n5ecret99?api_key=K3Y-v4lue".into()]);
+        for (answer, kept) in [
+            ("Cannot POST /hooks/ingest/tok3n5ecret99", "Cannot POST ***"),
+            ("no route for /hooks/ingest/tok3n5ecret99?api_key=K3Y-v4lue", "no route for ***"),
+            ("bad key K3Y-v4lue", "bad key ***"),
+            ("token tok3n5ecret99 revoked", "token *** revoked"),
+            ("GET /hooks/ingest/ not allowed", "GET /hooks/ingest/ not allowed"),
+        ] {
+            assert_eq!(redactor.redact(answer), kept, "{answer}");
+        }
+    }
+
+    #[test]
+    fn an_smtp_login_is_redacted_in_base64_too() {
+        use base64::Engine as _;
+        let plain = base64::engine::general_purpose::STANDARD.encode("\0alerts\0hunter2-pw");
+        let redactor = Redactor::new(["hunter2-pw".into(), "\0alerts\0hunter2-pw".into()]);
+        let refusal = format!("535 5.7.8 AUTH PLAIN {plain} rejected; password hunter2-pw");
+        assert_eq!(
+            redactor.redact(&refusal),
+            "535 5.7.8 AUTH PLAIN *** rejected; password ***"
+        );
+        let login = base64::engine::general_purpose::STANDARD.encode("hunter2-pw");
+        assert_eq!(redactor.redact(&format!("334 {login}")), "334 ***");
+    }
+
+    #[test]
+    fn nothing_configured_redacts_nothing() {
+        let redactor = Redactor::new(Vec::new());
+        assert!(matches!(redactor.redact("HTTP 500"), std::borrow::Cow::Borrowed(_)));
+        let short = Redactor::new(["ab".into()]);
+        assert_eq!(short.redact("abab"), "abab");
+    }
+}

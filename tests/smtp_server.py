@@ -3,10 +3,12 @@
 
 Saves every accepted message as JSON in --out: the envelope, whether the session used TLS and
 AUTH, and the message parsed by Python's email package (headers, text and HTML parts).
-Recipients at reject.invalid are refused with 550, like an unknown mailbox. Prints READY once
-it accepts connections.
+Recipients at reject.invalid are refused with 550, like an unknown mailbox. Mode "echo" is a
+careless relay: plain SMTP with AUTH, whose refusal quotes the AUTH PLAIN line it was sent.
+Prints READY once it accepts connections.
 """
 import argparse
+import base64
 import email
 import email.policy
 import json
@@ -65,12 +67,12 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--cert")
     parser.add_argument("--key")
-    parser.add_argument("--mode", choices=["plain", "starttls", "tls"], default="plain")
+    parser.add_argument("--mode", choices=["plain", "starttls", "tls", "echo"], default="plain")
     parser.add_argument("--auth", help="user:password required")
     args = parser.parse_args()
 
     context = None
-    if args.mode != "plain":
+    if args.mode in ("starttls", "tls"):
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.cert, args.key)
     params = {}
@@ -81,10 +83,18 @@ def main():
 
         def authenticator(server, session, envelope, mechanism, auth_data):
             ok = auth_data.login.decode() == user and auth_data.password.decode() == password
+            if not ok and args.mode == "echo":
+                line = base64.b64encode(b"\0" + auth_data.login + b"\0" + auth_data.password)
+                message = f"535 5.7.8 Authentication failed for AUTH PLAIN {line.decode()}"
+                return AuthResult(success=False, handled=False, message=message)
             # handled=False: aiosmtpd answers (235 or 535) itself.
             return AuthResult(success=ok, handled=False)
 
-        params.update(authenticator=authenticator, auth_required=True, auth_require_tls=True)
+        params.update(
+            authenticator=authenticator,
+            auth_required=True,
+            auth_require_tls=args.mode != "echo",
+        )
     controller = Controller(
         Saver(args.out),
         hostname="127.0.0.1",

@@ -9,6 +9,7 @@ use super::{ConfigArg, RouteTestArgs};
 use crate::config::{self, Config};
 use crate::event::Event;
 use crate::rules::Verdict;
+use crate::text::printable;
 
 pub(super) fn check_config(args: ConfigArg) -> anyhow::Result<ExitCode> {
     let config = config::load(&args.config)?;
@@ -171,7 +172,9 @@ fn explain(config: &Config, event: &Event) -> (String, usize) {
     let _ = writeln!(
         out,
         "event: {} from {} (delivery id {})",
-        event.event_type, event.source, event.delivery_id
+        printable(&event.event_type),
+        printable(&event.source),
+        printable(&event.delivery_id)
     );
     let mut matched = 0;
     for (i, (route, verdict)) in routing.table.evaluate(event).into_iter().enumerate() {
@@ -191,7 +194,8 @@ fn explain(config: &Config, event: &Event) -> (String, usize) {
                 if let (Some(throttle), Some(key)) = (&route.throttle, throttle_key) {
                     let _ = writeln!(
                         out,
-                        "   throttle: first event per key {key:?} every {} passes (not applied in a test)",
+                        "   throttle: first event per key \"{}\" every {} passes (not applied in a test)",
+                        printable(&key),
                         humantime::format_duration(throttle.window)
                     );
                 }
@@ -208,22 +212,24 @@ fn explain(config: &Config, event: &Event) -> (String, usize) {
                     let message = routing.message(&route.name, name, kind, event);
                     for line in std::iter::once(message.title.as_str()).chain(message.body.lines())
                     {
-                        let _ = writeln!(out, "      | {line}");
+                        let _ = writeln!(out, "      | {}", printable(line));
                     }
                 }
             }
             Verdict::NoEventMatch => {
                 let _ = writeln!(
                     out,
-                    "no match: {:?} is not one of {:?}",
-                    event.event_type, route.event_globs
+                    "no match: \"{}\" is not one of {:?}",
+                    printable(&event.event_type),
+                    route.event_globs
                 );
             }
             Verdict::NoSourceMatch => {
                 let _ = writeln!(
                     out,
-                    "no match: source {:?} is not one of {:?}",
-                    event.source, route.sources
+                    "no match: source \"{}\" is not one of {:?}",
+                    printable(&event.source),
+                    route.sources
                 );
             }
             Verdict::ConditionFalse => {

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use super::{ListArgs, MigrateArgs, ReplayArgs, RetryArgs, ShowArgs};
 use crate::config::{self, Config};
 use crate::store::admin::{Access, AdminStorage, EventDetail, Filter};
+use crate::text::{printable, printable_lines};
 
 fn admin(
     config_path: &std::path::Path,
@@ -46,20 +47,22 @@ pub(super) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
             (None, Some(next)) => format!("next try {next}"),
             (None, None) => String::new(),
         };
+        // Every column a stranger may have written is shown escaped (see `text::printable`),
+        // so no row can erase, split or forge another.
         println!(
             "{:>6} {:>6}  {:<20} {:<16} {:<22} {:<24} {:<14} {:<10} {:>3}  {}",
             row.event_id,
             row.job_id
                 .map(|id| id.to_string())
                 .unwrap_or_else(|| "-".into()),
-            row.received_at.get(..19).unwrap_or(&row.received_at),
-            row.source,
-            row.event_type,
-            row.route.as_deref().unwrap_or("-"),
-            row.sink.as_deref().unwrap_or("-"),
-            row.status,
+            printable(row.received_at.get(..19).unwrap_or(&row.received_at)),
+            printable(&row.source),
+            printable(&row.event_type),
+            printable(row.route.as_deref().unwrap_or("-")),
+            printable(row.sink.as_deref().unwrap_or("-")),
+            printable(&row.status),
             row.attempts,
-            detail.replace('\n', " "),
+            printable(&detail),
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -119,35 +122,46 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     let event = &stored.event;
     println!(
         "event {}: {} from {}",
-        stored.id, event.event_type, event.source
+        stored.id,
+        printable(&event.event_type),
+        printable(&event.source)
     );
-    println!("  delivery id:   {}", event.delivery_id);
+    println!("  delivery id:   {}", printable(&event.delivery_id));
     if let Some(header) = &event.sender_delivery {
-        println!("  sender's id:   {header}");
+        println!("  sender's id:   {}", printable(header));
     }
     println!("  received:      {}", stored.received_at);
     if let Some(at) = event.occurred_at {
         println!("  occurred:      {at}");
     }
+    // JSON escapes control characters in strings, but not bidirectional overrides.
     println!(
         "  payload:       {}",
-        serde_json::to_string_pretty(event.payload.value())?.replace('\n', "\n                 ")
+        printable_lines(
+            &serde_json::to_string_pretty(event.payload.value())?,
+            "                 "
+        )
     );
     for note in &notes {
         println!(
             "  {}: {}{}",
-            note.status,
-            note.route.as_deref().unwrap_or("no route matched"),
+            printable(&note.status),
+            printable(note.route.as_deref().unwrap_or("no route matched")),
             note.detail
                 .as_ref()
-                .map(|k| format!(" (throttle key {k:?})"))
+                .map(|k| format!(" (throttle key \"{}\")", printable(k)))
                 .unwrap_or_default()
         );
     }
     for job in &jobs {
         println!(
-            "job {} (event {}): route {:?} -> sink {:?}: {} after {} attempt(s)",
-            job.id, stored.id, job.route, job.sink, job.status, job.attempts
+            "job {} (event {}): route \"{}\" -> sink \"{}\": {} after {} attempt(s)",
+            job.id,
+            stored.id,
+            printable(&job.route),
+            printable(&job.sink),
+            printable(&job.status),
+            job.attempts
         );
         if let Some(next) = &job.next_attempt_at {
             println!("  next try:      {next}");
@@ -158,12 +172,12 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
                 attempt.number, attempt.started_at, attempt.outcome
             );
             if let Some(error) = &attempt.error {
-                println!("    error:       {error}");
+                println!("    error:       {}", printable(error));
             }
             if let Some(response) = attempt.response.as_deref().filter(|r| !r.is_empty()) {
                 println!(
                     "    response:    {}",
-                    response.replace('\n', "\n                 ")
+                    printable_lines(response, "                 ")
                 );
             }
         }

@@ -13,9 +13,11 @@ use crate::clock::Clock;
 use crate::dispatch::{NamedSink, Plan};
 use crate::event::Event;
 use crate::metrics::{DeliveryOutcome, Metrics};
+use crate::secret::Redactor;
 use crate::sinks::{Delivery, SinkError};
 use crate::store::{AttemptOutcome, DueJob, Job, Store};
 use crate::templates::Message;
+use crate::text::storable;
 
 /// One attempt at delivering `jobs` (one job, or a digest's worth) and its recorded outcome.
 /// Returns whether every outcome was recorded.
@@ -47,7 +49,7 @@ pub(super) async fn attempt(
         return false; // the runtime is shutting down: the jobs stay due
     };
     if prepared.is_empty() {
-        return finish(store, metrics, &sink.name, outcomes, started, started).await;
+        return finish(store, metrics, &plan.redactor, &sink.name, outcomes, started, started).await;
     }
     let deliveries: Vec<Delivery<'_>> = prepared
         .iter()
@@ -98,7 +100,7 @@ pub(super) async fn attempt(
         }
         outcomes.push((job, outcome));
     }
-    finish(store, metrics, &sink.name, outcomes, started, now).await
+    finish(store, metrics, &plan.redactor, &sink.name, outcomes, started, now).await
 }
 
 /// Pairs each job with its message, rendered on a blocking thread: a template works through
@@ -145,16 +147,25 @@ fn render(plan: &Plan, sink: &NamedSink, route: &str, event: &Event) -> Message 
 }
 
 /// Logs an attempt's outcomes and records them; returns whether they were recorded.
+///
+/// What the sink answered is a stranger's text: every configured secret is taken out of it
+/// first (a receiver may quote its URL's token back), and a NUL made storable (PostgreSQL
+/// refuses one, and the record would fail, leaving the job leased), so that whatever a sink
+/// answers is logged and recorded once.
 pub(super) async fn finish(
     store: &Store,
     metrics: &Metrics,
+    redactor: &Redactor,
     sink: &str,
-    outcomes: Vec<(Job, AttemptOutcome)>,
+    mut outcomes: Vec<(Job, AttemptOutcome)>,
     started: Timestamp,
     finished: Timestamp,
 ) -> bool {
     if outcomes.is_empty() {
         return true;
+    }
+    for (_, outcome) in &mut outcomes {
+        outcome.clean(|text| storable(&redactor.redact(text)).into_owned());
     }
     for (job, outcome) in &outcomes {
         metrics.delivery(

@@ -184,6 +184,35 @@ pub enum EventError {
     /// environment variable shows it faithfully, and no sender means it.
     #[error("\"{0}\" must not contain NUL characters")]
     Nul(&'static str),
+    /// An id or type longer than anyone sends: it would be logged twice per event and kept
+    /// in every index, so a sender could fill the disk with its log.
+    #[error("\"{field}\" is {len} bytes long; at most {limit} are accepted")]
+    TooLong {
+        field: &'static str,
+        len: usize,
+        limit: usize,
+    },
+}
+
+/// The longest event type accepted, in bytes (`scan.completed` is 14).
+pub const MAX_TYPE_LEN: usize = 128;
+/// The longest delivery id accepted, in bytes: the payload's `id`, a signed `webhook-id` or
+/// the sender's delivery header (a UUID is 36).
+pub const MAX_ID_LEN: usize = 256;
+
+/// Refuses `value` of `field` when it holds a NUL or is longer than `limit` bytes.
+fn check(field: &'static str, value: &str, limit: usize) -> Result<(), EventError> {
+    if value.contains('\0') {
+        return Err(EventError::Nul(field));
+    }
+    if value.len() > limit {
+        return Err(EventError::TooLong {
+            field,
+            len: value.len(),
+            limit,
+        });
+    }
+    Ok(())
 }
 
 impl Event {
@@ -214,9 +243,7 @@ impl Event {
             .filter(|t| !t.is_empty())
             .ok_or(EventError::NoEventType)?
             .to_owned();
-        if event_type.contains('\0') {
-            return Err(EventError::Nul("type"));
-        }
+        check("type", &event_type, MAX_TYPE_LEN)?;
         let occurred_at = text(&envelope.created_at)
             .or_else(|| text(&envelope.timestamp))
             .and_then(|text| text.parse::<Timestamp>().ok());
@@ -228,8 +255,9 @@ impl Event {
                 .and_then(payload_id)
                 .unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(body)))),
         };
-        if delivery_id.contains('\0') {
-            return Err(EventError::Nul("id"));
+        check("id", &delivery_id, MAX_ID_LEN)?;
+        if let Some(header) = sender_delivery {
+            check("delivery header", header, MAX_ID_LEN)?;
         }
         Ok(Self {
             source: source.to_owned(),

@@ -145,6 +145,13 @@ impl Verifier {
         Self { scheme, keys }
     }
 
+    /// The keys that are text, as the configuration gave them: what a redactor looks for.
+    pub fn key_texts(&self) -> impl Iterator<Item = String> + '_ {
+        self.keys
+            .iter()
+            .filter_map(|key| String::from_utf8(key.0.clone()).ok())
+    }
+
     pub fn scheme(&self) -> &Scheme {
         &self.scheme
     }

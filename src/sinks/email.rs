@@ -133,6 +133,19 @@ impl super::SinkConfig for EmailSinkConfig {
         read.and_then(Result::err).into_iter().collect()
     }
 
+    /// The password, and the login as `AUTH PLAIN` sends it (a relay may echo that line back).
+    fn secrets(&self) -> Vec<String> {
+        let mut secrets = Vec::new();
+        if let (Some(user), Some(Ok(password))) = (
+            &self.username,
+            self.password.as_ref().map(|p| p.resolve("password")),
+        ) {
+            secrets.push(format!("\0{user}\0{password}"));
+            secrets.push(password);
+        }
+        secrets
+    }
+
     fn template(&self) -> Option<&TemplateRef> {
         self.template.as_ref()
     }

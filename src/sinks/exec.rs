@@ -19,6 +19,10 @@ use tokio::process::Command;
 use super::{Delivery, DeliveryOptions, RESPONSE_LIMIT, Sink, SinkError, bounded};
 use crate::event::Event;
 
+/// How long output is still read after the hook exits: what it wrote is already in the pipe;
+/// only a child it left behind could write more, and nothing waits for that.
+const DRAIN: Duration = Duration::from_millis(100);
+
 /// `PATH` for hooks unless `env` sets one: the system's directories, nothing user-writable.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
@@ -128,6 +132,11 @@ impl Sink for ExecSink {
             (child.stdin.take(), child.stdout.take(), child.stderr.take());
         // Input and output flow at once: a hook that streams (reads a little, writes a
         // little) would otherwise fill its stdout pipe while we still wait to finish stdin.
+        // The exit status is the verdict: a hook that leaves a child behind (`work &`) holds
+        // its pipes open past its own exit, so once it has exited only what is already
+        // buffered is read, for at most [`DRAIN`].
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let timeout: Duration = self.config.delivery.timeout.0;
         let run = async {
             let feed = async {
                 if let Some(mut stdin) = stdin.take() {
@@ -135,12 +144,23 @@ impl Sink for ExecSink {
                     let _ = stdin.write_all(&input).await;
                 }
             };
-            let ((), out, err, status) =
-                tokio::join!(feed, capture(stdout), capture(stderr), child.wait());
-            (out, err, status)
+            let io = async {
+                tokio::join!(feed, capture(stdout, &mut out), capture(stderr, &mut err));
+            };
+            tokio::pin!(io);
+            let mut io_done = false;
+            let status = loop {
+                tokio::select! {
+                    status = child.wait() => break status,
+                    () = &mut io, if !io_done => io_done = true,
+                }
+            };
+            if !io_done {
+                let _ = tokio::time::timeout(DRAIN, io).await;
+            }
+            status
         };
-        let timeout: Duration = self.config.delivery.timeout.0;
-        let Ok((out, err, status)) = tokio::time::timeout(timeout, run).await else {
+        let Ok(status) = tokio::time::timeout(timeout, run).await else {
             if let Some(group) = group {
                 let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
             }
@@ -150,6 +170,7 @@ impl Sink for ExecSink {
                 humantime::format_duration(timeout)
             )));
         };
+        let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
         let response = bounded(&format!(
             "stdout: {}\nstderr: {}",
             out.trim_end(),
@@ -185,12 +206,12 @@ fn spawn_error(program: &str, err: &std::io::Error) -> SinkError {
     }
 }
 
-/// Reads a pipe to its end, keeping at most [`RESPONSE_LIMIT`] bytes of it.
-async fn capture(pipe: Option<impl AsyncRead + Unpin>) -> String {
+/// Reads a pipe to its end into `kept`, keeping at most [`RESPONSE_LIMIT`] bytes of it. What
+/// was read stays in `kept` if the read is abandoned.
+async fn capture(pipe: Option<impl AsyncRead + Unpin>, kept: &mut Vec<u8>) {
     let Some(mut pipe) = pipe else {
-        return String::new();
+        return;
     };
-    let mut kept = Vec::new();
     let mut chunk = [0u8; 8192];
     while let Ok(n) = pipe.read(&mut chunk).await {
         if n == 0 {
@@ -199,5 +220,4 @@ async fn capture(pipe: Option<impl AsyncRead + Unpin>) -> String {
         let room = RESPONSE_LIMIT.saturating_sub(kept.len());
         kept.extend_from_slice(&chunk[..n.min(room)]);
     }
-    String::from_utf8_lossy(&kept).into_owned()
 }

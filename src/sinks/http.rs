@@ -87,6 +87,15 @@ impl super::SinkConfig for HttpSinkConfig {
         self.signing_key().err().into_iter().collect()
     }
 
+    /// The URL (tokens travel in its path and query) and the headers' values (credentials),
+    /// besides the signing secret.
+    fn secrets(&self) -> Vec<String> {
+        let mut secrets = vec![self.url.clone()];
+        secrets.extend(self.headers.values().cloned());
+        secrets.extend(self.sign.as_ref().and_then(|s| s.resolve("sign").ok()));
+        secrets
+    }
+
     fn build(&self, _name: &str) -> Result<Arc<dyn Sink>, String> {
         Ok(Arc::new(HttpSink::new(self)?))
     }

@@ -165,6 +165,13 @@ pub trait SinkConfig {
         Vec::new()
     }
 
+    /// Every secret the sink sends, read (those that cannot be read left out), for the
+    /// daemon's [`crate::secret::Redactor`]: a receiver that quotes one back in its answer
+    /// must not get it into the log or the database.
+    fn secrets(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Makes relative paths in the settings (files, secret files) relative to `base`.
     fn relative_to(&mut self, _base: &Path) {}
 

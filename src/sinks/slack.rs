@@ -53,6 +53,10 @@ impl super::SinkConfig for SlackSinkConfig {
         self.url().err().into_iter().collect()
     }
 
+    fn secrets(&self) -> Vec<String> {
+        self.url().into_iter().collect()
+    }
+
     fn build(&self, _name: &str) -> Result<Arc<dyn Sink>, String> {
         Ok(Arc::new(SlackSink::new(self)?))
     }

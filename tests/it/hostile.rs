@@ -13,7 +13,7 @@ use crate::harness::*;
 use crate::recorder::{Answer, Recorder};
 
 /// Source `cl`, the given sinks and routes (TOML), rate limits as given.
-fn with(dir: &Path, server: &str, sinks_and_routes: &str) -> String {
+pub fn with(dir: &Path, server: &str, sinks_and_routes: &str) -> String {
     config(
         dir,
         server,
@@ -22,7 +22,7 @@ fn with(dir: &Path, server: &str, sinks_and_routes: &str) -> String {
 }
 
 /// A route named `all` taking every event to `sinks`.
-fn route_all(sinks: &[&str]) -> String {
+pub fn route_all(sinks: &[&str]) -> String {
     format!(
         "[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = {}\n",
         serde_json::to_string(sinks).unwrap()
@@ -30,7 +30,7 @@ fn route_all(sinks: &[&str]) -> String {
 }
 
 /// Runs the CLI on the daemon's configuration.
-fn cli(daemon: &Daemon, args: &[&str]) -> std::process::Output {
+pub fn cli(daemon: &Daemon, args: &[&str]) -> std::process::Output {
     Command::new(BIN)
         .args(args)
         .arg("--config")
@@ -40,7 +40,7 @@ fn cli(daemon: &Daemon, args: &[&str]) -> std::process::Output {
 }
 
 /// Every byte of the database files (main, WAL) as text, for grepping.
-fn database_bytes(dir: &Path) -> String {
+pub fn database_bytes(dir: &Path) -> String {
     let mut all = Vec::new();
     for name in ["hookroute.db", "hookroute.db-wal"] {
         all.extend(std::fs::read(dir.join(name)).unwrap_or_default());

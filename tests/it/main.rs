@@ -12,6 +12,7 @@ mod deploy;
 mod durability;
 mod email;
 mod hostile;
+mod hostile_again;
 mod layout;
 mod logs;
 mod metrics;

@@ -124,7 +124,11 @@ fn read_page(
                 ValueRef::Null => Value::Null,
                 ValueRef::Integer(n) => n.into(),
                 ValueRef::Real(x) => x.into(),
-                ValueRef::Text(t) => String::from_utf8_lossy(t).into(),
+                // PostgreSQL keeps no NUL in text (nor in jsonb's `\u0000`): a sink's answer
+                // recorded by an older daemon may hold one.
+                ValueRef::Text(t) => crate::text::storable(&String::from_utf8_lossy(t))
+                    .into_owned()
+                    .into(),
                 ValueRef::Blob(b) => format!("\\x{}", hex::encode(b)).into(),
             };
             object.insert(name.clone(), value);

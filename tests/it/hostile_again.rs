@@ -1,0 +1,248 @@
+//! The second hostile round (issue #23), against the real daemon: what a sender, a sink, a
+//! receiver or a careless operator once used to wedge, forge, leak or freeze it. Each test
+//! names the defect it pins and fails on the build that had it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::harness::*;
+use crate::hostile::{cli, database_bytes, route_all, with};
+use crate::recorder::{Answer, Recorder};
+
+/// An http sink `name` posting to `url`, one try.
+fn http_sink(name: &str, url: &str) -> String {
+    format!(
+        "[sinks.{name}]\ntype = \"http\"\nurl = \"{url}\"\ndelivery = {{ retry = {{ max_attempts = 1 }} }}\n\n"
+    )
+}
+
+/// An exec sink `name` running a shell script at `path` (the operator's program).
+fn exec_sink(name: &str, path: &Path, delivery: &str) -> String {
+    format!(
+        "[sinks.{name}]\ntype = \"exec\"\ncommand = [\"{}\"]\ndelivery = {{ {delivery} }}\n\n",
+        path.display()
+    )
+}
+
+on_both_backends!(a_nul_or_invalid_utf8_in_a_sinks_answer_is_recorded_once);
+/// #23.1: a receiver answering `200 ok\0tail`, or a hook printing a NUL and bytes that are not
+/// UTF-8, wedged the job on PostgreSQL (its record failed, so it stayed leased and was called
+/// again at every restart). Each answer is recorded once, the job finishes once.
+async fn a_nul_or_invalid_utf8_in_a_sinks_answer_is_recorded_once() {
+    let dir = tempdir();
+    let receiver = Recorder::start().await;
+    receiver.script([Answer {
+        body: "ok\0tail".into(),
+        ..Answer::status(200)
+    }]);
+    let hook = dir.path().join("hook.sh");
+    script(&hook, "cat >/dev/null; printf 'done\\000binary\\377\\376'");
+    let rest = format!(
+        "{}{}{}",
+        http_sink("forward", &receiver.url("/in")),
+        exec_sink("hook", &hook, ""),
+        route_all(&["forward", "hook"])
+    );
+    let text = with(dir.path(), NO_LIMITS, &rest);
+    let daemon = Daemon::start(dir.path(), &text);
+    daemon.accept_cl(&scan_body("nul-answer")).await;
+    wait_jobs(&daemon, "succeeded", 2).await;
+    let responses = daemon.rows(
+        "SELECT sink, attempts.response FROM attempts JOIN jobs ON jobs.id = attempts.job_id ORDER BY sink",
+        |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+    );
+    assert_eq!(responses.len(), 2, "{responses:?}");
+    assert_eq!(responses[0].0, "forward");
+    assert!(responses[0].1.contains("ok\u{FFFD}tail"), "{responses:?}");
+    assert!(
+        responses[1].1.contains("done\u{FFFD}binary\u{FFFD}\u{FFFD}"),
+        "{responses:?}"
+    );
+    // Restarted, nothing is due again: the receiver saw the event once.
+    assert!(daemon.terminate().success());
+    let daemon = Daemon::start(dir.path(), &text);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(receiver.requests().len(), 1);
+    assert_eq!(jobs(&daemon).get("succeeded"), Some(&2), "{:?}", jobs(&daemon));
+}
+
+/// #23.1: a NUL a sink answered, kept by an older SQLite daemon, made `migrate-storage` fail
+/// on every run (`unsupported Unicode escape sequence`) with nothing after it copied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_storage_copies_an_answer_holding_a_nul() {
+    let dir = tempdir();
+    let old = Daemon::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
+    );
+    old.accept_cl(&scan_body("nul-before-the-move")).await;
+    wait_jobs(&old, "succeeded", 1).await;
+    assert!(old.terminate().success());
+    // As a daemon before the fix kept it.
+    open_db(dir.path())
+        .execute_batch(
+            "UPDATE attempts SET response = 'ok' || char(0) || 'tail';
+             UPDATE jobs SET response = 'ok' || char(0) || 'tail';",
+        )
+        .unwrap();
+
+    let cluster = crate::postgres::shared();
+    let url = cluster.database();
+    let moved = std::process::Command::new(BIN)
+        .args(["migrate-storage", "--from"])
+        .arg(dir.path().join("hookroute.db"))
+        .args(["--to", &url, "--password-file"])
+        .arg(&cluster.password_file)
+        .output()
+        .unwrap();
+    assert!(
+        moved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    let db = crate::postgres::database_name(&url);
+    assert_eq!(
+        cluster.psql(db, "SELECT response FROM attempts"),
+        "ok\u{FFFD}tail\n"
+    );
+    assert_eq!(cluster.psql(db, "SELECT count(*) FROM jobs"), "1\n");
+}
+
+/// #23.9: ids and types of a megabyte were accepted and logged in full, twice per event.
+/// Past the documented limits they are a 400 `invalid_event` that stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overlong_id_or_type_is_refused_and_stores_nothing() {
+    let dir = tempdir();
+    let daemon = Daemon::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
+    );
+    let long_type = "t".repeat(129);
+    let long_id = "i".repeat(257);
+    for (id, kind, field) in [
+        ("fine-id", long_type.as_str(), "type"),
+        (long_id.as_str(), "scan.completed", "id"),
+    ] {
+        let body = serde_json::json!({"id": id, "type": kind}).to_string();
+        let reply = daemon.post_cl(body.as_bytes()).await;
+        assert_eq!(reply.status, 400, "{field}: {}", reply.json);
+        assert_eq!(reply.error(), "invalid_event");
+        assert!(reply.message().contains(&format!("\"{field}\"")), "{}", reply.message());
+    }
+    // The delivery header is logged too.
+    let body = scan_body("long-header");
+    let reply = daemon
+        .post(
+            "/hooks/cl",
+            &body,
+            &[
+                ("x-compliancelayer-signature", hmac_hex(CL_SECRET, &[&body])),
+                ("x-compliancelayer-delivery", "d".repeat(300)),
+            ],
+        )
+        .await;
+    assert_eq!((reply.status, reply.error()), (400, "invalid_event"));
+    assert_eq!(daemon.count("events"), 0);
+    // At the limits, accepted.
+    let body = serde_json::json!({"id": "i".repeat(256), "type": "t".repeat(128)}).to_string();
+    daemon.accept_cl(body.as_bytes()).await;
+    assert!(!daemon.log().contains(&long_id));
+}
+
+/// #23.3: an event type holding `\x1b[2K\r` and a fake row erased a real row of `deliveries
+/// list` and drew a forged one; a receiver's `\x1b[2J\x1b]0;title\x07` cleared the screen and
+/// set the window title on `deliveries show`; a newline split rows; U+202E reversed them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_tools_print_no_strangers_control_characters() {
+    let dir = tempdir();
+    let receiver = Recorder::start().await;
+    receiver.script([Answer {
+        body: "\x1b[2J\x1b]0;pwned\x07 down".into(),
+        ..Answer::status(500)
+    }]);
+    let rest = format!(
+        "{}{}",
+        http_sink("forward", &receiver.url("/in")),
+        route_all(&["forward"])
+    );
+    let daemon = Daemon::start(dir.path(), &with(dir.path(), NO_LIMITS, &rest));
+    let forged = "scan.completed\x1b[2K\r     9      9  2026-01-01 forged\nrow\u{202E}desrever";
+    let body = serde_json::json!({"id": "tty-1", "type": forged, "data": {"note": "\u{202E}x\x1b[31m"}})
+        .to_string();
+    daemon.accept_cl(body.as_bytes()).await;
+    wait_jobs(&daemon, "dead", 1).await;
+    let hazards = |c: char| c.is_control() && c != '\n' || ('\u{202A}'..='\u{202E}').contains(&c);
+    for args in [
+        &["deliveries", "list"][..],
+        &["deliveries", "show", "1"],
+        &["deliveries", "list", "--status", "dead"],
+    ] {
+        let out = cli(&daemon, args);
+        assert!(out.status.success(), "{args:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(!text.contains(hazards), "{args:?} printed a control character:\n{text:?}");
+        assert!(text.contains("\\u{1b}"), "{args:?}: the escape is shown escaped:\n{text}");
+        if args[1] == "list" {
+            // A header and one row per job: the newline in the type split nothing.
+            assert_eq!(text.lines().count(), 2, "{text}");
+        }
+    }
+    let shown = String::from_utf8(cli(&daemon, &["deliveries", "show", "1"]).stdout).unwrap();
+    assert!(shown.contains("\\u{1b}]0;pwned\\u{7}"), "{shown}");
+    assert!(shown.contains("\\u{202e}"), "{shown}");
+    // --json stays exact.
+    let json = cli(&daemon, &["deliveries", "show", "1", "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(shown["event"]["type"], forged);
+}
+
+/// #23.6: an event type holding `\n<date> ERROR hookroute: database corrupted…` wrote a
+/// separate, convincing ERROR line to the text log, twice per event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_cannot_write_a_line_of_its_own_into_the_text_log() {
+    let dir = tempdir();
+    let daemon = Daemon::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
+    );
+    let forged = "scan.completed\n2026-12-06T10:00:00.000000Z ERROR hookroute: database corrupted, restore from backup now\r";
+    let body = serde_json::json!({"id": "log-forgery", "type": forged}).to_string();
+    daemon.accept_cl(body.as_bytes()).await;
+    let log = wait_log(&daemon, "database corrupted").await;
+    for line in log.lines().filter(|l| l.contains("database corrupted")) {
+        assert!(
+            line.contains("scan.completed\\n2026-12-06"),
+            "the type stays on its line, escaped: {line}"
+        );
+        assert!(!line.starts_with("2026-12-06T10:00:00"), "{line}");
+    }
+}
+
+/// #23.4: a hook that exits 0 but leaves a child behind holding its output open was a
+/// timeout, tried again and dead-lettered. Its exit status is the verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_hook_that_leaves_a_child_behind_succeeds_on_its_exit() {
+    let dir = tempdir();
+    let hook = dir.path().join("hook.sh");
+    let left = dir.path().join("left-behind");
+    script(
+        &hook,
+        &format!(
+            "cat >/dev/null; echo started; (sleep 30; touch {}) & exit 0",
+            left.display()
+        ),
+    );
+    let rest = format!(
+        "{}{}",
+        exec_sink("hook", &hook, "timeout = \"5s\", retry = { max_attempts = 1 }"),
+        route_all(&["hook"])
+    );
+    let daemon = Daemon::start(dir.path(), &with(dir.path(), NO_LIMITS, &rest));
+    let sent = std::time::Instant::now();
+    daemon.accept_cl(&scan_body("background-child")).await;
+    wait_jobs(&daemon, "succeeded", 1).await;
+    assert!(sent.elapsed() < Duration::from_secs(4), "{:?}", sent.elapsed());
+    let response: String = daemon.value("SELECT response FROM attempts");
+    assert!(response.contains("started"), "{response}");
+    assert_eq!(daemon.count("attempts"), 1);
+}
