@@ -242,12 +242,22 @@ async fn reload_on_hangup(
             _ = hangup.recv() => {}
             () = stop.cancelled() => return,
         }
-        match config::load(&running.file)
-            .map_err(|e| e.to_string())
-            .and_then(|new| {
-                let plan = Plan::build(&new)?;
-                Ok((new, plan))
-            }) {
+        // Off the runtime's workers: reading the files and building the sinks' clients is
+        // blocking work, and however long it takes, requests, /healthz and a SIGTERM go on.
+        let file = running.file.clone();
+        let loading = tokio::task::spawn_blocking(move || {
+            config::load(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|new| {
+                    let plan = Plan::build(&new)?;
+                    Ok((new, plan))
+                })
+        });
+        let loaded = tokio::select! {
+            loaded = loading => loaded.unwrap_or_else(|err| Err(format!("the reload failed: {err}"))),
+            () = stop.cancelled() => return,
+        };
+        match loaded {
             Ok((new, new_plan)) => {
                 if (&new.server, &new.storage, &new.metrics)
                     != (&running.server, &running.storage, &running.metrics)

@@ -3,6 +3,9 @@
 //! the file sink's archive, the instance lock). Only what this module creates is set; a
 //! file or directory that already exists keeps the mode the operator gave it.
 //!
+//! Also the one way the operator's files (configuration, rules, secrets) are read:
+//! [`read_regular`], which a FIFO, a device or a huge file cannot stall or exhaust.
+//!
 //! Files are `0600`, or `0640` in a directory the operator has opened to a group (group read
 //! and search on it, e.g. `chgrp adm /var/lib/hookroute && chmod 0750 …`), so that group can run
 //! the command-line tools. New directories are `0700`.
@@ -69,6 +72,47 @@ pub fn open(path: &Path, options: &OpenOptions) -> io::Result<File> {
 /// As [`open`].
 pub fn touch(path: &Path) -> io::Result<()> {
     open(path, OpenOptions::new().write(true)).map(drop)
+}
+
+/// Reads the regular file at `path` as UTF-8 text of at most `limit` bytes.
+///
+/// A configuration is read while the daemon runs (a reload): a `rules_file` replaced by a FIFO
+/// once froze it (the open waits for a writer, the read for an end), and `/dev/zero` read until
+/// memory ran out. So the file is opened without waiting (`O_NONBLOCK`, which a regular file
+/// ignores), and anything but a regular file, or a file past `limit`, is refused by name.
+///
+/// # Errors
+/// The file cannot be opened or read, is not a regular file, is larger than `limit`, or is
+/// not UTF-8; the error says which.
+pub fn read_regular(path: &Path, limit: u64) -> io::Result<String> {
+    use std::io::Read as _;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, a device or a directory cannot be read as one)",
+        ));
+    }
+    let too_large = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {limit} bytes, more than any configuration needs"),
+        )
+    };
+    if meta.len() > limit {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large());
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
 #[cfg(test)]

@@ -124,12 +124,15 @@ fn credentials_dir() -> Result<PathBuf, String> {
         })
 }
 
+/// The largest secret file read: a key, a URL or a password is far smaller.
+const MAX_SECRET_BYTES: u64 = 64 << 10;
+
 /// A secret from a file; the final newline editors and `echo` add is not part of it.
 ///
 /// # Errors
 /// The file cannot be read; the message names the file, never its content.
 pub fn read_file(path: &Path) -> Result<String, String> {
-    Ok(std::fs::read_to_string(path)
+    Ok(crate::private::read_regular(path, MAX_SECRET_BYTES)
         .map_err(|err| format!("cannot read {}: {err}", path.display()))?
         .trim_end_matches(['\r', '\n'])
         .to_owned())
@@ -263,13 +266,21 @@ mod tests {
 
     #[test]
     fn a_forwarding_urls_tokens_are_redacted_wherever_they_appear() {
-        let redactor = Redactor::new(["https://in.example/hooks/ingest/tok3n5ecret99?api_key=K3Y-v4lue".into()]);
+        let redactor = Redactor::new([
+            "https://in.example/hooks/ingest/tok3n5ecret99?api_key=K3Y-v4lue".into(),
+        ]);
         for (answer, kept) in [
             ("Cannot POST /hooks/ingest/tok3n5ecret99", "Cannot POST ***"),
-            ("no route for /hooks/ingest/tok3n5ecret99?api_key=K3Y-v4lue", "no route for ***"),
+            (
+                "no route for /hooks/ingest/tok3n5ecret99?api_key=K3Y-v4lue",
+                "no route for ***",
+            ),
             ("bad key K3Y-v4lue", "bad key ***"),
             ("token tok3n5ecret99 revoked", "token *** revoked"),
-            ("GET /hooks/ingest/ not allowed", "GET /hooks/ingest/ not allowed"),
+            (
+                "GET /hooks/ingest/ not allowed",
+                "GET /hooks/ingest/ not allowed",
+            ),
         ] {
             assert_eq!(redactor.redact(answer), kept, "{answer}");
         }
@@ -292,7 +303,10 @@ mod tests {
     #[test]
     fn nothing_configured_redacts_nothing() {
         let redactor = Redactor::new(Vec::new());
-        assert!(matches!(redactor.redact("HTTP 500"), std::borrow::Cow::Borrowed(_)));
+        assert!(matches!(
+            redactor.redact("HTTP 500"),
+            std::borrow::Cow::Borrowed(_)
+        ));
         let short = Redactor::new(["ab".into()]);
         assert_eq!(short.redact("abab"), "abab");
     }

@@ -129,17 +129,15 @@ mod tests {
 
     #[test]
     fn printable_lines_keep_their_breaks_and_nothing_else() {
-        assert_eq!(
-            printable_lines("a\nb\x1b[2Jc", "  "),
-            "a\n  b\\u{1b}[2Jc"
-        );
+        assert_eq!(printable_lines("a\nb\x1b[2Jc", "  "), "a\n  b\\u{1b}[2Jc");
     }
 
     #[test]
     fn the_escaping_writer_escapes_what_it_passes_on() {
         use fmt::Write as _;
         let mut out = String::new();
-        write!(EscapeControls(&mut out), "type={}", "x\n2026 ERROR forged").unwrap();
+        let forged = "x\n2026 ERROR forged";
+        write!(EscapeControls(&mut out), "type={forged}").unwrap();
         assert_eq!(out, "type=x\\n2026 ERROR forged");
     }
 }

@@ -12,6 +12,7 @@ import base64
 import email
 import email.policy
 import json
+import logging
 import os
 import signal
 import ssl
@@ -62,6 +63,9 @@ class Saver:
 def main():
     # aiosmtpd warns about its own internals (Session.login_data); not ours to fix.
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # The careless relay ("echo") means its AUTH without TLS; no need to say so.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", required=True)

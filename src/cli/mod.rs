@@ -247,14 +247,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn serve(args: ConfigArg) -> anyhow::Result<ExitCode> {
     let config = config::load(&args.config)?;
-    runtime()?.block_on(async {
+    let runtime = runtime()?;
+    let served = runtime.block_on(async {
         let listen = config.server.listen;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         crate::run(config, listener, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // Whatever blocking work is left (a reload reading a slow file system, say) does not hold
+    // the exit: everything that matters was flushed before `run` returned.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 /// Resolves on SIGTERM (systemd's stop) or SIGINT (Ctrl-C).

@@ -190,11 +190,21 @@ pub enum ConfigError {
     Unreadable(PathBuf, std::io::Error),
     /// Syntax, unknown keys, wrong types and values that do not make sense, each with its file,
     /// line, column and key path.
-    #[error("{file}: {} problem(s):\n  {}", .problems.len(), .problems.join("\n  "))]
+    /// The first [`problems::REPORTED`] problems are listed, and how many there are in all.
+    #[error("{file}: {total} problem(s):\n  {}{}", .problems.join("\n  "), more(*.total, .problems.len()))]
     Invalid {
         file: PathBuf,
         problems: Vec<String>,
+        total: usize,
     },
+}
+
+/// The line that ends a report listing `listed` of `total` problems.
+fn more(total: usize, listed: usize) -> String {
+    match total - listed {
+        0 => String::new(),
+        rest => format!("\n  … and {rest} more (fix these first)"),
+    }
 }
 
 /// The log format `[log] format` (or `HOOKROUTE_LOG__FORMAT`) asks for, read on its own before
@@ -207,8 +217,8 @@ pub fn log_format(path: Option<&Path>) -> raw::LogFormat {
         log: raw::RawLog,
     }
     let mut figment = Figment::new();
-    if let Some(path) = path {
-        figment = figment.merge(Toml::file(path));
+    if let Some(text) = path.and_then(|path| read_file(path).ok()) {
+        figment = figment.merge(Toml::string(&text));
     }
     figment
         .merge(Env::prefixed(ENV_PREFIX).split("__").only(&["log.format"]))
@@ -237,6 +247,15 @@ pub fn load_for_tools(path: &Path) -> Result<Config, ConfigError> {
     validate(path, raw, Secrets::Skip)
 }
 
+/// The most a configuration or rules file may hold: ten thousand routes fit in a tenth of it.
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+
+/// Reads a configuration or rules file: a regular file of at most [`MAX_FILE_BYTES`] (see
+/// [`crate::private::read_regular`]; a FIFO once froze a reload).
+fn read_file(path: &Path) -> std::io::Result<String> {
+    crate::private::read_regular(path, MAX_FILE_BYTES)
+}
+
 /// Whether validation reads the secrets a configuration names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Secrets {
@@ -246,7 +265,7 @@ enum Secrets {
 
 /// Step 1: the TOML file, then `HOOKROUTE_*` environment overrides.
 fn parse(path: &Path) -> Result<RawConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|err| match err.kind() {
+    let text = read_file(path).map_err(|err| match err.kind() {
         std::io::ErrorKind::NotFound => ConfigError::NotFound(path.to_path_buf()),
         std::io::ErrorKind::PermissionDenied => ConfigError::PermissionDenied(path.to_path_buf()),
         _ => ConfigError::Unreadable(path.to_path_buf(), err),

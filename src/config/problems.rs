@@ -87,7 +87,7 @@ impl Problems {
         }
         let texts: Vec<Option<String>> = files
             .iter()
-            .map(|file| std::fs::read_to_string(file).ok())
+            .map(|file| super::read_file(file).ok())
             .collect();
         let parsed: Vec<Option<(&str, Spanned<DeTable<'_>>)>> = texts
             .iter()
@@ -96,6 +96,8 @@ impl Problems {
                 Some((text, DeTable::parse_recoverable(text).0))
             })
             .collect();
+        let lines: Vec<Option<Lines>> =
+            texts.iter().map(|t| t.as_deref().map(Lines::new)).collect();
         let mut located: Vec<(usize, usize, String)> = self
             .0
             .iter()
@@ -104,17 +106,55 @@ impl Problems {
                 let index = files.iter().position(|f| *f == file).expect("listed above");
                 let source = parsed[index]
                     .as_ref()
-                    .map(|(text, root)| (*text, root.get_ref()));
+                    .zip(lines[index].as_ref())
+                    .map(|((_, root), lines)| (lines, root.get_ref()));
                 let (offset, line) = render(&file, source, problem);
                 (index, offset.unwrap_or(usize::MAX), line)
             })
             .collect();
         located.sort_by_key(|(file, offset, _)| (*file, *offset));
-        let problems = located.into_iter().map(|(_, _, line)| line).collect();
+        let total = located.len();
+        let problems = located
+            .into_iter()
+            .take(REPORTED)
+            .map(|(_, _, line)| line)
+            .collect();
         Err(ConfigError::Invalid {
             file: config_file.to_path_buf(),
             problems,
+            total,
         })
+    }
+}
+
+/// Problems listed in a report, at most; the rest are counted. Tens of thousands (a generated
+/// file gone wrong) would bury the first, which usually explains the others.
+pub const REPORTED: usize = 100;
+
+/// Where a file's lines start, so that each problem's line is found by a binary search rather
+/// than by reading the file up to it (which made a report quadratic in its problems).
+struct Lines<'a> {
+    text: &'a str,
+    starts: Vec<usize>,
+}
+
+impl<'a> Lines<'a> {
+    fn new(text: &'a str) -> Self {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Self { text, starts }
+    }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    fn line_and_column(&self, offset: usize) -> (usize, usize) {
+        let mut end = offset.min(self.text.len());
+        while !self.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let line = self.starts.partition_point(|&start| start <= end);
+        let start = self.starts[line - 1];
+        (line, self.text[start..end].chars().count() + 1)
     }
 }
 
@@ -129,10 +169,10 @@ pub(super) fn check_syntax(file: Option<&Path>, text: &str, problems: &mut Probl
 }
 
 /// `file:line:column: key: message`, without the position when the key cannot be found; and
-/// the byte offset the position is at. `source` is the file's text and its parsed form.
+/// the byte offset the position is at. `source` is the file's lines and its parsed form.
 fn render(
     file: &Path,
-    source: Option<(&str, &DeTable<'_>)>,
+    source: Option<(&Lines<'_>, &DeTable<'_>)>,
     problem: &Problem,
 ) -> (Option<usize>, String) {
     let Problem {
@@ -143,8 +183,8 @@ fn render(
     } = problem;
     let offset = offset.or_else(|| source.and_then(|(_, root)| locate(root, key)));
     let at = match (source, offset) {
-        (Some((text, _)), Some(offset)) => {
-            let (line, column) = line_and_column(text, offset);
+        (Some((lines, _)), Some(offset)) => {
+            let (line, column) = lines.line_and_column(offset);
             format!("{}:{line}:{column}", file.display())
         }
         _ => file.display().to_string(),
@@ -155,18 +195,6 @@ fn render(
         format!("{at}: {key}: {message}")
     };
     (offset, line)
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
-    let mut end = offset.min(text.len());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    let before = &text[..end];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
 }
 
 /// One step of a key path.
@@ -302,8 +330,9 @@ mod tests {
         let text = "[server]\nlisten = 1\n\n[sinks.ciso]\ntype = \"email\"\nto = 42\n\n\
                     [[routes]]\nname = \"a\"\n\n[[routes]]\nname = \"b\"\nsinks = [\"x\", \"y\"]\n";
         let (root, _) = DeTable::parse_recoverable(text);
+        let lines = Lines::new(text);
         let at =
-            |key: &str| locate(root.get_ref(), key).map(|offset| line_and_column(text, offset));
+            |key: &str| locate(root.get_ref(), key).map(|offset| lines.line_and_column(offset));
         assert_eq!(at("server.listen"), Some((2, 1)));
         assert_eq!(at("sinks.ciso.to"), Some((6, 1)));
         assert_eq!(
@@ -325,7 +354,12 @@ mod tests {
             .iter()
             .map(|p| {
                 let (root, _) = DeTable::parse_recoverable(text);
-                render(Path::new("c.toml"), Some((text, root.get_ref())), p).1
+                render(
+                    Path::new("c.toml"),
+                    Some((&Lines::new(text), root.get_ref())),
+                    p,
+                )
+                .1
             })
             .collect();
         assert!(lines.len() >= 2, "{lines:?}");

@@ -1,7 +1,7 @@
 //! Routes and templates: compiled, and every reference between routes, sinks, sources and
 //! templates checked, whether they live in the configuration file or in its `rules_file`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -52,7 +52,7 @@ pub(super) fn validate_routing(
                     "routes and templates go either in the config file or in rules_file, not both",
                 );
             }
-            let rules = match std::fs::read_to_string(&file) {
+            let rules = match super::read_file(&file) {
                 Ok(text) => read_toml(Some(&file), &text, None, problems),
                 Err(err) => {
                     problems.add("rules_file", format!("{}: {err}", file.display()));
@@ -89,6 +89,13 @@ pub(super) fn validate_routing(
         }
     }
 
+    // Looked up by name, not searched: validation stays linear in a file of any size.
+    let sink_kinds: HashMap<&str, &'static str> = sinks
+        .iter()
+        .map(|s| (s.name.as_str(), s.spec.config().kind()))
+        .collect();
+    let source_names: HashSet<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+    let mut route_names = HashSet::new();
     let mut routes = Vec::new();
     for (i, spec) in rules.routes.iter().enumerate() {
         let at = format!("routes[{i}] ({:?})", spec.name);
@@ -97,11 +104,11 @@ pub(super) fn validate_routing(
         };
         if spec.name.trim().is_empty() {
             add(&at, &"a route needs a name");
-        } else if rules.routes[..i].iter().any(|r| r.name == spec.name) {
+        } else if !route_names.insert(spec.name.as_str()) {
             add(&at, &"another route has the same name");
         }
         for (j, source) in spec.sources.iter().enumerate() {
-            if !sources.iter().any(|s| &s.name == source) {
+            if !source_names.contains(source.as_str()) {
                 let names = sources.iter().map(|s| s.name.as_str());
                 add(
                     &format!("{at}.sources[{j}]"),
@@ -111,8 +118,8 @@ pub(super) fn validate_routing(
         }
         let mut kinds = Vec::new();
         for (j, name) in spec.sinks.iter().enumerate() {
-            match sinks.iter().find(|s| &s.name == name) {
-                Some(sink) => kinds.push(sink.spec.config().kind()),
+            match sink_kinds.get(name.as_str()) {
+                Some(kind) => kinds.push(*kind),
                 None => {
                     let names = sinks.iter().map(|s| s.name.as_str());
                     let hint = did_you_mean(name, names);

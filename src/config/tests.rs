@@ -15,7 +15,7 @@ fn load_text(toml: &str) -> Result<Config, ConfigError> {
 /// The problems with `toml`, each as `line:column: key: message` (the file's name taken off).
 fn problems(toml: &str) -> Vec<String> {
     match load_text(toml) {
-        Err(ConfigError::Invalid { file, problems }) => {
+        Err(ConfigError::Invalid { file, problems, .. }) => {
             let prefix = format!("{}:", file.display());
             problems
                 .iter()

@@ -49,7 +49,16 @@ pub(super) async fn attempt(
         return false; // the runtime is shutting down: the jobs stay due
     };
     if prepared.is_empty() {
-        return finish(store, metrics, &plan.redactor, &sink.name, outcomes, started, started).await;
+        return finish(
+            store,
+            metrics,
+            &plan.redactor,
+            &sink.name,
+            outcomes,
+            started,
+            started,
+        )
+        .await;
     }
     let deliveries: Vec<Delivery<'_>> = prepared
         .iter()
@@ -100,7 +109,16 @@ pub(super) async fn attempt(
         }
         outcomes.push((job, outcome));
     }
-    finish(store, metrics, &plan.redactor, &sink.name, outcomes, started, now).await
+    finish(
+        store,
+        metrics,
+        &plan.redactor,
+        &sink.name,
+        outcomes,
+        started,
+        now,
+    )
+    .await
 }
 
 /// Pairs each job with its message, rendered on a blocking thread: a template works through

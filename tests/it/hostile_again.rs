@@ -55,7 +55,9 @@ async fn a_nul_or_invalid_utf8_in_a_sinks_answer_is_recorded_once() {
     assert_eq!(responses[0].0, "forward");
     assert!(responses[0].1.contains("ok\u{FFFD}tail"), "{responses:?}");
     assert!(
-        responses[1].1.contains("done\u{FFFD}binary\u{FFFD}\u{FFFD}"),
+        responses[1]
+            .1
+            .contains("done\u{FFFD}binary\u{FFFD}\u{FFFD}"),
         "{responses:?}"
     );
     // Restarted, nothing is due again: the receiver saw the event once.
@@ -63,7 +65,12 @@ async fn a_nul_or_invalid_utf8_in_a_sinks_answer_is_recorded_once() {
     let daemon = Daemon::start(dir.path(), &text);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(receiver.requests().len(), 1);
-    assert_eq!(jobs(&daemon).get("succeeded"), Some(&2), "{:?}", jobs(&daemon));
+    assert_eq!(
+        jobs(&daemon).get("succeeded"),
+        Some(&2),
+        "{:?}",
+        jobs(&daemon)
+    );
 }
 
 /// #23.1: a NUL a sink answered, kept by an older SQLite daemon, made `migrate-storage` fail
@@ -127,7 +134,11 @@ async fn an_overlong_id_or_type_is_refused_and_stores_nothing() {
         let reply = daemon.post_cl(body.as_bytes()).await;
         assert_eq!(reply.status, 400, "{field}: {}", reply.json);
         assert_eq!(reply.error(), "invalid_event");
-        assert!(reply.message().contains(&format!("\"{field}\"")), "{}", reply.message());
+        assert!(
+            reply.message().contains(&format!("\"{field}\"")),
+            "{}",
+            reply.message()
+        );
     }
     // The delivery header is logged too.
     let body = scan_body("long-header");
@@ -167,8 +178,9 @@ async fn the_operators_tools_print_no_strangers_control_characters() {
     );
     let daemon = Daemon::start(dir.path(), &with(dir.path(), NO_LIMITS, &rest));
     let forged = "scan.completed\x1b[2K\r     9      9  2026-01-01 forged\nrow\u{202E}desrever";
-    let body = serde_json::json!({"id": "tty-1", "type": forged, "data": {"note": "\u{202E}x\x1b[31m"}})
-        .to_string();
+    let body =
+        serde_json::json!({"id": "tty-1", "type": forged, "data": {"note": "\u{202E}x\x1b[31m"}})
+            .to_string();
     daemon.accept_cl(body.as_bytes()).await;
     wait_jobs(&daemon, "dead", 1).await;
     let hazards = |c: char| c.is_control() && c != '\n' || ('\u{202A}'..='\u{202E}').contains(&c);
@@ -180,8 +192,14 @@ async fn the_operators_tools_print_no_strangers_control_characters() {
         let out = cli(&daemon, args);
         assert!(out.status.success(), "{args:?}");
         let text = String::from_utf8(out.stdout).unwrap();
-        assert!(!text.contains(hazards), "{args:?} printed a control character:\n{text:?}");
-        assert!(text.contains("\\u{1b}"), "{args:?}: the escape is shown escaped:\n{text}");
+        assert!(
+            !text.contains(hazards),
+            "{args:?} printed a control character:\n{text:?}"
+        );
+        assert!(
+            text.contains("\\u{1b}"),
+            "{args:?}: the escape is shown escaped:\n{text}"
+        );
         if args[1] == "list" {
             // A header and one row per job: the newline in the type split nothing.
             assert_eq!(text.lines().count(), 2, "{text}");
@@ -234,15 +252,197 @@ async fn an_exec_hook_that_leaves_a_child_behind_succeeds_on_its_exit() {
     );
     let rest = format!(
         "{}{}",
-        exec_sink("hook", &hook, "timeout = \"5s\", retry = { max_attempts = 1 }"),
+        exec_sink(
+            "hook",
+            &hook,
+            "timeout = \"5s\", retry = { max_attempts = 1 }"
+        ),
         route_all(&["hook"])
     );
     let daemon = Daemon::start(dir.path(), &with(dir.path(), NO_LIMITS, &rest));
     let sent = std::time::Instant::now();
     daemon.accept_cl(&scan_body("background-child")).await;
     wait_jobs(&daemon, "succeeded", 1).await;
-    assert!(sent.elapsed() < Duration::from_secs(4), "{:?}", sent.elapsed());
+    assert!(
+        sent.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        sent.elapsed()
+    );
     let response: String = daemon.value("SELECT response FROM attempts");
     assert!(response.contains("started"), "{response}");
     assert_eq!(daemon.count("attempts"), 1);
+}
+
+/// #23.5: a forwarding URL's token and key came back in an Express-style 404 page (`Cannot
+/// POST <path>`), and an SMTP relay echoed the `AUTH PLAIN` line in its 535: both were kept in
+/// the attempt record, logged and printed. Every configured secret is redacted first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_a_receiver_echoes_back_are_neither_logged_kept_nor_printed() {
+    use base64::Engine as _;
+    let dir = tempdir();
+    let (token, key, password) = ("tok3nS3cretPath42", "K3ySecretQuery99", "wr0ng-Passw0rd!");
+    let receiver = Recorder::start().await;
+    receiver.script([Answer {
+        body: format!(
+            "<pre>Cannot POST /hooks/ingest/{token}</pre> (query api_key={key}, or %2F{token})"
+        ),
+        ..Answer::status(404)
+    }]);
+    let smtp = crate::email::Smtp::start(
+        dir.path(),
+        "echo",
+        "echo",
+        None,
+        Some("hookroute:the-right-password"),
+    );
+    let mut sinks = http_sink(
+        "forward",
+        &receiver.url(&format!("/hooks/ingest/{token}?api_key={key}")),
+    );
+    sinks += &format!(
+        "[sinks.mail]\ntype = \"email\"\nurl = \"smtp://127.0.0.1:{}\"\nstarttls = \"never\"\nusername = \"hookroute\"\npassword = {{ value = \"{password}\" }}\nfrom = \"h@example.com\"\nto = [\"a@example.com\"]\ndelivery = {{ retry = {{ max_attempts = 1 }} }}\n\n",
+        smtp.port
+    );
+    let text = with(
+        dir.path(),
+        NO_LIMITS,
+        &(sinks + &route_all(&["forward", "mail"])),
+    );
+    let daemon = Daemon::start_with(
+        dir.path(),
+        &write_config(dir.path(), &text),
+        &[("RUST_LOG", "trace")],
+    );
+    daemon.accept_cl(&scan_body("echoed")).await;
+    wait_jobs(&daemon, "dead", 2).await;
+    let log = wait_log_n(&daemon, "dead letter", 2).await;
+    let plain =
+        base64::engine::general_purpose::STANDARD.encode(format!("\0hookroute\0{password}"));
+    let errors: Vec<String> = daemon.rows(
+        "SELECT sink || ': ' || last_error || ' ' || response FROM jobs ORDER BY sink",
+        |r| r.get(0),
+    );
+    assert!(errors[0].contains("Cannot POST ***"), "{errors:?}");
+    assert!(
+        errors[1].contains("535") && errors[1].contains("AUTH PLAIN ***"),
+        "{errors:?}"
+    );
+    let mut seen = vec![("log", log), ("database", database_bytes(dir.path()))];
+    for args in [
+        &["deliveries", "list"][..],
+        &["deliveries", "show", "1"],
+        &["deliveries", "show", "1", "--json"],
+    ] {
+        let out = cli(&daemon, args);
+        seen.push(("tools", String::from_utf8_lossy(&out.stdout).into_owned()));
+    }
+    for (place, text) in &seen {
+        for secret in [token, key, password, plain.as_str()] {
+            assert!(!text.contains(secret), "{secret} in the {place}:\n{text}");
+        }
+    }
+}
+
+/// Runs `hookroute check-config` on `path`; its output and how long it took.
+fn check_config(path: &Path) -> (std::process::Output, Duration) {
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (out, started.elapsed())
+}
+
+/// #23.7: a `rules_file` replaced by a FIFO and a SIGHUP froze the daemon (`/healthz`,
+/// `/metrics` and deliveries hung, SIGTERM was ignored); `rules_file = "/dev/zero"` made
+/// `check-config` read until memory ran out. Only a regular file of bounded size is read, off
+/// the runtime's workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_or_a_device_as_rules_file_freezes_nothing() {
+    let dir = tempdir();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, CATCH_ALL).unwrap();
+    let rest = format!(
+        "[sources.cl]\nsecret = \"{CL_SECRET}\"\n[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n",
+        dir.path().join("events.jsonl").display()
+    );
+    // `rules_file` is a top-level key: before the first table.
+    let text = format!(
+        "rules_file = \"rules.toml\"\n{}",
+        config(dir.path(), NO_LIMITS, &rest)
+    );
+    let daemon = Daemon::start(dir.path(), &text);
+    daemon.accept_cl(&scan_body("before-the-fifo")).await;
+
+    std::fs::remove_file(&rules).unwrap();
+    let _fifo = fifo(dir.path(), "rules.toml");
+    signal(daemon.pid(), "HUP");
+    wait_log(&daemon, "reload failed").await;
+    assert!(
+        daemon.log().contains("not a regular file"),
+        "{}",
+        daemon.log()
+    );
+    let started = std::time::Instant::now();
+    let health = daemon
+        .client
+        .get(daemon.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    daemon.accept_cl(&scan_body("after-the-fifo")).await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    wait_lines(&dir.path().join("events.jsonl"), 2).await;
+    assert!(daemon.terminate().success(), "SIGTERM stops it");
+
+    // check-config: the FIFO and /dev/zero are refused at once, by name.
+    for target in [rules.clone(), "/dev/zero".into()] {
+        let text = text.replace(
+            "rules_file = \"rules.toml\"",
+            &format!("rules_file = \"{}\"", target.display()),
+        );
+        let path = write_config(dir.path(), &text);
+        let (out, took) = check_config(&path);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{said}");
+        assert!(said.contains("not a regular file"), "{said}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+}
+
+/// #23.11: `check-config` was quadratic in the number of problems (2k/4k/8k broken routes:
+/// 0.36/1.14/4.78 s). Four times the problems now take about four times as long, and the
+/// report lists the first hundred and counts the rest.
+#[test]
+fn check_config_is_linear_in_its_problems_and_caps_its_report() {
+    let dir = tempdir();
+    let run = |routes: usize| {
+        let mut text = format!(
+            "[storage]\npath = \"{}\"\n[sources.cl]\nsecret = \"s\"\n[sinks.a]\ntype = \"log\"\n",
+            dir.path().join("x.db").display()
+        );
+        for i in 0..routes {
+            text +=
+                &format!("[[routes]]\nname = \"r{i}\"\nevents = [\"*\"]\nsinks = [\"nope{i}\"]\n");
+        }
+        let path = dir.path().join(format!("c{routes}.toml"));
+        std::fs::write(&path, text).unwrap();
+        check_config(&path)
+    };
+    let (small, took_small) = run(2_000);
+    let (large, took_large) = run(8_000);
+    let said = String::from_utf8_lossy(&large.stderr);
+    assert_eq!(large.status.code(), Some(2));
+    assert!(said.contains("8000 problem(s)"), "{}", &said[..200]);
+    assert!(said.contains("… and 7900 more"), "{said}");
+    assert_eq!(
+        said.lines().filter(|l| l.contains("unknown sink")).count(),
+        100
+    );
+    assert!(String::from_utf8_lossy(&small.stderr).contains("… and 1900 more"));
+    // Quadratic would be 16 times; linear 4, with room for a noisy machine.
+    let ratio = took_large.as_secs_f64() / took_small.as_secs_f64();
+    assert!(ratio < 8.0, "{took_small:?} → {took_large:?}: {ratio:.1}x");
 }
