@@ -143,7 +143,7 @@ pub async fn run_with_clock(
         config.storage.clone(),
         stop.clone(),
     ));
-    for warning in &config.routing.warnings {
+    for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
     let reloader = tokio::spawn(reload_on_hangup(
@@ -266,7 +266,7 @@ async fn reload_on_hangup(
                         "[server], [storage] and [metrics] changes take effect at the next restart"
                     );
                 }
-                for warning in &new.routing.warnings {
+                for warning in new.warnings() {
                     tracing::warn!("{warning}");
                 }
                 app.reload(&new);

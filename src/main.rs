@@ -8,16 +8,12 @@ use clap::Parser as _;
 use hookroute::config::raw::LogFormat;
 use tracing_subscriber::EnvFilter;
 
-/// Without `RUST_LOG`: hookroute's own lines from info up, and only warnings and errors from
-/// the libraries it uses.
-const DEFAULT_FILTER: &str = "warn,hookroute=info";
-
 fn main() -> ExitCode {
     let cli = hookroute::cli::Cli::parse();
     // An empty RUST_LOG (a unit's `Environment=RUST_LOG=`) means the default, not silence.
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.trim().is_empty() => EnvFilter::new(directives),
-        _ => EnvFilter::new(DEFAULT_FILTER),
+        _ => EnvFilter::new(hookroute::cli::DEFAULT_LOG_FILTER),
     };
     // Lines are written by a thread of their own, many per write: one write per line cost the
     // ingest path about a twentieth of its throughput (benches/README.md). Nothing is dropped:

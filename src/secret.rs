@@ -133,7 +133,14 @@ const MAX_SECRET_BYTES: u64 = 64 << 10;
 /// The file cannot be read; the message names the file, never its content.
 pub fn read_file(path: &Path) -> Result<String, String> {
     Ok(crate::private::read_regular(path, MAX_SECRET_BYTES)
-        .map_err(|err| format!("cannot read {}: {err}", path.display()))?
+        .map_err(|err| match err.kind() {
+            std::io::ErrorKind::NotFound => format!(
+                "{} does not exist yet: create it holding the secret, readable by the service \
+                 (e.g. `install -m 0640 -g hookroute /dev/null {0}`, then write the secret in it)",
+                path.display()
+            ),
+            _ => format!("cannot read {}: {err}", path.display()),
+        })?
         .trim_end_matches(['\r', '\n'])
         .to_owned())
 }

@@ -16,9 +16,20 @@ bin=target/release/hookroute
 "$bin" completions bash > "$assets/hookroute.bash"
 "$bin" completions zsh > "$assets/_hookroute"
 "$bin" completions fish > "$assets/hookroute.fish"
-sed -e 's|"\./data/|"/var/lib/hookroute/|' config.example.toml > "$assets/config.toml"
+# The example's secrets are public: the packaged configuration reads each source's secret from
+# a file the operator creates, so nothing verifies (and the unit does not start, saying which
+# file to create) until they do.
+sed -e 's|"\./data/|"/var/lib/hookroute/|' \
+    -e 's|^secret = \["whsec_example_change_me"\]$|secret_file = "/etc/hookroute/secrets/compliancelayer"|' \
+    -e 's|^secret = "example-scorecard-token-change-me"$|secret_file = "/etc/hookroute/secrets/scorecard"|' \
+    config.example.toml > "$assets/config.toml"
 if grep -q '"\./data/' "$assets/config.toml"; then
     echo "package.sh: config.toml still has a ./data/ path" >&2
+    exit 1
+fi
+if grep -Eq 'whsec_example_change_me|example-scorecard-token-change-me' "$assets/config.toml" ||
+    [ "$(grep -c '^secret_file = "/etc/hookroute/secrets/' "$assets/config.toml")" != 2 ]; then
+    echo "package.sh: config.toml still ships an example secret" >&2
     exit 1
 fi
 

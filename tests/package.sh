@@ -48,10 +48,29 @@ getent passwd hookroute >/dev/null || fail "no hookroute user after installing"
     fail "config.toml is $(stat -c '%U:%G %a' /etc/hookroute/config.toml)"
 [ "$(stat -c '%U:%G %a' /var/lib/hookroute)" = "hookroute:hookroute 750" ] ||
     fail "/var/lib/hookroute is $(stat -c '%U:%G %a' /var/lib/hookroute)"
-if pgrep -x hookroute >/dev/null; then fail "installing started hookroute"; fi
-setpriv --reuid=hookroute --regid=hookroute --init-groups \
-    /usr/bin/hookroute check-config --config /etc/hookroute/config.toml >/dev/null ||
-    fail "the service user cannot check the packaged configuration"
+# Only the installed binary counts: a developer's or a test's own hookroute may be running.
+for exe in /proc/[0-9]*/exe; do
+    if [ "$(readlink "$exe" 2>/dev/null)" = /usr/bin/hookroute ]; then
+        fail "installing started hookroute"
+    fi
+done
+# The packaged configuration verifies nothing until the operator sets the secrets: checked
+# (as the unit's ExecStartPre does) it fails, naming the file to create.
+[ "$(stat -c '%U:%G %a' /etc/hookroute/secrets)" = "root:hookroute 750" ] ||
+    fail "/etc/hookroute/secrets is $(stat -c '%U:%G %a' /etc/hookroute/secrets)"
+as_service() { setpriv --reuid=hookroute --regid=hookroute --init-groups "$@"; }
+if unset_check=$(as_service /usr/bin/hookroute check-config --config /etc/hookroute/config.toml 2>&1); then
+    fail "the packaged configuration passes check-config without secrets"
+fi
+grep -q '/etc/hookroute/secrets/compliancelayer does not exist yet' <<<"$unset_check" ||
+    fail "check-config does not say which secret file to create: $unset_check"
+for name in compliancelayer scorecard; do
+    install -m 0640 -g hookroute /dev/null "/etc/hookroute/secrets/$name"
+    head -c 24 /dev/urandom | base64 > "/etc/hookroute/secrets/$name"
+done
+as_service /usr/bin/hookroute check-config --config /etc/hookroute/config.toml >/dev/null ||
+    fail "the service user cannot check the packaged configuration with its secrets set"
+rm -f /etc/hookroute/secrets/compliancelayer /etc/hookroute/secrets/scorecard
 man -l /usr/share/man/man1/hookroute.1.gz >/dev/null 2>&1 || zcat /usr/share/man/man1/hookroute.1.gz | grep -q '^\.TH' ||
     fail "the man page does not render"
 DEBIAN_FRONTEND=noninteractive apt-get remove -y -q hookroute >/dev/null

@@ -120,7 +120,7 @@ fn summary(config: &Config) -> String {
         }
         out.push('\n');
     }
-    for warning in &routing.warnings {
+    for warning in config.warnings() {
         let _ = writeln!(out, "warning: {warning}");
     }
     out

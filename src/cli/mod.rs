@@ -11,6 +11,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// Without `RUST_LOG`: hookroute's own lines from info up, and only warnings and errors from
+/// the libraries it uses. The unit sets the same.
+pub const DEFAULT_LOG_FILTER: &str = "warn,hookroute=info";
+
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 

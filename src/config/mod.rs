@@ -55,6 +55,30 @@ pub struct Config {
     pub routing: Arc<Routing>,
 }
 
+impl Config {
+    /// Everything worth a look that does not stop the daemon: the routing's warnings, and
+    /// any source that still verifies with a secret shipped in `config.example.toml` (public,
+    /// so anyone can sign deliveries for it).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = self.routing.warnings.clone();
+        for source in &self.sources {
+            if source
+                .verifier
+                .key_texts()
+                .any(|key| sources::EXAMPLE_SECRETS.contains(&key.as_str()))
+            {
+                warnings.push(format!(
+                    "sources.{}: uses a secret from the shipped example, which anyone can read: \
+                     anyone can sign deliveries it will accept. Set the secret the sender shows \
+                     (secret_file, secret_credential or secret_env)",
+                    source.name
+                ));
+            }
+        }
+        warnings
+    }
+}
+
 /// Routes and the templates they render with; swapped whole on reload.
 #[derive(Debug)]
 pub struct Routing {

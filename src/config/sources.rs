@@ -9,6 +9,13 @@ use crate::duration::HumanDuration;
 use crate::secret;
 use crate::signature::{Key, Scheme, Verifier};
 
+/// The secrets `config.example.toml` ships with: public, so a source that still uses one is
+/// warned about (`Config::warnings`).
+pub const EXAMPLE_SECRETS: &[&str] = &[
+    "whsec_example_change_me",
+    "example-scorecard-token-change-me",
+];
+
 pub(super) fn validate_source(
     name: &str,
     raw: RawSource,

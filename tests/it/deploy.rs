@@ -33,6 +33,24 @@ fn the_unit_asks_for_the_watchdog() {
     assert_eq!(settings("Type"), ["notify"]);
 }
 
+/// #23.13: `SystemCallFilter=~@privileged @resources` without an error number killed an exec
+/// hook with SIGSYS when it called `fchown` (`cp -p`), `setrlimit` or `nice`; and the unit's
+/// `RUST_LOG=info` disagreed with the daemon's documented default.
+#[test]
+fn the_sandbox_refuses_calls_with_an_error_and_logs_at_the_default_level() {
+    assert!(
+        settings("SystemCallFilter")
+            .iter()
+            .any(|f| f.starts_with('~')),
+        "the unit denies some calls"
+    );
+    assert_eq!(settings("SystemCallErrorNumber"), ["EPERM"]);
+    assert_eq!(
+        settings("Environment"),
+        [format!("RUST_LOG={}", hookroute::cli::DEFAULT_LOG_FILTER)]
+    );
+}
+
 #[test]
 fn logrotate_rotates_the_file_sinks_without_signalling() {
     assert!(
