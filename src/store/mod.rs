@@ -91,6 +91,9 @@ pub enum StoreError {
     Thread(std::io::Error),
     #[error("the database writer has stopped")]
     WriterGone,
+    /// A write could not be committed within `storage.busy_timeout`; nothing was stored.
+    #[error("the database did not take the write in time (waited {0:?}); nothing was stored")]
+    Timeout(std::time::Duration),
     /// Flushing the WAL failed once: what the kernel still holds may never reach the disk,
     /// so the store refuses every write from then on, until a restart recovers from the WAL.
     #[error("flushing the database to disk failed ({0}); restart hookroute to recover")]
@@ -444,7 +447,9 @@ pub fn open_admin(
 pub async fn open(config: &StorageConfig) -> Result<Store, StoreError> {
     Ok(match &config.backend {
         Backend::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path, config)?),
-        Backend::Postgres(pg) => Arc::new(postgres::PostgresStore::open(pg).await?),
+        Backend::Postgres(pg) => {
+            Arc::new(postgres::PostgresStore::open(pg, config.busy_timeout).await?)
+        }
     })
 }
 

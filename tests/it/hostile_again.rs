@@ -446,3 +446,69 @@ fn check_config_is_linear_in_its_problems_and_caps_its_report() {
     let ratio = took_large.as_secs_f64() / took_small.as_secs_f64();
     assert!(ratio < 8.0, "{took_small:?} → {took_large:?}: {ratio:.1}x");
 }
+
+/// #23.2: with `events` locked for 40 s, a delivery was answered 202 after 39 s (its sender,
+/// with a 30 s timeout, had given up, and the event was stored behind its back) and `/readyz`
+/// stayed 200. Now a request that cannot commit within `storage.busy_timeout` gets 503 with
+/// `Retry-After`, nothing is stored, `/readyz` says so, and all is well once the lock goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_postgres_table_answers_503_within_the_bound_and_stores_nothing() {
+    let cluster = crate::postgres::shared();
+    let url = cluster.database();
+    let db = crate::postgres::database_name(&url);
+    let dir = tempdir();
+    std::fs::write(dir.path().join(PG_MARKER), db).unwrap();
+    let text = BACKEND
+        .scope(Backend::Postgres, async {
+            config(dir.path(), NO_LIMITS, &standard_rest(dir.path()))
+        })
+        .await
+        .replace("lease = \"2s\"", "lease = \"2s\"\nbusy_timeout = \"2s\"");
+    let daemon = Daemon::start(dir.path(), &text);
+    daemon.accept_cl(&scan_body("before-the-lock")).await;
+
+    let mut lock = cluster.psql_in_background(
+        db,
+        "BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(8); COMMIT;",
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sends = (0..3).map(|i| {
+        let daemon = &daemon;
+        async move {
+            let asked = std::time::Instant::now();
+            let reply = daemon.post_cl(&scan_body(&format!("during-{i}"))).await;
+            (reply, asked.elapsed())
+        }
+    });
+    for (reply, took) in futures_util::future::join_all(sends).await {
+        assert_eq!((reply.status, reply.error()), (503, "storage_unavailable"));
+        assert!(reply.headers.contains_key("retry-after"));
+        assert!(took < Duration::from_millis(3500), "{took:?}");
+    }
+    let ready = daemon
+        .client
+        .get(daemon.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(lock.wait().unwrap().success());
+
+    // Nothing of the refused requests was stored; their retries are.
+    assert_eq!(cluster.psql(db, "SELECT count(*) FROM events"), "1\n");
+    daemon.accept_cl(&scan_body("during-0")).await;
+    let ready = daemon
+        .client
+        .get(daemon.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(
+        cluster.psql(
+            db,
+            "SELECT string_agg(delivery_id, ' ' ORDER BY id) FROM events"
+        ),
+        "before-the-lock during-0\n"
+    );
+}

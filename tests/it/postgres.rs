@@ -212,6 +212,19 @@ rm -rf "$root"
         String::from_utf8(output.stdout).unwrap()
     }
 
+    /// Starts `psql` running `sql` in `database` and returns at once: for a session that holds
+    /// a lock while the test goes on.
+    pub fn psql_in_background(&self, database: &str, sql: &str) -> std::process::Child {
+        Command::new(self.bin.join("psql"))
+            .arg("-h")
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string(), "-U", USER, "-d", database])
+            .args(["-AtqX", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("run psql")
+    }
+
     /// The rows `sql` selects in `database`, as the table `result` of an in-memory SQLite
     /// database: integers as integers, NULL as NULL, everything else as text.
     pub fn query(&self, database: &str, sql: &str) -> rusqlite::Connection {

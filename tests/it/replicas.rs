@@ -215,9 +215,18 @@ async fn postgres_down_is_503_and_the_daemon_recovers_when_it_is_back() {
     daemon.accept_cl(&scan_body("before")).await;
 
     cluster.stop();
+    // #23.2: within a second, not the pool's old 5 s: a load balancer probing with a 2 s
+    // timeout must see a 503, not a hang.
+    let asked = std::time::Instant::now();
     let reply = daemon.post_cl(&scan_body("while-down")).await;
     assert_eq!((reply.status, reply.error()), (503, "storage_unavailable"));
     assert!(reply.headers.contains_key("retry-after"));
+    assert!(
+        asked.elapsed() < std::time::Duration::from_millis(1200),
+        "{:?}",
+        asked.elapsed()
+    );
+    let asked = std::time::Instant::now();
     let ready = daemon
         .client
         .get(daemon.url("/readyz"))
@@ -225,6 +234,11 @@ async fn postgres_down_is_503_and_the_daemon_recovers_when_it_is_back() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 503);
+    assert!(
+        asked.elapsed() < std::time::Duration::from_millis(1200),
+        "{:?}",
+        asked.elapsed()
+    );
 
     cluster.restart();
     // The sender's retry is stored once the server is back.

@@ -5,8 +5,18 @@
 //! Here each new event and each attempt's outcome joins a queue, and a few transactions at a
 //! time take everything waiting. At ordinary load a transaction carries one write and nothing
 //! waits; under a flood they grow as the commits slow down.
+//!
+//! A new event waits at most `storage.busy_timeout` for its commit: its sender gives up after
+//! 30 s, and an answer it never sees is a delivery stored behind its back. A transaction runs
+//! with `statement_timeout` set to what its most pressed event has left, so the server itself
+//! cancels it and nothing is stored; events whose time ran out while they queued are answered
+//! without being tried. Either way the request gets 503 and the sender retries later.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
@@ -26,33 +36,59 @@ const QUEUE_DEPTH: usize = 8192;
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 enum Write {
-    Insert(NewEvent, Reply<Inserted>),
+    /// A new event, and when its request stops waiting.
+    Insert(NewEvent, Instant, Reply<Inserted>),
     Finish(Finished, Reply<()>),
 }
 
 pub(super) struct Committer {
     queue: mpsc::Sender<Write>,
+    /// `storage.busy_timeout`.
+    timeout: Duration,
+    /// Whether the last transaction with new events in it ran out of time: `/readyz` says so
+    /// until one commits again.
+    stalled: Arc<AtomicBool>,
     stop: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Committer {
-    pub(super) fn start(pool: sqlx::PgPool, replica: i64) -> Self {
+    pub(super) fn start(pool: sqlx::PgPool, replica: i64, timeout: Duration) -> Self {
         let (queue, waiting) = mpsc::channel(QUEUE_DEPTH);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(pool, replica, waiting, stop.clone()));
+        let stalled = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(run(
+            pool,
+            replica,
+            waiting,
+            Arc::clone(&stalled),
+            stop.clone(),
+        ));
         Self {
             queue,
+            timeout,
+            stalled,
             stop,
             task: Mutex::new(Some(task)),
         }
     }
 
-    /// Stores `new`; answers once its transaction committed.
+    /// Stores `new`; answers once its transaction committed, or with
+    /// [`StoreError::Timeout`] (nothing stored) when that takes longer than the bound.
     pub(super) async fn insert(&self, new: NewEvent) -> Result<Inserted, StoreError> {
+        let deadline = Instant::now() + self.timeout;
         let (reply, answer) = oneshot::channel();
-        self.submit(Write::Insert(new, reply)).await?;
+        // A full queue is backpressure, but within the same bound.
+        tokio::time::timeout_at(deadline, self.submit(Write::Insert(new, deadline, reply)))
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))??;
         answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Whether new events commit: `false` after a transaction ran out of time, until one
+    /// commits again.
+    pub(super) fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
     }
 
     /// Records an attempt's outcomes; answers once its transaction committed.
@@ -83,6 +119,7 @@ async fn run(
     pool: sqlx::PgPool,
     replica: i64,
     mut waiting: mpsc::Receiver<Write>,
+    stalled: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
@@ -104,9 +141,9 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let pool = pool.clone();
+        let (pool, stalled) = (pool.clone(), Arc::clone(&stalled));
         batches.spawn(async move {
-            commit(&pool, replica, batch).await;
+            commit(&pool, replica, batch, &stalled).await;
             drop(slot);
         });
         while batches.try_join_next().is_some() {}
@@ -114,19 +151,38 @@ async fn run(
     while batches.join_next().await.is_some() {}
 }
 
-/// Writes `batch` in one transaction and answers each write. When the server refuses the
-/// transaction (a deadlock, a value it will not store), each write is tried in a transaction
-/// of its own, so that one cannot fail the others.
-async fn commit(pool: &sqlx::PgPool, replica: i64, batch: Vec<Write>) {
+/// Writes `batch` in one transaction and answers each write. New events whose time ran out
+/// while they queued are answered with [`StoreError::Timeout`] untried. When the server
+/// refuses the transaction (a deadlock, a value it will not store), each write is tried in a
+/// transaction of its own, so that one cannot fail the others; when it ran out of time, its
+/// new events are answered so and the attempts' outcomes (which no request waits for) are
+/// written on their own.
+async fn commit(pool: &sqlx::PgPool, replica: i64, batch: Vec<Write>, stalled: &AtomicBool) {
     let (mut inserts, mut finishes) = (Batch::default(), Batch::default());
+    let mut deadlines = Vec::new();
+    let now = Instant::now();
     for write in batch {
         match write {
-            Write::Insert(new, reply) => inserts.push(new, reply),
+            Write::Insert(_, deadline, reply) if deadline <= now => {
+                let _ = reply.send(Err(StoreError::Timeout(Duration::ZERO)));
+                stalled.store(true, Ordering::Relaxed);
+            }
+            Write::Insert(new, deadline, reply) => {
+                deadlines.push(deadline);
+                inserts.push(new, reply);
+            }
             Write::Finish(attempt, reply) => finishes.push(attempt, reply),
         }
     }
-    match transaction(pool, replica, &inserts.writes, &finishes.writes).await {
+    if inserts.writes.is_empty() && finishes.writes.is_empty() {
+        return;
+    }
+    let deadline = deadlines.iter().min().copied();
+    match transaction(pool, replica, &inserts.writes, &finishes.writes, deadline).await {
         Ok(outcomes) => {
+            if !inserts.writes.is_empty() {
+                stalled.store(false, Ordering::Relaxed);
+            }
             for (reply, outcome) in inserts.replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok(outcome));
             }
@@ -134,16 +190,51 @@ async fn commit(pool: &sqlx::PgPool, replica: i64, batch: Vec<Write>) {
                 let _ = reply.send(Ok(()));
             }
         }
+        Err(err) if is_timeout(&err) => {
+            stalled.store(true, Ordering::Relaxed);
+            let waited = deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(now));
+            for reply in inserts.replies {
+                let _ = reply.send(Err(StoreError::Timeout(waited)));
+            }
+            if !finishes.writes.is_empty() {
+                let outcome = transaction(pool, replica, &[], &finishes.writes, None).await;
+                let err = outcome
+                    .err()
+                    .map(|e| Arc::new(e) as Arc<dyn std::error::Error + Send + Sync>);
+                match err {
+                    None => finishes
+                        .replies
+                        .into_iter()
+                        .for_each(|r| drop(r.send(Ok(())))),
+                    Some(err) => finishes.fail(&err),
+                }
+            }
+        }
         Err(StoreError::Postgres(sqlx::Error::Database(err)))
             if inserts.writes.len() + finishes.writes.len() > 1 =>
         {
             tracing::debug!(error = %err, "a transaction was refused; writing its parts one by one");
-            for (new, reply) in inserts.writes.iter().zip(inserts.replies) {
-                let outcome = transaction(pool, replica, std::slice::from_ref(new), &[]).await;
-                let _ = reply.send(outcome.map(|mut one| one.remove(0)));
+            for ((new, reply), deadline) in
+                inserts.writes.iter().zip(inserts.replies).zip(deadlines)
+            {
+                let outcome = if deadline <= Instant::now() {
+                    Err(StoreError::Timeout(deadline.saturating_duration_since(now)))
+                } else {
+                    transaction(
+                        pool,
+                        replica,
+                        std::slice::from_ref(new),
+                        &[],
+                        Some(deadline),
+                    )
+                    .await
+                    .and_then(|mut one| one.pop().ok_or(StoreError::WriterGone))
+                };
+                let _ = reply.send(outcome);
             }
             for (attempt, reply) in finishes.writes.iter().zip(finishes.replies) {
-                let outcome = transaction(pool, replica, &[], std::slice::from_ref(attempt)).await;
+                let outcome =
+                    transaction(pool, replica, &[], std::slice::from_ref(attempt), None).await;
                 let _ = reply.send(outcome.map(drop));
             }
         }
@@ -152,6 +243,16 @@ async fn commit(pool: &sqlx::PgPool, replica: i64, batch: Vec<Write>) {
             inserts.fail(&err);
             finishes.fail(&err);
         }
+    }
+}
+
+/// Whether `err` is the server cancelling a statement at `statement_timeout` (SQLSTATE 57014),
+/// or a transaction that outlived its deadline here.
+fn is_timeout(err: &StoreError) -> bool {
+    match err {
+        StoreError::Timeout(_) => true,
+        StoreError::Postgres(sqlx::Error::Database(db)) => db.code().as_deref() == Some("57014"),
+        _ => false,
     }
 }
 
@@ -184,16 +285,44 @@ impl<W, T> Batch<W, T> {
     }
 }
 
-/// New events first, then outcomes: every transaction takes its locks in that order.
+/// New events first, then outcomes: every transaction takes its locks in that order. With a
+/// `deadline`, the server cancels any statement still running then (`statement_timeout`,
+/// which also bounds a wait for a lock), and the whole transaction is given up shortly after
+/// it, should the server not answer at all.
 async fn transaction(
     pool: &sqlx::PgPool,
     replica: i64,
     inserts: &[NewEvent],
     finishes: &[Finished],
+    deadline: Option<Instant>,
 ) -> Result<Vec<Inserted>, StoreError> {
-    let mut tx = pool.begin().await?;
-    let inserted = events::insert(&mut tx, replica, inserts).await?;
-    jobs::finish(&mut tx, finishes).await?;
-    tx.commit().await?;
-    Ok(inserted)
+    let run = async {
+        let mut tx = pool.begin().await?;
+        if let Some(deadline) = deadline {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .max(1);
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SET LOCAL statement_timeout = {left}"
+            )))
+            .execute(&mut *tx)
+            .await?;
+        }
+        let inserted = events::insert(&mut tx, replica, inserts).await?;
+        jobs::finish(&mut tx, finishes).await?;
+        tx.commit().await?;
+        Ok(inserted)
+    };
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline + BACKSTOP, run)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(BACKSTOP))),
+        None => run.await,
+    }
 }
+
+/// How long past its deadline a transaction is given up here when the server has not
+/// cancelled it (it does not answer at all): then whether it committed is unknown, which only
+/// a server that went silent mid-commit can cause.
+const BACKSTOP: Duration = Duration::from_secs(1);

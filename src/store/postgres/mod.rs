@@ -38,8 +38,9 @@ use crate::metrics::SinkQueue;
 /// Beats per lease (`storage.lease`): a replica says it is alive five times a lease, so a slow
 /// beat or two never hands over jobs that are still being attempted.
 const BEATS_PER_LEASE: u32 = 5;
-/// How long a connection attempt may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request may wait for a connection: under a second, so that while the server is
+/// down a request, and a load balancer's probe of `/readyz`, gets its 503 within one.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// The database's clock, in unix milliseconds.
 macro_rules! now_ms {
@@ -178,7 +179,7 @@ impl PostgresStore {
     ///
     /// # Errors
     /// [`StoreError`] when the database cannot be reached, or its schema is newer.
-    pub async fn open(config: &PostgresConfig) -> Result<Self, StoreError> {
+    pub async fn open(config: &PostgresConfig, busy_timeout: Duration) -> Result<Self, StoreError> {
         let pool = connect(config, config.pool_size).await?;
         schema::migrate(&pool, &config.url).await?;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -197,7 +198,7 @@ impl PostgresStore {
         .await?;
         tracing::info!(replica, "joined the database's replicas");
         let store = Self {
-            committer: commit::Committer::start(pool.clone(), replica),
+            committer: commit::Committer::start(pool.clone(), replica, busy_timeout),
             pool,
             replica,
             lease_ms: i64::try_from(config.lease.as_millis()).unwrap_or(i64::MAX),
@@ -343,7 +344,12 @@ impl Storage for PostgresStore {
         jobs::waiting(&self.pool, self.replica, self.lease_ms).await
     }
 
+    /// Ready when new events commit (the last transaction with some did not run out of time)
+    /// and this replica can beat.
     async fn touch(&self) -> Result<(), StoreError> {
+        if self.committer.is_stalled() {
+            return Err(StoreError::Timeout(Duration::ZERO));
+        }
         self.beat().await
     }
 
