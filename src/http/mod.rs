@@ -50,6 +50,10 @@ pub struct AppState {
     metrics: Arc<Metrics>,
     /// Who may read `/metrics`.
     metrics_allowed: Vec<IpNet>,
+    /// The delivery queues as last read for `/metrics`, and when: scrapes within
+    /// [`QUEUES_FRESH`] share one read, so however often a stranger scrapes, the database
+    /// answers at most once a second. The lock also keeps two renders from interleaving.
+    queues: tokio::sync::Mutex<Option<(std::time::Instant, Vec<crate::metrics::SinkQueue>)>>,
     max_body_bytes: usize,
     /// Bytes of bodies not yet verified, across all requests (see `ingest::UNVERIFIED_BODIES`).
     unverified: tokio::sync::Semaphore,
@@ -83,6 +87,7 @@ impl App {
             clock,
             metrics,
             metrics_allowed: config.metrics.allowed_ips.clone(),
+            queues: tokio::sync::Mutex::new(None),
             max_body_bytes: config.server.max_body_bytes,
             unverified: tokio::sync::Semaphore::new(
                 config
@@ -221,6 +226,9 @@ async fn count_requests(
     response
 }
 
+/// How long a reading of the delivery queues serves `/metrics`.
+const QUEUES_FRESH: Duration = Duration::from_secs(1);
+
 /// `GET /metrics`: the Prometheus text format, to the addresses `[metrics] allowed_ips` lets in.
 async fn scrape(
     State(state): State<Arc<AppState>>,
@@ -237,15 +245,24 @@ async fn scrape(
     {
         return Err(ApiError::IpNotAllowed(client));
     }
-    let queues = state
-        .store
-        .queues(state.clock.now())
-        .await
-        .unwrap_or_else(|err| {
-            tracing::warn!(error = %err, "cannot read the delivery queues for /metrics");
-            Vec::new()
-        });
-    let text = state.metrics.render(&queues, state.store.size_bytes());
+    let mut cached = state.queues.lock().await;
+    let fresh = cached
+        .as_ref()
+        .is_some_and(|(read_at, _)| read_at.elapsed() < QUEUES_FRESH);
+    if !fresh {
+        let queues = state
+            .store
+            .queues(state.clock.now())
+            .await
+            .unwrap_or_else(|err| {
+                tracing::warn!(error = %err, "cannot read the delivery queues for /metrics");
+                Vec::new()
+            });
+        *cached = Some((std::time::Instant::now(), queues));
+    }
+    let queues = cached.as_ref().map_or(&[][..], |(_, queues)| queues);
+    let text = state.metrics.render(queues, state.store.size_bytes());
+    drop(cached);
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
@@ -265,4 +266,37 @@ fn the_readme_alert_rules_are_valid() {
         Err(_) if std::env::var_os("CI").is_none() => {}
         Err(err) => panic!("promtool is required in CI: {err}"),
     }
+}
+
+on_both_backends!(scrapes_within_a_second_share_one_reading_of_the_queues);
+
+/// #23.14: `/metrics` cost a database query per scrape, and anyone reaching the listener could
+/// scrape it thousands of times a second. The queue gauges come from one reading a second.
+async fn scrapes_within_a_second_share_one_reading_of_the_queues() {
+    let dir = tempdir();
+    let _stuck = fifo(dir.path(), "stuck.fifo");
+    let rest = format!(
+        "[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n[sinks.stuck]\ntype = \"file\"\npath = \"{}\"\n\n[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = [\"stuck\"]\n",
+        dir.path().join("stuck.fifo").display()
+    );
+    let daemon = Daemon::start(dir.path(), &config(dir.path(), NO_LIMITS, &rest));
+    let waiting = |text: &str| {
+        parse(text)
+            .get(r#"hookroute_jobs_waiting{sink="stuck"}"#)
+            .copied()
+    };
+    let (status, _, first) = scrape(&daemon).await;
+    assert_eq!((status, waiting(&first)), (200, None));
+    let read_at = Instant::now();
+    daemon.accept_cl(&scan_body("queued")).await;
+    // A burst of scrapes in the same second: all answered, from the same reading.
+    let burst = (0..200).map(|_| scrape(&daemon));
+    for (status, _, text) in futures_util::future::join_all(burst).await {
+        assert_eq!(status, 200);
+        if read_at.elapsed() < Duration::from_millis(900) {
+            assert_eq!(waiting(&text), None, "read again within a second");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(waiting(&scrape(&daemon).await.2), Some(1.0));
 }
