@@ -7,7 +7,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::event::EventError;
+use crate::event::{EventError, HOPS_HEADER, MAX_HOPS};
 use crate::signature::SignatureError;
 
 /// How long a sender should wait before retrying after a storage failure.
@@ -51,6 +51,15 @@ pub enum ApiError {
     /// 400: not a JSON object with an event type.
     #[error("{0}")]
     BadEvent(#[from] EventError),
+    /// 400: the forwarding hop header is not a number.
+    #[error("{HOPS_HEADER} must be a number from 0 to 255")]
+    MalformedHops,
+    /// 400: another hookroute forwarded this delivery more than `MAX_HOPS` times: a loop of
+    /// forwarding sinks. Refused for good (a 4xx), so the forwarding sink dead-letters it.
+    #[error(
+        "forwarding loop: this delivery was forwarded {0} times between hookroute daemons (at most {MAX_HOPS})"
+    )]
+    ForwardingLoop(u8),
     /// 503: too many bodies are being received at once; the sender should retry.
     #[error("too many deliveries are being received at once; retry later")]
     Overloaded,
@@ -69,9 +78,11 @@ impl ApiError {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::BodyUnreadable | Self::BadEvent(_) | Self::MalformedForwardedFor => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::BodyUnreadable
+            | Self::BadEvent(_)
+            | Self::MalformedForwardedFor
+            | Self::MalformedHops
+            | Self::ForwardingLoop(_) => StatusCode::BAD_REQUEST,
             Self::Signature(_) | Self::StaleEvent(_) => StatusCode::UNAUTHORIZED,
             Self::StorageUnavailable | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -88,6 +99,8 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::BodyTimeout => "request_timeout",
             Self::BodyUnreadable | Self::MalformedForwardedFor => "bad_request",
+            Self::MalformedHops => "invalid_hops",
+            Self::ForwardingLoop(_) => "forwarding_loop",
             Self::BadEvent(EventError::InvalidJson(_)) => "invalid_json",
             Self::BadEvent(_) => "invalid_event",
             Self::Signature(SignatureError::MissingHeader(_)) => "missing_signature",

@@ -23,7 +23,7 @@ use super::client_ip::{client_ip, limit_key};
 use super::error::ApiError;
 use super::limit::retry_after_secs;
 use crate::config::SourceConfig;
-use crate::event::Event;
+use crate::event::{Event, HOPS_HEADER, MAX_HOPS, parse_hops};
 use crate::intake::Accepted;
 use crate::signature::{COMPLIANCELAYER_DELIVERY, GITHUB_DELIVERY, WEBHOOK_ID};
 
@@ -51,6 +51,16 @@ pub async fn ingest(
     }
     if !is_json(&parts.headers) {
         return Err(ApiError::UnsupportedMediaType);
+    }
+    if let Some(value) = parts.headers.get(HOPS_HEADER) {
+        match parse_hops(value.as_bytes()) {
+            None => return Err(ApiError::MalformedHops),
+            Some(hops) if hops > MAX_HOPS => {
+                tracing::warn!(source = %source.name, hops, %client, "forwarding loop: delivery refused");
+                return Err(ApiError::ForwardingLoop(hops));
+            }
+            Some(_) => {}
+        }
     }
     let (body, unverified) = read_body(&state, &parts.headers, body).await?;
 

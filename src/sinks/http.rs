@@ -1,6 +1,11 @@
 //! The `http` sink: POSTs the event (or a rendered template) to a URL with configured headers,
 //! optionally re-signed with the Standard Webhooks scheme so the next hop can verify it. Also
 //! home of the request-and-classify step the `slack` sink shares.
+//!
+//! Every request carries `X-Hookroute-Hops` (and a JSON body `hookroute.hops`): how many times
+//! hookroute daemons have forwarded the event. Past [`MAX_HOPS`] the sink refuses (a dead
+//! letter saying "forwarding loop") and a daemon refuses such a delivery (400), so a sink
+//! pointed at its own daemon, or two daemons forwarding to each other, stops within a few hops.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +17,7 @@ use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 
 use super::{Delivery, DeliveryOptions, RESPONSE_LIMIT, Sink, SinkError, bounded};
-use crate::event::Event;
+use crate::event::{Event, HOPS_HEADER, MAX_HOPS};
 use crate::secret::{SecretSource, decode_whsec};
 use crate::signature::{Key, Scheme, Verifier};
 use crate::templates::TemplateRef;
@@ -169,17 +174,34 @@ impl HttpSink {
     }
 }
 
-/// The JSON body: the event, and the route that sent it.
+/// The JSON body: the event, the route that sent it, and how many hops it has travelled
+/// between hookroute daemons (read back by [`Event::hops`] where it arrives).
 #[derive(Serialize)]
 struct Body<'a> {
     route: &'a str,
     #[serde(flatten)]
     event: &'a Event,
+    hookroute: Hops,
+}
+
+#[derive(Serialize)]
+struct Hops {
+    hops: u8,
 }
 
 #[async_trait]
 impl Sink for HttpSink {
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
+        // Forwarded this many times with this one: past MAX_HOPS the daemons forward to each
+        // other (or to themselves), and another try would only go round again.
+        let hops = delivery.event.hops().saturating_add(1);
+        if hops > MAX_HOPS {
+            return Err(SinkError::permanent(format!(
+                "forwarding loop: the event was already forwarded {} times between hookroute \
+                 daemons (at most {MAX_HOPS}); not forwarding it again",
+                hops - 1
+            )));
+        }
         let (body, content_type) = match &self.as_text {
             Some((content_type, json)) => {
                 let message = delivery.message;
@@ -200,6 +222,7 @@ impl Sink for HttpSink {
                 let body = serde_json::to_vec(&Body {
                     route: delivery.route,
                     event: delivery.event,
+                    hookroute: Hops { hops },
                 })
                 .map_err(|e| SinkError::permanent(format!("cannot encode the event: {e}")))?;
                 (body, HeaderValue::from_static("application/json"))
@@ -207,6 +230,7 @@ impl Sink for HttpSink {
         };
         let mut headers = self.headers.clone();
         headers.insert(reqwest::header::CONTENT_TYPE, content_type);
+        headers.insert(HOPS_HEADER, HeaderValue::from(u16::from(hops)));
         let mut request = self.client.post(&self.url).headers(headers);
         if let Some(signer) = &self.signer {
             let id = webhook_id(delivery.event);

@@ -512,3 +512,59 @@ async fn a_locked_postgres_table_answers_503_within_the_bound_and_stores_nothing
         "before-the-lock during-0\n"
     );
 }
+
+/// #23.8: an http sink signing into its own daemon's source turned one event into 571 in 8 s.
+/// Forwards carry their hop count; past `MAX_HOPS` (4) the forward is a dead letter saying
+/// why, and a delivery whose header claims more is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_forwarding_into_its_own_daemon_stops_after_four_hops() {
+    let dir = tempdir();
+    let whsec = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    // The sink's URL is only known once the daemon listens: a fixed free port instead.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rest = format!(
+        "[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n[sources.fwd]\nscheme = \"standard-webhooks\"\nsecret = \"{whsec}\"\n\n\
+         [sinks.loop]\ntype = \"http\"\nurl = \"http://127.0.0.1:{port}/hooks/fwd\"\nsign = {{ value = \"{whsec}\" }}\n\n{}",
+        route_all(&["loop"])
+    );
+    let text =
+        config(dir.path(), NO_LIMITS, &rest).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let daemon = Daemon::start(dir.path(), &text);
+    daemon.accept_cl(&scan_body("goes-round")).await;
+    wait_jobs(&daemon, "dead", 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(daemon.count("events"), 5, "the original and four forwards");
+    assert_eq!(
+        jobs(&daemon).get("succeeded"),
+        Some(&4),
+        "{:?}",
+        jobs(&daemon)
+    );
+    let reason: String = daemon.value("SELECT last_error FROM jobs WHERE status = 'dead'");
+    assert!(reason.contains("forwarding loop"), "{reason}");
+
+    // A delivery claiming too many hops, or a malformed count, is refused and stores nothing.
+    for (hops, code) in [
+        ("5", "forwarding_loop"),
+        ("x", "invalid_hops"),
+        ("04", "invalid_hops"),
+    ] {
+        let body = scan_body(&format!("claims-{hops}"));
+        let reply = daemon
+            .post(
+                "/hooks/cl",
+                &body,
+                &[
+                    ("x-compliancelayer-signature", hmac_hex(CL_SECRET, &[&body])),
+                    ("x-hookroute-hops", hops.to_owned()),
+                ],
+            )
+            .await;
+        assert_eq!((reply.status, reply.error()), (400, code), "{hops}");
+    }
+    assert_eq!(daemon.count("events"), 5);
+}
