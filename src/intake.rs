@@ -77,7 +77,7 @@ impl Intake {
             let sinks = routes.iter().flat_map(|to| &to.sinks);
             let handoff = self
                 .new_jobs
-                .handoff(&plan, sinks, now, |c| self.store.share(c));
+                .handoff(&plan, sinks, now, |sink, c| self.store.share(sink, c));
             (routes, unevaluated, handoff)
         };
         let unrouted = routes.is_empty();

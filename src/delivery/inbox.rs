@@ -65,7 +65,7 @@ impl NewJobs {
         plan: &Plan,
         sinks: impl IntoIterator<Item = &'a String>,
         now: Timestamp,
-        share: impl Fn(usize) -> usize,
+        share: impl Fn(&str, usize) -> usize,
     ) -> Handoff {
         let mut sinks = sinks.into_iter().peekable();
         if sinks.peek().is_none() {
@@ -80,7 +80,7 @@ impl NewJobs {
             let open = plan
                 .sinks
                 .get(sink)
-                .is_some_and(|s| s.digest.is_none() && share(s.delivery.concurrency) > 0)
+                .is_some_and(|s| s.digest.is_none() && share(sink, s.delivery.concurrency) > 0)
                 && queues.get(sink).is_none_or(|q| q.len() < HANDOFF_LIMIT);
             if open && !handoff.sinks.contains(sink) {
                 handoff.sinks.push(sink.clone());

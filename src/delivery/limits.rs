@@ -1,6 +1,7 @@
 //! A sink's limits in one daemon: calls at once, and jobs claimed ahead of them.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::Semaphore;
 
@@ -14,6 +15,9 @@ pub(super) struct Limits {
     pub(super) running: Arc<Semaphore>,
     /// Jobs claimed and not yet recorded: bounds what waits in memory.
     pub(super) claimed: Arc<Semaphore>,
+    /// Sink calls in progress, counted exactly: after the limit shrank they may outnumber
+    /// it, and other replicas must not take what they still hold.
+    pub(super) calls: Arc<AtomicUsize>,
 }
 
 impl Limits {
@@ -22,7 +26,13 @@ impl Limits {
             concurrency,
             running: Arc::new(Semaphore::new(concurrency)),
             claimed: Arc::new(Semaphore::new(concurrency.saturating_mul(PREFETCH))),
+            calls: Arc::default(),
         }
+    }
+
+    /// Sink calls in progress.
+    pub(super) fn calls(&self) -> usize {
+        self.calls.load(Ordering::Relaxed)
     }
 
     /// Makes the limit `concurrency` on the same semaphores, so that the calls and claims
@@ -36,6 +46,22 @@ impl Limits {
             concurrency.saturating_mul(PREFETCH),
         );
         self.concurrency = concurrency;
+    }
+}
+
+/// One sink call in progress, counted in [`Limits::calls`] until dropped.
+pub(super) struct Call(Arc<AtomicUsize>);
+
+impl Call {
+    pub(super) fn start(calls: Arc<AtomicUsize>) -> Self {
+        calls.fetch_add(1, Ordering::Relaxed);
+        Self(calls)
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

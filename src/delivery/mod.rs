@@ -139,6 +139,13 @@ impl Engine {
     async fn turn(&self, turns: &mut Turns) -> Duration {
         self.turns.fetch_add(1, Ordering::Relaxed);
         let plan = self.plan.load_full();
+        // Every sink's share, and what this daemon holds of it, kept current whether or not
+        // it has work now: another replica may be waiting for the calls it lets go.
+        for sink in plan.sinks.values() {
+            if turns.limits.contains_key(&sink.name) {
+                self.limits_for(&mut turns.limits, sink);
+            }
+        }
         let mut sinks = self.new_jobs.take();
         if self.clock.now() >= turns.next_look {
             (turns.next_look, turns.active) = self
@@ -307,13 +314,14 @@ impl Engine {
         limits: &'a mut HashMap<String, Limits>,
         sink: &NamedSink,
     ) -> &'a Limits {
-        let concurrency = self.store.share(sink.delivery.concurrency);
+        let concurrency = self.store.share(&sink.name, sink.delivery.concurrency);
         let limit = limits
             .entry(sink.name.clone())
             .or_insert_with(|| Limits::new(concurrency));
         if limit.concurrency != concurrency {
             limit.resize(concurrency);
         }
+        self.store.hold(&sink.name, concurrency.max(limit.calls()));
         limit
     }
 
@@ -393,6 +401,7 @@ impl Engine {
                 batch.len()
             });
             let slot = Arc::clone(&limits.running);
+            let calls = Arc::clone(&limits.calls);
             let (store, plan, sink) = (self.store.clone(), Arc::clone(plan), sink.clone());
             let (held, clock, metrics, stopping) = (
                 self.new_jobs.held.clone(),
@@ -410,7 +419,9 @@ impl Engine {
                 let Ok(slot) = slot else {
                     return; // never closed
                 };
+                let call = limits::Call::start(calls);
                 let recorded = attempt(&*clock, &metrics, &store, &plan, &sink, batch, slot).await;
+                drop(call);
                 // A job whose outcome could not be recorded stays held, as the database
                 // still says it is due: attempted again after a restart, not in a loop now.
                 if recorded {

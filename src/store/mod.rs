@@ -385,12 +385,16 @@ pub trait Storage: Send + Sync {
     /// The database's size on disk, in bytes (its write-ahead log included).
     fn size_bytes(&self) -> u64;
 
-    /// How many of a sink's `concurrency` calls this daemon may make at once. A sink's
-    /// limit holds for everyone serving the database: one daemon has all of it; replicas
-    /// share it (see the PostgreSQL backend).
-    fn share(&self, concurrency: usize) -> usize {
+    /// How many of `sink`'s `concurrency` calls this daemon may make at once. A sink's limit
+    /// holds for everyone serving the database: one daemon has all of it; replicas share it
+    /// (see the PostgreSQL backend).
+    fn share(&self, _sink: &str, concurrency: usize) -> usize {
         concurrency
     }
+
+    /// Tells the other daemons how much of `sink`'s concurrency this one holds: its share,
+    /// or its calls in flight when they outnumber a share that shrank.
+    fn hold(&self, _sink: &str, _held: usize) {}
 
     /// Lets go of `jobs` this daemon took (handed over, never attempted): anyone may attempt
     /// them now. On a database only one daemon serves, their rows already say when.

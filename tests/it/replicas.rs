@@ -685,3 +685,75 @@ async fn migrate_storage_moves_an_installation_idempotently() {
     wait_lines(&new_dir.path().join("events.jsonl"), 1).await;
     assert_eq!(read_lines(&new_dir.path().join("events.jsonl")).len(), 1);
 }
+
+/// #23.12: two replicas, `concurrency = 8`, a steady stream, restarting one then the other:
+/// the receiver saw 12 calls at once about 2 s after a replica rejoined (the other's calls,
+/// made under its larger share while alone, still ran when the newcomer took its own). A
+/// replica takes a share only out of what the others do not hold, calls in flight included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sinks_concurrency_holds_through_a_rolling_restart_under_load() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    const CONCURRENCY: usize = 8;
+    let cluster = shared();
+    let url = cluster.database();
+    let receiver = Recorder::start().await;
+    // Calls longer than a beat: those made while a replica was alone outlive its rejoining.
+    receiver.set_delay(Duration::from_millis(2500));
+    let rest = format!(
+        "[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n[sinks.receiver]\ntype = \"http\"\nurl = \"{}\"\ndelivery = {{ concurrency = {CONCURRENCY} }}\n\n[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = [\"receiver\"]\n",
+        receiver.url("/")
+    );
+    let dirs = [tempdir(), tempdir()];
+    let configs = [0, 1].map(|i| write_config(dirs[i].path(), &with_rest(cluster, &url, &rest)));
+    let start = |i: usize| Daemon::start_with(dirs[i].path(), &configs[i], &[]);
+    let mut daemons = [Some(start(0)), Some(start(1))];
+    let up = Arc::new(std::sync::Mutex::new(
+        daemons.iter().flatten().map(|d| d.addr).collect::<Vec<_>>(),
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    // About 20 deliveries a second, to whichever replicas are up.
+    let stream = tokio::spawn({
+        let (up, stop) = (Arc::clone(&up), Arc::clone(&stop));
+        async move {
+            let client = http_client();
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) && n < 2000 {
+                let targets = up.lock().unwrap().clone();
+                if let Some(addr) = targets.get(n % targets.len().max(1)) {
+                    let body = scan_body(&format!("steady-{n}"));
+                    let _ = client
+                        .post(format!("http://{addr}/hooks/cl"))
+                        .header("content-type", "application/json")
+                        .header("x-compliancelayer-signature", hmac_hex(CL_SECRET, &[&body]))
+                        .body(body)
+                        .send()
+                        .await;
+                    n += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in [0, 1] {
+        let daemon = daemons[i].take().unwrap();
+        up.lock().unwrap().retain(|addr| *addr != daemon.addr);
+        assert!(daemon.terminate().success(), "replica {i} drained");
+        // Alone, the other takes the whole limit and fills it.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let daemon = start(i);
+        up.lock().unwrap().push(daemon.addr);
+        daemons[i] = Some(daemon);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    stream.await.unwrap();
+    assert!(receiver.requests().len() > 20, "the sink was busy");
+    assert!(
+        receiver.most_in_flight() <= CONCURRENCY,
+        "{} calls at once, the limit is {CONCURRENCY}",
+        receiver.most_in_flight()
+    );
+}

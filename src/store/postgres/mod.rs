@@ -114,6 +114,10 @@ pub struct PostgresStore {
 struct Seen {
     size: AtomicU64,
     replicas: std::sync::Mutex<Replicas>,
+    /// What this replica holds of each sink's concurrency: told to the others at each beat.
+    held: std::sync::Mutex<HashMap<String, usize>>,
+    /// What the other replicas alive held of each sink's, at their last beats.
+    others: std::sync::Mutex<HashMap<String, usize>>,
 }
 
 /// The replicas alive at the last beat, and this one's place among them.
@@ -244,8 +248,10 @@ async fn beat(
     (replica, lease_ms): (i64, i64),
     seen: &Seen,
 ) -> Result<(), StoreError> {
+    let held = serde_json::to_value(&*seen.held.lock().unwrap_or_else(|p| p.into_inner()))
+        .unwrap_or_default();
     let (alive, rank, bytes): (i64, i64, i64) = sqlx::query_as(concat!(
-        "WITH me AS (UPDATE replicas SET seen_at = ",
+        "WITH me AS (UPDATE replicas SET held = $3, seen_at = ",
         now_ms!(),
         " WHERE id = $1 RETURNING id)
          SELECT count(*), count(*) FILTER (WHERE id < $1),
@@ -256,8 +262,24 @@ async fn beat(
     ))
     .bind(replica)
     .bind(lease_ms)
+    .bind(held)
     .fetch_one(pool)
     .await?;
+    let others: Vec<(String, i64)> = sqlx::query_as(concat!(
+        "SELECT held.key, sum(held.value::bigint)::bigint
+         FROM replicas, jsonb_each_text(replicas.held) AS held
+         WHERE id <> $1 AND seen_at > ",
+        now_ms!(),
+        " - $2 GROUP BY held.key"
+    ))
+    .bind(replica)
+    .bind(lease_ms)
+    .fetch_all(pool)
+    .await?;
+    *seen.others.lock().unwrap_or_else(|p| p.into_inner()) = others
+        .into_iter()
+        .map(|(sink, held)| (sink, usize::try_from(held).unwrap_or(0)))
+        .collect();
     seen.size.store(bytes.unsigned_abs(), Ordering::Relaxed);
     let mut replicas = seen.replicas.lock().unwrap_or_else(|p| p.into_inner());
     let alive = usize::try_from(alive).unwrap_or(0);
@@ -376,10 +398,30 @@ impl Storage for PostgresStore {
         self.seen.size.load(Ordering::Relaxed)
     }
 
-    fn share(&self, concurrency: usize) -> usize {
+    /// An equal part of `concurrency` (see [`Replicas::share`]), but never more than the
+    /// other replicas left: what they hold counts their calls still in flight, so a replica
+    /// that was alone and filled the whole limit keeps it, call by call, until those end.
+    fn share(&self, sink: &str, concurrency: usize) -> usize {
         let lease = Duration::from_millis(self.lease_ms.unsigned_abs());
         let replicas = *self.seen.replicas.lock().unwrap_or_else(|p| p.into_inner());
-        replicas.share(concurrency, lease)
+        let others = self
+            .seen
+            .others
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sink)
+            .copied()
+            .unwrap_or(0);
+        replicas
+            .share(concurrency, lease)
+            .min(concurrency.saturating_sub(others))
+    }
+
+    fn hold(&self, sink: &str, held: usize) {
+        let mut holding = self.seen.held.lock().unwrap_or_else(|p| p.into_inner());
+        if holding.get(sink) != Some(&held) {
+            holding.insert(sink.to_owned(), held);
+        }
     }
 
     async fn release(&self, jobs: Vec<i64>) -> Result<(), StoreError> {
