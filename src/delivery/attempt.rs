@@ -48,75 +48,64 @@ pub(super) async fn attempt(
     let Some(prepared) = prepare(plan, sink, live).await else {
         return false; // the runtime is shutting down: the jobs stay due
     };
+    let mut finished = started;
     if prepared.is_empty() {
-        return finish(
-            store,
-            metrics,
-            &plan.redactor,
-            &sink.name,
-            outcomes,
-            started,
-            started,
-        )
-        .await;
-    }
-    let deliveries: Vec<Delivery<'_>> = prepared
-        .iter()
-        .map(|(job, event, message): &(Job, _, Message)| Delivery {
-            job_id: job.id,
-            event_id: job.event_id,
-            event,
-            route: &job.route,
-            message,
+        drop(slot);
+    } else {
+        let deliveries: Vec<Delivery<'_>> = prepared
+            .iter()
+            .map(|(job, event, message): &(Job, _, Message)| Delivery {
+                job_id: job.id,
+                event_id: job.event_id,
+                event,
+                route: &job.route,
+                message,
+            })
+            .collect();
+        let timeout = sink.delivery.timeout.0;
+        // A panic is a bug, but one an event can trigger: caught here it costs that job (a
+        // dead letter saying so) instead of leaving it pending, to panic again after every
+        // restart.
+        let call = AssertUnwindSafe(async {
+            match deliveries.as_slice() {
+                [one] => sink.sink.deliver(one).await,
+                many => sink.sink.deliver_batch(many).await,
+            }
         })
-        .collect();
-    let timeout = sink.delivery.timeout.0;
-    // A panic is a bug, but one an event can trigger: caught here it costs that job (a dead
-    // letter saying so) instead of leaving it pending, to panic again after every restart.
-    let call = AssertUnwindSafe(async {
-        match deliveries.as_slice() {
-            [one] => sink.sink.deliver(one).await,
-            many => sink.sink.deliver_batch(many).await,
+        .catch_unwind();
+        let called = std::time::Instant::now();
+        let result = match tokio::time::timeout(timeout + BACKSTOP_GRACE, call).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(panic)) => Err(SinkError::permanent(format!(
+                "the sink failed on this event (a bug): {}",
+                panic_message(&*panic)
+            ))),
+            Err(_) => Err(SinkError::transient(format!(
+                "timed out after {}",
+                humantime::format_duration(timeout)
+            ))),
+        };
+        metrics.attempt(&sink.name, called.elapsed());
+        drop(deliveries);
+        drop(slot);
+        finished = clock.now();
+        for (job, _, message) in prepared {
+            let mut outcome = retry::decide(
+                &sink.delivery.retry,
+                &job,
+                result.as_ref().cloned(),
+                finished,
+                jitter(),
+            );
+            if let Some(why) = message.fallback {
+                outcome.note(&why);
+            }
+            outcomes.push((job, outcome));
         }
-    })
-    .catch_unwind();
-    let called = std::time::Instant::now();
-    let result = match tokio::time::timeout(timeout + BACKSTOP_GRACE, call).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(panic)) => Err(SinkError::permanent(format!(
-            "the sink failed on this event (a bug): {}",
-            panic_message(&*panic)
-        ))),
-        Err(_) => Err(SinkError::transient(format!(
-            "timed out after {}",
-            humantime::format_duration(timeout)
-        ))),
-    };
-    metrics.attempt(&sink.name, called.elapsed());
-    drop(deliveries);
-    drop(slot);
-    let now = clock.now();
-    for (job, _, message) in prepared {
-        let mut outcome = retry::decide(
-            &sink.delivery.retry,
-            &job,
-            result.as_ref().cloned(),
-            now,
-            jitter(),
-        );
-        if let Some(why) = message.fallback {
-            outcome.note(&why);
-        }
-        outcomes.push((job, outcome));
     }
+    let redactor = &plan.redactor;
     finish(
-        store,
-        metrics,
-        &plan.redactor,
-        &sink.name,
-        outcomes,
-        started,
-        now,
+        store, metrics, redactor, &sink.name, outcomes, started, finished,
     )
     .await
 }

@@ -308,6 +308,17 @@ impl Endpoint {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The status `GET path` answers (`/healthz`, `/readyz`).
+    pub async fn get_status(&self, path: &str) -> u16 {
+        let response = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request");
+        response.status().as_u16()
+    }
+
     /// Posts `body` to `path` with JSON content type and the given headers.
     pub async fn post(&self, path: &str, body: &[u8], headers: &[(&str, String)]) -> Reply {
         let mut request = self

@@ -385,13 +385,7 @@ async fn a_fifo_or_a_device_as_rules_file_freezes_nothing() {
         daemon.log()
     );
     let started = std::time::Instant::now();
-    let health = daemon
-        .client
-        .get(daemon.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(health.status(), 200);
+    assert_eq!(daemon.get_status("/healthz").await, 200);
     daemon.accept_cl(&scan_body("after-the-fifo")).await;
     assert!(started.elapsed() < Duration::from_secs(2));
     wait_lines(&dir.path().join("events.jsonl"), 2).await;
@@ -485,25 +479,13 @@ async fn a_locked_postgres_table_answers_503_within_the_bound_and_stores_nothing
         assert!(reply.headers.contains_key("retry-after"));
         assert!(took < Duration::from_millis(3500), "{took:?}");
     }
-    let ready = daemon
-        .client
-        .get(daemon.url("/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503);
+    assert_eq!(daemon.get_status("/readyz").await, 503);
     assert!(lock.wait().unwrap().success());
 
     // Nothing of the refused requests was stored; their retries are.
     assert_eq!(cluster.psql(db, "SELECT count(*) FROM events"), "1\n");
     daemon.accept_cl(&scan_body("during-0")).await;
-    let ready = daemon
-        .client
-        .get(daemon.url("/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200);
+    assert_eq!(daemon.get_status("/readyz").await, 200);
     assert_eq!(
         cluster.psql(
             db,

@@ -43,6 +43,20 @@ fn two_daemons(cluster: &Cluster) -> ([tempfile::TempDir; 2], [Daemon; 2], Strin
     (dirs, daemons, url)
 }
 
+/// Sends a signed scan with delivery id `id` to the daemon at `addr`, as a load balancer
+/// would pass it on; whether it was acknowledged (2xx).
+async fn send_scan(client: &reqwest::Client, addr: std::net::SocketAddr, id: &str) -> bool {
+    let body = scan_body(id);
+    let sent = client
+        .post(format!("http://{addr}/hooks/cl"))
+        .header("content-type", "application/json")
+        .header("x-compliancelayer-signature", hmac_hex(CL_SECRET, &[&body]))
+        .body(body)
+        .send()
+        .await;
+    sent.is_ok_and(|reply| reply.status().is_success())
+}
+
 /// Delivery ids of every line the daemons' file sinks wrote, with how often each came.
 fn delivered(dirs: &[tempfile::TempDir]) -> HashMap<String, usize> {
     let mut seen = HashMap::new();
@@ -227,13 +241,7 @@ async fn postgres_down_is_503_and_the_daemon_recovers_when_it_is_back() {
         asked.elapsed()
     );
     let asked = std::time::Instant::now();
-    let ready = daemon
-        .client
-        .get(daemon.url("/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503);
+    assert_eq!(daemon.get_status("/readyz").await, 503);
     assert!(
         asked.elapsed() < std::time::Duration::from_millis(1200),
         "{:?}",
@@ -361,15 +369,7 @@ async fn a_rolling_restart_under_a_flood_loses_nothing() {
                     continue;
                 };
                 let id = format!("rolling-{n}");
-                let body = scan_body(&id);
-                let sent = client
-                    .post(format!("http://{addr}/hooks/cl"))
-                    .header("content-type", "application/json")
-                    .header("x-compliancelayer-signature", hmac_hex(CL_SECRET, &[&body]))
-                    .body(body)
-                    .send()
-                    .await;
-                if sent.is_ok_and(|reply| reply.status().is_success()) {
+                if send_scan(&client, *addr, &id).await {
                     acked.lock().unwrap().push(id);
                 }
                 n += 1;
@@ -723,14 +723,7 @@ async fn a_sinks_concurrency_holds_through_a_rolling_restart_under_load() {
             while !stop.load(Ordering::Relaxed) && n < 2000 {
                 let targets = up.lock().unwrap().clone();
                 if let Some(addr) = targets.get(n % targets.len().max(1)) {
-                    let body = scan_body(&format!("steady-{n}"));
-                    let _ = client
-                        .post(format!("http://{addr}/hooks/cl"))
-                        .header("content-type", "application/json")
-                        .header("x-compliancelayer-signature", hmac_hex(CL_SECRET, &[&body]))
-                        .body(body)
-                        .send()
-                        .await;
+                    send_scan(&client, *addr, &format!("steady-{n}")).await;
                     n += 1;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
