@@ -92,8 +92,8 @@ pub enum StoreError {
     #[error("the database writer has stopped")]
     WriterGone,
     /// A write could not be committed within `storage.busy_timeout`; nothing was stored.
-    #[error("the database did not take the write in time (waited {0:?}); nothing was stored")]
-    Timeout(std::time::Duration),
+    #[error("the database did not take the write within storage.busy_timeout; nothing was stored")]
+    Timeout,
     /// Flushing the WAL failed once: what the kernel still holds may never reach the disk,
     /// so the store refuses every write from then on, until a restart recovers from the WAL.
     #[error("flushing the database to disk failed ({0}); restart hookroute to recover")]

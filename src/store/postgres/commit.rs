@@ -16,10 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::jobs::Finished;
@@ -81,7 +80,7 @@ impl Committer {
         // A full queue is backpressure, but within the same bound.
         tokio::time::timeout_at(deadline, self.submit(Write::Insert(new, deadline, reply)))
             .await
-            .map_err(|_| StoreError::Timeout(self.timeout))??;
+            .map_err(|_| StoreError::Timeout)??;
         answer.await.map_err(|_| StoreError::WriterGone)?
     }
 
@@ -164,7 +163,7 @@ async fn commit(pool: &sqlx::PgPool, replica: i64, batch: Vec<Write>, stalled: &
     for write in batch {
         match write {
             Write::Insert(_, deadline, reply) if deadline <= now => {
-                let _ = reply.send(Err(StoreError::Timeout(Duration::ZERO)));
+                let _ = reply.send(Err(StoreError::Timeout));
                 stalled.store(true, Ordering::Relaxed);
             }
             Write::Insert(new, deadline, reply) => {
@@ -186,28 +185,16 @@ async fn commit(pool: &sqlx::PgPool, replica: i64, batch: Vec<Write>, stalled: &
             for (reply, outcome) in inserts.replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok(outcome));
             }
-            for reply in finishes.replies {
-                let _ = reply.send(Ok(()));
-            }
+            finishes.settle(Ok(()));
         }
         Err(err) if is_timeout(&err) => {
             stalled.store(true, Ordering::Relaxed);
-            let waited = deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(now));
             for reply in inserts.replies {
-                let _ = reply.send(Err(StoreError::Timeout(waited)));
+                let _ = reply.send(Err(StoreError::Timeout));
             }
             if !finishes.writes.is_empty() {
                 let outcome = transaction(pool, replica, &[], &finishes.writes, None).await;
-                let err = outcome
-                    .err()
-                    .map(|e| Arc::new(e) as Arc<dyn std::error::Error + Send + Sync>);
-                match err {
-                    None => finishes
-                        .replies
-                        .into_iter()
-                        .for_each(|r| drop(r.send(Ok(())))),
-                    Some(err) => finishes.fail(&err),
-                }
+                finishes.settle(outcome.map(drop));
             }
         }
         Err(StoreError::Postgres(sqlx::Error::Database(err)))
@@ -218,7 +205,7 @@ async fn commit(pool: &sqlx::PgPool, replica: i64, batch: Vec<Write>, stalled: &
                 inserts.writes.iter().zip(inserts.replies).zip(deadlines)
             {
                 let outcome = if deadline <= Instant::now() {
-                    Err(StoreError::Timeout(deadline.saturating_duration_since(now)))
+                    Err(StoreError::Timeout)
                 } else {
                     transaction(
                         pool,
@@ -250,7 +237,7 @@ async fn commit(pool: &sqlx::PgPool, replica: i64, batch: Vec<Write>, stalled: &
 /// or a transaction that outlived its deadline here.
 fn is_timeout(err: &StoreError) -> bool {
     match err {
-        StoreError::Timeout(_) => true,
+        StoreError::Timeout => true,
         StoreError::Postgres(sqlx::Error::Database(db)) => db.code().as_deref() == Some("57014"),
         _ => false,
     }
@@ -275,6 +262,21 @@ impl<W, T> Batch<W, T> {
     fn push(&mut self, write: W, reply: Reply<T>) {
         self.writes.push(write);
         self.replies.push(reply);
+    }
+
+    /// Answers every write with the transaction's outcome.
+    fn settle(self, outcome: Result<(), StoreError>)
+    where
+        T: Default,
+    {
+        match outcome {
+            Ok(()) => {
+                for reply in self.replies {
+                    let _ = reply.send(Ok(T::default()));
+                }
+            }
+            Err(err) => self.fail(&(Arc::new(err) as Arc<dyn std::error::Error + Send + Sync>)),
+        }
     }
 
     /// Answers every write with the transaction's failure.
@@ -317,7 +319,7 @@ async fn transaction(
     match deadline {
         Some(deadline) => tokio::time::timeout_at(deadline + BACKSTOP, run)
             .await
-            .unwrap_or(Err(StoreError::Timeout(BACKSTOP))),
+            .unwrap_or(Err(StoreError::Timeout)),
         None => run.await,
     }
 }

@@ -370,7 +370,7 @@ impl Storage for PostgresStore {
     /// and this replica can beat.
     async fn touch(&self) -> Result<(), StoreError> {
         if self.committer.is_stalled() {
-            return Err(StoreError::Timeout(Duration::ZERO));
+            return Err(StoreError::Timeout);
         }
         self.beat().await
     }
