@@ -34,9 +34,20 @@ fn main() -> ExitCode {
     }
     match hookroute::cli::run(cli) {
         Ok(code) => code,
+        // The reader went away (`deliveries list | head -1`): what it wanted, it has.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::from(2)
         }
     }
+}
+
+/// Whether writing to stdout failed because its reader closed the pipe.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

@@ -1,6 +1,7 @@
 //! `check-config` (a summary of what the daemon will do) and `route-test` (what an event
 //! would get, and why), both without sending anything.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -12,8 +13,9 @@ use crate::rules::Verdict;
 use crate::text::printable;
 
 pub(super) fn check_config(args: ConfigArg) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
     let config = config::load(&args.config)?;
-    print!("{}", summary(&config));
+    write!(out, "{}", summary(&config))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -127,6 +129,7 @@ fn summary(config: &Config) -> String {
 }
 
 pub(super) fn route_test(args: RouteTestArgs) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
     // Explaining routes needs no secret, as the operator's tools do not.
     let config = config::load_for_tools(&args.config)?;
     // Routes may depend on the source: without --source, the event is shown from each.
@@ -150,10 +153,10 @@ pub(super) fn route_test(args: RouteTestArgs) -> anyhow::Result<ExitCode> {
         let event = Event::parse(source, &body, None, None)
             .with_context(|| format!("{} is not an event", args.event.display()))?;
         if i > 0 {
-            println!();
+            writeln!(out)?;
         }
         let (text, n) = explain(&config, &event);
-        print!("{text}");
+        write!(out, "{text}")?;
         matched += n;
     }
     Ok(if matched == 0 {

@@ -1,5 +1,6 @@
 //! `send`: signs a payload as the source's sender would and POSTs it.
 
+use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
 
@@ -12,6 +13,7 @@ use crate::config;
 use crate::signature::{COMPLIANCELAYER_DELIVERY, COMPLIANCELAYER_EVENT, Scheme};
 
 pub(super) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
     let config = config::load(&args.config)?;
     let source = config
         .sources
@@ -73,8 +75,8 @@ pub(super) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         Ok(response) => {
             let status = response.status();
             let text = response.text().await.unwrap_or_default();
-            println!("{status} from {url}");
-            println!("{text}");
+            writeln!(out, "{status} from {url}")?;
+            writeln!(out, "{text}")?;
             Ok(if status.is_success() {
                 ExitCode::SUCCESS
             } else {

@@ -1,6 +1,7 @@
 //! The operator's tools: `deliveries list` and `show`, `replay`, `dead-letter retry`. They work
 //! on the database while the daemon runs, through [`AdminStorage`].
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use super::{ListArgs, MigrateArgs, ReplayArgs, RetryArgs, ShowArgs};
@@ -18,6 +19,7 @@ fn admin(
 }
 
 pub(super) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
     let (_, admin) = admin(&args.config, Access::Read)?;
     let since = match args.since {
         Some(since) => Some(jiff::Timestamp::now() - jiff::SignedDuration::try_from(since)?),
@@ -32,14 +34,15 @@ pub(super) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let rows = admin.list(&filter)?;
     if args.json {
         for row in &rows {
-            println!("{}", serde_json::to_string(row)?);
+            writeln!(out, "{}", serde_json::to_string(row)?)?;
         }
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    writeln!(
+        out,
         "{:>6} {:>6}  {:<20} {:<16} {:<22} {:<24} {:<14} {:<10} {:>3}  DETAIL",
         "EVENT", "JOB", "RECEIVED", "SOURCE", "TYPE", "ROUTE", "SINK", "STATUS", "TRY"
-    );
+    )?;
     for row in &rows {
         let detail = match (&row.detail, &row.next_attempt_at) {
             (Some(detail), Some(next)) => format!("{detail} (next try {next})"),
@@ -49,7 +52,8 @@ pub(super) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         };
         // Every column a stranger may have written is shown escaped (see `text::printable`),
         // so no row can erase, split or forge another.
-        println!(
+        writeln!(
+            out,
             "{:>6} {:>6}  {:<20} {:<16} {:<22} {:<24} {:<14} {:<10} {:>3}  {}",
             row.event_id,
             row.job_id
@@ -63,12 +67,13 @@ pub(super) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
             printable(&row.status),
             row.attempts,
             printable(&detail),
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
     let (_, admin) = admin(&args.config, Access::Read)?;
     // Event ids and job ids are both small numbers: say so when the other kind exists.
     let event_id = if args.job {
@@ -116,34 +121,37 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
             jobs: &jobs,
             routing: &notes,
         };
-        println!("{}", serde_json::to_string_pretty(&shown)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&shown)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     let event = &stored.event;
-    println!(
+    writeln!(
+        out,
         "event {}: {} from {}",
         stored.id,
         printable(&event.event_type),
         printable(&event.source)
-    );
-    println!("  delivery id:   {}", printable(&event.delivery_id));
+    )?;
+    writeln!(out, "  delivery id:   {}", printable(&event.delivery_id))?;
     if let Some(header) = &event.sender_delivery {
-        println!("  sender's id:   {}", printable(header));
+        writeln!(out, "  sender's id:   {}", printable(header))?;
     }
-    println!("  received:      {}", stored.received_at);
+    writeln!(out, "  received:      {}", stored.received_at)?;
     if let Some(at) = event.occurred_at {
-        println!("  occurred:      {at}");
+        writeln!(out, "  occurred:      {at}")?;
     }
     // JSON escapes control characters in strings, but not bidirectional overrides.
-    println!(
+    writeln!(
+        out,
         "  payload:       {}",
         printable_lines(
             &serde_json::to_string_pretty(event.payload.value())?,
             "                 "
         )
-    );
+    )?;
     for note in &notes {
-        println!(
+        writeln!(
+            out,
             "  {}: {}{}",
             printable(&note.status),
             printable(note.route.as_deref().unwrap_or("no route matched")),
@@ -151,10 +159,11 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .map(|k| format!(" (throttle key \"{}\")", printable(k)))
                 .unwrap_or_default()
-        );
+        )?;
     }
     for job in &jobs {
-        println!(
+        writeln!(
+            out,
             "job {} (event {}): route \"{}\" -> sink \"{}\": {} after {} attempt(s)",
             job.id,
             stored.id,
@@ -162,23 +171,25 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
             printable(&job.sink),
             printable(&job.status),
             job.attempts
-        );
+        )?;
         if let Some(next) = &job.next_attempt_at {
-            println!("  next try:      {next}");
+            writeln!(out, "  next try:      {next}")?;
         }
         for attempt in &job.history {
-            println!(
+            writeln!(
+                out,
                 "  attempt {} at {}: {}",
                 attempt.number, attempt.started_at, attempt.outcome
-            );
+            )?;
             if let Some(error) = &attempt.error {
-                println!("    error:       {}", printable(error));
+                writeln!(out, "    error:       {}", printable(error))?;
             }
             if let Some(response) = attempt.response.as_deref().filter(|r| !r.is_empty()) {
-                println!(
+                writeln!(
+                    out,
                     "    response:    {}",
                     printable_lines(response, "                 ")
-                );
+                )?;
             }
         }
     }
@@ -186,6 +197,7 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
     let (config, mut admin) = admin(&args.config, Access::Write)?;
     let Some(EventDetail { stored, .. }) = admin.show(args.id)? else {
         eprintln!("no event {}", args.id);
@@ -221,21 +233,24 @@ pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     }
     let ids = admin.enqueue(args.id, &pairs)?;
     for ((route, sink), id) in pairs.iter().zip(ids) {
-        println!(
+        writeln!(
+            out,
             "queued job {id}: event {} via route {route:?} to sink {sink:?}",
             args.id
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub(super) fn retry_dead(args: RetryArgs) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
     let (_, admin) = admin(&args.config, Access::Write)?;
     let count = admin.retry_dead(args.id)?;
-    println!(
+    writeln!(
+        out,
         "re-queued {count} dead deliver{}",
         if count == 1 { "y" } else { "ies" }
-    );
+    )?;
     Ok(if count == 0 && args.id.is_some() {
         ExitCode::from(1)
     } else {
@@ -244,6 +259,7 @@ pub(super) fn retry_dead(args: RetryArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) async fn migrate_storage(args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
     if let Err(problem) = crate::config::check_postgres_url(&args.to) {
         anyhow::bail!("--to {problem}");
     }
@@ -258,11 +274,12 @@ pub(super) async fn migrate_storage(args: MigrateArgs) -> anyhow::Result<ExitCod
     };
     let copied = crate::store::postgres::import::from_sqlite(&args.from, &to).await?;
     for (table, rows) in copied {
-        println!("{table:<12} {rows} rows copied");
+        writeln!(out, "{table:<12} {rows} rows copied")?;
     }
-    println!(
+    writeln!(
+        out,
         "done: point [storage] url at {} and start the daemons",
         to.url
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -486,3 +486,40 @@ async fn permission_denied_names_the_file_and_the_service_user() {
         assert!(out_text.contains("sudo -u hookroute"), "{out_text}");
     }
 }
+
+/// #24.7: `deliveries list | head -1` panicked ("failed printing to stdout: Broken pipe") in 2
+/// of 10 runs. A reader that goes away ends the tool quietly, with success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_reading_ends_the_tools_quietly() {
+    use std::io::BufRead as _;
+    let dir = tempdir();
+    let daemon = Daemon::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
+    );
+    // A payload whose pretty print is far larger than a pipe's buffer.
+    let data: serde_json::Map<String, serde_json::Value> = (0..20_000)
+        .map(|i| (format!("field_{i}"), serde_json::Value::from(i)))
+        .collect();
+    let body = serde_json::json!({"id": "wide", "type": "scan.completed", "data": data});
+    daemon.accept_cl(body.to_string().as_bytes()).await;
+    for _ in 0..5 {
+        let mut child = Command::new(BIN)
+            .args(["deliveries", "show", "1", "--config"])
+            .arg(&daemon.config_path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(first.starts_with("event 1:"), "{first}");
+        // The reader is gone now.
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{:?}: {stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
