@@ -113,9 +113,10 @@ pub struct ListArgs {
     /// Only events from this source.
     #[arg(long)]
     pub source: Option<String>,
-    /// Only events received within this long, e.g. "1h", "7d".
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub since: Option<Duration>,
+    /// Only events received since then: a duration back from now ("1h", "7d"), a time
+    /// ("2026-12-05T14:00:00Z") or a date ("2026-12-05", from its midnight UTC).
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<Since>,
     /// At most this many rows.
     #[arg(long, default_value_t = 100)]
     pub limit: usize,
@@ -242,6 +243,45 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Where `--since` starts: a time, or a span back from when the command runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    Ago(Duration),
+    At(jiff::Timestamp),
+}
+
+impl Since {
+    /// The time this means, `now` being when the command runs.
+    ///
+    /// # Errors
+    /// A span too long to take from `now`.
+    pub fn at(self, now: jiff::Timestamp) -> anyhow::Result<jiff::Timestamp> {
+        Ok(match self {
+            Self::At(at) => at,
+            Self::Ago(span) => now.checked_sub(jiff::SignedDuration::try_from(span)?)?,
+        })
+    }
+}
+
+/// `--since`: a duration, an RFC 3339 time or a date.
+fn parse_since(text: &str) -> Result<Since, String> {
+    if let Ok(span) = humantime::parse_duration(text) {
+        return Ok(Since::Ago(span));
+    }
+    if let Ok(at) = text.parse::<jiff::Timestamp>() {
+        return Ok(Since::At(at));
+    }
+    if let Ok(date) = text.parse::<jiff::civil::Date>()
+        && let Ok(at) = date.to_zoned_datetime(jiff::tz::TimeZone::UTC)
+    {
+        return Ok(Since::At(at.timestamp()));
+    }
+    Err(format!(
+        "{text:?} is not a duration (\"1h\", \"7d\"), a time (\"2026-12-05T14:00:00Z\") \
+         or a date (\"2026-12-05\")"
+    ))
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -279,6 +319,20 @@ async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn since_takes_a_duration_a_time_or_a_date() {
+        use super::{Since, parse_since};
+        let now: jiff::Timestamp = "2026-12-06T12:00:00Z".parse().unwrap();
+        let at = |text: &str| parse_since(text).unwrap().at(now).unwrap().to_string();
+        assert_eq!(at("1h"), "2026-12-06T11:00:00Z");
+        assert_eq!(at("2026-12-05T14:30:00Z"), "2026-12-05T14:30:00Z");
+        assert_eq!(at("2026-12-05T14:30:00+01:00"), "2026-12-05T13:30:00Z");
+        assert_eq!(at("2026-12-05"), "2026-12-05T00:00:00Z");
+        assert!(matches!(parse_since("7d"), Ok(Since::Ago(_))));
+        let refused = parse_since("yesterday").unwrap_err();
+        assert!(refused.contains("a duration") && refused.contains("a date"), "{refused}");
+    }
+
     use clap::CommandFactory as _;
 
     use super::*;

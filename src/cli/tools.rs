@@ -21,10 +21,10 @@ fn admin(
 pub(super) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let (_, admin) = admin(&args.config, Access::Read)?;
-    let since = match args.since {
-        Some(since) => Some(jiff::Timestamp::now() - jiff::SignedDuration::try_from(since)?),
-        None => None,
-    };
+    let since = args
+        .since
+        .map(|since| since.at(jiff::Timestamp::now()))
+        .transpose()?;
     let filter = Filter {
         status: args.status,
         source: args.source,

@@ -523,3 +523,31 @@ async fn a_reader_that_stops_reading_ends_the_tools_quietly() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// #24.9: `--since` took only durations. It takes a time and a date too, and says what it
+/// accepts when it refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_since_takes_a_duration_a_time_or_a_date() {
+    let dir = tempdir();
+    let daemon = Daemon::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
+    );
+    daemon.accept_cl(&scan_body("dated")).await;
+    let config = daemon.config_path.to_str().unwrap().to_owned();
+    let rows = |since: &str| {
+        let out = hookroute(&["deliveries", "list", "--json", "--since", since, "--config", &config], &[]);
+        assert!(out.status.success(), "{since}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    let tomorrow = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24))
+        .to_string();
+    assert_eq!(rows("1h"), 1);
+    assert_eq!(rows("2020-01-01"), 1);
+    assert_eq!(rows("2020-01-01T00:00:00Z"), 1);
+    assert_eq!(rows(&tomorrow), 0);
+    assert_eq!(rows(&tomorrow[..10]), 0);
+    let refused = hookroute(&["deliveries", "list", "--since", "yesterday", "--config", &config], &[]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(text(&refused).contains("a date (\"2026-12-05\")"), "{}", text(&refused));
+}
