@@ -259,11 +259,16 @@ async fn reload_on_hangup(
         };
         match loaded {
             Ok((new, new_plan)) => {
-                if (&new.server, &new.storage, &new.metrics)
-                    != (&running.server, &running.storage, &running.metrics)
+                if (&new.server, &new.storage, &new.metrics, new.log)
+                    != (
+                        &running.server,
+                        &running.storage,
+                        &running.metrics,
+                        running.log,
+                    )
                 {
                     tracing::warn!(
-                        "[server], [storage] and [metrics] changes take effect at the next restart"
+                        "[server], [storage], [metrics] and [log] changes take effect at the next restart"
                     );
                 }
                 for warning in new.warnings() {

@@ -330,7 +330,10 @@ mod tests {
         assert_eq!(at("2026-12-05"), "2026-12-05T00:00:00Z");
         assert!(matches!(parse_since("7d"), Ok(Since::Ago(_))));
         let refused = parse_since("yesterday").unwrap_err();
-        assert!(refused.contains("a duration") && refused.contains("a date"), "{refused}");
+        assert!(
+            refused.contains("a duration") && refused.contains("a date"),
+            "{refused}"
+        );
     }
 
     use clap::CommandFactory as _;

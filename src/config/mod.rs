@@ -48,6 +48,9 @@ const RESERVED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 pub struct Config {
     pub file: PathBuf,
     pub server: ServerConfig,
+    /// `[log] format`: chosen before the configuration is loaded (see [`log_format`]); kept
+    /// so that a reload can say a change waits for a restart.
+    pub log: raw::LogFormat,
     pub storage: StorageConfig,
     pub metrics: MetricsConfig,
     pub sources: Vec<SourceConfig>,
@@ -413,6 +416,7 @@ pub(crate) fn check_postgres_url(text: &str) -> Result<(), String> {
 fn validate(path: &Path, mut raw: RawConfig, secrets: Secrets) -> Result<Config, ConfigError> {
     let mut problems = Problems::default();
 
+    let log_format = raw.log.format;
     let server = validate_server(raw.server, &mut problems);
     // Relative to the configuration file, so the tools find the daemon's database from any
     // working directory.
@@ -495,6 +499,7 @@ fn validate(path: &Path, mut raw: RawConfig, secrets: Secrets) -> Result<Config,
     Ok(Config {
         file: path.to_path_buf(),
         server: server.expect("server is Some when there are no problems"),
+        log: log_format,
         storage,
         metrics,
         sources,

@@ -536,18 +536,42 @@ async fn deliveries_since_takes_a_duration_a_time_or_a_date() {
     daemon.accept_cl(&scan_body("dated")).await;
     let config = daemon.config_path.to_str().unwrap().to_owned();
     let rows = |since: &str| {
-        let out = hookroute(&["deliveries", "list", "--json", "--since", since, "--config", &config], &[]);
+        let out = hookroute(
+            &[
+                "deliveries",
+                "list",
+                "--json",
+                "--since",
+                since,
+                "--config",
+                &config,
+            ],
+            &[],
+        );
         assert!(out.status.success(), "{since}: {}", text(&out));
         String::from_utf8_lossy(&out.stdout).lines().count()
     };
-    let tomorrow = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24))
-        .to_string();
+    let tomorrow = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24)).to_string();
     assert_eq!(rows("1h"), 1);
     assert_eq!(rows("2020-01-01"), 1);
     assert_eq!(rows("2020-01-01T00:00:00Z"), 1);
     assert_eq!(rows(&tomorrow), 0);
     assert_eq!(rows(&tomorrow[..10]), 0);
-    let refused = hookroute(&["deliveries", "list", "--since", "yesterday", "--config", &config], &[]);
+    let refused = hookroute(
+        &[
+            "deliveries",
+            "list",
+            "--since",
+            "yesterday",
+            "--config",
+            &config,
+        ],
+        &[],
+    );
     assert_eq!(refused.status.code(), Some(2));
-    assert!(text(&refused).contains("a date (\"2026-12-05\")"), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("a date (\"2026-12-05\")"),
+        "{}",
+        text(&refused)
+    );
 }

@@ -124,3 +124,23 @@ async fn the_format_can_come_from_the_environment() {
         );
     }
 }
+
+/// #24.6: a `[log]` change on SIGHUP was accepted and silently ignored; it is said to wait
+/// for the restart, as `[server]` changes are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_format_change_on_reload_is_said_to_wait_for_a_restart() {
+    let dir = tempdir();
+    let text = config(dir.path(), NO_LIMITS, &standard_rest(dir.path()));
+    let daemon = Daemon::start(dir.path(), &format!("[log]\nformat = \"text\"\n{text}"));
+    std::fs::write(
+        &daemon.config_path,
+        format!("[log]\nformat = \"json\"\n{text}"),
+    )
+    .unwrap();
+    signal(daemon.pid(), "HUP");
+    let log = wait_log(&daemon, "configuration reloaded").await;
+    assert!(
+        log.contains("[log] changes take effect at the next restart"),
+        "{log}"
+    );
+}
