@@ -12,7 +12,10 @@ cargo build --release --locked
 assets=target/deb-assets
 rm -rf "$assets" && mkdir -p "$assets"
 bin=target/release/hookroute
-"$bin" man | gzip -9n > "$assets/hookroute.1.gz"
+# The main page and one per subcommand (the main page refers to them: hookroute-serve(1), …).
+mkdir -p "$assets/man"
+"$bin" man --dir "$assets/man"
+gzip -9n "$assets"/man/*.1
 "$bin" completions bash > "$assets/hookroute.bash"
 "$bin" completions zsh > "$assets/_hookroute"
 "$bin" completions fish > "$assets/hookroute.fish"

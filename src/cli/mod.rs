@@ -46,7 +46,7 @@ impl Cli {
             Command::Deliveries(DeliveriesCommand::Show(args)) => &args.config,
             Command::Replay(args) => &args.config,
             Command::DeadLetter(DeadLetterCommand::Retry(args)) => &args.config,
-            Command::Completions { .. } | Command::Man | Command::MigrateStorage(_) => {
+            Command::Completions { .. } | Command::Man { .. } | Command::MigrateStorage(_) => {
                 return None;
             }
         })
@@ -83,8 +83,13 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff), e.g. `hookroute man > hookroute.1`.
-    Man,
+    /// Print the manual page (roff), e.g. `hookroute man > hookroute.1`; with `--dir`, write
+    /// it and a page for every subcommand (`hookroute-serve.1`, …) there.
+    Man {
+        /// Write every page into this directory instead of printing the main one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -234,10 +239,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             clap_complete::generate(shell, &mut command, "hookroute", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Man => {
-            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
-                .render(&mut std::io::stdout())
-                .context("cannot write the manual page")?;
+        Command::Man { dir } => {
+            // `help` is clap's, and has no page of its own.
+            let command = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+            match dir {
+                // The main page names a page per subcommand (`hookroute-serve(1)`): write them.
+                Some(dir) => std::fs::create_dir_all(&dir)
+                    .and_then(|()| clap_mangen::generate_to(command, &dir))
+                    .with_context(|| format!("cannot write manual pages to {}", dir.display()))?,
+                None => clap_mangen::Man::new(command)
+                    .render(&mut std::io::stdout())
+                    .context("cannot write the manual page")?,
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -270,6 +270,24 @@ fn completions_and_the_man_page_come_from_the_commands() {
             "{command} missing from the man page"
         );
     }
+    // #24.10: every page the main page refers to (`hookroute\-serve(1)`) exists.
+    let pages = dir.path().join("man");
+    let written = hookroute(&["man", "--dir", pages.to_str().unwrap()], &[]);
+    assert!(written.status.success(), "{}", text(&written));
+    let referred: Vec<String> = page
+        .split("hookroute\\-")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("(1)"))
+        .map(|(name, _)| format!("hookroute-{}.1", name.replace("\\-", "-")))
+        .collect();
+    assert!(referred.len() >= 8, "{referred:?}");
+    for name in &referred {
+        assert!(
+            pages.join(name).is_file(),
+            "{name} is referred to but not written"
+        );
+    }
+    assert!(pages.join("hookroute-deliveries-list.1").is_file());
 }
 
 /// In an incident the operator's shell rarely has the daemon's secrets: the tools work
