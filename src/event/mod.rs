@@ -319,6 +319,41 @@ fn payload_id(id: &Value) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// Killed mutants (cargo mutants, #23): the limits at their edges, which bodies count as
+    /// JSON, a blank id, and payloads compared by their text.
+    #[test]
+    fn limits_media_types_blank_ids_and_payload_equality() {
+        let body = |id: &str, kind: &str| serde_json::json!({"id": id, "type": kind}).to_string();
+        let parse = |b: String| Event::parse("x", b.as_bytes(), None, None);
+        assert!(parse(body("i", &"t".repeat(MAX_TYPE_LEN))).is_ok());
+        assert!(matches!(
+            parse(body("i", &"t".repeat(MAX_TYPE_LEN + 1))),
+            Err(EventError::TooLong { field: "type", .. })
+        ));
+        assert!(parse(body(&"i".repeat(MAX_ID_LEN), "t")).is_ok());
+        assert!(parse(body(&"i".repeat(MAX_ID_LEN + 1), "t")).is_err());
+        let blank = parse(body("   ", "t")).unwrap();
+        assert!(
+            blank.delivery_id.starts_with("sha256:"),
+            "{}",
+            blank.delivery_id
+        );
+        for (content_type, json) in [
+            ("application/json", true),
+            ("Application/JSON; charset=utf-8", true),
+            ("application/cloudevents+json", true),
+            ("text/json", false),
+            ("application/jsonx", false),
+            ("text/plain+json", false),
+            ("", false),
+        ] {
+            assert_eq!(is_json_media_type(content_type), json, "{content_type}");
+        }
+        let one = Payload::from_slice(br#"{"a": 1}"#).unwrap();
+        assert_eq!(one, Payload::from_slice(br#"{"a": 1}"#).unwrap());
+        assert_ne!(one, Payload::from_slice(br#"{"a": 2}"#).unwrap());
+    }
+
     #[test]
     fn a_forwarded_event_knows_its_hops() {
         let forwarded = br#"{"type": "scan.completed", "hookroute": {"hops": 3}}"#;

@@ -291,6 +291,25 @@ mod tests {
         Event::parse(source, body.as_bytes(), None, None).unwrap()
     }
 
+    /// Killed mutants (cargo mutants, #23): a route's sources, what it covers, an empty table,
+    /// and a condition that cannot be evaluated reported as such.
+    #[test]
+    fn sources_coverage_and_unevaluated_conditions() {
+        let mut only_cl = spec("only cl", &["scan.*"], None, false);
+        only_cl.sources = vec!["cl".into()];
+        let failing = spec("failing", &["*"], Some("data.score > 'x'"), true);
+        let table = table(&[failing, only_cl]);
+        let scan = r#"{"type": "scan.completed", "data": {"score": 3}}"#;
+        assert_eq!(taken(&table, &event("cl", scan)), ["only cl"]);
+        assert!(taken(&table, &event("scorecard", scan)).is_empty());
+        let routed = table.route(&event("cl", scan));
+        assert_eq!(routed.unevaluated.len(), 1);
+        assert_eq!(routed.unevaluated[0].0.name, "failing");
+        let route = &table.routes()[1];
+        assert!(route.covers("scan.completed") && !route.covers("alert.triggered"));
+        assert!(!table.is_empty() && RouteTable::new(Vec::new()).is_empty());
+    }
+
     fn taken(table: &RouteTable, event: &Event) -> Vec<String> {
         table
             .route(event)

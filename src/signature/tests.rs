@@ -296,3 +296,42 @@ mod props {
         }
     }
 }
+
+/// Killed mutants (cargo mutants, #23): the names `check-config` prints, a key's `Debug`, and
+/// what a verifier tells the redactor and the summary about its keys.
+#[test]
+fn names_debug_and_keys_say_what_they_should() {
+    let names: Vec<&str> = [
+        Scheme::ComplianceLayer {
+            tolerance: TOLERANCE,
+            require_timestamp: false,
+        },
+        Scheme::GitHub,
+    ]
+    .iter()
+    .map(Scheme::name)
+    .collect();
+    assert_eq!(names, ["compliancelayer", "github"]);
+    assert_eq!(
+        standard("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+            .scheme()
+            .name(),
+        "standard-webhooks"
+    );
+    let key = Key::new(b"whsec_secret".to_vec());
+    assert_eq!(format!("{key:?}"), "Key(***)");
+    let verifier = Verifier::new(
+        Scheme::GitHub,
+        vec![
+            key,
+            Key::new(vec![0xff, 0xfe]),
+            Key::new(b"second".to_vec()),
+        ],
+    );
+    assert_eq!(verifier.key_count(), 3);
+    assert_eq!(
+        verifier.key_texts().collect::<Vec<_>>(),
+        ["whsec_secret", "second"],
+        "the keys that are text, as given"
+    );
+}
