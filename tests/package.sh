@@ -19,6 +19,7 @@ for entry in \
     "-rw-r----- (root/root|0/0) .* ./etc/hookroute/config.toml" \
     "-rw-r--r-- (root/root|0/0) .* ./usr/share/man/man1/hookroute.1.gz" \
     "-rw-r--r-- (root/root|0/0) .* ./usr/share/man/man1/hookroute-serve.1.gz" \
+    "-rw-r--r-- (root/root|0/0) .* ./usr/share/doc/hookroute/docs/deployment.md" \
     "-rw-r--r-- (root/root|0/0) .* ./usr/share/man/man1/hookroute-deliveries-list.1.gz" \
     "-rw-r--r-- (root/root|0/0) .* ./usr/share/bash-completion/completions/hookroute" \
     "-rw-r--r-- (root/root|0/0) .* ./usr/share/zsh/vendor-completions/_hookroute" \

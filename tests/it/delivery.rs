@@ -856,17 +856,20 @@ template = {{ text = '{{"text": {{{{ (data.domain ~ " scored " ~ data.score) | t
     );
 }
 
-/// The README's templates for Teams, Mattermost, Discord and PagerDuty build JSON bodies.
+/// The documented templates for Teams, Mattermost, Discord and PagerDuty build JSON bodies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_readmes_chat_and_paging_templates_send_json() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+async fn the_documented_chat_and_paging_templates_send_json() {
+    let readme = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .unwrap();
     let block = readme
         .split("### JSON bodies for chat and paging services")
         .nth(1)
         .and_then(|rest| rest.split("```toml\n").nth(1))
         .and_then(|rest| rest.split("```").next())
-        .expect("the README's block of JSON templates");
+        .expect("docs/configuration.md's block of JSON templates");
     let receiver = Recorder::start().await;
     // Every service's URL points at the recorder, by the sink's name.
     let mut sinks = String::new();

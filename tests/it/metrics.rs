@@ -232,16 +232,18 @@ async fn metrics_can_be_limited_to_some_addresses_or_turned_off() {
     assert_eq!(scrape(&daemon).await.0, 404);
 }
 
-/// The alert rules the README offers are valid Prometheus rules (`promtool check rules`).
+/// The alert rules the documentation offers are valid Prometheus rules (`promtool check
+/// rules`).
 #[test]
-fn the_readme_alert_rules_are_valid() {
+fn the_documented_alert_rules_are_valid() {
     let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+            .unwrap();
     let rules = readme
         .split("```yaml\n")
         .nth(1)
         .and_then(|rest| rest.split("```").next())
-        .expect("a yaml block of alert rules in README.md");
+        .expect("a yaml block of alert rules in docs/operations.md");
     for metric in [
         "hookroute_dead_letters",
         "hookroute_oldest_waiting_seconds",
