@@ -274,6 +274,16 @@ pub fn load_for_tools(path: &Path) -> Result<Config, ConfigError> {
     validate(path, raw, Secrets::Skip)
 }
 
+/// As [`load`], for `send`: only the secret of the source it signs for is read, so it works
+/// on a host where the others are systemd credentials it cannot see.
+///
+/// # Errors
+/// As [`load`], the other secrets aside.
+pub fn load_for_send(path: &Path, source: &str) -> Result<Config, ConfigError> {
+    let raw = parse(path)?;
+    validate(path, raw, Secrets::Source(source))
+}
+
 /// The most a configuration or rules file may hold: ten thousand routes fit in a tenth of it.
 pub const MAX_FILE_BYTES: u64 = 4 << 20;
 
@@ -283,11 +293,24 @@ fn read_file(path: &Path) -> std::io::Result<String> {
     crate::private::read_regular(path, MAX_FILE_BYTES)
 }
 
-/// Whether validation reads the secrets a configuration names.
+/// Which of the secrets a configuration names validation reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Secrets {
+enum Secrets<'a> {
     Read,
     Skip,
+    /// Only this source's: `send` signs with it, and needs no other.
+    Source(&'a str),
+}
+
+impl Secrets<'_> {
+    /// Whether the source `name`'s secrets are read.
+    fn for_source(self, name: &str) -> Secrets<'static> {
+        match self {
+            Self::Read => Secrets::Read,
+            Self::Source(only) if only == name => Secrets::Read,
+            Self::Skip | Self::Source(_) => Secrets::Skip,
+        }
+    }
 }
 
 /// Step 1: the TOML file, then `HOOKROUTE_*` environment overrides.
@@ -413,7 +436,7 @@ pub(crate) fn check_postgres_url(text: &str) -> Result<(), String> {
 }
 
 /// Step 2: check everything, collecting every problem rather than stopping at the first.
-fn validate(path: &Path, mut raw: RawConfig, secrets: Secrets) -> Result<Config, ConfigError> {
+fn validate(path: &Path, mut raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, ConfigError> {
     let mut problems = Problems::default();
 
     let log_format = raw.log.format;
@@ -453,8 +476,8 @@ fn validate(path: &Path, mut raw: RawConfig, secrets: Secrets) -> Result<Config,
     }
     let mut sources = Vec::new();
     for (name, source) in raw.sources {
-        if let Some(source) = sources::validate_source(&name, source, base, secrets, &mut problems)
-        {
+        let read = secrets.for_source(&name);
+        if let Some(source) = sources::validate_source(&name, source, base, read, &mut problems) {
             sources.push(source);
         }
     }

@@ -20,7 +20,7 @@ pub(super) fn validate_source(
     name: &str,
     raw: RawSource,
     base: &Path,
-    secrets: Secrets,
+    secrets: Secrets<'static>,
     problems: &mut Problems,
 ) -> Option<SourceConfig> {
     let key = |field: &str| format!("sources.{name}.{field}");
@@ -109,7 +109,7 @@ pub(super) fn validate_source(
             problems,
         ),
         // The tools never verify a signature; the key is never used.
-        Secrets::Skip => vec![Key::new(b"not read".to_vec())],
+        Secrets::Skip | Secrets::Source(_) => vec![Key::new(b"not read".to_vec())],
     };
     let tolerance = raw
         .tolerance

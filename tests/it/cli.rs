@@ -593,3 +593,45 @@ async fn deliveries_since_takes_a_duration_a_time_or_a_date() {
         text(&refused)
     );
 }
+
+/// #24.3: `send` read every secret of the configuration, so it could not test-fire on a host
+/// where the others are systemd credentials. It reads the chosen source's only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_reads_only_the_secret_it_signs_with() {
+    let dir = tempdir();
+    let receiver = crate::recorder::Recorder::start().await;
+    let configured = config(
+        dir.path(),
+        "",
+        &format!(
+            "[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n[sources.scorecard]\nscheme = \"token\"\nheader = \"X-Webhook-Token\"\nsecret_credential = \"scorecard-token\"\n\n[sinks.slack]\ntype = \"slack\"\nwebhook_url = {{ env = \"HOOKROUTE_TEST_UNSET_SLACK_URL\" }}\n"
+        ),
+    );
+    let path = write_config(dir.path(), &configured);
+    let sample = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/compliancelayer-scan.completed.json"
+    );
+    let config = path.to_str().unwrap();
+    let checked = hookroute(&["check-config", "--config", config], &[]);
+    assert_eq!(checked.status.code(), Some(2), "the daemon needs them all");
+    let sent = hookroute(
+        &[
+            "send",
+            "--config",
+            config,
+            "--source",
+            "cl",
+            sample,
+            "--url",
+            &receiver.url("/in"),
+        ],
+        &[],
+    );
+    assert!(sent.status.success(), "{}", text(&sent));
+    let request = &receiver.requests()[0];
+    let signature = request.headers["x-compliancelayer-signature"]
+        .to_str()
+        .unwrap();
+    assert_eq!(signature, hmac_hex(CL_SECRET, &[&request.body]));
+}
