@@ -155,3 +155,43 @@ fn container_end(bytes: &[u8], mut at: usize) -> usize {
     }
     bytes.len()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Killed mutants (cargo mutants, #23): spaced text, escapes, literals, numbers and empty
+    /// containers read as serde_json reads them, and a container past the depth limit is kept
+    /// whole as its text, brackets and escaped quotes inside its strings included.
+    #[test]
+    fn lenient_reads_spaced_text_and_keeps_a_deep_container_whole() {
+        let shallow = "{ \"s\" : \"q\\\"x]\" ,\n \"t\": true, \"f\": false, \"n\": null,\n \"num\": [ -1.5e3 , 42 ],\n \"o\": { \"k\": [ { } , [ ] ] } }";
+        assert_eq!(
+            lenient(shallow),
+            serde_json::from_str::<Value>(shallow).unwrap()
+        );
+
+        let inner = "\"a]\\\"}\"";
+        let depth = MAX_DEPTH + 1;
+        let text = format!(
+            "{{ \"deep\": {}{inner}{} }}",
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        let mut value = &lenient(&text)["deep"];
+        let mut arrays = 0;
+        while let Value::Array(items) = value {
+            assert_eq!(items.len(), 1);
+            value = &items[0];
+            arrays += 1;
+        }
+        // The object and 127 arrays are open when the 128th array is met: it and what it
+        // holds are kept as text.
+        assert_eq!(arrays, MAX_DEPTH - 1);
+        let kept = depth - arrays;
+        assert_eq!(
+            value,
+            &Value::String(format!("{}{inner}{}", "[".repeat(kept), "]".repeat(kept)))
+        );
+    }
+}

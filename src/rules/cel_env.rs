@@ -198,3 +198,40 @@ fn display(value: &Value) -> String {
         other => format!("{other:?}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holds(condition: &str, body: &str) -> Result<bool, String> {
+        let event = Event::parse("cl", body.as_bytes(), None, None).unwrap();
+        Activation::lazy(&event).eval_bool(&Expr::compile(condition).unwrap())
+    }
+
+    /// Killed mutants (cargo mutants, #23): JSON integers are CEL `int` (a `uint` has no
+    /// `<` against `70`), only those past `i64` are `uint`; the standard library's functions
+    /// are there; an expression shows its text.
+    #[test]
+    fn integers_are_ints_the_stdlib_is_there_and_text_is_kept() {
+        let body = r#"{"type": "x", "data": {"score": 50, "big": 18446744073709551615, "tags": ["a", "b"]}}"#;
+        // Signed arithmetic: a `uint` 50 minus 60 would fail.
+        assert_eq!(
+            holds("data.score - 60 == -10 && data.score < 70", body),
+            Ok(true)
+        );
+        assert_eq!(
+            holds("string(data.big) == '18446744073709551615'", body),
+            Ok(true)
+        );
+        assert_eq!(
+            holds(
+                "size(data.tags) == 2 && data.tags.exists(t, t == 'b')",
+                body
+            ),
+            Ok(true)
+        );
+        let expr = Expr::compile("data.score < 70").unwrap();
+        assert_eq!(expr.text(), "data.score < 70");
+        assert!(format!("{expr:?}").contains("data.score < 70"), "{expr:?}");
+    }
+}

@@ -335,3 +335,51 @@ fn names_debug_and_keys_say_what_they_should() {
         "the keys that are text, as given"
     );
 }
+
+/// Killed mutants (cargo mutants, #23): a timestamp exactly at the tolerance passes either
+/// way and says how far off it is past it; a digest of the wrong length is malformed, not
+/// merely wrong; a second `t=` is refused.
+#[test]
+fn tolerance_edges_digest_lengths_and_a_repeated_timestamp() {
+    let tolerance = Duration::from_secs(300);
+    assert!(check_tolerance(1000, 1300, tolerance).is_ok());
+    assert!(check_tolerance(1300, 1000, tolerance).is_ok());
+    assert!(matches!(
+        check_tolerance(1000, 1301, tolerance),
+        Err(SignatureError::Expired { age_secs: 301, .. })
+    ));
+    assert!(matches!(
+        check_tolerance(1301, 1000, tolerance),
+        Err(SignatureError::FromFuture {
+            ahead_secs: 301,
+            ..
+        })
+    ));
+    assert!(matches!(
+        decode_hex("h", "abcd"),
+        Err(SignatureError::Malformed { .. })
+    ));
+    assert!(decode_hex("h", &"ab".repeat(32)).is_ok());
+    assert!(matches!(
+        decode_base64("h", "q83v"),
+        Err(SignatureError::Malformed { .. })
+    ));
+    let verifier = Verifier::new(
+        Scheme::ComplianceLayer {
+            tolerance,
+            require_timestamp: false,
+        },
+        vec![Key::new(b"secret".to_vec())],
+    );
+    let twice = headers(&[(
+        COMPLIANCELAYER_SIGNATURE,
+        &format!("t=100,t=200,v1={}", "ab".repeat(32)),
+    )]);
+    assert!(matches!(
+        verifier.verify(&twice, b"{}", 100),
+        Err(SignatureError::Malformed {
+            reason: "t= appears twice",
+            ..
+        })
+    ));
+}
