@@ -865,7 +865,7 @@ async fn the_documented_chat_and_paging_templates_send_json() {
     ))
     .unwrap();
     let block = readme
-        .split("### JSON bodies for chat and paging services")
+        .split("## JSON bodies for chat and paging services")
         .nth(1)
         .and_then(|rest| rest.split("```toml\n").nth(1))
         .and_then(|rest| rest.split("```").next())

@@ -122,6 +122,8 @@ sinks = ["archive", "stuck", "gone"]
     );
     assert_eq!(daemon.post("/hooks/nowhere", b"{}", &[]).await.status, 404);
     wait_lines(&dir.path().join("events.jsonl"), 2).await;
+    // Counted before they are recorded: once recorded, counted.
+    wait_jobs(&daemon, "succeeded", 2).await;
     wait_jobs(&daemon, "dead", 2).await;
 
     let (status, content_type, text) = scrape(&daemon).await;
