@@ -73,6 +73,22 @@ pub fn printable_lines(text: &str, indent: &str) -> String {
         .join(&format!("\n{indent}"))
 }
 
+/// Hex digits of a hash-like id kept in a human message.
+const SHORT_HASH: usize = 12;
+
+/// `id` as a person reads it in a message: a hash (`sha256:` and 64 hex digits, the id of a
+/// body that carries none, as Compliance Scorecard's) cut to its first 12 digits and `…`, which
+/// tell deliveries apart as well; any other id as it is. `show` keeps the whole id.
+pub fn short_id(id: &str) -> Cow<'_, str> {
+    let (prefix, digits) = id.rsplit_once(':').unwrap_or(("", id));
+    let is_hash = digits.len() >= 32 && digits.bytes().all(|b| b.is_ascii_hexdigit());
+    if !is_hash {
+        return Cow::Borrowed(id);
+    }
+    let separator = if prefix.is_empty() { "" } else { ":" };
+    Cow::Owned(format!("{prefix}{separator}{}…", &digits[..SHORT_HASH]))
+}
+
 /// A [`fmt::Write`] that passes text on with its hazards escaped (see [`printable`]): the
 /// daemon's text log writes every field through one, so a sender's `\n` cannot begin a line.
 pub struct EscapeControls<'a, W: ?Sized>(pub &'a mut W);
@@ -104,6 +120,21 @@ impl<'w> tracing_subscriber::fmt::FormatFields<'w> for EscapedFields {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hash_like_ids_are_shortened_and_others_kept() {
+        let hash = format!("sha256:{}", "ab12".repeat(16));
+        assert_eq!(short_id(&hash), "sha256:ab12ab12ab12…");
+        assert_eq!(short_id(&"f0".repeat(20)), "f0f0f0f0f0f0…");
+        for kept in [
+            "550e8400-e29b-41d4-a716-446655440000",
+            "cl:evt_123",
+            "42",
+            "sha256:xyz",
+        ] {
+            assert_eq!(short_id(kept), kept);
+        }
+    }
 
     #[test]
     fn storable_text_has_no_nul() {

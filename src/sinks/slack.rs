@@ -117,7 +117,7 @@ impl Sink for SlackSink {
             "type": "context",
             "elements": [{
                 "type": "mrkdwn",
-                "text": escape(&format!("{} · {} · {} · route {}", event.event_type, event.source, event.delivery_id, delivery.route)),
+                "text": escape(&format!("{} · {} · {} · route {}", event.event_type, event.source, crate::text::short_id(&event.delivery_id), delivery.route)),
             }],
         }));
         let mut payload = json!({

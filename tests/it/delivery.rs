@@ -967,3 +967,31 @@ async fn show_tells_events_and_jobs_apart_and_counts_every_attempt() {
         "{out}"
     );
 }
+
+/// #24.13: Slack's context line showed a Scorecard event's 71-character `sha256:…` delivery
+/// id; a hash-like id is cut to its first 12 digits there (`show` keeps it whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_shows_a_hash_like_delivery_id_short() {
+    let dir = tempdir();
+    let slack = Recorder::start().await;
+    let sinks = format!(
+        "[sinks.security]\ntype = \"slack\"\nwebhook_url = {{ value = \"{}\" }}\n",
+        slack.url("/services/T000/B000/XXXX")
+    );
+    let daemon = Daemon::start(dir.path(), &with_sinks(dir.path(), &sinks, &["security"]));
+    let body = br#"{"event": "policy.published", "timestamp": "2025-02-20T15:30:00Z", "data": {"policy_id": "p-1", "title": "Access control"}}"#;
+    daemon.accept_cl(body).await;
+    wait_jobs(&daemon, "succeeded", 1).await;
+    let id: String = daemon.value("SELECT delivery_id FROM events");
+    assert!(id.starts_with("sha256:") && id.len() == 71, "{id}");
+    let context = slack.requests()[0].json()["blocks"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()["elements"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(context.contains(&format!("{}…", &id[..19])), "{context}");
+    assert!(!context.contains(&id), "{context}");
+}
