@@ -13,7 +13,6 @@ use crate::clock::Clock;
 use crate::dispatch::{NamedSink, Plan};
 use crate::event::Event;
 use crate::metrics::{DeliveryOutcome, Metrics};
-use crate::secret::Redactor;
 use crate::sinks::{Delivery, SinkError};
 use crate::store::{AttemptOutcome, DueJob, Job, Store};
 use crate::templates::Message;
@@ -48,66 +47,68 @@ pub(super) async fn attempt(
     let Some(prepared) = prepare(plan, sink, live).await else {
         return false; // the runtime is shutting down: the jobs stay due
     };
-    let mut finished = started;
     if prepared.is_empty() {
-        drop(slot);
-    } else {
-        let deliveries: Vec<Delivery<'_>> = prepared
-            .iter()
-            .map(|(job, event, message): &(Job, _, Message)| Delivery {
-                job_id: job.id,
-                event_id: job.event_id,
-                event,
-                route: &job.route,
-                message,
-            })
-            .collect();
-        let timeout = sink.delivery.timeout.0;
-        // A panic is a bug, but one an event can trigger: caught here it costs that job (a
-        // dead letter saying so) instead of leaving it pending, to panic again after every
-        // restart.
-        let call = AssertUnwindSafe(async {
-            match deliveries.as_slice() {
-                [one] => sink.sink.deliver(one).await,
-                many => sink.sink.deliver_batch(many).await,
-            }
-        })
-        .catch_unwind();
-        let called = std::time::Instant::now();
-        let result = match tokio::time::timeout(timeout + BACKSTOP_GRACE, call).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(panic)) => Err(SinkError::permanent(format!(
-                "the sink failed on this event (a bug): {}",
-                panic_message(&*panic)
-            ))),
-            Err(_) => Err(SinkError::transient(format!(
-                "timed out after {}",
-                humantime::format_duration(timeout)
-            ))),
-        };
-        metrics.attempt(&sink.name, called.elapsed());
-        drop(deliveries);
-        drop(slot);
-        finished = clock.now();
-        for (job, _, message) in prepared {
-            let mut outcome = retry::decide(
-                &sink.delivery.retry,
-                &job,
-                result.as_ref().cloned(),
-                finished,
-                jitter(),
-            );
-            if let Some(why) = message.fallback {
-                outcome.note(&why);
-            }
-            outcomes.push((job, outcome));
-        }
+        return finish(store, metrics, &sink.name, outcomes, started, started).await;
     }
-    let redactor = &plan.redactor;
-    finish(
-        store, metrics, redactor, &sink.name, outcomes, started, finished,
-    )
-    .await
+    let deliveries: Vec<Delivery<'_>> = prepared
+        .iter()
+        .map(|(job, event, message): &(Job, _, Message)| Delivery {
+            job_id: job.id,
+            event_id: job.event_id,
+            event,
+            route: &job.route,
+            message,
+        })
+        .collect();
+    let timeout = sink.delivery.timeout.0;
+    // A panic is a bug, but one an event can trigger: caught here it costs that job (a dead
+    // letter saying so) instead of leaving it pending, to panic again after every restart.
+    let call = AssertUnwindSafe(async {
+        match deliveries.as_slice() {
+            [one] => sink.sink.deliver(one).await,
+            many => sink.sink.deliver_batch(many).await,
+        }
+    })
+    .catch_unwind();
+    let called = std::time::Instant::now();
+    let result = match tokio::time::timeout(timeout + BACKSTOP_GRACE, call).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => Err(SinkError::permanent(format!(
+            "the sink failed on this event (a bug): {}",
+            panic_message(&*panic)
+        ))),
+        Err(_) => Err(SinkError::transient(format!(
+            "timed out after {}",
+            humantime::format_duration(timeout)
+        ))),
+    };
+    metrics.attempt(&sink.name, called.elapsed());
+    drop(deliveries);
+    drop(slot);
+    // What the sink answered is a stranger's text, made fit to log and keep once, for every
+    // job the call carried: every configured secret taken out (a receiver may quote its URL's
+    // token back), and a NUL made storable (PostgreSQL refuses one, and the record would
+    // fail, leaving the job leased).
+    let clean = |text: &str| storable(&plan.redactor.redact(text)).into_owned();
+    let result = match result {
+        Ok(answer) => Ok(clean(&answer)),
+        Err(err) => Err(err.map_text(clean)),
+    };
+    let now = clock.now();
+    for (job, _, message) in prepared {
+        let mut outcome = retry::decide(
+            &sink.delivery.retry,
+            &job,
+            result.as_ref().cloned(),
+            now,
+            jitter(),
+        );
+        if let Some(why) = message.fallback {
+            outcome.note(&clean(&why));
+        }
+        outcomes.push((job, outcome));
+    }
+    finish(store, metrics, &sink.name, outcomes, started, now).await
 }
 
 /// Pairs each job with its message, rendered on a blocking thread: a template works through
@@ -154,25 +155,16 @@ fn render(plan: &Plan, sink: &NamedSink, route: &str, event: &Event) -> Message 
 }
 
 /// Logs an attempt's outcomes and records them; returns whether they were recorded.
-///
-/// What the sink answered is a stranger's text: every configured secret is taken out of it
-/// first (a receiver may quote its URL's token back), and a NUL made storable (PostgreSQL
-/// refuses one, and the record would fail, leaving the job leased), so that whatever a sink
-/// answers is logged and recorded once.
 pub(super) async fn finish(
     store: &Store,
     metrics: &Metrics,
-    redactor: &Redactor,
     sink: &str,
-    mut outcomes: Vec<(Job, AttemptOutcome)>,
+    outcomes: Vec<(Job, AttemptOutcome)>,
     started: Timestamp,
     finished: Timestamp,
 ) -> bool {
     if outcomes.is_empty() {
         return true;
-    }
-    for (_, outcome) in &mut outcomes {
-        outcome.clean(|text| storable(&redactor.redact(text)).into_owned());
     }
     for (job, outcome) in &outcomes {
         metrics.delivery(

@@ -294,17 +294,7 @@ impl Engine {
             })
             .collect();
         let now = self.clock.now();
-        let redactor = Arc::clone(&self.plan.load().redactor);
-        finish(
-            &self.store,
-            &self.metrics,
-            &redactor,
-            sink,
-            outcomes,
-            now,
-            now,
-        )
-        .await;
+        finish(&self.store, &self.metrics, sink, outcomes, now, now).await;
     }
 
     /// `sink`'s limits: this daemon's share of its concurrency (all of it unless replicas

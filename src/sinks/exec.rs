@@ -4,8 +4,9 @@
 //! hold secrets) is not inherited. The command runs in its own process group, and the whole
 //! group is killed when `delivery.timeout` passes. Exit status 0 is success; anything else is
 //! retried. The exit status is the verdict: a child the hook leaves running is neither waited
-//! for nor killed (its output stops being read once the hook has exited). Delivery is at least once: a hook may see an event again after a crash and should
-//! use `HOOKROUTE_DELIVERY_ID` to recognise it.
+//! for nor killed (its output stops being read once the hook has exited). Delivery is at least
+//! once: a hook may see an event again after a crash and should use `HOOKROUTE_DELIVERY_ID` to
+//! recognise it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -108,6 +108,31 @@ impl SinkError {
         }
     }
 
+    /// The same failure with its message and the sink's answer passed through `map`
+    /// (redaction, say).
+    #[must_use]
+    pub fn map_text(self, map: impl Fn(&str) -> String) -> Self {
+        match self {
+            Self::Transient { message, response } => Self::Transient {
+                message: map(&message),
+                response: map(&response),
+            },
+            Self::Permanent { message, response } => Self::Permanent {
+                message: map(&message),
+                response: map(&response),
+            },
+            Self::RateLimited {
+                retry_after,
+                message,
+                response,
+            } => Self::RateLimited {
+                retry_after,
+                message: map(&message),
+                response: map(&response),
+            },
+        }
+    }
+
     /// What the sink answered, if anything.
     pub fn response(&self) -> &str {
         match self {

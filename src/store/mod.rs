@@ -269,20 +269,6 @@ impl AttemptOutcome {
         }
     }
 
-    /// Passes the error and the sink's answer through `clean` (redaction, say).
-    pub fn clean(&mut self, clean: impl Fn(&str) -> String) {
-        match self {
-            Self::Succeeded { response } => *response = clean(response),
-            Self::Failed {
-                error, response, ..
-            }
-            | Self::Dead { error, response } => {
-                *error = clean(error);
-                *response = clean(response);
-            }
-        }
-    }
-
     /// Adds a remark about the attempt (e.g. that a default template was sent) to what the
     /// job record keeps of the sink's answer.
     pub fn note(&mut self, remark: &str) {

@@ -215,7 +215,7 @@ async fn commit(pool: &sqlx::PgPool, replica: i64, batch: Vec<Write>, stalled: &
                         Some(deadline),
                     )
                     .await
-                    .and_then(|mut one| one.pop().ok_or(StoreError::WriterGone))
+                    .map(|mut one| one.remove(0))
                 };
                 let _ = reply.send(outcome);
             }
