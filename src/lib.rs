@@ -113,6 +113,7 @@ pub async fn run_with_clock(
     let store = store::open(&config.storage).await?;
     let metrics = Arc::new(metrics::Metrics::new());
     metrics.config_loaded(true, clock.now());
+    configure_metrics(&metrics, &config);
     let new_jobs = Arc::new(delivery::NewJobs::default());
     let stop = CancellationToken::new();
     let engine = Engine::new(
@@ -221,6 +222,14 @@ async fn watchdog(store: Store, engine: Arc<AtomicU64>, stop: CancellationToken)
     }
 }
 
+/// Exports `config`'s sources and sinks from 0 (see [`metrics::Metrics::configured`]).
+fn configure_metrics(metrics: &metrics::Metrics, config: &Config) {
+    metrics.configured(
+        config.sources.iter().map(|s| s.name.as_str()),
+        config.sinks.iter().map(|s| s.name.as_str()),
+    );
+}
+
 /// Re-reads the configuration on SIGHUP (`systemctl reload`). A valid one replaces sources,
 /// sinks, routes and templates; deliveries in flight finish with what they started with. An
 /// invalid one is logged and the running configuration stays.
@@ -276,6 +285,7 @@ async fn reload_on_hangup(
                 }
                 app.reload(&new);
                 metrics.config_loaded(true, clock.now());
+                configure_metrics(&metrics, &new);
                 plan.store(Arc::new(new_plan));
                 tracing::info!(
                     sources = new.sources.len(),

@@ -102,6 +102,10 @@ pub struct Metrics {
     reloads: Family<Outcome, Counter>,
     last_reload: Gauge<f64, AtomicU64>,
     database_bytes: Gauge,
+    /// The configured sinks: each has its queue gauges from the start, at 0, so an alert on
+    /// `hookroute_dead_letters` sees the first dead letter as a change (a series that is born
+    /// at 1 has no change to see).
+    sinks: std::sync::Mutex<Vec<String>>,
 }
 
 impl Default for Metrics {
@@ -133,6 +137,7 @@ impl Metrics {
             reloads: Family::default(),
             last_reload: Gauge::default(),
             database_bytes: Gauge::default(),
+            sinks: std::sync::Mutex::default(),
             registry: Registry::default(),
         };
         let build_info = Family::<Version, Gauge>::default();
@@ -312,13 +317,49 @@ impl Metrics {
             .inc();
     }
 
+    /// Takes a loaded configuration's sources and sinks: their series are exported from now
+    /// on, at 0 until something happens, so `increase()` and `delta()` see the first event.
+    pub fn configured<'a>(
+        &self,
+        sources: impl IntoIterator<Item = &'a str>,
+        sinks: impl IntoIterator<Item = &'a str>,
+    ) {
+        for source in sources {
+            let source = Source {
+                source: source.to_owned(),
+            };
+            for family in [&self.accepted, &self.duplicates, &self.unrouted] {
+                family.get_or_create(&source).inc_by(0);
+            }
+        }
+        let sinks: Vec<String> = sinks.into_iter().map(str::to_owned).collect();
+        for sink in &sinks {
+            for outcome in ["succeeded", "failed", "dead"] {
+                self.deliveries
+                    .get_or_create(&SinkOutcome {
+                        sink: sink.clone(),
+                        outcome,
+                    })
+                    .inc_by(0);
+            }
+        }
+        *self.sinks.lock().unwrap_or_else(|p| p.into_inner()) = sinks;
+    }
+
     /// Everything, in the Prometheus text format, with the queues and database size as
     /// storage reports them now.
     pub fn render(&self, queues: &[SinkQueue], database_bytes: u64) -> String {
-        // Sinks with nothing waiting (or removed by a reload) leave the gauges.
+        // A sink removed by a reload leaves the gauges once nothing of it is left; a configured
+        // sink with nothing waiting reads 0.
         self.jobs_waiting.clear();
         self.oldest_waiting.clear();
         self.dead_letters.clear();
+        for sink in self.sinks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let sink = Sink { sink: sink.clone() };
+            self.jobs_waiting.get_or_create(&sink).set(0);
+            self.oldest_waiting.get_or_create(&sink).set(0.0);
+            self.dead_letters.get_or_create(&sink).set(0);
+        }
         for queue in queues {
             let sink = Sink {
                 sink: queue.sink.clone(),
@@ -377,8 +418,33 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
-        // A sink that no longer waits leaves the gauges.
+        // A sink that no longer waits, and is not configured, leaves the gauges.
         let text = metrics.render(&[], 0);
         assert!(!text.contains("hookroute_jobs_waiting{"), "{text}");
+    }
+
+    #[test]
+    fn configured_sinks_and_sources_are_exported_from_zero() {
+        let metrics = Metrics::new();
+        metrics.configured(["cl"], ["slack", "mail"]);
+        let text = metrics.render(&[], 0);
+        for line in [
+            "hookroute_dead_letters{sink=\"slack\"} 0",
+            "hookroute_dead_letters{sink=\"mail\"} 0",
+            "hookroute_jobs_waiting{sink=\"mail\"} 0",
+            "hookroute_oldest_waiting_seconds{sink=\"mail\"} 0.0",
+            "hookroute_deliveries_total{sink=\"slack\",outcome=\"dead\"} 0",
+            "hookroute_events_accepted_total{source=\"cl\"} 0",
+            "hookroute_events_unrouted_total{source=\"cl\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // A reload that drops a sink drops its gauges.
+        metrics.configured(["cl"], ["mail"]);
+        let text = metrics.render(&[], 0);
+        assert!(
+            !text.contains("hookroute_dead_letters{sink=\"slack\"}"),
+            "{text}"
+        );
     }
 }
