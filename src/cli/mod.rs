@@ -45,6 +45,7 @@ impl Cli {
             Command::Deliveries(DeliveriesCommand::List(args)) => &args.config,
             Command::Deliveries(DeliveriesCommand::Show(args)) => &args.config,
             Command::Replay(args) => &args.config,
+            Command::Retry(args) => &args.config,
             Command::DeadLetter(DeadLetterCommand::Retry(args)) => &args.config,
             Command::Completions { .. } | Command::Man { .. } | Command::MigrateStorage(_) => {
                 return None;
@@ -67,8 +68,11 @@ pub enum Command {
     /// Inspect deliveries; works on the database while the daemon runs.
     #[command(subcommand)]
     Deliveries(DeliveriesCommand),
-    /// Queue an event's delivery again: through the current routes, or to one sink.
+    /// Queue an event's delivery again: through the current routes, or to one sink. Refuses
+    /// while a job of the event still waits for the same sink, unless `--force`.
     Replay(ReplayArgs),
+    /// Try a failed delivery again now instead of at its next try; it keeps its attempts.
+    Retry(RetryArgs),
     /// Dead letters: deliveries that failed for good.
     #[command(subcommand)]
     DeadLetter(DeadLetterCommand),
@@ -103,7 +107,7 @@ pub enum DeliveriesCommand {
 #[derive(Debug, Subcommand)]
 pub enum DeadLetterCommand {
     /// Put dead deliveries back in the queue with a fresh set of attempts.
-    Retry(RetryArgs),
+    Retry(DeadRetryArgs),
 }
 
 #[derive(Debug, Args)]
@@ -156,10 +160,23 @@ pub struct ReplayArgs {
     /// Deliver to this sink only (even if no route sends this event there).
     #[arg(long)]
     pub sink: Option<String>,
+    /// Queue it even if a job of the event still waits for the same sink (it may be delivered
+    /// twice).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct RetryArgs {
+    /// Configuration file (the tools read its `[storage]` and, for replay, its routes).
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Job id (the JOB column of `deliveries list --status failed`).
+    pub job: i64,
+}
+
+#[derive(Debug, Args)]
+pub struct DeadRetryArgs {
     /// Configuration file (the tools read its `[storage]` and, for replay, its routes).
     #[arg(long, short, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
@@ -232,6 +249,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Deliveries(DeliveriesCommand::List(args)) => tools::list(args),
         Command::Deliveries(DeliveriesCommand::Show(args)) => tools::show(args),
         Command::Replay(args) => tools::replay(args),
+        Command::Retry(args) => tools::retry(args),
         Command::DeadLetter(DeadLetterCommand::Retry(args)) => tools::retry_dead(args),
         Command::MigrateStorage(args) => runtime()?.block_on(tools::migrate_storage(args)),
         Command::Completions { shell } => {

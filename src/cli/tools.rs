@@ -1,12 +1,13 @@
-//! The operator's tools: `deliveries list` and `show`, `replay`, `dead-letter retry`. They work
-//! on the database while the daemon runs, through [`AdminStorage`].
+//! The operator's tools: `deliveries list` and `show`, `replay`, `retry`, `dead-letter retry`.
+//! They work on the database while the daemon runs, through [`AdminStorage`]. When one cannot
+//! do what was asked, it says where things stand and which command would do it instead.
 
 use std::io::Write as _;
 use std::process::ExitCode;
 
-use super::{ListArgs, MigrateArgs, ReplayArgs, RetryArgs, ShowArgs};
+use super::{DeadRetryArgs, ListArgs, MigrateArgs, ReplayArgs, RetryArgs, ShowArgs};
 use crate::config::{self, Config};
-use crate::store::admin::{Access, AdminStorage, EventDetail, Filter};
+use crate::store::admin::{Access, AdminStorage, EventDetail, Filter, JobState};
 use crate::text::{printable, printable_lines};
 
 fn admin(
@@ -77,7 +78,7 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     let (_, admin) = admin(&args.config, Access::Read)?;
     // Event ids and job ids are both small numbers: say so when the other kind exists.
     let event_id = if args.job {
-        let Some(event_id) = admin.job_event(args.id)? else {
+        let Some(event_id) = admin.job(args.id)?.map(|job| job.event_id) else {
             let hint = if admin.show(args.id)?.is_some() {
                 format!(" (event {0} exists: `deliveries show {0}`)", args.id)
             } else {
@@ -96,7 +97,7 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         routing: notes,
     }) = admin.show(event_id)?
     else {
-        let hint = match admin.job_event(event_id)? {
+        let hint = match admin.job(event_id)? {
             Some(_) => format!(" (job {0} exists: `deliveries show --job {0}`)", event_id),
             None => String::new(),
         };
@@ -224,6 +225,28 @@ pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         }
     }
     pairs.dedup();
+    // A second job for a sink that still has one waiting would deliver the event twice.
+    let waiting = admin.waiting_jobs(args.id)?;
+    let twice: Vec<&JobState> = waiting
+        .iter()
+        .filter(|job| pairs.iter().any(|(_, sink)| *sink == job.sink))
+        .collect();
+    if !args.force && !twice.is_empty() {
+        for job in twice {
+            eprintln!(
+                "event {} already has job {} waiting for sink \"{}\" ({})",
+                args.id,
+                job.id,
+                printable(&job.sink),
+                standing(job)
+            );
+        }
+        eprintln!(
+            "nothing queued: `hookroute retry JOB` tries a failed job now; --force queues another \
+             job anyway (the sink may get the event twice)"
+        );
+        return Ok(ExitCode::from(1));
+    }
     if pairs.is_empty() {
         eprintln!(
             "no route matches event {}; nothing queued (name a sink with --sink)",
@@ -242,20 +265,76 @@ pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) fn retry_dead(args: RetryArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn retry(args: RetryArgs) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    let (_, admin) = admin(&args.config, Access::Write)?;
+    if admin.retry_now(args.job)? {
+        if let Some(job) = admin.job(args.job)? {
+            writeln!(
+                out,
+                "job {} (event {} to sink \"{}\") is due now; it keeps its {} attempt(s)",
+                job.id,
+                job.event_id,
+                printable(&job.sink),
+                job.attempts
+            )?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("{}", not_retried(&*admin, args.job)?);
+    Ok(ExitCode::from(1))
+}
+
+pub(super) fn retry_dead(args: DeadRetryArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let (_, admin) = admin(&args.config, Access::Write)?;
     let count = admin.retry_dead(args.id)?;
+    if let (0, Some(id)) = (count, args.id) {
+        eprintln!("{}", not_retried(&*admin, id)?);
+        return Ok(ExitCode::from(1));
+    }
     writeln!(
         out,
         "re-queued {count} dead deliver{}",
         if count == 1 { "y" } else { "ies" }
     )?;
-    Ok(if count == 0 && args.id.is_some() {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Why job `id` was not retried, and the command that does what was meant: the id may be an
+/// event's, or the job may be in another state than the command takes.
+fn not_retried(admin: &dyn AdminStorage, id: i64) -> anyhow::Result<String> {
+    let Some(job) = admin.job(id)? else {
+        let hint = if admin.show(id)?.is_some() {
+            format!("; event {id} exists: `hookroute deliveries show {id}` lists its jobs")
+        } else {
+            String::new()
+        };
+        return Ok(format!("no job {id}{hint}"));
+    };
+    let what = match job.status.as_str() {
+        "failed" => format!("`hookroute retry {id}` tries it now"),
+        "dead" => format!("`hookroute dead-letter retry {id}` re-queues it with fresh attempts"),
+        "pending" => "it is due now, or being delivered".to_owned(),
+        _ => format!(
+            "`hookroute replay {} --sink {}` delivers its event again",
+            job.event_id,
+            printable(&job.sink)
+        ),
+    };
+    let is = match job.status.as_str() {
+        "succeeded" => "has succeeded".to_owned(),
+        _ => format!("is {}", standing(&job)),
+    };
+    Ok(format!("job {id} {is}: {what}"))
+}
+
+/// A job's status as the hints give it: a failed one with its next try.
+fn standing(job: &JobState) -> String {
+    match &job.next_attempt_at {
+        Some(next) => format!("{}, next try at {next}", job.status),
+        None => job.status.clone(),
+    }
 }
 
 pub(super) async fn migrate_storage(args: MigrateArgs) -> anyhow::Result<ExitCode> {

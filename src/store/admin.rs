@@ -68,6 +68,22 @@ pub struct Attempt {
     pub response: Option<String>,
 }
 
+/// Where one job stands, for the commands that act on a job (`retry`, `dead-letter retry`)
+/// or refuse to queue a second one (`replay`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobState {
+    pub id: i64,
+    pub event_id: i64,
+    pub route: String,
+    pub sink: String,
+    pub status: String,
+    /// Every attempt the job ever had, a dead letter's retries included (as `show` numbers
+    /// them).
+    pub attempts: u32,
+    /// A failed job's next try.
+    pub next_attempt_at: Option<String>,
+}
+
 /// Everything `deliveries show` prints.
 #[derive(Debug, Clone)]
 pub struct EventDetail {
@@ -99,11 +115,24 @@ pub trait AdminStorage {
     /// On a database error.
     fn show(&self, event_id: i64) -> Result<Option<EventDetail>, StoreError>;
 
-    /// The event a job delivers, if there is such a job.
+    /// A job, if there is one with this id.
     ///
     /// # Errors
     /// On a database error.
-    fn job_event(&self, job_id: i64) -> Result<Option<i64>, StoreError>;
+    fn job(&self, job_id: i64) -> Result<Option<JobState>, StoreError>;
+
+    /// An event's jobs still waiting (pending, or failed and due again later).
+    ///
+    /// # Errors
+    /// On a database error.
+    fn waiting_jobs(&self, event_id: i64) -> Result<Vec<JobState>, StoreError>;
+
+    /// Makes a failed job due now, keeping its attempts (and so its place in the retry
+    /// policy). False when the job is not failed (any more).
+    ///
+    /// # Errors
+    /// On a database error.
+    fn retry_now(&self, job_id: i64) -> Result<bool, StoreError>;
 
     /// Queues new jobs for `event_id`, one per (route, sink); returns their ids.
     ///

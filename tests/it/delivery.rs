@@ -749,6 +749,111 @@ async fn replay_requeues_through_routes_or_to_one_sink() {
     assert_eq!(out.lines().count(), 1, "header only: {out}");
 }
 
+on_both_backends!(a_waiting_job_is_retried_now_not_queued_twice);
+
+/// #24.2: there was no "retry now" for a failed job, and `replay --sink` queued a second job
+/// beside one still waiting, so Slack got the message twice. `retry JOB` makes a failed job
+/// due now (keeping its attempts); `replay` refuses while a job of the event waits for the
+/// same sink, unless `--force`; and a command given the wrong kind of id says what it is.
+async fn a_waiting_job_is_retried_now_not_queued_twice() {
+    let dir = tempdir();
+    let slack = Recorder::start().await;
+    slack.script([Answer::status(500)]);
+    let config_text = config(
+        dir.path(),
+        NO_LIMITS,
+        &format!(
+            "[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n[sinks.chat]\ntype = \"slack\"\nwebhook_url = {{ value = \"{}\" }}\ndelivery = {{ retry = {{ base = \"1h\" }} }}\n\n[[routes]]\nname = \"scans\"\nevents = [\"scan.completed\"]\nsinks = [\"chat\"]\n",
+            slack.url("/hook")
+        ),
+    );
+    let daemon = Daemon::start(dir.path(), &config_text);
+    let event = daemon.accept_cl(&scan_body("twice")).await.json["id"]
+        .as_i64()
+        .unwrap();
+    wait_jobs(&daemon, "failed", 1).await;
+    let job: i64 = daemon.value("SELECT id FROM jobs");
+    let unrouted = daemon
+        .accept_cl(&sample("compliancelayer-alert.triggered.json"))
+        .await
+        .json["id"]
+        .as_i64()
+        .unwrap();
+    assert_ne!(unrouted, job, "an event id with no job of that number");
+    let config = daemon.config_path.clone();
+    let (event, job) = (event.to_string(), job.to_string());
+    let count_jobs = || daemon.value::<i64>("SELECT count(*) FROM jobs");
+
+    // The job waits an hour for its next try: replaying the event to its sink is refused.
+    for replay in [
+        vec!["replay", event.as_str(), "--sink", "chat"],
+        vec!["replay", event.as_str()],
+    ] {
+        let (code, out) = hookroute(&replay, &config);
+        assert_eq!(code, Some(1), "{replay:?}: {out}");
+        assert!(
+            out.contains(&format!(
+                "event {event} already has job {job} waiting for sink \"chat\" (failed, next try at "
+            )) && out.contains("nothing queued"),
+            "{out}"
+        );
+    }
+    assert_eq!(count_jobs(), 1);
+    // `dead-letter retry` of a job that is not dead, or of an event id, says so.
+    let (code, out) = hookroute(&["dead-letter", "retry", &job], &config);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("job {job} is failed, next try at "))
+            && out.contains(&format!("`hookroute retry {job}` tries it now")),
+        "{out}"
+    );
+    let (code, out) = hookroute(&["dead-letter", "retry", &unrouted.to_string()], &config);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "no job {unrouted}; event {unrouted} exists: `hookroute deliveries show {unrouted}`"
+        )),
+        "{out}"
+    );
+
+    // Retried now: delivered at once, as the job's second attempt.
+    let (code, out) = hookroute(&["retry", &job], &config);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!(
+            "job {job} (event {event} to sink \"chat\") is due now; it keeps its 1 attempt(s)"
+        )),
+        "{out}"
+    );
+    wait_jobs(&daemon, "succeeded", 1).await;
+    assert_eq!(slack.requests().len(), 2);
+    let (_, out) = hookroute(&["deliveries", "show", &event], &config);
+    assert!(out.contains("succeeded after 2 attempt(s)"), "{out}");
+    let (code, out) = hookroute(&["retry", &job], &config);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "job {job} has succeeded: `hookroute replay {event} --sink chat` delivers its event again"
+        )),
+        "{out}"
+    );
+    let (code, out) = hookroute(&["retry", "999"], &config);
+    assert_eq!((code, out.trim()), (Some(1), "no job 999"));
+
+    // Nothing waits now: a replay is queued; beside a waiting one, only with --force.
+    slack.script([Answer::status(500)]);
+    let (code, out) = hookroute(&["replay", &event, "--sink", "chat"], &config);
+    assert_eq!(code, Some(0), "{out}");
+    wait_jobs(&daemon, "failed", 1).await;
+    let (code, _) = hookroute(&["replay", &event, "--sink", "chat"], &config);
+    assert_eq!((code, count_jobs()), (Some(1), 2));
+    let (code, out) = hookroute(&["replay", &event, "--sink", "chat", "--force"], &config);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("queued job"), "{out}");
+    assert_eq!(count_jobs(), 3);
+    wait_jobs(&daemon, "succeeded", 2).await;
+}
+
 on_both_backends!(jobs_of_a_sink_removed_by_reload_become_dead_letters);
 
 async fn jobs_of_a_sink_removed_by_reload_become_dead_letters() {
@@ -959,6 +1064,23 @@ async fn show_tells_events_and_jobs_apart_and_counts_every_attempt() {
         .map(|l| l.split(' ').next().unwrap())
         .collect();
     assert_eq!(numbers, ["1", "2"], "{out}");
+    // #24.8: `list` counts the same attempts as `show`, not the retry policy's fresh count.
+    let (_, json) = hookroute(&["deliveries", "list", "--json"], &config);
+    let tries: HashMap<String, i64> = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|row| {
+            (
+                row["sink"].as_str().unwrap().to_owned(),
+                row["attempts"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(tries["forward"], 2, "{json}");
+    assert_eq!(tries["archive"], 1, "{json}");
+    let (_, table) = hookroute(&["deliveries", "list"], &config);
+    let row = table.lines().find(|l| l.contains(" forward ")).unwrap();
+    assert!(row.contains("succeeded    2"), "{table}");
     // Job 2 exists, event 2 does not: the answer says which to ask for.
     let (code, out) = hookroute(&["deliveries", "show", "2"], &config);
     assert_eq!(code, Some(1));

@@ -13,8 +13,8 @@ use super::events::event_at;
 use crate::config::PostgresConfig;
 use crate::store::StoreError;
 use crate::store::admin::{
-    Access, AdminStorage, Attempt, EventDetail, Filter, Head, JobDetail, Row, at, number_attempts,
-    retry_at, unrouted,
+    Access, AdminStorage, Attempt, EventDetail, Filter, Head, JobDetail, JobState, Row, at,
+    number_attempts, retry_at, unrouted,
 };
 
 pub struct Admin {
@@ -47,6 +47,13 @@ macro_rules! head_columns {
     };
 }
 
+/// How many attempts job `j` had, all of them (see SQLite's `tries!`).
+macro_rules! tries {
+    () => {
+        "(SELECT count(*)::int FROM attempts a WHERE a.job_id = j.id)"
+    };
+}
+
 /// Jobs with `status`, newest event first, through the partial index of jobs whose status
 /// is `partial`.
 macro_rules! jobs_with {
@@ -54,7 +61,9 @@ macro_rules! jobs_with {
         concat!(
             "SELECT ",
             head_columns!(),
-            ", j.id, j.route, j.sink, j.status, j.attempts, j.next_attempt_at, j.last_error
+            ", j.id, j.route, j.sink, j.status, ",
+            tries!(),
+            ", j.next_attempt_at, j.last_error
              FROM jobs j JOIN events e ON e.id = j.event_id
              WHERE ",
             $partial,
@@ -96,13 +105,45 @@ const SOURCE_EVENTS_PAGE: &str = concat!(
     " FROM events e WHERE e.source = $4 AND e.id < $1 AND e.id >= $2 ORDER BY e.id DESC LIMIT $3"
 );
 /// The routing records, then the jobs, of a page of events, as the columns after the head.
-const PAGE_ROWS: &str =
+const PAGE_ROWS: &str = concat!(
     "SELECT event_id, NULL::bigint, route, NULL::text, status, 0, NULL::bigint, detail
      FROM dispatches WHERE event_id = ANY($1)
      UNION ALL
-     SELECT event_id, id, route, sink, status, attempts, next_attempt_at, last_error
-     FROM jobs WHERE event_id = ANY($1)
-     ORDER BY 1, 2 NULLS FIRST";
+     SELECT j.event_id, j.id, j.route, j.sink, j.status, ",
+    tries!(),
+    ", j.next_attempt_at, j.last_error
+     FROM jobs j WHERE j.event_id = ANY($1)
+     ORDER BY 1, 2 NULLS FIRST"
+);
+/// Jobs as [`JobState`] has them: one, or an event's waiting jobs.
+macro_rules! jobs_where {
+    ($condition:literal) => {
+        concat!(
+            "SELECT j.id, j.event_id, j.route, j.sink, j.status, ",
+            tries!(),
+            ", j.next_attempt_at FROM jobs j WHERE ",
+            $condition
+        )
+    };
+}
+const JOB: &str = jobs_where!("j.id = $1");
+const WAITING_JOBS: &str =
+    jobs_where!("j.event_id = $1 AND j.status IN ('pending', 'failed') ORDER BY j.id");
+/// A job as [`JobState`] has it, as the queries select it.
+type JobStateColumns = (i64, i64, String, String, String, i32, i64);
+
+fn job_state(columns: JobStateColumns) -> JobState {
+    let (id, event_id, route, sink, status, attempts, next) = columns;
+    JobState {
+        id,
+        event_id,
+        route,
+        sink,
+        next_attempt_at: retry_at(&status, next),
+        status,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+    }
+}
 
 /// A job as `show` selects it: id, route, sink, status, attempts, next attempt, last error,
 /// response.
@@ -410,14 +451,38 @@ impl AdminStorage for Admin {
         })
     }
 
-    fn job_event(&self, job_id: i64) -> Result<Option<i64>, StoreError> {
+    fn job(&self, job_id: i64) -> Result<Option<JobState>, StoreError> {
         self.run(async |conn| {
-            Ok(
-                sqlx::query_scalar("SELECT event_id FROM jobs WHERE id = $1")
-                    .bind(job_id)
-                    .fetch_optional(&mut *conn)
-                    .await?,
+            let job: Option<JobStateColumns> = sqlx::query_as(JOB)
+                .bind(job_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+            Ok(job.map(job_state))
+        })
+    }
+
+    fn waiting_jobs(&self, event_id: i64) -> Result<Vec<JobState>, StoreError> {
+        self.run(async |conn| {
+            let jobs: Vec<JobStateColumns> = sqlx::query_as(WAITING_JOBS)
+                .bind(event_id)
+                .fetch_all(&mut *conn)
+                .await?;
+            Ok(jobs.into_iter().map(job_state).collect())
+        })
+    }
+
+    fn retry_now(&self, job_id: i64) -> Result<bool, StoreError> {
+        let now = Timestamp::now().as_millisecond();
+        self.run(async |conn| {
+            let done = sqlx::query(
+                "UPDATE jobs SET next_attempt_at = $1, updated_at = $1
+                 WHERE id = $2 AND status = 'failed'",
             )
+            .bind(now)
+            .bind(job_id)
+            .execute(&mut *conn)
+            .await?;
+            Ok(done.rows_affected() == 1)
         })
     }
 

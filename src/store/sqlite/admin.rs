@@ -25,8 +25,8 @@ use super::SELECT_EVENT;
 use super::events::row_to_event;
 use crate::store::StoreError;
 use crate::store::admin::{
-    Access, AdminStorage, Attempt, EventDetail, Filter, Head, JobDetail, Row, at, number_attempts,
-    retry_at, unrouted,
+    Access, AdminStorage, Attempt, EventDetail, Filter, Head, JobDetail, JobState, Row, at,
+    number_attempts, retry_at, unrouted,
 };
 
 pub struct Admin {
@@ -41,6 +41,14 @@ macro_rules! row_columns {
     };
 }
 
+/// How many attempts job `j` had, all of them: a dead letter's retry resets the count the
+/// retry policy goes by (`jobs.attempts`), not the record.
+macro_rules! tries {
+    () => {
+        "(SELECT count(*) FROM attempts a WHERE a.job_id = j.id)"
+    };
+}
+
 /// Jobs with `status`, one of those a job leaves, through the partial index `index` of
 /// jobs whose status is `partial`: newest event first.
 macro_rules! jobs_with {
@@ -48,7 +56,9 @@ macro_rules! jobs_with {
         concat!(
             "SELECT ",
             row_columns!(),
-            ", j.id, j.route, j.sink, j.status, j.attempts, j.next_attempt_at, j.last_error
+            ", j.id, j.route, j.sink, j.status, ",
+            tries!(),
+            ", j.next_attempt_at, j.last_error
              FROM jobs j INDEXED BY ",
             $index,
             " JOIN events e ON e.id = j.event_id
@@ -93,8 +103,25 @@ const SOURCE_EVENTS_PAGE: &str = concat!(
      WHERE e.source = ?4 AND e.id < ?1 AND e.id >= ?2 ORDER BY e.id DESC LIMIT ?3"
 );
 /// One event's jobs, and its routing records, as the columns after [`row_columns!`].
-const EVENT_JOBS: &str = "SELECT id, route, sink, status, attempts, next_attempt_at, last_error
-     FROM jobs WHERE event_id = ?1 ORDER BY id";
+const EVENT_JOBS: &str = concat!(
+    "SELECT j.id, j.route, j.sink, j.status, ",
+    tries!(),
+    ", j.next_attempt_at, j.last_error FROM jobs j WHERE j.event_id = ?1 ORDER BY j.id"
+);
+/// Jobs as [`JobState`] has them: one, or an event's waiting jobs.
+macro_rules! jobs_where {
+    ($condition:literal) => {
+        concat!(
+            "SELECT j.id, j.event_id, j.route, j.sink, j.status, ",
+            tries!(),
+            ", j.next_attempt_at FROM jobs j WHERE ",
+            $condition
+        )
+    };
+}
+const JOB: &str = jobs_where!("j.id = ?1");
+const WAITING_JOBS: &str =
+    jobs_where!("j.event_id = ?1 AND j.status IN ('pending', 'failed') ORDER BY j.id");
 const EVENT_DISPATCHES: &str = "SELECT NULL, route, NULL, status, 0, NULL, detail
      FROM dispatches WHERE event_id = ?1 ORDER BY id";
 /// The first event at or after an id, for bisecting by time.
@@ -132,6 +159,20 @@ fn row_at(head: &Head, row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Resul
         status,
         attempts: row.get(first + 4)?,
         detail: row.get(first + 6)?,
+    })
+}
+
+fn job_at(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobState> {
+    let status: String = row.get(4)?;
+    let next: i64 = row.get(6)?;
+    Ok(JobState {
+        id: row.get(0)?,
+        event_id: row.get(1)?,
+        route: row.get(2)?,
+        sink: row.get(3)?,
+        next_attempt_at: retry_at(&status, next),
+        status,
+        attempts: row.get(5)?,
     })
 }
 
@@ -354,13 +395,24 @@ impl AdminStorage for Admin {
         }))
     }
 
-    fn job_event(&self, job_id: i64) -> Result<Option<i64>, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT event_id FROM jobs WHERE id = ?1", [job_id], |row| {
-                row.get(0)
-            })
-            .optional()?)
+    fn job(&self, job_id: i64) -> Result<Option<JobState>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(JOB)?;
+        Ok(stmt.query_row([job_id], job_at).optional()?)
+    }
+
+    fn waiting_jobs(&self, event_id: i64) -> Result<Vec<JobState>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(WAITING_JOBS)?;
+        let jobs = stmt.query_map([event_id], job_at)?;
+        Ok(jobs.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn retry_now(&self, job_id: i64) -> Result<bool, StoreError> {
+        let now = Timestamp::now().as_millisecond();
+        let changed = self.conn.execute(
+            "UPDATE jobs SET next_attempt_at = ?1, updated_at = ?1 WHERE id = ?2 AND status = 'failed'",
+            params![now, job_id],
+        )?;
+        Ok(changed == 1)
     }
 
     fn enqueue(
