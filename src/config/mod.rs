@@ -23,9 +23,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use diagnose::Broken;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
-use figment::value::Dict;
+use figment::value::{Dict, Value};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 
@@ -263,8 +264,7 @@ pub fn log_format(path: Option<&Path>) -> raw::LogFormat {
 /// # Errors
 /// [`ConfigError`] naming the file, the key and what is wrong with it.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let raw = parse(path)?;
-    validate(path, raw, Secrets::Read)
+    load_with(path, Secrets::Read)
 }
 
 /// As [`load`], for the operator's tools (`deliveries`, `replay`, `dead-letter`), which need
@@ -274,8 +274,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// # Errors
 /// As [`load`], secrets aside.
 pub fn load_for_tools(path: &Path) -> Result<Config, ConfigError> {
-    let raw = parse(path)?;
-    validate(path, raw, Secrets::Skip)
+    load_with(path, Secrets::Skip)
 }
 
 /// As [`load`], for `send`: only the secret of the source it signs for is read, so it works
@@ -284,8 +283,17 @@ pub fn load_for_tools(path: &Path) -> Result<Config, ConfigError> {
 /// # Errors
 /// As [`load`], the other secrets aside.
 pub fn load_for_send(path: &Path, source: &str) -> Result<Config, ConfigError> {
-    let raw = parse(path)?;
-    validate(path, raw, Secrets::Source(source))
+    load_with(path, Secrets::Source(source))
+}
+
+/// Reads and validates the configuration, every problem in one report: when the file does not
+/// deserialize, validation goes on with what could be read (see [`diagnose`]).
+fn load_with(path: &Path, secrets: Secrets<'_>) -> Result<Config, ConfigError> {
+    let mut problems = Problems::default();
+    let config = parse(path, &mut problems)?
+        .and_then(|(raw, broken)| validate(path, raw, &broken, secrets, &mut problems));
+    problems.into_result(path)?;
+    Ok(config.expect("a configuration without problems is valid"))
 }
 
 /// The most a configuration or rules file may hold: ten thousand routes fit in a tenth of it.
@@ -317,8 +325,10 @@ impl Secrets<'_> {
     }
 }
 
-/// Step 1: the TOML file, then `HOOKROUTE_*` environment overrides.
-fn parse(path: &Path) -> Result<RawConfig, ConfigError> {
+/// Step 1: the TOML file, then `HOOKROUTE_*` environment overrides: what could be read of
+/// them, with every problem recorded in `problems`; `None` when nothing could (a syntax
+/// error). Errs only when the file cannot be read at all.
+fn parse(path: &Path, problems: &mut Problems) -> Result<Option<(RawConfig, Broken)>, ConfigError> {
     let text = read_file(path).map_err(|err| match err.kind() {
         std::io::ErrorKind::NotFound => ConfigError::NotFound(path.to_path_buf()),
         std::io::ErrorKind::PermissionDenied => ConfigError::PermissionDenied(path.to_path_buf()),
@@ -330,21 +340,19 @@ fn parse(path: &Path) -> Result<RawConfig, ConfigError> {
     let env = Env::prefixed(ENV_PREFIX)
         .filter(|key| key.as_str().contains("__"))
         .split("__");
-    let mut problems = Problems::default();
-    let raw = read_toml(None, &text, Some(env), &mut problems);
-    problems.into_result(path)?;
-    Ok(raw.expect("a configuration without problems deserializes"))
+    Ok(read_toml(None, &text, Some(env), problems))
 }
 
-/// Deserializes a TOML file's `text` (and `env` over it) as a `T`, or records every problem
-/// with it in `problems`, its syntax errors included. `file` is `None` for the configuration
-/// file, else the file the text came from.
+/// Deserializes a TOML file's `text` (and `env` over it) as a `T`, recording every problem
+/// with it in `problems`, its syntax errors included, and returns what could be read (see
+/// [`diagnose`]). `file` is `None` for the configuration file, else the file the text came
+/// from.
 fn read_toml<T: DeserializeOwned>(
     file: Option<&Path>,
     text: &str,
     env: Option<Env>,
     problems: &mut Problems,
-) -> Option<T> {
+) -> Option<(T, Broken)> {
     if !problems::check_syntax(file, text, problems) {
         return None;
     }
@@ -352,34 +360,43 @@ fn read_toml<T: DeserializeOwned>(
     if let Some(env) = env {
         figment = figment.merge(env);
     }
-    match figment.extract::<T>() {
-        Ok(value) => Some(value),
-        Err(err) => {
-            let before = problems.len();
-            if let Ok(root) = figment.extract::<Dict>() {
-                diagnose::every_problem::<T>(file, &root, problems);
-            }
-            if problems.len() == before {
-                for err in err {
-                    problems.add_at(file, err.path.join("."), err.kind);
-                }
-            }
-            None
+    let err = match figment.extract::<T>() {
+        Ok(value) => return Some((value, Broken::default())),
+        Err(err) => err,
+    };
+    let before = problems.len();
+    let repaired = figment
+        .extract::<Dict>()
+        .ok()
+        .map(|root| diagnose::every_problem::<T>(file, &root, problems));
+    if problems.len() == before {
+        for err in err {
+            problems.add_at(file, err.path.join("."), err.kind);
         }
+        return None;
     }
+    let (root, broken) = repaired?;
+    let read = Value::from(root).deserialize::<T>().ok()?;
+    Some((read, broken))
 }
 
-/// Step 2: check everything, collecting every problem rather than stopping at the first.
-fn validate(path: &Path, mut raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, ConfigError> {
-    let mut problems = Problems::default();
-
+/// Step 2: check everything, collecting every problem rather than stopping at the first, and
+/// none that a `broken` part of the file would cause. `None` when there were problems.
+fn validate(
+    path: &Path,
+    mut raw: RawConfig,
+    broken: &Broken,
+    secrets: Secrets<'_>,
+    problems: &mut Problems,
+) -> Option<Config> {
+    let start = problems.len();
     let log_format = raw.log.format;
-    let server = validate_server(raw.server, &mut problems);
+    let server = validate_server(raw.server, problems);
     // Relative to the configuration file, so the tools find the daemon's database from any
     // working directory.
     let base = path.parent().unwrap_or(Path::new("."));
     let storage = StorageConfig {
-        backend: validate_backend(&mut raw.storage, base, &mut problems),
+        backend: validate_backend(&mut raw.storage, base, problems),
         dedupe_retention: raw.storage.dedupe_retention.0,
         event_retention: raw.storage.event_retention.0,
         busy_timeout: raw.storage.busy_timeout.0,
@@ -395,23 +412,21 @@ fn validate(path: &Path, mut raw: RawConfig, secrets: Secrets<'_>) -> Result<Con
 
     let metrics = MetricsConfig {
         enabled: raw.metrics.enabled,
-        allowed_ips: parse_networks(
-            "metrics.allowed_ips",
-            &raw.metrics.allowed_ips,
-            &mut problems,
-        ),
+        allowed_ips: parse_networks("metrics.allowed_ips", &raw.metrics.allowed_ips, problems),
     };
 
-    if raw.sources.is_empty() {
+    if raw.sources.is_empty() && broken.sources.is_empty() {
         problems.add(
             "sources",
             "no sources are configured; add a [sources.<name>] table",
         );
     }
+    // Every source the file names, valid or not, for the routes' references.
+    let source_names: Vec<String> = raw.sources.keys().chain(&broken.sources).cloned().collect();
     let mut sources = Vec::new();
     for (name, source) in raw.sources {
         let read = secrets.for_source(&name);
-        if let Some(source) = sources::validate_source(&name, source, base, read, &mut problems) {
+        if let Some(source) = sources::validate_source(&name, source, base, read, problems) {
             sources.push(source);
         }
     }
@@ -450,12 +465,18 @@ fn validate(path: &Path, mut raw: RawConfig, secrets: Secrets<'_>) -> Result<Con
         templates: raw.templates,
         vars: raw.template_vars,
     };
-    let routing = validate_routing(path, rules, &sources, &sinks, &mut problems);
+    let names = routing::Names {
+        sources: &source_names,
+        broken,
+    };
+    let routing = validate_routing(path, rules, &names, &sinks, problems);
 
-    problems.into_result(path)?;
-    Ok(Config {
+    if problems.len() > start {
+        return None;
+    }
+    Some(Config {
         file: path.to_path_buf(),
-        server: server.expect("server is Some when there are no problems"),
+        server: server?,
         log: log_format,
         storage,
         metrics,

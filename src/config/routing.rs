@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use super::diagnose::Broken;
 use super::raw::RawRules;
-use super::{ConfiguredSink, Problems, Routing, SourceConfig, did_you_mean, read_toml};
+use super::{ConfiguredSink, Problems, Routing, did_you_mean, read_toml};
 use crate::rules::{Route, RouteSpec, RouteTable};
 use crate::templates::{TemplateSource, TemplatesBuilder};
 
@@ -32,18 +33,27 @@ pub(super) struct RulesInput {
     pub(super) vars: BTreeMap<String, String>,
 }
 
+/// What routes may refer to besides the sinks that were read: every source the file names
+/// (valid or not: a source whose secret cannot be read still exists), and the parts of the
+/// configuration file that could not be read at all.
+pub(super) struct Names<'a> {
+    pub(super) sources: &'a [String],
+    pub(super) broken: &'a Broken,
+}
+
 /// Compiles templates and routes, checking every reference between routes, sinks, sources
 /// and templates.
 pub(super) fn validate_routing(
     config_path: &Path,
     input: RulesInput,
-    sources: &[SourceConfig],
+    names: &Names<'_>,
     sinks: &[ConfiguredSink],
     problems: &mut Problems,
 ) -> Routing {
     let base_dir = config_path.parent().unwrap_or(Path::new("."));
     // The file routes and templates are in, when it is not the configuration file.
-    let (origin, rules_file, rules) = match input.file {
+    let no_routes_broken = Broken::default();
+    let (origin, rules_file, rules, broken_routes) = match input.file {
         Some(file) => {
             let file = base_dir.join(file);
             if !input.routes.is_empty() || !input.templates.is_empty() {
@@ -59,7 +69,8 @@ pub(super) fn validate_routing(
                     None
                 }
             };
-            (file.clone(), Some(file), rules.unwrap_or_default())
+            let (rules, broken) = rules.unwrap_or_default();
+            (file.clone(), Some(file), rules, broken)
         }
         None => (
             config_path.to_path_buf(),
@@ -68,7 +79,12 @@ pub(super) fn validate_routing(
                 routes: input.routes,
                 templates: input.templates,
             },
+            no_routes_broken,
         ),
+    };
+    let broken_routes = match &rules_file {
+        Some(_) => &broken_routes,
+        None => names.broken,
     };
 
     let mut templates = TemplatesBuilder::new(&input.vars, base_dir);
@@ -94,10 +110,12 @@ pub(super) fn validate_routing(
         .iter()
         .map(|s| (s.name.as_str(), s.spec.config().kind()))
         .collect();
-    let source_names: HashSet<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+    let source_names: HashSet<&str> = names.sources.iter().map(String::as_str).collect();
     let mut route_names = HashSet::new();
     let mut routes = Vec::new();
-    for (i, spec) in rules.routes.iter().enumerate() {
+    for (read, spec) in rules.routes.iter().enumerate() {
+        // Where the route is in the file, routes that could not be read counted.
+        let i = broken_routes.route_index(read);
         let at = format!("routes[{i}] ({:?})", spec.name);
         let mut add = |key: &dyn fmt::Display, message: &dyn fmt::Display| {
             problems.add_at(rules_file.as_deref(), key, message);
@@ -109,7 +127,7 @@ pub(super) fn validate_routing(
         }
         for (j, source) in spec.sources.iter().enumerate() {
             if !source_names.contains(source.as_str()) {
-                let names = sources.iter().map(|s| s.name.as_str());
+                let names = names.sources.iter().map(String::as_str);
                 add(
                     &format!("{at}.sources[{j}]"),
                     &format!("unknown source {source:?}{}", did_you_mean(source, names)),
@@ -117,9 +135,12 @@ pub(super) fn validate_routing(
             }
         }
         let mut kinds = Vec::new();
+        // A sink that could not be read has no known type: its route's templates go unchecked.
+        let mut kinds_known = true;
         for (j, name) in spec.sinks.iter().enumerate() {
             match sink_kinds.get(name.as_str()) {
                 Some(kind) => kinds.push(*kind),
+                None if names.broken.sinks.contains(name) => kinds_known = false,
                 None => {
                     let names = sinks.iter().map(|s| s.name.as_str());
                     let hint = did_you_mean(name, names);
@@ -133,6 +154,9 @@ pub(super) fn validate_routing(
         let mut route_templates = BTreeMap::new();
         for (kind, reference) in &spec.templates {
             if !kinds.contains(&kind.as_str()) {
+                if !kinds_known {
+                    continue;
+                }
                 add(
                     &format!("{at}.templates.{kind}"),
                     &format!("none of this route's sinks is of type {kind:?}"),

@@ -210,7 +210,16 @@ fn resolve_secrets(
             ),
         }
     }
-    if found.is_empty() {
+    // Only when none is named: a named one that cannot be read is a problem of its own.
+    let named = [
+        &raw.secret,
+        &raw.secret_file,
+        &raw.secret_credential,
+        &raw.secret_env,
+    ]
+    .iter()
+    .any(|field| !list(field).is_empty());
+    if !named {
         problems.add(
             format!("sources.{name}"),
             "no secret: set `secret`, `secret_file`, `secret_env` or `secret_credential`",

@@ -141,6 +141,100 @@ fn check_config_reports_every_problem_precisely() {
     assert!(text(&out).contains("does not exist"), "{}", text(&out));
 }
 
+/// #24.4: check-config stopped at the file's first layer of problems (unknown keys) and showed
+/// the rest (an unreadable secret, an unknown sink) on the next run; and a missing secret file
+/// also printed "no secret" and a false `unknown source`. Now one run reports every problem,
+/// each once, and none caused by another: a source whose secret cannot be read, a sink or a
+/// route that could not be read at all, still exist for what refers to them.
+#[test]
+fn check_config_reports_every_problem_in_one_run_and_none_caused_by_another() {
+    let dir = tempdir();
+    let rules = |top: &str, routes: &str| {
+        format!(
+            r#"{top}[server]
+listen = "127.0.0.1:0"
+lisen = "x"
+
+[storage]
+path = "db.sqlite"
+
+[sources.compliancelayer]
+secret_file = "missing-secret"
+colour = "red"
+
+[sinks.chat]
+type = "slack"
+webhook_urll = "x"
+
+[sinks.log]
+type = "file"
+path = "out.jsonl"
+{routes}"#
+        )
+    };
+    let routes = r#"
+[[routes]]
+name = "no sinks"
+events = ["*"]
+
+[[routes]]
+name = "all"
+events = ["*"]
+sources = ["compliancelayer"]
+sinks = ["chat", "log", "missing"]
+templates = { slack = "short" }
+"#;
+    let path = dir.path().join("hookroute.toml");
+    std::fs::write(&path, rules("", routes)).unwrap();
+    let out = hookroute(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let secret = dir.path().join("missing-secret");
+    let reported: Vec<String> = text(&out)
+        .lines()
+        .skip(1)
+        .map(|line| line.trim().replace(&*path.to_string_lossy(), "FILE"))
+        .collect();
+    let expected = [
+        "FILE:3:1: server.lisen: unknown key `lisen`; did you mean \"listen\"?".to_owned(),
+        format!(
+            "FILE:9:1: sources.compliancelayer.secret_file[0]: {} does not exist yet: create it holding the secret, readable by the service (e.g. `install -m 0640 -g hookroute /dev/null {0}`, then write the secret in it)",
+            secret.display()
+        ),
+        "FILE:10:1: sources.compliancelayer.colour: unknown key `colour`; known keys: scheme, path, secret, secret_file, secret_env, secret_credential, secret_encoding, tolerance, require_timestamp, max_event_age, header, prefix, encoding, allowed_ips".to_owned(),
+        "FILE:12:8: sinks.chat: missing key `webhook_url`".to_owned(),
+        "FILE:14:1: sinks.chat.webhook_urll: unknown key `webhook_urll`; did you mean \"webhook_url\"?".to_owned(),
+        "FILE:20:1: routes[0]: missing key `sinks`".to_owned(),
+        "FILE:28:25: routes[1] (\"all\").sinks[2]: unknown sink \"missing\"".to_owned(),
+    ];
+    assert_eq!(reported, expected, "{}", text(&out));
+    assert!(
+        text(&out).starts_with(&format!("error: {}: 7 problem(s):", path.display())),
+        "{}",
+        text(&out)
+    );
+
+    // Routes in a rules file of their own: the same, positions in that file.
+    let rules_file = dir.path().join("rules.toml");
+    std::fs::write(&rules_file, routes).unwrap();
+    std::fs::write(&path, rules("rules_file = \"rules.toml\"\n", "")).unwrap();
+    let out = hookroute(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{report}");
+    for line in [
+        format!(
+            "{}:2:1: routes[0]: missing key `sinks`",
+            rules_file.display()
+        ),
+        format!(
+            "{}:10:25: routes[1] (\"all\").sinks[2]: unknown sink \"missing\"",
+            rules_file.display()
+        ),
+    ] {
+        assert!(report.contains(&line), "{line} missing from\n{report}");
+    }
+    assert!(report.contains("7 problem(s)"), "{report}");
+}
+
 #[tokio::test]
 async fn send_signs_and_delivers_a_sample() {
     let dir = tempdir();
