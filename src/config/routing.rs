@@ -26,6 +26,21 @@ pub const SEED_EVENT_TYPES: &[&str] = &[
     "assessment.failed",
 ];
 
+/// The documented event type or family (`policy.*`) most like `glob`, for a glob that
+/// matches none: `policies.*` is most likely `policy.*`.
+fn closest_documented(glob: &str) -> String {
+    let families = SEED_EVENT_TYPES
+        .iter()
+        .filter_map(|t| t.split_once('.'))
+        .map(|(family, _)| format!("{family}.*"));
+    SEED_EVENT_TYPES
+        .iter()
+        .map(|t| (*t).to_owned())
+        .chain(families)
+        .max_by(|a, b| strsim::jaro_winkler(glob, a).total_cmp(&strsim::jaro_winkler(glob, b)))
+        .unwrap_or_default()
+}
+
 pub(super) struct RulesInput {
     pub(super) file: Option<PathBuf>,
     pub(super) routes: Vec<RouteSpec>,
@@ -111,6 +126,7 @@ pub(super) fn validate_routing(
         .map(|s| (s.name.as_str(), s.spec.config().kind()))
         .collect();
     let source_names: HashSet<&str> = names.sources.iter().map(String::as_str).collect();
+    let mut warnings = Vec::new();
     let mut route_names = HashSet::new();
     let mut routes = Vec::new();
     for (read, spec) in rules.routes.iter().enumerate() {
@@ -171,7 +187,16 @@ pub(super) fn validate_routing(
             }
         }
         match Route::compile(i, spec, route_templates) {
-            Ok(route) => routes.push(route),
+            Ok(route) => {
+                for (j, glob) in route.globs_matching_none(SEED_EVENT_TYPES) {
+                    warnings.push(format!(
+                        "{at}.events[{j}]: {glob:?} matches none of the event types the senders \
+                         document; did you mean {:?}? (If it is a type they added since, ignore this.)",
+                        closest_documented(glob)
+                    ));
+                }
+                routes.push(route);
+            }
             Err(found) => {
                 for (key, message) in found {
                     add(&key, &message);
@@ -186,14 +211,12 @@ pub(super) fn validate_routing(
         .copied()
         .filter(|t| !table.routes().iter().any(|r| r.covers(t)))
         .collect();
-    let warnings = if uncovered.is_empty() {
-        Vec::new()
-    } else {
-        vec![format!(
+    if !uncovered.is_empty() {
+        warnings.push(format!(
             "no route matches {}: such events are stored and recorded as unrouted",
             uncovered.join(", ")
-        )]
-    };
+        ));
+    }
     Routing {
         table,
         templates: templates.build(),

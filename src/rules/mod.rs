@@ -181,6 +181,20 @@ impl Route {
     pub fn covers(&self, event_type: &str) -> bool {
         self.events.is_match(event_type)
     }
+
+    /// The route's globs (with their index in `events`) that match none of `types`.
+    pub fn globs_matching_none<'a>(&'a self, types: &[&str]) -> Vec<(usize, &'a str)> {
+        let matched: std::collections::HashSet<usize> = types
+            .iter()
+            .flat_map(|event_type| self.events.matches(event_type))
+            .collect();
+        self.event_globs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !matched.contains(i))
+            .map(|(i, glob)| (i, glob.as_str()))
+            .collect()
+    }
 }
 
 impl RouteTable {

@@ -235,6 +235,63 @@ templates = { slack = "short" }
     assert!(report.contains("7 problem(s)"), "{report}");
 }
 
+/// #24.5: a route glob that matches no event type the senders document (`policies.*`)
+/// passed silently when a catch-all route hid the "no route matches" warning. Each such glob
+/// is warned about, at its route, naming the closest documented type or family.
+#[test]
+fn check_config_warns_of_a_glob_no_documented_type_matches() {
+    let dir = tempdir();
+    let path = dir.path().join("hookroute.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[storage]
+path = "db.sqlite"
+
+[sources.cl]
+secret = "{CL_SECRET}"
+
+[sinks.log]
+type = "file"
+path = "out.jsonl"
+
+[[routes]]
+name = "policies"
+events = ["policies.*", "policy.published", "scan.complete", "*.completed", "assesment.scored"]
+sinks = ["log"]
+
+[[routes]]
+name = "everything else"
+events = ["*"]
+sinks = ["log"]
+"#
+        ),
+    )
+    .unwrap();
+    let out = hookroute(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let warnings: Vec<&str> = std::str::from_utf8(&out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.strip_prefix("warning: "))
+        .collect();
+    let warned = |j: usize, glob: &str, closest: &str| {
+        format!(
+            "routes[0] (\"policies\").events[{j}]: \"{glob}\" matches none of the event types the senders document; did you mean \"{closest}\"? (If it is a type they added since, ignore this.)"
+        )
+    };
+    assert_eq!(
+        warnings,
+        [
+            warned(0, "policies.*", "policy.*"),
+            warned(2, "scan.complete", "scan.completed"),
+            warned(4, "assesment.scored", "assessment.scored"),
+        ],
+        "{}",
+        text(&out)
+    );
+}
+
 #[tokio::test]
 async fn send_signs_and_delivers_a_sample() {
     let dir = tempdir();
