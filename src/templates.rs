@@ -38,6 +38,8 @@ pub struct Message {
     /// Why the chosen template was not used (it failed, or went past [`FUEL`] or
     /// [`OUTPUT_LIMIT`]) and a default was sent instead; kept in the job record.
     pub fallback: Option<String>,
+    /// A web page about what the event reports (see [`link`]), for the sinks' context lines.
+    pub link: Option<String>,
 }
 
 /// Most template instructions one rendering may execute (minijinja's fuel). The shipped
@@ -82,7 +84,7 @@ Type: {{ kind }}
 {%- if data.previous_score is number and data.current_score is number %}
 Score: {{ data.previous_score }} -> {{ data.current_score }}{% if data.threshold is number %} (threshold {{ data.threshold }}){% endif %}
 {%- endif %}
-{%- if data is mapping %}{% for key, value in data | items %}{% if key not in ["domain", "alert_type", "severity", "message", "previous_score", "current_score", "threshold"] %}
+{%- if data is mapping %}{% for key, value in data | items %}{% if key not in ["domain", "alert_type", "severity", "message", "previous_score", "current_score", "threshold", "report_url", "finding_url", "url", "link", "dashboard_url", "html_url"] %}
 {{ key | replace("_", " ") | capitalize }}: {{ value }}
 {%- endif %}{% endfor %}{% endif %}"#,
     ),
@@ -121,6 +123,7 @@ Reason: {{ data.error or data.reason }}
 /// Collects templates while the configuration is validated.
 pub struct TemplatesBuilder {
     env: Environment<'static>,
+    scan_url: Option<String>,
     base_dir: PathBuf,
     named: BTreeMap<String, String>,
 }
@@ -129,6 +132,8 @@ pub struct TemplatesBuilder {
 #[derive(Debug)]
 pub struct Templates {
     env: Environment<'static>,
+    /// `template_vars.scan_url`: a scan's report page, `{scan_id}` and `{job_id}` filled in.
+    scan_url: Option<String>,
 }
 
 impl TemplatesBuilder {
@@ -144,6 +149,7 @@ impl TemplatesBuilder {
                 .expect("the shipped templates compile");
         }
         Self {
+            scan_url: vars.get("scan_url").cloned(),
             env,
             base_dir: base_dir.to_path_buf(),
             named: BTreeMap::new(),
@@ -195,7 +201,10 @@ impl TemplatesBuilder {
     }
 
     pub fn build(self) -> Templates {
-        Templates { env: self.env }
+        Templates {
+            env: self.env,
+            scan_url: self.scan_url,
+        }
     }
 }
 
@@ -235,6 +244,7 @@ impl Templates {
         let mut message =
             split(&text.unwrap_or_else(|_| format!("{} from {}", event.event_type, event.source)));
         message.fallback = fallback;
+        message.link = link(event, self.scan_url.as_deref());
         message
     }
 
@@ -287,8 +297,54 @@ fn split(text: &str) -> Message {
     Message {
         title: title.trim().to_owned(),
         body: body.trim().to_owned(),
-        fallback: None,
+        ..Message::default()
     }
+}
+
+/// Fields of an event's `data` that may hold a page about it, the most specific first. The
+/// default alert template leaves them out of its list of fields: the sinks show the link.
+const LINK_FIELDS: &[&str] = &[
+    "report_url",
+    "finding_url",
+    "url",
+    "link",
+    "dashboard_url",
+    "html_url",
+];
+
+/// A page about what `event` reports, for a person on call: a web address the payload gives
+/// (one of [`LINK_FIELDS`]), else a scan's report page from `scan_url`. Only a plain `http(s)`
+/// address is taken: it is shown as a link, and must not carry markup into a message.
+pub fn link(event: &Event, scan_url: Option<&str>) -> Option<String> {
+    let data = event.data();
+    let given = LINK_FIELDS
+        .iter()
+        .filter_map(|field| data.get(field)?.as_str())
+        .find(|url| is_web_address(url));
+    if let Some(url) = given {
+        return Some(url.to_owned());
+    }
+    let id = |field: &str| match data.get(field) {
+        Some(serde_json::Value::String(id)) => id.clone(),
+        Some(serde_json::Value::Number(id)) => id.to_string(),
+        _ => String::new(),
+    };
+    let scan_id = id("scan_id");
+    if scan_id.is_empty() {
+        return None;
+    }
+    let url = scan_url?
+        .replace("{scan_id}", &scan_id)
+        .replace("{job_id}", &id("job_id"));
+    is_web_address(&url).then_some(url)
+}
+
+fn is_web_address(text: &str) -> bool {
+    (text.starts_with("https://") || text.starts_with("http://"))
+        && text.len() <= 2048
+        && !text.chars().any(|c| {
+            c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | '"' | '|' | '\\')
+        })
 }
 
 #[cfg(test)]
@@ -310,6 +366,39 @@ mod tests {
     fn fixture(name: &str) -> Event {
         let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
         Event::parse("src", &std::fs::read(path).unwrap(), None, None).unwrap()
+    }
+
+    #[test]
+    fn a_link_is_a_plain_web_address_from_the_payload_or_the_scan_report() {
+        let scan_url = Some("https://cl.example/scans/{scan_id}?job={job_id}");
+        let link = |data: &str| {
+            link(
+                &event(&format!(r#"{{"type": "x", "data": {data}}}"#)),
+                scan_url,
+            )
+        };
+        assert_eq!(
+            link(r#"{"url": "https://a.example/f/1", "report_url": "https://a.example/r/1"}"#),
+            Some("https://a.example/r/1".into()),
+            "the most specific field first"
+        );
+        assert_eq!(
+            link(r#"{"scan_id": 7, "job_id": "j-9"}"#),
+            Some("https://cl.example/scans/7?job=j-9".into())
+        );
+        for refused in [
+            r#"{"url": "javascript:alert(1)"}"#,
+            r#"{"url": "https://a.example/\"><script>"}"#,
+            r#"{"url": "https://a.example/x y"}"#,
+            r#"{"url": "https://a.example/|label"}"#,
+            r#"{"url": 42}"#,
+            r#"{"scan_id": "1 2"}"#,
+            r#"[1, 2]"#,
+        ] {
+            assert_eq!(link(refused), None, "{refused}");
+        }
+        let none = event(r#"{"type": "x", "data": {"scan_id": 7}}"#);
+        assert_eq!(super::link(&none, None), None);
     }
 
     #[test]
@@ -435,7 +524,7 @@ mod tests {
             Message {
                 title: "From a file: f.com".into(),
                 body: "second line".into(),
-                fallback: None,
+                ..Message::default()
             }
         );
     }

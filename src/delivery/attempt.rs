@@ -57,6 +57,7 @@ pub(super) async fn attempt(
             event_id: job.event_id,
             event,
             route: &job.route,
+            queued_at: job.created_at,
             message,
         })
         .collect();
@@ -136,11 +137,11 @@ async fn prepare(
                 }))
                 .unwrap_or_else(|panic| Message {
                     title: format!("{} from {}", event.event_type, event.source),
-                    body: String::new(),
                     fallback: Some(format!(
                         "rendering failed on this event (a bug): {}",
                         panic_message(&*panic)
                     )),
+                    ..Message::default()
                 });
                 (job, event, message)
             })

@@ -255,15 +255,11 @@ impl EmailSink {
     async fn send(
         &self,
         subject: &str,
-        text: &str,
+        body: Body,
         message_id: String,
     ) -> Result<String, SinkError> {
-        let text = normalise(text);
-        let html = format!(
-            "<!doctype html><html><body><h2>{}</h2><p>{}</p></body></html>",
-            escape_html(subject),
-            escape_html(&text).replace('\n', "<br>\n")
-        );
+        let Body { text, html } = body;
+        let html = format!("<!doctype html><html><body>{html}</body></html>");
         let part = |content_type: ContentType, body: String| {
             SinglePart::builder()
                 .header(content_type)
@@ -311,8 +307,9 @@ impl EmailSink {
 impl Sink for EmailSink {
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
         let id = self.message_id(std::slice::from_ref(delivery));
-        self.send(&delivery.message.title, &delivery.message.body, id)
-            .await
+        let mut body = Body::default();
+        body.add(delivery, false);
+        self.send(&delivery.message.title, body, id).await
     }
 
     async fn deliver_batch(&self, deliveries: &[Delivery<'_>]) -> Result<String, SinkError> {
@@ -324,22 +321,78 @@ impl Sink for EmailSink {
                 many[0].message.title
             ),
         };
-        let body = deliveries
-            .iter()
-            .map(|d| {
-                format!(
-                    "{}\n{}\n({} from {}, {})",
-                    d.message.title,
-                    d.message.body,
-                    d.event.event_type,
-                    d.event.source,
-                    d.event.delivery_id
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n\n----\n\n");
-        self.send(&subject, &body, self.message_id(deliveries))
-            .await
+        let mut body = Body::default();
+        for delivery in deliveries {
+            body.add(delivery, deliveries.len() > 1);
+        }
+        self.send(&subject, body, self.message_id(deliveries)).await
+    }
+}
+
+/// An email's text and HTML parts, built together so that they say the same: each event's
+/// message, then its context (`Delivery::context`) as a footer for the person on call.
+#[derive(Debug, Default)]
+struct Body {
+    text: String,
+    html: String,
+}
+
+impl Body {
+    /// One event: its message (headed by its title when the email holds several), then its
+    /// context.
+    fn add(&mut self, delivery: &Delivery<'_>, titled: bool) {
+        let message = delivery.message;
+        if !self.text.is_empty() {
+            self.text.push_str("\n\n----\n\n");
+            self.html.push_str("<hr>\n");
+        }
+        if titled {
+            let title = one_line(&message.title);
+            self.text.push_str(&format!("{title}\n"));
+            self.html
+                .push_str(&format!("<h3>{}</h3>\n", escape_html(&title)));
+        } else {
+            self.html.push_str(&format!(
+                "<h2>{}</h2>\n",
+                escape_html(&one_line(&message.title))
+            ));
+        }
+        let text = normalise(&message.body);
+        if !text.is_empty() {
+            self.text.push_str(&format!("{text}\n"));
+            self.html.push_str(&format!(
+                "<p>{}</p>\n",
+                escape_html(&text).replace('\n', "<br>\n")
+            ));
+        }
+        let context = delivery.context();
+        let event = format!("{} from {}", context.event_type, context.source);
+        let mut rows = vec![
+            ("Event", event),
+            ("When", context.at),
+            ("Route", context.route.to_owned()),
+            ("Delivery", context.delivery_id.into_owned()),
+        ];
+        if let Some(link) = context.link {
+            rows.push(("Link", link.to_owned()));
+        }
+        // "-- " is the signature separator mail clients dim or fold.
+        self.text.push_str("\n-- \n");
+        self.html
+            .push_str("<table style=\"color:#555;font-size:smaller\">\n");
+        for (label, value) in rows {
+            let value = one_line(&value);
+            self.text
+                .push_str(&format!("{:<10}{value}\n", format!("{label}:")));
+            let shown = match label {
+                // A plain web address (see `templates::link`): no quote can end the attribute.
+                "Link" => format!("<a href=\"{0}\">{0}</a>", escape_html(&value)),
+                _ => escape_html(&value),
+            };
+            self.html
+                .push_str(&format!("<tr><td>{label}</td><td>{shown}</td></tr>\n"));
+        }
+        self.html.push_str("</table>\n");
     }
 }
 

@@ -48,9 +48,49 @@ pub struct Delivery<'a> {
     pub event_id: i64,
     pub event: &'a Event,
     pub route: &'a str,
+    /// When the job was queued: when the event was received, unless replayed.
+    pub queued_at: jiff::Timestamp,
     /// Rendered from the route's, the sink's or the default template; empty for sinks that
     /// show no message ([`SinkSpec::shows_message`]).
     pub message: &'a Message,
+}
+
+impl Delivery<'_> {
+    /// What places the message for the person reading it, whatever its template said.
+    pub fn context(&self) -> Context<'_> {
+        let (at, said) = match self.event.occurred_at {
+            Some(at) => (at, ""),
+            None => (self.queued_at, " (received)"),
+        };
+        Context {
+            event_type: &self.event.event_type,
+            source: &self.event.source,
+            at: format!("{}{said}", at.strftime("%Y-%m-%d %H:%M:%S UTC")),
+            route: self.route,
+            delivery_id: crate::text::short_id(&self.event.delivery_id),
+            link: self
+                .message
+                .link
+                .as_deref()
+                .filter(|link| !self.message.body.contains(link)),
+        }
+    }
+}
+
+/// The same few facts under every human message, Slack's context line and an email's footer
+/// alike: what happened, where it came from, when, the route that sent it, the delivery id to
+/// look it up by (`hookroute deliveries list`), and a page about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Context<'a> {
+    pub event_type: &'a str,
+    pub source: &'a str,
+    /// When it happened, as the sender says, else when it was received; UTC, to the second.
+    pub at: String,
+    pub route: &'a str,
+    /// A hash-like id cut short (see `text::short_id`).
+    pub delivery_id: std::borrow::Cow<'a, str>,
+    /// A page about it (`Message::link`), unless the message shows it already.
+    pub link: Option<&'a str>,
 }
 
 /// A destination for events.

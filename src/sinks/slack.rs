@@ -102,7 +102,7 @@ impl SlackSink {
 #[async_trait]
 impl Sink for SlackSink {
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
-        let (message, event) = (delivery.message, delivery.event);
+        let message = delivery.message;
         let mut blocks = vec![json!({
             "type": "header",
             "text": {"type": "plain_text", "text": truncate(&escape(&message.title), HEADER_LIMIT), "emoji": true},
@@ -117,7 +117,7 @@ impl Sink for SlackSink {
             "type": "context",
             "elements": [{
                 "type": "mrkdwn",
-                "text": escape(&format!("{} · {} · {} · route {}", event.event_type, event.source, crate::text::short_id(&event.delivery_id), delivery.route)),
+                "text": context_line(&delivery.context()),
             }],
         }));
         let mut payload = json!({
@@ -135,6 +135,19 @@ impl Sink for SlackSink {
         }
         http::send(self.client.post(&self.url).json(&payload)).await
     }
+}
+
+/// The context line under a message: its facts escaped, and its link (a plain web address, see
+/// `templates::link`) as Slack's `<url|label>`.
+fn context_line(context: &super::Context<'_>) -> String {
+    let mut line = escape(&format!(
+        "{} · {} · {} · {} · route {}",
+        context.event_type, context.source, context.at, context.delivery_id, context.route
+    ));
+    if let Some(link) = context.link {
+        line.push_str(&format!(" · <{}|open>", link.replace('&', "&amp;")));
+    }
+    line
 }
 
 /// Slack reads `&`, `<` and `>` as markup in every text field (the `text` fallback shown in
@@ -163,6 +176,23 @@ fn truncate(text: &str, limit: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_context_line_escapes_its_facts_and_links_its_page() {
+        let context = crate::sinks::Context {
+            event_type: "alert.triggered",
+            source: "cl",
+            at: "2026-03-09 08:00:00 UTC".into(),
+            route: "<!channel> & co",
+            delivery_id: "d-1".into(),
+            link: Some("https://a.example/f?x=1&y=2"),
+        };
+        assert_eq!(
+            context_line(&context),
+            "alert.triggered · cl · 2026-03-09 08:00:00 UTC · d-1 · route &lt;!channel&gt; &amp; co \
+             · <https://a.example/f?x=1&amp;y=2|open>"
+        );
+    }
 
     #[test]
     fn escapes_markup_and_truncates() {

@@ -1116,4 +1116,12 @@ async fn slack_shows_a_hash_like_delivery_id_short() {
         .to_owned();
     assert!(context.contains(&format!("{}…", &id[..19])), "{context}");
     assert!(!context.contains(&id), "{context}");
+    // #24.11: the same facts as an email's footer, the time the event happened included.
+    assert_eq!(
+        context,
+        format!(
+            "policy.published · cl · 2025-02-20 15:30:00 UTC · {}… · route all",
+            &id[..19]
+        )
+    );
 }

@@ -268,6 +268,93 @@ async fn implicit_tls_and_a_plain_relay() {
     assert_eq!(relayed["rcpt_tos"], serde_json::json!(["b@example.com"]));
 }
 
+/// #24.11: an alert's email said what happened but not when, from where, through which route,
+/// under which id, or where to look. Every email now ends with the same context Slack shows,
+/// in both parts, with a link to the finding when the payload gives one (a plain web address
+/// only) or a scan report's page from `template_vars.scan_url`, shown once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_email_says_when_where_which_route_and_links_the_finding() {
+    let dir = tempdir();
+    let smtp = Smtp::start(dir.path(), "context", "plain", None, None);
+    let sinks = format!(
+        "[sinks.oncall]\ntype = \"email\"\nurl = \"smtp://127.0.0.1:{}\"\nstarttls = \"never\"\nfrom = \"h@example.com\"\nto = [\"oncall@example.com\"]\n",
+        smtp.port
+    );
+    let routes = "[[routes]]\nname = \"critical alerts\"\nevents = [\"*\"]\nsinks = [\"oncall\"]\n\n[template_vars]\nscan_url = \"https://app.example/scans/{scan_id}\"\n";
+    let daemon = daemon_with(dir.path(), &sinks, routes);
+    daemon
+        .accept_cl(&sample("compliancelayer-alert.triggered.json"))
+        .await;
+    let message = &smtp.messages(1).await[0];
+    let text = &message["text"].as_str().unwrap().replace("\r\n", "\n");
+    let footer = text
+        .split("\n-- \n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no footer:\n{text}"));
+    assert_eq!(
+        footer.trim_end(),
+        "Event:    alert.triggered from cl\n\
+         When:     2026-03-09 08:00:00 UTC\n\
+         Route:    critical alerts\n\
+         Delivery: 550e8400-e29b-41d4-a716-446655440001",
+        "{text}"
+    );
+    let html = message["html"].as_str().unwrap();
+    for cell in [
+        "<tr><td>When</td><td>2026-03-09 08:00:00 UTC</td></tr>",
+        "<tr><td>Route</td><td>critical alerts</td></tr>",
+    ] {
+        assert!(html.contains(cell), "{cell} missing from\n{html}");
+    }
+
+    // A finding's page from the payload, in both parts; an address that is not a plain web
+    // one is left out.
+    let finding = serde_json::json!({
+        "id": "alert-with-link", "type": "alert.triggered", "created_at": "2026-12-01T10:00:00Z",
+        "data": {"domain": "example.com", "alert_type": "critical_finding", "severity": "critical",
+                 "report_url": "https://app.example/findings/42?tab=a&b=c", "url": "javascript:alert(1)"}
+    });
+    daemon.accept_cl(finding.to_string().as_bytes()).await;
+    let message = &smtp.messages(2).await[1];
+    let text = &message["text"].as_str().unwrap().replace("\r\n", "\n");
+    assert!(
+        text.ends_with("Link:     https://app.example/findings/42?tab=a&b=c\n"),
+        "{text}"
+    );
+    assert!(
+        message["html"].as_str().unwrap().contains(
+            "<a href=\"https://app.example/findings/42?tab=a&amp;b=c\">https://app.example/findings/42?tab=a&amp;b=c</a>"
+        ),
+        "{}",
+        message["html"]
+    );
+    let no_link = serde_json::json!({
+        "id": "alert-bad-link", "type": "alert.triggered",
+        "data": {"domain": "example.com", "url": "javascript:alert(1)"}
+    });
+    daemon.accept_cl(no_link.to_string().as_bytes()).await;
+    let message = &smtp.messages(3).await[2];
+    let text = &message["text"].as_str().unwrap().replace("\r\n", "\n");
+    assert!(
+        !text.contains("Link:") && !text.contains("javascript"),
+        "{text}"
+    );
+    // No time in the payload: when it was received, said so.
+    assert!(text.contains(" UTC (received)\n"), "{text}");
+
+    // A scan's report page, which the default template already shows, is not repeated.
+    daemon
+        .accept_cl(&sample("compliancelayer-scan.completed.json"))
+        .await;
+    let message = &smtp.messages(4).await[3];
+    let text = &message["text"].as_str().unwrap().replace("\r\n", "\n");
+    assert_eq!(
+        text.matches("https://app.example/scans/12345").count(),
+        1,
+        "{text}"
+    );
+}
+
 on_both_backends!(digest_sends_one_email_per_window);
 
 async fn digest_sends_one_email_per_window() {
