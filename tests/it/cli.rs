@@ -54,6 +54,121 @@ fn check_config_accepts_the_shipped_example() {
     assert!(text(&out).contains("127.0.0.1:9999"), "{}", text(&out));
 }
 
+/// `config.example.toml` with its commented sinks uncommented and each route's second `sinks`
+/// line taken, as its comments tell a new user to do.
+fn example_uncommented() -> String {
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+            .unwrap();
+    let mut out: Vec<String> = Vec::new();
+    let mut in_sink = false;
+    for line in example.lines() {
+        if line.starts_with("# [sinks.") {
+            in_sink = true;
+        } else if line.is_empty() {
+            in_sink = false;
+        }
+        if in_sink {
+            out.push(line.strip_prefix('#').unwrap().trim_start().to_owned());
+        } else if let Some(taken) = line.strip_prefix("# sinks = ") {
+            let last = out.last_mut().unwrap();
+            assert!(last.starts_with("sinks = "), "{last}");
+            *last = format!("sinks = {taken}");
+        } else {
+            out.push(line.to_owned());
+        }
+    }
+    out.join("\n")
+}
+
+/// #24.12: the example was a log-only toy. Uncommented as its comments say, it is the usual
+/// setup: failing scans to Slack, critical alerts to email (with the example's `page`
+/// template) and a ticket hook, policy changes to another channel, everything archived; and
+/// check-config then asks for nothing but the secret files it names.
+#[test]
+fn the_example_uncommented_routes_the_usual_setup() {
+    let dir = tempdir();
+    let path = dir.path().join("config.toml");
+    let config = example_uncommented();
+    std::fs::write(&path, &config).unwrap();
+    let path = path.to_str().unwrap();
+
+    let out = hookroute(&["check-config", "--config", path], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let problems: Vec<String> = text(&out)
+        .lines()
+        .skip(1)
+        .map(|line| line.split(": ").nth(1).unwrap_or(line).to_owned())
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            "sinks.slack-security.webhook_url",
+            "sinks.slack-policy.webhook_url",
+            "sinks.email-oncall.password",
+            "sinks.siem.sign",
+        ],
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("/etc/hookroute/secrets/slack-security"),
+        "{}",
+        text(&out)
+    );
+
+    let route = |sample: &str| {
+        // A sample's name, or (joined as it is absolute) a file of the test's own.
+        let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(sample);
+        let out = hookroute(
+            &[
+                "route-test",
+                "--config",
+                path,
+                "--source",
+                "compliancelayer",
+                sample.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        text(&out)
+    };
+    let alert = route("compliancelayer-alert.triggered.json");
+    for expected in [
+        "2. \"critical alerts\": MATCHED",
+        "-> email-oncall (email):\n      | [HIGH] example.com: Security score dropped from 85 to 61\n      | Score 85 -> 61, below the threshold of 70.",
+        "-> ticket (exec):",
+    ] {
+        assert!(alert.contains(expected), "{expected} missing from\n{alert}");
+    }
+    let policy = route("scorecard-policy.published.json");
+    assert!(
+        policy.contains("5. \"policy changes\": MATCHED\n   -> slack-policy (slack):"),
+        "{policy}"
+    );
+    // A failing scan goes to the security channel.
+    let failing = dir.path().join("failing.json");
+    std::fs::write(
+        &failing,
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/compliancelayer-scan.completed.json"
+        ))
+        .unwrap()
+        .replace("\"score\":85", "\"score\":52"),
+    )
+    .unwrap();
+    let scan = route(failing.to_str().unwrap());
+    assert!(
+        scan.contains("4. \"failing scans\": MATCHED")
+            && scan.contains("   -> slack-security (slack):\n      | Scan completed: example.com graded B (52/100, high risk)"),
+        "{scan}"
+    );
+}
+
 #[test]
 fn check_config_reports_every_problem_precisely() {
     let dir = tempdir();
