@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the Debian package that systemd/package.sh built: its contents and modes, its
 # conffile, that installing it creates the service user without starting anything, that the
-# service user can read and check the packaged configuration, and the unit's sandbox score.
+# service user can read and check the packaged configuration, a new user's first test delivery
+# through the installed daemon, and the unit's sandbox score.
 # Needs root (it installs the package); .ci/run calls it after building.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,7 +74,37 @@ for name in compliancelayer scorecard; do
 done
 as_service /usr/bin/hookroute check-config --config /etc/hookroute/config.toml >/dev/null ||
     fail "the service user cannot check the packaged configuration with its secrets set"
+
+# The first hour from the package, as README.md and docs/connect-a-sender.md tell it: with the
+# secrets set, the daemon runs as the service user (as the unit runs it; there is no systemd
+# here), a test delivery sent with `hookroute send` is verified and accepted, and
+# `deliveries list` shows it.
+sample=$tmp/scan.completed.json
+cp tests/fixtures/compliancelayer-scan.completed.json "$sample"
+chmod 0644 "$sample"
+chmod 0755 "$tmp"
+(cd /var/lib/hookroute && exec setpriv --reuid=hookroute --regid=hookroute --init-groups \
+    /usr/bin/hookroute serve --config /etc/hookroute/config.toml) >"$tmp/daemon.log" 2>&1 &
+daemon=$!
+for _ in $(seq 1 100); do
+    grep -q listening "$tmp/daemon.log" && break
+    sleep 0.1
+done
+grep -q listening "$tmp/daemon.log" || fail "the packaged daemon did not start: $(cat "$tmp/daemon.log")"
+sent=$(as_service /usr/bin/hookroute send --source compliancelayer "$sample" 2>&1) ||
+    fail "the test delivery was refused: $sent"
+grep -q '"status":"accepted"' <<<"$sent" || fail "the test delivery was not accepted: $sent"
+for _ in $(seq 1 50); do
+    grep -q 'delivery accepted' "$tmp/daemon.log" && break
+    sleep 0.1
+done
+grep -q 'delivery accepted' "$tmp/daemon.log" || fail "the daemon did not log the delivery: $(cat "$tmp/daemon.log")"
+listed=$(as_service /usr/bin/hookroute deliveries list 2>&1) || fail "deliveries list: $listed"
+grep -q 'scan.completed' <<<"$listed" || fail "deliveries list does not show the test delivery: $listed"
+kill "$daemon"
+wait "$daemon" || fail "the packaged daemon did not stop cleanly: $(cat "$tmp/daemon.log")"
 rm -f /etc/hookroute/secrets/compliancelayer /etc/hookroute/secrets/scorecard
+rm -rf /var/lib/hookroute/*
 man -l /usr/share/man/man1/hookroute.1.gz >/dev/null 2>&1 || zcat /usr/share/man/man1/hookroute.1.gz | grep -q '^\.TH' ||
     fail "the man page does not render"
 DEBIAN_FRONTEND=noninteractive apt-get remove -y -q hookroute >/dev/null

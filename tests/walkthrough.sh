@@ -31,7 +31,8 @@ case "${commands[0]}" in *" serve "*) ;; *) fail "the first command does not ser
 work=$(mktemp -d)
 daemon=
 cleanup() {
-    if [ -n "$daemon" ]; then kill "$daemon" 2>/dev/null || true; wait "$daemon" 2>/dev/null || true; fi
+    # The whole group: cargo, and the daemon it runs.
+    if [ -n "$daemon" ]; then kill -- "-$daemon" 2>/dev/null || true; wait "$daemon" 2>/dev/null || true; fi
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -39,15 +40,16 @@ git clone --quiet "$repo" "$work/hookroute"
 cd "$work/hookroute"
 export CARGO_TARGET_DIR="$repo/target"
 
-# 1. Build and serve the example, in the background, until it listens.
-bash -c "${commands[0]}" >"$work/daemon.log" 2>&1 &
+# 1. Build and serve the example, in the background (a process group of its own), until it
+# listens: the build may take minutes on a small machine.
+setsid bash -c "${commands[0]}" >"$work/daemon.log" 2>&1 &
 daemon=$!
-for _ in $(seq 1 600); do
+for _ in $(seq 1 2400); do
     if grep -q "listening" "$work/daemon.log" 2>/dev/null; then break; fi
     kill -0 "$daemon" 2>/dev/null || fail "the daemon exited: $(cat "$work/daemon.log")"
     sleep 0.5
 done
-grep -q "listening" "$work/daemon.log" || fail "the daemon did not listen within 5 minutes"
+grep -q "listening" "$work/daemon.log" || fail "the daemon did not listen within 20 minutes"
 
 # 2. The signed sample: accepted, then a duplicate.
 first=$(bash -c "${commands[1]}" 2>&1) || fail "send failed: $first"
