@@ -1,5 +1,5 @@
 //! The operator's tools: `deliveries list` and `show`, `replay`, `retry`, `dead-letter retry`.
-//! They work on the database while the daemon runs, through [`AdminStorage`]. When one cannot
+//! They work on the database while the daemon runs, through [`Tools`]. When one cannot
 //! do what was asked, it says where things stand and which command would do it instead.
 
 use std::io::Write as _;
@@ -7,13 +7,10 @@ use std::process::ExitCode;
 
 use super::{DeadRetryArgs, ListArgs, MigrateArgs, ReplayArgs, RetryArgs, ShowArgs};
 use crate::config::{self, Config};
-use crate::store::admin::{Access, AdminStorage, EventDetail, Filter, JobState};
+use crate::store::admin::{Access, EventDetail, Filter, JobState, Tools};
 use crate::text::{printable, printable_lines};
 
-fn admin(
-    config_path: &std::path::Path,
-    access: Access,
-) -> anyhow::Result<(Config, Box<dyn AdminStorage>)> {
+fn admin(config_path: &std::path::Path, access: Access) -> anyhow::Result<(Config, Tools)> {
     let config = config::load_for_tools(config_path)?;
     let admin = crate::store::open_admin(&config.storage, access)?;
     Ok((config, admin))
@@ -281,7 +278,7 @@ pub(super) fn retry(args: RetryArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    eprintln!("{}", not_retried(&*admin, args.job)?);
+    eprintln!("{}", not_retried(&admin, args.job)?);
     Ok(ExitCode::from(1))
 }
 
@@ -290,7 +287,7 @@ pub(super) fn retry_dead(args: DeadRetryArgs) -> anyhow::Result<ExitCode> {
     let (_, admin) = admin(&args.config, Access::Write)?;
     let count = admin.retry_dead(args.id)?;
     if let (0, Some(id)) = (count, args.id) {
-        eprintln!("{}", not_retried(&*admin, id)?);
+        eprintln!("{}", not_retried(&admin, id)?);
         return Ok(ExitCode::from(1));
     }
     writeln!(
@@ -303,7 +300,7 @@ pub(super) fn retry_dead(args: DeadRetryArgs) -> anyhow::Result<ExitCode> {
 
 /// Why job `id` was not retried, and the command that does what was meant: the id may be an
 /// event's, or the job may be in another state than the command takes.
-fn not_retried(admin: &dyn AdminStorage, id: i64) -> anyhow::Result<String> {
+fn not_retried(admin: &Tools, id: i64) -> anyhow::Result<String> {
     let Some(job) = admin.job(id)? else {
         let hint = if admin.show(id)?.is_some() {
             format!("; event {id} exists: `hookroute deliveries show {id}` lists its jobs")

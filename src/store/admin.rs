@@ -1,6 +1,7 @@
-//! What the operator's commands ask of storage (`deliveries`, `replay`, `dead-letter`), as one
-//! trait a backend implements next to [`Storage`](super::Storage), and the rows they print.
-//! Synchronous: the command-line tools run one query and exit.
+//! What the operator's commands ask of storage (`deliveries`, `replay`, `retry`,
+//! `dead-letter`): their logic once, in [`Tools`], over the primitive queries a backend
+//! implements next to [`Storage`](super::Storage) ([`AdminBackend`]), and the rows they print.
+//! Synchronous: the command-line tools run a few queries and exit.
 
 use jiff::Timestamp;
 use serde::Serialize;
@@ -101,55 +102,247 @@ pub struct Filter {
     pub limit: usize,
 }
 
-/// The operator's queries and changes, made while the daemon runs.
-pub trait AdminStorage {
-    /// Deliveries, newest event first.
-    ///
-    /// # Errors
-    /// On a database error.
-    fn list(&self, filter: &Filter) -> Result<Vec<Row>, StoreError>;
+/// A status `deliveries list` finds through an index of its own, newest event first (the
+/// others, no status and `succeeded`, walk the events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Indexed {
+    Pending,
+    Failed,
+    Dead,
+    Suppressed,
+    Unrouted,
+}
 
-    /// An event with its routing, jobs and attempts; `None` when there is no such event.
+impl Indexed {
+    fn from_status(status: &str) -> Option<Self> {
+        Some(match status {
+            "pending" => Self::Pending,
+            "failed" => Self::Failed,
+            "dead" => Self::Dead,
+            "suppressed" => Self::Suppressed,
+            "unrouted" => Self::Unrouted,
+            _ => return None,
+        })
+    }
+}
+
+/// What a backend answers for the operator's commands: primitive reads and writes, each an
+/// index seek that reads about as many rows as it returns (a test per backend checks the
+/// plans). The commands' logic (walking pages of events, bisecting ids by time, what an event
+/// with no rows is) is written once above them, in [`Tools`].
+pub trait AdminBackend {
+    /// The newest event's id, if there is an event.
     ///
     /// # Errors
-    /// On a database error.
-    fn show(&self, event_id: i64) -> Result<Option<EventDetail>, StoreError>;
+    /// On a database error (as every method here).
+    fn last_event_id(&self) -> Result<Option<i64>, StoreError>;
+
+    /// When the first event with an id of at least `id` was received (unix milliseconds).
+    fn received_from(&self, id: i64) -> Result<Option<i64>, StoreError>;
+
+    /// Up to `limit` events with ids below `below` and at least `floor`, newest first: all of
+    /// them, or `source`'s.
+    fn events_page(
+        &self,
+        below: i64,
+        floor: i64,
+        limit: usize,
+        source: Option<&str>,
+    ) -> Result<Vec<Head>, StoreError>;
+
+    /// Each of `events`' rows, in its order: its routing records, then its jobs (empty for
+    /// an event with neither).
+    fn rows_of(&self, events: &[Head]) -> Result<Vec<Vec<Row>>, StoreError>;
+
+    /// Up to `limit` rows with `status`, newest event first, of events from `floor` on: all
+    /// of them, or `source`'s.
+    fn with_status(
+        &self,
+        status: Indexed,
+        floor: i64,
+        source: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Row>, StoreError>;
+
+    /// An event.
+    fn event(&self, event_id: i64) -> Result<Option<StoredEvent>, StoreError>;
+
+    /// An event's jobs, each with every attempt, in order.
+    fn jobs_of(&self, event_id: i64) -> Result<Vec<JobDetail>, StoreError>;
 
     /// A job, if there is one with this id.
-    ///
-    /// # Errors
-    /// On a database error.
     fn job(&self, job_id: i64) -> Result<Option<JobState>, StoreError>;
 
     /// An event's jobs still waiting (pending, or failed and due again later).
-    ///
-    /// # Errors
-    /// On a database error.
     fn waiting_jobs(&self, event_id: i64) -> Result<Vec<JobState>, StoreError>;
 
-    /// Makes a failed job due now, keeping its attempts (and so its place in the retry
-    /// policy). False when the job is not failed (any more).
-    ///
-    /// # Errors
-    /// On a database error.
-    fn retry_now(&self, job_id: i64) -> Result<bool, StoreError>;
+    /// Makes a failed job due at `now`, keeping its attempts. False when the job is not
+    /// failed (any more).
+    fn retry_now(&self, job_id: i64, now: Timestamp) -> Result<bool, StoreError>;
 
-    /// Queues new jobs for `event_id`, one per (route, sink); returns their ids.
-    ///
-    /// # Errors
-    /// On a database error.
+    /// Queues new jobs for `event_id` at `now`, one per (route, sink); returns their ids.
     fn enqueue(
         &mut self,
         event_id: i64,
         pairs: &[(String, String)],
+        now: Timestamp,
     ) -> Result<Vec<i64>, StoreError>;
+
+    /// Puts dead jobs back in the queue at `now` with a fresh set of attempts: one job, or
+    /// all of them. Returns how many were re-queued.
+    fn retry_dead(&self, job_id: Option<i64>, now: Timestamp) -> Result<usize, StoreError>;
+}
+
+/// How many events a walk reads at a time.
+const PAGE: usize = 64;
+
+/// The operator's queries and changes, made while the daemon runs, written once over a
+/// backend's [`AdminBackend`].
+pub struct Tools {
+    backend: Box<dyn AdminBackend>,
+}
+
+impl Tools {
+    pub fn new(backend: Box<dyn AdminBackend>) -> Self {
+        Self { backend }
+    }
+
+    /// Deliveries, newest event first.
+    ///
+    /// # Errors
+    /// On a database error (as every method here).
+    pub fn list(&self, filter: &Filter) -> Result<Vec<Row>, StoreError> {
+        let floor = match filter.since {
+            Some(since) => self.first_since(since)?,
+            None => 0,
+        };
+        let source = filter.source.as_deref();
+        match filter.status.as_deref() {
+            None => self.walk(floor, filter, false),
+            Some("succeeded") => self.walk(floor, filter, true),
+            Some(status) => match Indexed::from_status(status) {
+                Some(status) => self
+                    .backend
+                    .with_status(status, floor, source, filter.limit),
+                None => Ok(Vec::new()),
+            },
+        }
+    }
+
+    /// `--since`: the first event id received at or after `since`, by bisecting ids (events
+    /// are numbered in the order they arrive), so it bounds every walk without an index on
+    /// time.
+    fn first_since(&self, since: Timestamp) -> Result<i64, StoreError> {
+        let since = since.as_millisecond();
+        let Some(last) = self.backend.last_event_id()? else {
+            return Ok(0);
+        };
+        // The first id whose next event was received since then; past the last if none was.
+        let (mut low, mut high) = (0, last + 1);
+        while low < high {
+            let middle = low + (high - low) / 2;
+            let received = self.backend.received_from(middle)?;
+            if received.is_some_and(|received| received >= since) {
+                high = middle;
+            } else {
+                low = middle + 1;
+            }
+        }
+        Ok(low)
+    }
+
+    /// Rows of the newest events from `floor` on, a page of events at a time, until the
+    /// limit; with `succeeded`, only the jobs that succeeded. With no status, or
+    /// `succeeded` (the normal outcome, so matches come quickly), walking the events is the
+    /// index seek.
+    fn walk(&self, floor: i64, filter: &Filter, succeeded: bool) -> Result<Vec<Row>, StoreError> {
+        let mut listed = Vec::new();
+        let mut below = i64::MAX;
+        while listed.len() < filter.limit {
+            let heads = self
+                .backend
+                .events_page(below, floor, PAGE, filter.source.as_deref())?;
+            let Some(last) = heads.last() else { break };
+            below = last.event_id;
+            for (head, rows) in heads.iter().zip(self.backend.rows_of(&heads)?) {
+                if rows.is_empty() {
+                    if !succeeded {
+                        listed.push(unrouted(head));
+                    }
+                    continue;
+                }
+                listed.extend(
+                    rows.into_iter()
+                        .filter(|row| !succeeded || row.status == "succeeded"),
+                );
+            }
+        }
+        listed.truncate(filter.limit);
+        Ok(listed)
+    }
+
+    /// An event with its routing, jobs and attempts; `None` when there is no such event.
+    pub fn show(&self, event_id: i64) -> Result<Option<EventDetail>, StoreError> {
+        let Some(stored) = self.backend.event(event_id)? else {
+            return Ok(None);
+        };
+        let mut jobs = self.backend.jobs_of(event_id)?;
+        jobs.iter_mut().for_each(number_attempts);
+        let head = Head {
+            event_id,
+            source: stored.event.source.clone(),
+            event_type: stored.event.event_type.clone(),
+            delivery_id: stored.event.delivery_id.clone(),
+            received_at: stored.received_at.as_millisecond(),
+        };
+        // The jobs are read above, with their attempts: only the routing records are left.
+        let mut routing: Vec<Row> = self
+            .backend
+            .rows_of(std::slice::from_ref(&head))?
+            .into_iter()
+            .flatten()
+            .filter(|row| row.job_id.is_none())
+            .collect();
+        if routing.is_empty() && jobs.is_empty() {
+            routing.push(unrouted(&head));
+        }
+        Ok(Some(EventDetail {
+            stored,
+            jobs,
+            routing,
+        }))
+    }
+
+    /// A job, if there is one with this id.
+    pub fn job(&self, job_id: i64) -> Result<Option<JobState>, StoreError> {
+        self.backend.job(job_id)
+    }
+
+    /// An event's jobs still waiting (pending, or failed and due again later).
+    pub fn waiting_jobs(&self, event_id: i64) -> Result<Vec<JobState>, StoreError> {
+        self.backend.waiting_jobs(event_id)
+    }
+
+    /// Makes a failed job due now, keeping its attempts (and so its place in the retry
+    /// policy). False when the job is not failed (any more).
+    pub fn retry_now(&self, job_id: i64) -> Result<bool, StoreError> {
+        self.backend.retry_now(job_id, Timestamp::now())
+    }
+
+    /// Queues new jobs for `event_id`, one per (route, sink); returns their ids.
+    pub fn enqueue(
+        &mut self,
+        event_id: i64,
+        pairs: &[(String, String)],
+    ) -> Result<Vec<i64>, StoreError> {
+        self.backend.enqueue(event_id, pairs, Timestamp::now())
+    }
 
     /// Puts dead jobs back in the queue with a fresh set of attempts: one job, or all of them.
     /// Returns how many were re-queued.
-    ///
-    /// # Errors
-    /// On a database error.
-    fn retry_dead(&self, job_id: Option<i64>) -> Result<usize, StoreError>;
+    pub fn retry_dead(&self, job_id: Option<i64>) -> Result<usize, StoreError> {
+        self.backend.retry_dead(job_id, Timestamp::now())
+    }
 }
 
 /// When a job with `status`, due at `next`, is tried again, as the tools show it: only a failed
@@ -165,7 +358,7 @@ pub(crate) fn at(ms: i64) -> String {
 }
 
 /// The event columns of a listed row.
-pub(crate) struct Head {
+pub struct Head {
     pub event_id: i64,
     pub source: String,
     pub event_type: String,
@@ -174,7 +367,7 @@ pub(crate) struct Head {
 }
 
 /// The row of an event no route took (and none was replayed to).
-pub(crate) fn unrouted(head: &Head) -> Row {
+fn unrouted(head: &Head) -> Row {
     Row {
         event_id: head.event_id,
         job_id: None,
@@ -194,7 +387,7 @@ pub(crate) fn unrouted(head: &Head) -> Row {
 /// Numbers a job's attempts as `show` prints them. A dead letter retried starts a fresh count
 /// for the retry policy; the record numbers every attempt the job ever had, in order, and
 /// counts them all.
-pub(crate) fn number_attempts(job: &mut JobDetail) {
+fn number_attempts(job: &mut JobDetail) {
     for (number, attempt) in (1..).zip(job.history.iter_mut()) {
         attempt.number = number;
     }

@@ -408,10 +408,13 @@ pub type Store = Arc<dyn Storage>;
 pub fn open_admin(
     config: &StorageConfig,
     access: admin::Access,
-) -> Result<Box<dyn admin::AdminStorage>, StoreError> {
+) -> Result<admin::Tools, StoreError> {
     let path = match &config.backend {
         Backend::Sqlite(path) => path,
-        Backend::Postgres(pg) => return Ok(Box::new(postgres::admin::Admin::open(pg, access)?)),
+        Backend::Postgres(pg) => {
+            let backend = postgres::admin::Admin::open(pg, access)?;
+            return Ok(admin::Tools::new(Box::new(backend)));
+        }
     };
     let admin = sqlite::admin::Admin::open(path, access).map_err(|err| {
         // SQLite says "unable to open database file"; the operator needs to hear why.
@@ -427,7 +430,7 @@ pub fn open_admin(
             err
         }
     })?;
-    Ok(Box::new(admin))
+    Ok(admin::Tools::new(Box::new(admin)))
 }
 
 /// Opens the database `config` names (creating and migrating it as needed).

@@ -1,6 +1,6 @@
-//! The operator's commands on PostgreSQL: the same queries as SQLite's
-//! (`store::sqlite::admin`, which says how each is an index seek), on one connection of their
-//! own. The commands are synchronous, so each call runs on a small runtime of its own. A
+//! The operator's commands' primitive queries on PostgreSQL ([`AdminBackend`]; the commands'
+//! logic is `store::admin::Tools`), the same as SQLite's (`store::sqlite::admin`, which says
+//! how each is an index seek), on one connection of their own. The commands are synchronous, so each call runs on a small runtime of its own. A
 //! read-only command's session is read-only: it cannot write, whatever it runs.
 
 use std::collections::HashMap;
@@ -11,11 +11,10 @@ use sqlx::{Connection as _, Executor as _};
 
 use super::events::event_at;
 use crate::config::PostgresConfig;
-use crate::store::StoreError;
 use crate::store::admin::{
-    Access, AdminStorage, Attempt, EventDetail, Filter, Head, JobDetail, JobState, Row, at,
-    number_attempts, retry_at, unrouted,
+    Access, AdminBackend, Attempt, Head, Indexed, JobDetail, JobState, Row, at, retry_at,
 };
+use crate::store::{StoreError, StoredEvent};
 
 pub struct Admin {
     runtime: tokio::runtime::Runtime,
@@ -160,9 +159,6 @@ type JobColumns = (
 /// An attempt as `show` selects it: its job, number, start, end, outcome, error, response.
 type AttemptColumns = (i64, i32, i64, i64, String, Option<String>, Option<String>);
 
-/// How many events a walk reads at a time.
-const PAGE: i64 = 64;
-
 /// The columns after the head of a listed row, with their event's id.
 type Detail = (
     i64,
@@ -258,129 +254,129 @@ fn with_head(head: &Head, detail: Detail) -> Row {
     }
 }
 
-/// The first event id received at or after `since`, by bisecting ids.
-async fn first_since(conn: &mut PgConnection, since: Timestamp) -> Result<i64, StoreError> {
-    let since = since.as_millisecond();
-    let last: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM events")
-        .fetch_one(&mut *conn)
-        .await?;
-    let Some(last) = last else { return Ok(0) };
-    let (mut low, mut high) = (0, last + 1);
-    while low < high {
-        let middle = low + (high - low) / 2;
-        let received: Option<i64> =
-            sqlx::query_scalar("SELECT received_at FROM events WHERE id >= $1 ORDER BY id LIMIT 1")
-                .bind(middle)
-                .fetch_optional(&mut *conn)
-                .await?;
-        if received.is_some_and(|received| received >= since) {
-            high = middle;
-        } else {
-            low = middle + 1;
-        }
+impl AdminBackend for Admin {
+    fn last_event_id(&self) -> Result<Option<i64>, StoreError> {
+        self.run(async |conn| {
+            Ok(sqlx::query_scalar("SELECT max(id) FROM events")
+                .fetch_one(&mut *conn)
+                .await?)
+        })
     }
-    Ok(low)
-}
 
-/// Rows of the newest events from `floor` on, a page of events at a time, until the limit;
-/// with `succeeded`, only the jobs that succeeded.
-async fn walk(
-    conn: &mut PgConnection,
-    floor: i64,
-    filter: &Filter,
-    succeeded: bool,
-) -> Result<Vec<Row>, StoreError> {
-    let mut listed = Vec::new();
-    let mut below = i64::MAX;
-    while listed.len() < filter.limit {
-        let query = match &filter.source {
-            Some(source) => sqlx::query_as(SOURCE_EVENTS_PAGE)
-                .bind(below)
-                .bind(floor)
-                .bind(PAGE)
-                .bind(source),
-            None => sqlx::query_as(EVENTS_PAGE)
-                .bind(below)
-                .bind(floor)
-                .bind(PAGE),
-        };
-        let heads: Vec<(i64, String, String, String, i64)> = query.fetch_all(&mut *conn).await?;
-        let Some(last) = heads.last() else { break };
-        below = last.0;
-        let ids: Vec<i64> = heads.iter().map(|head| head.0).collect();
-        let details: Vec<Detail> = sqlx::query_as(PAGE_ROWS)
-            .bind(&ids)
-            .fetch_all(&mut *conn)
-            .await?;
+    fn received_from(&self, id: i64) -> Result<Option<i64>, StoreError> {
+        self.run(async |conn| {
+            Ok(sqlx::query_scalar(
+                "SELECT received_at FROM events WHERE id >= $1 ORDER BY id LIMIT 1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?)
+        })
+    }
+
+    fn events_page(
+        &self,
+        below: i64,
+        floor: i64,
+        limit: usize,
+        source: Option<&str>,
+    ) -> Result<Vec<Head>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(async |conn| {
+            let query = match source {
+                Some(source) => sqlx::query_as(SOURCE_EVENTS_PAGE)
+                    .bind(below)
+                    .bind(floor)
+                    .bind(limit)
+                    .bind(source),
+                None => sqlx::query_as(EVENTS_PAGE)
+                    .bind(below)
+                    .bind(floor)
+                    .bind(limit),
+            };
+            let heads: Vec<(i64, String, String, String, i64)> =
+                query.fetch_all(&mut *conn).await?;
+            Ok(heads
+                .into_iter()
+                .map(
+                    |(event_id, source, event_type, delivery_id, received_at)| Head {
+                        event_id,
+                        source,
+                        event_type,
+                        delivery_id,
+                        received_at,
+                    },
+                )
+                .collect())
+        })
+    }
+
+    fn rows_of(&self, events: &[Head]) -> Result<Vec<Vec<Row>>, StoreError> {
+        let ids: Vec<i64> = events.iter().map(|head| head.event_id).collect();
+        // One query for the page: each event's routing records, then its jobs.
+        let details: Vec<Detail> = self.run(async |conn| {
+            Ok(sqlx::query_as(PAGE_ROWS)
+                .bind(&ids)
+                .fetch_all(&mut *conn)
+                .await?)
+        })?;
         let mut by_event: HashMap<i64, Vec<Detail>> = HashMap::new();
         for detail in details {
             by_event.entry(detail.0).or_default().push(detail);
         }
-        for (event_id, source, event_type, delivery_id, received_at) in heads {
-            let head = Head {
-                event_id,
-                source,
-                event_type,
-                delivery_id,
-                received_at,
-            };
-            match by_event.remove(&event_id) {
-                None if !succeeded => listed.push(unrouted(&head)),
-                None => {}
-                Some(rows) => listed.extend(
-                    rows.into_iter()
-                        .map(|detail| with_head(&head, detail))
-                        .filter(|row| !succeeded || row.status == "succeeded"),
-                ),
-            }
-        }
+        Ok(events
+            .iter()
+            .map(|head| {
+                by_event
+                    .remove(&head.event_id)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|detail| with_head(head, detail))
+                    .collect()
+            })
+            .collect())
     }
-    listed.truncate(filter.limit);
-    Ok(listed)
-}
 
-impl AdminStorage for Admin {
-    fn list(&self, filter: &Filter) -> Result<Vec<Row>, StoreError> {
+    fn with_status(
+        &self,
+        status: Indexed,
+        floor: i64,
+        source: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Row>, StoreError> {
+        let sql = match status {
+            Indexed::Pending => PENDING_JOBS,
+            Indexed::Failed => FAILED_JOBS,
+            Indexed::Dead => DEAD_JOBS,
+            Indexed::Suppressed => SUPPRESSED,
+            Indexed::Unrouted => UNROUTED,
+        };
         self.run(async |conn| {
-            let floor = match filter.since {
-                Some(since) => first_since(conn, since).await?,
-                None => 0,
-            };
-            let status = filter.status.as_deref();
-            let indexed = match status {
-                None | Some("succeeded") => {
-                    return walk(conn, floor, filter, status.is_some()).await;
-                }
-                Some("pending") => PENDING_JOBS,
-                Some("failed") => FAILED_JOBS,
-                Some("dead") => DEAD_JOBS,
-                Some("suppressed") => SUPPRESSED,
-                Some("unrouted") => UNROUTED,
-                Some(_) => return Ok(Vec::new()),
-            };
-            let rows: Vec<Listed> = sqlx::query_as(sqlx::AssertSqlSafe(indexed))
+            let rows: Vec<Listed> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(floor)
-                .bind(filter.source.as_deref())
-                .bind(i64::try_from(filter.limit).unwrap_or(i64::MAX))
+                .bind(source)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
                 .fetch_all(&mut *conn)
                 .await?;
             Ok(rows.into_iter().map(listed).collect())
         })
     }
 
-    fn show(&self, event_id: i64) -> Result<Option<EventDetail>, StoreError> {
+    fn event(&self, event_id: i64) -> Result<Option<StoredEvent>, StoreError> {
         self.run(async |conn| {
-            let Some(row) = sqlx::query(
+            let row = sqlx::query(
                 "SELECT id, source, delivery_id, event_type, occurred_at, received_at,
                         sender_delivery, payload FROM events WHERE id = $1",
             )
             .bind(event_id)
             .fetch_optional(&mut *conn)
-            .await?
-            else {
-                return Ok(None);
-            };
-            let stored = event_at(&row, 0)?;
+            .await?;
+            row.map(|row| event_at(&row, 0)).transpose()
+        })
+    }
+
+    fn jobs_of(&self, event_id: i64) -> Result<Vec<JobDetail>, StoreError> {
+        self.run(async |conn| {
             let jobs: Vec<JobColumns> = sqlx::query_as(
                 "SELECT id, route, sink, status, attempts, next_attempt_at, last_error, response
                      FROM jobs WHERE event_id = $1 ORDER BY id",
@@ -396,58 +392,35 @@ impl AdminStorage for Admin {
             .bind(&ids)
             .fetch_all(&mut *conn)
             .await?;
-            let mut details = Vec::new();
-            for (id, route, sink, status, count, next, last_error, response) in jobs {
-                let mut job = JobDetail {
-                    id,
-                    route,
-                    sink,
-                    next_attempt_at: retry_at(&status, next),
-                    status,
-                    attempts: u32::try_from(count).unwrap_or(0),
-                    last_error,
-                    response,
-                    history: attempts
-                        .iter()
-                        .filter(|attempt| attempt.0 == id)
-                        .map(
-                            |(_, number, started, finished, outcome, error, response)| Attempt {
-                                number: u32::try_from(*number).unwrap_or(0),
-                                started_at: at(*started),
-                                finished_at: at(*finished),
-                                outcome: outcome.clone(),
-                                error: error.clone(),
-                                response: response.clone(),
-                            },
-                        )
-                        .collect(),
-                };
-                number_attempts(&mut job);
-                details.push(job);
-            }
-            let head = Head {
-                event_id,
-                source: stored.event.source.clone(),
-                event_type: stored.event.event_type.clone(),
-                delivery_id: stored.event.delivery_id.clone(),
-                received_at: stored.received_at.as_millisecond(),
-            };
-            let records: Vec<Detail> = sqlx::query_as(
-                "SELECT event_id, NULL::bigint, route, NULL::text, status, 0, NULL::bigint, detail
-                 FROM dispatches WHERE event_id = $1 ORDER BY id",
-            )
-            .bind(event_id)
-            .fetch_all(&mut *conn)
-            .await?;
-            let mut routing: Vec<Row> = records.into_iter().map(|d| with_head(&head, d)).collect();
-            if routing.is_empty() && details.is_empty() {
-                routing.push(unrouted(&head));
-            }
-            Ok(Some(EventDetail {
-                stored,
-                jobs: details,
-                routing,
-            }))
+            Ok(jobs
+                .into_iter()
+                .map(
+                    |(id, route, sink, status, count, next, last_error, response)| JobDetail {
+                        id,
+                        route,
+                        sink,
+                        next_attempt_at: retry_at(&status, next),
+                        status,
+                        attempts: u32::try_from(count).unwrap_or(0),
+                        last_error,
+                        response,
+                        history: attempts
+                            .iter()
+                            .filter(|attempt| attempt.0 == id)
+                            .map(|(_, number, started, finished, outcome, error, response)| {
+                                Attempt {
+                                    number: u32::try_from(*number).unwrap_or(0),
+                                    started_at: at(*started),
+                                    finished_at: at(*finished),
+                                    outcome: outcome.clone(),
+                                    error: error.clone(),
+                                    response: response.clone(),
+                                }
+                            })
+                            .collect(),
+                    },
+                )
+                .collect())
         })
     }
 
@@ -471,8 +444,8 @@ impl AdminStorage for Admin {
         })
     }
 
-    fn retry_now(&self, job_id: i64) -> Result<bool, StoreError> {
-        let now = Timestamp::now().as_millisecond();
+    fn retry_now(&self, job_id: i64, now: Timestamp) -> Result<bool, StoreError> {
+        let now = now.as_millisecond();
         self.run(async |conn| {
             let done = sqlx::query(
                 "UPDATE jobs SET next_attempt_at = $1, updated_at = $1
@@ -490,8 +463,9 @@ impl AdminStorage for Admin {
         &mut self,
         event_id: i64,
         pairs: &[(String, String)],
+        now: Timestamp,
     ) -> Result<Vec<i64>, StoreError> {
-        let now = Timestamp::now().as_millisecond();
+        let now = now.as_millisecond();
         let (routes, sinks): (Vec<&str>, Vec<&str>) =
             pairs.iter().map(|(r, s)| (r.as_str(), s.as_str())).unzip();
         self.run(async |conn| {
@@ -518,8 +492,8 @@ impl AdminStorage for Admin {
         })
     }
 
-    fn retry_dead(&self, job_id: Option<i64>) -> Result<usize, StoreError> {
-        let now = Timestamp::now().as_millisecond();
+    fn retry_dead(&self, job_id: Option<i64>, now: Timestamp) -> Result<usize, StoreError> {
+        let now = now.as_millisecond();
         self.run(async |conn| {
             let done = sqlx::query(
                 "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = $1,

@@ -21,13 +21,11 @@ use std::time::Duration;
 use jiff::Timestamp;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use super::SELECT_EVENT;
 use super::events::row_to_event;
-use crate::store::StoreError;
 use crate::store::admin::{
-    Access, AdminStorage, Attempt, EventDetail, Filter, Head, JobDetail, JobState, Row, at,
-    number_attempts, retry_at, unrouted,
+    Access, AdminBackend, Attempt, Head, Indexed, JobDetail, JobState, Row, at, retry_at,
 };
+use crate::store::{StoreError, StoredEvent};
 
 pub struct Admin {
     conn: Connection,
@@ -128,9 +126,11 @@ const EVENT_DISPATCHES: &str = "SELECT NULL, route, NULL, status, 0, NULL, detai
 const EVENT_FROM: &str = "SELECT id, received_at FROM events WHERE id >= ?1 ORDER BY id LIMIT 1";
 /// The newest event's id (a seek: SQLite reads a rowid's `max()` off the end of the tree).
 const LAST_EVENT: &str = "SELECT max(id) FROM events";
-
-/// How many events a walk reads at a time.
-const PAGE: i64 = 64;
+const EVENT: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE e.id = ?1"
+);
 
 fn head_at(row: &rusqlite::Row<'_>) -> rusqlite::Result<Head> {
     Ok(Head {
@@ -212,87 +212,8 @@ impl Admin {
         self.conn
     }
 
-    /// The first event id received at or after `since`, by bisecting ids.
-    fn first_since(&self, since: Timestamp) -> rusqlite::Result<i64> {
-        let since = since.as_millisecond();
-        let mut from = self.conn.prepare_cached(EVENT_FROM)?;
-        let Some(last) = self
-            .conn
-            .prepare_cached(LAST_EVENT)?
-            .query_row([], |row| row.get::<_, Option<i64>>(0))?
-        else {
-            return Ok(0);
-        };
-        // The first id whose next event was received since then; past the last if none was.
-        let (mut low, mut high) = (0, last + 1);
-        while low < high {
-            let middle = low + (high - low) / 2;
-            let received: Option<i64> = from.query_row([middle], |row| row.get(1)).optional()?;
-            if received.is_some_and(|received| received >= since) {
-                high = middle;
-            } else {
-                low = middle + 1;
-            }
-        }
-        Ok(low)
-    }
-
-    /// Rows through one status's index: `sql` is one of the queries for a status.
-    fn by_status(&self, sql: &str, floor: i64, filter: &Filter) -> rusqlite::Result<Vec<Row>> {
-        let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
-        let mut stmt = self.conn.prepare_cached(sql)?;
-        let mut rows = stmt.query(params![floor, filter.source, limit])?;
-        let mut listed = Vec::new();
-        while let Some(row) = rows.next()? {
-            listed.push(row_at(&head_at(row)?, row, 5)?);
-        }
-        Ok(listed)
-    }
-
-    /// Rows of the newest events from `floor` on, a page of events at a time, until `limit`;
-    /// with `succeeded`, only the jobs that succeeded.
-    fn walk(&self, floor: i64, filter: &Filter, succeeded: bool) -> rusqlite::Result<Vec<Row>> {
-        let mut listed = Vec::new();
-        let mut below = i64::MAX;
-        while listed.len() < filter.limit {
-            let heads: Vec<Head> = match &filter.source {
-                Some(source) => self
-                    .conn
-                    .prepare_cached(SOURCE_EVENTS_PAGE)?
-                    .query_map(params![below, floor, PAGE, source], head_at)?
-                    .collect::<rusqlite::Result<_>>()?,
-                None => self
-                    .conn
-                    .prepare_cached(EVENTS_PAGE)?
-                    .query_map(params![below, floor, PAGE], head_at)?
-                    .collect::<rusqlite::Result<_>>()?,
-            };
-            let Some(last) = heads.last() else { break };
-            below = last.event_id;
-            for head in &heads {
-                let rows = self.event_rows(head)?;
-                listed.extend(
-                    rows.into_iter()
-                        .filter(|row| !succeeded || row.status == "succeeded"),
-                );
-            }
-        }
-        listed.truncate(filter.limit);
-        Ok(listed)
-    }
-
-    /// One event's rows: its routing records, then its jobs; or `unrouted` if it has neither.
-    fn event_rows(&self, head: &Head) -> rusqlite::Result<Vec<Row>> {
-        let mut rows = self.rows_of(EVENT_DISPATCHES, head)?;
-        rows.extend(self.rows_of(EVENT_JOBS, head)?);
-        if rows.is_empty() {
-            rows.push(unrouted(head));
-        }
-        Ok(rows)
-    }
-
     /// The rows `sql` (one of the per-event queries) reads for `head`'s event.
-    fn rows_of(&self, sql: &str, head: &Head) -> rusqlite::Result<Vec<Row>> {
+    fn rows(&self, sql: &str, head: &Head) -> rusqlite::Result<Vec<Row>> {
         let mut stmt = self.conn.prepare_cached(sql)?;
         let mut found = stmt.query([head.event_id])?;
         let mut rows = Vec::new();
@@ -303,38 +224,80 @@ impl Admin {
     }
 }
 
-impl AdminStorage for Admin {
-    fn list(&self, filter: &Filter) -> Result<Vec<Row>, StoreError> {
-        let floor = match filter.since {
-            Some(since) => self.first_since(since)?,
-            None => 0,
-        };
-        let status = filter.status.as_deref();
-        let indexed = match status {
-            None | Some("succeeded") => return Ok(self.walk(floor, filter, status.is_some())?),
-            Some("pending") => PENDING_JOBS,
-            Some("failed") => FAILED_JOBS,
-            Some("dead") => DEAD_JOBS,
-            Some("suppressed") => SUPPRESSED,
-            Some("unrouted") => UNROUTED,
-            Some(_) => return Ok(Vec::new()),
-        };
-        let rows = self.by_status(indexed, floor, filter)?;
-        Ok(rows)
+impl AdminBackend for Admin {
+    fn last_event_id(&self) -> Result<Option<i64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(LAST_EVENT)?;
+        Ok(stmt.query_row([], |row| row.get(0))?)
     }
 
-    fn show(&self, event_id: i64) -> Result<Option<EventDetail>, StoreError> {
-        let Some(event) = self
-            .conn
-            .query_row(
-                &format!("{SELECT_EVENT} WHERE id = ?1"),
-                [event_id],
-                row_to_event,
-            )
-            .optional()?
-        else {
-            return Ok(None);
+    fn received_from(&self, id: i64) -> Result<Option<i64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(EVENT_FROM)?;
+        Ok(stmt.query_row([id], |row| row.get(1)).optional()?)
+    }
+
+    fn events_page(
+        &self,
+        below: i64,
+        floor: i64,
+        limit: usize,
+        source: Option<&str>,
+    ) -> Result<Vec<Head>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let heads = match source {
+            Some(source) => self
+                .conn
+                .prepare_cached(SOURCE_EVENTS_PAGE)?
+                .query_map(params![below, floor, limit, source], head_at)?
+                .collect::<rusqlite::Result<_>>()?,
+            None => self
+                .conn
+                .prepare_cached(EVENTS_PAGE)?
+                .query_map(params![below, floor, limit], head_at)?
+                .collect::<rusqlite::Result<_>>()?,
         };
+        Ok(heads)
+    }
+
+    fn rows_of(&self, events: &[Head]) -> Result<Vec<Vec<Row>>, StoreError> {
+        let mut rows_of = Vec::with_capacity(events.len());
+        for head in events {
+            let mut rows = self.rows(EVENT_DISPATCHES, head)?;
+            rows.extend(self.rows(EVENT_JOBS, head)?);
+            rows_of.push(rows);
+        }
+        Ok(rows_of)
+    }
+
+    fn with_status(
+        &self,
+        status: Indexed,
+        floor: i64,
+        source: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Row>, StoreError> {
+        let sql = match status {
+            Indexed::Pending => PENDING_JOBS,
+            Indexed::Failed => FAILED_JOBS,
+            Indexed::Dead => DEAD_JOBS,
+            Indexed::Suppressed => SUPPRESSED,
+            Indexed::Unrouted => UNROUTED,
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(params![floor, source, limit])?;
+        let mut listed = Vec::new();
+        while let Some(row) = rows.next()? {
+            listed.push(row_at(&head_at(row)?, row, 5)?);
+        }
+        Ok(listed)
+    }
+
+    fn event(&self, event_id: i64) -> Result<Option<StoredEvent>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(EVENT)?;
+        Ok(stmt.query_row([event_id], row_to_event).optional()?)
+    }
+
+    fn jobs_of(&self, event_id: i64) -> Result<Vec<JobDetail>, StoreError> {
         let mut jobs = self.conn.prepare_cached(
             "SELECT id, route, sink, status, attempts, next_attempt_at, last_error, response FROM jobs
              WHERE event_id = ?1 ORDER BY id",
@@ -342,8 +305,7 @@ impl AdminStorage for Admin {
         let mut attempts = self.conn.prepare_cached(
             "SELECT number, started_at, finished_at, outcome, error, response FROM attempts WHERE job_id = ?1 ORDER BY id",
         )?;
-        let mut details = Vec::new();
-        let rows: Vec<JobDetail> = jobs
+        let mut details: Vec<JobDetail> = jobs
             .query_map([event_id], |row| {
                 let status: String = row.get(3)?;
                 let next: i64 = row.get(5)?;
@@ -360,7 +322,7 @@ impl AdminStorage for Admin {
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
-        for mut job in rows {
+        for job in &mut details {
             job.history = attempts
                 .query_map([job.id], |row| {
                     Ok(Attempt {
@@ -373,26 +335,8 @@ impl AdminStorage for Admin {
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;
-            number_attempts(&mut job);
-            details.push(job);
         }
-        let head = Head {
-            event_id,
-            source: event.event.source.clone(),
-            event_type: event.event.event_type.clone(),
-            delivery_id: event.event.delivery_id.clone(),
-            received_at: event.received_at.as_millisecond(),
-        };
-        // The jobs are read above, with their responses: only the routing records are left.
-        let mut routing = self.rows_of(EVENT_DISPATCHES, &head)?;
-        if routing.is_empty() && details.is_empty() {
-            routing.push(unrouted(&head));
-        }
-        Ok(Some(EventDetail {
-            stored: event,
-            jobs: details,
-            routing,
-        }))
+        Ok(details)
     }
 
     fn job(&self, job_id: i64) -> Result<Option<JobState>, StoreError> {
@@ -406,8 +350,8 @@ impl AdminStorage for Admin {
         Ok(jobs.collect::<rusqlite::Result<_>>()?)
     }
 
-    fn retry_now(&self, job_id: i64) -> Result<bool, StoreError> {
-        let now = Timestamp::now().as_millisecond();
+    fn retry_now(&self, job_id: i64, now: Timestamp) -> Result<bool, StoreError> {
+        let now = now.as_millisecond();
         let changed = self.conn.execute(
             "UPDATE jobs SET next_attempt_at = ?1, updated_at = ?1 WHERE id = ?2 AND status = 'failed'",
             params![now, job_id],
@@ -419,8 +363,9 @@ impl AdminStorage for Admin {
         &mut self,
         event_id: i64,
         pairs: &[(String, String)],
+        now: Timestamp,
     ) -> Result<Vec<i64>, StoreError> {
-        let now = Timestamp::now().as_millisecond();
+        let now = now.as_millisecond();
         let tx = self.conn.transaction()?;
         let mut ids = Vec::new();
         {
@@ -442,8 +387,8 @@ impl AdminStorage for Admin {
         Ok(ids)
     }
 
-    fn retry_dead(&self, job_id: Option<i64>) -> Result<usize, StoreError> {
-        let now = Timestamp::now().as_millisecond();
+    fn retry_dead(&self, job_id: Option<i64>, now: Timestamp) -> Result<usize, StoreError> {
+        let now = now.as_millisecond();
         let requeue = "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = ?1,
                                        created_at = ?1, updated_at = ?1";
         let count = match job_id {

@@ -8,6 +8,7 @@ use rusqlite::trace::{TraceEvent, TraceEventCodes};
 use rusqlite::{StatementStatus, params};
 
 use super::*;
+use crate::store::admin::{Filter, Tools};
 
 /// A database with `events` events from two sources: most delivered, some dead, failed,
 /// pending, suppressed or unrouted, spread over the whole history.
@@ -62,7 +63,7 @@ fn history(events: i64) -> (tempfile::TempDir, std::path::PathBuf) {
 }
 
 /// What the commands ask: every filter, `--since`, and `show`.
-fn every_command(admin: &Admin, events: i64) {
+fn every_command(admin: &Tools, events: i64) {
     let mut filters: Vec<Filter> = [
         None,
         Some("succeeded"),
@@ -122,8 +123,9 @@ fn traced(path: &std::path::Path, events: i64) -> HashMap<String, i32> {
             }),
         )
         .unwrap();
-    every_command(&admin, events);
-    drop(admin);
+    let tools = Tools::new(Box::new(admin));
+    every_command(&tools, events);
+    drop(tools);
     Arc::try_unwrap(steps).unwrap().into_inner().unwrap()
 }
 

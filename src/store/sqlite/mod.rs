@@ -30,8 +30,6 @@ macro_rules! event_columns {
         "e.id, e.source, e.delivery_id, e.event_type, e.occurred_at, e.received_at, e.sender_delivery, e.payload"
     };
 }
-/// One event per row, as [`events::row_to_event`] reads it.
-pub(crate) const SELECT_EVENT: &str = concat!("SELECT ", event_columns!(), " FROM events e");
 
 pub mod admin;
 mod dedupe;
