@@ -245,7 +245,7 @@ impl Engine {
                 continue;
             };
             let ready = match sink.digest {
-                Some(window) => summary.oldest + window,
+                Some(window) => crate::store::digest_due(summary.oldest, window),
                 None => summary.next_due,
             }
             .max(summary.next_due);

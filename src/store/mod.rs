@@ -228,6 +228,16 @@ pub struct DueJob {
     pub event: Option<Event>,
 }
 
+/// When a digest is due: once its oldest waiting job (created at `oldest`) has waited the
+/// whole `window`. The one statement of the rule: the delivery engine looks by it, and each
+/// backend's [`Storage::due_jobs`] holds a digest's jobs back by it.
+pub fn digest_due(oldest: Timestamp, window: std::time::Duration) -> Timestamp {
+    jiff::SignedDuration::try_from(window)
+        .ok()
+        .and_then(|window| oldest.checked_add(window).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
 /// A sink's waiting jobs, in brief.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DueSummary {
@@ -449,4 +459,22 @@ pub async fn open(config: &StorageConfig) -> Result<Store, StoreError> {
 /// A stored unix-millisecond time; a corrupt one reads as the epoch rather than failing.
 pub(crate) fn from_ms(ms: i64) -> Timestamp {
     Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_digest_is_due_once_its_oldest_job_waited_the_window() {
+        let oldest: Timestamp = "2026-12-06T10:00:00Z".parse().unwrap();
+        let window = std::time::Duration::from_secs(15 * 60);
+        assert_eq!(
+            digest_due(oldest, window).to_string(),
+            "2026-12-06T10:15:00Z"
+        );
+        // A window no clock reaches holds the digest back for good, rather than wrapping.
+        assert_eq!(digest_due(oldest, std::time::Duration::MAX), Timestamp::MAX);
+        assert_eq!(digest_due(Timestamp::MAX, window), Timestamp::MAX);
+    }
 }

@@ -10,8 +10,8 @@ use sqlx::{Postgres, Row as _, Transaction};
 
 use super::events::event_at;
 use crate::metrics::SinkQueue;
-use crate::store::from_ms;
 use crate::store::{AttemptOutcome, DueJob, DueSummary, Job, StoreError};
+use crate::store::{digest_due, from_ms};
 
 /// Claims up to `limit` due jobs of `sink` for `replica`: see
 /// [`Storage::due_jobs`](crate::store::Storage::due_jobs), due as [`due_at!`] says.
@@ -47,8 +47,8 @@ pub(super) async fn claim(
         .bind(lease)
         .fetch_one(&mut *tx)
         .await?;
-        let hold_ms = i64::try_from(hold.as_millis()).unwrap_or(i64::MAX);
-        if !mine || oldest.is_none_or(|oldest| oldest.saturating_add(hold_ms) > now) {
+        let due = |oldest| digest_due(from_ms(oldest), hold) <= from_ms(now);
+        if !mine || !oldest.is_some_and(due) {
             tx.rollback().await?;
             return Ok(Vec::new());
         }

@@ -8,6 +8,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use super::events::event_at;
 use super::{AttemptOutcome, DueJob, DueSummary, Job, from_ms};
 use crate::metrics::SinkQueue;
+use crate::store::digest_due;
 
 /// Records an attempt that started at `started_at` and ended at `at` (unix milliseconds), and
 /// moves each of its jobs on.
@@ -89,8 +90,7 @@ pub(super) fn due(
             )?
             .query_row(params![sink, now], |row| row.get(0))
             .optional()?;
-        let hold_ms = i64::try_from(hold.as_millis()).unwrap_or(i64::MAX);
-        if oldest.is_none_or(|oldest| oldest.saturating_add(hold_ms) > now) {
+        if oldest.is_none_or(|oldest| digest_due(from_ms(oldest), hold) > from_ms(now)) {
             return Ok(Vec::new());
         }
     }
