@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use super::{DeadRetryArgs, ListArgs, MigrateArgs, ReplayArgs, RetryArgs, ShowArgs};
 use crate::config::{self, Config};
-use crate::store::admin::{Access, EventDetail, Filter, JobState, Tools};
+use crate::store::JobStatus;
+use crate::store::admin::{Access, EventDetail, Filter, JobState, RowStatus, Tools};
 use crate::text::{printable, printable_lines};
 
 fn admin(config_path: &std::path::Path, access: Access) -> anyhow::Result<(Config, Tools)> {
@@ -24,7 +25,8 @@ pub(super) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         .map(|since| since.at(jiff::Timestamp::now()))
         .transpose()?;
     let filter = Filter {
-        status: args.status,
+        // One of STATUSES: clap took nothing else.
+        status: args.status.as_deref().and_then(RowStatus::parse),
         source: args.source,
         since,
         limit: args.limit,
@@ -62,7 +64,7 @@ pub(super) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
             printable(&row.event_type),
             printable(row.route.as_deref().unwrap_or("-")),
             printable(row.sink.as_deref().unwrap_or("-")),
-            printable(&row.status),
+            row.status,
             row.attempts,
             printable(&detail),
         )?;
@@ -151,7 +153,7 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         writeln!(
             out,
             "  {}: {}{}",
-            printable(&note.status),
+            note.status,
             printable(note.route.as_deref().unwrap_or("no route matched")),
             note.detail
                 .as_ref()
@@ -167,7 +169,7 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
             stored.id,
             printable(&job.route),
             printable(&job.sink),
-            printable(&job.status),
+            job.status,
             job.attempts
         )?;
         if let Some(next) = &job.next_attempt_at {
@@ -309,18 +311,20 @@ fn not_retried(admin: &Tools, id: i64) -> anyhow::Result<String> {
         };
         return Ok(format!("no job {id}{hint}"));
     };
-    let what = match job.status.as_str() {
-        "failed" => format!("`hookroute retry {id}` tries it now"),
-        "dead" => format!("`hookroute dead-letter retry {id}` re-queues it with fresh attempts"),
-        "pending" => "it is due now, or being delivered".to_owned(),
-        _ => format!(
+    let what = match job.status {
+        JobStatus::Failed => format!("`hookroute retry {id}` tries it now"),
+        JobStatus::Dead => {
+            format!("`hookroute dead-letter retry {id}` re-queues it with fresh attempts")
+        }
+        JobStatus::Pending => "it is due now, or being delivered".to_owned(),
+        JobStatus::Succeeded => format!(
             "`hookroute replay {} --sink {}` delivers its event again",
             job.event_id,
             printable(&job.sink)
         ),
     };
-    let is = match job.status.as_str() {
-        "succeeded" => "has succeeded".to_owned(),
+    let is = match job.status {
+        JobStatus::Succeeded => "has succeeded".to_owned(),
         _ => format!("is {}", standing(&job)),
     };
     Ok(format!("job {id} {is}: {what}"))
@@ -330,7 +334,7 @@ fn not_retried(admin: &Tools, id: i64) -> anyhow::Result<String> {
 fn standing(job: &JobState) -> String {
     match &job.next_attempt_at {
         Some(next) => format!("{}, next try at {next}", job.status),
-        None => job.status.clone(),
+        None => job.status.to_string(),
     }
 }
 

@@ -6,7 +6,7 @@
 use jiff::Timestamp;
 use serde::Serialize;
 
-use super::{StoreError, StoredEvent, from_ms};
+use super::{JobStatus, StoreError, StoredEvent, from_ms};
 
 /// What a command does with the database: reads open it read-only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,7 +15,7 @@ pub enum Access {
     Write,
 }
 
-/// Every status a listed row can have.
+/// Every status a listed row can have, as `--status` takes it ([`RowStatus`]'s names).
 pub const STATUSES: &[&str] = &[
     "pending",
     "succeeded",
@@ -24,6 +24,65 @@ pub const STATUSES: &[&str] = &[
     "suppressed",
     "unrouted",
 ];
+
+/// What a listed row is: a job in its status, or a routing outcome that created no job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RowStatus {
+    Pending,
+    Succeeded,
+    Failed,
+    Dead,
+    /// A route's throttle held the event back.
+    Suppressed,
+    /// No route took the event.
+    Unrouted,
+}
+
+impl RowStatus {
+    pub const ALL: [Self; 6] = [
+        Self::Pending,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Dead,
+        Self::Suppressed,
+        Self::Unrouted,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Dead => "dead",
+            Self::Suppressed => "suppressed",
+            Self::Unrouted => "unrouted",
+        }
+    }
+
+    /// A status as stored or as `--status` names it; `None` for any other text.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.as_str() == text)
+    }
+}
+
+impl From<JobStatus> for RowStatus {
+    fn from(status: JobStatus) -> Self {
+        match status {
+            JobStatus::Pending => Self::Pending,
+            JobStatus::Failed => Self::Failed,
+            JobStatus::Succeeded => Self::Succeeded,
+            JobStatus::Dead => Self::Dead,
+        }
+    }
+}
+
+impl std::fmt::Display for RowStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`, not `write_str`: the tools' tables give statuses a width.
+        f.pad(self.as_str())
+    }
+}
 
 /// One row of `deliveries list`: a job, or a routing outcome that created none.
 #[derive(Debug, Clone, Serialize)]
@@ -37,7 +96,7 @@ pub struct Row {
     pub received_at: String,
     pub route: Option<String>,
     pub sink: Option<String>,
-    pub status: String,
+    pub status: RowStatus,
     pub attempts: u32,
     pub next_attempt_at: Option<String>,
     /// The last error, or the throttle key of a suppressed route.
@@ -50,7 +109,7 @@ pub struct JobDetail {
     pub id: i64,
     pub route: String,
     pub sink: String,
-    pub status: String,
+    pub status: JobStatus,
     pub attempts: u32,
     /// Only a failed job's retry has a time: a pending job is due now or being delivered.
     pub next_attempt_at: Option<String>,
@@ -77,7 +136,7 @@ pub struct JobState {
     pub event_id: i64,
     pub route: String,
     pub sink: String,
-    pub status: String,
+    pub status: JobStatus,
     /// Every attempt the job ever had, a dead letter's retries included (as `show` numbers
     /// them).
     pub attempts: u32,
@@ -96,7 +155,7 @@ pub struct EventDetail {
 
 #[derive(Debug, Default)]
 pub struct Filter {
-    pub status: Option<String>,
+    pub status: Option<RowStatus>,
     pub source: Option<String>,
     pub since: Option<Timestamp>,
     pub limit: usize,
@@ -114,14 +173,15 @@ pub enum Indexed {
 }
 
 impl Indexed {
-    fn from_status(status: &str) -> Option<Self> {
+    /// The index for `status`; `None` for `succeeded`, which is walked.
+    fn of(status: RowStatus) -> Option<Self> {
         Some(match status {
-            "pending" => Self::Pending,
-            "failed" => Self::Failed,
-            "dead" => Self::Dead,
-            "suppressed" => Self::Suppressed,
-            "unrouted" => Self::Unrouted,
-            _ => return None,
+            RowStatus::Pending => Self::Pending,
+            RowStatus::Failed => Self::Failed,
+            RowStatus::Dead => Self::Dead,
+            RowStatus::Suppressed => Self::Suppressed,
+            RowStatus::Unrouted => Self::Unrouted,
+            RowStatus::Succeeded => return None,
         })
     }
 }
@@ -217,15 +277,13 @@ impl Tools {
             None => 0,
         };
         let source = filter.source.as_deref();
-        match filter.status.as_deref() {
+        match filter.status.map(|status| (status, Indexed::of(status))) {
             None => self.walk(floor, filter, false),
-            Some("succeeded") => self.walk(floor, filter, true),
-            Some(status) => match Indexed::from_status(status) {
-                Some(status) => self
-                    .backend
-                    .with_status(status, floor, source, filter.limit),
-                None => Ok(Vec::new()),
-            },
+            Some((_, Some(indexed))) => {
+                self.backend
+                    .with_status(indexed, floor, source, filter.limit)
+            }
+            Some((_, None)) => self.walk(floor, filter, true),
         }
     }
 
@@ -273,7 +331,7 @@ impl Tools {
                 }
                 listed.extend(
                     rows.into_iter()
-                        .filter(|row| !succeeded || row.status == "succeeded"),
+                        .filter(|row| !succeeded || row.status == RowStatus::Succeeded),
                 );
             }
         }
@@ -348,8 +406,8 @@ impl Tools {
 /// When a job with `status`, due at `next`, is tried again, as the tools show it: only a failed
 /// job's retry has a time. A pending job is due now or being delivered, and its row's time
 /// is only the fallback of a job handed to the engine in memory.
-pub(crate) fn retry_at(status: &str, next: i64) -> Option<String> {
-    (status == "failed").then(|| at(next))
+pub(crate) fn retry_at(status: impl Into<RowStatus>, next: i64) -> Option<String> {
+    (status.into() == RowStatus::Failed).then(|| at(next))
 }
 
 /// A stored time as the tools print it.
@@ -377,7 +435,7 @@ fn unrouted(head: &Head) -> Row {
         received_at: at(head.received_at),
         route: None,
         sink: None,
-        status: "unrouted".into(),
+        status: RowStatus::Unrouted,
         attempts: 0,
         next_attempt_at: None,
         detail: None,

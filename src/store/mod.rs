@@ -245,6 +245,45 @@ pub struct DueSummary {
     pub oldest: Timestamp,
 }
 
+/// Where a job stands (the life of a job: the `delivery` module's docs). Stored as its name,
+/// the same text on both backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Due (now, or at its hand-over's fallback), or being attempted.
+    Pending,
+    /// Failed, to be tried again at its next try.
+    Failed,
+    Succeeded,
+    /// Failed for good: waits for an operator.
+    Dead,
+}
+
+impl JobStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Failed => "failed",
+            Self::Succeeded => "succeeded",
+            Self::Dead => "dead",
+        }
+    }
+
+    /// A stored status; `None` for text no version of hookroute writes.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Pending, Self::Failed, Self::Succeeded, Self::Dead]
+            .into_iter()
+            .find(|status| status.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`, not `write_str`: the tools' tables give statuses a width.
+        f.pad(self.as_str())
+    }
+}
+
 /// How an attempt ended, and what becomes of the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttemptOutcome {
@@ -267,15 +306,20 @@ pub enum AttemptOutcome {
 impl AttemptOutcome {
     /// What the job's row records of it, finished at `at` (unix milliseconds): its status,
     /// error, response, and when it is next due.
-    pub(crate) fn columns(&self, at: i64) -> (&'static str, Option<&str>, &str, i64) {
+    pub(crate) fn columns(&self, at: i64) -> (JobStatus, Option<&str>, &str, i64) {
         match self {
-            Self::Succeeded { response } => ("succeeded", None, response, at),
+            Self::Succeeded { response } => (JobStatus::Succeeded, None, response, at),
             Self::Failed {
                 error,
                 response,
                 retry_at,
-            } => ("failed", Some(error), response, retry_at.as_millisecond()),
-            Self::Dead { error, response } => ("dead", Some(error), response, at),
+            } => (
+                JobStatus::Failed,
+                Some(error),
+                response,
+                retry_at.as_millisecond(),
+            ),
+            Self::Dead { error, response } => (JobStatus::Dead, Some(error), response, at),
         }
     }
 
@@ -464,6 +508,34 @@ pub(crate) fn from_ms(ms: i64) -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statuses_have_one_name_each_and_read_back() {
+        use admin::{RowStatus, STATUSES};
+        let names: Vec<&str> = RowStatus::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            names, STATUSES,
+            "--status takes exactly the statuses a row has"
+        );
+        for status in RowStatus::ALL {
+            assert_eq!(RowStatus::parse(status.as_str()), Some(status));
+            assert_eq!(
+                serde_json::to_value(status).unwrap(),
+                serde_json::json!(status.as_str())
+            );
+        }
+        for status in [
+            JobStatus::Pending,
+            JobStatus::Failed,
+            JobStatus::Succeeded,
+            JobStatus::Dead,
+        ] {
+            assert_eq!(JobStatus::parse(status.as_str()), Some(status));
+            assert_eq!(RowStatus::from(status).as_str(), status.as_str());
+        }
+        assert_eq!(JobStatus::parse("suppressed"), None);
+        assert_eq!(RowStatus::parse("Pending"), None);
+    }
 
     #[test]
     fn a_digest_is_due_once_its_oldest_job_waited_the_window() {

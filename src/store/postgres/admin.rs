@@ -12,9 +12,9 @@ use sqlx::{Connection as _, Executor as _};
 use super::events::event_at;
 use crate::config::PostgresConfig;
 use crate::store::admin::{
-    Access, AdminBackend, Attempt, Head, Indexed, JobDetail, JobState, Row, at, retry_at,
+    Access, AdminBackend, Attempt, Head, Indexed, JobDetail, JobState, Row, RowStatus, at, retry_at,
 };
-use crate::store::{StoreError, StoredEvent};
+use crate::store::{JobStatus, StoreError, StoredEvent};
 
 pub struct Admin {
     runtime: tokio::runtime::Runtime,
@@ -131,17 +131,27 @@ const WAITING_JOBS: &str =
 /// A job as [`JobState`] has it, as the queries select it.
 type JobStateColumns = (i64, i64, String, String, String, i32, i64);
 
-fn job_state(columns: JobStateColumns) -> JobState {
+fn job_state(columns: JobStateColumns) -> Result<JobState, StoreError> {
     let (id, event_id, route, sink, status, attempts, next) = columns;
-    JobState {
+    let status = parse_status(&status, JobStatus::parse)?;
+    Ok(JobState {
         id,
         event_id,
         route,
         sink,
-        next_attempt_at: retry_at(&status, next),
+        next_attempt_at: retry_at(status, next),
         status,
         attempts: u32::try_from(attempts).unwrap_or(0),
-    }
+    })
+}
+
+/// A stored status as `parse` reads it: text no hookroute writes is an error, not a guess.
+fn parse_status<T>(text: &str, parse: fn(&str) -> Option<T>) -> Result<T, StoreError> {
+    parse(text).ok_or_else(|| {
+        StoreError::Postgres(sqlx::Error::Decode(
+            format!("unknown status {text:?}").into(),
+        ))
+    })
 }
 
 /// A job as `show` selects it: id, route, sink, status, attempts, next attempt, last error,
@@ -208,7 +218,7 @@ impl Admin {
 }
 
 /// A listed row from the columns the queries select.
-fn listed(row: Listed) -> Row {
+fn listed(row: Listed) -> Result<Row, StoreError> {
     let (
         event_id,
         source,
@@ -236,9 +246,10 @@ fn listed(row: Listed) -> Row {
     )
 }
 
-fn with_head(head: &Head, detail: Detail) -> Row {
+fn with_head(head: &Head, detail: Detail) -> Result<Row, StoreError> {
     let (_, job_id, route, sink, status, attempts, next, detail) = detail;
-    Row {
+    let status = parse_status(&status, RowStatus::parse)?;
+    Ok(Row {
         event_id: head.event_id,
         job_id,
         source: head.source.clone(),
@@ -247,11 +258,11 @@ fn with_head(head: &Head, detail: Detail) -> Row {
         received_at: at(head.received_at),
         route,
         sink,
-        next_attempt_at: next.and_then(|next| retry_at(&status, next)),
+        next_attempt_at: next.and_then(|next| retry_at(status, next)),
         status,
         attempts: u32::try_from(attempts).unwrap_or(0),
         detail,
-    }
+    })
 }
 
 impl AdminBackend for Admin {
@@ -324,7 +335,7 @@ impl AdminBackend for Admin {
         for detail in details {
             by_event.entry(detail.0).or_default().push(detail);
         }
-        Ok(events
+        events
             .iter()
             .map(|head| {
                 by_event
@@ -334,7 +345,7 @@ impl AdminBackend for Admin {
                     .map(|detail| with_head(head, detail))
                     .collect()
             })
-            .collect())
+            .collect()
     }
 
     fn with_status(
@@ -358,7 +369,7 @@ impl AdminBackend for Admin {
                 .bind(i64::try_from(limit).unwrap_or(i64::MAX))
                 .fetch_all(&mut *conn)
                 .await?;
-            Ok(rows.into_iter().map(listed).collect())
+            rows.into_iter().map(listed).collect()
         })
     }
 
@@ -392,35 +403,37 @@ impl AdminBackend for Admin {
             .bind(&ids)
             .fetch_all(&mut *conn)
             .await?;
-            Ok(jobs
-                .into_iter()
+            jobs.into_iter()
                 .map(
-                    |(id, route, sink, status, count, next, last_error, response)| JobDetail {
-                        id,
-                        route,
-                        sink,
-                        next_attempt_at: retry_at(&status, next),
-                        status,
-                        attempts: u32::try_from(count).unwrap_or(0),
-                        last_error,
-                        response,
-                        history: attempts
-                            .iter()
-                            .filter(|attempt| attempt.0 == id)
-                            .map(|(_, number, started, finished, outcome, error, response)| {
-                                Attempt {
-                                    number: u32::try_from(*number).unwrap_or(0),
-                                    started_at: at(*started),
-                                    finished_at: at(*finished),
-                                    outcome: outcome.clone(),
-                                    error: error.clone(),
-                                    response: response.clone(),
-                                }
-                            })
-                            .collect(),
+                    |(id, route, sink, status, count, next, last_error, response)| {
+                        let status = parse_status(&status, JobStatus::parse)?;
+                        Ok(JobDetail {
+                            id,
+                            route,
+                            sink,
+                            next_attempt_at: retry_at(status, next),
+                            status,
+                            attempts: u32::try_from(count).unwrap_or(0),
+                            last_error,
+                            response,
+                            history: attempts
+                                .iter()
+                                .filter(|attempt| attempt.0 == id)
+                                .map(|(_, number, started, finished, outcome, error, response)| {
+                                    Attempt {
+                                        number: u32::try_from(*number).unwrap_or(0),
+                                        started_at: at(*started),
+                                        finished_at: at(*finished),
+                                        outcome: outcome.clone(),
+                                        error: error.clone(),
+                                        response: response.clone(),
+                                    }
+                                })
+                                .collect(),
+                        })
                     },
                 )
-                .collect())
+                .collect()
         })
     }
 
@@ -430,7 +443,7 @@ impl AdminBackend for Admin {
                 .bind(job_id)
                 .fetch_optional(&mut *conn)
                 .await?;
-            Ok(job.map(job_state))
+            job.map(job_state).transpose()
         })
     }
 
@@ -440,7 +453,7 @@ impl AdminBackend for Admin {
                 .bind(event_id)
                 .fetch_all(&mut *conn)
                 .await?;
-            Ok(jobs.into_iter().map(job_state).collect())
+            jobs.into_iter().map(job_state).collect()
         })
     }
 

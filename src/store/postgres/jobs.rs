@@ -103,7 +103,7 @@ pub(super) async fn finish(
         for (job, outcome) in &attempt.outcomes {
             let (status, error, response, next) = outcome.columns(at);
             columns.ids.push(job.id);
-            columns.statuses.push(status);
+            columns.statuses.push(status.as_str());
             columns.errors.push(error);
             columns.responses.push(response);
             columns.next.push(next);

@@ -23,9 +23,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::events::row_to_event;
 use crate::store::admin::{
-    Access, AdminBackend, Attempt, Head, Indexed, JobDetail, JobState, Row, at, retry_at,
+    Access, AdminBackend, Attempt, Head, Indexed, JobDetail, JobState, Row, RowStatus, at, retry_at,
 };
-use crate::store::{StoreError, StoredEvent};
+use crate::store::{JobStatus, StoreError, StoredEvent};
 
 pub struct Admin {
     conn: Connection,
@@ -144,7 +144,7 @@ fn head_at(row: &rusqlite::Row<'_>) -> rusqlite::Result<Head> {
 
 /// A listed row: `head`, then a job's or a routing record's columns from `first` on.
 fn row_at(head: &Head, row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Row> {
-    let status: String = row.get(first + 3)?;
+    let status = status(row, first + 3, RowStatus::parse)?;
     let next: Option<i64> = row.get(first + 5)?;
     Ok(Row {
         event_id: head.event_id,
@@ -155,22 +155,36 @@ fn row_at(head: &Head, row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Resul
         received_at: at(head.received_at),
         route: row.get(first + 1)?,
         sink: row.get(first + 2)?,
-        next_attempt_at: next.and_then(|next| retry_at(&status, next)),
+        next_attempt_at: next.and_then(|next| retry_at(status, next)),
         status,
         attempts: row.get(first + 4)?,
         detail: row.get(first + 6)?,
     })
 }
 
+/// Column `i`, a stored status, as `parse` reads it: text no hookroute writes is an error, not
+/// a guess.
+fn status<T>(
+    row: &rusqlite::Row<'_>,
+    i: usize,
+    parse: fn(&str) -> Option<T>,
+) -> rusqlite::Result<T> {
+    let text: String = row.get(i)?;
+    parse(&text).ok_or_else(|| {
+        let unknown = format!("unknown status {text:?}");
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, unknown.into())
+    })
+}
+
 fn job_at(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobState> {
-    let status: String = row.get(4)?;
+    let status = status(row, 4, JobStatus::parse)?;
     let next: i64 = row.get(6)?;
     Ok(JobState {
         id: row.get(0)?,
         event_id: row.get(1)?,
         route: row.get(2)?,
         sink: row.get(3)?,
-        next_attempt_at: retry_at(&status, next),
+        next_attempt_at: retry_at(status, next),
         status,
         attempts: row.get(5)?,
     })
@@ -307,13 +321,13 @@ impl AdminBackend for Admin {
         )?;
         let mut details: Vec<JobDetail> = jobs
             .query_map([event_id], |row| {
-                let status: String = row.get(3)?;
+                let status = status(row, 3, JobStatus::parse)?;
                 let next: i64 = row.get(5)?;
                 Ok(JobDetail {
                     id: row.get(0)?,
                     route: row.get(1)?,
                     sink: row.get(2)?,
-                    next_attempt_at: retry_at(&status, next),
+                    next_attempt_at: retry_at(status, next),
                     status,
                     attempts: row.get(4)?,
                     last_error: row.get(6)?,

@@ -8,7 +8,7 @@ use rusqlite::trace::{TraceEvent, TraceEventCodes};
 use rusqlite::{StatementStatus, params};
 
 use super::*;
-use crate::store::admin::{Filter, Tools};
+use crate::store::admin::{Filter, RowStatus, Tools};
 
 /// A database with `events` events from two sources: most delivered, some dead, failed,
 /// pending, suppressed or unrouted, spread over the whole history.
@@ -64,22 +64,14 @@ fn history(events: i64) -> (tempfile::TempDir, std::path::PathBuf) {
 
 /// What the commands ask: every filter, `--since`, and `show`.
 fn every_command(admin: &Tools, events: i64) {
-    let mut filters: Vec<Filter> = [
-        None,
-        Some("succeeded"),
-        Some("pending"),
-        Some("failed"),
-        Some("dead"),
-        Some("suppressed"),
-        Some("unrouted"),
-    ]
-    .into_iter()
-    .map(|status| Filter {
-        status: status.map(Into::into),
-        limit: 20,
-        ..Filter::default()
-    })
-    .collect();
+    let mut filters: Vec<Filter> = std::iter::once(None)
+        .chain(RowStatus::ALL.map(Some))
+        .map(|status| Filter {
+            status,
+            limit: 20,
+            ..Filter::default()
+        })
+        .collect();
     filters.push(Filter {
         source: Some("scorecard".into()),
         limit: 20,

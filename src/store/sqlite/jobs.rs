@@ -31,7 +31,7 @@ pub(super) fn record_attempt(
         let (status, error, response, next) = outcome.columns(at);
         update.execute(params![
             job.id,
-            status,
+            status.as_str(),
             error,
             response,
             next,
@@ -43,7 +43,7 @@ pub(super) fn record_attempt(
             job.attempt,
             started_at,
             at,
-            status,
+            status.as_str(),
             error,
             response
         ])?;
