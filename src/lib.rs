@@ -123,7 +123,12 @@ pub async fn run_with_clock(
         Arc::clone(&clock),
         Arc::clone(&metrics),
     );
-    let watchdog = tokio::spawn(watchdog(store.clone(), engine.heartbeat(), stop.clone()));
+    let watchdog = tokio::spawn(watchdog(
+        store.clone(),
+        Arc::clone(&clock),
+        engine.heartbeat(),
+        stop.clone(),
+    ));
     let engine = tokio::spawn(engine.run(stop.clone()));
     let intake = intake::Intake::new(
         store.clone(),
@@ -142,6 +147,7 @@ pub async fn run_with_clock(
         app.clone(),
         store.clone(),
         config.storage.clone(),
+        Arc::clone(&clock),
         stop.clone(),
     ));
     for warning in config.warnings() {
@@ -192,7 +198,12 @@ pub async fn run_with_clock(
 /// every half interval, the database writer must commit and flush a write, and the delivery
 /// engine must have turned. A wedged writer or engine stops the pings, and systemd restarts
 /// the service; a merely slow one gets the other half of the interval.
-async fn watchdog(store: Store, engine: Arc<AtomicU64>, stop: CancellationToken) {
+async fn watchdog(
+    store: Store,
+    clock: Arc<dyn clock::Clock>,
+    engine: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
     let Some(interval) = sd_notify::watchdog_enabled() else {
         return;
     };
@@ -204,7 +215,7 @@ async fn watchdog(store: Store, engine: Arc<AtomicU64>, stop: CancellationToken)
             () = stop.cancelled() => return,
         }
         let writer = matches!(
-            tokio::time::timeout(period, store.touch()).await,
+            tokio::time::timeout(period, store.touch(clock.now())).await,
             Ok(Ok(()))
         );
         let turn = engine.load(Ordering::Relaxed);
@@ -304,8 +315,14 @@ async fn reload_on_hangup(
 
 /// Periodic housekeeping: the rate limiter's memory, and (a task of its own, since a backlog
 /// can take minutes) the retention of dedupe records, events and throttle windows.
-async fn upkeep(app: http::App, store: Store, storage: StorageConfig, stop: CancellationToken) {
-    let retention = tokio::spawn(retention(store, storage, stop.clone()));
+async fn upkeep(
+    app: http::App,
+    store: Store,
+    storage: StorageConfig,
+    clock: Arc<dyn clock::Clock>,
+    stop: CancellationToken,
+) {
+    let retention = tokio::spawn(retention(store, storage, clock, stop.clone()));
     let mut tick = tokio::time::interval(LIMITER_UPKEEP);
     loop {
         tokio::select! {
@@ -317,7 +334,12 @@ async fn upkeep(app: http::App, store: Store, storage: StorageConfig, stop: Canc
 }
 
 /// Prunes at start-up and then every [`PRUNE_EVERY`], until `stop`.
-async fn retention(store: Store, storage: StorageConfig, stop: CancellationToken) {
+async fn retention(
+    store: Store,
+    storage: StorageConfig,
+    clock: Arc<dyn clock::Clock>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(PRUNE_EVERY);
     loop {
         tokio::select! {
@@ -330,7 +352,7 @@ async fn retention(store: Store, storage: StorageConfig, stop: CancellationToken
             // A day past the newest window, on the events' clock: margin for late events.
             (Prunable::Throttles, THROTTLE_MARGIN),
         ] {
-            if prune(&store, what, keep, &stop).await.is_err() {
+            if prune(&store, &*clock, what, keep, &stop).await.is_err() {
                 return; // stopping
             }
         }
@@ -352,6 +374,7 @@ async fn pause(started: tokio::time::Instant, stop: &CancellationToken) -> Resul
 /// returns the space freed, in the same way. `Err` if the daemon stops meanwhile.
 async fn prune(
     store: &Store,
+    clock: &dyn clock::Clock,
     what: Prunable,
     keep: Duration,
     stop: &CancellationToken,
@@ -359,7 +382,7 @@ async fn prune(
     let (mut pruned, mut from) = (0, 0);
     loop {
         let started = tokio::time::Instant::now();
-        match store.prune(what, keep, from, PRUNE_STEP).await {
+        match store.prune(what, keep, from, PRUNE_STEP, clock.now()).await {
             Ok(step) => {
                 pruned += step.removed;
                 let Some(next) = step.next else { break };

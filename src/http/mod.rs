@@ -191,7 +191,7 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    match state.store.touch().await {
+    match state.store.touch(state.clock.now()).await {
         Ok(()) => (
             StatusCode::OK,
             axum::Json(serde_json::json!({ "status": "ready" })),

@@ -393,10 +393,10 @@ pub trait Storage: Send + Sync {
     ///
     /// # Errors
     /// [`StoreError`] when it does not.
-    async fn touch(&self) -> Result<(), StoreError>;
+    async fn touch(&self, now: Timestamp) -> Result<(), StoreError>;
 
-    /// One step of pruning `what` older than `keep`: looks at up to `limit` records from
-    /// `from` on (0, or the previous step's `next`) and deletes those expired.
+    /// One step of pruning `what` older than `keep` at `now`: looks at up to `limit` records
+    /// from `from` on (0, or the previous step's `next`) and deletes those expired.
     ///
     /// # Errors
     /// [`StoreError`] when the write failed.
@@ -406,6 +406,7 @@ pub trait Storage: Send + Sync {
         keep: std::time::Duration,
         from: i64,
         limit: usize,
+        now: Timestamp,
     ) -> Result<PruneStep, StoreError>;
 
     /// Returns up to `pages` pages of the space pruning freed to the file system; answers how

@@ -368,7 +368,7 @@ impl Storage for PostgresStore {
 
     /// Ready when new events commit (the last transaction with some did not run out of time)
     /// and this replica can beat.
-    async fn touch(&self) -> Result<(), StoreError> {
+    async fn touch(&self, _now: Timestamp) -> Result<(), StoreError> {
         if self.committer.is_stalled() {
             return Err(StoreError::Timeout);
         }
@@ -381,8 +381,9 @@ impl Storage for PostgresStore {
         keep: Duration,
         from: i64,
         limit: usize,
+        now: Timestamp,
     ) -> Result<PruneStep, StoreError> {
-        retention::prune(&self.pool, what, keep, from, limit).await
+        retention::prune(&self.pool, what, keep, from, limit, now).await
     }
 
     async fn reclaim(&self, _pages: usize) -> Result<usize, StoreError> {

@@ -17,6 +17,7 @@ pub(super) async fn prune(
     keep: Duration,
     from: i64,
     limit: usize,
+    now: Timestamp,
 ) -> Result<PruneStep, StoreError> {
     let keep = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
     let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -32,7 +33,7 @@ pub(super) async fn prune(
             next: None,
         });
     }
-    let now = Timestamp::now().as_millisecond();
+    let now = now.as_millisecond();
     let before = now.saturating_sub(keep);
     let step = match what {
         Prunable::Dedupe => {

@@ -276,9 +276,9 @@ impl Storage for SqliteStore {
         self.read(jobs::waiting).await
     }
 
-    async fn touch(&self) -> Result<(), StoreError> {
+    async fn touch(&self, now: Timestamp) -> Result<(), StoreError> {
         self.submit(Op::Touch {
-            at: Timestamp::now().as_millisecond(),
+            at: now.as_millisecond(),
         })
         .await
         .map(|_| ())
@@ -290,12 +290,13 @@ impl Storage for SqliteStore {
         keep: std::time::Duration,
         from: i64,
         limit: usize,
+        now: Timestamp,
     ) -> Result<PruneStep, StoreError> {
         let keep = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
         let op = Op::Prune {
             what,
             keep,
-            now: Timestamp::now().as_millisecond(),
+            now: now.as_millisecond(),
             from,
             limit,
         };
