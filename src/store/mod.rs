@@ -29,6 +29,10 @@ use crate::config::{Backend, StorageConfig};
 use crate::event::Event;
 use crate::metrics::SinkQueue;
 
+/// A database driver's error (rusqlite's, sqlx's), kept as the source of a [`StoreError`]:
+/// the driver types stay inside their backends.
+pub type DriverError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot create the database directory {path}: {source}")]
@@ -47,10 +51,7 @@ pub enum StoreError {
     )]
     PermissionDenied { path: PathBuf },
     #[error("cannot open the database {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    Open { path: PathBuf, source: DriverError },
     #[error(
         "the database {database} has schema version {version}, this hookroute knows version {known}: {}",
         if version > known {
@@ -65,10 +66,9 @@ pub enum StoreError {
         version: i64,
         known: i64,
     },
+    /// A query failed; the backend's driver says why (each backend converts its own errors).
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("database error: {0}")]
-    Postgres(#[from] sqlx::Error),
+    Query(#[source] DriverError),
     /// The database's password could not be read (the message names the key, never the secret).
     #[error("{0}")]
     Secret(String),

@@ -147,11 +147,7 @@ fn job_state(columns: JobStateColumns) -> Result<JobState, StoreError> {
 
 /// A stored status as `parse` reads it: text no hookroute writes is an error, not a guess.
 fn parse_status<T>(text: &str, parse: fn(&str) -> Option<T>) -> Result<T, StoreError> {
-    parse(text).ok_or_else(|| {
-        StoreError::Postgres(sqlx::Error::Decode(
-            format!("unknown status {text:?}").into(),
-        ))
-    })
+    parse(text).ok_or_else(|| sqlx::Error::Decode(format!("unknown status {text:?}").into()).into())
 }
 
 /// A job as `show` selects it: id, route, sink, status, attempts, next attempt, last error,

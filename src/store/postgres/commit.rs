@@ -197,9 +197,7 @@ async fn commit(pool: &sqlx::PgPool, replica: i64, batch: Vec<Write>, stalled: &
                 finishes.settle(outcome.map(drop));
             }
         }
-        Err(StoreError::Postgres(sqlx::Error::Database(err)))
-            if inserts.writes.len() + finishes.writes.len() > 1 =>
-        {
+        Err(err) if refused(&err) && inserts.writes.len() + finishes.writes.len() > 1 => {
             tracing::debug!(error = %err, "a transaction was refused; writing its parts one by one");
             for ((new, reply), deadline) in
                 inserts.writes.iter().zip(inserts.replies).zip(deadlines)
@@ -238,8 +236,21 @@ async fn commit(pool: &sqlx::PgPool, replica: i64, batch: Vec<Write>, stalled: &
 fn is_timeout(err: &StoreError) -> bool {
     match err {
         StoreError::Timeout => true,
-        StoreError::Postgres(sqlx::Error::Database(db)) => db.code().as_deref() == Some("57014"),
-        _ => false,
+        err => database_error(err).is_some_and(|db| db.code().as_deref() == Some("57014")),
+    }
+}
+
+/// Whether the server refused a statement (a constraint, a conflict), as opposed to the
+/// connection failing.
+fn refused(err: &StoreError) -> bool {
+    database_error(err).is_some()
+}
+
+/// The server's own error, when `err` is one.
+fn database_error(err: &StoreError) -> Option<&dyn sqlx::error::DatabaseError> {
+    match err {
+        StoreError::Query(source) => source.downcast_ref::<sqlx::Error>()?.as_database_error(),
+        _ => None,
     }
 }
 

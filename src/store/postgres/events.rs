@@ -89,7 +89,7 @@ fn at(of: &[usize], position: i64) -> Result<usize, StoreError> {
     usize::try_from(position - 1)
         .ok()
         .and_then(|i| of.get(i).copied())
-        .ok_or(StoreError::Postgres(sqlx::Error::RowNotFound))
+        .ok_or_else(|| sqlx::Error::RowNotFound.into())
 }
 
 /// Inserts the delivery ids of `batch[sorted]`, in that order, and the events whose ids were
@@ -179,7 +179,7 @@ async fn first_copies(
     if rows.len() != seen.len() {
         // A key pruned between the insert that met it and this read: the sender's retry
         // stores the delivery anew.
-        return Err(StoreError::Postgres(sqlx::Error::RowNotFound));
+        return Err(sqlx::Error::RowNotFound.into());
     }
     rows.into_iter()
         .map(|(position, id)| Ok((at(seen, position)?, id)))

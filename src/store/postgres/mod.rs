@@ -454,6 +454,13 @@ impl Storage for PostgresStore {
     }
 }
 
+/// sqlx's errors, as the source of the storage error they cause.
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        Self::Query(Box::new(err))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

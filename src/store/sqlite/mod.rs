@@ -104,10 +104,7 @@ impl SqliteStore {
             path: path.clone(),
             source,
         })?;
-        let open_err = |source| StoreError::Open {
-            path: path.clone(),
-            source,
-        };
+        let open_err = open_error(&path);
         let mut writer = Connection::open(&path).map_err(open_err)?;
         writer.busy_timeout(config.busy_timeout).map_err(open_err)?;
         // A new database tracks its free pages, so pruning can return the space to the file
@@ -381,4 +378,19 @@ fn open_reader(path: &Path, config: &StorageConfig) -> rusqlite::Result<Connecti
     )?;
     conn.busy_timeout(config.busy_timeout)?;
     Ok(conn)
+}
+
+/// Turns rusqlite's error opening `path` into the storage error that names it.
+fn open_error(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + Copy + '_ {
+    |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    }
+}
+
+/// rusqlite's errors, as the source of the storage error they cause.
+impl From<rusqlite::Error> for StoreError {
+    fn from(err: rusqlite::Error) -> Self {
+        Self::Query(Box::new(err))
+    }
 }

@@ -199,10 +199,7 @@ pub(super) fn check_version(path: &Path, version: i64) -> Result<(), StoreError>
 /// Brings the schema up to date, then enforces foreign keys on `conn`. A database from a newer
 /// build is refused, not run on a schema this build does not know.
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
-    let open_err = |source| StoreError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
+    let open_err = super::open_error(path);
     let found = version(conn).map_err(open_err)?;
     if found > MIGRATIONS.len() as i64 {
         return check_version(path, found);
