@@ -1,6 +1,8 @@
 //! The baseline for `benches/ingest.sh`: a bare axum server answering every request with
 //! `200 OK`, on the same runtime settings hookroute uses. Prints `listening addr=<addr>`.
 
+#![allow(clippy::print_stdout)] // its report is what it prints
+
 use axum::Router;
 
 #[tokio::main]

@@ -15,6 +15,8 @@
 //! The body looks like a real one (findings with ids, titles and severities from a scanner's
 //! vocabulary), so it compresses as real bodies do: repeated filler would flatter storage.
 
+#![allow(clippy::print_stdout)] // its report is what it prints
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

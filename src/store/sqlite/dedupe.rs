@@ -250,7 +250,7 @@ impl Recent {
             }
         }
         if end == merging.keys.len() {
-            super::writer::set_meta(&tx, MERGED, &merging.last.to_string())?;
+            super::schema::set_meta(&tx, MERGED, &merging.last.to_string())?;
         }
         tx.commit()?;
         merging.done = end;

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use crate::store::StoreError;
 
@@ -222,6 +222,17 @@ fn apply(conn: &mut Connection) -> rusqlite::Result<()> {
     }
     tx.commit()?;
     conn.pragma_update(None, "foreign_keys", true)
+}
+
+/// Sets `key` of the `meta` table (defined here, with every table), in the writer's
+/// transaction `tx`.
+pub(super) fn set_meta(tx: &Transaction<'_>, key: &str, value: &str) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(rusqlite::params![key, value])?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use rusqlite::{Connection, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::dedupe::Recent;
@@ -239,7 +239,7 @@ fn apply(tx: &Transaction<'_>, recent: &mut Recent, op: &Op) -> rusqlite::Result
             Done::Unit
         }
         Op::Touch { at } => {
-            set_meta(tx, "last_ready_check", &at.to_string())?;
+            super::schema::set_meta(tx, "last_ready_check", &at.to_string())?;
             Done::Unit
         }
         Op::Prune {
@@ -252,15 +252,6 @@ fn apply(tx: &Transaction<'_>, recent: &mut Recent, op: &Op) -> rusqlite::Result
         Op::Reclaim(pages) => Done::Count(retention::reclaim(tx, *pages)?),
         Op::Shutdown => Done::Unit,
     })
-}
-
-pub(super) fn set_meta(tx: &Transaction<'_>, key: &str, value: &str) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT INTO meta (key, value) VALUES (?1, ?2)
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-    )?
-    .execute(params![key, value])?;
-    Ok(())
 }
 
 /// Copies the WAL back into the database file off the commit path: the writer has
