@@ -1,5 +1,5 @@
 //! The hand-off from ingest to sinks: the built sinks, and where an event goes. Routing runs
-//! in the ingest handler, before the event is stored, and the store applies the decision
+//! in [`intake`](crate::intake), before the event is stored, and the store applies the decision
 //! (jobs, throttles, what created no job) in the transaction that stores the event: an event
 //! is never stored unrouted, so there is nothing to dispatch after a crash and nothing to
 //! read back. The delivery engine takes the jobs from there.

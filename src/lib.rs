@@ -16,8 +16,10 @@
 //!
 //! Dependencies point one way, and a test (`tests/it/layout.rs`) keeps it so: `cli` and
 //! `http` → `intake` → `dispatch`, `store`, `delivery`; `delivery` → `dispatch`, `store`,
-//! `sinks`, `templates`; `dispatch` → `config`, `sinks`; `config` → `rules`, `sinks`,
-//! `signature`, `templates`; `store` → `rules` (throttle windows are kept with the events).
+//! `sinks`, `templates`; `dispatch` → `config`, `sinks`, `store` (the routing decision's
+//! types); `config` → `rules`, `sinks`, `signature`, `templates`; `store` → `config` (its
+//! settings), `rules` (throttle windows are kept with the events), `metrics` (the queue
+//! gauges' type); `sinks` → `signature` (the http sink signs), `templates`.
 //! Sinks never see HTTP requests or the database; `rules`, `signature`, `event` and
 //! `templates` do no I/O.
 

@@ -19,6 +19,26 @@
 //! copy, written due only [`HANDOFF_GRACE`] later (see [`crate::store::Handoff`]). Everything else is read
 //! from the database: jobs of digests, of a sink whose hand-over queue is full, retries,
 //! re-queued jobs, and whatever an earlier run left.
+//!
+//! # The life of a job
+//!
+//! One job per (event, route, sink). Its row's status is a [`JobStatus`](crate::store::JobStatus);
+//! the other states live in memory (this daemon's) or in a lease (PostgreSQL's replicas).
+//! Every place that moves a job says so and points here.
+//!
+//! | state | where it is | moved on by |
+//! | --- | --- | --- |
+//! | **stored** (`pending`) | a row, due now, or (handed over) at its fallback, [`HANDOFF_GRACE`] later | `Storage::insert`, with its event, in one transaction (`intake`); `replay` adds one (`store::admin::Tools::enqueue`) |
+//! | **handed over** | [`NewJobs`], with its event, in this daemon's memory | `NewJobs::hand_over` after the insert is durable; taken by a turn (`take_handed`), or given back (`NewJobs::release`, `Storage::release`: due at once) |
+//! | **held** | [`inbox::Held`]: left out of every read while an attempt runs | a turn's claim (`Storage::due_jobs`, or a hand-over taken) |
+//! | **leased** (PostgreSQL) | `jobs.leased_by`: this replica's until the lease lapses | `due_jobs` claims with the hold; a replica that stops renewing loses its leases, and another claims the jobs |
+//! | **failed** | a row due again at its next try | `Storage::finish_attempt` with a retryable error (`retry`); `hookroute retry` makes it due now |
+//! | **succeeded** | a row, with its attempts | `finish_attempt`; pruned with its event |
+//! | **dead** | a row waiting for an operator | `finish_attempt` (a permanent error, out of attempts or time); a sink removed by a reload (`Engine::bury_orphans`); `hookroute dead-letter retry` makes it `pending` with fresh attempts |
+//!
+//! A process that dies loses only memory: held and handed-over jobs are still `pending` rows,
+//! due again at the next start (SQLite makes handed-over rows due at once then; PostgreSQL's
+//! leases lapse), so delivery is at least once.
 
 mod attempt;
 mod inbox;
@@ -115,9 +135,8 @@ impl Engine {
     /// last look at the whole queue found due, for as long as they keep finding jobs. The
     /// whole queue (digests, retries coming due, re-queued jobs, removed sinks) is looked at
     /// when it said something would be due, and at least every `POLL`. Under a flood a turn
-    /// comes with every few deliveries, and reading the whole queue each time was measurable:
-    /// without it, 5% to 20% more events were delivered during the benchmark's flood, at the
-    /// same ingest rate.
+    /// comes with every few deliveries, and reading the whole queue each time held delivery
+    /// back (measured: benches/LOG.md).
     pub async fn run(self, stop: CancellationToken) -> JoinSet<()> {
         let mut turns = Turns::new(self.clock.now());
         while !stop.is_cancelled() {
@@ -266,6 +285,7 @@ impl Engine {
     /// Jobs for a sink the configuration no longer has (removed by a reload) would wait
     /// forever: dead-letter them, visibly, so `dead-letter retry` can revive them if the sink
     /// comes back.
+    /// (A step in the life of a job: the module docs.)
     async fn bury_orphans(&self, sink: &str) {
         // Every job of the sink, however far off its next try.
         let due = self.store.due_jobs(

@@ -6,8 +6,7 @@
 //!
 //! Compression runs on the request's own task, before the body reaches the single writer, so
 //! its cost is CPU on every request: LZ4 because it has no entropy stage. zstd at its fastest
-//! level kept a 1 KiB scanner body 2 % smaller but took twice as long: about 3 µs more of the
-//! 70 µs of CPU a delivered event took under a flood (benches/README.md).
+//! level kept a scanner body barely smaller for twice the time (benches/LOG.md).
 
 use std::borrow::Cow;
 

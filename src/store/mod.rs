@@ -1,7 +1,10 @@
 //! Storage: what the rest of the daemon needs from a database, as one trait ([`Storage`]) and
-//! the types it speaks, so a second backend implements the trait without touching `http`,
-//! `intake`, `rules` or `delivery`. The one backend today is SQLite ([`sqlite`]), with its
-//! single-writer group commit; `hookroute`'s durability guarantees are the trait's contract:
+//! the types it speaks, so a backend implements the trait without touching `http`, `intake`,
+//! `rules` or `delivery`. Two do: SQLite ([`sqlite`], one daemon, a single writer with group
+//! commit) and PostgreSQL ([`postgres`], several daemons sharing the database, jobs leased).
+//! What is decided rather than stored is written once here, above them: when a digest is due
+//! ([`digest_due`]), the statuses ([`JobStatus`]), the operator's queries
+//! ([`admin::Tools`]). `hookroute`'s durability guarantees are the trait's contract:
 //!
 //! - [`Storage::insert`] answers only once the event, its routing outcome and its delivery id
 //!   are durable (a 2xx may follow), and stores nothing when it fails;
@@ -245,7 +248,7 @@ pub struct DueSummary {
     pub oldest: Timestamp,
 }
 
-/// Where a job stands (the life of a job: the `delivery` module's docs). Stored as its name,
+/// Where a job stands (the life of a job: [`crate::delivery`]). Stored as its name,
 /// the same text on both backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -344,6 +347,7 @@ pub trait Storage: Send + Sync {
     /// routing outcome, unless its delivery id was seen: each of `routes` becomes jobs (or a
     /// suppressed record when its throttle window is closed); the jobs of `handoff`'s sinks
     /// come due only at its fallback. Answers once all of it is durable.
+    /// (A step in the life of a job: [`crate::delivery`].)
     ///
     /// # Errors
     /// [`StoreError`] when it was not stored; nothing was.
@@ -358,7 +362,8 @@ pub trait Storage: Send + Sync {
 
     /// Up to `limit` jobs of `sink` due by `now`, oldest due first, each with its event,
     /// leaving out `held` (the jobs the engine is attempting). With `hold`, none until the
-    /// oldest due job has waited that long; then all of them (a digest).
+    /// oldest due job has waited that long ([`digest_due`]); then all of them (a digest).
+    /// (A step in the life of a job: [`crate::delivery`].)
     ///
     /// # Errors
     /// [`StoreError`] on a database error.
@@ -373,6 +378,7 @@ pub trait Storage: Send + Sync {
 
     /// Records an attempt that ran from `started_at` to `finished_at` and moves its jobs on:
     /// each succeeded, failed (due again later) or dead.
+    /// (A step in the life of a job: [`crate::delivery`].)
     ///
     /// # Errors
     /// [`StoreError`] when the write failed; the jobs stay due.
@@ -439,6 +445,7 @@ pub trait Storage: Send + Sync {
 
     /// Lets go of `jobs` this daemon took (handed over, never attempted): anyone may attempt
     /// them now. On a database only one daemon serves, their rows already say when.
+    /// (A step in the life of a job: [`crate::delivery`].)
     ///
     /// # Errors
     /// [`StoreError`] when the write failed; the jobs are released when this daemon stops.

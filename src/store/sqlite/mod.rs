@@ -119,12 +119,11 @@ impl SqliteStore {
         }
         // The page cache is small on purpose: when a B-tree split renumbers pages SQLite
         // parks one at a page number past 1 GiB, after which the next commit scans the whole
-        // cache for pages past the end of the file. At 64 MiB that scan alone was 5% of the
-        // daemon's CPU under load. Nor is the file memory-mapped: what the writer reads
-        // besides the hot pages (a delivery id's index leaf, say) comes from the kernel's page
-        // cache just as fast, while every page read through a map stays in the daemon's
-        // resident memory (a 256 MiB map made it 75 MiB under a flood and 277 MiB while
-        // pruning, for no measurable gain in throughput).
+        // cache for pages past the end of the file, which with a large cache cost a visible
+        // share of the daemon's CPU under load. Nor is the file memory-mapped: what the writer
+        // reads besides the hot pages (a delivery id's index leaf, say) comes from the
+        // kernel's page cache just as fast, while every page read through a map stays in the
+        // daemon's resident memory (the measurements: benches/LOG.md).
         writer
             .execute_batch(
                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;

@@ -177,8 +177,8 @@ fn send_replies(replies: Replies) {
 /// How the syncer answers: through a task on `runtime` if there is one. A reply sent from the
 /// syncer thread wakes its handler through the runtime's shared queue, often unparking a
 /// worker, a futex call each; sent from a task on the runtime it is a push onto a local
-/// queue. So a flush costs one wake from outside, however many requests it answers (ingest
-/// +5% to +10%).
+/// queue. So a flush costs one wake from outside, however many requests it answers
+/// (measured: benches/LOG.md).
 pub(super) fn replier(runtime: Option<tokio::runtime::Handle>) -> impl FnMut(Replies) {
     let to_task = runtime.map(|runtime| {
         let (to_task, mut flushed) = mpsc::unbounded_channel::<Replies>();
