@@ -6,6 +6,7 @@ mod harness;
 mod postgres;
 
 mod cli;
+mod conformance;
 mod dedupe;
 mod delivery;
 mod deploy;

@@ -173,6 +173,19 @@ impl Recent {
         }
     }
 
+    /// Forgets the keys in memory received before `before` (unix milliseconds), as pruning
+    /// deletes the table's: a key the retention let go of is new again, merged or not.
+    pub(super) fn forget_before(&mut self, before: i64) {
+        for ids in self.committed.by_source.values_mut() {
+            ids.retain(|_, seen| seen.at >= before);
+        }
+        let merging = &mut self.merging;
+        let waiting = merging.keys.split_off(merging.done);
+        merging
+            .keys
+            .extend(waiting.into_iter().filter(|(_, _, seen)| seen.at >= before));
+    }
+
     /// The batch rolled back: its events were never stored.
     pub(super) fn roll_back(&mut self) {
         self.staged = Keys::default();

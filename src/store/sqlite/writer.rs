@@ -248,7 +248,13 @@ fn apply(tx: &Transaction<'_>, recent: &mut Recent, op: &Op) -> rusqlite::Result
             now,
             from,
             limit,
-        } => Done::Pruned(retention::prune(tx, *what, *keep, *now, *from, *limit)?),
+        } => {
+            if *what == Prunable::Dedupe {
+                // Keys not merged yet expire as the table's do.
+                recent.forget_before(now.saturating_sub(*keep));
+            }
+            Done::Pruned(retention::prune(tx, *what, *keep, *now, *from, *limit)?)
+        }
         Op::Reclaim(pages) => Done::Count(retention::reclaim(tx, *pages)?),
         Op::Shutdown => Done::Unit,
     })

@@ -1,0 +1,380 @@
+//! The storage contract, checked through the [`Storage`] trait only, the same test on each
+//! backend (SQLite in a temporary file, a database of the throwaway PostgreSQL cluster): what
+//! the daemon relies on, whatever answers it. No test here reads a table; the schema's own
+//! tests do that.
+//!
+//! Time is the caller's: every call that decides by time is given `now`, so windows of hours
+//! are stepped, not waited for.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use hookroute::event::Event;
+use hookroute::store::{
+    AttemptOutcome, DueJob, Handoff, Inserted, Job, Prunable, RouteTo, Store, StoreError,
+};
+use jiff::Timestamp;
+
+use crate::harness::*;
+
+/// A store of the running test's backend, in (or named from) `dir`.
+async fn store(dir: &std::path::Path) -> Store {
+    let path = dir.join("hookroute.toml");
+    std::fs::write(&path, config(dir, NO_LIMITS, &standard_rest(dir))).unwrap();
+    let config = hookroute::config::load(&path).unwrap();
+    hookroute::store::open(&config.storage).await.unwrap()
+}
+
+fn t0() -> Timestamp {
+    "2026-12-01T10:00:00Z".parse().unwrap()
+}
+
+fn after(at: Timestamp, seconds: i64) -> Timestamp {
+    at + jiff::SignedDuration::from_secs(seconds)
+}
+
+fn event(id: &str) -> (Event, Vec<u8>) {
+    let body = serde_json::json!({
+        "id": id, "type": "scan.completed", "created_at": "2026-12-01T09:59:00Z",
+        "data": {"domain": "example.com", "score": 61}
+    })
+    .to_string()
+    .into_bytes();
+    (Event::parse("cl", &body, None, None).unwrap(), body)
+}
+
+fn to(sinks: &[&str]) -> Vec<RouteTo> {
+    vec![RouteTo {
+        route: "all".into(),
+        throttle: None,
+        sinks: sinks.iter().map(|s| (*s).to_owned()).collect(),
+    }]
+}
+
+/// Stores a new event routed to `sinks` at `at`; its id.
+async fn insert(store: &Store, id: &str, sinks: &[&str], at: Timestamp) -> i64 {
+    let (event, body) = event(id);
+    match store
+        .insert(&event, &body, at, to(sinks), Handoff::default())
+        .await
+        .unwrap()
+    {
+        Inserted::New { id, .. } => id,
+        other => panic!("{id} was not new: {other:?}"),
+    }
+}
+
+async fn due(store: &Store, sink: &str, at: Timestamp) -> Vec<DueJob> {
+    store
+        .due_jobs(sink, 100, None, at, HashSet::new())
+        .await
+        .unwrap()
+}
+
+async fn finish(store: &Store, job: &Job, outcome: AttemptOutcome, at: Timestamp) {
+    store
+        .finish_attempt(vec![(job.clone(), outcome)], at, at)
+        .await
+        .unwrap();
+}
+
+on_both_backends!(a_delivery_id_is_stored_once_until_it_expires);
+
+/// Dedupe: a repeat is a duplicate of the first copy, however many arrive at once; pruned
+/// past its retention, the id is new again.
+async fn a_delivery_id_is_stored_once_until_it_expires() {
+    let dir = tempdir();
+    let store = store(dir.path()).await;
+    let first = insert(&store, "once", &["a"], t0()).await;
+    let copies = (0..20).map(|_| {
+        let store = store.clone();
+        async move {
+            let (event, body) = event("once");
+            store
+                .insert(&event, &body, t0(), to(&["a"]), Handoff::default())
+                .await
+                .unwrap()
+        }
+    });
+    for copy in futures_util::future::join_all(copies).await {
+        assert_eq!(copy, Inserted::Duplicate(first));
+    }
+    // Twenty copies at once of a new id: one is new, the rest are its duplicates.
+    let racing = (0..20).map(|_| {
+        let store = store.clone();
+        async move {
+            let (event, body) = event("racing");
+            store
+                .insert(&event, &body, t0(), to(&["a"]), Handoff::default())
+                .await
+                .unwrap()
+        }
+    });
+    let answers = futures_util::future::join_all(racing).await;
+    let new: Vec<i64> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Inserted::New { id, .. } => Some(*id),
+            Inserted::Duplicate(_) => None,
+        })
+        .collect();
+    assert_eq!(new.len(), 1, "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|a| matches!(a, Inserted::New { .. }) || *a == Inserted::Duplicate(new[0])),
+        "{answers:?}"
+    );
+
+    // A week later, with a retention of a day, the ids are forgotten.
+    let week = after(t0(), 7 * 86_400);
+    prune_all(&store, Prunable::Dedupe, Duration::from_secs(86_400), week).await;
+    let again = insert(&store, "once", &["a"], week).await;
+    assert!(again > first);
+    store.close().await;
+}
+
+/// Prunes `what` older than `keep` at `now`, step by step, to the end; how many went.
+async fn prune_all(store: &Store, what: Prunable, keep: Duration, now: Timestamp) -> usize {
+    let (mut removed, mut from) = (0, 0);
+    loop {
+        let step = store.prune(what, keep, from, 1000, now).await.unwrap();
+        removed += step.removed;
+        match step.next {
+            Some(next) => from = next,
+            None => return removed,
+        }
+    }
+}
+
+on_both_backends!(a_job_is_due_until_its_outcome_is_recorded);
+
+/// A job is due with its event until an attempt's outcome is recorded: failed, it is due
+/// again at its retry time (as its next attempt); succeeded or dead, never again. Jobs being
+/// attempted (`held`) are left out.
+async fn a_job_is_due_until_its_outcome_is_recorded() {
+    let dir = tempdir();
+    let store = store(dir.path()).await;
+    let id = insert(&store, "life", &["a", "b"], t0()).await;
+    let [due_a] = due(&store, "a", t0()).await.try_into().unwrap();
+    assert_eq!(due_a.job.event_id, id);
+    assert_eq!(due_a.job.attempt, 1);
+    assert_eq!(due_a.event.as_ref().unwrap().delivery_id, "life");
+    let held = HashSet::from([due_a.job.id]);
+    let others = store.due_jobs("a", 100, None, t0(), held).await.unwrap();
+    assert!(others.is_empty(), "a held job is left out: {others:?}");
+
+    // Failed: due again at its retry, an hour on, as the second attempt.
+    let retry_at = after(t0(), 3600);
+    let failed = AttemptOutcome::Failed {
+        error: "HTTP 503".into(),
+        response: "busy".into(),
+        retry_at,
+    };
+    finish(&store, &due_a.job, failed, t0()).await;
+    assert!(due(&store, "a", after(t0(), 60)).await.is_empty());
+    let [retried] = due(&store, "a", retry_at).await.try_into().unwrap();
+    assert_eq!((retried.job.id, retried.job.attempt), (due_a.job.id, 2));
+    let succeeded = AttemptOutcome::Succeeded {
+        response: "ok".into(),
+    };
+    finish(&store, &retried.job, succeeded, retry_at).await;
+    assert!(due(&store, "a", after(t0(), 86_400)).await.is_empty());
+
+    // Dead: never due again, counted for the operator.
+    let [due_b] = due(&store, "b", t0()).await.try_into().unwrap();
+    let dead = AttemptOutcome::Dead {
+        error: "HTTP 404".into(),
+        response: String::new(),
+    };
+    finish(&store, &due_b.job, dead, t0()).await;
+    assert!(due(&store, "b", after(t0(), 86_400)).await.is_empty());
+    let queues = store.queues(t0()).await.unwrap();
+    let b = queues.iter().find(|q| q.sink == "b").unwrap();
+    assert_eq!((b.waiting, b.dead), (0, 1), "{queues:?}");
+    store.close().await;
+}
+
+on_both_backends!(a_digest_waits_for_its_window_on_the_callers_clock);
+
+/// With a hold (a digest), nothing is due until the oldest job has waited the whole window;
+/// then everything waiting is. The window is stepped, not waited for.
+async fn a_digest_waits_for_its_window_on_the_callers_clock() {
+    let dir = tempdir();
+    let store = store(dir.path()).await;
+    insert(&store, "d-1", &["digest"], t0()).await;
+    insert(&store, "d-2", &["digest"], after(t0(), 300)).await;
+    let window = Duration::from_secs(15 * 60);
+    let at = |seconds| {
+        let store = store.clone();
+        async move {
+            store
+                .due_jobs(
+                    "digest",
+                    100,
+                    Some(window),
+                    after(t0(), seconds),
+                    HashSet::new(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    assert!(at(14 * 60).await.is_empty(), "held back within the window");
+    let summary = store.due_summary().await.unwrap();
+    assert_eq!(
+        hookroute::store::digest_due(summary["digest"].oldest, window),
+        after(t0(), 15 * 60),
+        "the engine looks again when the oldest job's window closes"
+    );
+    assert_eq!(at(15 * 60).await.len(), 2, "then all of it");
+    store.close().await;
+}
+
+on_both_backends!(handed_over_jobs_come_due_at_their_fallback);
+
+/// Jobs handed to the engine in memory are stored due only at the hand-over's fallback, so no
+/// read finds them meanwhile; at the fallback (the process died, say) they are due.
+async fn handed_over_jobs_come_due_at_their_fallback() {
+    let dir = tempdir();
+    let store = store(dir.path()).await;
+    let (event, body) = event("handed");
+    let handoff = Handoff {
+        sinks: vec!["a".into()],
+        fallback: after(t0(), 10),
+    };
+    let inserted = store
+        .insert(&event, &body, t0(), to(&["a", "b"]), handoff)
+        .await
+        .unwrap();
+    let Inserted::New { jobs, handed, .. } = inserted else {
+        panic!("{inserted:?}");
+    };
+    assert_eq!(jobs, 2);
+    let [handed] = handed.try_into().unwrap();
+    assert_eq!(handed.sink, "a");
+    assert!(due(&store, "a", after(t0(), 9)).await.is_empty());
+    assert_eq!(
+        due(&store, "b", t0()).await.len(),
+        1,
+        "not handed over: due now"
+    );
+    let [fallen] = due(&store, "a", after(t0(), 10)).await.try_into().unwrap();
+    assert_eq!(fallen.job.id, handed.id);
+    store.close().await;
+}
+
+on_both_backends!(a_throttle_suppresses_within_its_window_by_key);
+
+/// A route's throttle lets the first event per key through in a window (on the events' own
+/// clock) and records the rest as suppressed; another key, or the next window, passes.
+async fn a_throttle_suppresses_within_its_window_by_key() {
+    let dir = tempdir();
+    let store = store(dir.path()).await;
+    let throttled = |key: &str| {
+        vec![RouteTo {
+            route: "scans".into(),
+            throttle: Some((key.to_owned(), Duration::from_secs(3600))),
+            sinks: vec!["a".into()],
+        }]
+    };
+    let mut answers = Vec::new();
+    for (id, key, at) in [
+        ("t-1", "example.com", t0()),
+        ("t-2", "example.com", after(t0(), 60)),
+        ("t-3", "other.example", after(t0(), 120)),
+    ] {
+        let (mut event, body) = event(id);
+        event.occurred_at = Some(at);
+        let inserted = store
+            .insert(&event, &body, at, throttled(key), Handoff::default())
+            .await
+            .unwrap();
+        let Inserted::New {
+            jobs, suppressed, ..
+        } = inserted
+        else {
+            panic!("{inserted:?}");
+        };
+        answers.push((jobs, suppressed));
+    }
+    assert_eq!(
+        answers,
+        [(1, vec![]), (0, vec!["scans".to_owned()]), (1, vec![]),]
+    );
+    store.close().await;
+}
+
+on_both_backends!(the_tools_list_and_show_what_the_store_holds);
+
+/// The operator's tools, written once over each backend's primitives, read back what the
+/// trait stored: a page of events, rows by status, an event with its attempts.
+async fn the_tools_list_and_show_what_the_store_holds() {
+    use hookroute::store::admin::{Access, Filter, RowStatus};
+    let dir = tempdir();
+    let store = store(dir.path()).await;
+    let mut ids = Vec::new();
+    for n in 0..70 {
+        ids.push(insert(&store, &format!("tool-{n}"), &["a"], after(t0(), n)).await);
+    }
+    let [first] = due(&store, "a", t0())
+        .await
+        .into_iter()
+        .filter(|d| d.job.event_id == ids[0])
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap();
+    let dead = AttemptOutcome::Dead {
+        error: "HTTP 404".into(),
+        response: "gone".into(),
+    };
+    finish(&store, &first.job, dead, t0()).await;
+    store.close().await;
+
+    // The tools are synchronous (PostgreSQL's run a runtime of their own): off the test's.
+    let path = dir.path().join("hookroute.toml");
+    tokio::task::spawn_blocking(move || {
+        let config = hookroute::config::load(&path).unwrap();
+        let tools = hookroute::store::open_admin(&config.storage, Access::Read).unwrap();
+        let all = tools
+            .list(&Filter {
+                limit: 100,
+                ..Filter::default()
+            })
+            .unwrap();
+        assert_eq!(all.len(), 70, "more than one page of events");
+        assert_eq!(all[0].event_id, ids[69], "newest first");
+        let dead_rows = tools
+            .list(&Filter {
+                status: Some(RowStatus::Dead),
+                limit: 10,
+                ..Filter::default()
+            })
+            .unwrap();
+        assert_eq!(dead_rows.len(), 1);
+        assert_eq!(dead_rows[0].event_id, ids[0]);
+        let shown = tools.show(ids[0]).unwrap().unwrap();
+        let [job] = shown.jobs.try_into().unwrap();
+        assert_eq!(job.attempts, 1);
+        assert_eq!(job.history[0].error.as_deref(), Some("HTTP 404"));
+        assert!(tools.show(9_999).unwrap().is_none());
+    })
+    .await
+    .unwrap();
+}
+
+on_both_backends!(a_write_after_close_is_refused_not_lost);
+
+/// Once closed, a store refuses writes with an error rather than accepting what it cannot
+/// keep.
+async fn a_write_after_close_is_refused_not_lost() {
+    let dir = tempdir();
+    let store = store(dir.path()).await;
+    insert(&store, "before", &["a"], t0()).await;
+    store.close().await;
+    let (event, body) = event("after");
+    let refused: Result<Inserted, StoreError> = store
+        .insert(&event, &body, t0(), to(&["a"]), Handoff::default())
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+}
