@@ -378,3 +378,49 @@ async fn a_write_after_close_is_refused_not_lost() {
         .await;
     assert!(refused.is_err(), "{refused:?}");
 }
+
+on_both_backends!(pruning_takes_finished_events_and_leaves_waiting_ones);
+
+/// Events past their retention go with their jobs once nothing of them waits; an event with a
+/// job still waiting stays (and its job stays due) until that job is done.
+async fn pruning_takes_finished_events_and_leaves_waiting_ones() {
+    let dir = tempdir();
+    let store = store(dir.path()).await;
+    insert(&store, "finished", &["a"], t0()).await;
+    let waiting = insert(&store, "waiting", &["b"], t0()).await;
+    let [done] = due(&store, "a", t0()).await.try_into().unwrap();
+    let succeeded = AttemptOutcome::Succeeded {
+        response: String::new(),
+    };
+    finish(&store, &done.job, succeeded.clone(), t0()).await;
+
+    let week = after(t0(), 7 * 86_400);
+    let day = Duration::from_secs(86_400);
+    assert_eq!(prune_all(&store, Prunable::Events, day, week).await, 1);
+    let [still] = due(&store, "b", week).await.try_into().unwrap();
+    assert_eq!(still.job.event_id, waiting);
+    assert!(still.event.is_some(), "its event is kept with it");
+    finish(&store, &still.job, succeeded, week).await;
+    assert_eq!(prune_all(&store, Prunable::Events, day, week).await, 1);
+    // Nothing left to take.
+    assert_eq!(prune_all(&store, Prunable::Events, day, week).await, 0);
+    store.close().await;
+}
+
+on_both_backends!(the_queues_say_what_waits_and_for_how_long);
+
+/// What `/metrics` reads: per sink, the jobs waiting (pending or failed), the oldest one's
+/// age at the caller's `now`, and the dead letters.
+async fn the_queues_say_what_waits_and_for_how_long() {
+    let dir = tempdir();
+    let store = store(dir.path()).await;
+    insert(&store, "q-1", &["a"], t0()).await;
+    insert(&store, "q-2", &["a"], after(t0(), 60)).await;
+    let queues = store.queues(after(t0(), 120)).await.unwrap();
+    let [a] = queues.try_into().unwrap();
+    assert_eq!(a.sink, "a");
+    assert_eq!(a.waiting, 2);
+    assert_eq!(a.dead, 0);
+    assert_eq!(a.oldest_waiting, Duration::from_secs(120));
+    store.close().await;
+}
