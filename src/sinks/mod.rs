@@ -4,14 +4,14 @@
 //! configuration's [`SinkConfig`] implementation.
 //!
 //! Adding a sink, all of it:
-//! 1. a new file `src/sinks/<type>.rs` (and its `pub mod <type>;` line below), holding the
-//!    configuration struct (`#[serde(deny_unknown_fields)]`, with a `delivery:
-//!    DeliveryOptions` field), its [`SinkConfig`] implementation (overriding the defaults
-//!    only where the sink differs: a template, batches, digests, no rendered message), and the
-//!    running sink implementing [`Sink`];
-//! 2. one variant in [`SinkSpec`], one arm in [`SinkSpec::from_settings`] and its `type` in
-//!    [`SinkSpec::TYPES`];
-//! 3. one arm in the `each_sink!` dispatch.
+//! 1. a new file `src/sinks/<type>.rs`, holding the configuration struct
+//!    (`#[serde(deny_unknown_fields)]`, with a `delivery: DeliveryOptions` field), its
+//!    [`SinkConfig`] implementation (overriding the defaults only where the sink differs: a
+//!    template, batches, digests, no rendered message), and the running sink implementing
+//!    [`Sink`];
+//! 2. one line in the `sinks!` list below: its module, variant, configuration struct and
+//!    `type`. The module, [`SinkSpec`], [`SinkSpec::TYPES`], the parser and the dispatch come
+//!    from that line.
 //!
 //! Nothing else matches on the kinds of sink: routing, the engine, `check-config` and
 //! `route-test` ask [`SinkConfig`].
@@ -20,13 +20,7 @@
 //! Whether a failure is worth a retry is the sink's [`SinkError`] variant; what to do about it
 //! is decided in one place, `delivery::retry`.
 
-pub mod email;
-pub mod exec;
-pub mod file;
-pub mod http;
-pub mod log;
 mod options;
-pub mod slack;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -269,34 +263,66 @@ pub trait SinkConfig {
     }
 }
 
-/// A sink as configured: `[sinks.<name>]` with `type = "..."`.
-///
-/// Adding a sink takes one new file in `src/sinks/` (its configuration struct implementing
-/// [`SinkConfig`], and its [`Sink`]), one variant here, and one arm in each of
-/// [`SinkSpec::from_settings`] and `each_sink!`.
-#[derive(Debug, Clone)]
-pub enum SinkSpec {
-    File(file::FileSinkConfig),
-    Log(log::LogSinkConfig),
-    Slack(slack::SlackSinkConfig),
-    Http(http::HttpSinkConfig),
-    Exec(exec::ExecSinkConfig),
-    Email(email::EmailSinkConfig),
-}
+/// Every sink, named once: its module, its [`SinkSpec`] variant with its configuration
+/// struct, and its `type`. The modules, the enum, [`SinkSpec::TYPES`], the parser and the
+/// dispatch to each sink's [`SinkConfig`] are generated from the list, so no other place
+/// names the kinds of sink.
+macro_rules! sinks {
+    ($($module:ident: $variant:ident($config:ty) = $kind:literal),* $(,)?) => {
+        $(pub mod $module;)*
 
-/// `$body` with `$config` bound to the configuration struct of whichever sink `$spec` is: the
-/// one list of the variants that dispatch goes through.
-macro_rules! each_sink {
-    ($spec:expr, $config:ident => $body:expr) => {
-        match $spec {
-            SinkSpec::File($config) => $body,
-            SinkSpec::Log($config) => $body,
-            SinkSpec::Slack($config) => $body,
-            SinkSpec::Http($config) => $body,
-            SinkSpec::Exec($config) => $body,
-            SinkSpec::Email($config) => $body,
+        /// A sink as configured: `[sinks.<name>]` with `type = "..."`.
+        #[derive(Debug, Clone)]
+        pub enum SinkSpec {
+            $($variant($config),)*
+        }
+
+        impl SinkSpec {
+            /// Every `type` a sink may have.
+            pub const TYPES: &[&str] = &[$($kind),*];
+
+            /// The sink of type `kind` from its settings (its table without `type`).
+            ///
+            /// Each type's struct is deserialized directly rather than through serde's
+            /// buffered, internally tagged enum, so an error from a deserializer that tracks
+            /// key paths (figment's) names the field it is about: `config` uses this to point
+            /// at `sinks.ciso.to`.
+            ///
+            /// # Errors
+            /// An unknown `kind`, or the deserializer's error for the settings.
+            pub fn from_settings<'de, D: Deserializer<'de>>(
+                kind: &str,
+                settings: D,
+            ) -> Result<Self, D::Error> {
+                Ok(match kind {
+                    $($kind => Self::$variant(Deserialize::deserialize(settings)?),)*
+                    other => return Err(D::Error::unknown_variant(other, Self::TYPES)),
+                })
+            }
+
+            /// The sink's configuration and capabilities.
+            pub fn config(&self) -> &dyn SinkConfig {
+                match self {
+                    $(Self::$variant(config) => config,)*
+                }
+            }
+
+            fn config_mut(&mut self) -> &mut dyn SinkConfig {
+                match self {
+                    $(Self::$variant(config) => config,)*
+                }
+            }
         }
     };
+}
+
+sinks! {
+    file: File(file::FileSinkConfig) = "file",
+    log: Log(log::LogSinkConfig) = "log",
+    slack: Slack(slack::SlackSinkConfig) = "slack",
+    http: Http(http::HttpSinkConfig) = "http",
+    exec: Exec(exec::ExecSinkConfig) = "exec",
+    email: Email(email::EmailSinkConfig) = "email",
 }
 
 /// `type = "..."` picks the variant; the rest of the table are its settings.
@@ -313,41 +339,10 @@ impl<'de> Deserialize<'de> for SinkSpec {
 }
 
 impl SinkSpec {
-    /// Every `type` a sink may have.
-    pub const TYPES: &[&str] = &["file", "log", "slack", "http", "exec", "email"];
-
-    /// The sink of type `kind` from its settings (its table without `type`).
-    ///
-    /// Each type's struct is deserialized directly rather than through serde's buffered,
-    /// internally tagged enum, so an error from a deserializer that tracks key paths (figment's)
-    /// names the field it is about: `config` uses this to point at `sinks.ciso.to`.
-    ///
-    /// # Errors
-    /// An unknown `kind`, or the deserializer's error for the settings.
-    pub fn from_settings<'de, D: Deserializer<'de>>(
-        kind: &str,
-        settings: D,
-    ) -> Result<Self, D::Error> {
-        Ok(match kind {
-            "file" => Self::File(Deserialize::deserialize(settings)?),
-            "log" => Self::Log(Deserialize::deserialize(settings)?),
-            "slack" => Self::Slack(Deserialize::deserialize(settings)?),
-            "http" => Self::Http(Deserialize::deserialize(settings)?),
-            "exec" => Self::Exec(Deserialize::deserialize(settings)?),
-            "email" => Self::Email(Deserialize::deserialize(settings)?),
-            other => return Err(D::Error::unknown_variant(other, Self::TYPES)),
-        })
-    }
-
-    /// The sink's configuration and capabilities.
-    pub fn config(&self) -> &dyn SinkConfig {
-        each_sink!(self, config => config)
-    }
-
     /// Makes the settings' relative paths relative to `base`, the configuration file's
     /// directory, so a sink finds its files from whatever directory the daemon started in.
     pub fn relative_to(&mut self, base: &Path) {
-        each_sink!(self, config => config.relative_to(base));
+        self.config_mut().relative_to(base);
     }
 
     /// Every problem with the settings, the delivery options' included.
