@@ -377,7 +377,9 @@ pub trait Storage: Send + Sync {
     ) -> Result<Vec<DueJob>, StoreError>;
 
     /// Records an attempt that ran from `started_at` to `finished_at` and moves its jobs on:
-    /// each succeeded, failed (due again later) or dead.
+    /// each succeeded, failed (due again later) or dead. A job already finished (succeeded or
+    /// dead) stays so: a late outcome (a retried write, a replica whose lease lapsed) is
+    /// recorded as an attempt but revives nothing.
     /// (A step in the life of a job: [`crate::delivery`].)
     ///
     /// # Errors

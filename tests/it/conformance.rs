@@ -424,3 +424,29 @@ async fn the_queues_say_what_waits_and_for_how_long() {
     assert_eq!(a.oldest_waiting, Duration::from_secs(120));
     store.close().await;
 }
+
+on_both_backends!(a_late_outcome_does_not_revive_a_finished_job);
+
+/// An outcome recorded twice (a retried write, a replica that lost its lease and finished
+/// anyway) leaves a finished job finished: a success is never turned back into a retry.
+async fn a_late_outcome_does_not_revive_a_finished_job() {
+    let dir = tempdir();
+    let store = store(dir.path()).await;
+    insert(&store, "late", &["a"], t0()).await;
+    let [job] = due(&store, "a", t0()).await.try_into().unwrap();
+    let succeeded = AttemptOutcome::Succeeded {
+        response: "ok".into(),
+    };
+    finish(&store, &job.job, succeeded, t0()).await;
+    let late = AttemptOutcome::Failed {
+        error: "timeout".into(),
+        response: String::new(),
+        retry_at: after(t0(), 60),
+    };
+    finish(&store, &job.job, late, after(t0(), 1)).await;
+    assert!(
+        due(&store, "a", after(t0(), 3600)).await.is_empty(),
+        "a succeeded job came due again"
+    );
+    store.close().await;
+}

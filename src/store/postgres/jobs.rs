@@ -127,7 +127,7 @@ pub(super) async fn finish(
              UPDATE jobs j SET status = o.status, last_error = o.error, response = o.response,
                                next_attempt_at = o.next, updated_at = o.finished,
                                attempts = o.number, leased_by = NULL
-             FROM o WHERE j.id = o.id)
+             FROM o WHERE j.id = o.id AND j.status IN ('pending', 'failed'))
          INSERT INTO attempts (job_id, number, started_at, finished_at, outcome, error, response)
          SELECT id, number, started, finished, status, error, response FROM o",
     )

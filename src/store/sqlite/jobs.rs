@@ -21,7 +21,7 @@ pub(super) fn record_attempt(
     let mut update = tx.prepare_cached(
         "UPDATE jobs SET status = ?2, last_error = ?3, response = ?4, next_attempt_at = ?5, updated_at = ?6,
                         attempts = ?7
-         WHERE id = ?1",
+         WHERE id = ?1 AND status IN ('pending', 'failed')",
     )?;
     let mut record = tx.prepare_cached(
         "INSERT INTO attempts (job_id, number, started_at, finished_at, outcome, error, response)
