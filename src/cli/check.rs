@@ -218,8 +218,8 @@ fn explain(config: &Config, event: &Event) -> (String, usize) {
                         let _ = writeln!(out, "      | {}", printable(line));
                     }
                     // Slack and email show the link beside the message (`Delivery::context`).
-                    if let Some(link) = message.link.filter(|link| !message.body.contains(link)) {
-                        let _ = writeln!(out, "      link: {}", printable(&link));
+                    if let Some(link) = message.link_beside() {
+                        let _ = writeln!(out, "      link: {}", printable(link));
                     }
                 }
             }

@@ -67,8 +67,8 @@ pub(super) fn validate_routing(
 ) -> Routing {
     let base_dir = config_path.parent().unwrap_or(Path::new("."));
     // The file routes and templates are in, when it is not the configuration file.
-    let no_routes_broken = Broken::default();
-    let (origin, rules_file, rules, broken_routes) = match input.file {
+    // The rules file's own broken routes; the configuration file's are in `names`.
+    let (origin, rules_file, rules, rules_broken) = match input.file {
         Some(file) => {
             let file = base_dir.join(file);
             if !input.routes.is_empty() || !input.templates.is_empty() {
@@ -85,7 +85,7 @@ pub(super) fn validate_routing(
                 }
             };
             let (rules, broken) = rules.unwrap_or_default();
-            (file.clone(), Some(file), rules, broken)
+            (file.clone(), Some(file), rules, Some(broken))
         }
         None => (
             config_path.to_path_buf(),
@@ -94,13 +94,10 @@ pub(super) fn validate_routing(
                 routes: input.routes,
                 templates: input.templates,
             },
-            no_routes_broken,
+            None,
         ),
     };
-    let broken_routes = match &rules_file {
-        Some(_) => &broken_routes,
-        None => names.broken,
-    };
+    let broken_routes = rules_broken.as_ref().unwrap_or(names.broken);
 
     let mut templates = TemplatesBuilder::new(&input.vars, base_dir);
     for (name, source) in &rules.templates {

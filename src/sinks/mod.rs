@@ -62,11 +62,7 @@ impl Delivery<'_> {
             at: format!("{}{said}", at.strftime("%Y-%m-%d %H:%M:%S UTC")),
             route: self.route,
             delivery_id: crate::text::short_id(&self.event.delivery_id),
-            link: self
-                .message
-                .link
-                .as_deref()
-                .filter(|link| !self.message.body.contains(link)),
+            link: self.message.link_beside(),
         }
     }
 }

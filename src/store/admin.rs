@@ -214,6 +214,9 @@ pub trait AdminBackend {
     /// an event with neither).
     fn rows_of(&self, events: &[Head]) -> Result<Vec<Vec<Row>>, StoreError>;
 
+    /// An event's routing records alone (the routes that created no job).
+    fn records_of(&self, event: &Head) -> Result<Vec<Row>, StoreError>;
+
     /// Up to `limit` rows with `status`, newest event first, of events from `floor` on: all
     /// of them, or `source`'s.
     fn with_status(
@@ -276,14 +279,16 @@ impl Tools {
             Some(since) => self.first_since(since)?,
             None => 0,
         };
-        let source = filter.source.as_deref();
-        match filter.status.map(|status| (status, Indexed::of(status))) {
-            None => self.walk(floor, filter, false),
-            Some((_, Some(indexed))) => {
+        let Some(status) = filter.status else {
+            return self.walk(floor, filter, false);
+        };
+        match Indexed::of(status) {
+            Some(indexed) => {
+                let source = filter.source.as_deref();
                 self.backend
                     .with_status(indexed, floor, source, filter.limit)
             }
-            Some((_, None)) => self.walk(floor, filter, true),
+            None => self.walk(floor, filter, true),
         }
     }
 
@@ -354,13 +359,7 @@ impl Tools {
             received_at: stored.received_at.as_millisecond(),
         };
         // The jobs are read above, with their attempts: only the routing records are left.
-        let mut routing: Vec<Row> = self
-            .backend
-            .rows_of(std::slice::from_ref(&head))?
-            .into_iter()
-            .flatten()
-            .filter(|row| row.job_id.is_none())
-            .collect();
+        let mut routing = self.backend.records_of(&head)?;
         if routing.is_empty() && jobs.is_empty() {
             routing.push(unrouted(&head));
         }

@@ -42,6 +42,15 @@ pub struct Message {
     pub link: Option<String>,
 }
 
+impl Message {
+    /// The link to show beside the message: none when the message shows it already.
+    pub fn link_beside(&self) -> Option<&str> {
+        self.link
+            .as_deref()
+            .filter(|link| !self.body.contains(link))
+    }
+}
+
 /// Most template instructions one rendering may execute (minijinja's fuel). The shipped
 /// templates take a few hundred on the senders' events and about ten per field listed; a
 /// template that loops over a stranger's payload inside another loop is stopped here instead

@@ -344,6 +344,22 @@ impl AdminBackend for Admin {
             .collect()
     }
 
+    fn records_of(&self, event: &Head) -> Result<Vec<Row>, StoreError> {
+        let records: Vec<Detail> = self.run(async |conn| {
+            Ok(sqlx::query_as(
+                "SELECT event_id, NULL::bigint, route, NULL::text, status, 0, NULL::bigint, detail
+                 FROM dispatches WHERE event_id = $1 ORDER BY id",
+            )
+            .bind(event.event_id)
+            .fetch_all(&mut *conn)
+            .await?)
+        })?;
+        records
+            .into_iter()
+            .map(|record| with_head(event, record))
+            .collect()
+    }
+
     fn with_status(
         &self,
         status: Indexed,

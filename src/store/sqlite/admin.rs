@@ -272,11 +272,15 @@ impl AdminBackend for Admin {
     fn rows_of(&self, events: &[Head]) -> Result<Vec<Vec<Row>>, StoreError> {
         let mut rows_of = Vec::with_capacity(events.len());
         for head in events {
-            let mut rows = self.rows(EVENT_DISPATCHES, head)?;
+            let mut rows = self.records_of(head)?;
             rows.extend(self.rows(EVENT_JOBS, head)?);
             rows_of.push(rows);
         }
         Ok(rows_of)
+    }
+
+    fn records_of(&self, event: &Head) -> Result<Vec<Row>, StoreError> {
+        Ok(self.rows(EVENT_DISPATCHES, event)?)
     }
 
     fn with_status(
