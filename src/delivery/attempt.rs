@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use futures_util::FutureExt as _;
 use jiff::Timestamp;
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::{BACKSTOP_GRACE, retry};
 use crate::clock::Clock;
@@ -27,7 +26,7 @@ pub(super) async fn attempt(
     plan: &Arc<Plan>,
     sink: &NamedSink,
     jobs: Vec<DueJob>,
-    slot: OwnedSemaphorePermit,
+    slot: super::limits::Pass,
 ) -> bool {
     let started = clock.now();
     let mut outcomes = Vec::with_capacity(jobs.len());

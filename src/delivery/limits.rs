@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::PREFETCH;
 
@@ -12,9 +12,9 @@ use super::PREFETCH;
 pub(super) struct Limits {
     pub(super) concurrency: usize,
     /// Sink calls in progress.
-    pub(super) running: Arc<Semaphore>,
+    pub(super) running: Gate,
     /// Jobs claimed and not yet recorded: bounds what waits in memory.
-    pub(super) claimed: Arc<Semaphore>,
+    pub(super) claimed: Gate,
     /// Sink calls in progress, counted exactly: after the limit shrank they may outnumber
     /// it, and other replicas must not take what they still hold.
     pub(super) calls: Arc<AtomicUsize>,
@@ -24,8 +24,8 @@ impl Limits {
     pub(super) fn new(concurrency: usize) -> Self {
         Self {
             concurrency,
-            running: Arc::new(Semaphore::new(concurrency)),
-            claimed: Arc::new(Semaphore::new(concurrency.saturating_mul(PREFETCH))),
+            running: Gate::new(concurrency),
+            claimed: Gate::new(concurrency.saturating_mul(PREFETCH)),
             calls: Arc::default(),
         }
     }
@@ -35,18 +35,116 @@ impl Limits {
         self.calls.load(Ordering::Relaxed)
     }
 
-    /// Makes the limit `concurrency` on the same semaphores, so that the calls and claims
-    /// made under the old one count against the new: a limit that shrank (a reload, or
-    /// another replica taking its share) is not exceeded while the earlier calls finish.
+    /// Makes the limit `concurrency` on the same gates, so that the calls and claims made
+    /// under the old one count against the new: a limit that shrank (a reload, or another
+    /// replica taking its share) is not exceeded while the earlier calls finish.
     pub(super) fn resize(&mut self, concurrency: usize) {
-        resize(&self.running, self.concurrency, concurrency);
-        resize(
-            &self.claimed,
+        self.running.resize(self.concurrency, concurrency);
+        self.claimed.resize(
             self.concurrency.saturating_mul(PREFETCH),
             concurrency.saturating_mul(PREFETCH),
         );
         self.concurrency = concurrency;
     }
+}
+
+/// A semaphore whose size can shrink below what is in use. The permits it owes are taken out
+/// as they come back ([`Pass`]'s drop forgets them), before any waiter can have them: jobs
+/// claimed under the old limit and already waiting for a slot start only once the calls in
+/// flight fit the new one.
+#[derive(Clone)]
+pub(super) struct Gate {
+    semaphore: Arc<Semaphore>,
+    /// Permits to forget as they are returned.
+    owed: Arc<AtomicUsize>,
+}
+
+impl Gate {
+    fn new(permits: usize) -> Self {
+        Self {
+            semaphore: Arc::new(Semaphore::new(permits)),
+            owed: Arc::default(),
+        }
+    }
+
+    pub(super) fn available(&self) -> usize {
+        self.semaphore.available_permits()
+    }
+
+    /// `n` permits now, or `None` if fewer are free.
+    pub(super) fn try_take(&self, n: usize) -> Option<Pass> {
+        let n = u32::try_from(n).ok()?;
+        let permit = Arc::clone(&self.semaphore).try_acquire_many_owned(n).ok()?;
+        Some(self.pass(permit))
+    }
+
+    /// One permit, once one is free (`None` only if the semaphore were closed: never).
+    pub(super) async fn take(&self) -> Option<Pass> {
+        let permit = Arc::clone(&self.semaphore).acquire_owned().await.ok()?;
+        Some(self.pass(permit))
+    }
+
+    fn pass(&self, permit: OwnedSemaphorePermit) -> Pass {
+        Pass {
+            permit: Some(permit),
+            owed: Arc::clone(&self.owed),
+        }
+    }
+
+    /// Moves the gate from `from` permits to `to`: a shrink forgets the free permits and owes
+    /// the rest; a growth first cancels what is owed.
+    fn resize(&self, from: usize, to: usize) {
+        if to >= from {
+            let grow = to - from;
+            let cancelled = take_up_to(&self.owed, grow);
+            self.semaphore.add_permits(grow - cancelled);
+        } else {
+            let shrink = from - to;
+            let forgotten = self.semaphore.forget_permits(shrink);
+            self.owed.fetch_add(shrink - forgotten, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Permits taken from a [`Gate`]; returned when dropped, unless the gate owes them.
+pub(super) struct Pass {
+    permit: Option<OwnedSemaphorePermit>,
+    owed: Arc<AtomicUsize>,
+}
+
+impl Pass {
+    /// Splits `n` permits off into a pass of their own.
+    pub(super) fn split(&mut self, n: usize) -> Option<Pass> {
+        let permit = self.permit.as_mut()?.split(n)?;
+        Some(Pass {
+            permit: Some(permit),
+            owed: Arc::clone(&self.owed),
+        })
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let Some(mut permit) = self.permit.take() else {
+            return;
+        };
+        let owed = take_up_to(&self.owed, permit.num_permits());
+        if owed > 0
+            && let Some(forgotten) = permit.split(owed)
+        {
+            forgotten.forget();
+        }
+    }
+}
+
+/// Takes up to `most` off `counter`; returns how much it took.
+fn take_up_to(counter: &AtomicUsize, most: usize) -> usize {
+    let mut taken = 0;
+    let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| {
+        taken = owed.min(most);
+        Some(owed - taken)
+    });
+    taken
 }
 
 /// One sink call in progress, counted in [`Limits::calls`] until dropped.
@@ -65,26 +163,6 @@ impl Drop for Call {
     }
 }
 
-/// Moves `semaphore` from `from` permits to `to`. Permits in use when it shrinks are taken
-/// out as they come back: the waiter that takes them is ahead of every later one.
-fn resize(semaphore: &Arc<Semaphore>, from: usize, to: usize) {
-    if to >= from {
-        semaphore.add_permits(to - from);
-        return;
-    }
-    let in_use = (from - to) - semaphore.forget_permits(from - to);
-    if let Ok(in_use) = u32::try_from(in_use)
-        && in_use > 0
-    {
-        let semaphore = Arc::clone(semaphore);
-        tokio::spawn(async move {
-            if let Ok(permits) = semaphore.acquire_many_owned(in_use).await {
-                permits.forget();
-            }
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,21 +170,43 @@ mod tests {
     #[tokio::test]
     async fn a_limit_that_shrinks_counts_the_calls_made_under_the_old_one() {
         let mut limits = Limits::new(4);
-        let in_use = Arc::clone(&limits.running)
-            .acquire_many_owned(3)
-            .await
-            .unwrap();
+        let in_use = limits.running.try_take(3).unwrap();
         limits.resize(2);
-        assert_eq!(
-            limits.running.available_permits(),
-            0,
-            "three in use, two allowed"
-        );
+        assert_eq!(limits.running.available(), 0, "three in use, two allowed");
         drop(in_use);
-        tokio::task::yield_now().await;
-        assert_eq!(limits.running.available_permits(), 2);
+        assert_eq!(limits.running.available(), 2);
         limits.resize(5);
-        assert_eq!(limits.running.available_permits(), 5);
-        assert_eq!(limits.claimed.available_permits(), 5 * PREFETCH);
+        assert_eq!(limits.running.available(), 5);
+        assert_eq!(limits.claimed.available(), 5 * PREFETCH);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_gets_no_permit_the_shrunk_gate_owes() {
+        let gate = Gate::new(3);
+        let mut held: Vec<Pass> = (0..3).map(|_| gate.try_take(1).unwrap()).collect();
+        let waiter = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.take().await.unwrap() }
+        });
+        tokio::task::yield_now().await;
+        gate.resize(3, 1);
+        held.pop();
+        held.pop();
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "two returned, both owed");
+        held.pop();
+        let pass = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the third returned is the waiter's");
+        drop(pass);
+        assert_eq!(gate.available(), 1);
+
+        // Growing again cancels a debt before adding permits.
+        let all = gate.try_take(1).unwrap();
+        gate.resize(1, 0);
+        gate.resize(0, 2);
+        assert_eq!(gate.available(), 1, "one in use of two");
+        drop(all);
+        assert_eq!(gate.available(), 2);
     }
 }

@@ -140,11 +140,11 @@ impl Engine {
     pub async fn run(self, stop: CancellationToken) -> JoinSet<()> {
         let mut turns = Turns::new(self.clock.now());
         while !stop.is_cancelled() {
-            let wait = self.turn(&mut turns).await;
+            let next = self.turn(&mut turns).await;
             let running = &mut turns.running;
             tokio::select! {
                 () = self.new_jobs.wake.notified() => {}
-                () = tokio::time::sleep(wait) => {}
+                () = self.clock.sleep_until(next) => {}
                 Some(_) = running.join_next() => while running.try_join_next().is_some() {},
                 () = stop.cancelled() => {}
             }
@@ -154,8 +154,8 @@ impl Engine {
     }
 
     /// One turn: starts what is due and what was handed over, as far as each sink has room.
-    /// Returns how long the engine may sleep before the next, unless woken.
-    async fn turn(&self, turns: &mut Turns) -> Duration {
+    /// Returns when the next is due, unless the engine is woken before.
+    async fn turn(&self, turns: &mut Turns) -> Timestamp {
         self.turns.fetch_add(1, Ordering::Relaxed);
         let plan = self.plan.load_full();
         // Every sink's share, and what this daemon holds of it, kept current whether or not
@@ -182,30 +182,25 @@ impl Engine {
                 turns.active.insert(name);
             }
         }
-        let mut wait = self
-            .clock
-            .now()
-            .duration_until(turns.next_look)
-            .unsigned_abs()
-            .min(POLL);
+        let mut next = turns.next_look.min(self.clock.now() + POLL);
         let handed = self.start_handed(&plan, &mut turns.limits, &mut turns.running);
-        if let Some(linger) = handed.await {
-            wait = wait.min(linger);
+        if let Some(lingering) = handed.await {
+            next = next.min(lingering);
         }
-        wait
+        next
     }
 
     /// Starts the handed-over jobs each sink has room for. A batching sink's jobs wait up to
-    /// [`LINGER`] for a full batch; returns how long until the first of those is due. Jobs of
-    /// a sink whose whole concurrency other replicas hold are let go, for them to take.
+    /// [`LINGER`] for a full batch; returns when the first of those is due. Jobs of a sink
+    /// whose whole concurrency other replicas hold are let go, for them to take.
     async fn start_handed(
         &self,
         plan: &Arc<Plan>,
         limits: &mut HashMap<String, Limits>,
         running: &mut JoinSet<()>,
-    ) -> Option<Duration> {
+    ) -> Option<Timestamp> {
         let now = self.clock.now();
-        let mut linger: Option<Duration> = None;
+        let mut lingering: Option<Timestamp> = None;
         for (name, waiting, oldest) in self.new_jobs.handed_sinks() {
             let Some(sink) = plan.sinks.get(&name).filter(|s| s.digest.is_none()) else {
                 self.new_jobs.release(&name);
@@ -213,8 +208,7 @@ impl Engine {
             };
             let ready = oldest + LINGER;
             if waiting < sink.batch && ready > now {
-                let left = now.duration_until(ready).unsigned_abs();
-                linger = Some(linger.map_or(left, |l| l.min(left)));
+                lingering = Some(lingering.map_or(ready, |at| at.min(ready)));
                 continue;
             }
             let limits = self.limits_for(limits, sink);
@@ -225,19 +219,17 @@ impl Engine {
                 }
                 continue;
             }
-            let room = limits.claimed.available_permits().min(waiting);
+            let room = limits.claimed.available().min(waiting);
             if room == 0 {
                 continue; // woken again when a running attempt ends
             }
-            let Ok(reserved) = Arc::clone(&limits.claimed)
-                .try_acquire_many_owned(u32::try_from(room).unwrap_or(u32::MAX))
-            else {
+            let Some(reserved) = limits.claimed.try_take(room) else {
                 continue;
             };
             let jobs = self.new_jobs.take_handed(&name, room);
             self.launch(plan, sink, limits, jobs, reserved, running);
         }
-        linger
+        lingering
     }
 
     /// Looks at the whole queue and starts what is due. Returns when to look again, and the
@@ -346,10 +338,10 @@ impl Engine {
     ) -> Option<usize> {
         // A digest is one sink call: it needs a free slot, then takes everything waiting.
         let (count, reserve, hold) = match sink.digest {
-            Some(_) if limits.running.available_permits() == 0 => return None,
+            Some(_) if limits.running.available() == 0 => return None,
             Some(window) => (DIGEST_LIMIT, 1, Some(window)),
             None => {
-                let room = limits.claimed.available_permits();
+                let room = limits.claimed.available();
                 (room, room, None)
             }
         };
@@ -357,11 +349,7 @@ impl Engine {
             return None;
         }
         // Places reserved before claiming, so every claimed job is sure of one.
-        let Ok(reserved) = Arc::clone(&limits.claimed)
-            .try_acquire_many_owned(u32::try_from(reserve).unwrap_or(u32::MAX))
-        else {
-            return None;
-        };
+        let reserved = limits.claimed.try_take(reserve)?;
         let due = self.store.due_jobs(
             &sink.name,
             count,
@@ -392,7 +380,7 @@ impl Engine {
         sink: &NamedSink,
         limits: &Limits,
         jobs: Vec<DueJob>,
-        mut reserved: tokio::sync::OwnedSemaphorePermit,
+        mut reserved: limits::Pass,
         running: &mut JoinSet<()>,
     ) {
         // A digest is one call holding one place; otherwise up to `batch` jobs go in a call,
@@ -410,7 +398,7 @@ impl Engine {
             } else {
                 batch.len()
             });
-            let slot = Arc::clone(&limits.running);
+            let slot = limits.running.clone();
             let calls = Arc::clone(&limits.calls);
             let (store, plan, sink) = (self.store.clone(), Arc::clone(plan), sink.clone());
             let (held, clock, metrics, stopping) = (
@@ -424,9 +412,9 @@ impl Engine {
                 let slot = tokio::select! {
                     biased;
                     () = stopping.cancelled() => return,
-                    slot = slot.acquire_owned() => slot,
+                    slot = slot.take() => slot,
                 };
-                let Ok(slot) = slot else {
+                let Some(slot) = slot else {
                     return; // never closed
                 };
                 let call = limits::Call::start(calls);
@@ -486,110 +474,4 @@ impl Turns {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::Mutex;
-
-    use async_trait::async_trait;
-
-    use super::*;
-    use crate::clock::ManualClock;
-    use crate::event::Event;
-    use crate::sinks::{Delivery, Sink, SinkError};
-    use crate::store::{Handoff, RouteTo};
-
-    /// A sink that records the delivery ids it was given.
-    #[derive(Default)]
-    struct Recording(Mutex<Vec<String>>);
-
-    #[async_trait]
-    impl Sink for Recording {
-        async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
-            let mut seen = self.0.lock().unwrap();
-            seen.push(delivery.event.delivery_id.clone());
-            Ok("recorded".into())
-        }
-    }
-
-    /// A store in `dir`, a plan whose one sink `rec` records, and an engine on `clock`.
-    async fn engine(dir: &std::path::Path, clock: &ManualClock) -> (Engine, Arc<Recording>, Store) {
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[storage]\npath = \"{}\"\n\n[sources.cl]\nsecret = \"s\"\n\n[sinks.rec]\ntype = \"log\"\n",
-                dir.join("db.sqlite").display()
-            ),
-        )
-        .unwrap();
-        let config = crate::config::load(&config).unwrap();
-        let mut plan = Plan::build(&config).unwrap();
-        let recording = Arc::new(Recording::default());
-        let rec = plan.sinks.get_mut("rec").unwrap();
-        rec.sink = Arc::clone(&recording) as Arc<dyn Sink>;
-        rec.shows_message = false;
-        let store = crate::store::open(&config.storage).await.unwrap();
-        let engine = Engine::new(
-            store.clone(),
-            Arc::new(ArcSwap::from_pointee(plan)),
-            Arc::default(),
-            Arc::new(clock.clone()),
-            Arc::default(),
-        );
-        (engine, recording, store)
-    }
-
-    /// Stores an event received at `at`, routed to `rec`: its job is due then.
-    async fn store_job(store: &Store, id: &str, at: Timestamp) {
-        let body = format!(r#"{{"id": "{id}", "type": "x.y"}}"#);
-        let event = Event::parse("cl", body.as_bytes(), None, None).unwrap();
-        let route = RouteTo {
-            route: "r".into(),
-            throttle: None,
-            sinks: vec!["rec".into()],
-        };
-        store
-            .insert(&event, body.as_bytes(), at, vec![route], Handoff::default())
-            .await
-            .unwrap();
-    }
-
-    async fn finish_running(turns: &mut Turns) {
-        while turns.running.join_next().await.is_some() {}
-    }
-
-    #[tokio::test]
-    async fn a_turn_starts_what_is_due_by_its_clock_and_nothing_else() {
-        let dir = tempfile::tempdir().unwrap();
-        let start: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
-        let clock = ManualClock::new(start);
-        let (engine, recording, store) = engine(dir.path(), &clock).await;
-        store_job(&store, "now", start).await;
-        store_job(&store, "in-an-hour", start + Duration::from_secs(3600)).await;
-
-        let mut turns = Turns::new(clock.now());
-        let wait = engine.turn(&mut turns).await;
-        finish_running(&mut turns).await;
-        assert_eq!(*recording.0.lock().unwrap(), ["now"]);
-        assert_eq!(wait, POLL, "nothing else is due before the next poll");
-        assert_eq!(turns.next_look, start + POLL);
-
-        // Half an hour on, still nothing: the later job is not due.
-        clock.advance(Duration::from_secs(1800));
-        engine.turn(&mut turns).await;
-        finish_running(&mut turns).await;
-        assert_eq!(recording.0.lock().unwrap().len(), 1);
-
-        // An hour on it is, and it is delivered once; so was the first.
-        clock.advance(Duration::from_secs(1801));
-        engine.turn(&mut turns).await;
-        finish_running(&mut turns).await;
-        engine.turn(&mut turns).await;
-        finish_running(&mut turns).await;
-        assert_eq!(*recording.0.lock().unwrap(), ["now", "in-an-hour"]);
-        assert!(
-            store.due_summary().await.unwrap().is_empty(),
-            "no job waits"
-        );
-        store.close().await;
-    }
-}
+mod tests;
