@@ -43,7 +43,7 @@ async fn slack_block_kit_honours_retry_after_and_retries_5xx() {
     let slack = Recorder::start().await;
     slack.script([
         Answer {
-            headers: vec![("retry-after", "1".into())],
+            headers: vec![("retry-after", "120".into())],
             ..Answer::status(429)
         },
         Answer::status(500),
@@ -55,25 +55,39 @@ webhook_url = {{ value = "{}" }}
 username = "hookroute"
 icon_emoji = ":shield:"
 channel = "#security"
-delivery = {{ retry = {{ base = "100ms" }} }}
+delivery = {{ retry = {{ base = "1m", cap = "1m" }} }}
 "##,
         slack.url("/services/T000/B000/XXXX")
     );
-    let daemon = Daemon::start(dir.path(), &with_sinks(dir.path(), &sinks, &["security"]));
+    // In-process, on a clock the test moves: Slack's wait and the backoff are minutes, and
+    // each try comes when the clock says, not before.
+    let daemon = InProcess::start(dir.path(), &with_sinks(dir.path(), &sinks, &["security"])).await;
+    let asked_at = hookroute::clock::Clock::now(&daemon.clock);
     daemon
         .accept_cl(&sample("compliancelayer-scan.completed.json"))
         .await;
+    wait_jobs(&daemon, "failed", 1).await;
+    let job = daemon.job_of("security");
+    let next: jiff::Timestamp = job.next_attempt_at.expect("a retry").parse().unwrap();
+    assert_eq!(
+        next.as_millisecond(),
+        (asked_at + Duration::from_secs(120)).as_millisecond(),
+        "Retry-After: 120 honoured, to the millisecond the store keeps"
+    );
+
+    daemon.clock.set(next);
+    eventually(|| match slack.requests().len() {
+        2 => Ok(()),
+        n => Err(format!("{n} requests")),
+    })
+    .await;
+    daemon.clock.advance(Duration::from_secs(60));
     wait_jobs(&daemon, "succeeded", 1).await;
 
     let requests = slack.requests();
     assert_eq!(
         requests.iter().map(|r| r.status).collect::<Vec<_>>(),
         [429, 500, 200]
-    );
-    let waited = requests[1].at - requests[0].at;
-    assert!(
-        waited >= Duration::from_millis(950),
-        "Retry-After: 1 not honoured: {waited:?}"
     );
     assert_eq!(requests[2].path, "/services/T000/B000/XXXX");
     let payload = requests[2].json();
@@ -106,8 +120,8 @@ delivery = {{ retry = {{ base = "100ms" }} }}
         "plain-text fallback"
     );
     assert_eq!(requests[2].headers["content-type"], "application/json");
-    let attempts: i64 = daemon.value("SELECT attempts FROM jobs");
-    assert_eq!(attempts, 3);
+    assert_eq!(daemon.job_of("security").history.len(), 3);
+    daemon.stop().await;
 }
 
 on_both_backends!(the_tools_give_a_next_try_only_for_a_retry);
@@ -276,22 +290,28 @@ async fn outage_then_recovery_delivers_everything_once() {
     let target = Recorder::start().await;
     target.set_down(true);
     let sinks = format!(
-        "[sinks.forward]\ntype = \"http\"\nurl = \"{}\"\ndelivery = {{ retry = {{ base = \"200ms\", cap = \"600ms\", max_attempts = 50 }} }}\n",
+        "[sinks.forward]\ntype = \"http\"\nurl = \"{}\"\ndelivery = {{ retry = {{ base = \"1m\", cap = \"10m\", max_attempts = 50 }} }}\n",
         target.url("/in")
     );
-    let daemon = Daemon::start(dir.path(), &with_sinks(dir.path(), &sinks, &["forward"]));
+    // In-process, on a clock the test moves: an outage of half an hour, not waited for.
+    let daemon = InProcess::start(dir.path(), &with_sinks(dir.path(), &sinks, &["forward"])).await;
     let ids: Vec<String> = (0..10).map(|i| format!("outage-{i}")).collect();
     for id in &ids {
         daemon.accept_cl(&scan_body(id)).await;
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Each job fails, and fails again at each retry while the outage lasts.
+    for tries in 1..=3 {
+        wait_jobs(&daemon, "failed", 10).await;
+        eventually(|| match target.requests().len() {
+            n if n >= 10 * tries => Ok(()),
+            n => Err(format!("{n} requests, {} expected", 10 * tries)),
+        })
+        .await;
+        daemon.clock.advance(Duration::from_secs(600));
+    }
     assert!(target.requests().iter().all(|r| r.status == 503));
-    assert!(
-        jobs(&daemon).get("failed").copied().unwrap_or(0) > 0,
-        "{:?}",
-        jobs(&daemon)
-    );
     target.set_down(false);
+    daemon.clock.advance(Duration::from_secs(600));
     wait_jobs(&daemon, "succeeded", 10).await;
     let mut delivered: Vec<String> = target
         .requests()
@@ -303,6 +323,7 @@ async fn outage_then_recovery_delivers_everything_once() {
     let mut expected = ids.clone();
     expected.sort();
     assert_eq!(delivered, expected, "every event delivered, none twice");
+    daemon.stop().await;
 }
 
 on_both_backends!(a_slow_sink_does_not_delay_the_others);
@@ -629,9 +650,10 @@ async fn a_full_handoff_queue_spills_to_the_database_and_nothing_is_delivered_tw
     assert!(stored > 0, "nothing spilled to the database");
     assert_eq!(handed + stored, EVENTS as i64);
     // Past the fallback the handed-over rows are due in the database too, while the engine
-    // still has them: it must not take them a second time.
+    // still has them: it must not take them a second time, however often it looks (each
+    // step of the clock past its next look makes it look at the whole queue).
     daemon.clock.advance(Duration::from_secs(11));
-    tokio::time::sleep(Duration::from_secs(1)).await; // two of the engine's looks
+    let looking = Ticking::start(&daemon.clock, Duration::from_secs(1));
 
     let received = fifo_lines(fifo);
     // Times each delivery id came through the FIFO.
@@ -653,6 +675,7 @@ async fn a_full_handoff_queue_spills_to_the_database_and_nothing_is_delivered_tw
     while let Ok(line) = received.recv_timeout(Duration::from_millis(200)) {
         count(line);
     }
+    drop(looking);
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "delivered more than once: {twice:?}");
     assert_eq!(seen.len(), EVENTS);

@@ -136,13 +136,16 @@ fn header(message: &serde_json::Value, name: &str) -> Option<String> {
         .map(|h| h[1].as_str().unwrap().to_owned())
 }
 
-fn daemon_with(dir: &Path, sinks: &str, routes: &str) -> Daemon {
-    let text = config(
+fn config_with(dir: &Path, sinks: &str, routes: &str) -> String {
+    config(
         dir,
         NO_LIMITS,
         &format!("[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n{sinks}\n{routes}"),
-    );
-    Daemon::start(dir, &text)
+    )
+}
+
+fn daemon_with(dir: &Path, sinks: &str, routes: &str) -> Daemon {
+    Daemon::start(dir, &config_with(dir, sinks, routes))
 }
 
 fn job_status(daemon: &Daemon, sink: &str) -> (String, Option<String>) {
@@ -358,30 +361,44 @@ async fn an_alert_email_says_when_where_which_route_and_links_the_finding() {
 on_both_backends!(digest_sends_one_email_per_window);
 
 async fn digest_sends_one_email_per_window() {
+    const WINDOW: Duration = Duration::from_secs(15 * 60);
     let dir = tempdir();
     let smtp = Smtp::start(dir.path(), "digest", "plain", None, None);
     let sinks = format!(
-        "[sinks.digest]\ntype = \"email\"\nurl = \"smtp://127.0.0.1:{}\"\nstarttls = \"never\"\nfrom = \"h@example.com\"\nto = [\"ops@example.com\"]\ndigest = \"2s\"\n",
+        "[sinks.digest]\ntype = \"email\"\nurl = \"smtp://127.0.0.1:{}\"\nstarttls = \"never\"\nfrom = \"h@example.com\"\nto = [\"ops@example.com\"]\ndigest = \"15m\"\n",
         smtp.port
     );
-    let daemon = daemon_with(
+    // In-process, on a clock the test moves: a realistic window, not waited for.
+    let daemon = InProcess::start(
         dir.path(),
-        &sinks,
-        "[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = [\"digest\"]\n",
-    );
-    let started = Instant::now();
+        &config_with(
+            dir.path(),
+            &sinks,
+            "[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = [\"digest\"]\n",
+        ),
+    )
+    .await;
     for name in [
         "compliancelayer-scan.completed.json",
         "compliancelayer-alert.triggered.json",
         "scorecard-assessment.completed.json",
     ] {
         daemon.accept_cl(&sample(name)).await;
+        daemon.clock.advance(Duration::from_secs(60));
     }
-    let messages = smtp.messages(1).await;
+    // A second before the window closes (counted from the first event): nothing sent. The
+    // engine looks when its clock passes its next look; a moment of real time lets it.
+    daemon
+        .clock
+        .advance(WINDOW - Duration::from_secs(3 * 60 + 1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        started.elapsed() >= Duration::from_millis(1800),
+        smtp.received().is_empty(),
         "the digest did not wait for its window"
     );
+
+    daemon.clock.advance(Duration::from_secs(1));
+    let messages = smtp.messages(1).await;
     assert_eq!(messages.len(), 1);
     let message = &messages[0];
     assert_eq!(
@@ -399,10 +416,12 @@ async fn digest_sends_one_email_per_window() {
             "{title} missing from the digest:\n{text}"
         );
     }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    wait_jobs(&daemon, "succeeded", 3).await;
+    // Another whole window on, with nothing new: no second email.
+    daemon.clock.advance(WINDOW);
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(smtp.received().len(), 1, "one email for the whole window");
-    let succeeded: i64 = daemon.value("SELECT count(*) FROM jobs WHERE status = 'succeeded'");
-    assert_eq!(succeeded, 3);
+    daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use hmac::{KeyInit, Mac};
+use hookroute::store::admin::{Access, Filter, JobDetail, Row, Tools};
 use sha2::Sha256;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_hookroute");
@@ -169,12 +170,17 @@ impl std::ops::Deref for InProcess {
 impl InProcess {
     /// Writes `config` into `dir` and runs the daemon on it, its clock starting now.
     pub async fn start(dir: &Path, config: &str) -> Self {
+        let clock = hookroute::clock::ManualClock::new(jiff::Timestamp::now());
+        Self::start_on(dir, config, clock).await
+    }
+
+    /// [`start`](Self::start) on `clock`: replicas in one test share one.
+    pub async fn start_on(dir: &Path, config: &str, clock: hookroute::clock::ManualClock) -> Self {
         let config = hookroute::config::load(&write_config(dir, config)).expect("valid config");
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
-        let clock = hookroute::clock::ManualClock::new(jiff::Timestamp::now());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(hookroute::run_with_clock(
             config,
@@ -207,11 +213,78 @@ impl InProcess {
     }
 }
 
+/// Moves `clock` on by `step` every few milliseconds of real time until dropped: for a
+/// stretch where the engines should keep looking at the queue (as they do every half second
+/// on the wall clock) without the test stepping each look.
+pub struct Ticking(tokio::task::JoinHandle<()>);
+
+impl Ticking {
+    pub fn start(clock: &hookroute::clock::ManualClock, step: Duration) -> Self {
+        let clock = clock.clone();
+        Self(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                clock.advance(step);
+            }
+        }))
+    }
+}
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl Drop for InProcess {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+impl Endpoint {
+    /// Runs `read` on the operator's tools over this daemon's database (as its configuration
+    /// names it): tests read what was stored through the store's contract, the same on either
+    /// backend, not through its tables. On a thread of its own, as the tools block.
+    pub fn tools<T: Send>(&self, read: impl FnOnce(&Tools) -> T + Send) -> T {
+        let config = hookroute::config::load(&self.dir.join("config.toml")).expect("valid config");
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let tools = hookroute::store::open_admin(&config.storage, Access::Read)
+                        .expect("the database opens");
+                    read(&tools)
+                })
+                .join()
+                .expect("the read did not panic")
+        })
+    }
+
+    /// Every job and routing outcome, newest event first (`deliveries list`).
+    pub fn deliveries(&self) -> Vec<Row> {
+        let filter = Filter {
+            limit: usize::MAX >> 1,
+            ..Filter::default()
+        };
+        self.tools(|tools| tools.list(&filter).expect("the list reads"))
+    }
+
+    /// The one job of `sink` (the newest, if several), with its attempts (`deliveries show`).
+    pub fn job_of(&self, sink: &str) -> JobDetail {
+        let rows = self.deliveries();
+        let row = rows
+            .iter()
+            .find(|row| row.sink.as_deref() == Some(sink) && row.job_id.is_some())
+            .unwrap_or_else(|| panic!("no job of {sink}: {rows:?}"));
+        let job = row.job_id;
+        let event = self.tools(|tools| tools.show(row.event_id).unwrap().expect("the event"));
+        event
+            .jobs
+            .into_iter()
+            .find(|detail| Some(detail.id) == job)
+            .expect("the job is in its event's details")
     }
 }
 
@@ -576,14 +649,15 @@ pub async fn wait_log(daemon: &Daemon, needle: &str) -> String {
     wait_log_n(daemon, needle, 1).await
 }
 
-/// Job counts by status.
+/// Job counts by status, read through the store's contract.
 pub fn jobs(daemon: &Endpoint) -> HashMap<String, i64> {
-    daemon
-        .rows("SELECT status, count(*) FROM jobs GROUP BY status", |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .into_iter()
-        .collect()
+    let mut counts = HashMap::new();
+    for row in daemon.deliveries() {
+        if row.job_id.is_some() {
+            *counts.entry(row.status.as_str().to_owned()).or_default() += 1;
+        }
+    }
+    counts
 }
 
 pub async fn wait_jobs(daemon: &Endpoint, status: &str, n: i64) {

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
@@ -13,7 +13,6 @@ use axum::response::IntoResponse;
 
 #[derive(Debug, Clone)]
 pub struct Recorded {
-    pub at: Instant,
     pub path: String,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -82,7 +81,6 @@ impl Recorder {
                     tokio::time::sleep(answer.delay).await;
                     state.in_flight.fetch_sub(1, Ordering::SeqCst);
                     state.requests.lock().unwrap().push(Recorded {
-                        at: Instant::now(),
                         path: uri.path().to_owned(),
                         headers,
                         body,
