@@ -109,22 +109,14 @@ pub async fn run_with_clock(
     shutdown: impl Future<Output = ()>,
     clock: Arc<dyn clock::Clock>,
 ) -> Result<(), RunError> {
-    let plan = Arc::new(ArcSwap::from_pointee(
-        Plan::build(&config).map_err(RunError::Sink)?,
-    ));
-    let store = store::open(&config.storage).await?;
-    let metrics = Arc::new(metrics::Metrics::new());
-    metrics.config_loaded(true, clock.now());
-    configure_metrics(&metrics, &config);
-    let new_jobs = Arc::new(delivery::NewJobs::default());
+    let Parts {
+        app,
+        store,
+        engine,
+        plan,
+        metrics,
+    } = assemble(&config, Arc::clone(&clock)).await?;
     let stop = CancellationToken::new();
-    let engine = Engine::new(
-        store.clone(),
-        Arc::clone(&plan),
-        Arc::clone(&new_jobs),
-        Arc::clone(&clock),
-        Arc::clone(&metrics),
-    );
     let watchdog = tokio::spawn(watchdog(
         store.clone(),
         Arc::clone(&clock),
@@ -132,19 +124,6 @@ pub async fn run_with_clock(
         stop.clone(),
     ));
     let engine = tokio::spawn(engine.run(stop.clone()));
-    let intake = intake::Intake::new(
-        store.clone(),
-        Arc::clone(&plan),
-        new_jobs,
-        Arc::clone(&metrics),
-    );
-    let app = http::App::new(
-        &config,
-        store.clone(),
-        intake,
-        Arc::clone(&clock),
-        Arc::clone(&metrics),
-    );
     let upkeep = tokio::spawn(upkeep(
         app.clone(),
         store.clone(),
@@ -194,6 +173,54 @@ pub async fn run_with_clock(
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The daemon's parts, wired together: what [`run`] serves and runs, and what a test drives
+/// without a socket (the router through `tower::ServiceExt::oneshot`, the store through its
+/// contract).
+pub struct Parts {
+    pub app: http::App,
+    pub store: Store,
+    /// Not yet running: [`Engine::run`] starts it.
+    pub engine: Engine,
+    pub plan: Arc<ArcSwap<Plan>>,
+    pub metrics: Arc<metrics::Metrics>,
+}
+
+/// Builds the sinks, opens the database and wires ingest to the engine, on `clock`.
+///
+/// # Errors
+/// As [`run`].
+pub async fn assemble(config: &Config, clock: Arc<dyn clock::Clock>) -> Result<Parts, RunError> {
+    let plan = Arc::new(ArcSwap::from_pointee(
+        Plan::build(config).map_err(RunError::Sink)?,
+    ));
+    let store = store::open(&config.storage).await?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    metrics.config_loaded(true, clock.now());
+    configure_metrics(&metrics, config);
+    let new_jobs = Arc::new(delivery::NewJobs::default());
+    let engine = Engine::new(
+        store.clone(),
+        Arc::clone(&plan),
+        Arc::clone(&new_jobs),
+        Arc::clone(&clock),
+        Arc::clone(&metrics),
+    );
+    let intake = intake::Intake::new(
+        store.clone(),
+        Arc::clone(&plan),
+        new_jobs,
+        Arc::clone(&metrics),
+    );
+    let app = http::App::new(config, store.clone(), intake, clock, Arc::clone(&metrics));
+    Ok(Parts {
+        app,
+        store,
+        engine,
+        plan,
+        metrics,
+    })
 }
 
 /// Pings systemd's watchdog (`WatchdogSec=` in the unit) only while the daemon does its work:

@@ -249,17 +249,7 @@ impl Endpoint {
     /// names it): tests read what was stored through the store's contract, the same on either
     /// backend, not through its tables. On a thread of its own, as the tools block.
     pub fn tools<T: Send>(&self, read: impl FnOnce(&Tools) -> T + Send) -> T {
-        let config = hookroute::config::load(&self.dir.join("config.toml")).expect("valid config");
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let tools = hookroute::store::open_admin(&config.storage, Access::Read)
-                        .expect("the database opens");
-                    read(&tools)
-                })
-                .join()
-                .expect("the read did not panic")
-        })
+        tools_at(&self.dir, read)
     }
 
     /// Every job and routing outcome, newest event first (`deliveries list`).
@@ -286,6 +276,21 @@ impl Endpoint {
             .find(|detail| Some(detail.id) == job)
             .expect("the job is in its event's details")
     }
+}
+
+/// [`Endpoint::tools`] on the database of the configuration in `dir`.
+pub fn tools_at<T: Send>(dir: &Path, read: impl FnOnce(&Tools) -> T + Send) -> T {
+    let config = hookroute::config::load(&dir.join("config.toml")).expect("valid config");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let tools = hookroute::store::open_admin(&config.storage, Access::Read)
+                    .expect("the database opens");
+                read(&tools)
+            })
+            .join()
+            .expect("the read did not panic")
+    })
 }
 
 impl Daemon {

@@ -547,55 +547,6 @@ async fn files_are_private_whatever_the_umask() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_forwarded_for_from_the_proxy_is_400_and_charges_no_one() {
-    let dir = tempdir();
-    let server = "trusted_proxies = [\"127.0.0.1\"]\nrate_limit = { per_second = 100, burst = 100, failed_per_minute = 1, failed_burst = 2 }";
-    let daemon = Daemon::start(dir.path(), &with(dir.path(), server, ""));
-    let bad_signature = ("x-compliancelayer-signature", "0".repeat(64));
-    // Through the proxy, an attacker sends a header with a byte that is not ASCII.
-    for _ in 0..5 {
-        let reply = daemon
-            .client
-            .post(daemon.url("/hooks/cl"))
-            .header("content-type", "application/json")
-            .header(bad_signature.0, &bad_signature.1)
-            .header(
-                "x-forwarded-for",
-                reqwest::header::HeaderValue::from_bytes(b"198.51.100.1\xff").unwrap(),
-            )
-            .body(scan_body("xff"))
-            .send()
-            .await
-            .unwrap();
-        let reply = Reply::read(reply).await;
-        assert_eq!((reply.status, reply.error()), (400, "bad_request"));
-    }
-    let garbage = daemon
-        .post(
-            "/hooks/cl",
-            &scan_body("xff"),
-            &[
-                bad_signature.clone(),
-                ("x-forwarded-for", "nonsense, 127.0.0.1".into()),
-            ],
-        )
-        .await;
-    assert_eq!(garbage.status, 400);
-    // Nobody was charged: the next clients behind the proxy get their own budgets.
-    for client in ["198.51.100.7", "198.51.100.8"] {
-        let reply = daemon
-            .post(
-                "/hooks/cl",
-                &scan_body("xff"),
-                &[bad_signature.clone(), ("x-forwarded-for", client.into())],
-            )
-            .await;
-        assert_eq!(reply.status, 401, "{client} was refused for someone else");
-    }
-    assert_eq!(daemon.count("events"), 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_uploads_share_one_memory_budget() {
     let dir = tempdir();
     let daemon = Daemon::start(
