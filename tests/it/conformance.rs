@@ -16,6 +16,7 @@ use hookroute::store::{
 use jiff::Timestamp;
 
 use crate::harness::*;
+use crate::harness::{BACKEND, Backend};
 
 /// A store of the running test's backend, in (or named from) `dir`.
 async fn store(dir: &std::path::Path) -> Store {
@@ -449,4 +450,89 @@ async fn a_late_outcome_does_not_revive_a_finished_job() {
         "a succeeded job came due again"
     );
     store.close().await;
+}
+
+on_both_backends!(closed_throttle_windows_are_pruned_behind_the_newest_and_open_ones_kept);
+
+/// Throttle windows go once they closed `keep` before the newest window opened (the events'
+/// own clock, not the caller's): a late event can still find its window, and an open window
+/// keeps suppressing after a prune.
+async fn closed_throttle_windows_are_pruned_behind_the_newest_and_open_ones_kept() {
+    let dir = tempdir();
+    let store = store(dir.path()).await;
+    let hour = Duration::from_secs(3600);
+    let throttled = |id: &str, key: &str, at: Timestamp| {
+        let (mut event, body) = event(id);
+        event.occurred_at = Some(at);
+        let route = RouteTo {
+            route: "scans".into(),
+            throttle: Some((key.to_owned(), hour)),
+            sinks: vec!["a".into()],
+        };
+        let store = store.clone();
+        async move {
+            match store
+                .insert(&event, &body, at, vec![route], Handoff::default())
+                .await
+                .unwrap()
+            {
+                Inserted::New { jobs, .. } => jobs,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    assert_eq!(throttled("old", "a.example", t0()).await, 1);
+    assert_eq!(
+        throttled("new", "b.example", after(t0(), 3 * 3600)).await,
+        1
+    );
+    let now = after(t0(), 3 * 3600 + 60);
+    assert_eq!(
+        prune_all(&store, Prunable::Throttles, 3 * hour, now).await,
+        0,
+        "a.example's window closed only two hours before b.example's opened"
+    );
+    assert_eq!(prune_all(&store, Prunable::Throttles, hour, now).await, 1);
+    assert_eq!(
+        throttled("new-again", "b.example", after(t0(), 3 * 3600 + 1800)).await,
+        0,
+        "b.example's window is open and kept"
+    );
+    assert_eq!(throttled("old-again", "a.example", now).await, 1);
+    store.close().await;
+}
+
+/// PostgreSQL's replicas: a job one store claimed is not another's while its claim stands;
+/// released (a hand-over let go), or its store closed, it is the other's at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicas_claim_is_its_own_until_released_or_closed() {
+    BACKEND
+        .scope(Backend::Postgres, async {
+            let dir = tempdir();
+            let (a, b) = (store(dir.path()).await, store(dir.path()).await);
+            insert(&a, "claimed", &["s"], t0()).await;
+            insert(&a, "second", &["s"], t0()).await;
+            let now = after(t0(), 1);
+            let claimed = a.due_jobs("s", 1, None, now, HashSet::new()).await.unwrap();
+            assert_eq!(claimed.len(), 1);
+            let rest = due(&b, "s", now).await;
+            assert_eq!(
+                rest.len(),
+                1,
+                "the other replica gets the unclaimed one only"
+            );
+            assert_ne!(rest[0].job.id, claimed[0].job.id);
+
+            a.release(vec![claimed[0].job.id]).await.unwrap();
+            let taken = due(&b, "s", now).await;
+            let ids: Vec<i64> = taken.iter().map(|d| d.job.id).collect();
+            assert!(ids.contains(&claimed[0].job.id), "released: {ids:?}");
+
+            // b holds both now; closing b lets a have them at once, without a lease's wait.
+            assert!(due(&a, "s", now).await.is_empty());
+            b.close().await;
+            assert_eq!(due(&a, "s", now).await.len(), 2);
+            a.close().await;
+        })
+        .await;
 }
