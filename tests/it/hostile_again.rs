@@ -466,15 +466,24 @@ async fn a_locked_postgres_table_answers_503_within_the_bound_and_stores_nothing
             config(dir.path(), NO_LIMITS, &standard_rest(dir.path()))
         })
         .await
-        .replace("lease = \"2s\"", "lease = \"2s\"\nbusy_timeout = \"2s\"");
+        .replace("lease = \"2s\"", "lease = \"2s\"\nbusy_timeout = \"1s\"");
     let daemon = Daemon::start(dir.path(), &text);
     daemon.accept_cl(&scan_body("before-the-lock")).await;
 
     let mut lock = cluster.psql_in_background(
         db,
-        "BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(8); COMMIT;",
+        "BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(3); COMMIT;",
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The lock taken before the sends, however slow psql is to start.
+    eventually(|| {
+        let held = cluster.psql(
+            db,
+            "SELECT count(*) FROM pg_locks WHERE relation = 'events'::regclass
+             AND mode = 'AccessExclusiveLock' AND granted",
+        );
+        (held == "1\n").then_some(()).ok_or(held)
+    })
+    .await;
     let sends = (0..3).map(|i| {
         let daemon = &daemon;
         async move {
@@ -486,7 +495,7 @@ async fn a_locked_postgres_table_answers_503_within_the_bound_and_stores_nothing
     for (reply, took) in futures_util::future::join_all(sends).await {
         assert_eq!((reply.status, reply.error()), (503, "storage_unavailable"));
         assert!(reply.headers.contains_key("retry-after"));
-        assert!(took < Duration::from_millis(3500), "{took:?}");
+        assert!(took < Duration::from_millis(2500), "{took:?}");
     }
     assert_eq!(daemon.get_status("/readyz").await, 503);
     assert!(lock.wait().unwrap().success());

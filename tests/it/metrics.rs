@@ -425,11 +425,14 @@ async fn scrapes_within_a_second_share_one_reading_of_the_queues() {
         (status, text, read_at.elapsed())
     });
     let mut within = 0;
+    // Each distinct text parsed once: the parser is a process, and 200 of them took 20 s.
+    let mut parsed: HashMap<String, Option<f64>> = HashMap::new();
     for (status, text, answered) in futures_util::future::join_all(burst).await {
         assert_eq!(status, 200);
         if answered < Duration::from_millis(900) {
             within += 1;
-            assert_eq!(waiting(&text), Some(0.0), "read again within a second");
+            let value = *parsed.entry(text).or_insert_with_key(|text| waiting(text));
+            assert_eq!(value, Some(0.0), "read again within a second");
         }
     }
     assert!(within > 0, "no scrape was answered within the second");
