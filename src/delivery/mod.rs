@@ -137,6 +137,9 @@ impl Engine {
     /// when it said something would be due, and at least every `POLL`. Under a flood a turn
     /// comes with every few deliveries, and reading the whole queue each time held delivery
     /// back (measured: benches/LOG.md).
+    ///
+    /// Every wait (the next look, a retry or digest coming due, a batch's linger) is a
+    /// deadline on the engine's [`Clock`], so a test moves time instead of sleeping.
     pub async fn run(self, stop: CancellationToken) -> JoinSet<()> {
         let mut turns = Turns::new(self.clock.now());
         while !stop.is_cancelled() {
