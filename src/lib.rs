@@ -362,19 +362,15 @@ async fn upkeep(
     let _ = retention.await;
 }
 
-/// Prunes at start-up and then every [`PRUNE_EVERY`], until `stop`.
+/// Prunes at start-up and then every [`PRUNE_EVERY`] on `clock` (so a test moves a month
+/// on instead of shortening the retention to seconds), until `stop`.
 async fn retention(
     store: Store,
     storage: StorageConfig,
     clock: Arc<dyn clock::Clock>,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(PRUNE_EVERY);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
         for (what, keep) in [
             (Prunable::Dedupe, storage.dedupe_retention),
             (Prunable::Events, storage.event_retention),
@@ -384,6 +380,10 @@ async fn retention(
             if prune(&store, &*clock, what, keep, &stop).await.is_err() {
                 return; // stopping
             }
+        }
+        tokio::select! {
+            () = clock.sleep_until(clock.now() + PRUNE_EVERY) => {}
+            () = stop.cancelled() => return,
         }
     }
 }

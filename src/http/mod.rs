@@ -53,7 +53,7 @@ pub struct AppState {
     /// The delivery queues as last read for `/metrics`, and when: scrapes within
     /// [`QUEUES_FRESH`] share one read, so however often a stranger scrapes, the database
     /// answers at most once a second. The lock also keeps two renders from interleaving.
-    queues: tokio::sync::Mutex<Option<(std::time::Instant, Vec<crate::metrics::SinkQueue>)>>,
+    queues: tokio::sync::Mutex<Option<(jiff::Timestamp, Vec<crate::metrics::SinkQueue>)>>,
     max_body_bytes: usize,
     /// Bytes of bodies not yet verified, across all requests (see `ingest::UNVERIFIED_BODIES`).
     unverified: tokio::sync::Semaphore,
@@ -246,19 +246,17 @@ async fn scrape(
         return Err(ApiError::IpNotAllowed(client));
     }
     let mut cached = state.queues.lock().await;
+    // On the daemon's clock, so a test steps past it; a clock set back is not fresh.
+    let now = state.clock.now();
     let fresh = cached
         .as_ref()
-        .is_some_and(|(read_at, _)| read_at.elapsed() < QUEUES_FRESH);
+        .is_some_and(|(read_at, _)| (*read_at..*read_at + QUEUES_FRESH).contains(&now));
     if !fresh {
-        let queues = state
-            .store
-            .queues(state.clock.now())
-            .await
-            .unwrap_or_else(|err| {
-                tracing::warn!(error = %err, "cannot read the delivery queues for /metrics");
-                Vec::new()
-            });
-        *cached = Some((std::time::Instant::now(), queues));
+        let queues = state.store.queues(now).await.unwrap_or_else(|err| {
+            tracing::warn!(error = %err, "cannot read the delivery queues for /metrics");
+            Vec::new()
+        });
+        *cached = Some((now, queues));
     }
     let queues = cached.as_ref().map_or(&[][..], |(_, queues)| queues);
     let text = state.metrics.render(queues, state.store.size_bytes());

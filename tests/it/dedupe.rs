@@ -112,38 +112,54 @@ async fn scorecard_bodies_without_id_dedupe_on_their_hash() {
     assert_eq!(lines[0]["occurred_at"], "2025-02-20T15:30:00Z");
 }
 
+const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// Posts `body` until it is accepted as new (202), for up to 10 s: pruning runs in the
+/// background once the clock passed its hour.
+async fn until_new(daemon: &InProcess, body: &[u8]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let status = daemon.post_cl(body).await.status;
+        if status == 202 {
+            return;
+        }
+        assert_eq!(status, 200, "a duplicate until pruned");
+        assert!(std::time::Instant::now() < deadline, "never pruned");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
 on_both_backends!(dedupe_records_expire_after_the_retention);
+
+/// In-process, on a clock the test moves: a week's retention, not a second's. Past it the id
+/// is forgotten, so the same delivery is a new event again while the first one stays stored.
 async fn dedupe_records_expire_after_the_retention() {
     let dir = tempdir();
     let text = config(dir.path(), NO_LIMITS, &standard_rest(dir.path()))
-        .replace("[storage]\n", "[storage]\ndedupe_retention = \"1s\"\n");
-    let daemon = Daemon::start(dir.path(), &text);
+        .replace("[storage]\n", "[storage]\ndedupe_retention = \"7d\"\n");
+    let daemon = InProcess::start(dir.path(), &text).await;
     let body = scan_body("expiring");
     daemon.accept_cl(&body).await;
     assert_eq!(daemon.post_cl(&body).await.status, 200);
-    assert_eq!(daemon.terminate().code(), Some(0));
-    // A clean stop leaves every key in the table.
-    assert_eq!(
-        db_rows(dir.path(), "SELECT delivery_id FROM dedupe", |r| r
-            .get::<_, String>(0)),
-        ["expiring"]
-    );
+    // Six days on (pruning ran: it runs hourly on the daemon's clock), still a duplicate.
+    daemon.clock.advance(6 * DAY);
+    wait_jobs(&daemon, "succeeded", 1).await;
+    assert_eq!(daemon.post_cl(&body).await.status, 200);
 
-    // Pruning runs at start-up and then hourly; past the retention the id is forgotten, so
-    // the same delivery is a new event again while the first one stays stored.
-    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
-    let daemon = Daemon::start(dir.path(), &text);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while daemon.count("dedupe") > 0 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(daemon.count("dedupe"), 0, "{}", daemon.log());
-    wait_log(&daemon, "pruned expired records what=Dedupe").await;
-    daemon.accept_cl(&body).await;
-    assert_eq!(daemon.count("events"), 2);
+    daemon
+        .clock
+        .advance(DAY + std::time::Duration::from_secs(60));
+    until_new(&daemon, &body).await;
+    let stored = daemon.deliveries();
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert!(stored.iter().all(|row| row.delivery_id == "expiring"));
+    daemon.stop().await;
 }
 
 on_both_backends!(finished_events_expire_after_the_event_retention);
+
+/// In-process, a month's retention stepped: the delivered event goes with its job and
+/// attempts; the one whose delivery is still to come stays, however old.
 async fn finished_events_expire_after_the_event_retention() {
     let dir = tempdir();
     let hook = dir.path().join("fails.sh");
@@ -159,7 +175,7 @@ path = "{}"
 [sinks.stuck]
 type = "exec"
 command = ["{}"]
-delivery = {{ retry = {{ base = "10m" }} }}
+delivery = {{ retry = {{ base = "90d", cap = "90d", max_age = "365d" }} }}
 
 [[routes]]
 name = "scans"
@@ -176,52 +192,53 @@ sinks = ["stuck"]
     );
     let text = config(dir.path(), NO_LIMITS, &rest).replace(
         "[storage]\n",
-        "[storage]\ndedupe_retention = \"1s\"\nevent_retention = \"1s\"\n",
+        "[storage]\ndedupe_retention = \"30d\"\nevent_retention = \"30d\"\n",
     );
-    let daemon = Daemon::start(dir.path(), &text);
+    let daemon = InProcess::start(dir.path(), &text).await;
     daemon
         .accept_cl(&sample("compliancelayer-scan.completed.json"))
         .await;
     daemon
         .accept_cl(&sample("compliancelayer-alert.triggered.json"))
         .await;
-    let job_states = |daemon: &Daemon| -> Vec<(String, String)> {
-        daemon.rows("SELECT sink, status FROM jobs ORDER BY sink", |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+    // The file sink's lone job waits the hand-over's linger for company, on the clock too.
+    daemon.clock.advance(std::time::Duration::from_millis(10));
+    let job_states = |daemon: &InProcess| -> Vec<(String, String)> {
+        let mut states: Vec<(String, String)> = daemon
+            .deliveries()
+            .into_iter()
+            .filter_map(|row| Some((row.sink?, row.status.as_str().to_owned())))
+            .collect();
+        states.sort();
+        states
     };
     let expected = [
         ("archive".to_owned(), "succeeded".to_owned()),
         ("stuck".to_owned(), "failed".to_owned()),
     ];
     eventually(|| {
-        if job_states(&daemon) == expected {
-            Ok(())
-        } else {
-            Err(format!("{:?}", job_states(&daemon)))
-        }
+        let states = job_states(&daemon);
+        (states == expected)
+            .then_some(())
+            .ok_or(format!("{states:?}"))
     })
     .await;
-    assert_eq!(daemon.terminate().code(), Some(0));
 
-    // Pruning runs at start-up: the delivered event goes with its job and attempts; the one
-    // whose delivery is still to come stays.
-    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
-    let daemon = Daemon::start(dir.path(), &text);
-    eventually(|| match daemon.count("events") {
-        1 => Ok(()),
-        n => Err(format!("{n} events\n{}", daemon.log())),
+    daemon.clock.advance(31 * DAY);
+    eventually(|| match daemon.deliveries().as_slice() {
+        [only] if only.event_type == "alert.triggered" => Ok(()),
+        rows => Err(format!("{rows:?}")),
     })
     .await;
-    let left: String = daemon.value("SELECT event_type FROM events");
-    assert_eq!(left, "alert.triggered");
     assert_eq!(
         job_states(&daemon),
         [("stuck".to_owned(), "failed".to_owned())]
     );
+    // The schema's own invariant: no attempt outlives its job.
     let orphans: i64 =
         daemon.value("SELECT count(*) FROM attempts WHERE job_id NOT IN (SELECT id FROM jobs)");
     assert_eq!(orphans, 0);
+    daemon.stop().await;
 }
 
 /// Keys reach the unique index in batches, after their events: the ones not yet merged when
