@@ -464,7 +464,7 @@ async fn send_signs_and_delivers_a_sample() {
         &[],
     );
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(daemon.count("events"), 2);
+    assert_eq!(daemon.event_count(), 2);
 
     // A refused delivery is exit 1; an unknown source is a usage error, exit 2.
     let wrong = dir.path().join("wrong.toml");

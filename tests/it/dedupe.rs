@@ -45,8 +45,8 @@ async fn retry_is_a_duplicate_even_under_a_new_delivery_header() {
     // Give a (wrong) second dispatch time to show up before counting.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(read_lines(&dir.path().join("events.jsonl")).len(), 1);
-    assert_eq!(daemon.count("events"), 1);
-    assert_eq!(daemon.count("jobs"), 1);
+    assert_eq!(daemon.event_count(), 1);
+    assert_eq!(daemon.job_count(), 1);
 }
 
 on_both_backends!(fifty_concurrent_copies_store_exactly_one);
@@ -65,7 +65,7 @@ async fn fifty_concurrent_copies_store_exactly_one() {
         .filter(|r| r.status == 200 && r.json["status"] == "duplicate")
         .count();
     assert_eq!((accepted, duplicates), (1, 49));
-    assert_eq!(daemon.count("events"), 1);
+    assert_eq!(daemon.event_count(), 1);
     assert_eq!(
         wait_lines(&dir.path().join("events.jsonl"), 1).await.len(),
         1
@@ -270,7 +270,7 @@ async fn delivery_ids_not_yet_merged_survive_a_crash() {
         );
         assert_eq!(&retry.json["id"], id);
     }
-    assert_eq!(daemon.count("events"), 3);
+    assert_eq!(daemon.event_count(), 3);
 }
 
 /// While deliveries keep coming, waiting keys are merged about once a second.
@@ -349,7 +349,7 @@ async fn a_pruning_backlog_delays_neither_requests_nor_a_stop() {
     let total = backlog;
 
     let daemon = Daemon::start(dir.path(), &text);
-    eventually(|| match daemon.count("events") {
+    eventually(|| match daemon.event_count() {
         n if n < total => Ok(()),
         n => Err(format!(
             "{n} events: pruning has not begun\n{}",

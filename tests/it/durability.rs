@@ -28,11 +28,14 @@ async fn accepted_event_survives_kill_and_is_dispatched_after_restart() {
     );
     let reply = daemon.post_cl(&scan_body("survivor")).await;
     assert_eq!(reply.status, 202);
-    assert_eq!(daemon.count("events"), 1);
+    assert_eq!(daemon.event_count(), 1);
     // Routed in the transaction that stored it: the job exists as soon as the 2xx does.
-    assert_eq!(daemon.count("jobs"), 1);
-    let succeeded: i64 = daemon.value("SELECT count(*) FROM jobs WHERE status = 'succeeded'");
-    assert_eq!(succeeded, 0, "the FIFO sink cannot have been written");
+    assert_eq!(daemon.job_count(), 1);
+    assert_eq!(
+        jobs(&daemon).get("succeeded"),
+        None,
+        "the FIFO sink cannot have been written"
+    );
     // The job was handed to the engine in memory, so its row is due only at the fallback.
     let wait_ms: i64 = daemon.value("SELECT next_attempt_at - created_at FROM jobs");
     assert_eq!(wait_ms, 10_000);
@@ -79,10 +82,7 @@ async fn sigkill_after_2xx_loses_nothing() {
     assert_eq!(acknowledged.len(), 200);
     let _ = daemon.wait(Duration::from_secs(5));
 
-    let stored: std::collections::HashSet<String> =
-        db_rows(dir.path(), "SELECT delivery_id FROM events", |r| r.get(0))
-            .into_iter()
-            .collect();
+    let stored = delivery_ids_at(dir.path());
     for id in &acknowledged {
         assert!(stored.contains(id), "{id} was acknowledged but not stored");
     }
@@ -293,10 +293,7 @@ async fn kill_9_at_random_moments_under_a_flood_loses_no_acknowledged_delivery()
         }
     })
     .await;
-    let stored: HashSet<String> = daemon
-        .rows("SELECT delivery_id FROM events", |r| r.get(0))
-        .into_iter()
-        .collect();
+    let stored = daemon.delivery_ids();
     assert!(
         acknowledged.is_subset(&stored),
         "an acknowledged delivery was lost"

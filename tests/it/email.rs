@@ -511,8 +511,7 @@ async fn starttls_required_against_a_plain_relay_says_what_to_set() {
         .await
         .unwrap_or_default();
     assert!(error.contains("starttls"), "{error}");
-    let attempts: i64 = daemon.value("SELECT attempts FROM jobs WHERE sink = 'strict'");
-    assert_eq!(attempts, 1, "a permanent failure");
+    assert_eq!(daemon.job_of("strict").attempts, 1, "a permanent failure");
 
     let message = &smtp.messages(1).await[0];
     let header = |name: &str| header(message, name);

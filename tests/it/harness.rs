@@ -2,7 +2,7 @@
 //! directory for its database and sink files, and signs deliveries independently of the
 //! daemon's own signer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use hmac::{KeyInit, Mac};
+use hookroute::config::StorageConfig;
 use hookroute::store::admin::{Access, Filter, JobDetail, Row, Tools};
 use sha2::Sha256;
 
@@ -132,6 +133,16 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub dir: PathBuf,
     pub client: reqwest::Client,
+    /// The database the daemon was started on, for [`Endpoint::tools`]: read at the start,
+    /// as a test may break the configuration file later (to test a reload).
+    storage: Option<StorageConfig>,
+}
+
+/// The storage settings of the configuration at `path`, read as the operator's tools read it.
+fn storage_of(path: &Path) -> Option<StorageConfig> {
+    hookroute::config::load_for_tools(path)
+        .ok()
+        .map(|config| config.storage)
 }
 
 /// The real binary, as a child process: for crashes, signals and the command line.
@@ -181,6 +192,7 @@ impl InProcess {
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
+        let storage = config.storage.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(hookroute::run_with_clock(
             config,
@@ -195,6 +207,7 @@ impl InProcess {
                 addr,
                 dir: dir.to_path_buf(),
                 client: http_client(),
+                storage: Some(storage),
             },
             clock,
             stop: Some(stop),
@@ -249,25 +262,80 @@ impl Endpoint {
     /// names it): tests read what was stored through the store's contract, the same on either
     /// backend, not through its tables. On a thread of its own, as the tools block.
     pub fn tools<T: Send>(&self, read: impl FnOnce(&Tools) -> T + Send) -> T {
-        tools_at(&self.dir, read)
+        let storage = self.storage.as_ref();
+        tools_on(storage.expect("a configuration the tools can read"), read)
     }
 
     /// Every job and routing outcome, newest event first (`deliveries list`).
     pub fn deliveries(&self) -> Vec<Row> {
-        let filter = Filter {
-            limit: usize::MAX >> 1,
-            ..Filter::default()
-        };
-        self.tools(|tools| tools.list(&filter).expect("the list reads"))
+        self.tools(|tools| tools.list(&everything()).expect("the list reads"))
+    }
+
+    /// Every job, with the delivery id of its event and its attempts (`deliveries show` of
+    /// each event), ordered by sink.
+    pub fn all_jobs(&self) -> Vec<(String, JobDetail)> {
+        let mut jobs = self.tools(|tools| {
+            let mut jobs = Vec::new();
+            let mut events: Vec<(i64, String)> = tools
+                .list(&everything())
+                .expect("the list reads")
+                .into_iter()
+                .map(|row| (row.event_id, row.delivery_id))
+                .collect();
+            events.dedup();
+            for (event, delivery_id) in events {
+                let detail = tools.show(event).expect("show reads").expect("the event");
+                jobs.extend(
+                    detail
+                        .jobs
+                        .into_iter()
+                        .map(|job| (delivery_id.clone(), job)),
+                );
+            }
+            jobs
+        });
+        jobs.sort_by(|a, b| a.1.sink.cmp(&b.1.sink).then(a.1.id.cmp(&b.1.id)));
+        jobs
+    }
+
+    /// The delivery ids of the events stored.
+    pub fn delivery_ids(&self) -> HashSet<String> {
+        let rows = self.deliveries();
+        rows.into_iter().map(|row| row.delivery_id).collect()
+    }
+
+    /// How many events are stored, as the tools list them.
+    pub fn event_count(&self) -> usize {
+        let events: std::collections::HashSet<i64> =
+            self.deliveries().iter().map(|row| row.event_id).collect();
+        events.len()
+    }
+
+    /// How many jobs there are, whatever their status.
+    pub fn job_count(&self) -> usize {
+        self.deliveries()
+            .iter()
+            .filter(|row| row.job_id.is_some())
+            .count()
     }
 
     /// The one job of `sink` (the newest, if several), with its attempts (`deliveries show`).
     pub fn job_of(&self, sink: &str) -> JobDetail {
+        self.job_where(|row| row.sink.as_deref() == Some(sink))
+    }
+
+    /// The only job there is, with its attempts.
+    pub fn only_job(&self) -> JobDetail {
+        assert_eq!(self.job_count(), 1, "one job: {:?}", self.deliveries());
+        self.job_where(|_| true)
+    }
+
+    fn job_where(&self, wanted: impl Fn(&Row) -> bool) -> JobDetail {
         let rows = self.deliveries();
         let row = rows
             .iter()
-            .find(|row| row.sink.as_deref() == Some(sink) && row.job_id.is_some())
-            .unwrap_or_else(|| panic!("no job of {sink}: {rows:?}"));
+            .find(|row| row.job_id.is_some() && wanted(row))
+            .unwrap_or_else(|| panic!("no such job: {rows:?}"));
         let job = row.job_id;
         let event = self.tools(|tools| tools.show(row.event_id).unwrap().expect("the event"));
         event
@@ -280,11 +348,15 @@ impl Endpoint {
 
 /// [`Endpoint::tools`] on the database of the configuration in `dir`.
 pub fn tools_at<T: Send>(dir: &Path, read: impl FnOnce(&Tools) -> T + Send) -> T {
-    let config = hookroute::config::load(&dir.join("config.toml")).expect("valid config");
+    let storage = storage_of(&dir.join("config.toml"));
+    tools_on(&storage.expect("a configuration the tools can read"), read)
+}
+
+fn tools_on<T: Send>(storage: &StorageConfig, read: impl FnOnce(&Tools) -> T + Send) -> T {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                let tools = hookroute::store::open_admin(&config.storage, Access::Read)
+                let tools = hookroute::store::open_admin(storage, Access::Read)
                     .expect("the database opens");
                 read(&tools)
             })
@@ -349,6 +421,7 @@ impl Daemon {
                 addr,
                 dir: dir.to_path_buf(),
                 client: http_client(),
+                storage: storage_of(config_path),
             },
             config_path: config_path.to_path_buf(),
             log,
@@ -656,13 +729,40 @@ pub async fn wait_log(daemon: &Daemon, needle: &str) -> String {
 
 /// Job counts by status, read through the store's contract.
 pub fn jobs(daemon: &Endpoint) -> HashMap<String, i64> {
+    job_counts(daemon.deliveries())
+}
+
+/// [`jobs`] of the database of the configuration in `dir` (a daemon stopped, say).
+pub fn jobs_at(dir: &Path) -> HashMap<String, i64> {
+    job_counts(tools_at(dir, |tools| {
+        tools.list(&everything()).expect("the list reads")
+    }))
+}
+
+fn job_counts(rows: Vec<Row>) -> HashMap<String, i64> {
     let mut counts = HashMap::new();
-    for row in daemon.deliveries() {
+    for row in rows {
         if row.job_id.is_some() {
             *counts.entry(row.status.as_str().to_owned()).or_default() += 1;
         }
     }
     counts
+}
+
+/// [`Endpoint::delivery_ids`] of the database of the configuration in `dir`.
+pub fn delivery_ids_at(dir: &Path) -> HashSet<String> {
+    let rows = tools_at(dir, |tools| {
+        tools.list(&everything()).expect("the list reads")
+    });
+    rows.into_iter().map(|row| row.delivery_id).collect()
+}
+
+/// `deliveries list` with no filter and no practical limit.
+fn everything() -> Filter {
+    Filter {
+        limit: usize::MAX >> 1,
+        ..Filter::default()
+    }
 }
 
 pub async fn wait_jobs(daemon: &Endpoint, status: &str, n: i64) {

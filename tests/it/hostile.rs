@@ -149,8 +149,11 @@ async fn sink_secrets_never_reach_the_log_the_database_or_the_tools() {
         ));
     }
     // The failures were recorded, with something useful in them.
-    let errors: Vec<String> =
-        daemon.rows("SELECT sink || ': ' || last_error FROM jobs", |r| r.get(0));
+    let errors: Vec<String> = daemon
+        .all_jobs()
+        .into_iter()
+        .map(|(_, job)| format!("{}: {}", job.sink, job.last_error.unwrap_or_default()))
+        .collect();
     assert_eq!(errors.len(), names.len(), "{errors:?}");
     assert!(
         errors
@@ -264,7 +267,7 @@ sinks = ["other"]
     let reply = daemon.accept_cl(body.as_bytes()).await;
     let id = reply.json["id"].to_string();
     wait_jobs(&daemon, "succeeded", 1).await;
-    let route: String = daemon.value("SELECT route FROM jobs");
+    let route = daemon.only_job().route;
     assert_eq!(route, "failing scans", "score 10 is a failing scan");
 
     for json in [false, true] {
@@ -324,9 +327,9 @@ async fn a_nul_in_an_events_type_or_id_is_refused_and_stores_nothing() {
             reply.json
         );
     }
-    assert_eq!(daemon.count("events"), 0);
+    assert_eq!(daemon.event_count(), 0);
     daemon.accept_cl(&scan_body("nul-free")).await;
-    assert_eq!(daemon.count("events"), 1);
+    assert_eq!(daemon.event_count(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,10 +369,13 @@ template = {{ text = "{{% for a in data.items %}}{{% for b in data.items %}}{{% 
         started.elapsed()
     );
     wait_jobs(&daemon, "succeeded", 22).await;
-    let notes: Vec<String> = daemon.rows(
-        "SELECT a.response FROM attempts a JOIN jobs j ON j.id = a.job_id JOIN events e ON e.id = j.event_id WHERE e.delivery_id LIKE 'loop-%'",
-        |r| r.get(0),
-    );
+    let notes: Vec<String> = daemon
+        .all_jobs()
+        .into_iter()
+        .filter(|(id, _)| id.starts_with("loop-"))
+        .flat_map(|(_, job)| job.history)
+        .map(|attempt| attempt.response.unwrap_or_default())
+        .collect();
     assert_eq!(notes.len(), 2);
     for note in notes {
         assert!(
@@ -416,7 +422,7 @@ async fn an_exec_hook_that_streams_gets_a_large_event_and_hopeless_ones_die_at_o
         .post_cl(format!(r#"{{"id": "{long_id}", "type": "scan.completed"}}"#).as_bytes())
         .await;
     assert_eq!((reply.status, reply.error()), (400, "invalid_event"));
-    assert_eq!(daemon.count("events"), 1);
+    assert_eq!(daemon.event_count(), 1);
 }
 
 /// A receiver that answers every request with a body of `len` bytes, streamed until the
@@ -465,7 +471,7 @@ async fn a_huge_response_is_not_buffered() {
     let before = rss_kib(daemon.pid());
     daemon.accept_cl(&scan_body("huge-answer")).await;
     wait_jobs(&daemon, "succeeded", 1).await;
-    let response: String = daemon.value("SELECT response FROM jobs");
+    let response = daemon.only_job().response.unwrap_or_default();
     assert!(
         response.starts_with("HTTP 200: zzz") && response.len() < 2100,
         "{}",
@@ -580,7 +586,7 @@ async fn stalled_uploads_share_one_memory_budget() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (open, answers) = answered(stall_uploads(daemon.addr, 64).await).await;
     assert_eq!((open.len(), answers.len()), (64, 0), "{answers:?}");
-    assert_eq!(daemon.count("events"), 0);
+    assert_eq!(daemon.event_count(), 0);
 }
 
 /// `n` uploads that declare 1 MiB, send all but 100 bytes of it, and stall.
@@ -840,7 +846,7 @@ fn bad_input_gets_its_exact_status_and_changes_nothing() {
         let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
         let statuses = exchange(daemon.addr, &parts, Duration::from_millis(700));
         assert_eq!(statuses, expected, "{name}");
-        assert_eq!(daemon.count("events"), 0, "{name} stored something");
+        assert_eq!(daemon.event_count(), 0, "{name} stored something");
     }
     assert!(!archive.exists(), "something was delivered");
     // The daemon is still well: a good delivery goes through.

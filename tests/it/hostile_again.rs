@@ -47,10 +47,16 @@ async fn a_nul_or_invalid_utf8_in_a_sinks_answer_is_recorded_once() {
     let daemon = Daemon::start(dir.path(), &text);
     daemon.accept_cl(&scan_body("nul-answer")).await;
     wait_jobs(&daemon, "succeeded", 2).await;
-    let responses = daemon.rows(
-        "SELECT sink, attempts.response FROM attempts JOIN jobs ON jobs.id = attempts.job_id ORDER BY sink",
-        |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
-    );
+    let responses: Vec<(String, String)> = daemon
+        .all_jobs()
+        .into_iter()
+        .flat_map(|(_, job)| {
+            let sink = job.sink;
+            job.history
+                .into_iter()
+                .map(move |a| (sink.clone(), a.response.unwrap_or_default()))
+        })
+        .collect();
     assert_eq!(responses.len(), 2, "{responses:?}");
     assert_eq!(responses[0].0, "forward");
     assert!(responses[0].1.contains("ok\u{FFFD}tail"), "{responses:?}");
@@ -153,7 +159,7 @@ async fn an_overlong_id_or_type_is_refused_and_stores_nothing() {
         )
         .await;
     assert_eq!((reply.status, reply.error()), (400, "invalid_event"));
-    assert_eq!(daemon.count("events"), 0);
+    assert_eq!(daemon.event_count(), 0);
     // At the limits, accepted.
     let body = serde_json::json!({"id": "i".repeat(256), "type": "t".repeat(128)}).to_string();
     daemon.accept_cl(body.as_bytes()).await;
@@ -268,9 +274,10 @@ async fn an_exec_hook_that_leaves_a_child_behind_succeeds_on_its_exit() {
         "{:?}",
         sent.elapsed()
     );
-    let response: String = daemon.value("SELECT response FROM attempts");
+    let history = daemon.only_job().history;
+    assert_eq!(history.len(), 1, "one attempt");
+    let response = history[0].response.clone().unwrap_or_default();
     assert!(response.contains("started"), "{response}");
-    assert_eq!(daemon.count("attempts"), 1);
 }
 
 on_both_backends!(secrets_a_receiver_echoes_back_are_neither_logged_kept_nor_printed);
@@ -318,10 +325,17 @@ async fn secrets_a_receiver_echoes_back_are_neither_logged_kept_nor_printed() {
     let log = wait_log_n(&daemon, "dead letter", 2).await;
     let plain =
         base64::engine::general_purpose::STANDARD.encode(format!("\0hookroute\0{password}"));
-    let errors: Vec<String> = daemon.rows(
-        "SELECT sink || ': ' || last_error || ' ' || response FROM jobs ORDER BY sink",
-        |r| r.get(0),
-    );
+    let errors: Vec<String> = daemon
+        .all_jobs()
+        .into_iter()
+        .map(|(_, job)| {
+            let (error, response) = (
+                job.last_error.unwrap_or_default(),
+                job.response.unwrap_or_default(),
+            );
+            format!("{}: {error} {response}", job.sink)
+        })
+        .collect();
     assert!(errors[0].contains("Cannot POST ***"), "{errors:?}");
     assert!(
         errors[1].contains("535") && errors[1].contains("AUTH PLAIN ***"),
@@ -537,14 +551,19 @@ async fn a_sink_forwarding_into_its_own_daemon_stops_after_four_hops() {
     daemon.accept_cl(&scan_body("goes-round")).await;
     wait_jobs(&daemon, "dead", 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(daemon.count("events"), 5, "the original and four forwards");
+    assert_eq!(daemon.event_count(), 5, "the original and four forwards");
     assert_eq!(
         jobs(&daemon).get("succeeded"),
         Some(&4),
         "{:?}",
         jobs(&daemon)
     );
-    let reason: String = daemon.value("SELECT last_error FROM jobs WHERE status = 'dead'");
+    let reason = daemon
+        .deliveries()
+        .into_iter()
+        .find(|row| row.status == hookroute::store::admin::RowStatus::Dead)
+        .and_then(|row| row.detail)
+        .unwrap_or_default();
     assert!(reason.contains("forwarding loop"), "{reason}");
 
     // A delivery claiming too many hops, or a malformed count, is refused and stores nothing.
@@ -566,5 +585,5 @@ async fn a_sink_forwarding_into_its_own_daemon_stops_after_four_hops() {
             .await;
         assert_eq!((reply.status, reply.error()), (400, code), "{hops}");
     }
-    assert_eq!(daemon.count("events"), 5);
+    assert_eq!(daemon.event_count(), 5);
 }

@@ -45,7 +45,7 @@ async fn compliancelayer_accepts_every_documented_form() {
         assert_eq!(reply.status, 202, "{signature}: {:?}", reply.json);
         assert_eq!(reply.json["status"], "accepted");
     }
-    assert_eq!(daemon.count("events"), 4);
+    assert_eq!(daemon.event_count(), 4);
 }
 
 on_both_backends!(compliancelayer_refusals_store_nothing);
@@ -142,7 +142,7 @@ async fn compliancelayer_refusals_store_nothing() {
             reply.message()
         );
     }
-    assert_eq!(daemon.count("events"), 0);
+    assert_eq!(daemon.event_count(), 0);
     assert_eq!(daemon.count("dedupe"), 0);
     // The refusals are logged with their reason, and no secret appears in the log.
     let log = wait_log(&daemon, "delivery refused").await;
@@ -229,7 +229,7 @@ max_event_age = "1h"
         )
         .await;
     assert_eq!((reply.status, reply.error()), (401, "event_too_old"));
-    assert_eq!(daemon.count("events"), 2);
+    assert_eq!(daemon.event_count(), 2);
 }
 
 #[tokio::test]
@@ -284,7 +284,7 @@ async fn standard_webhooks_interoperates_with_the_official_library() {
             .error(),
         "invalid_signature"
     );
-    assert_eq!(daemon.count("events"), 1);
+    assert_eq!(daemon.event_count(), 1);
 
     // And the other way round: what `hookroute send` signs, the official library verifies.
     let body_path = dir.path().join("policy.json");
@@ -302,7 +302,7 @@ async fn standard_webhooks_interoperates_with_the_official_library() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(daemon.count("events"), 2);
+    assert_eq!(daemon.event_count(), 2);
 }
 
 #[tokio::test]
@@ -393,5 +393,5 @@ secret = ["tok-new", "tok-old"]
         let reply = daemon.post(path, &body, &sign(&body)).await;
         assert_eq!(reply.status, expected, "case {i} {path}: {:?}", reply.json);
     }
-    assert_eq!(daemon.count("events"), 3);
+    assert_eq!(daemon.event_count(), 3);
 }

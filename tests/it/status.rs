@@ -9,7 +9,7 @@ use crate::harness::*;
 
 fn assert_nothing_stored(daemon: &Daemon) {
     assert_eq!(
-        daemon.count("events"),
+        daemon.event_count(),
         0,
         "a rejected request stored an event"
     );
@@ -79,7 +79,7 @@ fn slow_headers_and_slow_bodies_are_cut_off() {
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
         "{waited:?}"
     );
-    assert_eq!(daemon.count("events"), 0);
+    assert_eq!(daemon.event_count(), 0);
 }
 
 /// Writes `bytes` on a fresh connection and reads until the server closes it: how long that
