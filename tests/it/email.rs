@@ -148,15 +148,15 @@ fn daemon_with(dir: &Path, sinks: &str, routes: &str) -> Daemon {
     Daemon::start(dir, &config_with(dir, sinks, routes))
 }
 
+/// The status and last error of `sink`'s newest job ("none" before it has one).
 fn job_status(daemon: &Daemon, sink: &str) -> (String, Option<String>) {
-    daemon
-        .db()
-        .query_row(
-            "SELECT status, last_error FROM jobs WHERE sink = ?1 ORDER BY id DESC LIMIT 1",
-            [sink],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap()
+    let rows = daemon.deliveries();
+    let job = rows
+        .into_iter()
+        .find(|row| row.job_id.is_some() && row.sink.as_deref() == Some(sink));
+    job.map_or(("none".to_owned(), None), |row| {
+        (row.status.as_str().to_owned(), row.detail)
+    })
 }
 
 async fn wait_status(daemon: &Daemon, sink: &str, status: &str) -> Option<String> {
