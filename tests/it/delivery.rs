@@ -75,12 +75,15 @@ delivery = {{ retry = {{ base = "1m", cap = "1m" }} }}
         "Retry-After: 120 honoured, to the millisecond the store keeps"
     );
 
+    // The second try (a 500) recorded before the clock moves on, so its retry, at most a
+    // minute later, is due after the step.
     daemon.clock.set(next);
-    eventually(|| match slack.requests().len() {
+    eventually(|| match daemon.job_of("security").history.len() {
         2 => Ok(()),
-        n => Err(format!("{n} requests")),
+        n => Err(format!("{n} attempts recorded")),
     })
     .await;
+    assert_eq!(slack.requests().len(), 2);
     daemon.clock.advance(Duration::from_secs(60));
     wait_jobs(&daemon, "succeeded", 1).await;
 
