@@ -137,12 +137,13 @@ impl Drop for Pass {
     }
 }
 
-/// Takes up to `most` off `counter`; returns how much it took.
+/// Takes up to `most` off `counter`; returns how much it took. Nothing owed (the usual case,
+/// every permit returned) is a read, not a write.
 fn take_up_to(counter: &AtomicUsize, most: usize) -> usize {
     let mut taken = 0;
     let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| {
         taken = owed.min(most);
-        Some(owed - taken)
+        (taken > 0).then(|| owed - taken)
     });
     taken
 }
