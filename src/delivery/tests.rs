@@ -210,15 +210,16 @@ async fn queue(store: &Store, now: Timestamp) -> (u64, u64) {
         .map_or((0, 0), |q| (q.waiting, q.dead))
 }
 
-/// Lets the runtime's other tasks run until `done` holds (a bounded number of times).
+/// Lets the runtime's other tasks run until `done` holds, for at most 5 s of real time.
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..10_000 {
-        if done() {
-            return;
-        }
-        tokio::task::yield_now().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    panic!("never happened: {what}");
 }
 
 #[tokio::test]
@@ -424,12 +425,11 @@ async fn run_wakes_by_its_clock_not_by_the_wall_clock() {
     tokio::time::sleep(POLL * 2).await;
     assert!(sink.calls().is_empty());
     clock.advance(60 * MINUTE);
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        until_async(|| !sink.calls().is_empty()),
+    until(
+        "the engine wakes when its clock passes the job's time",
+        || !sink.calls().is_empty(),
     )
-    .await
-    .expect("the engine woke when its clock passed the job's time");
+    .await;
     stop.cancel();
     drain(
         running.await.unwrap(),
@@ -438,13 +438,6 @@ async fn run_wakes_by_its_clock_not_by_the_wall_clock() {
     .await;
     assert_eq!(sink.delivered(), ["later"]);
     store.close().await;
-}
-
-/// Polls `done` every few milliseconds (for what another thread of the runtime does).
-async fn until_async(done: impl Fn() -> bool) {
-    while !done() {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 #[tokio::test]
@@ -461,12 +454,7 @@ async fn a_stop_lets_the_calls_in_flight_finish_and_starts_no_other() {
         ..
     } = rig;
     let running = tokio::spawn(engine.run(stop.clone()));
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        until_async(|| sink.calls().len() == 1),
-    )
-    .await
-    .expect("the first call starts");
+    until("the first call starts", || sink.calls().len() == 1).await;
 
     stop.cancel();
     let attempts = running.await.unwrap();

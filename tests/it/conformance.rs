@@ -272,38 +272,46 @@ on_both_backends!(a_throttle_suppresses_within_its_window_by_key);
 async fn a_throttle_suppresses_within_its_window_by_key() {
     let dir = tempdir();
     let store = store(dir.path()).await;
-    let throttled = |key: &str| {
-        vec![RouteTo {
-            route: "scans".into(),
-            throttle: Some((key.to_owned(), Duration::from_secs(3600))),
-            sinks: vec!["a".into()],
-        }]
-    };
     let mut answers = Vec::new();
     for (id, key, at) in [
         ("t-1", "example.com", t0()),
         ("t-2", "example.com", after(t0(), 60)),
         ("t-3", "other.example", after(t0(), 120)),
     ] {
-        let (mut event, body) = event(id);
-        event.occurred_at = Some(at);
-        let inserted = store
-            .insert(&event, &body, at, throttled(key), Handoff::default())
-            .await
-            .unwrap();
-        let Inserted::New {
-            jobs, suppressed, ..
-        } = inserted
-        else {
-            panic!("{inserted:?}");
-        };
-        answers.push((jobs, suppressed));
+        answers.push(insert_throttled(&store, id, key, at).await);
     }
     assert_eq!(
         answers,
         [(1, vec![]), (0, vec!["scans".to_owned()]), (1, vec![]),]
     );
     store.close().await;
+}
+
+/// Stores event `id`, sent and received at `at`, for route `scans` with an hour's throttle
+/// per `key`; the jobs it made and the routes that suppressed it.
+async fn insert_throttled(
+    store: &Store,
+    id: &str,
+    key: &str,
+    at: Timestamp,
+) -> (usize, Vec<String>) {
+    let (mut event, body) = event(id);
+    event.occurred_at = Some(at);
+    let route = RouteTo {
+        route: "scans".into(),
+        throttle: Some((key.to_owned(), Duration::from_secs(3600))),
+        sinks: vec!["a".into()],
+    };
+    let inserted = store
+        .insert(&event, &body, at, vec![route], Handoff::default())
+        .await
+        .unwrap();
+    match inserted {
+        Inserted::New {
+            jobs, suppressed, ..
+        } => (jobs, suppressed),
+        other => panic!("{id} was not new: {other:?}"),
+    }
 }
 
 on_both_backends!(the_tools_list_and_show_what_the_store_holds);
@@ -461,25 +469,9 @@ async fn closed_throttle_windows_are_pruned_behind_the_newest_and_open_ones_kept
     let dir = tempdir();
     let store = store(dir.path()).await;
     let hour = Duration::from_secs(3600);
-    let throttled = |id: &str, key: &str, at: Timestamp| {
-        let (mut event, body) = event(id);
-        event.occurred_at = Some(at);
-        let route = RouteTo {
-            route: "scans".into(),
-            throttle: Some((key.to_owned(), hour)),
-            sinks: vec!["a".into()],
-        };
+    let throttled = |id: &'static str, key: &'static str, at: Timestamp| {
         let store = store.clone();
-        async move {
-            match store
-                .insert(&event, &body, at, vec![route], Handoff::default())
-                .await
-                .unwrap()
-            {
-                Inserted::New { jobs, .. } => jobs,
-                other => panic!("{other:?}"),
-            }
-        }
+        async move { insert_throttled(&store, id, key, at).await.0 }
     };
     assert_eq!(throttled("old", "a.example", t0()).await, 1);
     assert_eq!(

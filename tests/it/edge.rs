@@ -37,6 +37,11 @@ impl Answer {
 }
 
 impl Edge {
+    /// The daemon with the standard source and archive, `server` added to `[server]`.
+    async fn standard(dir: &Path, server: &str) -> Self {
+        Self::start(dir, &config(dir, server, &standard_rest(dir))).await
+    }
+
     /// The daemon on `config` (written into `dir`), its clock a manual one.
     async fn start(dir: &Path, config: &str) -> Self {
         let config = hookroute::config::load(&write_config(dir, config)).expect("valid config");
@@ -90,13 +95,7 @@ impl Edge {
 
     /// Whatever was stored, read through the store's contract.
     fn stored(&self) -> Vec<Row> {
-        tools_at(&self.dir, |tools| {
-            let filter = hookroute::store::admin::Filter {
-                limit: 1000,
-                ..Default::default()
-            };
-            tools.list(&filter).unwrap()
-        })
+        deliveries_at(&self.dir)
     }
 
     async fn stop(self) {
@@ -244,11 +243,7 @@ async fn every_refusal_has_its_exact_status_and_stores_nothing() {
 #[tokio::test]
 async fn rotation_accepts_the_old_and_the_new_secret_and_nothing_else() {
     let dir = tempdir();
-    let edge = Edge::start(
-        dir.path(),
-        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
-    )
-    .await;
+    let edge = Edge::standard(dir.path(), NO_LIMITS).await;
     for (i, secret) in [CL_SECRET, CL_SECRET_OLD].into_iter().enumerate() {
         let body = scan_body(&format!("rotated-{i}"));
         let answer = edge
@@ -313,11 +308,7 @@ async fn forwarded_for_counts_only_from_a_trusted_proxy() {
 async fn rate_limits_answer_429_per_client_and_never_lock_out_a_valid_sender() {
     let dir = tempdir();
     let server = "trusted_proxies = [\"10.0.0.2\"]\nrate_limit = { per_second = 1, burst = 5, failed_per_minute = 1, failed_burst = 2 }";
-    let edge = Edge::start(
-        dir.path(),
-        &config(dir.path(), server, &standard_rest(dir.path())),
-    )
-    .await;
+    let edge = Edge::standard(dir.path(), server).await;
     // A burst of five, then 429 with a Retry-After of a second or two.
     let mut statuses = Vec::new();
     for i in 0..7 {
@@ -399,11 +390,7 @@ async fn rate_limits_answer_429_per_client_and_never_lock_out_a_valid_sender() {
 async fn a_malformed_forwarded_for_is_400_and_charges_no_one() {
     let dir = tempdir();
     let server = "trusted_proxies = [\"10.0.0.2\"]\nrate_limit = { per_second = 100, burst = 100, failed_per_minute = 1, failed_burst = 2 }";
-    let edge = Edge::start(
-        dir.path(),
-        &config(dir.path(), server, &standard_rest(dir.path())),
-    )
-    .await;
+    let edge = Edge::standard(dir.path(), server).await;
     let wrong = "0".repeat(64);
     let body = scan_body("xff");
     for _ in 0..5 {

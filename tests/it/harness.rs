@@ -306,8 +306,7 @@ impl Endpoint {
 
     /// How many events are stored, as the tools list them.
     pub fn event_count(&self) -> usize {
-        let events: std::collections::HashSet<i64> =
-            self.deliveries().iter().map(|row| row.event_id).collect();
+        let events: HashSet<i64> = self.deliveries().iter().map(|row| row.event_id).collect();
         events.len()
     }
 
@@ -347,7 +346,7 @@ impl Endpoint {
 }
 
 /// [`Endpoint::tools`] on the database of the configuration in `dir`.
-pub fn tools_at<T: Send>(dir: &Path, read: impl FnOnce(&Tools) -> T + Send) -> T {
+fn tools_at<T: Send>(dir: &Path, read: impl FnOnce(&Tools) -> T + Send) -> T {
     let storage = storage_of(&dir.join("config.toml"));
     tools_on(&storage.expect("a configuration the tools can read"), read)
 }
@@ -732,11 +731,17 @@ pub fn jobs(daemon: &Endpoint) -> HashMap<String, i64> {
     job_counts(daemon.deliveries())
 }
 
-/// [`jobs`] of the database of the configuration in `dir` (a daemon stopped, say).
-pub fn jobs_at(dir: &Path) -> HashMap<String, i64> {
-    job_counts(tools_at(dir, |tools| {
+/// [`Endpoint::deliveries`] of the database of the configuration in `dir` (a daemon stopped,
+/// say, or driven without one).
+pub fn deliveries_at(dir: &Path) -> Vec<Row> {
+    tools_at(dir, |tools| {
         tools.list(&everything()).expect("the list reads")
-    }))
+    })
+}
+
+/// [`jobs`] of the database of the configuration in `dir`.
+pub fn jobs_at(dir: &Path) -> HashMap<String, i64> {
+    job_counts(deliveries_at(dir))
 }
 
 fn job_counts(rows: Vec<Row>) -> HashMap<String, i64> {
@@ -751,9 +756,7 @@ fn job_counts(rows: Vec<Row>) -> HashMap<String, i64> {
 
 /// [`Endpoint::delivery_ids`] of the database of the configuration in `dir`.
 pub fn delivery_ids_at(dir: &Path) -> HashSet<String> {
-    let rows = tools_at(dir, |tools| {
-        tools.list(&everything()).expect("the list reads")
-    });
+    let rows = deliveries_at(dir);
     rows.into_iter().map(|row| row.delivery_id).collect()
 }
 

@@ -256,14 +256,10 @@ async fn postgres_down_is_503_and_the_daemon_recovers_when_it_is_back() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     assert!(stored, "the daemon did not recover: {}", daemon.log());
-    let mut stored: Vec<String> = tools_at(dir.path(), |tools| {
-        let filter = hookroute::store::admin::Filter {
-            limit: 10,
-            ..Default::default()
-        };
-        let rows = tools.list(&filter).unwrap();
-        rows.into_iter().map(|row| row.delivery_id).collect()
-    });
+    let mut stored: Vec<String> = deliveries_at(dir.path())
+        .into_iter()
+        .map(|row| row.delivery_id)
+        .collect();
     stored.reverse(); // the list is newest first
     assert_eq!(stored, ["before", "while-down"]);
     wait_lines(&dir.path().join("events.jsonl"), 2).await;
