@@ -371,6 +371,10 @@ async fn retention(
     stop: CancellationToken,
 ) {
     loop {
+        // The next pass is due an interval after this one began, not after it ended: a clock
+        // moved on during a pass (a long backlog, a test stepping days) brings the next one
+        // forward instead of skipping the time it moved over.
+        let began = clock.now();
         for (what, keep) in [
             (Prunable::Dedupe, storage.dedupe_retention),
             (Prunable::Events, storage.event_retention),
@@ -382,7 +386,7 @@ async fn retention(
             }
         }
         tokio::select! {
-            () = clock.sleep_until(clock.now() + PRUNE_EVERY) => {}
+            () = clock.sleep_until(began + PRUNE_EVERY) => {}
             () = stop.cancelled() => return,
         }
     }
