@@ -1,18 +1,18 @@
 //! CEL over events: compiled expressions, and the per-event activation they run against.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
 use cel::{Context, Env, Program, Value};
-use serde_json::Value as Json;
 
+use super::reads::Reads;
 use crate::event::Event;
 
 /// A compiled CEL expression with its source text (for messages and `route-test`).
 pub struct Expr {
     text: String,
     program: Program,
+    reads: Reads,
 }
 
 impl Expr {
@@ -38,6 +38,7 @@ impl Expr {
                 }
                 Ok(Self {
                     text: text.to_owned(),
+                    reads: Reads::of(program.expression()),
                     program,
                 })
             }
@@ -59,6 +60,11 @@ impl Expr {
 
     pub fn text(&self) -> &str {
         &self.text
+    }
+
+    /// What of the payload it reads.
+    pub fn reads(&self) -> &Reads {
+        &self.reads
     }
 }
 
@@ -93,35 +99,31 @@ impl fmt::Debug for Expr {
     }
 }
 
-/// The variables an expression sees, built from the event only when a route first needs them:
-/// most events are decided by globs alone.
+/// The variables an expression sees, built from the event only when a route first needs them
+/// (most events are decided by globs alone), and then only from the fields the expressions
+/// read (`reads`, the union over every expression that may run on it).
 pub struct Activation<'e> {
     event: &'e Event,
+    reads: &'e Reads,
     context: Option<Context<'static, 'static>>,
 }
 
 impl<'e> Activation<'e> {
-    pub fn lazy(event: &'e Event) -> Self {
+    pub fn lazy(event: &'e Event, reads: &'e Reads) -> Self {
         Self {
             event,
+            reads,
             context: None,
         }
     }
 
     fn context(&mut self) -> &Context<'static, 'static> {
-        let event = self.event;
+        let (event, reads) = (self.event, self.reads);
         self.context.get_or_insert_with(|| {
             let mut context = Context::with_env(Arc::clone(stdlib()));
-            let payload = to_cel(event.payload.value());
-            // A missing `data` is an empty map, so `data.score` fails as "No such key: score".
-            let data = match &payload {
-                Value::Map(map) => map
-                    .map
-                    .get(&cel::objects::Key::String(Arc::new("data".to_owned())))
-                    .cloned(),
-                _ => None,
-            };
-            let data = data.unwrap_or_else(|| Value::from(HashMap::<String, Value>::new()));
+            let payload = event.payload.value();
+            let data = reads.data(payload);
+            let payload = reads.payload(payload);
             context.add_variable_from_value("type", event.event_type.as_str());
             context.add_variable_from_value("source", event.source.as_str());
             context.add_variable_from_value("delivery_id", event.delivery_id.as_str());
@@ -166,27 +168,6 @@ fn stdlib() -> &'static Arc<Env> {
     STDLIB.get_or_init(|| Arc::new(Env::stdlib()))
 }
 
-/// JSON to CEL, keeping integers as CEL `int` (serde would make positive ones `uint`, and CEL
-/// has no `uint < int` overload, so `data.score < 70` would never hold).
-fn to_cel(json: &Json) -> Value {
-    match json {
-        Json::Null => Value::Null,
-        Json::Bool(b) => Value::Bool(*b),
-        Json::Number(n) => match (n.as_i64(), n.as_u64()) {
-            (Some(i), _) => Value::Int(i),
-            (None, Some(u)) => Value::UInt(u),
-            _ => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        Json::String(s) => Value::String(Arc::new(s.clone())),
-        Json::Array(items) => Value::List(Arc::new(items.iter().map(to_cel).collect())),
-        Json::Object(map) => {
-            let map: HashMap<String, Value> =
-                map.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
-            Value::from(map)
-        }
-    }
-}
-
 fn display(value: &Value) -> String {
     match value {
         Value::String(s) => s.to_string(),
@@ -205,7 +186,8 @@ mod tests {
 
     fn holds(condition: &str, body: &str) -> Result<bool, String> {
         let event = Event::parse("cl", body.as_bytes(), None, None).unwrap();
-        Activation::lazy(&event).eval_bool(&Expr::compile(condition).unwrap())
+        let expr = Expr::compile(condition).unwrap();
+        Activation::lazy(&event, expr.reads()).eval_bool(&expr)
     }
 
     /// Killed mutants (cargo mutants, #23): JSON integers are CEL `int` (a `uint` has no
@@ -233,5 +215,47 @@ mod tests {
         let expr = Expr::compile("data.score < 70").unwrap();
         assert_eq!(expr.text(), "data.score < 70");
         assert!(format!("{expr:?}").contains("data.score < 70"), "{expr:?}");
+    }
+
+    /// Narrowed to what it reads, an expression holds, fails or errs with the same message as
+    /// on the whole payload: absent fields, wrong types, non-objects, presence tests, macros.
+    #[test]
+    fn narrowed_reads_decide_as_the_whole_payload_does() {
+        let bodies = [
+            r#"{"type": "scan.completed", "data": {"score": 50, "grade": "F", "domain": "a.example", "findings": [{"severity": "critical"}], "x": {"y": 1}}}"#,
+            r#"{"type": "scan.completed", "data": {"score": "high", "grade": null}}"#,
+            r#"{"type": "scan.completed", "data": [1, 2]}"#,
+            r#"{"type": "scan.completed", "data": "text"}"#,
+            r#"{"type": "scan.completed"}"#,
+            r#"{"event": "policy.published", "data": {"x": 5}}"#,
+        ];
+        let conditions = [
+            "data.score < 70 || data.grade in ['D', 'F']",
+            "has(data.grade) && data.grade == null",
+            "has(data.x.y)",
+            "data.x.y == 1 && payload.data.x.y == 1",
+            "data.findings.exists(f, f.severity == 'critical')",
+            "size(data) > 2",
+            "data.missing.deeper == 1",
+            "payload.type == 'scan.completed'",
+            "'score' in data",
+        ];
+        for body in bodies {
+            let event = Event::parse("cl", body.as_bytes(), None, None).unwrap();
+            for text in conditions {
+                let expr = Expr::compile(text).unwrap();
+                let whole = Reads::whole();
+                assert_eq!(
+                    Activation::lazy(&event, expr.reads()).eval_bool(&expr),
+                    Activation::lazy(&event, &whole).eval_bool(&expr),
+                    "{text} on {body}"
+                );
+                assert_eq!(
+                    Activation::lazy(&event, expr.reads()).eval_key(&expr),
+                    Activation::lazy(&event, &whole).eval_key(&expr),
+                    "{text} on {body}"
+                );
+            }
+        }
     }
 }

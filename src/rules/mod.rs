@@ -6,6 +6,7 @@
 //! missing field, a value of the wrong type) is false, never an error.
 
 mod cel_env;
+mod reads;
 pub mod throttle;
 
 use std::collections::BTreeMap;
@@ -73,6 +74,8 @@ pub struct Throttle {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    /// What of the payload any route's condition or throttle key reads.
+    reads: reads::Reads,
 }
 
 /// What the routes made of one event (see [`RouteTable::route`]).
@@ -199,7 +202,14 @@ impl Route {
 
 impl RouteTable {
     pub fn new(routes: Vec<Route>) -> Self {
-        Self { routes }
+        let mut reads = reads::Reads::default();
+        for route in &routes {
+            let key = route.throttle.as_ref().and_then(|t| t.key.as_ref());
+            for expr in route.when.iter().chain(key) {
+                reads.merge(expr.reads());
+            }
+        }
+        Self { routes, reads }
     }
 
     pub fn routes(&self) -> &[Route] {
@@ -212,7 +222,7 @@ impl RouteTable {
 
     /// Every route's verdict on `event`, in order.
     pub fn evaluate(&self, event: &Event) -> Vec<(&Route, Verdict)> {
-        let mut activation = Activation::lazy(event);
+        let mut activation = Activation::lazy(event, &self.reads);
         let mut taken = false;
         self.routes
             .iter()
