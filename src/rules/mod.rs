@@ -206,7 +206,7 @@ impl RouteTable {
         for route in &routes {
             let key = route.throttle.as_ref().and_then(|t| t.key.as_ref());
             for expr in route.when.iter().chain(key) {
-                reads.merge(expr.reads());
+                reads.merge(&expr.reads());
             }
         }
         Self { routes, reads }

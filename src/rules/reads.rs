@@ -10,6 +10,7 @@
 //! fails exactly as it would on the whole payload.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use cel::common::ast::{EntryExpr, Expr};
 use cel::{IdedExpr, Value};
@@ -207,8 +208,8 @@ fn to_cel(json: &Json) -> Value {
             (None, Some(u)) => Value::UInt(u),
             _ => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
         },
-        Json::String(s) => Value::String(std::sync::Arc::new(s.clone())),
-        Json::Array(items) => Value::List(std::sync::Arc::new(items.iter().map(to_cel).collect())),
+        Json::String(s) => Value::String(Arc::new(s.clone())),
+        Json::Array(items) => Value::List(Arc::new(items.iter().map(to_cel).collect())),
         Json::Object(map) => {
             let map: HashMap<String, Value> =
                 map.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
