@@ -308,20 +308,21 @@ async fn a_pruning_backlog_delays_neither_requests_nor_a_stop() {
         Backend::Sqlite => {
             let mut conn = rusqlite::Connection::open(dir.path().join("hookroute.db")).unwrap();
             let tx = conn.transaction().unwrap();
-            for id in 0..backlog {
-                tx.execute(
-                    "INSERT INTO events (source, delivery_id, event_type, received_at, payload)
-                     VALUES ('cl', ?1, 'scan.completed', 0, CAST('{}' AS BLOB))",
-                    [format!("expired-{id}")],
-                )
-                .unwrap();
-                tx.execute(
-                    "INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at, created_at, updated_at)
-                     VALUES (last_insert_rowid(), 'everything', 'archive', 'succeeded', 1, 0, 0, 0)",
-                    [],
-                )
-                .unwrap();
-            }
+            tx.execute(
+                &format!(
+                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {backlog})
+                     INSERT INTO events (source, delivery_id, event_type, received_at, payload)
+                     SELECT 'cl', 'expired-' || i, 'scan.completed', 0, CAST('{{}}' AS BLOB) FROM n"
+                ),
+                [],
+            )
+            .unwrap();
+            tx.execute(
+                "INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at, created_at, updated_at)
+                 SELECT id, 'everything', 'archive', 'succeeded', 1, 0, 0, 0 FROM events",
+                [],
+            )
+            .unwrap();
             // Their delivery ids expired long ago: none is left to merge into the dedupe index.
             tx.execute(
                 "UPDATE meta SET value = (SELECT max(id) FROM events) WHERE key = 'dedupe_merged'",

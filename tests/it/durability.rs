@@ -250,8 +250,8 @@ async fn kill_9_at_random_moments_under_a_flood_loses_no_acknowledged_delivery()
                 }
             }));
         }
-        // A random moment 0.5 s to 4 s into the flood.
-        let at = Duration::from_millis(500 + rand::random::<u64>() % 3500);
+        // A random moment 0.3 s to 2.5 s into the flood.
+        let at = Duration::from_millis(300 + rand::random::<u64>() % 2200);
         tokio::time::sleep(at).await;
         daemon.kill9();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);

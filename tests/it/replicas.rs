@@ -700,7 +700,7 @@ async fn a_sinks_concurrency_holds_through_a_rolling_restart_under_load() {
     let url = cluster.database();
     let receiver = Recorder::start().await;
     // Calls longer than a beat: those made while a replica was alone outlive its rejoining.
-    receiver.set_delay(Duration::from_millis(2500));
+    receiver.set_delay(Duration::from_millis(1500));
     let rest = format!(
         "[sources.cl]\nsecret = \"{CL_SECRET}\"\n\n[sinks.receiver]\ntype = \"http\"\nurl = \"{}\"\ndelivery = {{ concurrency = {CONCURRENCY} }}\n\n[[routes]]\nname = \"all\"\nevents = [\"*\"]\nsinks = [\"receiver\"]\n",
         receiver.url("/")
@@ -729,17 +729,17 @@ async fn a_sinks_concurrency_holds_through_a_rolling_restart_under_load() {
             }
         }
     });
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     for i in [0, 1] {
         let daemon = daemons[i].take().unwrap();
         up.lock().unwrap().retain(|addr| *addr != daemon.addr);
         assert!(daemon.terminate().success(), "replica {i} drained");
         // Alone, the other takes the whole limit and fills it.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let daemon = start(i);
         up.lock().unwrap().push(daemon.addr);
         daemons[i] = Some(daemon);
-        tokio::time::sleep(Duration::from_secs(6)).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
     }
     stop.store(true, Ordering::Relaxed);
     stream.await.unwrap();
