@@ -41,6 +41,8 @@ fn spec(i: usize) -> RouteSpec {
         sinks: vec!["sink".into()],
         continue_: true,
         throttle: None,
+        mute_during: Vec::new(),
+        active_during: Vec::new(),
         templates: BTreeMap::new(),
     }
 }

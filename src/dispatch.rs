@@ -12,7 +12,7 @@ use crate::config::{Config, Routing};
 use crate::event::Event;
 use crate::secret::Redactor;
 use crate::sinks::{DeliveryOptions, Sink};
-use crate::store::RouteTo;
+use crate::store::{Quiet, RouteTo};
 
 /// A configured sink, built.
 #[derive(Clone)]
@@ -73,23 +73,35 @@ impl Plan {
     }
 }
 
-/// Where `event` goes under `routing`: every route that takes it, with its throttle key and
-/// its sinks. Empty when no route does. The daemon stores this with the event; `replay` queues
-/// the same (route, sink) pairs.
-pub fn route(routing: &Routing, event: &Event) -> Routed {
+/// Where `event` goes under `routing` at `now`: every route that takes it, with its throttle
+/// key and its sinks, all of them muted when the route's mute window holds. Empty when no
+/// route takes it. The daemon stores this with the event; `replay` queues the same (route,
+/// sink) pairs, muted or not.
+pub fn route(routing: &Routing, event: &Event, now: jiff::Timestamp) -> Routed {
     let taken = routing.table.route(event);
     Routed {
         to: taken
             .routes
             .into_iter()
-            .map(|(route, key)| RouteTo {
-                route: route.name.clone(),
-                throttle: route
-                    .throttle
-                    .as_ref()
-                    .zip(key)
-                    .map(|(t, key)| (key, t.window)),
-                sinks: route.sinks.clone(),
+            .map(|(route, key)| {
+                let quiet = match routing.muted(route, now) {
+                    Some(why) => route
+                        .sinks
+                        .iter()
+                        .map(|sink| (sink.clone(), Quiet::Muted(why.clone())))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                RouteTo {
+                    route: route.name.clone(),
+                    throttle: route
+                        .throttle
+                        .as_ref()
+                        .zip(key)
+                        .map(|(t, key)| (key, t.window)),
+                    sinks: route.sinks.clone(),
+                    quiet,
+                }
             })
             .collect(),
         unevaluated: taken

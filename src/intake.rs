@@ -19,7 +19,8 @@ use crate::delivery::NewJobs;
 use crate::dispatch::{self, Plan, Routed};
 use crate::event::Event;
 use crate::metrics::Metrics;
-use crate::store::{Inserted, Store, StoreError};
+use crate::silence::Silences;
+use crate::store::{Inserted, Quiet, RouteTo, Store, StoreError};
 
 /// What became of an accepted event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +40,8 @@ pub struct Intake {
     /// Where new jobs go to the delivery engine.
     new_jobs: Arc<NewJobs>,
     metrics: Arc<Metrics>,
+    /// The silences in force, kept fresh from the database.
+    silences: Arc<Silences>,
 }
 
 impl Intake {
@@ -47,12 +50,14 @@ impl Intake {
         plan: Arc<ArcSwap<Plan>>,
         new_jobs: Arc<NewJobs>,
         metrics: Arc<Metrics>,
+        silences: Arc<Silences>,
     ) -> Self {
         Self {
             store,
             plan,
             new_jobs,
             metrics,
+            silences,
         }
     }
 
@@ -71,10 +76,17 @@ impl Intake {
         let (routes, unevaluated, handoff) = {
             let plan = self.plan.load();
             let Routed {
-                to: routes,
+                to: mut routes,
                 unevaluated,
-            } = dispatch::route(&plan.routing, &event);
-            let sinks = routes.iter().flat_map(|to| &to.sinks);
+            } = dispatch::route(&plan.routing, &event, now);
+            if !self.silences.is_empty() {
+                for to in &mut routes {
+                    silence(&self.silences, to, &event, now);
+                }
+            }
+            let sinks = routes
+                .iter()
+                .flat_map(|to| to.sinks.iter().filter(|sink| to.quiet_for(sink).is_none()));
             let handoff = self
                 .new_jobs
                 .handoff(&plan, sinks, now, |sink, c| self.store.share(sink, c));
@@ -85,9 +97,15 @@ impl Intake {
         // is told have work.
         let stored_for: Vec<String> = routes
             .iter()
-            .flat_map(|to| &to.sinks)
+            .flat_map(|to| to.sinks.iter().filter(|sink| to.quiet_for(sink).is_none()))
             .filter(|sink| !handoff.sinks.contains(sink))
             .cloned()
+            .collect();
+        // Routes that set jobs aside, and how: said once the event is stored (a duplicate
+        // sets nothing aside).
+        let quieted: Vec<(String, Quiet)> = routes
+            .iter()
+            .filter_map(|to| Some((to.route.clone(), to.quiet.first()?.1.clone())))
             .collect();
         let inserted = self
             .store
@@ -112,6 +130,22 @@ impl Intake {
                     self.metrics.unrouted(source);
                     tracing::info!(event_id = id, %delivery_id, %source, %event_type, "no route matched");
                 }
+                for (route, quiet) in &quieted {
+                    // A throttled route created nothing, quiet or not.
+                    if suppressed.contains(route) {
+                        continue;
+                    }
+                    match quiet {
+                        Quiet::Silenced(silence) => {
+                            self.metrics.silenced(route);
+                            tracing::info!(event_id = id, %delivery_id, %source, %event_type, %route, silence, "silenced");
+                        }
+                        Quiet::Muted(why) => {
+                            self.metrics.muted(route);
+                            tracing::info!(event_id = id, %delivery_id, %source, %event_type, %route, muted = %why, "muted");
+                        }
+                    }
+                }
                 for route in suppressed {
                     self.metrics.suppressed(&route);
                     tracing::info!(event_id = id, %delivery_id, %source, %event_type, %route, "suppressed by throttle");
@@ -122,4 +156,19 @@ impl Intake {
             Inserted::Duplicate(id) => Ok(Accepted::Duplicate(id)),
         }
     }
+}
+
+/// Sets aside the sinks of `to` an active silence keeps `event` from (those a mute window
+/// has not already).
+fn silence(silences: &Silences, to: &mut RouteTo, event: &Event, now: Timestamp) {
+    let silenced: Vec<(String, Quiet)> = to
+        .sinks
+        .iter()
+        .filter(|sink| to.quiet_for(sink).is_none())
+        .filter_map(|sink| {
+            let id = silences.matching(&to.route, sink, event, now)?;
+            Some((sink.clone(), Quiet::Silenced(id)))
+        })
+        .collect();
+    to.quiet.extend(silenced);
 }

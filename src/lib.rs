@@ -41,6 +41,7 @@ pub mod private;
 pub mod rules;
 pub mod secret;
 pub mod signature;
+pub mod silence;
 pub mod sinks;
 pub mod store;
 pub mod templates;
@@ -115,8 +116,15 @@ pub async fn run_with_clock(
         engine,
         plan,
         metrics,
+        silences,
     } = assemble(&config, Arc::clone(&clock)).await?;
     let stop = CancellationToken::new();
+    let silences = tokio::spawn(silences.keep_fresh(
+        store.clone(),
+        Arc::clone(&clock),
+        Arc::clone(&metrics),
+        stop.clone(),
+    ));
     let watchdog = tokio::spawn(watchdog(
         store.clone(),
         Arc::clone(&clock),
@@ -160,6 +168,7 @@ pub async fn run_with_clock(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 
     stop.cancel();
+    let _ = silences.await;
     let _ = upkeep.await;
     let _ = reloader.await;
     let _ = watchdog.await;
@@ -185,6 +194,8 @@ pub struct Parts {
     pub engine: Engine,
     pub plan: Arc<ArcSwap<Plan>>,
     pub metrics: Arc<metrics::Metrics>,
+    /// Not yet kept fresh: [`silence::Silences::keep_fresh`] does.
+    pub silences: Arc<silence::Silences>,
 }
 
 /// Builds the sinks, opens the database and wires ingest to the engine, on `clock`.
@@ -200,18 +211,23 @@ pub async fn assemble(config: &Config, clock: Arc<dyn clock::Clock>) -> Result<P
     metrics.config_loaded(true, clock.now());
     configure_metrics(&metrics, config);
     let new_jobs = Arc::new(delivery::NewJobs::default());
+    // Read once before the first request, so a restart never lets a silenced event through.
+    let silences = Arc::new(silence::Silences::default());
+    silences.replace(store.silences(clock.now()).await?);
     let engine = Engine::new(
         store.clone(),
         Arc::clone(&plan),
         Arc::clone(&new_jobs),
         Arc::clone(&clock),
         Arc::clone(&metrics),
+        Arc::clone(&silences),
     );
     let intake = intake::Intake::new(
         store.clone(),
         Arc::clone(&plan),
         new_jobs,
         Arc::clone(&metrics),
+        Arc::clone(&silences),
     );
     let app = http::App::new(config, store.clone(), intake, clock, Arc::clone(&metrics));
     Ok(Parts {
@@ -220,6 +236,7 @@ pub async fn assemble(config: &Config, clock: Arc<dyn clock::Clock>) -> Result<P
         engine,
         plan,
         metrics,
+        silences,
     })
 }
 
@@ -380,6 +397,8 @@ async fn retention(
             (Prunable::Events, storage.event_retention),
             // A day past the newest window, on the events' clock: margin for late events.
             (Prunable::Throttles, THROTTLE_MARGIN),
+            // Ended silences are kept as long as the events they may have silenced.
+            (Prunable::Silences, storage.event_retention),
         ] {
             if prune(&store, &*clock, what, keep, &stop).await.is_err() {
                 return; // stopping

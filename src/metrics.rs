@@ -59,6 +59,11 @@ struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct State {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Version {
     version: &'static str,
 }
@@ -93,6 +98,9 @@ pub struct Metrics {
     duplicates: Family<Source, Counter>,
     unrouted: Family<Source, Counter>,
     suppressed: Family<Route, Counter>,
+    silenced: Family<Route, Counter>,
+    muted: Family<Route, Counter>,
+    silences: Family<State, Gauge>,
     ingest_duration: Histogram,
     deliveries: Family<SinkOutcome, Counter>,
     attempt_duration: Family<Sink, Histogram>,
@@ -124,6 +132,9 @@ impl Metrics {
             duplicates: Family::default(),
             unrouted: Family::default(),
             suppressed: Family::default(),
+            silenced: Family::default(),
+            muted: Family::default(),
+            silences: Family::default(),
             // 1 ms to about 16 s: a durable 2xx takes a few milliseconds, a stalled disk seconds.
             ingest_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             deliveries: Family::default(),
@@ -175,6 +186,21 @@ impl Metrics {
             "events_suppressed",
             "New events a route's throttle held back, by route",
             metrics.suppressed.clone(),
+        );
+        registry.register(
+            "events_silenced",
+            "New events a silence kept from a route's sinks (one or more), by route",
+            metrics.silenced.clone(),
+        );
+        registry.register(
+            "events_muted",
+            "New events a route's mute window kept from its sinks, by route",
+            metrics.muted.clone(),
+        );
+        registry.register(
+            "silences",
+            "Silences this daemon applies, by state (active, pending: starting later)",
+            metrics.silences.clone(),
         );
         registry.register(
             "ingest_duration_seconds",
@@ -279,6 +305,30 @@ impl Metrics {
                 route: route.to_owned(),
             })
             .inc();
+    }
+
+    /// A silence kept a new event from some of `route`'s sinks.
+    pub fn silenced(&self, route: &str) {
+        let route = Route {
+            route: route.to_owned(),
+        };
+        self.silenced.get_or_create(&route).inc();
+    }
+
+    /// `route`'s mute window kept a new event from its sinks.
+    pub fn muted(&self, route: &str) {
+        let route = Route {
+            route: route.to_owned(),
+        };
+        self.muted.get_or_create(&route).inc();
+    }
+
+    /// The silences last read: how many hold now, and how many start later.
+    pub fn silences(&self, active: usize, pending: usize) {
+        for (state, count) in [("active", active), ("pending", pending)] {
+            let count = i64::try_from(count).unwrap_or(i64::MAX);
+            self.silences.get_or_create(&State { state }).set(count);
+        }
     }
 
     /// A call to `sink` took `took`.

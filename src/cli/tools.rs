@@ -203,16 +203,19 @@ pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         eprintln!("no event {}", args.id);
         return Ok(ExitCode::from(1));
     };
-    // Replays go through today's routes; throttles are not applied to what an operator asks for.
-    let mut pairs: Vec<(String, String)> = crate::dispatch::route(&config.routing, &stored.event)
-        .to
-        .into_iter()
-        .flat_map(|to| {
-            let route = to.route;
-            to.sinks.into_iter().map(move |sink| (route.clone(), sink))
-        })
-        .filter(|(_, sink)| args.sink.as_ref().is_none_or(|only| only == sink))
-        .collect();
+    // Replays go through today's routes; throttles, silences and mute windows are not applied
+    // to what an operator asks for.
+    let now = jiff::Timestamp::now();
+    let mut pairs: Vec<(String, String)> =
+        crate::dispatch::route(&config.routing, &stored.event, now)
+            .to
+            .into_iter()
+            .flat_map(|to| {
+                let route = to.route;
+                to.sinks.into_iter().map(move |sink| (route.clone(), sink))
+            })
+            .filter(|(_, sink)| args.sink.as_ref().is_none_or(|only| only == sink))
+            .collect();
     if let Some(sink) = &args.sink {
         anyhow::ensure!(
             config.sinks.iter().any(|s| &s.name == sink),
@@ -317,10 +320,15 @@ fn not_retried(admin: &Tools, id: i64) -> anyhow::Result<String> {
             format!("`hookroute dead-letter retry {id}` re-queues it with fresh attempts")
         }
         JobStatus::Pending => "it is due now, or being delivered".to_owned(),
-        JobStatus::Succeeded => format!(
-            "`hookroute replay {} --sink {}` delivers its event again",
+        JobStatus::Succeeded | JobStatus::Silenced | JobStatus::Muted => format!(
+            "`hookroute replay {} --sink {}` delivers its event {}",
             job.event_id,
-            printable(&job.sink)
+            printable(&job.sink),
+            if job.status == JobStatus::Succeeded {
+                "again"
+            } else {
+                "now"
+            }
         ),
     };
     let is = match job.status {

@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use super::raw::{RawLog, RawMetrics, RawServer, RawSource, RawStorage};
 use super::{Problems, did_you_mean};
 use crate::rules::RouteSpec;
+use crate::rules::windows::WindowSpec;
 use crate::sinks::SinkSpec;
 use crate::templates::TemplateSource;
 
@@ -34,6 +35,7 @@ pub(super) struct Broken {
     pub sinks: BTreeSet<String>,
     /// Indices of routes in the file, as written (the repaired list lacks them).
     pub routes: BTreeSet<usize>,
+    pub time_intervals: BTreeSet<String>,
 }
 
 impl Broken {
@@ -105,6 +107,11 @@ pub(super) fn every_problem<T: DeserializeOwned>(
             "sinks" => unit.each_entry(value, &mut broken.sinks, |unit, value| {
                 unit.check_sink(value)
             }),
+            "time_intervals" => {
+                unit.each_entry(value, &mut broken.time_intervals, |unit, value| {
+                    unit.check::<WindowSpec>(value)
+                })
+            }
             "routes" => unit.each_item(value, &mut broken.routes, |unit, value| {
                 unit.check::<RouteSpec>(value)
             }),

@@ -16,7 +16,7 @@ mod storage;
 pub(crate) use storage::check_postgres_url;
 use storage::validate_backend;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -94,6 +94,8 @@ pub struct Routing {
     pub templates: Templates,
     /// Template id for each sink that overrides the default.
     pub sink_templates: HashMap<String, String>,
+    /// The time intervals routes are muted by, by name.
+    pub windows: BTreeMap<String, crate::rules::windows::Window>,
     /// The file the routes came from.
     pub origin: PathBuf,
     /// Things worth a look that do not stop the daemon (e.g. event families with no route).
@@ -101,6 +103,19 @@ pub struct Routing {
 }
 
 impl Routing {
+    /// Why `route` is quiet at `at`, if it is: during one of its `mute_during` windows, or
+    /// outside all of its `active_during` ones. The phrase is what a muted job records.
+    pub fn muted(&self, route: &crate::rules::Route, at: jiff::Timestamp) -> Option<String> {
+        let open = |name: &String| self.windows.get(name).is_some_and(|w| w.contains(at));
+        if let Some(window) = route.mute_during.iter().find(|name| open(name)) {
+            return Some(format!("during {window}"));
+        }
+        if !route.active_during.is_empty() && !route.active_during.iter().any(open) {
+            return Some(format!("outside {}", route.active_during.join(", ")));
+        }
+        None
+    }
+
     /// The template for a message through `route` to the sink `sink` of type `kind`: the
     /// route's for that type, else the sink's own; `None` means the default for the event's
     /// family. The one place that decides, for the daemon and `route-test` alike.
@@ -463,6 +478,7 @@ fn validate(
         file: raw.rules_file,
         routes: raw.routes,
         templates: raw.templates,
+        time_intervals: raw.time_intervals,
         vars: raw.template_vars,
     };
     let names = routing::Names {

@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::duration::HumanDuration;
 use crate::rules::RouteSpec;
+use crate::rules::windows::WindowSpec;
 use crate::secret::SecretSource;
 use crate::signature::Encoding;
 use crate::sinks::SinkSpec;
@@ -55,6 +56,9 @@ pub struct RawConfig {
     pub routes: Vec<RouteSpec>,
     #[serde(default)]
     pub templates: BTreeMap<String, TemplateSource>,
+    /// Recurring windows routes name in `mute_during` and `active_during`.
+    #[serde(default)]
+    pub time_intervals: BTreeMap<String, WindowSpec>,
     /// Strings every template sees as `vars.<name>`, e.g. `scan_url`.
     #[serde(default)]
     pub template_vars: BTreeMap<String, String>,
@@ -104,6 +108,8 @@ pub struct RawRules {
     pub routes: Vec<RouteSpec>,
     #[serde(default)]
     pub templates: BTreeMap<String, TemplateSource>,
+    #[serde(default)]
+    pub time_intervals: BTreeMap<String, WindowSpec>,
 }
 
 #[derive(Debug, Deserialize)]

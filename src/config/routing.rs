@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use super::diagnose::Broken;
 use super::raw::RawRules;
 use super::{ConfiguredSink, Problems, Routing, did_you_mean, read_toml};
+use crate::rules::windows::{Window, WindowSpec};
 use crate::rules::{Route, RouteSpec, RouteTable};
 use crate::templates::{TemplateSource, TemplatesBuilder};
 
@@ -45,6 +46,7 @@ pub(super) struct RulesInput {
     pub(super) file: Option<PathBuf>,
     pub(super) routes: Vec<RouteSpec>,
     pub(super) templates: BTreeMap<String, TemplateSource>,
+    pub(super) time_intervals: BTreeMap<String, WindowSpec>,
     pub(super) vars: BTreeMap<String, String>,
 }
 
@@ -71,10 +73,14 @@ pub(super) fn validate_routing(
     let (origin, rules_file, rules, rules_broken) = match input.file {
         Some(file) => {
             let file = base_dir.join(file);
-            if !input.routes.is_empty() || !input.templates.is_empty() {
+            if !input.routes.is_empty()
+                || !input.templates.is_empty()
+                || !input.time_intervals.is_empty()
+            {
                 problems.add(
                     "rules_file",
-                    "routes and templates go either in the config file or in rules_file, not both",
+                    "routes, templates and time intervals go either in the config file or in \
+                     rules_file, not both",
                 );
             }
             let rules = match super::read_file(&file) {
@@ -93,11 +99,25 @@ pub(super) fn validate_routing(
             RawRules {
                 routes: input.routes,
                 templates: input.templates,
+                time_intervals: input.time_intervals,
             },
             None,
         ),
     };
     let broken_routes = rules_broken.as_ref().unwrap_or(names.broken);
+    let mut windows = BTreeMap::new();
+    for (name, spec) in &rules.time_intervals {
+        match Window::compile(name, spec) {
+            Ok(window) => {
+                windows.insert(name.clone(), window);
+            }
+            Err(found) => {
+                for (key, message) in found {
+                    problems.add_at(rules_file.as_deref(), key, message);
+                }
+            }
+        }
+    }
 
     let mut templates = TemplatesBuilder::new(&input.vars, base_dir);
     for (name, source) in &rules.templates {
@@ -164,6 +184,23 @@ pub(super) fn validate_routing(
                 }
             }
         }
+        for (list, names) in [
+            ("mute_during", &spec.mute_during),
+            ("active_during", &spec.active_during),
+        ] {
+            for (j, name) in names.iter().enumerate() {
+                let known = rules.time_intervals.contains_key(name)
+                    || broken_routes.time_intervals.contains(name);
+                if !known {
+                    let names = rules.time_intervals.keys().map(String::as_str);
+                    let hint = did_you_mean(name, names);
+                    add(
+                        &format!("{at}.{list}[{j}]"),
+                        &format!("unknown time interval {name:?}{hint}"),
+                    );
+                }
+            }
+        }
         let mut route_templates = BTreeMap::new();
         for (kind, reference) in &spec.templates {
             if !kinds.contains(&kind.as_str()) {
@@ -218,6 +255,7 @@ pub(super) fn validate_routing(
         table,
         templates: templates.build(),
         sink_templates,
+        windows,
         origin,
         warnings,
     }

@@ -12,16 +12,16 @@ use crate::clock::Clock;
 use crate::dispatch::{NamedSink, Plan};
 use crate::event::Event;
 use crate::metrics::{DeliveryOutcome, Metrics};
+use crate::silence::Silences;
 use crate::sinks::{Delivery, SinkError};
-use crate::store::{AttemptOutcome, DueJob, Job, Store};
+use crate::store::{AttemptOutcome, DueJob, Job, Quiet, Store};
 use crate::templates::Message;
 use crate::text::storable;
 
 /// One attempt at delivering `jobs` (one job, or a digest's worth) and its recorded outcome.
 /// Returns whether every outcome was recorded.
 pub(super) async fn attempt(
-    clock: &dyn Clock,
-    metrics: &Metrics,
+    (clock, metrics, silences): (&dyn Clock, &Metrics, &Silences),
     store: &Store,
     plan: &Arc<Plan>,
     sink: &NamedSink,
@@ -31,8 +31,16 @@ pub(super) async fn attempt(
     let started = clock.now();
     let mut outcomes = Vec::with_capacity(jobs.len());
     let mut live = Vec::with_capacity(jobs.len());
+    let mut quiet = Vec::new();
     for DueJob { job, event } in jobs {
+        let route_sink = (job.route.as_str(), sink.name.as_str());
         match event {
+            Some(event) if !silences.is_empty() => {
+                match silences.holding(route_sink, &event, job.created_at, started) {
+                    Some(id) => quiet.push((job, Quiet::Silenced(id))),
+                    None => live.push((job, event)),
+                }
+            }
             Some(event) => live.push((job, event)),
             None => outcomes.push((
                 job,
@@ -42,6 +50,9 @@ pub(super) async fn attempt(
                 },
             )),
         }
+    }
+    if !quiet.is_empty() && !set_aside(store, &sink.name, quiet, started).await {
+        return false;
     }
     let Some(prepared) = prepare(plan, sink, live).await else {
         return false; // the runtime is shutting down: the jobs stay due
@@ -193,6 +204,22 @@ pub(super) async fn finish(
         Ok(()) => true,
         Err(err) => {
             tracing::error!(%sink, error = %err, "cannot record a delivery attempt");
+            false
+        }
+    }
+}
+
+/// Sets aside jobs a silence added since they were created now holds; returns whether that
+/// was recorded (if not, they stay held, as any job whose outcome could not be).
+/// (A step in the life of a job: the module docs.)
+async fn set_aside(store: &Store, sink: &str, jobs: Vec<(Job, Quiet)>, now: Timestamp) -> bool {
+    for (job, quiet) in &jobs {
+        tracing::info!(job_id = job.id, event_id = job.event_id, %sink, route = %job.route, quieted_by = %quiet.by(), "silenced while waiting");
+    }
+    match store.quiet(jobs, now).await {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::error!(%sink, error = %err, "cannot record silenced jobs");
             false
         }
     }

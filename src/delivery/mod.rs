@@ -60,6 +60,7 @@ pub use inbox::NewJobs;
 use crate::clock::Clock;
 use crate::dispatch::{NamedSink, Plan};
 use crate::metrics::Metrics;
+use crate::silence::Silences;
 use crate::store::{AttemptOutcome, DueJob, Store};
 use attempt::{attempt, finish};
 use limits::Limits;
@@ -94,6 +95,8 @@ pub struct Engine {
     new_jobs: Arc<NewJobs>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
+    /// The silences in force: a job coming due may have been silenced since it was created.
+    silences: Arc<Silences>,
     /// Counts turns: whoever watches the engine (systemd's watchdog) sees it move.
     turns: Arc<AtomicU64>,
     /// Cancelled when the engine stops: attempts still waiting for a slot give up, so a
@@ -109,6 +112,7 @@ impl Engine {
         new_jobs: Arc<NewJobs>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
+        silences: Arc<Silences>,
     ) -> Self {
         Self {
             store,
@@ -116,6 +120,7 @@ impl Engine {
             new_jobs,
             clock,
             metrics,
+            silences,
             turns: Arc::default(),
             stopping: CancellationToken::new(),
         }
@@ -404,10 +409,11 @@ impl Engine {
             let slot = limits.running.clone();
             let calls = Arc::clone(&limits.calls);
             let (store, plan, sink) = (self.store.clone(), Arc::clone(plan), sink.clone());
-            let (held, clock, metrics, stopping) = (
+            let (held, clock, metrics, silences, stopping) = (
                 self.new_jobs.held.clone(),
                 Arc::clone(&self.clock),
                 Arc::clone(&self.metrics),
+                Arc::clone(&self.silences),
                 self.stopping.clone(),
             );
             running.spawn(async move {
@@ -421,7 +427,8 @@ impl Engine {
                     return; // never closed
                 };
                 let call = limits::Call::start(calls);
-                let recorded = attempt(&*clock, &metrics, &store, &plan, &sink, batch, slot).await;
+                let context = (&*clock, &*metrics, &*silences);
+                let recorded = attempt(context, &store, &plan, &sink, batch, slot).await;
                 drop(call);
                 // A job whose outcome could not be recorded stays held, as the database
                 // still says it is due: attempted again after a restart, not in a loop now.

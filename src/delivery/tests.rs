@@ -116,6 +116,7 @@ impl Rig {
             Arc::default(),
             Arc::new(clock.clone()),
             Arc::default(),
+            Arc::default(),
         );
         Self {
             _dir: dir,
@@ -156,6 +157,7 @@ impl Rig {
             route: "r".into(),
             throttle: None,
             sinks: vec!["rec".into()],
+            quiet: Vec::new(),
         };
         let now = self.clock.now();
         let handoff = if handed {

@@ -67,6 +67,31 @@ impl Expr {
     }
 }
 
+/// A condition evaluated on its own, outside a route table (a silence's `--when`): it reads
+/// only what it names of the payload.
+#[derive(Debug)]
+pub struct Condition {
+    expr: Expr,
+    reads: Reads,
+}
+
+impl Condition {
+    /// # Errors
+    /// As [`Expr::compile`]: the same message `check-config` gives for a route's `when`.
+    pub fn compile(text: &str) -> Result<Self, String> {
+        let expr = Expr::compile(text)?;
+        let reads = expr.reads();
+        Ok(Self { expr, reads })
+    }
+
+    /// Whether it holds for `event`; one that cannot be evaluated does not.
+    pub fn holds(&self, event: &Event) -> bool {
+        Activation::lazy(event, &self.reads)
+            .eval_bool(&self.expr)
+            .unwrap_or(false)
+    }
+}
+
 /// The variables every expression sees (see [`Activation`]).
 pub const VARIABLES: [&str; 6] = [
     "type",

@@ -8,6 +8,7 @@
 mod cel_env;
 mod reads;
 pub mod throttle;
+pub mod windows;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use serde::Deserialize;
 
 use crate::duration::HumanDuration;
 use crate::event::Event;
-pub use cel_env::{Activation, Expr};
+pub use cel_env::{Activation, Condition, Expr};
 
 /// A route as written in the configuration (`[[routes]]`).
 #[derive(Debug, Clone, Deserialize)]
@@ -36,6 +37,13 @@ pub struct RouteSpec {
     #[serde(default, rename = "continue")]
     pub continue_: bool,
     pub throttle: Option<ThrottleSpec>,
+    /// Time intervals (`[time_intervals.<name>]`) during which the route is quiet: its jobs
+    /// are recorded as muted, not delivered.
+    #[serde(default)]
+    pub mute_during: Vec<String>,
+    /// Time intervals outside which the route is quiet (none: always active).
+    #[serde(default)]
+    pub active_during: Vec<String>,
     /// Message template per sink kind (`slack = "name"` or `log = { text = "..." }`).
     #[serde(default)]
     pub templates: BTreeMap<String, crate::templates::TemplateRef>,
@@ -60,6 +68,8 @@ pub struct Route {
     pub sinks: Vec<String>,
     pub continue_: bool,
     pub throttle: Option<Throttle>,
+    pub mute_during: Vec<String>,
+    pub active_during: Vec<String>,
     /// Template id per sink kind, resolved against the template set.
     pub templates: BTreeMap<String, String>,
 }
@@ -174,6 +184,8 @@ impl Route {
                 sinks: spec.sinks.clone(),
                 continue_: spec.continue_,
                 throttle,
+                mute_during: spec.mute_during.clone(),
+                active_during: spec.active_during.clone(),
                 templates,
             }),
             _ => Err(problems),
@@ -297,6 +309,8 @@ mod tests {
             sinks: vec!["s".into()],
             continue_,
             throttle: None,
+            mute_during: Vec::new(),
+            active_during: Vec::new(),
             templates: BTreeMap::new(),
         }
     }

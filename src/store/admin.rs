@@ -6,7 +6,7 @@
 use jiff::Timestamp;
 use serde::Serialize;
 
-use super::{JobStatus, StoreError, StoredEvent, from_ms};
+use super::{JobStatus, NewSilence, Silence, StoreError, StoredEvent, from_ms};
 
 /// What a command does with the database: reads open it read-only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +21,8 @@ pub const STATUSES: &[&str] = &[
     "succeeded",
     "failed",
     "dead",
+    "silenced",
+    "muted",
     "suppressed",
     "unrouted",
 ];
@@ -33,6 +35,10 @@ pub enum RowStatus {
     Succeeded,
     Failed,
     Dead,
+    /// A silence set the job aside.
+    Silenced,
+    /// The route's mute window set the job aside.
+    Muted,
     /// A route's throttle held the event back.
     Suppressed,
     /// No route took the event.
@@ -40,11 +46,13 @@ pub enum RowStatus {
 }
 
 impl RowStatus {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::Pending,
         Self::Succeeded,
         Self::Failed,
         Self::Dead,
+        Self::Silenced,
+        Self::Muted,
         Self::Suppressed,
         Self::Unrouted,
     ];
@@ -55,6 +63,8 @@ impl RowStatus {
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::Dead => "dead",
+            Self::Silenced => "silenced",
+            Self::Muted => "muted",
             Self::Suppressed => "suppressed",
             Self::Unrouted => "unrouted",
         }
@@ -73,6 +83,8 @@ impl From<JobStatus> for RowStatus {
             JobStatus::Failed => Self::Failed,
             JobStatus::Succeeded => Self::Succeeded,
             JobStatus::Dead => Self::Dead,
+            JobStatus::Silenced => Self::Silenced,
+            JobStatus::Muted => Self::Muted,
         }
     }
 }
@@ -99,7 +111,7 @@ pub struct Row {
     pub status: RowStatus,
     pub attempts: u32,
     pub next_attempt_at: Option<String>,
-    /// The last error, or the throttle key of a suppressed route.
+    /// The last error, the throttle key of a suppressed route, or what set a job aside.
     pub detail: Option<String>,
 }
 
@@ -115,6 +127,12 @@ pub struct JobDetail {
     pub next_attempt_at: Option<String>,
     pub last_error: Option<String>,
     pub response: Option<String>,
+    /// A set-aside job's silence (its id) or mute window (its name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quieted_by: Option<String>,
+    /// What set it aside, as the operator reads it (filled by [`Tools::show`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quiet: Option<String>,
     pub history: Vec<Attempt>,
 }
 
@@ -168,6 +186,8 @@ pub enum Indexed {
     Pending,
     Failed,
     Dead,
+    Silenced,
+    Muted,
     Suppressed,
     Unrouted,
 }
@@ -179,6 +199,8 @@ impl Indexed {
             RowStatus::Pending => Self::Pending,
             RowStatus::Failed => Self::Failed,
             RowStatus::Dead => Self::Dead,
+            RowStatus::Silenced => Self::Silenced,
+            RowStatus::Muted => Self::Muted,
             RowStatus::Suppressed => Self::Suppressed,
             RowStatus::Unrouted => Self::Unrouted,
             RowStatus::Succeeded => return None,
@@ -254,6 +276,23 @@ pub trait AdminBackend {
     /// Puts dead jobs back in the queue at `now` with a fresh set of attempts: one job, or
     /// all of them. Returns how many were re-queued.
     fn retry_dead(&self, job_id: Option<i64>, now: Timestamp) -> Result<usize, StoreError>;
+
+    /// Up to `limit` jobs set aside by `by` (a silence's id, or a window's name), newest
+    /// event first.
+    fn quieted_by(&self, by: &str, limit: usize) -> Result<Vec<Row>, StoreError>;
+
+    /// Stores a silence made at `now`; returns its id.
+    fn add_silence(&mut self, new: &NewSilence, now: Timestamp) -> Result<i64, StoreError>;
+
+    /// Silences not ended at `now`, oldest first; `ended`: those that had, the last to end
+    /// first.
+    fn silences(&self, ended: bool, now: Timestamp) -> Result<Vec<Silence>, StoreError>;
+
+    /// A silence, if there is one with this id.
+    fn silence(&self, id: i64) -> Result<Option<Silence>, StoreError>;
+
+    /// Ends a silence at `now`; false when it had already ended, or there is none.
+    fn expire_silence(&self, id: i64, now: Timestamp) -> Result<bool, StoreError>;
 }
 
 /// How many events a walk reads at a time.
@@ -280,16 +319,20 @@ impl Tools {
             None => 0,
         };
         let Some(status) = filter.status else {
-            return self.walk(floor, filter, false);
+            let mut rows = self.walk(floor, filter, false)?;
+            rows.iter_mut().for_each(say_why_quiet);
+            return Ok(rows);
         };
-        match Indexed::of(status) {
+        let mut rows = match Indexed::of(status) {
             Some(indexed) => {
                 let source = filter.source.as_deref();
                 self.backend
-                    .with_status(indexed, floor, source, filter.limit)
+                    .with_status(indexed, floor, source, filter.limit)?
             }
-            None => self.walk(floor, filter, true),
-        }
+            None => self.walk(floor, filter, true)?,
+        };
+        rows.iter_mut().for_each(say_why_quiet);
+        Ok(rows)
     }
 
     /// `--since`: the first event id received at or after `since`, by bisecting ids (events
@@ -351,6 +394,9 @@ impl Tools {
         };
         let mut jobs = self.backend.jobs_of(event_id)?;
         jobs.iter_mut().for_each(number_attempts);
+        for job in &mut jobs {
+            job.quiet = self.why_quiet(job.status, job.quieted_by.as_deref())?;
+        }
         let head = Head {
             event_id,
             source: stored.event.source.clone(),
@@ -399,6 +445,74 @@ impl Tools {
     /// Returns how many were re-queued.
     pub fn retry_dead(&self, job_id: Option<i64>) -> Result<usize, StoreError> {
         self.backend.retry_dead(job_id, Timestamp::now())
+    }
+
+    /// Stores a silence made at `now`; returns its id.
+    pub fn add_silence(&mut self, new: &NewSilence, now: Timestamp) -> Result<i64, StoreError> {
+        self.backend.add_silence(new, now)
+    }
+
+    /// The silences active or pending at `now`, or (`ended`) those that had ended by then.
+    pub fn silences(&self, ended: bool, now: Timestamp) -> Result<Vec<Silence>, StoreError> {
+        self.backend.silences(ended, now)
+    }
+
+    /// A silence with up to `limit` of the jobs it set aside, newest event first.
+    pub fn silence(
+        &self,
+        id: i64,
+        limit: usize,
+    ) -> Result<Option<(Silence, Vec<Row>)>, StoreError> {
+        let Some(silence) = self.backend.silence(id)? else {
+            return Ok(None);
+        };
+        let rows = self.backend.quieted_by(&id.to_string(), limit)?;
+        // Mute windows are named, silences numbered: a window named "7" is not this silence.
+        let rows = rows
+            .into_iter()
+            .filter(|row| row.status == RowStatus::Silenced)
+            .collect();
+        Ok(Some((silence, rows)))
+    }
+
+    /// Ends a silence at `now`; false when it had already ended, or there is none.
+    pub fn expire_silence(&self, id: i64, now: Timestamp) -> Result<bool, StoreError> {
+        self.backend.expire_silence(id, now)
+    }
+
+    /// What set a job aside, as `show` says it: the silence with its comment, author and end,
+    /// or the window.
+    fn why_quiet(&self, status: JobStatus, by: Option<&str>) -> Result<Option<String>, StoreError> {
+        let Some(by) = by else { return Ok(None) };
+        Ok(Some(match status {
+            JobStatus::Silenced => {
+                let silence = match by.parse() {
+                    Ok(id) => self.backend.silence(id)?,
+                    Err(_) => None,
+                };
+                match silence {
+                    Some(s) => format!(
+                        "silenced by {}: {}, {}, until {}",
+                        s.id, s.comment, s.author, s.ends_at
+                    ),
+                    None => format!("silenced by {by} (since pruned)"),
+                }
+            }
+            JobStatus::Muted => format!("muted by the time interval {by:?}"),
+            _ => return Ok(None),
+        }))
+    }
+}
+
+/// A set-aside row's detail, as `list` prints it: what set it aside, by name.
+fn say_why_quiet(row: &mut Row) {
+    let verb = match row.status {
+        RowStatus::Silenced => "silenced by",
+        RowStatus::Muted => "muted by",
+        _ => return,
+    };
+    if let Some(by) = &row.detail {
+        row.detail = Some(format!("{verb} {by}"));
     }
 }
 

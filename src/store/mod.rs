@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod body;
 pub mod postgres;
+pub mod silences;
 pub mod sqlite;
 
 use std::collections::{HashMap, HashSet};
@@ -31,6 +32,7 @@ use jiff::Timestamp;
 use crate::config::{Backend, StorageConfig};
 use crate::event::Event;
 use crate::metrics::SinkQueue;
+pub use silences::{Matchers, NewSilence, Silence, SilenceState};
 
 /// A database driver's error (rusqlite's, sqlx's), kept as the source of a [`StoreError`]:
 /// the driver types stay inside their backends.
@@ -138,6 +140,46 @@ pub struct RouteTo {
     /// The route's throttle: this event's key, and the window's length.
     pub throttle: Option<(String, std::time::Duration)>,
     pub sinks: Vec<String>,
+    /// Those of `sinks` a silence or a mute window keeps this event from: their jobs are
+    /// recorded as such, never due.
+    pub quiet: Vec<(String, Quiet)>,
+}
+
+impl RouteTo {
+    /// Why `sink`'s job is set aside, if it is.
+    pub(crate) fn quiet_for(&self, sink: &str) -> Option<&Quiet> {
+        self.quiet
+            .iter()
+            .find(|(quiet, _)| quiet == sink)
+            .map(|(_, why)| why)
+    }
+}
+
+/// Why a job is set aside instead of delivered: kept as its status and `quieted_by`, so
+/// `replay` can deliver it later on request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Quiet {
+    /// A silence, by its id, matched the (event, route, sink).
+    Silenced(i64),
+    /// The route's mute window, by its name, was active.
+    Muted(String),
+}
+
+impl Quiet {
+    pub const fn status(&self) -> JobStatus {
+        match self {
+            Self::Silenced(_) => JobStatus::Silenced,
+            Self::Muted(_) => JobStatus::Muted,
+        }
+    }
+
+    /// What the job's `quieted_by` column holds: the silence's id, or the window's name.
+    pub fn by(&self) -> String {
+        match self {
+            Self::Silenced(id) => id.to_string(),
+            Self::Muted(window) => window.clone(),
+        }
+    }
 }
 
 /// The columns of a new event row, as both backends store it. The parsed payload stays with
@@ -202,6 +244,8 @@ pub enum Prunable {
     Events,
     /// Throttle windows that closed.
     Throttles,
+    /// Silences that ended.
+    Silences,
 }
 
 /// One step of a pruning pass: how many records went, and where the next step starts
@@ -260,6 +304,10 @@ pub enum JobStatus {
     Succeeded,
     /// Failed for good: waits for an operator.
     Dead,
+    /// Set aside by a silence; `replay` delivers it.
+    Silenced,
+    /// Set aside by its route's mute window; `replay` delivers it.
+    Muted,
 }
 
 impl JobStatus {
@@ -269,14 +317,23 @@ impl JobStatus {
             Self::Failed => "failed",
             Self::Succeeded => "succeeded",
             Self::Dead => "dead",
+            Self::Silenced => "silenced",
+            Self::Muted => "muted",
         }
     }
 
+    pub const ALL: [Self; 6] = [
+        Self::Pending,
+        Self::Failed,
+        Self::Succeeded,
+        Self::Dead,
+        Self::Silenced,
+        Self::Muted,
+    ];
+
     /// A stored status; `None` for text no version of hookroute writes.
     pub fn parse(text: &str) -> Option<Self> {
-        [Self::Pending, Self::Failed, Self::Succeeded, Self::Dead]
-            .into_iter()
-            .find(|status| status.as_str() == text)
+        Self::ALL.into_iter().find(|status| status.as_str() == text)
     }
 }
 
@@ -390,6 +447,22 @@ pub trait Storage: Send + Sync {
         started_at: Timestamp,
         finished_at: Timestamp,
     ) -> Result<(), StoreError>;
+
+    /// Sets aside due `jobs` a silence or a mute window now keeps from their sink (a retry
+    /// waiting when the silence was added, say) at `now`: they are no longer due, and no
+    /// attempt is recorded. A job already finished stays so.
+    /// (A step in the life of a job: [`crate::delivery`].)
+    ///
+    /// # Errors
+    /// [`StoreError`] when the write failed; the jobs stay due.
+    async fn quiet(&self, jobs: Vec<(Job, Quiet)>, now: Timestamp) -> Result<(), StoreError>;
+
+    /// The silences not yet ended at `now` (active, or starting later), oldest first: what
+    /// every daemon applies, read again each second.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database error.
+    async fn silences(&self, now: Timestamp) -> Result<Vec<Silence>, StoreError>;
 
     /// For each sink with jobs waiting: when the next is due and when the oldest was created.
     ///
@@ -534,12 +607,7 @@ mod tests {
                 serde_json::json!(status.as_str())
             );
         }
-        for status in [
-            JobStatus::Pending,
-            JobStatus::Failed,
-            JobStatus::Succeeded,
-            JobStatus::Dead,
-        ] {
+        for status in JobStatus::ALL {
             assert_eq!(JobStatus::parse(status.as_str()), Some(status));
             assert_eq!(RowStatus::from(status).as_str(), status.as_str());
         }

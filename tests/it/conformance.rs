@@ -49,6 +49,7 @@ fn to(sinks: &[&str]) -> Vec<RouteTo> {
         route: "all".into(),
         throttle: None,
         sinks: sinks.iter().map(|s| (*s).to_owned()).collect(),
+        quiet: Vec::new(),
     }]
 }
 
@@ -301,6 +302,7 @@ async fn insert_throttled(
         route: "scans".into(),
         throttle: Some((key.to_owned(), Duration::from_secs(3600))),
         sinks: vec!["a".into()],
+        quiet: Vec::new(),
     };
     let inserted = store
         .insert(&event, &body, at, vec![route], Handoff::default())

@@ -10,11 +10,12 @@ use sqlx::postgres::PgConnection;
 use sqlx::{Connection as _, Executor as _};
 
 use super::events::event_at;
+use super::silences;
 use crate::config::PostgresConfig;
 use crate::store::admin::{
     Access, AdminBackend, Attempt, Head, Indexed, JobDetail, JobState, Row, RowStatus, at, retry_at,
 };
-use crate::store::{JobStatus, StoreError, StoredEvent};
+use crate::store::{JobStatus, NewSilence, Silence, StoreError, StoredEvent};
 
 pub struct Admin {
     runtime: tokio::runtime::Runtime,
@@ -62,7 +63,7 @@ macro_rules! jobs_with {
             head_columns!(),
             ", j.id, j.route, j.sink, j.status, ",
             tries!(),
-            ", j.next_attempt_at, j.last_error
+            ", j.next_attempt_at, coalesce(j.quieted_by, j.last_error)
              FROM jobs j JOIN events e ON e.id = j.event_id
              WHERE ",
             $partial,
@@ -76,6 +77,18 @@ macro_rules! jobs_with {
 const DEAD_JOBS: &str = jobs_with!("j.status = 'dead'", "dead");
 const PENDING_JOBS: &str = jobs_with!("j.status IN ('pending', 'failed')", "pending");
 const FAILED_JOBS: &str = jobs_with!("j.status IN ('pending', 'failed')", "failed");
+const SILENCED_JOBS: &str = jobs_with!("j.status IN ('silenced', 'muted')", "silenced");
+const MUTED_JOBS: &str = jobs_with!("j.status IN ('silenced', 'muted')", "muted");
+/// Jobs a silence or a window set aside, newest event first.
+const QUIETED_BY: &str = concat!(
+    "SELECT ",
+    head_columns!(),
+    ", j.id, j.route, j.sink, j.status, ",
+    tries!(),
+    ", j.next_attempt_at, j.quieted_by
+     FROM jobs j JOIN events e ON e.id = j.event_id
+     WHERE j.quieted_by = $1 ORDER BY j.event_id DESC, j.id LIMIT $2"
+);
 const SUPPRESSED: &str = concat!(
     "SELECT ",
     head_columns!(),
@@ -110,7 +123,7 @@ const PAGE_ROWS: &str = concat!(
      UNION ALL
      SELECT j.event_id, j.id, j.route, j.sink, j.status, ",
     tries!(),
-    ", j.next_attempt_at, j.last_error
+    ", j.next_attempt_at, coalesce(j.quieted_by, j.last_error)
      FROM jobs j WHERE j.event_id = ANY($1)
      ORDER BY 1, 2 NULLS FIRST"
 );
@@ -159,6 +172,7 @@ type JobColumns = (
     String,
     i32,
     i64,
+    Option<String>,
     Option<String>,
     Option<String>,
 );
@@ -371,6 +385,8 @@ impl AdminBackend for Admin {
             Indexed::Pending => PENDING_JOBS,
             Indexed::Failed => FAILED_JOBS,
             Indexed::Dead => DEAD_JOBS,
+            Indexed::Silenced => SILENCED_JOBS,
+            Indexed::Muted => MUTED_JOBS,
             Indexed::Suppressed => SUPPRESSED,
             Indexed::Unrouted => UNROUTED,
         };
@@ -401,7 +417,8 @@ impl AdminBackend for Admin {
     fn jobs_of(&self, event_id: i64) -> Result<Vec<JobDetail>, StoreError> {
         self.run(async |conn| {
             let jobs: Vec<JobColumns> = sqlx::query_as(
-                "SELECT id, route, sink, status, attempts, next_attempt_at, last_error, response
+                "SELECT id, route, sink, status, attempts, next_attempt_at, last_error, response,
+                        quieted_by
                      FROM jobs WHERE event_id = $1 ORDER BY id",
             )
             .bind(event_id)
@@ -417,7 +434,7 @@ impl AdminBackend for Admin {
             .await?;
             jobs.into_iter()
                 .map(
-                    |(id, route, sink, status, count, next, last_error, response)| {
+                    |(id, route, sink, status, count, next, last_error, response, quieted_by)| {
                         let status = parse_status(&status, JobStatus::parse)?;
                         Ok(JobDetail {
                             id,
@@ -428,6 +445,8 @@ impl AdminBackend for Admin {
                             attempts: u32::try_from(count).unwrap_or(0),
                             last_error,
                             response,
+                            quieted_by,
+                            quiet: None,
                             history: attempts
                                 .iter()
                                 .filter(|attempt| attempt.0 == id)
@@ -515,6 +534,33 @@ impl AdminBackend for Admin {
             tx.commit().await?;
             Ok(ids)
         })
+    }
+
+    fn quieted_by(&self, by: &str, limit: usize) -> Result<Vec<Row>, StoreError> {
+        self.run(async |conn| {
+            let rows: Vec<Listed> = sqlx::query_as(QUIETED_BY)
+                .bind(by)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(&mut *conn)
+                .await?;
+            rows.into_iter().map(listed).collect()
+        })
+    }
+
+    fn add_silence(&mut self, new: &NewSilence, now: Timestamp) -> Result<i64, StoreError> {
+        self.run(async |conn| silences::add(&mut *conn, new, now.as_millisecond()).await)
+    }
+
+    fn silences(&self, ended: bool, now: Timestamp) -> Result<Vec<Silence>, StoreError> {
+        self.run(async |conn| silences::by_end(&mut *conn, now.as_millisecond(), ended).await)
+    }
+
+    fn silence(&self, id: i64) -> Result<Option<Silence>, StoreError> {
+        self.run(async |conn| silences::get(&mut *conn, id).await)
+    }
+
+    fn expire_silence(&self, id: i64, now: Timestamp) -> Result<bool, StoreError> {
+        self.run(async |conn| silences::expire(&mut *conn, id, now.as_millisecond()).await)
     }
 
     fn retry_dead(&self, job_id: Option<i64>, now: Timestamp) -> Result<usize, StoreError> {

@@ -8,7 +8,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row as _, Transaction};
 
 use crate::event::{Event, Payload};
-use crate::store::{Inserted, Job, NewEvent, StoreError, StoredEvent, from_ms};
+use crate::store::{Inserted, Job, NewEvent, Quiet, StoreError, StoredEvent, from_ms};
 
 pub(super) type Tx<'c> = Transaction<'c, Postgres>;
 
@@ -55,7 +55,10 @@ pub(super) async fn insert(
                 continue;
             }
             for sink in &to.sinks {
-                jobs.add(id, new, &to.route, sink);
+                match to.quiet_for(sink) {
+                    Some(quiet) => jobs.set_aside(id, &to.route, sink, quiet, new.received_at),
+                    None => jobs.add(id, new, &to.route, sink),
+                }
             }
         }
     }
@@ -308,6 +311,19 @@ struct NewJobs<'a> {
     handed: Vec<bool>,
     /// Suppressed routes: event, route, throttle key, when.
     suppressed: (Vec<i64>, Vec<&'a str>, Vec<&'a str>, Vec<i64>),
+    /// Jobs set aside by a silence or a mute window: event, route, sink, status, by what,
+    /// when.
+    quiet: SetAside<'a>,
+}
+
+#[derive(Default)]
+struct SetAside<'a> {
+    event: Vec<i64>,
+    route: Vec<&'a str>,
+    sink: Vec<&'a str>,
+    status: Vec<&'static str>,
+    by: Vec<String>,
+    at: Vec<i64>,
 }
 
 impl<'a> NewJobs<'a> {
@@ -326,6 +342,16 @@ impl<'a> NewJobs<'a> {
             new.received_at
         });
         self.handed.push(handed);
+    }
+
+    fn set_aside(&mut self, event: i64, route: &'a str, sink: &'a str, quiet: &Quiet, at: i64) {
+        let q = &mut self.quiet;
+        q.event.push(event);
+        q.route.push(route);
+        q.sink.push(sink);
+        q.status.push(quiet.status().as_str());
+        q.by.push(quiet.by());
+        q.at.push(at);
     }
 
     fn suppress(&mut self, event: i64, route: &'a str, key: &'a str, at: i64) {
@@ -354,6 +380,24 @@ impl<'a> NewJobs<'a> {
             .bind(&self.suppressed.1)
             .bind(&self.suppressed.2)
             .bind(&self.suppressed.3)
+            .execute(&mut **tx)
+            .await?;
+        }
+        let q = &self.quiet;
+        if !q.event.is_empty() {
+            sqlx::query(
+                "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at,
+                                   updated_at, quieted_by)
+                 SELECT event_id, route, sink, status, at, at, at, by
+                 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $6::bigint[]) AS t (event_id, route, sink, status, by, at)",
+            )
+            .bind(&q.event)
+            .bind(&q.route)
+            .bind(&q.sink)
+            .bind(&q.status)
+            .bind(&q.by)
+            .bind(&q.at)
             .execute(&mut **tx)
             .await?;
         }

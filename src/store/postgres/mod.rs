@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     AttemptOutcome, DueJob, DueSummary, Handoff, Inserted, Job, NewEvent, Prunable, PruneStep,
-    RouteTo, Storage, StoreError,
+    Quiet, RouteTo, Silence, Storage, StoreError,
 };
 use crate::config::PostgresConfig;
 use crate::event::Event;
@@ -93,6 +93,7 @@ pub mod import;
 mod jobs;
 mod retention;
 mod schema;
+mod silences;
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -360,6 +361,31 @@ impl Storage for PostgresStore {
             finished_at,
         };
         self.committer.finish(attempt).await
+    }
+
+    async fn quiet(&self, jobs: Vec<(Job, Quiet)>, now: Timestamp) -> Result<(), StoreError> {
+        let (ids, statuses, by): (Vec<i64>, Vec<&str>, Vec<String>) = jobs
+            .iter()
+            .map(|(job, quiet)| (job.id, quiet.status().as_str(), quiet.by()))
+            .collect();
+        // The lease goes with it, as with an outcome.
+        sqlx::query(
+            "UPDATE jobs j SET status = q.status, quieted_by = q.by, updated_at = $4,
+                               leased_by = NULL
+             FROM unnest($1::bigint[], $2::text[], $3::text[]) AS q (id, status, by)
+             WHERE j.id = q.id AND j.status IN ('pending', 'failed')",
+        )
+        .bind(&ids)
+        .bind(&statuses)
+        .bind(&by)
+        .bind(now.as_millisecond())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn silences(&self, now: Timestamp) -> Result<Vec<Silence>, StoreError> {
+        silences::by_end(&self.pool, now.as_millisecond(), false).await
     }
 
     async fn due_summary(&self) -> Result<HashMap<String, DueSummary>, StoreError> {

@@ -63,6 +63,17 @@ pub(super) async fn prune(
             full_step(removed, limit, from)
         }
         Prunable::Events => prune_events(&mut tx, before, from, limit_sql).await?,
+        Prunable::Silences => {
+            let removed = sqlx::query("DELETE FROM silences WHERE ends_at < $1")
+                .bind(before)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            PruneStep {
+                removed: usize::try_from(removed).unwrap_or(usize::MAX),
+                next: None,
+            }
+        }
     };
     tx.commit().await?;
     Ok(step)

@@ -22,10 +22,11 @@ use jiff::Timestamp;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::events::row_to_event;
+use super::silences;
 use crate::store::admin::{
     Access, AdminBackend, Attempt, Head, Indexed, JobDetail, JobState, Row, RowStatus, at, retry_at,
 };
-use crate::store::{JobStatus, StoreError, StoredEvent};
+use crate::store::{JobStatus, NewSilence, Silence, StoreError, StoredEvent};
 
 pub struct Admin {
     conn: Connection,
@@ -56,7 +57,7 @@ macro_rules! jobs_with {
             row_columns!(),
             ", j.id, j.route, j.sink, j.status, ",
             tries!(),
-            ", j.next_attempt_at, j.last_error
+            ", j.next_attempt_at, coalesce(j.quieted_by, j.last_error)
              FROM jobs j INDEXED BY ",
             $index,
             " JOIN events e ON e.id = j.event_id
@@ -72,6 +73,22 @@ macro_rules! jobs_with {
 const DEAD_JOBS: &str = jobs_with!("jobs_dead", "j.status = 'dead'", "dead");
 const PENDING_JOBS: &str = jobs_with!("jobs_open", "j.status IN ('pending', 'failed')", "pending");
 const FAILED_JOBS: &str = jobs_with!("jobs_open", "j.status IN ('pending', 'failed')", "failed");
+const SILENCED_JOBS: &str = jobs_with!(
+    "jobs_quiet",
+    "j.status IN ('silenced', 'muted')",
+    "silenced"
+);
+const MUTED_JOBS: &str = jobs_with!("jobs_quiet", "j.status IN ('silenced', 'muted')", "muted");
+/// Jobs a silence or a window set aside, newest event first.
+const QUIETED_BY: &str = concat!(
+    "SELECT ",
+    row_columns!(),
+    ", j.id, j.route, j.sink, j.status, ",
+    tries!(),
+    ", j.next_attempt_at, j.quieted_by
+     FROM jobs j INDEXED BY jobs_quieted_by JOIN events e ON e.id = j.event_id
+     WHERE j.quieted_by = ?1 ORDER BY j.event_id DESC, j.id LIMIT ?2"
+);
 const SUPPRESSED: &str = concat!(
     "SELECT ",
     row_columns!(),
@@ -104,7 +121,7 @@ const SOURCE_EVENTS_PAGE: &str = concat!(
 const EVENT_JOBS: &str = concat!(
     "SELECT j.id, j.route, j.sink, j.status, ",
     tries!(),
-    ", j.next_attempt_at, j.last_error FROM jobs j WHERE j.event_id = ?1 ORDER BY j.id"
+    ", j.next_attempt_at, coalesce(j.quieted_by, j.last_error) FROM jobs j WHERE j.event_id = ?1 ORDER BY j.id"
 );
 /// Jobs as [`JobState`] has them: one, or an event's waiting jobs.
 macro_rules! jobs_where {
@@ -294,6 +311,8 @@ impl AdminBackend for Admin {
             Indexed::Pending => PENDING_JOBS,
             Indexed::Failed => FAILED_JOBS,
             Indexed::Dead => DEAD_JOBS,
+            Indexed::Silenced => SILENCED_JOBS,
+            Indexed::Muted => MUTED_JOBS,
             Indexed::Suppressed => SUPPRESSED,
             Indexed::Unrouted => UNROUTED,
         };
@@ -314,8 +333,8 @@ impl AdminBackend for Admin {
 
     fn jobs_of(&self, event_id: i64) -> Result<Vec<JobDetail>, StoreError> {
         let mut jobs = self.conn.prepare_cached(
-            "SELECT id, route, sink, status, attempts, next_attempt_at, last_error, response FROM jobs
-             WHERE event_id = ?1 ORDER BY id",
+            "SELECT id, route, sink, status, attempts, next_attempt_at, last_error, response, quieted_by
+             FROM jobs WHERE event_id = ?1 ORDER BY id",
         )?;
         let mut attempts = self.conn.prepare_cached(
             "SELECT number, started_at, finished_at, outcome, error, response FROM attempts WHERE job_id = ?1 ORDER BY id",
@@ -333,6 +352,8 @@ impl AdminBackend for Admin {
                     attempts: row.get(4)?,
                     last_error: row.get(6)?,
                     response: row.get(7)?,
+                    quieted_by: row.get(8)?,
+                    quiet: None,
                     history: Vec::new(),
                 })
             })?
@@ -400,6 +421,33 @@ impl AdminBackend for Admin {
         }
         tx.commit()?;
         Ok(ids)
+    }
+
+    fn quieted_by(&self, by: &str, limit: usize) -> Result<Vec<Row>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut stmt = self.conn.prepare_cached(QUIETED_BY)?;
+        let mut rows = stmt.query(params![by, limit])?;
+        let mut listed = Vec::new();
+        while let Some(row) = rows.next()? {
+            listed.push(row_at(&head_at(row)?, row, 5)?);
+        }
+        Ok(listed)
+    }
+
+    fn add_silence(&mut self, new: &NewSilence, now: Timestamp) -> Result<i64, StoreError> {
+        Ok(silences::add(&self.conn, new, now.as_millisecond())?)
+    }
+
+    fn silences(&self, ended: bool, now: Timestamp) -> Result<Vec<Silence>, StoreError> {
+        Ok(silences::by_end(&self.conn, now.as_millisecond(), ended)?)
+    }
+
+    fn silence(&self, id: i64) -> Result<Option<Silence>, StoreError> {
+        Ok(silences::get(&self.conn, id)?)
+    }
+
+    fn expire_silence(&self, id: i64, now: Timestamp) -> Result<bool, StoreError> {
+        Ok(silences::expire(&self.conn, id, now.as_millisecond())?)
     }
 
     fn retry_dead(&self, job_id: Option<i64>, now: Timestamp) -> Result<usize, StoreError> {

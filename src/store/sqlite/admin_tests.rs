@@ -38,16 +38,19 @@ fn history(events: i64) -> (tempfile::TempDir, std::path::PathBuf) {
             )
             .unwrap();
         }
-        let status = match id % 97 {
-            0 => "dead",
-            1 => "failed",
-            2 => "pending",
-            _ => "succeeded",
+        let (status, quieted_by) = match id % 97 {
+            0 => ("dead", None),
+            1 => ("failed", None),
+            2 => ("pending", None),
+            3 => ("silenced", Some("1")),
+            4 => ("muted", Some("during nights")),
+            _ => ("succeeded", None),
         };
         tx.execute(
-            "INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at, created_at, updated_at)
-             VALUES (?1, 'all', 'archive', ?2, 1, ?3, ?3, ?3)",
-            params![id, status, id * 1000],
+            "INSERT INTO jobs (event_id, route, sink, status, attempts, next_attempt_at, created_at, updated_at,
+                               quieted_by)
+             VALUES (?1, 'all', 'archive', ?2, 1, ?3, ?3, ?3, ?4)",
+            params![id, status, id * 1000, quieted_by],
         )
         .unwrap();
         tx.execute(
@@ -57,6 +60,12 @@ fn history(events: i64) -> (tempfile::TempDir, std::path::PathBuf) {
         )
         .unwrap();
     }
+    tx.execute(
+        "INSERT INTO silences (route, starts_at, ends_at, comment, author, created_at)
+         VALUES ('all', 0, ?1, 'planned', 'alice', 0)",
+        [events * 500],
+    )
+    .unwrap();
     tx.commit().unwrap();
     conn.execute_batch("ANALYZE").unwrap();
     (dir, path)
@@ -92,6 +101,12 @@ fn every_command(admin: &Tools, events: i64) {
     for id in [1, events / 2, events] {
         assert!(admin.show(id).unwrap().is_some());
     }
+    let (_, silenced) = admin.silence(1, 5).unwrap().unwrap();
+    assert_eq!(silenced.len(), 5);
+    assert!(silenced.iter().all(|row| row.status == RowStatus::Silenced));
+    let now = jiff::Timestamp::from_millisecond(events * 250).unwrap();
+    assert_eq!(admin.silences(false, now).unwrap().len(), 1);
+    assert!(admin.silences(true, now).unwrap().is_empty());
 }
 
 /// Runs `every_command` on a fresh read-only connection, recording each statement it ran and

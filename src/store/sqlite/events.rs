@@ -6,6 +6,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use super::dedupe::Recent;
 use super::{Inserted, Job, NewEvent, StoredEvent, from_ms};
 use crate::event::{Event, Payload};
+use crate::store::JobStatus;
 
 /// Stores `event` unless its delivery id was seen, and applies its routing.
 pub(super) fn insert(
@@ -62,8 +63,8 @@ fn apply_routes(
         "INSERT INTO dispatches (event_id, route, status, detail, at) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     let mut job = tx.prepare_cached(
-        "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at, updated_at)
-         VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?5)",
+        "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at, updated_at, quieted_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7)",
     )?;
     let (mut jobs, mut handed, mut suppressed) = (0, Vec::new(), Vec::new());
     for to in &event.routes {
@@ -81,13 +82,37 @@ fn apply_routes(
             continue;
         }
         for sink in &to.sinks {
+            let quiet = to.quiet_for(sink);
+            if let Some(quiet) = quiet {
+                let (status, by) = (quiet.status(), quiet.by());
+                let at = event.received_at;
+                job.execute(params![
+                    event_id,
+                    to.route,
+                    sink,
+                    status.as_str(),
+                    at,
+                    at,
+                    by
+                ])?;
+                continue;
+            }
             let hand = event.handoff.sinks.contains(sink);
             let due = if hand {
                 event.handoff.fallback.as_millisecond()
             } else {
                 event.received_at
             };
-            job.execute(params![event_id, to.route, sink, due, event.received_at])?;
+            let (pending, at) = (JobStatus::Pending.as_str(), event.received_at);
+            job.execute(params![
+                event_id,
+                to.route,
+                sink,
+                pending,
+                due,
+                at,
+                None::<String>
+            ])?;
             jobs += 1;
             if hand {
                 handed.push(Job {

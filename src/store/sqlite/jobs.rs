@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::events::event_at;
-use super::{AttemptOutcome, DueJob, DueSummary, Job, from_ms};
+use super::{AttemptOutcome, DueJob, DueSummary, Job, Quiet, from_ms};
 use crate::metrics::SinkQueue;
 use crate::store::digest_due;
 
@@ -47,6 +47,19 @@ pub(super) fn record_attempt(
             error,
             response
         ])?;
+    }
+    Ok(())
+}
+
+/// Sets aside due jobs a silence or a mute window keeps from their sink, at `at` (unix
+/// milliseconds): see [`Storage::quiet`](crate::store::Storage::quiet).
+pub(super) fn quiet(tx: &Transaction<'_>, jobs: &[(Job, Quiet)], at: i64) -> rusqlite::Result<()> {
+    let mut update = tx.prepare_cached(
+        "UPDATE jobs SET status = ?2, quieted_by = ?3, updated_at = ?4
+         WHERE id = ?1 AND status IN ('pending', 'failed')",
+    )?;
+    for (job, quiet) in jobs {
+        update.execute(params![job.id, quiet.status().as_str(), quiet.by(), at])?;
     }
     Ok(())
 }

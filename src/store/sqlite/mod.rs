@@ -37,6 +37,7 @@ mod events;
 mod jobs;
 mod retention;
 mod schema;
+mod silences;
 mod writer;
 
 use std::collections::{HashMap, HashSet};
@@ -52,7 +53,7 @@ use async_trait::async_trait;
 
 use super::{
     AttemptOutcome, DueJob, DueSummary, Handoff, Inserted, Job, NewEvent, Prunable, PruneStep,
-    RouteTo, Storage, StoreError, StoredEvent, from_ms,
+    Quiet, RouteTo, Silence, Storage, StoreError, StoredEvent, from_ms,
 };
 use crate::config::StorageConfig;
 use crate::event::Event;
@@ -266,6 +267,17 @@ impl Storage for SqliteStore {
             at: finished_at.as_millisecond(),
         };
         self.submit(op).await.map(|_| ())
+    }
+
+    async fn quiet(&self, jobs: Vec<(Job, Quiet)>, now: Timestamp) -> Result<(), StoreError> {
+        let at = now.as_millisecond();
+        self.submit(Op::Quiet { jobs, at }).await.map(|_| ())
+    }
+
+    async fn silences(&self, now: Timestamp) -> Result<Vec<Silence>, StoreError> {
+        let now = now.as_millisecond();
+        self.read(move |conn| silences::by_end(conn, now, false))
+            .await
     }
 
     async fn due_summary(&self) -> Result<HashMap<String, DueSummary>, StoreError> {

@@ -71,6 +71,16 @@ fn prune_within(
             })
         }
         Prunable::Events => prune_events(tx, before, from, limit_sql, within),
+        // A few rows, kept for `event_retention` after they ended.
+        Prunable::Silences => {
+            let removed = tx
+                .prepare_cached("DELETE FROM silences WHERE ends_at < ?1")?
+                .execute([before])?;
+            Ok(PruneStep {
+                removed,
+                next: None,
+            })
+        }
     }
 }
 

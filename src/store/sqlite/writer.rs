@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::dedupe::Recent;
 use super::{
-    AttemptOutcome, Inserted, Job, NewEvent, Prunable, PruneStep, StoreError, events, jobs,
+    AttemptOutcome, Inserted, Job, NewEvent, Prunable, PruneStep, Quiet, StoreError, events, jobs,
     retention,
 };
 
@@ -29,6 +29,11 @@ pub(super) enum Op {
     FinishAttempt {
         outcomes: Vec<(Job, AttemptOutcome)>,
         started_at: i64,
+        at: i64,
+    },
+    /// Jobs a silence or a mute window set aside when they came due.
+    Quiet {
+        jobs: Vec<(Job, Quiet)>,
         at: i64,
     },
     Touch {
@@ -236,6 +241,10 @@ fn apply(tx: &Transaction<'_>, recent: &mut Recent, op: &Op) -> rusqlite::Result
             at,
         } => {
             jobs::record_attempt(tx, outcomes, *started_at, *at)?;
+            Done::Unit
+        }
+        Op::Quiet { jobs: quiet, at } => {
+            jobs::quiet(tx, quiet, *at)?;
             Done::Unit
         }
         Op::Touch { at } => {
