@@ -5,6 +5,7 @@
 
 mod check;
 mod send;
+mod silence;
 mod tools;
 
 use std::path::PathBuf;
@@ -47,6 +48,7 @@ impl Cli {
             Command::Replay(args) => &args.config,
             Command::Retry(args) => &args.config,
             Command::DeadLetter(DeadLetterCommand::Retry(args)) => &args.config,
+            Command::Silence(command) => command.config(),
             Command::Completions { .. } | Command::Man { .. } | Command::MigrateStorage(_) => {
                 return None;
             }
@@ -76,6 +78,10 @@ pub enum Command {
     /// Dead letters: deliveries that failed for good.
     #[command(subcommand)]
     DeadLetter(DeadLetterCommand),
+    /// Keep matching deliveries quiet for a while, without editing the routes; works while
+    /// the daemon runs, and every daemon on the database applies it within a second.
+    #[command(subcommand)]
+    Silence(silence::SilenceCommand),
     /// Copy an installation's SQLite database into PostgreSQL (events, delivery ids, jobs with
     /// their attempts, throttle windows); run it again to complete an interrupted copy. Stop
     /// the daemon first.
@@ -251,6 +257,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => tools::replay(args),
         Command::Retry(args) => tools::retry(args),
         Command::DeadLetter(DeadLetterCommand::Retry(args)) => tools::retry_dead(args),
+        Command::Silence(command) => silence::run(command),
         Command::MigrateStorage(args) => runtime()?.block_on(tools::migrate_storage(args)),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();

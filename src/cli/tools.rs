@@ -175,6 +175,9 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         if let Some(next) = &job.next_attempt_at {
             writeln!(out, "  next try:      {next}")?;
         }
+        if let Some(quiet) = &job.quiet {
+            writeln!(out, "  {}", printable(quiet))?;
+        }
         for attempt in &job.history {
             writeln!(
                 out,

@@ -447,6 +447,23 @@ impl Tools {
         self.backend.retry_dead(job_id, Timestamp::now())
     }
 
+    /// The newest `n` events, newest first (what `silence add --dry-run` tries).
+    pub fn recent_events(&self, n: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut events = Vec::with_capacity(n);
+        let mut below = i64::MAX;
+        while events.len() < n {
+            let heads = self
+                .backend
+                .events_page(below, 0, PAGE.min(n - events.len()), None)?;
+            let Some(last) = heads.last() else { break };
+            below = last.event_id;
+            for head in &heads {
+                events.extend(self.backend.event(head.event_id)?);
+            }
+        }
+        Ok(events)
+    }
+
     /// Stores a silence made at `now`; returns its id.
     pub fn add_silence(&mut self, new: &NewSilence, now: Timestamp) -> Result<i64, StoreError> {
         self.backend.add_silence(new, now)
@@ -498,7 +515,7 @@ impl Tools {
                     None => format!("silenced by {by} (since pruned)"),
                 }
             }
-            JobStatus::Muted => format!("muted by the time interval {by:?}"),
+            JobStatus::Muted => format!("muted {by}"),
             _ => return Ok(None),
         }))
     }
@@ -508,7 +525,7 @@ impl Tools {
 fn say_why_quiet(row: &mut Row) {
     let verb = match row.status {
         RowStatus::Silenced => "silenced by",
-        RowStatus::Muted => "muted by",
+        RowStatus::Muted => "muted",
         _ => return,
     };
     if let Some(by) = &row.detail {

@@ -18,6 +18,7 @@ mod hostile_again;
 mod layout;
 mod logs;
 mod metrics;
+mod quiet;
 mod recorder;
 mod replicas;
 mod routing;
