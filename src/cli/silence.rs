@@ -22,7 +22,7 @@ use crate::text::printable;
 pub enum SilenceCommand {
     /// Silence matching deliveries for a while: they are stored and recorded as silenced,
     /// not delivered (`replay` delivers one later). Prints the silence's id.
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// Silences in force or starting later; with `--expired`, those that ended.
     List(ListArgs),
     /// A silence, and the deliveries it has silenced so far.
@@ -135,7 +135,7 @@ fn tools(path: &std::path::Path, access: Access) -> anyhow::Result<(Config, Tool
 
 pub(super) fn run(command: SilenceCommand) -> anyhow::Result<ExitCode> {
     match command {
-        SilenceCommand::Add(args) => add(args),
+        SilenceCommand::Add(args) => add(*args),
         SilenceCommand::List(args) => list(&args),
         SilenceCommand::Show(args) => show(&args),
         SilenceCommand::Expire(args) => expire(&args),
@@ -350,7 +350,11 @@ fn expire(args: &ExpireArgs) -> anyhow::Result<ExitCode> {
     let (_, tools) = tools(&args.config, Access::Write)?;
     let now = Timestamp::now();
     if tools.expire_silence(args.id, now)? {
-        println!("silence {} expired at {now}", args.id);
+        writeln!(
+            std::io::stdout().lock(),
+            "silence {} expired at {now}",
+            args.id
+        )?;
         return Ok(ExitCode::SUCCESS);
     }
     match tools.silence(args.id, 0)? {

@@ -17,13 +17,12 @@ fn quiet_config(dir: &Path, extra: &str) -> String {
 }
 
 fn cli(dir: &Path, args: &[&str]) -> std::process::Output {
-    let out = Command::new(BIN)
+    Command::new(BIN)
         .args(args)
         .arg("--config")
         .arg(dir.join("config.toml"))
         .output()
-        .unwrap();
-    out
+        .unwrap()
 }
 
 /// Waits until the daemon answers (its database open and migrated).
