@@ -21,6 +21,7 @@ pub(super) fn check_config(args: ConfigArg) -> anyhow::Result<ExitCode> {
 
 /// What `check-config` prints: enough to see at a glance what the daemon will do.
 fn summary(config: &Config) -> String {
+    let now = jiff::Timestamp::now();
     use std::fmt::Write as _;
     let mut out = String::new();
     let server = &config.server;
@@ -117,10 +118,42 @@ fn summary(config: &Config) -> String {
                 humantime::format_duration(throttle.window)
             );
         }
+        if !route.mute_during.is_empty() {
+            let _ = write!(out, " mute_during={:?}", route.mute_during);
+        }
+        if !route.active_during.is_empty() {
+            let _ = write!(out, " active_during={:?}", route.active_during);
+        }
         if route.continue_ {
             out.push_str(" continue");
         }
         out.push('\n');
+    }
+    if !routing.windows.is_empty() {
+        let _ = writeln!(out, "time intervals (now {now}):");
+    }
+    for window in routing.windows.values() {
+        let state = if window.contains(now) {
+            "in it now"
+        } else {
+            "not in it now"
+        };
+        let next = window.next_change(now).map_or_else(
+            || "never changes".to_owned(),
+            |at| {
+                let local = at.to_zoned_datetime(window.zone.clone());
+                format!(
+                    "changes at {} ({})",
+                    local.strftime("%Y-%m-%d %H:%M %Z"),
+                    at
+                )
+            },
+        );
+        let _ = writeln!(
+            out,
+            "  {:<18} {} ({state}; {next})",
+            window.name, window.location
+        );
     }
     for warning in config.warnings() {
         let _ = writeln!(out, "warning: {warning}");
@@ -155,7 +188,8 @@ pub(super) fn route_test(args: RouteTestArgs) -> anyhow::Result<ExitCode> {
         if i > 0 {
             writeln!(out)?;
         }
-        let (text, n) = explain(&config, &event);
+        let at = args.at.unwrap_or_else(jiff::Timestamp::now);
+        let (text, n) = explain(&config, &event, at);
         write!(out, "{text}")?;
         matched += n;
     }
@@ -168,7 +202,7 @@ pub(super) fn route_test(args: RouteTestArgs) -> anyhow::Result<ExitCode> {
 
 /// Every route's verdict on `event` and why, and what each matched sink would get; returns the
 /// text and how many routes matched.
-fn explain(config: &Config, event: &Event) -> (String, usize) {
+fn explain(config: &Config, event: &Event, at: jiff::Timestamp) -> (String, usize) {
     use std::fmt::Write as _;
     let routing = &config.routing;
     let mut out = String::new();
@@ -194,6 +228,9 @@ fn explain(config: &Config, event: &Event) -> (String, usize) {
                     let _ = write!(out, " (when `{when}` is {value})");
                 }
                 out.push('\n');
+                if let Some(why) = routing.muted(route, at) {
+                    let _ = writeln!(out, "   muted {why} at {at}: recorded, not delivered");
+                }
                 if let (Some(throttle), Some(key)) = (&route.throttle, throttle_key) {
                     let _ = writeln!(
                         out,

@@ -204,6 +204,9 @@ pub struct RouteTestArgs {
     pub source: Option<String>,
     /// The event's JSON body, as the sender would post it.
     pub event: PathBuf,
+    /// Evaluate mute windows at this time (RFC 3339) instead of now.
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<jiff::Timestamp>,
 }
 
 #[derive(Debug, Args)]

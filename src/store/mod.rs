@@ -32,7 +32,7 @@ use jiff::Timestamp;
 use crate::config::{Backend, StorageConfig};
 use crate::event::Event;
 use crate::metrics::SinkQueue;
-pub use silences::{Matchers, NewSilence, Silence, SilenceState};
+pub use silences::{Matchers, NewSilence, Quiet, Silence, SilenceState};
 
 /// A database driver's error (rusqlite's, sqlx's), kept as the source of a [`StoreError`]:
 /// the driver types stay inside their backends.
@@ -143,43 +143,6 @@ pub struct RouteTo {
     /// Those of `sinks` a silence or a mute window keeps this event from: their jobs are
     /// recorded as such, never due.
     pub quiet: Vec<(String, Quiet)>,
-}
-
-impl RouteTo {
-    /// Why `sink`'s job is set aside, if it is.
-    pub(crate) fn quiet_for(&self, sink: &str) -> Option<&Quiet> {
-        self.quiet
-            .iter()
-            .find(|(quiet, _)| quiet == sink)
-            .map(|(_, why)| why)
-    }
-}
-
-/// Why a job is set aside instead of delivered: kept as its status and `quieted_by`, so
-/// `replay` can deliver it later on request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Quiet {
-    /// A silence, by its id, matched the (event, route, sink).
-    Silenced(i64),
-    /// The route's mute window, by its name, was active.
-    Muted(String),
-}
-
-impl Quiet {
-    pub const fn status(&self) -> JobStatus {
-        match self {
-            Self::Silenced(_) => JobStatus::Silenced,
-            Self::Muted(_) => JobStatus::Muted,
-        }
-    }
-
-    /// What the job's `quieted_by` column holds: the silence's id, or the window's name.
-    pub fn by(&self) -> String {
-        match self {
-            Self::Silenced(id) => id.to_string(),
-            Self::Muted(window) => window.clone(),
-        }
-    }
 }
 
 /// The columns of a new event row, as both backends store it. The parsed payload stays with

@@ -6,6 +6,45 @@
 use jiff::Timestamp;
 use serde::Serialize;
 
+use super::{JobStatus, RouteTo};
+
+/// Why a job is set aside instead of delivered: kept as its status and `quieted_by`, so
+/// `replay` can deliver it later on request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Quiet {
+    /// A silence, by its id, matched the (event, route, sink).
+    Silenced(i64),
+    /// The route's mute window, by its name, was active.
+    Muted(String),
+}
+
+impl Quiet {
+    pub const fn status(&self) -> JobStatus {
+        match self {
+            Self::Silenced(_) => JobStatus::Silenced,
+            Self::Muted(_) => JobStatus::Muted,
+        }
+    }
+
+    /// What the job's `quieted_by` column holds: the silence's id, or the window's name.
+    pub fn by(&self) -> String {
+        match self {
+            Self::Silenced(id) => id.to_string(),
+            Self::Muted(window) => window.clone(),
+        }
+    }
+}
+
+impl RouteTo {
+    /// Why `sink`'s job is set aside, if it is.
+    pub(crate) fn quiet_for(&self, sink: &str) -> Option<&Quiet> {
+        self.quiet
+            .iter()
+            .find(|(quiet, _)| quiet == sink)
+            .map(|(_, why)| why)
+    }
+}
+
 /// What a silence matches; every one given must match (at least one is).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Matchers {

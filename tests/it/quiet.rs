@@ -393,6 +393,26 @@ mute_during = ["night"]
             .iter()
             .all(|row| row.detail.as_deref() == Some("muted during night"))
     );
+    // `route-test --at` says the same; `check-config` shows the window and its next change.
+    let event = dir.path().join("alert.json");
+    std::fs::write(&event, alert("t", "a.example")).unwrap();
+    for (moment, delivered) in moments {
+        let event = event.to_str().unwrap();
+        let args = ["route-test", "--source", "cl", "--at", moment, event];
+        let text = stdout(&cli(dir.path(), &args));
+        assert_eq!(
+            !text.contains("muted during night"),
+            delivered,
+            "{moment}: {text}"
+        );
+    }
+    let summary = stdout(&cli(dir.path(), &["check-config"]));
+    assert!(
+        summary.contains("night")
+            && summary.contains("Europe/Berlin")
+            && summary.contains("changes at "),
+        "{summary}"
+    );
     daemon.stop().await;
 }
 on_both_backends!(a_mute_window_follows_the_local_clock_across_a_dst_change);
