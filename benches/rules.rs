@@ -43,6 +43,7 @@ fn spec(i: usize) -> RouteSpec {
         throttle: None,
         mute_during: Vec::new(),
         active_during: Vec::new(),
+        group: None,
         templates: BTreeMap::new(),
     }
 }

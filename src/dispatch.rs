@@ -12,7 +12,7 @@ use crate::config::{Config, Routing};
 use crate::event::Event;
 use crate::secret::Redactor;
 use crate::sinks::{DeliveryOptions, Sink};
-use crate::store::{Quiet, RouteTo};
+use crate::store::{GroupTo, Quiet, RouteTo};
 
 /// A configured sink, built.
 #[derive(Clone)]
@@ -25,6 +25,8 @@ pub struct NamedSink {
     /// Jobs per sink call, outside digests.
     pub batch: usize,
     pub shows_message: bool,
+    /// Some route to it groups its events.
+    pub grouped: bool,
 }
 
 /// What routing and delivery need from the configuration; replaced whole on reload, so a
@@ -42,6 +44,7 @@ impl Plan {
     /// # Errors
     /// The first sink that cannot be built, and why.
     pub fn build(config: &Config) -> Result<Self, String> {
+        let routes = config.routing.table.routes();
         let mut sinks = HashMap::new();
         let mut secrets: Vec<String> = config
             .sources
@@ -62,6 +65,9 @@ impl Plan {
                 digest: config.digest(),
                 batch: config.batch(),
                 shows_message: s.spec.shows_message(),
+                grouped: routes
+                    .iter()
+                    .any(|route| route.group.is_some() && route.sinks.contains(&s.name)),
             };
             sinks.insert(s.name.clone(), named);
         }
@@ -101,6 +107,11 @@ pub fn route(routing: &Routing, event: &Event, now: jiff::Timestamp) -> Routed {
                         .map(|(t, key)| (key, t.window)),
                     sinks: route.sinks.clone(),
                     quiet,
+                    group: route.group.as_ref().map(|group| GroupTo {
+                        key: group.key(event),
+                        wait: group.wait,
+                        interval: group.interval,
+                    }),
                 }
             })
             .collect(),

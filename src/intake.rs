@@ -84,8 +84,10 @@ impl Intake {
                     silence(&self.silences, to, &event, now);
                 }
             }
+            // A grouped job waits for its group: the engine reads it when the group is due.
             let sinks = routes
                 .iter()
+                .filter(|to| to.group.is_none())
                 .flat_map(|to| to.sinks.iter().filter(|sink| to.quiet_for(sink).is_none()));
             let handoff = self
                 .new_jobs

@@ -103,17 +103,14 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// Why `route` is quiet at `at`, if it is: during one of its `mute_during` windows, or
-    /// outside all of its `active_during` ones. The phrase is what a muted job records.
-    pub fn muted(&self, route: &crate::rules::Route, at: jiff::Timestamp) -> Option<String> {
-        let open = |name: &String| self.windows.get(name).is_some_and(|w| w.contains(at));
-        if let Some(window) = route.mute_during.iter().find(|name| open(name)) {
-            return Some(format!("during {window}"));
-        }
-        if !route.active_during.is_empty() && !route.active_during.iter().any(open) {
-            return Some(format!("outside {}", route.active_during.join(", ")));
-        }
-        None
+    /// Most events in one delivery of `route`'s groups.
+    pub fn group_max(&self, route: &str) -> usize {
+        self.table
+            .routes()
+            .iter()
+            .find(|r| r.name == route)
+            .and_then(|r| r.group.as_ref())
+            .map_or(crate::rules::group::DEFAULT_MAX, |group| group.max)
     }
 
     /// The template for a message through `route` to the sink `sink` of type `kind`: the

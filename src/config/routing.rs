@@ -260,3 +260,18 @@ pub(super) fn validate_routing(
         warnings,
     }
 }
+
+impl Routing {
+    /// Why `route` is quiet at `at`, if it is: during one of its `mute_during` windows, or
+    /// outside all of its `active_during` ones. The phrase is what a muted job records.
+    pub fn muted(&self, route: &crate::rules::Route, at: jiff::Timestamp) -> Option<String> {
+        let open = |name: &String| self.windows.get(name).is_some_and(|w| w.contains(at));
+        if let Some(window) = route.mute_during.iter().find(|name| open(name)) {
+            return Some(format!("during {window}"));
+        }
+        if !route.active_during.is_empty() && !route.active_during.iter().any(open) {
+            return Some(format!("outside {}", route.active_during.join(", ")));
+        }
+        None
+    }
+}

@@ -54,7 +54,7 @@ pub(super) async fn attempt(
     if !quiet.is_empty() && !set_aside(store, &sink.name, quiet, started).await {
         return false;
     }
-    let Some(prepared) = prepare(plan, sink, live).await else {
+    let Some((prepared, summary)) = prepare(plan, sink, live).await else {
         return false; // the runtime is shutting down: the jobs stay due
     };
     if prepared.is_empty() {
@@ -77,7 +77,7 @@ pub(super) async fn attempt(
     let call = AssertUnwindSafe(async {
         match deliveries.as_slice() {
             [one] => sink.sink.deliver(one).await,
-            many => sink.sink.deliver_batch(many).await,
+            many => sink.sink.deliver_batch(many, &summary).await,
         }
     })
     .catch_unwind();
@@ -106,16 +106,22 @@ pub(super) async fn attempt(
         Err(err) => Err(err.map_text(clean)),
     };
     let now = clock.now();
+    // One draw for the call: a group's jobs fail together and are retried together.
+    let jitter = jitter();
+    let grouped = grouped_note(&prepared);
     for (job, _, message) in prepared {
         let mut outcome = retry::decide(
             &sink.delivery.retry,
             &job,
             result.as_ref().cloned(),
             now,
-            jitter(),
+            jitter,
         );
         if let Some(why) = message.fallback {
             outcome.note(&clean(&why));
+        }
+        if let Some(grouped) = &grouped {
+            outcome.note(grouped);
         }
         outcomes.push((job, outcome));
     }
@@ -124,23 +130,24 @@ pub(super) async fn attempt(
 
 /// Pairs each job with its message, rendered on a blocking thread: a template works through
 /// a stranger's payload, and however bounded (see `templates::FUEL`), that work must not hold
-/// up the threads that answer senders or run other attempts. `None` only when the runtime is
-/// shutting down.
+/// up the threads that answer senders or run other attempts. With several jobs of a group or
+/// a digest, also the message for them all. `None` only when the runtime is shutting down.
 async fn prepare(
     plan: &Arc<Plan>,
     sink: &NamedSink,
     jobs: Vec<(Job, Event)>,
-) -> Option<Vec<(Job, Event, Message)>> {
+) -> Option<(Vec<(Job, Event, Message)>, Message)> {
     if !sink.shows_message {
-        return Some(
-            jobs.into_iter()
-                .map(|(job, event)| (job, event, Message::default()))
-                .collect(),
-        );
+        let jobs = jobs
+            .into_iter()
+            .map(|(job, event)| (job, event, Message::default()))
+            .collect();
+        return Some((jobs, Message::default()));
     }
     let (plan, sink) = (Arc::clone(plan), sink.clone());
     let rendered = tokio::task::spawn_blocking(move || {
-        jobs.into_iter()
+        let messages: Vec<(Job, Event, Message)> = jobs
+            .into_iter()
             .map(|(job, event)| {
                 let message = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     render(&plan, &sink, &job.route, &event)
@@ -155,7 +162,22 @@ async fn prepare(
                 });
                 (job, event, message)
             })
-            .collect()
+            .collect();
+        let summary = match messages.as_slice() {
+            [(first, ..), _, ..] if first.group.is_some() || sink.digest.is_some() => {
+                let events: Vec<(&Event, &Message)> =
+                    messages.iter().map(|(_, e, m)| (e, m)).collect();
+                let rendered = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    let key = first.group.as_deref();
+                    plan.routing
+                        .templates
+                        .render_group(&first.route, key, &events)
+                }));
+                rendered.unwrap_or_default()
+            }
+            _ => Message::default(),
+        };
+        (messages, summary)
     });
     rendered.await.ok()
 }
@@ -207,6 +229,30 @@ pub(super) async fn finish(
             false
         }
     }
+}
+
+/// What each job of a grouped delivery records of it: which events went together, so
+/// `deliveries show` of any of them names the others.
+fn grouped_note(prepared: &[(Job, Event, Message)]) -> Option<String> {
+    const NAMED: usize = 20;
+    let [(first, ..), _, ..] = prepared else {
+        return None;
+    };
+    let key = first.group.as_deref()?;
+    let mut ids: Vec<String> = prepared
+        .iter()
+        .take(NAMED)
+        .map(|(job, ..)| job.event_id.to_string())
+        .collect();
+    if prepared.len() > NAMED {
+        ids.push(format!("and {} more", prepared.len() - NAMED));
+    }
+    Some(format!(
+        "one delivery for a group of {} events (route {:?}, group {key}): events {}",
+        prepared.len(),
+        first.route,
+        ids.join(", ")
+    ))
 }
 
 /// Sets aside jobs a silence added since they were created now holds; returns whether that

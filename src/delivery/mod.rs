@@ -61,7 +61,7 @@ use crate::clock::Clock;
 use crate::dispatch::{NamedSink, Plan};
 use crate::metrics::Metrics;
 use crate::silence::Silences;
-use crate::store::{AttemptOutcome, DueJob, Store};
+use crate::store::{AttemptOutcome, DueJob, Gather, Store};
 use attempt::{attempt, finish};
 use limits::Limits;
 
@@ -291,7 +291,7 @@ impl Engine {
         let due = self.store.due_jobs(
             sink,
             DIGEST_LIMIT,
-            None,
+            Gather::Each,
             Timestamp::MAX,
             self.new_jobs.held.snapshot(),
         );
@@ -345,12 +345,17 @@ impl Engine {
         running: &mut JoinSet<()>,
     ) -> Option<usize> {
         // A digest is one sink call: it needs a free slot, then takes everything waiting.
-        let (count, reserve, hold) = match sink.digest {
+        let (count, reserve, gather) = match sink.digest {
             Some(_) if limits.running.available() == 0 => return None,
-            Some(window) => (DIGEST_LIMIT, 1, Some(window)),
+            Some(window) => (DIGEST_LIMIT, 1, Gather::Digest(window)),
             None => {
                 let room = limits.claimed.available();
-                (room, room, None)
+                let gather = if sink.grouped {
+                    Gather::Groups
+                } else {
+                    Gather::Each
+                };
+                (room, room, gather)
             }
         };
         if reserve == 0 {
@@ -361,7 +366,7 @@ impl Engine {
         let due = self.store.due_jobs(
             &sink.name,
             count,
-            hold,
+            gather,
             self.clock.now(),
             self.new_jobs.held.snapshot(),
         );
@@ -391,16 +396,18 @@ impl Engine {
         mut reserved: limits::Pass,
         running: &mut JoinSet<()>,
     ) {
-        // A digest is one call holding one place; otherwise up to `batch` jobs go in a call,
-        // each holding its own place.
+        // A digest is one call holding one place; a group's jobs go in calls of their own, up
+        // to the route's `max`; otherwise up to `batch` jobs go in a call, each holding its
+        // own place.
         let per_call = if sink.digest.is_some() {
             DIGEST_LIMIT
         } else {
             sink.batch
         };
-        let mut jobs = jobs.into_iter().peekable();
-        while jobs.peek().is_some() {
-            let batch: Vec<DueJob> = jobs.by_ref().take(per_call).collect();
+        // A digest holds every job of its sink, grouped or not: one call.
+        let by_group = sink.digest.is_none();
+        let group_max = |route: &str| plan.routing.group_max(route);
+        for batch in sink_calls(jobs, per_call, by_group.then_some(&group_max)) {
             let claimed = reserved.split(if sink.digest.is_some() {
                 1
             } else {
@@ -442,6 +449,43 @@ impl Engine {
             });
         }
     }
+}
+
+/// Splits claimed jobs into sink calls: with `group_max`, each group's jobs (by route and
+/// key, in the order they came) in calls of at most its route's `max`; the others `per_call`
+/// at a time.
+fn sink_calls(
+    jobs: Vec<DueJob>,
+    per_call: usize,
+    group_max: Option<&dyn Fn(&str) -> usize>,
+) -> Vec<Vec<DueJob>> {
+    let mut groups: Vec<((String, String), Vec<DueJob>)> = Vec::new();
+    let mut single = Vec::new();
+    for due in jobs {
+        match (&due.job.group, group_max) {
+            (Some(key), Some(_)) => {
+                let at = (due.job.route.clone(), key.clone());
+                match groups.iter_mut().find(|(of, _)| *of == at) {
+                    Some((_, members)) => members.push(due),
+                    None => groups.push((at, vec![due])),
+                }
+            }
+            _ => single.push(due),
+        }
+    }
+    let mut calls = Vec::new();
+    for ((route, _), members) in groups {
+        let max = group_max.map_or(per_call, |max| max(&route)).max(1);
+        let mut members = members.into_iter().peekable();
+        while members.peek().is_some() {
+            calls.push(members.by_ref().take(max).collect());
+        }
+    }
+    let mut single = single.into_iter().peekable();
+    while single.peek().is_some() {
+        calls.push(single.by_ref().take(per_call.max(1)).collect());
+    }
+    calls
 }
 
 /// Lets the attempts a stopped engine returned finish and record their outcomes until

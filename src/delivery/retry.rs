@@ -81,6 +81,7 @@ mod tests {
             sink: "s".into(),
             attempt,
             created_at: Timestamp::from_second(1000).unwrap(),
+            group: None,
         }
     }
 

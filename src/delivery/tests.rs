@@ -14,6 +14,7 @@ use crate::clock::ManualClock;
 use crate::event::Event;
 use crate::sinks::{Delivery, Sink, SinkError};
 use crate::store::{Handoff, Inserted, Job, RouteTo};
+use crate::templates::Message;
 
 /// A sink that records each call's delivery ids and answers from a script (success once the
 /// script is spent). With a gate, each call waits for a permit: the test decides when calls
@@ -56,10 +57,15 @@ impl Scripted {
 #[async_trait]
 impl Sink for Scripted {
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
-        self.deliver_batch(std::slice::from_ref(delivery)).await
+        self.deliver_batch(std::slice::from_ref(delivery), &Message::default())
+            .await
     }
 
-    async fn deliver_batch(&self, deliveries: &[Delivery<'_>]) -> Result<String, SinkError> {
+    async fn deliver_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+        _summary: &Message,
+    ) -> Result<String, SinkError> {
         let crowd = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.crowd.lock().unwrap().push(crowd);
         let ids = deliveries.iter().map(|d| d.event.delivery_id.clone());
@@ -158,6 +164,7 @@ impl Rig {
             throttle: None,
             sinks: vec!["rec".into()],
             quiet: Vec::new(),
+            group: None,
         };
         let now = self.clock.now();
         let handoff = if handed {

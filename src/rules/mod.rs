@@ -6,6 +6,7 @@
 //! missing field, a value of the wrong type) is false, never an error.
 
 mod cel_env;
+pub mod group;
 mod reads;
 pub mod throttle;
 pub mod windows;
@@ -44,6 +45,8 @@ pub struct RouteSpec {
     /// Time intervals outside which the route is quiet (none: always active).
     #[serde(default)]
     pub active_during: Vec<String>,
+    /// Events sharing a key go to each sink as one delivery (see [`group`]).
+    pub group: Option<group::GroupSpec>,
     /// Message template per sink kind (`slack = "name"` or `log = { text = "..." }`).
     #[serde(default)]
     pub templates: BTreeMap<String, crate::templates::TemplateRef>,
@@ -70,6 +73,7 @@ pub struct Route {
     pub throttle: Option<Throttle>,
     pub mute_during: Vec<String>,
     pub active_during: Vec<String>,
+    pub group: Option<group::Group>,
     /// Template id per sink kind, resolved against the template set.
     pub templates: BTreeMap<String, String>,
 }
@@ -171,6 +175,11 @@ impl Route {
                 key,
             })
         });
+        let group = spec.group.as_ref().and_then(|spec| {
+            group::Group::compile(&at, spec)
+                .map_err(|found| problems.extend(found))
+                .ok()
+        });
         let events = globs
             .build()
             .map_err(|err| problems.push((format!("{at}.events"), err.to_string())));
@@ -186,6 +195,7 @@ impl Route {
                 throttle,
                 mute_during: spec.mute_during.clone(),
                 active_during: spec.active_during.clone(),
+                group,
                 templates,
             }),
             _ => Err(problems),
@@ -311,6 +321,7 @@ mod tests {
             throttle: None,
             mute_during: Vec::new(),
             active_during: Vec::new(),
+            group: None,
             templates: BTreeMap::new(),
         }
     }

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use super::{Delivery, DeliveryOptions, Sink, SinkError, bounded};
 use crate::duration::HumanDuration;
 use crate::secret::SecretSource;
-use crate::templates::TemplateRef;
+use crate::templates::{Message as Rendered, TemplateRef};
 
 /// What an `smtp://` server is asked for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -312,9 +312,14 @@ impl Sink for EmailSink {
         self.send(&delivery.message.title, body, id).await
     }
 
-    async fn deliver_batch(&self, deliveries: &[Delivery<'_>]) -> Result<String, SinkError> {
+    async fn deliver_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+        summary: &Rendered,
+    ) -> Result<String, SinkError> {
         let subject = match deliveries {
             [one] => one.message.title.clone(),
+            _ if !summary.title.is_empty() => summary.title.clone(),
             many => format!(
                 "{} events, the first: {}",
                 many.len(),
@@ -322,6 +327,9 @@ impl Sink for EmailSink {
             ),
         };
         let mut body = Body::default();
+        if deliveries.len() > 1 {
+            body.summary(summary);
+        }
         for delivery in deliveries {
             body.add(delivery, deliveries.len() > 1);
         }
@@ -338,6 +346,19 @@ struct Body {
 }
 
 impl Body {
+    /// A group's summary above its events: the grouped template's lines.
+    fn summary(&mut self, summary: &Rendered) {
+        let text = normalise(&summary.body);
+        if text.is_empty() {
+            return;
+        }
+        self.text.push_str(&format!("{text}\n"));
+        self.html.push_str(&format!(
+            "<p>{}</p>\n",
+            escape_html(&text).replace('\n', "<br>\n")
+        ));
+    }
+
     /// One event: its message (headed by its title when the email holds several), then its
     /// context.
     fn add(&mut self, delivery: &Delivery<'_>, titled: bool) {

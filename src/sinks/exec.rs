@@ -20,6 +20,7 @@ use tokio::process::Command;
 
 use super::{Delivery, DeliveryOptions, RESPONSE_LIMIT, Sink, SinkError, bounded};
 use crate::event::Event;
+use crate::templates::Message;
 
 /// How long output is still read after the hook exits: what it wrote is already in the pipe;
 /// only a child it left behind could write more, and nothing waits for that.
@@ -97,12 +98,46 @@ struct Input<'a> {
 #[async_trait]
 impl Sink for ExecSink {
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
-        let event = delivery.event;
         let input = serde_json::to_vec(&Input {
             route: delivery.route,
-            event,
+            event: delivery.event,
         })
         .map_err(|e| SinkError::permanent(format!("cannot encode the event: {e}")))?;
+        self.run(input, delivery, 1).await
+    }
+
+    /// One run for the group: its events as a JSON array on stdin (each as [`Sink::deliver`]
+    /// gives one), `HOOKROUTE_GROUP_SIZE` their number; the other variables name the first.
+    async fn deliver_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+        _summary: &Message,
+    ) -> Result<String, SinkError> {
+        let Some(first) = deliveries.first() else {
+            return Ok(String::new());
+        };
+        let inputs: Vec<Input<'_>> = deliveries
+            .iter()
+            .map(|d| Input {
+                route: d.route,
+                event: d.event,
+            })
+            .collect();
+        let input = serde_json::to_vec(&inputs)
+            .map_err(|e| SinkError::permanent(format!("cannot encode the events: {e}")))?;
+        self.run(input, first, deliveries.len()).await
+    }
+}
+
+impl ExecSink {
+    /// Runs the command with `input` on stdin, for `delivery` (the first of `size` events).
+    async fn run(
+        &self,
+        input: Vec<u8>,
+        delivery: &Delivery<'_>,
+        size: usize,
+    ) -> Result<String, SinkError> {
+        let event = delivery.event;
         let (program, args) = self
             .config
             .command
@@ -123,6 +158,9 @@ impl Sink for ExecSink {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        if size > 1 {
+            command.env("HOOKROUTE_GROUP_SIZE", size.to_string());
+        }
         if let Some(dir) = &self.config.working_dir {
             command.current_dir(dir);
         }

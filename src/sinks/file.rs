@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::{Delivery, Sink, SinkError};
+use crate::templates::Message;
 use crate::event::Event;
 
 /// One line of the file: the event, and the route that sent it here.
@@ -144,11 +145,16 @@ impl Target {
 #[async_trait]
 impl Sink for FileSink {
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
-        self.deliver_batch(std::slice::from_ref(delivery)).await
+        self.deliver_batch(std::slice::from_ref(delivery), &Message::default())
+            .await
     }
 
     /// All the lines in one write: the engine hands this sink up to [`BATCH`] jobs at once.
-    async fn deliver_batch(&self, deliveries: &[Delivery<'_>]) -> Result<String, SinkError> {
+    async fn deliver_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+        _summary: &Message,
+    ) -> Result<String, SinkError> {
         let mut text = Vec::new();
         for delivery in deliveries {
             let line = Line {

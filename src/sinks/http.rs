@@ -20,7 +20,7 @@ use super::{Delivery, DeliveryOptions, RESPONSE_LIMIT, Sink, SinkError, bounded}
 use crate::event::{Event, HOPS_HEADER, MAX_HOPS};
 use crate::secret::{SecretSource, decode_whsec};
 use crate::signature::{Key, Scheme, Verifier};
-use crate::templates::TemplateRef;
+use crate::templates::{Message, TemplateRef};
 
 /// How long to wait after a 429 that says nothing about it.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -189,33 +189,70 @@ struct Hops {
     hops: u8,
 }
 
+/// How many times `event` was forwarded, this time included: past [`MAX_HOPS`] the daemons
+/// forward to each other (or to themselves), and another try would only go round again.
+fn hops(event: &Event) -> Result<u8, SinkError> {
+    let hops = event.hops().saturating_add(1);
+    if hops > MAX_HOPS {
+        return Err(SinkError::permanent(format!(
+            "forwarding loop: the event was already forwarded {} times between hookroute \
+             daemons (at most {MAX_HOPS}); not forwarding it again",
+            hops - 1
+        )));
+    }
+    Ok(hops)
+}
+
+/// A rendered message as the body's text.
+fn text_of(message: &Message) -> String {
+    if message.body.is_empty() {
+        message.title.clone()
+    } else {
+        format!("{}\n{}", message.title, message.body)
+    }
+}
+
+impl HttpSink {
+    /// The template rendered `text`, which the receiver expects as JSON when `json`.
+    fn checked(content_type: &HeaderValue, json: bool, text: &str) -> Result<(), SinkError> {
+        match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Err(err) if json => Err(SinkError::permanent(format!(
+                "the template did not render JSON ({err}); the receiver expects {}",
+                content_type.to_str().unwrap_or("JSON")
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// POSTs `body`, signed as the webhook `id` when the sink signs.
+    async fn post(
+        &self,
+        body: Vec<u8>,
+        content_type: HeaderValue,
+        hops: u8,
+        id: &str,
+    ) -> Result<String, SinkError> {
+        let mut headers = self.headers.clone();
+        headers.insert(reqwest::header::CONTENT_TYPE, content_type);
+        headers.insert(HOPS_HEADER, HeaderValue::from(u16::from(hops)));
+        let mut request = self.client.post(&self.url).headers(headers);
+        if let Some(signer) = &self.signer {
+            for (name, value) in signer.sign(&body, jiff::Timestamp::now().as_second(), id) {
+                request = request.header(name, value);
+            }
+        }
+        send(request.body(body)).await
+    }
+}
+
 #[async_trait]
 impl Sink for HttpSink {
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
-        // Forwarded this many times with this one: past MAX_HOPS the daemons forward to each
-        // other (or to themselves), and another try would only go round again.
-        let hops = delivery.event.hops().saturating_add(1);
-        if hops > MAX_HOPS {
-            return Err(SinkError::permanent(format!(
-                "forwarding loop: the event was already forwarded {} times between hookroute \
-                 daemons (at most {MAX_HOPS}); not forwarding it again",
-                hops - 1
-            )));
-        }
+        let hops = hops(delivery.event)?;
         let (body, content_type) = match &self.as_text {
             Some((content_type, json)) => {
-                let message = delivery.message;
-                let text = if message.body.is_empty() {
-                    message.title.clone()
-                } else {
-                    format!("{}\n{}", message.title, message.body)
-                };
-                if *json && let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(&text) {
-                    return Err(SinkError::permanent(format!(
-                        "the template did not render JSON ({err}); the receiver expects {}",
-                        content_type.to_str().unwrap_or("JSON")
-                    )));
-                }
+                let text = text_of(delivery.message);
+                Self::checked(content_type, *json, &text)?;
                 (text.into_bytes(), content_type.clone())
             }
             None => {
@@ -228,17 +265,59 @@ impl Sink for HttpSink {
                 (body, HeaderValue::from_static("application/json"))
             }
         };
-        let mut headers = self.headers.clone();
-        headers.insert(reqwest::header::CONTENT_TYPE, content_type);
-        headers.insert(HOPS_HEADER, HeaderValue::from(u16::from(hops)));
-        let mut request = self.client.post(&self.url).headers(headers);
-        if let Some(signer) = &self.signer {
-            let id = webhook_id(delivery.event);
-            for (name, value) in signer.sign(&body, jiff::Timestamp::now().as_second(), &id) {
-                request = request.header(name, value);
-            }
+        self.post(body, content_type, hops, &webhook_id(delivery.event))
+            .await
+    }
+
+    /// One request for the group: a JSON array of the events as [`Sink::deliver`] sends each,
+    /// or with a template, each event's rendering (a JSON array of them when the receiver
+    /// takes JSON, else one after another, a blank line apart).
+    async fn deliver_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+        _summary: &Message,
+    ) -> Result<String, SinkError> {
+        let Some(first) = deliveries.first() else {
+            return Ok(String::new());
+        };
+        let mut most = 0;
+        for delivery in deliveries {
+            most = most.max(hops(delivery.event)?);
         }
-        send(request.body(body)).await
+        let encode = |e: serde_json::Error| SinkError::permanent(format!("cannot encode the events: {e}"));
+        let (body, content_type) = match &self.as_text {
+            Some((content_type, json)) => {
+                let texts: Vec<String> = deliveries.iter().map(|d| text_of(d.message)).collect();
+                for text in &texts {
+                    Self::checked(content_type, *json, text)?;
+                }
+                let body = if *json {
+                    let values: Vec<&serde_json::value::RawValue> = texts
+                        .iter()
+                        .filter_map(|text| serde_json::from_str(text).ok())
+                        .collect();
+                    serde_json::to_vec(&values).map_err(encode)?
+                } else {
+                    texts.join("\n\n").into_bytes()
+                };
+                (body, content_type.clone())
+            }
+            None => {
+                let bodies: Vec<Body<'_>> = deliveries
+                    .iter()
+                    .map(|d| Body {
+                        route: d.route,
+                        event: d.event,
+                        hookroute: Hops { hops: most },
+                    })
+                    .collect();
+                let body = serde_json::to_vec(&bodies).map_err(encode)?;
+                (body, HeaderValue::from_static("application/json"))
+            }
+        };
+        // Stable across retries of the same group, distinct from its first event's own id.
+        let id = format!("{}+{}", webhook_id(first.event), deliveries.len() - 1);
+        self.post(body, content_type, most, &id).await
     }
 }
 

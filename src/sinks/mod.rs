@@ -92,11 +92,18 @@ pub trait Sink: Send + Sync {
     /// [`SinkError`] saying why the event did not arrive and whether trying again may help.
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError>;
 
-    /// Delivers several events as one (a digest). Sinks that offer digests override this.
+    /// Delivers several events as one: a route's group, a digest, or (the file sink) a batch.
+    /// `summary` is the message for them all (the grouped template's), empty for a batch of
+    /// unrelated events. Every sink but the file sink sends one message, request or run.
     ///
     /// # Errors
     /// As [`Sink::deliver`]; the outcome applies to every event.
-    async fn deliver_batch(&self, deliveries: &[Delivery<'_>]) -> Result<String, SinkError> {
+    async fn deliver_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+        summary: &Message,
+    ) -> Result<String, SinkError> {
+        let _ = summary;
         let mut last = String::new();
         for delivery in deliveries {
             last = self.deliver(delivery).await?;

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::{Delivery, DeliveryOptions, Sink, SinkError, http};
 use crate::secret::SecretSource;
-use crate::templates::TemplateRef;
+use crate::templates::{Message, TemplateRef};
 
 /// Slack's limits on a header block and a section's text.
 const HEADER_LIMIT: usize = 150;
@@ -99,29 +99,31 @@ impl SlackSink {
     }
 }
 
-#[async_trait]
-impl Sink for SlackSink {
-    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
-        let message = delivery.message;
+impl SlackSink {
+    /// Posts a message of a header, a section (escaped `body`) and a context line; `text`
+    /// is what notifications show.
+    async fn post(
+        &self,
+        (title, body): (&str, &str),
+        context: String,
+        text: String,
+    ) -> Result<String, SinkError> {
         let mut blocks = vec![json!({
             "type": "header",
-            "text": {"type": "plain_text", "text": truncate(&escape(&message.title), HEADER_LIMIT), "emoji": true},
+            "text": {"type": "plain_text", "text": truncate(&escape(title), HEADER_LIMIT), "emoji": true},
         })];
-        if !message.body.is_empty() {
+        if !body.is_empty() {
             blocks.push(json!({
                 "type": "section",
-                "text": {"type": "mrkdwn", "text": truncate(&escape(&message.body), SECTION_LIMIT)},
+                "text": {"type": "mrkdwn", "text": body},
             }));
         }
         blocks.push(json!({
             "type": "context",
-            "elements": [{
-                "type": "mrkdwn",
-                "text": context_line(&delivery.context()),
-            }],
+            "elements": [{"type": "mrkdwn", "text": context}],
         }));
         let mut payload = json!({
-            "text": escape(format!("{}\n{}", message.title, message.body).trim_end()),
+            "text": text,
             "blocks": blocks,
         });
         for (key, value) in [
@@ -135,6 +137,70 @@ impl Sink for SlackSink {
         }
         http::send(self.client.post(&self.url).json(&payload)).await
     }
+}
+
+#[async_trait]
+impl Sink for SlackSink {
+    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<String, SinkError> {
+        let message = delivery.message;
+        let body = truncate(&escape(&message.body), SECTION_LIMIT);
+        let text = escape(format!("{}\n{}", message.title, message.body).trim_end());
+        let context = context_line(&delivery.context());
+        self.post((&message.title, &body), context, text).await
+    }
+
+    /// One message for the group: the summary's title, its lines (one per event in the
+    /// shipped grouped templates) as far as a section holds them, then "and N more".
+    async fn deliver_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+        summary: &Message,
+    ) -> Result<String, SinkError> {
+        let Some(first) = deliveries.first() else {
+            return Ok(String::new());
+        };
+        let title = if summary.title.is_empty() {
+            format!("{} events", deliveries.len())
+        } else {
+            summary.title.clone()
+        };
+        let lines: Vec<&str> = if summary.body.is_empty() {
+            deliveries.iter().map(|d| d.message.title.as_str()).collect()
+        } else {
+            summary.body.lines().collect()
+        };
+        let body = listed(&lines, SECTION_LIMIT);
+        let first = first.context();
+        let context = escape(&format!(
+            "{} events · {} · from {} · route {}",
+            deliveries.len(),
+            first.source,
+            first.at,
+            first.route
+        ));
+        let text = escape(&title);
+        self.post((&title, &body), context, text).await
+    }
+}
+
+/// `lines`, escaped, as many as fit in `limit` characters; past them "…and N more".
+fn listed(lines: &[&str], limit: usize) -> String {
+    let mut text = String::new();
+    for (shown, line) in lines.iter().enumerate() {
+        let line = escape(line);
+        let more = format!("\n…and {} more", lines.len() - shown);
+        let needed = text.chars().count() + 1 + line.chars().count();
+        let tail = if shown + 1 < lines.len() { more.chars().count() } else { 0 };
+        if needed + tail > limit {
+            text.push_str(&more);
+            return text.trim_start().to_owned();
+        }
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(&line);
+    }
+    text
 }
 
 /// The context line under a message: its facts escaped, and its link (a plain web address, see
@@ -192,6 +258,17 @@ mod tests {
             "alert.triggered · cl · 2026-03-09 08:00:00 UTC · d-1 · route &lt;!channel&gt; &amp; co \
              · <https://a.example/f?x=1&amp;y=2|open>"
         );
+    }
+
+    #[test]
+    fn a_long_list_ends_with_how_many_more() {
+        let lines: Vec<String> = (0..100).map(|i| format!("domain-{i}.example: F")).collect();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let text = listed(&lines, 300);
+        assert!(text.chars().count() <= 300, "{text}");
+        let shown = text.lines().filter(|l| l.starts_with("domain-")).count();
+        assert!(text.ends_with(&format!("…and {} more", 100 - shown)), "{text}");
+        assert_eq!(listed(&["a", "<b>"], 300), "a\n&lt;b&gt;");
     }
 
     #[test]

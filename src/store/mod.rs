@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod body;
+mod gather;
 pub mod postgres;
 pub mod silences;
 pub mod sqlite;
@@ -32,6 +33,7 @@ use jiff::Timestamp;
 use crate::config::{Backend, StorageConfig};
 use crate::event::Event;
 use crate::metrics::SinkQueue;
+pub use gather::{Gather, GroupTo, digest_due};
 pub use silences::{Matchers, NewSilence, Quiet, Silence, SilenceState};
 
 /// A database driver's error (rusqlite's, sqlx's), kept as the source of a [`StoreError`]:
@@ -143,6 +145,9 @@ pub struct RouteTo {
     /// Those of `sinks` a silence or a mute window keeps this event from: their jobs are
     /// recorded as such, never due.
     pub quiet: Vec<(String, Quiet)>,
+    /// The route's group for this event: its jobs join the group's next delivery
+    /// ([`crate::rules::group::due`]).
+    pub group: Option<GroupTo>,
 }
 
 /// The columns of a new event row, as both backends store it. The parsed payload stays with
@@ -229,6 +234,8 @@ pub struct Job {
     /// Attempts so far, this one included.
     pub attempt: u32,
     pub created_at: Timestamp,
+    /// Its group's key, when its route groups events: delivered with the group's others.
+    pub group: Option<String>,
 }
 
 /// A job due for an attempt, with its event (`None` if the event is no longer stored).
@@ -236,16 +243,6 @@ pub struct Job {
 pub struct DueJob {
     pub job: Job,
     pub event: Option<Event>,
-}
-
-/// When a digest is due: once its oldest waiting job (created at `oldest`) has waited the
-/// whole `window`. The one statement of the rule: the delivery engine looks by it, and each
-/// backend's [`Storage::due_jobs`] holds a digest's jobs back by it.
-pub fn digest_due(oldest: Timestamp, window: std::time::Duration) -> Timestamp {
-    jiff::SignedDuration::try_from(window)
-        .ok()
-        .and_then(|window| oldest.checked_add(window).ok())
-        .unwrap_or(Timestamp::MAX)
 }
 
 /// A sink's waiting jobs, in brief.
@@ -381,8 +378,7 @@ pub trait Storage: Send + Sync {
     ) -> Result<Inserted, StoreError>;
 
     /// Up to `limit` jobs of `sink` due by `now`, oldest due first, each with its event,
-    /// leaving out `held` (the jobs the engine is attempting). With `hold`, none until the
-    /// oldest due job has waited that long ([`digest_due`]); then all of them (a digest).
+    /// leaving out `held` (the jobs the engine is attempting), gathered as `gather` says.
     /// (A step in the life of a job: [`crate::delivery`].)
     ///
     /// # Errors
@@ -391,7 +387,7 @@ pub trait Storage: Send + Sync {
         &self,
         sink: &str,
         limit: usize,
-        hold: Option<std::time::Duration>,
+        gather: Gather,
         now: Timestamp,
         held: HashSet<i64>,
     ) -> Result<Vec<DueJob>, StoreError>;
@@ -576,18 +572,5 @@ mod tests {
         }
         assert_eq!(JobStatus::parse("suppressed"), None);
         assert_eq!(RowStatus::parse("Pending"), None);
-    }
-
-    #[test]
-    fn a_digest_is_due_once_its_oldest_job_waited_the_window() {
-        let oldest: Timestamp = "2026-12-06T10:00:00Z".parse().unwrap();
-        let window = std::time::Duration::from_secs(15 * 60);
-        assert_eq!(
-            digest_due(oldest, window).to_string(),
-            "2026-12-06T10:15:00Z"
-        );
-        // A window no clock reaches holds the digest back for good, rather than wrapping.
-        assert_eq!(digest_due(oldest, std::time::Duration::MAX), Timestamp::MAX);
-        assert_eq!(digest_due(Timestamp::MAX, window), Timestamp::MAX);
     }
 }

@@ -14,6 +14,8 @@ use serde::Deserialize;
 
 use crate::event::Event;
 
+mod grouped;
+
 /// Where a template's text comes from.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -61,6 +63,7 @@ pub const FUEL: u64 = 100_000;
 pub const OUTPUT_LIMIT: usize = 64 * 1024;
 
 const GENERIC: &str = "default/generic";
+const GENERIC_GROUP: &str = "group/generic";
 
 /// The shipped templates, by id.
 const DEFAULTS: &[(&str, &str)] = &[
@@ -153,7 +156,7 @@ impl TemplatesBuilder {
         env.set_undefined_behavior(UndefinedBehavior::Chainable);
         env.set_fuel(Some(FUEL));
         env.add_global("vars", Value::from(Serde(vars)));
-        for (id, text) in DEFAULTS {
+        for (id, text) in DEFAULTS.iter().chain(grouped::GROUPED) {
             env.add_template_owned(*id, *text)
                 .expect("the shipped templates compile");
         }

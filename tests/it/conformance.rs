@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hookroute::event::Event;
 use hookroute::store::{
-    AttemptOutcome, DueJob, Handoff, Inserted, Job, Prunable, RouteTo, Store, StoreError,
+    AttemptOutcome, DueJob, Gather, Handoff, Inserted, Job, Prunable, RouteTo, Store, StoreError,
 };
 use jiff::Timestamp;
 
@@ -50,6 +50,7 @@ fn to(sinks: &[&str]) -> Vec<RouteTo> {
         throttle: None,
         sinks: sinks.iter().map(|s| (*s).to_owned()).collect(),
         quiet: Vec::new(),
+        group: None,
     }]
 }
 
@@ -68,7 +69,7 @@ async fn insert(store: &Store, id: &str, sinks: &[&str], at: Timestamp) -> i64 {
 
 async fn due(store: &Store, sink: &str, at: Timestamp) -> Vec<DueJob> {
     store
-        .due_jobs(sink, 100, None, at, HashSet::new())
+        .due_jobs(sink, 100, Gather::Each, at, HashSet::new())
         .await
         .unwrap()
 }
@@ -163,7 +164,10 @@ async fn a_job_is_due_until_its_outcome_is_recorded() {
     assert_eq!(due_a.job.attempt, 1);
     assert_eq!(due_a.event.as_ref().unwrap().delivery_id, "life");
     let held = HashSet::from([due_a.job.id]);
-    let others = store.due_jobs("a", 100, None, t0(), held).await.unwrap();
+    let others = store
+        .due_jobs("a", 100, Gather::Each, t0(), held)
+        .await
+        .unwrap();
     assert!(others.is_empty(), "a held job is left out: {others:?}");
 
     // Failed: due again at its retry, an hour on, as the second attempt.
@@ -214,7 +218,7 @@ async fn a_digest_waits_for_its_window_on_the_callers_clock() {
                 .due_jobs(
                     "digest",
                     100,
-                    Some(window),
+                    Gather::Digest(window),
                     after(t0(), seconds),
                     HashSet::new(),
                 )
@@ -303,6 +307,7 @@ async fn insert_throttled(
         throttle: Some((key.to_owned(), Duration::from_secs(3600))),
         sinks: vec!["a".into()],
         quiet: Vec::new(),
+        group: None,
     };
     let inserted = store
         .insert(&event, &body, at, vec![route], Handoff::default())
@@ -507,7 +512,10 @@ async fn a_replicas_claim_is_its_own_until_released_or_closed() {
             insert(&a, "claimed", &["s"], t0()).await;
             insert(&a, "second", &["s"], t0()).await;
             let now = after(t0(), 1);
-            let claimed = a.due_jobs("s", 1, None, now, HashSet::new()).await.unwrap();
+            let claimed = a
+                .due_jobs("s", 1, Gather::Each, now, HashSet::new())
+                .await
+                .unwrap();
             assert_eq!(claimed.len(), 1);
             let rest = due(&b, "s", now).await;
             assert_eq!(

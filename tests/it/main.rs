@@ -13,6 +13,7 @@ mod deploy;
 mod durability;
 mod edge;
 mod email;
+mod grouping;
 mod hostile;
 mod hostile_again;
 mod layout;

@@ -541,7 +541,7 @@ sinks = ["digest"]
     let messages = smtp.messages(1).await;
     let subject = messages[0]["subject"].as_str().unwrap();
     assert!(
-        subject.starts_with(&format!("{COPIES} events, the first: ")),
+        subject == format!("Scans completed: {COPIES} domains"),
         "every event in the one digest: {subject}"
     );
     wait_jobs(&daemons[0], "succeeded", COPIES as i64 + 1).await;
@@ -593,8 +593,8 @@ fn a_newer_schema_is_refused() {
     assert!(daemon.terminate().success());
     assert_eq!(
         cluster.psql(db, "SELECT max(version) FROM hookroute_schema"),
-        "3\n",
-        "the replicas' table and what they hold of each sink; silences"
+        "4\n",
+        "the replicas' table and what they hold of each sink; silences; groups"
     );
     cluster.psql(db, "INSERT INTO hookroute_schema (version) VALUES (99)");
     let before = cluster.psql(db, "SELECT count(*) FROM replicas");

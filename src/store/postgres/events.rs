@@ -8,7 +8,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row as _, Transaction};
 
 use crate::event::{Event, Payload};
-use crate::store::{Inserted, Job, NewEvent, Quiet, StoreError, StoredEvent, from_ms};
+use crate::store::{GroupTo, Inserted, Job, NewEvent, Quiet, StoreError, StoredEvent, from_ms};
 
 pub(super) type Tx<'c> = Transaction<'c, Postgres>;
 
@@ -42,6 +42,7 @@ pub(super) async fn insert(
         .collect();
     let earlier = first_copies(tx, batch, &seen_before).await?;
     let mut jobs = NewJobs::default();
+    let mut grouped = Vec::new();
     let mut suppressed: HashMap<usize, Vec<String>> = HashMap::new();
     // In the order the events came: the first of two sharing a throttle key opens its window.
     for (n, new) in batch.iter().enumerate() {
@@ -55,14 +56,18 @@ pub(super) async fn insert(
                 continue;
             }
             for sink in &to.sinks {
-                match to.quiet_for(sink) {
-                    Some(quiet) => jobs.set_aside(id, &to.route, sink, quiet, new.received_at),
-                    None => jobs.add(id, new, &to.route, sink),
+                match (to.quiet_for(sink), &to.group) {
+                    (Some(quiet), _) => {
+                        jobs.set_aside(id, &to.route, sink, quiet, new.received_at);
+                    }
+                    (None, Some(group)) => grouped.push((id, new, to.route.as_str(), sink, group)),
+                    (None, None) => jobs.add(id, new, &to.route, sink),
                 }
             }
         }
     }
     throttles.keep(tx).await?;
+    join_groups(tx, &grouped, &mut jobs).await?;
     let mut created = jobs.insert(tx, replica).await?;
 
     Ok(batch
@@ -309,6 +314,7 @@ struct NewJobs<'a> {
     created: Vec<i64>,
     due: Vec<i64>,
     handed: Vec<bool>,
+    group: Vec<Option<&'a str>>,
     /// Suppressed routes: event, route, throttle key, when.
     suppressed: (Vec<i64>, Vec<&'a str>, Vec<&'a str>, Vec<i64>),
     /// Jobs set aside by a silence or a mute window: event, route, sink, status, by what,
@@ -342,6 +348,26 @@ impl<'a> NewJobs<'a> {
             new.received_at
         });
         self.handed.push(handed);
+        self.group.push(None);
+    }
+
+    /// A grouped job, due with its group's next delivery.
+    fn add_grouped(
+        &mut self,
+        event: i64,
+        route: &'a str,
+        sink: &'a str,
+        key: &'a str,
+        at: (i64, i64),
+    ) {
+        let (created, due) = at;
+        self.event.push(event);
+        self.route.push(route);
+        self.sink.push(sink);
+        self.created.push(created);
+        self.due.push(due);
+        self.handed.push(false);
+        self.group.push(Some(key));
     }
 
     fn set_aside(&mut self, event: i64, route: &'a str, sink: &'a str, quiet: &Quiet, at: i64) {
@@ -407,11 +433,12 @@ impl<'a> NewJobs<'a> {
         }
         let rows = sqlx::query(
             "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at,
-                               updated_at, leased_by)
+                               updated_at, leased_by, group_key)
              SELECT event_id, route, sink, 'pending', due, created, created,
-                    CASE WHEN handed THEN $7::bigint END
+                    CASE WHEN handed THEN $7::bigint END, group_key
              FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
-                         $6::bool[]) AS t (event_id, route, sink, created, due, handed)
+                         $6::bool[], $8::text[])
+                 AS t (event_id, route, sink, created, due, handed, group_key)
              RETURNING id, event_id, route, sink, created_at, leased_by IS NOT NULL",
         )
         .bind(&self.event)
@@ -421,6 +448,7 @@ impl<'a> NewJobs<'a> {
         .bind(&self.due)
         .bind(&self.handed)
         .bind(replica)
+        .bind(&self.group)
         .fetch_all(&mut **tx)
         .await?;
         for row in rows {
@@ -435,11 +463,68 @@ impl<'a> NewJobs<'a> {
                     sink: row.try_get(3)?,
                     attempt: 1,
                     created_at: from_ms(row.try_get(4)?),
+                    group: None,
                 });
             }
         }
         Ok(created)
     }
+}
+
+/// A group's newest job: when it is due, and whether it still waits.
+type Newest = (jiff::Timestamp, bool);
+
+/// A new grouped job: its event's id and row, route, sink and group.
+type Grouped<'a> = (i64, &'a NewEvent, &'a str, &'a String, &'a GroupTo);
+
+/// Adds `grouped` jobs to `jobs`, each due with its group's next delivery
+/// ([`crate::rules::group::due`]). Each group is locked for the transaction, in key order on
+/// every replica, so two replicas storing events of one group agree on its delivery.
+async fn join_groups<'a>(
+    tx: &mut Tx<'_>,
+    grouped: &[Grouped<'a>],
+    jobs: &mut NewJobs<'a>,
+) -> Result<(), StoreError> {
+    let keys: BTreeSet<(&str, &str, &str)> = grouped
+        .iter()
+        .map(|(_, _, route, sink, group)| (*route, sink.as_str(), group.key.as_str()))
+        .collect();
+    // The newest job of each group, as this transaction sees it: the batch's own included.
+    let mut latest: HashMap<(&str, &str, &str), Option<Newest>> = HashMap::new();
+    for &(route, sink, key) in &keys {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("group {route}\u{1f}{sink}\u{1f}{key}"))
+            .execute(&mut **tx)
+            .await?;
+        let row: Option<(i64, bool)> = sqlx::query_as(
+            "SELECT next_attempt_at, status IN ('pending', 'failed') FROM jobs
+             WHERE sink = $1 AND route = $2 AND group_key = $3 ORDER BY id DESC LIMIT 1",
+        )
+        .bind(sink)
+        .bind(route)
+        .bind(key)
+        .fetch_optional(&mut **tx)
+        .await?;
+        latest.insert(
+            (route, sink, key),
+            row.map(|(due, waiting)| (from_ms(due), waiting)),
+        );
+    }
+    for &(event, new, route, sink, group) in grouped {
+        let at = (route, sink.as_str(), group.key.as_str());
+        let newest = latest.get(&at).copied().flatten();
+        let due =
+            crate::rules::group::due(newest, from_ms(new.received_at), group.wait, group.interval);
+        latest.insert(at, Some((due, true)));
+        jobs.add_grouped(
+            event,
+            route,
+            sink,
+            &group.key,
+            (new.received_at, due.as_millisecond()),
+        );
+    }
+    Ok(())
 }
 
 /// The event columns (id, source, delivery_id, event_type, occurred_at, received_at,

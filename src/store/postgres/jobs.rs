@@ -11,7 +11,7 @@ use sqlx::{Postgres, Row as _, Transaction};
 use super::events::event_at;
 use crate::metrics::SinkQueue;
 use crate::store::{AttemptOutcome, DueJob, DueSummary, Job, StoreError};
-use crate::store::{digest_due, from_ms};
+use crate::store::{Gather, digest_due, from_ms};
 
 /// Claims up to `limit` due jobs of `sink` for `replica`: see
 /// [`Storage::due_jobs`](crate::store::Storage::due_jobs), due as [`due_at!`] says.
@@ -20,12 +20,20 @@ pub(super) async fn claim(
     (replica, lease, held): (i64, i64, &[i64]),
     sink: &str,
     limit: usize,
-    hold: Option<Duration>,
+    gather: Gather,
     now: Timestamp,
 ) -> Result<Vec<DueJob>, StoreError> {
     let now = now.as_millisecond();
     let mut tx = pool.begin().await?;
-    if let Some(hold) = hold {
+    if gather == Gather::Groups {
+        // The replicas take turns reading a grouping sink, so a group due at once is claimed
+        // whole by one of them, and goes out as one delivery.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('claim ' || $1, 0))")
+            .bind(sink)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if let Some(hold) = gather.hold() {
         // One digest at a time across the replicas; one finding the lock taken has
         // nothing to send (the other is sending it).
         let mine: bool = sqlx::query_scalar(
@@ -65,10 +73,10 @@ pub(super) async fn claim(
         "
                  ORDER BY next_attempt_at, id LIMIT $3
                  FOR UPDATE SKIP LOCKED)
-             RETURNING id, event_id, route, sink, attempts, created_at, next_attempt_at)
+             RETURNING id, event_id, route, sink, attempts, created_at, next_attempt_at, group_key)
          SELECT c.id, c.event_id, c.route, c.sink, c.attempts, c.created_at,
                 e.id, e.source, e.delivery_id, e.event_type, e.occurred_at, e.received_at,
-                e.sender_delivery, e.payload
+                e.sender_delivery, e.payload, c.group_key
          FROM claimed c LEFT JOIN events e ON e.id = c.event_id
          ORDER BY c.next_attempt_at, c.id"
     ))
@@ -228,6 +236,7 @@ fn due_job(row: &PgRow) -> Result<DueJob, StoreError> {
         sink: row.try_get(3)?,
         attempt: u32::try_from(attempts).unwrap_or(0).saturating_add(1),
         created_at: from_ms(row.try_get(5)?),
+        group: row.try_get(14)?,
     };
     let event = match row.try_get::<Option<i64>, _>(6)? {
         None => None,

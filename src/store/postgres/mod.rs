@@ -28,8 +28,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AttemptOutcome, DueJob, DueSummary, Handoff, Inserted, Job, NewEvent, Prunable, PruneStep,
-    Quiet, RouteTo, Silence, Storage, StoreError,
+    AttemptOutcome, DueJob, DueSummary, Gather, Handoff, Inserted, Job, NewEvent, Prunable,
+    PruneStep, Quiet, RouteTo, Silence, Storage, StoreError,
 };
 use crate::config::PostgresConfig;
 use crate::event::Event;
@@ -333,7 +333,7 @@ impl Storage for PostgresStore {
         &self,
         sink: &str,
         limit: usize,
-        hold: Option<Duration>,
+        gather: Gather,
         now: Timestamp,
         held: HashSet<i64>,
     ) -> Result<Vec<DueJob>, StoreError> {
@@ -343,7 +343,7 @@ impl Storage for PostgresStore {
             (self.replica, self.lease_ms, &held),
             sink,
             limit,
-            hold,
+            gather,
             now,
         )
         .await

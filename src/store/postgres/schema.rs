@@ -132,6 +132,11 @@ ALTER TABLE jobs ADD COLUMN quieted_by TEXT;
 CREATE INDEX jobs_quiet ON jobs (event_id) WHERE status IN ('silenced', 'muted');
 CREATE INDEX jobs_quieted_by ON jobs (quieted_by, event_id) WHERE quieted_by IS NOT NULL;
 ",
+    r"
+-- Grouped jobs: see SQLite's migration 8.
+ALTER TABLE jobs ADD COLUMN group_key TEXT;
+CREATE INDEX jobs_group ON jobs (sink, route, group_key, id) WHERE group_key IS NOT NULL;
+",
 ];
 
 /// Brings the schema up to date, or refuses a database from a newer build.

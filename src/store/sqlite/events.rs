@@ -6,7 +6,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use super::dedupe::Recent;
 use super::{Inserted, Job, NewEvent, StoredEvent, from_ms};
 use crate::event::{Event, Payload};
-use crate::store::JobStatus;
+use crate::store::{GroupTo, JobStatus};
 
 /// Stores `event` unless its delivery id was seen, and applies its routing.
 pub(super) fn insert(
@@ -66,6 +66,10 @@ fn apply_routes(
         "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at, updated_at, quieted_by)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7)",
     )?;
+    let mut grouped = tx.prepare_cached(
+        "INSERT INTO jobs (event_id, route, sink, status, next_attempt_at, created_at, updated_at, group_key)
+         VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?5, ?6)",
+    )?;
     let (mut jobs, mut handed, mut suppressed) = (0, Vec::new(), Vec::new());
     for to in &event.routes {
         if let Some((key, window)) = &to.throttle
@@ -97,6 +101,13 @@ fn apply_routes(
                 ])?;
                 continue;
             }
+            if let Some(group) = &to.group {
+                let due = group_due(tx, (&to.route, sink), group, event.received_at)?;
+                let at = event.received_at;
+                grouped.execute(params![event_id, to.route, sink, due, at, group.key])?;
+                jobs += 1;
+                continue;
+            }
             let hand = event.handoff.sinks.contains(sink);
             let due = if hand {
                 event.handoff.fallback.as_millisecond()
@@ -122,11 +133,34 @@ fn apply_routes(
                     sink: sink.clone(),
                     attempt: 1,
                     created_at: from_ms(event.received_at),
+                    group: None,
                 });
             }
         }
     }
     Ok((jobs, handed, suppressed))
+}
+
+/// When a new job of `group` through `route` to `sink`, received at `at` (unix milliseconds),
+/// is due: by its group's newest job ([`crate::rules::group::due`]).
+fn group_due(
+    tx: &Transaction<'_>,
+    (route, sink): (&str, &str),
+    group: &GroupTo,
+    at: i64,
+) -> rusqlite::Result<i64> {
+    let latest: Option<(i64, bool)> = tx
+        .prepare_cached(
+            "SELECT next_attempt_at, status IN ('pending', 'failed') FROM jobs INDEXED BY jobs_group
+             WHERE sink = ?1 AND route = ?2 AND group_key = ?3 ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row(params![sink, route, group.key], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .optional()?;
+    let latest = latest.map(|(due, waiting)| (from_ms(due), waiting));
+    let due = crate::rules::group::due(latest, from_ms(at), group.wait, group.interval);
+    Ok(due.as_millisecond())
 }
 
 /// Whether `route`'s throttle lets an event at `at_ms` through for `key`; if so, keeps the

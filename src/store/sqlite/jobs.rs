@@ -112,7 +112,7 @@ pub(super) fn due(
     // nearly every time. Held jobs are among the first due, so asking for that many
     // more leaves `limit` after they are skipped.
     let mut stmt = conn.prepare_cached(concat!(
-        "SELECT j.id, j.event_id, j.route, j.sink, j.attempts, j.created_at, ",
+        "SELECT j.id, j.event_id, j.route, j.sink, j.attempts, j.created_at, j.group_key, ",
         event_columns!(),
         " FROM jobs j INDEXED BY jobs_due LEFT JOIN events e ON e.id = j.event_id
          WHERE j.sink = ?1 AND j.status IN ('pending', 'failed') AND j.next_attempt_at <= ?2
@@ -135,10 +135,11 @@ pub(super) fn due(
             sink: row.get(3)?,
             attempt: row.get::<_, u32>(4)?.saturating_add(1),
             created_at: from_ms(row.get(5)?),
+            group: row.get(6)?,
         };
-        let event = match row.get_ref(6)? {
+        let event = match row.get_ref(7)? {
             rusqlite::types::ValueRef::Null => None,
-            _ => Some(event_at(row, 6)?.event),
+            _ => Some(event_at(row, 7)?.event),
         };
         due.push(DueJob { job, event });
     }

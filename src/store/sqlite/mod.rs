@@ -52,8 +52,8 @@ use tokio::sync::{mpsc, oneshot};
 use async_trait::async_trait;
 
 use super::{
-    AttemptOutcome, DueJob, DueSummary, Handoff, Inserted, Job, NewEvent, Prunable, PruneStep,
-    Quiet, RouteTo, Silence, Storage, StoreError, StoredEvent, from_ms,
+    AttemptOutcome, DueJob, DueSummary, Gather, Handoff, Inserted, Job, NewEvent, Prunable,
+    PruneStep, Quiet, RouteTo, Silence, Storage, StoreError, StoredEvent, from_ms,
 };
 use crate::config::StorageConfig;
 use crate::event::Event;
@@ -242,13 +242,15 @@ impl Storage for SqliteStore {
         &self,
         sink: &str,
         limit: usize,
-        hold: Option<std::time::Duration>,
+        gather: Gather,
         now: Timestamp,
         held: HashSet<i64>,
     ) -> Result<Vec<DueJob>, StoreError> {
         // A read: which jobs are being attempted is the engine's to know, in memory. Marking
         // them in the database would cost every job a write through the single writer, and a
-        // crash needs no mark: a job is pending until its outcome is recorded.
+        // crash needs no mark: a job is pending until its outcome is recorded. One daemon
+        // serves the database, so a group's due jobs are read together whatever `gather` says.
+        let hold = gather.hold();
         let sink = sink.to_owned();
         let now = now.as_millisecond();
         self.read(move |conn| jobs::due(conn, &sink, limit, hold, now, &held))

@@ -227,6 +227,12 @@ CREATE INDEX jobs_open ON jobs(event_id) WHERE status IN ('pending', 'failed');
 CREATE INDEX jobs_quiet ON jobs(event_id) WHERE status IN ('silenced', 'muted');
 CREATE INDEX jobs_quieted_by ON jobs(quieted_by, event_id) WHERE quieted_by IS NOT NULL;
 ",
+    r"
+-- Grouped jobs (a route's `group`): the key their group shares. A group's state is its jobs:
+-- the newest one says when its next delivery is due (rules::group::due).
+ALTER TABLE jobs ADD COLUMN group_key TEXT;
+CREATE INDEX jobs_group ON jobs(sink, route, group_key, id) WHERE group_key IS NOT NULL;
+",
 ];
 
 /// The schema version of `conn`'s database: how many migrations ran.
@@ -379,7 +385,7 @@ mod tests {
                 "SELECT group_concat(name, ' ') FROM sqlite_schema
                  WHERE type = 'index' AND tbl_name IN ('jobs', 'attempts') ORDER BY name"
             ),
-            "attempts_job jobs_event jobs_due jobs_waiting jobs_dead jobs_open jobs_quiet jobs_quieted_by"
+            "attempts_job jobs_event jobs_due jobs_waiting jobs_dead jobs_open jobs_quiet jobs_quieted_by jobs_group"
         );
         // Migration 5: the old writer stored every key with its event, so the merged keys
         // end at the last event.

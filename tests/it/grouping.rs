@@ -1,0 +1,152 @@
+//! Grouping (#26): a route's events that share a key go to each sink as one delivery, after
+//! the group's wait, durable across a crash.
+
+use std::time::Duration;
+
+use crate::email::Smtp;
+use crate::harness::*;
+use crate::recorder::Recorder;
+
+fn scan(id: usize, domain: &str, score: u32) -> Vec<u8> {
+    format!(
+        r#"{{"id": "sweep-{id}", "type": "scan.completed", "data": {{"domain": "{domain}", "score": {score}, "grade": "{}"}}}}"#,
+        if score < 60 { "F" } else { "B" }
+    )
+    .into_bytes()
+}
+
+/// A sweep over 40 domains becomes one Slack message and one email, each listing the scans
+/// (the grouped default template), after the group's 30 s; the archive still gets a line per
+/// event; `deliveries show` of any of them names the grouped delivery.
+async fn a_scan_sweep_becomes_one_slack_message_and_one_email() {
+    const SWEEP: usize = 40;
+    let dir = tempdir();
+    let slack = Recorder::start().await;
+    let smtp = Smtp::start(dir.path(), "sweep", "plain", None, None);
+    let rest = format!(
+        r#"
+[sources.cl]
+secret = "{CL_SECRET}"
+
+[sinks.slack]
+type = "slack"
+webhook_url = {{ value = "{}" }}
+
+[sinks.mail]
+type = "email"
+url = "smtp://127.0.0.1:{}"
+starttls = "never"
+from = "h@example.com"
+to = ["ops@example.com"]
+
+[sinks.archive]
+type = "file"
+path = "{}"
+
+[[routes]]
+name = "sweep"
+events = ["scan.completed"]
+sinks = ["slack", "mail", "archive"]
+group = {{ by = ["source", "type"], wait = "30s", interval = "5m" }}
+"#,
+        slack.url("/hook"),
+        smtp.port,
+        dir.path().join("events.jsonl").display()
+    );
+    let clock = hookroute::clock::ManualClock::new(jiff::Timestamp::now());
+    let daemon = InProcess::start_on(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &rest),
+        clock.clone(),
+    )
+    .await;
+    for i in 0..SWEEP {
+        let score = if i % 10 == 0 { 41 } else { 88 };
+        daemon
+            .accept_cl(&scan(i, &format!("d{i:02}.example"), score))
+            .await;
+    }
+    // Nothing goes out during the wait.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(slack.requests().is_empty(), "sent before the group's wait");
+    clock.advance(Duration::from_secs(30));
+    let _looking = Ticking::start(&clock, Duration::from_millis(100));
+    let mail = smtp.messages(1).await;
+    eventually(|| {
+        (slack.requests().len() == 1 && read_lines(&dir.path().join("events.jsonl")).len() == SWEEP)
+            .then_some(())
+            .ok_or(format!("{} slack requests", slack.requests().len()))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let posted = slack.requests();
+    assert_eq!(posted.len(), 1, "one Slack message for the sweep");
+    let message = posted[0].json();
+    let header = message["blocks"][0]["text"]["text"].as_str().unwrap();
+    assert_eq!(
+        header, "Scans completed: 40 domains, 4 graded D or F or below 70",
+        "{message}"
+    );
+    let listed = message["blocks"][1]["text"]["text"].as_str().unwrap();
+    assert!(listed.contains("d00.example: F (41/100)"), "{listed}");
+    assert!(listed.contains("d39.example: B (88/100)"), "{listed}");
+    assert_eq!(smtp.received().len(), 1, "one email for the sweep");
+    assert_eq!(
+        mail[0]["subject"].as_str().unwrap(),
+        "Scans completed: 40 domains, 4 graded D or F or below 70"
+    );
+    wait_jobs(&daemon, "succeeded", 3 * SWEEP as i64).await;
+    let job = daemon.job_of("slack");
+    let note = job.history[0].response.as_deref().unwrap_or_default();
+    assert!(note.contains("one delivery for a group of 40"), "{note}");
+    daemon.stop().await;
+}
+on_both_backends!(a_scan_sweep_becomes_one_slack_message_and_one_email);
+
+/// A daemon killed while a group waits delivers it after the restart, once, as one request.
+async fn a_group_waiting_through_a_kill_9_is_delivered_once() {
+    let dir = tempdir();
+    let receiver = Recorder::start().await;
+    let rest = format!(
+        r#"
+[sources.cl]
+secret = "{CL_SECRET}"
+
+[sinks.receiver]
+type = "http"
+url = "{}"
+
+[[routes]]
+name = "by domain"
+events = ["*"]
+sinks = ["receiver"]
+group = {{ by = ["data.domain"], wait = "3s" }}
+"#,
+        receiver.url("/in")
+    );
+    let config = config(dir.path(), NO_LIMITS, &rest);
+    let daemon = Daemon::start(dir.path(), &config);
+    for i in 0..5 {
+        daemon.accept_cl(&scan(i, "one.example", 90)).await;
+    }
+    daemon.accept_cl(&scan(5, "other.example", 90)).await;
+    daemon.kill9();
+    assert!(receiver.requests().is_empty(), "killed during the wait");
+    let daemon = Daemon::start(dir.path(), &config);
+    eventually(|| {
+        (receiver.requests().len() == 2)
+            .then_some(())
+            .ok_or(format!("{} requests", receiver.requests().len()))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut sizes: Vec<usize> = receiver
+        .requests()
+        .iter()
+        .map(|r| r.json().as_array().map_or(1, Vec::len))
+        .collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, [1, 5], "each group once, in one request");
+    assert!(daemon.terminate().success());
+}
+on_both_backends!(a_group_waiting_through_a_kill_9_is_delivered_once);
