@@ -203,7 +203,8 @@ pub(super) fn validate_routing(
         }
         let mut route_templates = BTreeMap::new();
         for (kind, reference) in &spec.templates {
-            if !kinds.contains(&kind.as_str()) {
+            // `group`: the message for a group's (or a digest's) events together.
+            if kind != "group" && !kinds.contains(&kind.as_str()) {
                 if !kinds_known {
                     continue;
                 }
@@ -262,6 +263,15 @@ pub(super) fn validate_routing(
 }
 
 impl Routing {
+    /// The route's own template for a group's message (`templates = { group = … }`), if any.
+    pub fn group_template(&self, route: &str) -> Option<&str> {
+        self.table
+            .routes()
+            .iter()
+            .find(|r| r.name == route)
+            .and_then(|r| r.templates.get("group"))
+            .map(String::as_str)
+    }
     /// Why `route` is quiet at `at`, if it is: during one of its `mute_during` windows, or
     /// outside all of its `active_during` ones. The phrase is what a muted job records.
     pub fn muted(&self, route: &crate::rules::Route, at: jiff::Timestamp) -> Option<String> {

@@ -123,6 +123,9 @@ pub(super) async fn attempt(
         if let Some(grouped) = &grouped {
             outcome.note(grouped);
         }
+        if let Some(why) = &summary.fallback {
+            outcome.note(&clean(why));
+        }
         outcomes.push((job, outcome));
     }
     finish(store, metrics, &sink.name, outcomes, started, now).await
@@ -168,10 +171,11 @@ async fn prepare(
                 let events: Vec<(&Event, &Message)> =
                     messages.iter().map(|(_, e, m)| (e, m)).collect();
                 let rendered = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    let key = first.group.as_deref();
+                    let about = (first.route.as_str(), first.group.as_deref());
+                    let template = plan.routing.group_template(&first.route);
                     plan.routing
                         .templates
-                        .render_group(&first.route, key, &events)
+                        .render_group(template, about, &events)
                 }));
                 rendered.unwrap_or_default()
             }

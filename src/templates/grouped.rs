@@ -90,15 +90,18 @@ impl Templates {
             .map_or(GENERIC_GROUP, |(id, _)| id)
     }
 
-    /// One message for several events through `route`, each with its own message already
-    /// rendered; `key` is the group's key as stored (a JSON array of its values), if any.
+    /// One message for several events through `route` with `template` (an id from the
+    /// builder) or the grouped default, each event with its own message already rendered;
+    /// `key` is the group's key as stored (a JSON array of its values), if any.
     pub fn render_group(
         &self,
-        route: &str,
-        key: Option<&str>,
+        template: Option<&str>,
+        (route, key): (&str, Option<&str>),
         events: &[(&Event, &Message)],
     ) -> Message {
-        let id = Self::default_group_for(events.iter().map(|(e, _)| e.event_type.as_str()));
+        let id = template.unwrap_or_else(|| {
+            Self::default_group_for(events.iter().map(|(e, _)| e.event_type.as_str()))
+        });
         let members: Vec<Member<'_>> = events
             .iter()
             .map(|(event, message)| Member {
@@ -121,10 +124,113 @@ impl Templates {
             events => Value::from(Serde(&members)),
             group => Value::from(Serde(&about)),
         };
+        let mut fallback = None;
         let text = self.bounded(id, &ctx).or_else(|err| {
             tracing::warn!(template = id, error = %err, "grouped template failed; using the generic one");
+            fallback = Some(format!("template {id} failed ({err}); sent the generic default"));
             self.bounded(GENERIC_GROUP, &ctx)
         });
-        split(&text.unwrap_or_else(|_| format!("{} events", events.len())))
+        let mut message = split(&text.unwrap_or_else(|_| format!("{} events", events.len())));
+        message.fallback = fallback;
+        message
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::templates::{TemplateRef, TemplateSource, TemplatesBuilder};
+
+    fn events(bodies: &[&str]) -> Vec<Event> {
+        bodies
+            .iter()
+            .map(|body| Event::parse("cl", body.as_bytes(), None, None).unwrap())
+            .collect()
+    }
+
+    fn render(templates: &Templates, template: Option<&str>, events: &[Event]) -> Message {
+        let messages: Vec<Message> = events.iter().map(|e| templates.render(None, e)).collect();
+        let pairs: Vec<(&Event, &Message)> = events.iter().zip(&messages).collect();
+        templates.render_group(template, ("r", Some(r#"["cl"]"#)), &pairs)
+    }
+
+    /// Every family's grouped form, and the generic one for a mix.
+    #[test]
+    fn every_default_has_a_grouped_form() {
+        let templates = TemplatesBuilder::new(&BTreeMap::new(), std::path::Path::new(".")).build();
+        let alerts = events(&[
+            r#"{"type": "alert.triggered", "data": {"domain": "a.com", "severity": "critical", "message": "cert expires"}}"#,
+            r#"{"type": "alert.triggered", "data": {"domain": "b.com", "severity": "high"}}"#,
+        ]);
+        let message = render(&templates, None, &alerts);
+        assert_eq!(message.title, "Alerts: 2 (CRITICAL, HIGH)");
+        assert!(
+            message
+                .body
+                .contains("Alert [CRITICAL] a.com: cert expires"),
+            "{}",
+            message.body
+        );
+        let policies = events(&[
+            r#"{"event": "policy.published", "data": {"title": "Access"}}"#,
+            r#"{"event": "policy.approved", "data": {"title": "Backup"}}"#,
+        ]);
+        let message = render(&templates, None, &policies);
+        assert_eq!(message.title, "Policy events: 2");
+        assert!(
+            message.body.contains("Policy approved: Backup"),
+            "{}",
+            message.body
+        );
+        let assessments = events(&[
+            r#"{"event": "assessment.started", "data": {"name": "Q1"}}"#,
+            r#"{"event": "assessment.failed", "data": {"name": "Q2"}}"#,
+        ]);
+        assert_eq!(
+            render(&templates, None, &assessments).title,
+            "Assessment events: 2"
+        );
+        let mixed = [alerts[0].clone(), policies[0].clone()];
+        let message = render(&templates, None, &mixed);
+        assert_eq!(
+            message.title,
+            "2 events (cl), the first: Alert [CRITICAL] a.com: cert expires"
+        );
+        assert!(message.fallback.is_none());
+    }
+
+    /// A route's own grouped template sees `events` and `group`; one that fails falls back to
+    /// the generic form and says so.
+    #[test]
+    fn a_routes_grouped_template_sees_events_and_group() {
+        let mut builder = TemplatesBuilder::new(&BTreeMap::new(), std::path::Path::new("."));
+        let own = |text: &str| {
+            TemplateRef::Source(TemplateSource::Inline {
+                text: text.to_owned(),
+            })
+        };
+        let id = builder
+            .resolve("route/r/group", &own("{{ group.count }} on {{ group.route }}: {{ events | map(attribute='data') | map(attribute='domain') | join(' ') }}"))
+            .unwrap();
+        let broken = builder
+            .resolve(
+                "route/b/group",
+                &own("{{ events[0].data.missing.deeper | int + none }}"),
+            )
+            .unwrap();
+        let templates = builder.build();
+        let scans = events(&[
+            r#"{"type": "scan.completed", "data": {"domain": "a.com"}}"#,
+            r#"{"type": "scan.completed", "data": {"domain": "b.com"}}"#,
+        ]);
+        assert_eq!(
+            render(&templates, Some(&id), &scans).title,
+            "2 on r: a.com b.com"
+        );
+        let fell_back = render(&templates, Some(&broken), &scans);
+        assert!(fell_back.title.starts_with("2 events"), "{fell_back:?}");
+        assert!(fell_back.fallback.unwrap().contains("failed"));
     }
 }

@@ -150,3 +150,89 @@ group = {{ by = ["data.domain"], wait = "3s" }}
     assert!(daemon.terminate().success());
 }
 on_both_backends!(a_group_waiting_through_a_kill_9_is_delivered_once);
+
+/// An exec hook gets a group as one run, the events as a JSON array on stdin and their number
+/// in `HOOKROUTE_GROUP_SIZE`; `replay` of one of them delivers it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_hook_gets_a_group_on_stdin_and_a_replay_alone() {
+    let dir = tempdir();
+    let hook = dir.path().join("hook.sh");
+    let out = dir.path().join("runs");
+    std::fs::create_dir(&out).unwrap();
+    script(
+        &hook,
+        &format!(
+            "n=$(ls {out} | grep -c size)\ncat > {out}/$n.json\necho \"${{HOOKROUTE_GROUP_SIZE:-1}}\" > {out}/$n.size",
+            out = out.display()
+        ),
+    );
+    let rest = format!(
+        r#"
+[sources.cl]
+secret = "{CL_SECRET}"
+
+[sinks.hook]
+type = "exec"
+command = ["{}"]
+
+[[routes]]
+name = "scans"
+events = ["scan.completed"]
+sinks = ["hook"]
+group = {{ wait = "10s" }}
+"#,
+        hook.display()
+    );
+    let clock = hookroute::clock::ManualClock::new(jiff::Timestamp::now());
+    let daemon = InProcess::start_on(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &rest),
+        clock.clone(),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let reply = daemon
+            .accept_cl(&scan(i, &format!("e{i}.example"), 90))
+            .await;
+        ids.push(reply.json["id"].as_i64().unwrap());
+    }
+    clock.advance(Duration::from_secs(10));
+    let _looking = Ticking::start(&clock, Duration::from_millis(100));
+    wait_jobs(&daemon, "succeeded", 3).await;
+    let run = |n: usize| {
+        let input: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(format!("{n}.json"))).unwrap())
+                .unwrap();
+        let size = std::fs::read_to_string(out.join(format!("{n}.size"))).unwrap();
+        (input, size.trim().to_owned())
+    };
+    let (input, size) = run(0);
+    assert_eq!(size, "3");
+    let domains: Vec<&str> = input
+        .as_array()
+        .expect("the group as a JSON array")
+        .iter()
+        .map(|event| event["payload"]["data"]["domain"].as_str().unwrap())
+        .collect();
+    assert_eq!(domains, ["e0.example", "e1.example", "e2.example"]);
+    // Replayed, one event goes alone.
+    let replayed = std::process::Command::new(BIN)
+        .args(["replay", &ids[1].to_string(), "--config"])
+        .arg(dir.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert!(replayed.status.success(), "{replayed:?}");
+    eventually(|| {
+        out.join("1.size")
+            .exists()
+            .then_some(())
+            .ok_or("not replayed yet".to_owned())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (input, size) = run(1);
+    assert_eq!(size, "1");
+    assert_eq!(input["payload"]["data"]["domain"], "e1.example");
+    daemon.stop().await;
+}

@@ -423,3 +423,63 @@ fn archived_by(dirs: &[tempfile::TempDir]) -> Vec<String> {
     ids.sort();
     ids
 }
+
+/// A silence added while a delivery waits for its retry holds the retry too: the job is
+/// recorded as silenced when it comes due, and the sink is not called again.
+async fn a_silence_holds_a_retry_that_was_waiting() {
+    let dir = tempdir();
+    let receiver = crate::recorder::Recorder::start().await;
+    receiver.script([crate::recorder::Answer::status(500)]);
+    let rest = format!(
+        r#"
+[sources.cl]
+secret = "{CL_SECRET}"
+
+[sinks.receiver]
+type = "http"
+url = "{}"
+delivery = {{ retry = {{ base = "1m", cap = "1m" }} }}
+
+[[routes]]
+name = "alerts"
+events = ["*"]
+sinks = ["receiver"]
+"#,
+        receiver.url("/in")
+    );
+    let clock = hookroute::clock::ManualClock::new(jiff::Timestamp::now());
+    let daemon =
+        InProcess::start_on(dir.path(), &config(dir.path(), "", &rest), clock.clone()).await;
+    ready(&daemon).await;
+    let _ticking = Ticking::start(&clock, Duration::from_millis(1));
+    daemon.accept_cl(&alert("retried", "a.example")).await;
+    wait_jobs(&daemon, "failed", 1).await;
+    assert_eq!(receiver.requests().len(), 1);
+    let starts = clock.now().to_string();
+    let id = stdout(&cli(
+        dir.path(),
+        &[
+            "silence",
+            "add",
+            "--sink",
+            "receiver",
+            "--for",
+            "2h",
+            "--starts",
+            &starts,
+            "--comment",
+            "receiver maintenance",
+            "--author",
+            "carol",
+        ],
+    ));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    clock.advance(Duration::from_secs(120));
+    wait_jobs(&daemon, "silenced", 1).await;
+    let job = daemon.only_job();
+    assert_eq!(job.quieted_by.as_deref(), Some(id.trim()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.requests().len(), 1, "the retry was not sent");
+    daemon.stop().await;
+}
+on_both_backends!(a_silence_holds_a_retry_that_was_waiting);
