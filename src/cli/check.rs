@@ -118,6 +118,16 @@ fn summary(config: &Config) -> String {
                 humantime::format_duration(throttle.window)
             );
         }
+        if let Some(group) = &route.group {
+            let _ = write!(
+                out,
+                " group by {:?} wait={} interval={} max={}",
+                group.by,
+                humantime::format_duration(group.wait),
+                humantime::format_duration(group.interval),
+                group.max
+            );
+        }
         if !route.mute_during.is_empty() {
             let _ = write!(out, " mute_during={:?}", route.mute_during);
         }
