@@ -97,8 +97,10 @@ impl Intake {
         let unrouted = routes.is_empty();
         // The sinks whose new jobs the engine reads from the database: it reads only those it
         // is told have work.
+        // (A grouped job comes due with its group: the engine's look at the queue finds it.)
         let stored_for: Vec<String> = routes
             .iter()
+            .filter(|to| to.group.is_none())
             .flat_map(|to| to.sinks.iter().filter(|sink| to.quiet_for(sink).is_none()))
             .filter(|sink| !handoff.sinks.contains(sink))
             .cloned()

@@ -1,4 +1,6 @@
-//! `hookroute migrate-storage`: moves an installation from SQLite to PostgreSQL. Every row is
+//! `hookroute migrate-storage`: moves an installation from SQLite to PostgreSQL (its events,
+//! jobs with what set them aside or grouped them, attempts, throttle windows and silences).
+//! Every row is
 //! copied under its own id and inserted with `ON CONFLICT DO NOTHING`, so running it again (after
 //! an interruption, say) copies only what is missing. The delivery ids are rebuilt from the
 //! events (SQLite merges the newest into its index later), so dedupe is exact from the first
@@ -18,12 +20,13 @@ const BATCH: i64 = 500;
 
 /// Tables copied, in an order that keeps every reference valid, each with whether it is paged
 /// by rowid (throttles, a table without one, by offset: it is small).
-const TABLES: [(&str, bool); 5] = [
+const TABLES: [(&str, bool); 6] = [
     ("events", true),
     ("dispatches", true),
     ("jobs", true),
     ("attempts", true),
     ("throttles", false),
+    ("silences", true),
 ];
 
 /// What was copied: each table with the rows it received (0 for rows already there).
@@ -62,7 +65,7 @@ pub async fn from_sqlite(from: &Path, to: &PostgresConfig) -> Result<Copied, Sto
     )
     .execute(&pool)
     .await?;
-    for table in ["events", "dispatches", "jobs", "attempts"] {
+    for table in ["events", "dispatches", "jobs", "attempts", "silences"] {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT setval(pg_get_serial_sequence('{table}', 'id'),
                            greatest((SELECT max(id) FROM {table}), 1))"
