@@ -84,24 +84,17 @@ impl Intake {
                     silence(&self.silences, to, &event, now);
                 }
             }
-            // A grouped job waits for its group: the engine reads it when the group is due.
-            let sinks = routes
-                .iter()
-                .filter(|to| to.group.is_none())
-                .flat_map(|to| to.sinks.iter().filter(|sink| to.quiet_for(sink).is_none()));
             let handoff = self
                 .new_jobs
-                .handoff(&plan, sinks, now, |sink, c| self.store.share(sink, c));
+                .handoff(&plan, due_now(&routes), now, |sink, c| {
+                    self.store.share(sink, c)
+                });
             (routes, unevaluated, handoff)
         };
         let unrouted = routes.is_empty();
         // The sinks whose new jobs the engine reads from the database: it reads only those it
         // is told have work.
-        // (A grouped job comes due with its group: the engine's look at the queue finds it.)
-        let stored_for: Vec<String> = routes
-            .iter()
-            .filter(|to| to.group.is_none())
-            .flat_map(|to| to.sinks.iter().filter(|sink| to.quiet_for(sink).is_none()))
+        let stored_for: Vec<String> = due_now(&routes)
             .filter(|sink| !handoff.sinks.contains(sink))
             .cloned()
             .collect();
@@ -160,6 +153,15 @@ impl Intake {
             Inserted::Duplicate(id) => Ok(Accepted::Duplicate(id)),
         }
     }
+}
+
+/// The sinks of `routes` whose new jobs are due at once: neither set aside nor waiting for
+/// their group (the engine's look at the queue finds a group when it is due).
+fn due_now(routes: &[RouteTo]) -> impl Iterator<Item = &String> {
+    routes
+        .iter()
+        .filter(|to| to.group.is_none())
+        .flat_map(|to| to.sinks.iter().filter(|sink| to.quiet_for(sink).is_none()))
 }
 
 /// Sets aside the sinks of `to` an active silence keeps `event` from (those a mute window

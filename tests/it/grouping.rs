@@ -236,3 +236,57 @@ group = {{ wait = "10s" }}
     assert_eq!(input["payload"]["data"]["domain"], "e1.example");
     daemon.stop().await;
 }
+
+/// Two replicas on one PostgreSQL database, the events of one group spread over both: the
+/// group goes out once, whole, from one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_send_a_group_once_whole() {
+    const EVENTS: usize = 12;
+    let cluster = crate::postgres::shared();
+    let url = cluster.database();
+    let receiver = Recorder::start().await;
+    let dirs = [tempdir(), tempdir()];
+    let clock = hookroute::clock::ManualClock::new(jiff::Timestamp::now());
+    let rest = format!(
+        r#"
+[sources.cl]
+secret = "{CL_SECRET}"
+
+[sinks.receiver]
+type = "http"
+url = "{}"
+
+[[routes]]
+name = "all"
+events = ["*"]
+sinks = ["receiver"]
+group = {{ wait = "1m" }}
+"#,
+        receiver.url("/in")
+    );
+    let mut daemons = Vec::new();
+    for dir in &dirs {
+        let config = crate::replicas::with_rest(cluster, &url, &rest);
+        daemons.push(InProcess::start_on(dir.path(), &config, clock.clone()).await);
+    }
+    let sends = (0..EVENTS).map(|i| {
+        let daemon = &daemons[i % 2];
+        async move { daemon.accept_cl(&scan(i, "a.example", 90)).await }
+    });
+    futures_util::future::join_all(sends).await;
+    clock.advance(Duration::from_secs(60));
+    let _looking = Ticking::start(&clock, Duration::from_millis(100));
+    eventually(|| {
+        (!receiver.requests().is_empty())
+            .then_some(())
+            .ok_or("nothing sent".to_owned())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let requests = receiver.requests();
+    assert_eq!(requests.len(), 1, "one delivery for the group");
+    assert_eq!(requests[0].json().as_array().map(Vec::len), Some(EVENTS));
+    for daemon in daemons {
+        daemon.stop().await;
+    }
+}

@@ -16,7 +16,7 @@ fn pg_config(dir: &std::path::Path, cluster: &Cluster, url: &str) -> String {
 }
 
 /// A daemon's configuration on `url`, with `rest` (sources, sinks, routes).
-fn with_rest(cluster: &Cluster, url: &str, rest: &str) -> String {
+pub fn with_rest(cluster: &Cluster, url: &str, rest: &str) -> String {
     format!(
         r#"
 [server]
