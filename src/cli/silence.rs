@@ -114,6 +114,9 @@ pub struct ExpireArgs {
     pub config: PathBuf,
     /// The silence's id.
     pub id: i64,
+    /// Print the ended silence as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl SilenceCommand {
@@ -167,7 +170,7 @@ fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
             .checked_add(jiff::SignedDuration::try_from(span)?)
             .context("--for reaches past the last time there is")?,
         (None, Some(until)) => until,
-        (None, None) => unreachable!("clap requires --for or --until"),
+        (None, None) => anyhow::bail!("say how long: --for 8h, or --until TIME"),
     };
     anyhow::ensure!(
         ends_at > starts_at && ends_at > now,
@@ -350,11 +353,13 @@ fn expire(args: &ExpireArgs) -> anyhow::Result<ExitCode> {
     let (_, tools) = tools(&args.config, Access::Write)?;
     let now = Timestamp::now();
     if tools.expire_silence(args.id, now)? {
-        writeln!(
-            std::io::stdout().lock(),
-            "silence {} expired at {now}",
-            args.id
-        )?;
+        let mut out = std::io::stdout().lock();
+        match tools.silence(args.id, 0)? {
+            Some((silence, _)) if args.json => {
+                writeln!(out, "{}", with_state(&silence, now)?)?;
+            }
+            _ => writeln!(out, "silence {} expired at {now}", args.id)?,
+        }
         return Ok(ExitCode::SUCCESS);
     }
     match tools.silence(args.id, 0)? {

@@ -260,11 +260,10 @@ async fn a_silence_holds_on_every_replica_within_a_second_until_it_ends() {
         stdout(&cli(dir, &["silence", "list"])).contains("all of cl"),
         "listed while active"
     );
-    let expired = stdout(&cli(dir, &["silence", "expire", second]));
-    assert!(
-        expired.contains(&format!("silence {second} expired")),
-        "{expired}"
-    );
+    let expired = stdout(&cli(dir, &["silence", "expire", second, "--json"]));
+    let expired: serde_json::Value = serde_json::from_str(&expired).unwrap();
+    assert_eq!(expired["state"], "expired", "{expired}");
+    assert_eq!(expired["matchers"]["source"], "cl", "{expired}");
     let again = cli(dir, &["silence", "expire", second]);
     assert_eq!(
         again.status.code(),
@@ -483,3 +482,47 @@ sinks = ["receiver"]
     daemon.stop().await;
 }
 on_both_backends!(a_silence_holds_a_retry_that_was_waiting);
+
+/// An ended silence is kept as long as events are (`event_retention`), then pruned with them.
+async fn an_ended_silence_is_pruned_after_the_event_retention() {
+    let dir = tempdir();
+    let clock = hookroute::clock::ManualClock::new(jiff::Timestamp::now());
+    let config = quiet_config(dir.path(), "")
+        .replace("[storage]\n", "[storage]\nevent_retention = \"7d\"\n");
+    let daemon = InProcess::start_on(dir.path(), &config, clock.clone()).await;
+    ready(&daemon).await;
+    let starts = clock.now().to_string();
+    let args = [
+        "silence",
+        "add",
+        "--route",
+        "everything",
+        "--for",
+        "1h",
+        "--starts",
+        &starts,
+        "--comment",
+        "brief",
+        "--author",
+        "dan",
+    ];
+    stdout(&cli(dir.path(), &args));
+    let ended = |daemon: &InProcess| {
+        daemon.tools(|tools| tools.silences(true, jiff::Timestamp::MAX).unwrap().len())
+    };
+    assert_eq!(ended(&daemon), 1);
+    // Six days on (pruning runs hourly on the daemon's clock): ended, still kept.
+    clock.advance(Duration::from_secs(6 * 24 * 3600));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ended(&daemon), 1, "kept within the retention");
+    // Past a week after it ended: pruned.
+    clock.advance(Duration::from_secs(2 * 24 * 3600));
+    eventually(|| {
+        (ended(&daemon) == 0)
+            .then_some(())
+            .ok_or("still kept".to_owned())
+    })
+    .await;
+    daemon.stop().await;
+}
+on_both_backends!(an_ended_silence_is_pruned_after_the_event_retention);
