@@ -28,12 +28,13 @@
 //!
 //! | state | where it is | moved on by |
 //! | --- | --- | --- |
-//! | **stored** (`pending`) | a row, due now, or (handed over) at its fallback, [`HANDOFF_GRACE`] later | `Storage::insert`, with its event, in one transaction (`intake`); `replay` adds one (`store::admin::Tools::enqueue`) |
+//! | **stored** (`pending`) | a row, due now, or (handed over) at its fallback, [`HANDOFF_GRACE`] later, or (grouped) with its group's delivery (`rules::group::due`) | `Storage::insert`, with its event, in one transaction (`intake`); `replay` adds one (`store::admin::Tools::enqueue`) |
 //! | **handed over** | [`NewJobs`], with its event, in this daemon's memory | `NewJobs::hand_over` after the insert is durable; taken by a turn (`take_handed`), or given back (`NewJobs::release`, `Storage::release`: due at once) |
 //! | **held** | [`inbox::Held`]: left out of every read while an attempt runs | a turn's claim (`Storage::due_jobs`, or a hand-over taken) |
 //! | **leased** (PostgreSQL) | `jobs.leased_by`: this replica's until the lease lapses | `due_jobs` claims with the hold; a replica that stops renewing loses its leases, and another claims the jobs |
 //! | **failed** | a row due again at its next try | `Storage::finish_attempt` with a retryable error (`retry`); `hookroute retry` makes it due now |
 //! | **succeeded** | a row, with its attempts | `finish_attempt`; pruned with its event |
+//! | **silenced**, **muted** | a row set aside, never due (`quieted_by`: the silence, or the window) | `Storage::insert` when routing found a silence or the route's mute window (`intake`); `Storage::quiet` when a silence added since holds a job coming due (`attempt::set_aside`); `replay` queues a new job |
 //! | **dead** | a row waiting for an operator | `finish_attempt` (a permanent error, out of attempts or time); a sink removed by a reload (`Engine::bury_orphans`); `hookroute dead-letter retry` makes it `pending` with fresh attempts |
 //!
 //! A process that dies loses only memory: held and handed-over jobs are still `pending` rows,

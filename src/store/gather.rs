@@ -6,7 +6,7 @@ use jiff::Timestamp;
 
 /// When a digest is due: once its oldest waiting job (created at `oldest`) has waited the
 /// whole `window`. The one statement of the rule: the delivery engine looks by it, and each
-/// backend's [`Storage::due_jobs`] holds a digest's jobs back by it.
+/// backend's [`Storage::due_jobs`](super::Storage::due_jobs) holds a digest's jobs back by it.
 pub fn digest_due(oldest: Timestamp, window: std::time::Duration) -> Timestamp {
     jiff::SignedDuration::try_from(window)
         .ok()
