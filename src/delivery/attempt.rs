@@ -51,14 +51,14 @@ pub(super) async fn attempt(
             )),
         }
     }
-    if !quiet.is_empty() && !set_aside(store, &sink.name, quiet, started).await {
-        return false;
-    }
+    // A set-aside that could not be recorded leaves those jobs held (as any unrecorded
+    // outcome does), not the others: they are still attempted.
+    let set_aside = quiet.is_empty() || set_aside(store, &sink.name, quiet, started).await;
     let Some((prepared, summary)) = prepare(plan, sink, live).await else {
         return false; // the runtime is shutting down: the jobs stay due
     };
     if prepared.is_empty() {
-        return finish(store, metrics, &sink.name, outcomes, started, started).await;
+        return finish(store, metrics, &sink.name, outcomes, started, started).await && set_aside;
     }
     let deliveries: Vec<Delivery<'_>> = prepared
         .iter()
@@ -128,7 +128,7 @@ pub(super) async fn attempt(
         }
         outcomes.push((job, outcome));
     }
-    finish(store, metrics, &sink.name, outcomes, started, now).await
+    finish(store, metrics, &sink.name, outcomes, started, now).await && set_aside
 }
 
 /// Pairs each job with its message, rendered on a blocking thread: a template works through
