@@ -46,15 +46,8 @@ pub fn check(matchers: &Matchers) -> Result<(), Vec<String>> {
                 .to_owned(),
         );
     }
-    if let Some(glob) = &matchers.event_type
-        && let Err(err) = Glob::new(glob)
-    {
-        problems.push(format!("--type: {err}"));
-    }
-    if let Some(when) = &matchers.when
-        && let Err(err) = Condition::compile(when)
-    {
-        problems.push(format!("--when: {err}"));
+    if let Err(found) = compile(matchers) {
+        problems.extend(found);
     }
     if problems.is_empty() {
         Ok(())
@@ -63,24 +56,40 @@ pub fn check(matchers: &Matchers) -> Result<(), Vec<String>> {
     }
 }
 
+/// The type glob and the condition of `matchers`, compiled.
+///
+/// # Errors
+/// Each that does not compile, naming its flag.
+fn compile(matchers: &Matchers) -> Result<(Option<GlobMatcher>, Option<Condition>), Vec<String>> {
+    let glob = matchers.event_type.as_deref().map(Glob::new).transpose();
+    let when = matchers.when.as_deref().map(Condition::compile).transpose();
+    match (glob, when) {
+        (Ok(glob), Ok(when)) => Ok((glob.map(|glob| glob.compile_matcher()), when)),
+        (glob, when) => Err(glob
+            .err()
+            .map(|err| format!("--type: {err}"))
+            .into_iter()
+            .chain(when.err().map(|err| format!("--when: {err}")))
+            .collect()),
+    }
+}
+
 impl Compiled {
     /// A stored silence, ready to match. One whose glob or condition no longer compiles (the
     /// database was edited by hand) matches nothing, and says so once.
     pub fn new(silence: Silence) -> Self {
-        let m = &silence.matchers;
-        let event_type = m.event_type.as_deref().map(Glob::new).transpose();
-        let when = m.when.as_deref().map(Condition::compile).transpose();
-        match (event_type, when) {
-            (Ok(event_type), Ok(when)) => Self {
-                event_type: event_type.map(|glob| glob.compile_matcher()),
+        match compile(&silence.matchers) {
+            Ok((event_type, when)) => Self {
+                event_type,
                 when,
                 broken: false,
                 silence,
             },
-            _ => {
+            Err(problems) => {
                 tracing::warn!(
                     silence = silence.id,
-                    "a silence's --type or --when does not compile; it matches nothing"
+                    problems = %problems.join("; "),
+                    "a silence does not compile; it matches nothing"
                 );
                 Self {
                     event_type: None,
@@ -118,10 +127,7 @@ impl Silences {
     /// The silence active at `now` that keeps `event` through `route` from `sink`, if any
     /// (the oldest, when several do).
     pub fn matching(&self, route: &str, sink: &str, event: &Event, now: Timestamp) -> Option<i64> {
-        let live = self.live.load();
-        live.iter()
-            .find(|c| c.silence.state(now) == SilenceState::Active && c.matches(route, sink, event))
-            .map(|c| c.silence.id)
+        self.first_active(now, |c| c.matches(route, sink, event))
     }
 
     /// The silence active at `now` that holds a job of `event` through `route` to `sink`
@@ -135,14 +141,17 @@ impl Silences {
         created: Timestamp,
         now: Timestamp,
     ) -> Option<i64> {
+        self.first_active(now, |c| {
+            let s = &c.silence;
+            created < s.created_at.max(s.starts_at) && c.matches(route, sink, event)
+        })
+    }
+
+    /// The oldest silence active at `now` for which `holds`.
+    fn first_active(&self, now: Timestamp, holds: impl Fn(&Compiled) -> bool) -> Option<i64> {
         let live = self.live.load();
         live.iter()
-            .find(|c| {
-                let s = &c.silence;
-                s.state(now) == SilenceState::Active
-                    && created < s.created_at.max(s.starts_at)
-                    && c.matches(route, sink, event)
-            })
+            .find(|c| c.silence.state(now) == SilenceState::Active && holds(c))
             .map(|c| c.silence.id)
     }
 

@@ -103,24 +103,11 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// Most events in one delivery of `route`'s groups.
-    pub fn group_max(&self, route: &str) -> usize {
-        self.table
-            .routes()
-            .iter()
-            .find(|r| r.name == route)
-            .and_then(|r| r.group.as_ref())
-            .map_or(crate::rules::group::DEFAULT_MAX, |group| group.max)
-    }
-
     /// The template for a message through `route` to the sink `sink` of type `kind`: the
     /// route's for that type, else the sink's own; `None` means the default for the event's
     /// family. The one place that decides, for the daemon and `route-test` alike.
     pub fn template_for(&self, route: &str, sink: &str, kind: &str) -> Option<&str> {
-        self.table
-            .routes()
-            .iter()
-            .find(|r| r.name == route)
+        self.route(route)
             .and_then(|r| r.templates.get(kind))
             .or_else(|| self.sink_templates.get(sink))
             .map(String::as_str)

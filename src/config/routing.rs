@@ -263,18 +263,28 @@ pub(super) fn validate_routing(
 }
 
 impl Routing {
+    /// The route named `name`, if the table has one (jobs name their route).
+    pub fn route(&self, name: &str) -> Option<&Route> {
+        self.table.routes().iter().find(|r| r.name == name)
+    }
+
     /// The route's own template for a group's message (`templates = { group = … }`), if any.
     pub fn group_template(&self, route: &str) -> Option<&str> {
-        self.table
-            .routes()
-            .iter()
-            .find(|r| r.name == route)
+        self.route(route)
             .and_then(|r| r.templates.get("group"))
             .map(String::as_str)
     }
+
+    /// Most events in one delivery of `route`'s groups.
+    pub fn group_max(&self, route: &str) -> usize {
+        self.route(route)
+            .and_then(|r| r.group.as_ref())
+            .map_or(crate::rules::group::DEFAULT_MAX, |group| group.max)
+    }
+
     /// Why `route` is quiet at `at`, if it is: during one of its `mute_during` windows, or
     /// outside all of its `active_during` ones. The phrase is what a muted job records.
-    pub fn muted(&self, route: &crate::rules::Route, at: jiff::Timestamp) -> Option<String> {
+    pub fn muted(&self, route: &Route, at: jiff::Timestamp) -> Option<String> {
         let open = |name: &String| self.windows.get(name).is_some_and(|w| w.contains(at));
         if let Some(window) = route.mute_during.iter().find(|name| open(name)) {
             return Some(format!("during {window}"));

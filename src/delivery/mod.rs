@@ -460,31 +460,31 @@ fn sink_calls(
     per_call: usize,
     group_max: Option<&dyn Fn(&str) -> usize>,
 ) -> Vec<Vec<DueJob>> {
-    let mut groups: Vec<((String, String), Vec<DueJob>)> = Vec::new();
-    let mut single = Vec::new();
+    // Runs of jobs that may share a call, each with its most per call: one per group (keyed
+    // by route and group key), and one of everything else (keyed `None`).
+    type Run = (Option<(String, String)>, usize, Vec<DueJob>);
+    let mut runs: Vec<Run> = Vec::new();
     for due in jobs {
-        match (&due.job.group, group_max) {
-            (Some(key), Some(_)) => {
-                let at = (due.job.route.clone(), key.clone());
-                match groups.iter_mut().find(|(of, _)| *of == at) {
-                    Some((_, members)) => members.push(due),
-                    None => groups.push((at, vec![due])),
-                }
+        let (key, most) = match (&due.job.group, group_max) {
+            (Some(key), Some(max)) => {
+                let route = &due.job.route;
+                (Some((route.clone(), key.clone())), max(route))
             }
-            _ => single.push(due),
+            _ => (None, per_call),
+        };
+        match runs.iter_mut().find(|(of, ..)| *of == key) {
+            Some((.., members)) => members.push(due),
+            None => runs.push((key, most, vec![due])),
         }
     }
+    // Groups first, in the order they came.
+    runs.sort_by_key(|(key, ..)| key.is_none());
     let mut calls = Vec::new();
-    for ((route, _), members) in groups {
-        let max = group_max.map_or(per_call, |max| max(&route)).max(1);
+    for (_, most, members) in runs {
         let mut members = members.into_iter().peekable();
         while members.peek().is_some() {
-            calls.push(members.by_ref().take(max).collect());
+            calls.push(members.by_ref().take(most.max(1)).collect());
         }
-    }
-    let mut single = single.into_iter().peekable();
-    while single.peek().is_some() {
-        calls.push(single.by_ref().take(per_call.max(1)).collect());
     }
     calls
 }

@@ -318,18 +318,15 @@ impl Tools {
             Some(since) => self.first_since(since)?,
             None => 0,
         };
-        let Some(status) = filter.status else {
-            let mut rows = self.walk(floor, filter, false)?;
-            rows.iter_mut().for_each(say_why_quiet);
-            return Ok(rows);
-        };
-        let mut rows = match Indexed::of(status) {
-            Some(indexed) => {
+        // No status, or `succeeded`, walks the events; the others have an index of their own.
+        let mut rows = match filter.status.map(Indexed::of) {
+            None => self.walk(floor, filter, false)?,
+            Some(Some(indexed)) => {
                 let source = filter.source.as_deref();
                 self.backend
                     .with_status(indexed, floor, source, filter.limit)?
             }
-            None => self.walk(floor, filter, true)?,
+            Some(None) => self.walk(floor, filter, true)?,
         };
         rows.iter_mut().for_each(say_why_quiet);
         Ok(rows)
