@@ -8,8 +8,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::internal::InternalConfig;
 use crate::config::{Config, Routing};
 use crate::event::Event;
+use crate::notice;
+use crate::rules::group;
 use crate::secret::Redactor;
 use crate::sinks::{DeliveryOptions, Sink};
 use crate::store::{GroupTo, Quiet, RouteTo};
@@ -36,6 +39,8 @@ pub struct Plan {
     pub sinks: HashMap<String, NamedSink>,
     /// Every configured secret (sinks' and sources'), to take out of what sinks answer.
     pub redactor: Arc<Redactor>,
+    /// `[self]`: the events the daemon emits about itself.
+    pub internal: InternalConfig,
 }
 
 impl Plan {
@@ -65,9 +70,10 @@ impl Plan {
                 digest: config.digest(),
                 batch: config.batch(),
                 shows_message: s.spec.shows_message(),
-                grouped: routes
-                    .iter()
-                    .any(|route| route.group.is_some() && route.sinks.contains(&s.name)),
+                grouped: routes.iter().any(|route| {
+                    (route.group.is_some() || route.covers(group::DEAD_LETTER))
+                        && route.sinks.contains(&s.name)
+                }),
             };
             sinks.insert(s.name.clone(), named);
         }
@@ -75,6 +81,7 @@ impl Plan {
             routing: Arc::clone(&config.routing),
             sinks,
             redactor: Arc::new(Redactor::new(secrets)),
+            internal: config.internal.clone(),
         })
     }
 }
@@ -85,12 +92,13 @@ impl Plan {
 /// sink) pairs, muted or not.
 pub fn route(routing: &Routing, event: &Event, now: jiff::Timestamp) -> Routed {
     let taken = routing.table.route(event);
+    let about = about_sink(event);
     Routed {
         to: taken
             .routes
             .into_iter()
             .map(|(route, key)| {
-                let quiet = match routing.muted(route, now) {
+                let mut quiet: Vec<(String, Quiet)> = match routing.muted(route, now) {
                     Some(why) => route
                         .sinks
                         .iter()
@@ -98,6 +106,15 @@ pub fn route(routing: &Routing, event: &Event, now: jiff::Timestamp) -> Routed {
                         .collect(),
                     None => Vec::new(),
                 };
+                if let Some(sink) = about.filter(|sink| route.sinks.iter().any(|s| s == sink))
+                    && !quiet.iter().any(|(quiet, _)| quiet == sink)
+                {
+                    quiet.push((sink.to_owned(), Quiet::Muted(NOT_TO_ITSELF.to_owned())));
+                }
+                let group = route.group.as_ref().or_else(|| {
+                    (event.source == notice::SOURCE && event.event_type == group::DEAD_LETTER)
+                        .then(group::dead_letters)
+                });
                 RouteTo {
                     route: route.name.clone(),
                     throttle: route
@@ -107,7 +124,7 @@ pub fn route(routing: &Routing, event: &Event, now: jiff::Timestamp) -> Routed {
                         .map(|(t, key)| (key, t.window)),
                     sinks: route.sinks.clone(),
                     quiet,
-                    group: route.group.as_ref().map(|group| GroupTo {
+                    group: group.map(|group| GroupTo {
                         key: group.key(event),
                         wait: group.wait,
                         interval: group.interval,
@@ -121,6 +138,19 @@ pub fn route(routing: &Routing, event: &Event, now: jiff::Timestamp) -> Routed {
             .map(|(route, reason)| (route.name.clone(), reason))
             .collect(),
     }
+}
+
+/// What a job of an internal event about its own sink records instead of being delivered:
+/// the alert that a sink fails cannot reach anyone through that sink, and trying would make
+/// it fail again.
+pub const NOT_TO_ITSELF: &str = "(hookroute's own event about this sink: never sent to it)";
+
+/// The sink an internal event is about (`data.sink`), if it is one.
+pub fn about_sink(event: &Event) -> Option<&str> {
+    if event.source != notice::SOURCE {
+        return None;
+    }
+    event.data().get("sink")?.as_str()
 }
 
 /// Where an event goes, and which routes could not tell.

@@ -15,10 +15,11 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use jiff::Timestamp;
 
-use crate::delivery::NewJobs;
+use crate::delivery::{Health, NewJobs};
 use crate::dispatch::{self, Plan, Routed};
 use crate::event::Event;
 use crate::metrics::Metrics;
+use crate::notice::Notices;
 use crate::silence::Silences;
 use crate::store::{Inserted, Quiet, RouteTo, Store, StoreError};
 
@@ -42,6 +43,10 @@ pub struct Intake {
     metrics: Arc<Metrics>,
     /// The silences in force, kept fresh from the database.
     silences: Arc<Silences>,
+    /// Paused sinks take no hand-overs: their jobs wait in the database.
+    health: Arc<Health>,
+    /// Told how each commit went (a storage outage is an internal event).
+    notices: Arc<Notices>,
 }
 
 impl Intake {
@@ -50,7 +55,7 @@ impl Intake {
         plan: Arc<ArcSwap<Plan>>,
         new_jobs: Arc<NewJobs>,
         metrics: Arc<Metrics>,
-        silences: Arc<Silences>,
+        (silences, health, notices): (Arc<Silences>, Arc<Health>, Arc<Notices>),
     ) -> Self {
         Self {
             store,
@@ -58,7 +63,14 @@ impl Intake {
             new_jobs,
             metrics,
             silences,
+            health,
+            notices,
         }
+    }
+
+    /// Where the daemon tells what it notices about itself.
+    pub fn notices(&self) -> &Notices {
+        &self.notices
     }
 
     /// Stores `event` (its raw `body` as signed), received at `now`, unless its delivery id
@@ -73,7 +85,7 @@ impl Intake {
         body: &[u8],
         now: Timestamp,
     ) -> Result<Accepted, StoreError> {
-        let (routes, unevaluated, handoff) = {
+        let (routes, unevaluated, handoff, slow) = {
             let plan = self.plan.load();
             let Routed {
                 to: mut routes,
@@ -87,9 +99,13 @@ impl Intake {
             let handoff = self
                 .new_jobs
                 .handoff(&plan, due_now(&routes), now, |sink, c| {
-                    self.store.share(sink, c)
+                    if self.health.paused(sink, now).is_some() {
+                        0
+                    } else {
+                        self.store.share(sink, c)
+                    }
                 });
-            (routes, unevaluated, handoff)
+            (routes, unevaluated, handoff, plan.internal.storage_slow)
         };
         let unrouted = routes.is_empty();
         // The sinks whose new jobs the engine reads from the database: it reads only those it
@@ -104,10 +120,15 @@ impl Intake {
             .iter()
             .filter_map(|to| Some((to.route.clone(), to.quiet.first()?.1.clone())))
             .collect();
-        let inserted = self
-            .store
-            .insert(&event, body, now, routes, handoff)
-            .await?;
+        let committing = std::time::Instant::now();
+        let inserted = self.store.insert(&event, body, now, routes, handoff).await;
+        let took = committing.elapsed();
+        self.notices.commit(
+            inserted.as_ref().map(|_| took).map_err(ToString::to_string),
+            slow,
+            now,
+        );
+        let inserted = inserted?;
         let (source, event_type, delivery_id) =
             (&event.source, &event.event_type, &event.delivery_id);
         match inserted {

@@ -36,7 +36,9 @@ pub mod duration;
 pub mod event;
 pub mod http;
 pub mod intake;
+pub mod internal;
 pub mod metrics;
+pub mod notice;
 pub mod private;
 pub mod rules;
 pub mod secret;
@@ -117,8 +119,26 @@ pub async fn run_with_clock(
         plan,
         metrics,
         silences,
+        health,
+        notices,
+        internal,
     } = assemble(&config, Arc::clone(&clock)).await?;
     let stop = CancellationToken::new();
+    // Stopped last, after everything that may notice something: it tells what they did.
+    let internal_stop = CancellationToken::new();
+    let internal = tokio::spawn(internal::run(
+        internal,
+        (app.intake(), store.clone()),
+        Arc::clone(&plan),
+        Arc::clone(&metrics),
+        internal_stop.clone(),
+    ));
+    let health = tokio::spawn(health.keep_fresh(
+        (store.clone(), Arc::clone(&plan)),
+        Arc::clone(&clock),
+        (Arc::clone(&metrics), Arc::clone(&notices)),
+        stop.clone(),
+    ));
     let silences = tokio::spawn(silences.keep_fresh(
         store.clone(),
         Arc::clone(&clock),
@@ -146,10 +166,16 @@ pub async fn run_with_clock(
         config.clone(),
         app.clone(),
         plan,
-        metrics,
-        clock,
+        (metrics, Arc::clone(&notices)),
+        Arc::clone(&clock),
         stop.clone(),
     ));
+    notices.send(
+        notice::Notice::Started {
+            version: env!("CARGO_PKG_VERSION"),
+        },
+        clock.now(),
+    );
 
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, sources = config.sources.len(), sinks = config.sinks.len(), "listening");
@@ -159,9 +185,11 @@ pub async fn run_with_clock(
     let signalled = Arc::new(std::sync::OnceLock::new());
     let shutdown = {
         let signalled = Arc::clone(&signalled);
+        let (notices, clock) = (Arc::clone(&notices), Arc::clone(&clock));
         async move {
             shutdown.await;
             let _ = signalled.set(tokio::time::Instant::now());
+            notices.send(notice::Notice::Stopping, clock.now());
         }
     };
     http::serve(listener, app.router(), &config.server, shutdown).await;
@@ -169,6 +197,7 @@ pub async fn run_with_clock(
 
     stop.cancel();
     let _ = silences.await;
+    let _ = health.await;
     let _ = upkeep.await;
     let _ = reloader.await;
     let _ = watchdog.await;
@@ -179,6 +208,8 @@ pub async fn run_with_clock(
             .unwrap_or_else(tokio::time::Instant::now);
         delivery::drain(attempts, since + config.server.shutdown_timeout).await;
     }
+    internal_stop.cancel();
+    let _ = internal.await;
     store.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -196,6 +227,11 @@ pub struct Parts {
     pub metrics: Arc<metrics::Metrics>,
     /// Not yet kept fresh: [`silence::Silences::keep_fresh`] does.
     pub silences: Arc<silence::Silences>,
+    /// Not yet kept fresh: [`delivery::Health::keep_fresh`] does.
+    pub health: Arc<delivery::Health>,
+    pub notices: Arc<notice::Notices>,
+    /// What [`internal::run`] turns into events.
+    pub internal: tokio::sync::mpsc::Receiver<(notice::Notice, jiff::Timestamp)>,
 }
 
 /// Builds the sinks, opens the database and wires ingest to the engine, on `clock`.
@@ -214,20 +250,29 @@ pub async fn assemble(config: &Config, clock: Arc<dyn clock::Clock>) -> Result<P
     // Read once before the first request, so a restart never lets a silenced event through.
     let silences = Arc::new(silence::Silences::default());
     silences.replace(store.silences(clock.now()).await?);
+    let health = Arc::new(delivery::Health::default());
+    health.replace(store.sink_states().await?);
+    let (notices, internal) = notice::Notices::new();
+    let notices = Arc::new(notices);
+    let shared = (
+        Arc::clone(&silences),
+        Arc::clone(&health),
+        Arc::clone(&notices),
+    );
     let engine = Engine::new(
         store.clone(),
         Arc::clone(&plan),
         Arc::clone(&new_jobs),
         Arc::clone(&clock),
         Arc::clone(&metrics),
-        Arc::clone(&silences),
+        shared.clone(),
     );
     let intake = intake::Intake::new(
         store.clone(),
         Arc::clone(&plan),
         new_jobs,
         Arc::clone(&metrics),
-        Arc::clone(&silences),
+        shared,
     );
     let app = http::App::new(config, store.clone(), intake, clock, Arc::clone(&metrics));
     Ok(Parts {
@@ -237,6 +282,9 @@ pub async fn assemble(config: &Config, clock: Arc<dyn clock::Clock>) -> Result<P
         plan,
         metrics,
         silences,
+        health,
+        notices,
+        internal,
     })
 }
 
@@ -294,7 +342,7 @@ async fn reload_on_hangup(
     running: Config,
     app: http::App,
     plan: Arc<ArcSwap<Plan>>,
-    metrics: Arc<metrics::Metrics>,
+    (metrics, notices): (Arc<metrics::Metrics>, Arc<notice::Notices>),
     clock: Arc<dyn clock::Clock>,
     stop: CancellationToken,
 ) {
@@ -344,16 +392,24 @@ async fn reload_on_hangup(
                 metrics.config_loaded(true, clock.now());
                 configure_metrics(&metrics, &new);
                 plan.store(Arc::new(new_plan));
-                tracing::info!(
-                    sources = new.sources.len(),
-                    sinks = new.sinks.len(),
-                    routes = new.routing.table.routes().len(),
-                    "configuration reloaded"
+                let (sources, sinks, routes) = (
+                    new.sources.len(),
+                    new.sinks.len(),
+                    new.routing.table.routes().len(),
                 );
+                tracing::info!(sources, sinks, routes, "configuration reloaded");
+                let reloaded = notice::Notice::Reloaded {
+                    sources,
+                    sinks,
+                    routes,
+                };
+                notices.send(reloaded, clock.now());
             }
             Err(err) => {
                 metrics.config_loaded(false, clock.now());
                 tracing::error!("reload failed, keeping the running configuration: {err}");
+                let failed = notice::Notice::ReloadFailed { problems: err };
+                notices.send(failed, clock.now());
             }
         }
     }

@@ -59,6 +59,12 @@ struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindOutcome {
+    kind: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct State {
     state: &'static str,
 }
@@ -101,6 +107,8 @@ pub struct Metrics {
     silenced: Family<Route, Counter>,
     muted: Family<Route, Counter>,
     silences: Family<State, Gauge>,
+    paused: Family<Sink, Gauge>,
+    internal: Family<KindOutcome, Counter>,
     ingest_duration: Histogram,
     deliveries: Family<SinkOutcome, Counter>,
     attempt_duration: Family<Sink, Histogram>,
@@ -135,6 +143,8 @@ impl Metrics {
             silenced: Family::default(),
             muted: Family::default(),
             silences: Family::default(),
+            paused: Family::default(),
+            internal: Family::default(),
             // 1 ms to about 16 s: a durable 2xx takes a few milliseconds, a stalled disk seconds.
             ingest_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             deliveries: Family::default(),
@@ -201,6 +211,17 @@ impl Metrics {
             "silences",
             "Silences this daemon applies, by state (active, pending: starting later)",
             metrics.silences.clone(),
+        );
+        registry.register(
+            "sink_paused",
+            "Whether a sink is paused (1): its jobs wait, for an outage or an operator",
+            metrics.paused.clone(),
+        );
+        registry.register(
+            "internal_events",
+            "hookroute's own events by kind and outcome (emitted, duplicate: another replica's; \
+             limited: past max_per_hour; failed: not stored)",
+            metrics.internal.clone(),
         );
         registry.register(
             "ingest_duration_seconds",
@@ -321,6 +342,29 @@ impl Metrics {
             route: route.to_owned(),
         };
         self.muted.get_or_create(&route).inc();
+    }
+
+    /// Which of the configured `sinks` are paused now.
+    pub fn paused_sinks<'a>(
+        &self,
+        sinks: impl IntoIterator<Item = &'a str>,
+        paused: impl Fn(&str) -> bool,
+    ) {
+        for sink in sinks {
+            let series = Sink {
+                sink: sink.to_owned(),
+            };
+            self.paused
+                .get_or_create(&series)
+                .set(i64::from(paused(sink)));
+        }
+    }
+
+    /// An internal event of `kind` came to `outcome`.
+    pub fn internal_event(&self, kind: &'static str, outcome: &'static str) {
+        self.internal
+            .get_or_create(&KindOutcome { kind, outcome })
+            .inc();
     }
 
     /// The silences last read: how many hold now, and how many start later.

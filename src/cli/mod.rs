@@ -6,6 +6,7 @@
 mod check;
 mod send;
 mod silence;
+mod sink;
 mod tools;
 
 use std::path::PathBuf;
@@ -49,6 +50,7 @@ impl Cli {
             Command::Retry(args) => &args.config,
             Command::DeadLetter(DeadLetterCommand::Retry(args)) => &args.config,
             Command::Silence(command) => command.config(),
+            Command::Sink(command) => command.config(),
             Command::Completions { .. } | Command::Man { .. } | Command::MigrateStorage(_) => {
                 return None;
             }
@@ -82,6 +84,10 @@ pub enum Command {
     /// the daemon runs, and every daemon on the database applies it within a second.
     #[command(subcommand)]
     Silence(silence::SilenceCommand),
+    /// Sinks' health: which are failing or paused; pause one for its maintenance, resume it.
+    /// Works while the daemon runs; every daemon on the database follows within a second.
+    #[command(subcommand)]
+    Sink(sink::SinkCommand),
     /// Copy an installation's SQLite database into PostgreSQL (events, delivery ids, jobs with
     /// their attempts, throttle windows); run it again to complete an interrupted copy. Stop
     /// the daemon first.
@@ -128,6 +134,9 @@ pub struct ListArgs {
     /// Only events from this source.
     #[arg(long)]
     pub source: Option<String>,
+    /// Only deliveries to this sink.
+    #[arg(long)]
+    pub sink: Option<String>,
     /// Only events received since then: a duration back from now ("1h", "7d"), a time
     /// ("2026-12-05T14:00:00Z") or a date ("2026-12-05", from its midnight UTC).
     #[arg(long, value_parser = parse_since)]
@@ -261,6 +270,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Retry(args) => tools::retry(args),
         Command::DeadLetter(DeadLetterCommand::Retry(args)) => tools::retry_dead(args),
         Command::Silence(command) => silence::run(command),
+        Command::Sink(command) => sink::run(command),
         Command::MigrateStorage(args) => runtime()?.block_on(tools::migrate_storage(args)),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();

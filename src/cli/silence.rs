@@ -12,7 +12,8 @@ use clap::{Args, Subcommand};
 use jiff::Timestamp;
 
 use super::DEFAULT_CONFIG;
-use crate::config::{self, Config};
+use super::tools::admin as tools;
+use crate::config::Config;
 use crate::silence::{Compiled, check};
 use crate::store::admin::{Access, Tools};
 use crate::store::{Matchers, NewSilence, Silence};
@@ -128,12 +129,6 @@ impl SilenceCommand {
             Self::Expire(args) => &args.config,
         }
     }
-}
-
-fn tools(path: &std::path::Path, access: Access) -> anyhow::Result<(Config, Tools)> {
-    let config = config::load_for_tools(path)?;
-    let tools = crate::store::open_admin(&config.storage, access)?;
-    Ok((config, tools))
 }
 
 pub(super) fn run(command: SilenceCommand) -> anyhow::Result<ExitCode> {

@@ -11,7 +11,10 @@ use crate::store::JobStatus;
 use crate::store::admin::{Access, EventDetail, Filter, JobState, RowStatus, Tools};
 use crate::text::{printable, printable_lines};
 
-fn admin(config_path: &std::path::Path, access: Access) -> anyhow::Result<(Config, Tools)> {
+pub(super) fn admin(
+    config_path: &std::path::Path,
+    access: Access,
+) -> anyhow::Result<(Config, Tools)> {
     let config = config::load_for_tools(config_path)?;
     let admin = crate::store::open_admin(&config.storage, access)?;
     Ok((config, admin))
@@ -28,6 +31,7 @@ pub(super) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         // One of STATUSES: clap took nothing else.
         status: args.status.as_deref().and_then(RowStatus::parse),
         source: args.source,
+        sink: args.sink,
         since,
         limit: args.limit,
     };

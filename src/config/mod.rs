@@ -7,6 +7,7 @@
 //! inside a verifier or a sink's client.
 
 mod diagnose;
+pub mod internal;
 mod problems;
 pub mod raw;
 mod routing;
@@ -61,6 +62,8 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     pub sinks: Vec<ConfiguredSink>,
     pub routing: Arc<Routing>,
+    /// `[self]`: the events the daemon emits about itself.
+    pub internal: internal::InternalConfig,
 }
 
 impl Config {
@@ -421,9 +424,21 @@ fn validate(
         );
     }
     // Every source the file names, valid or not, for the routes' references.
-    let source_names: Vec<String> = raw.sources.keys().chain(&broken.sources).cloned().collect();
+    let source_names: Vec<String> = raw
+        .sources
+        .keys()
+        .chain(&broken.sources)
+        .cloned()
+        .chain([crate::notice::SOURCE.to_owned()])
+        .collect();
     let mut sources = Vec::new();
     for (name, source) in raw.sources {
+        if name == crate::notice::SOURCE {
+            problems.add(
+                format!("sources.{name}"),
+                "is the source of hookroute's own events; name this source otherwise",
+            );
+        }
         let read = secrets.for_source(&name);
         if let Some(source) = sources::validate_source(&name, source, base, read, problems) {
             sources.push(source);
@@ -470,6 +485,7 @@ fn validate(
         broken,
     };
     let routing = validate_routing(path, rules, &names, &sinks, problems);
+    let internal = internal::validate(raw.internal, problems);
 
     if problems.len() > start {
         return None;
@@ -483,6 +499,7 @@ fn validate(
         sources,
         sinks,
         routing: Arc::new(routing),
+        internal,
     })
 }
 

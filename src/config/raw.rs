@@ -62,6 +62,9 @@ pub struct RawConfig {
     /// Strings every template sees as `vars.<name>`, e.g. `scan_url`.
     #[serde(default)]
     pub template_vars: BTreeMap<String, String>,
+    /// The daemon's events about itself.
+    #[serde(default, rename = "self")]
+    pub internal: super::internal::RawSelf,
 }
 
 /// `[metrics]`: `GET /metrics` on the main listener.

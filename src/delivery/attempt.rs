@@ -7,29 +7,48 @@ use std::sync::Arc;
 use futures_util::FutureExt as _;
 use jiff::Timestamp;
 
+use super::health::Health;
 use super::{BACKSTOP_GRACE, retry};
 use crate::clock::Clock;
 use crate::dispatch::{NamedSink, Plan};
 use crate::event::Event;
 use crate::metrics::{DeliveryOutcome, Metrics};
+use crate::notice::{self, DeadLetter, Notice, Notices};
 use crate::silence::Silences;
 use crate::sinks::{Delivery, SinkError};
 use crate::store::{AttemptOutcome, DueJob, Job, Quiet, Store};
 use crate::templates::Message;
 use crate::text::storable;
 
+/// What an attempt needs besides its jobs: the engine's shared parts.
+pub(super) struct Context<'a> {
+    pub clock: &'a dyn Clock,
+    pub metrics: &'a Metrics,
+    pub silences: &'a Silences,
+    pub health: &'a Health,
+    pub notices: &'a Notices,
+}
+
 /// One attempt at delivering `jobs` (one job, or a digest's worth) and its recorded outcome.
 /// Returns whether every outcome was recorded.
 pub(super) async fn attempt(
-    (clock, metrics, silences): (&dyn Clock, &Metrics, &Silences),
+    context: Context<'_>,
     store: &Store,
     plan: &Arc<Plan>,
     sink: &NamedSink,
     jobs: Vec<DueJob>,
     slot: super::limits::Pass,
 ) -> bool {
+    let Context {
+        clock,
+        metrics,
+        silences,
+        health,
+        notices,
+    } = context;
     let started = clock.now();
     let mut outcomes = Vec::with_capacity(jobs.len());
+    let mut dead = Vec::new();
     let mut live = Vec::with_capacity(jobs.len());
     let mut quiet = Vec::new();
     for DueJob { job, event } in jobs {
@@ -42,13 +61,12 @@ pub(super) async fn attempt(
                 }
             }
             Some(event) => live.push((job, event)),
-            None => outcomes.push((
-                job,
-                AttemptOutcome::Dead {
-                    error: "the event is no longer stored".into(),
-                    response: String::new(),
-                },
-            )),
+            None => {
+                let error = "the event is no longer stored".to_owned();
+                dead.extend(dead_letter(&job, None, &error));
+                let response = String::new();
+                outcomes.push((job, AttemptOutcome::Dead { error, response }));
+            }
         }
     }
     // A set-aside that could not be recorded leaves those jobs held (as any unrecorded
@@ -58,7 +76,9 @@ pub(super) async fn attempt(
         return false; // the runtime is shutting down: the jobs stay due
     };
     if prepared.is_empty() {
-        return finish(store, metrics, &sink.name, outcomes, started, started).await && set_aside;
+        let recorded = finish(store, metrics, &sink.name, outcomes, started, started).await;
+        tell_dead(notices, dead, recorded, started);
+        return recorded && set_aside;
     }
     let deliveries: Vec<Delivery<'_>> = prepared
         .iter()
@@ -106,17 +126,32 @@ pub(super) async fn attempt(
         Err(err) => Err(err.map_text(clean)),
     };
     let now = clock.now();
+    let own_only = prepared
+        .iter()
+        .all(|(_, event, _)| event.source == notice::SOURCE);
+    let paused = health
+        .after_call(
+            (store, notices, &plan.internal),
+            sink,
+            result.as_ref().map(|_| ()),
+            own_only,
+            now,
+        )
+        .await;
     // One draw for the call: a group's jobs fail together and are retried together.
     let jitter = jitter();
     let grouped = grouped_note(&prepared);
-    for (job, _, message) in prepared {
+    for (job, event, message) in prepared {
         let mut outcome = retry::decide(
             &sink.delivery.retry,
             &job,
             result.as_ref().cloned(),
-            now,
+            (now, paused),
             jitter,
         );
+        if let AttemptOutcome::Dead { error, .. } = &outcome {
+            dead.extend(dead_letter(&job, Some(&event), error));
+        }
         if let Some(why) = message.fallback {
             outcome.note(&clean(&why));
         }
@@ -128,7 +163,40 @@ pub(super) async fn attempt(
         }
         outcomes.push((job, outcome));
     }
-    finish(store, metrics, &sink.name, outcomes, started, now).await && set_aside
+    let recorded = finish(store, metrics, &sink.name, outcomes, started, now).await;
+    tell_dead(notices, dead, recorded, now);
+    recorded && set_aside
+}
+
+/// The notice of `job`'s dead letter, unless its event is hookroute's own: an internal
+/// event's failure never makes another.
+pub(super) fn dead_letter(job: &Job, event: Option<&Event>, error: &str) -> Option<DeadLetter> {
+    if event.is_some_and(|event| event.source == notice::SOURCE) {
+        return None;
+    }
+    Some(DeadLetter {
+        job_id: job.id,
+        event_id: job.event_id,
+        route: job.route.clone(),
+        sink: job.sink.clone(),
+        error: error.to_owned(),
+        event: event.map(|e| {
+            (
+                e.source.clone(),
+                e.event_type.clone(),
+                e.delivery_id.clone(),
+            )
+        }),
+    })
+}
+
+/// Tells the dead letters of an attempt, once they are `recorded`.
+pub(super) fn tell_dead(notices: &Notices, dead: Vec<DeadLetter>, recorded: bool, at: Timestamp) {
+    if recorded {
+        for letter in dead {
+            notices.send(Notice::DeadLetter(letter), at);
+        }
+    }
 }
 
 /// Pairs each job with its message, rendered on a blocking thread: a template works through
@@ -208,7 +276,9 @@ pub(super) async fn finish(
             sink,
             match outcome {
                 AttemptOutcome::Succeeded { .. } => DeliveryOutcome::Succeeded,
-                AttemptOutcome::Failed { .. } => DeliveryOutcome::Failed,
+                AttemptOutcome::Failed { .. } | AttemptOutcome::Deferred { .. } => {
+                    DeliveryOutcome::Failed
+                }
                 AttemptOutcome::Dead { .. } => DeliveryOutcome::Dead,
             },
         );
@@ -220,6 +290,9 @@ pub(super) async fn finish(
                 error, retry_at, ..
             } => {
                 tracing::warn!(job_id = job.id, event_id = job.event_id, %sink, route = %job.route, attempt = job.attempt, %error, %retry_at, "delivery failed; will retry");
+            }
+            AttemptOutcome::Deferred { error, .. } => {
+                tracing::warn!(job_id = job.id, event_id = job.event_id, %sink, route = %job.route, attempt = job.attempt, %error, "delivery failed while the sink is paused; the job waits");
             }
             AttemptOutcome::Dead { error, .. } => {
                 tracing::error!(job_id = job.id, event_id = job.event_id, %sink, route = %job.route, attempt = job.attempt, %error, "delivery failed for good (dead letter)");

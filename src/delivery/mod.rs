@@ -42,6 +42,7 @@
 //! leases lapse), so delivery is at least once.
 
 mod attempt;
+mod health;
 mod inbox;
 mod limits;
 mod retry;
@@ -56,14 +57,16 @@ use jiff::Timestamp;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub use health::Health;
 pub use inbox::NewJobs;
 
 use crate::clock::Clock;
 use crate::dispatch::{NamedSink, Plan};
 use crate::metrics::Metrics;
+use crate::notice::Notices;
 use crate::silence::Silences;
 use crate::store::{AttemptOutcome, DueJob, Gather, Store};
-use attempt::{attempt, finish};
+use attempt::{Context, attempt, dead_letter, finish, tell_dead};
 use limits::Limits;
 
 /// Longest sleep between looks at the queue: jobs re-queued from the command line are
@@ -98,6 +101,10 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     /// The silences in force: a job coming due may have been silenced since it was created.
     silences: Arc<Silences>,
+    /// Which sinks are paused, and what calls' outcomes do to their streaks.
+    health: Arc<Health>,
+    /// Where the engine tells what it notices (a sink failing, a dead letter).
+    notices: Arc<Notices>,
     /// Counts turns: whoever watches the engine (systemd's watchdog) sees it move.
     turns: Arc<AtomicU64>,
     /// Cancelled when the engine stops: attempts still waiting for a slot give up, so a
@@ -113,7 +120,7 @@ impl Engine {
         new_jobs: Arc<NewJobs>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
-        silences: Arc<Silences>,
+        (silences, health, notices): (Arc<Silences>, Arc<Health>, Arc<Notices>),
     ) -> Self {
         Self {
             store,
@@ -122,6 +129,8 @@ impl Engine {
             clock,
             metrics,
             silences,
+            health,
+            notices,
             turns: Arc::default(),
             stopping: CancellationToken::new(),
         }
@@ -221,7 +230,8 @@ impl Engine {
                 continue;
             }
             let limits = self.limits_for(limits, sink);
-            if limits.concurrency == 0 {
+            // A paused sink's jobs wait in the database, for its probe or its resume.
+            if limits.concurrency == 0 || self.health.paused(&name, now).is_some() {
                 let jobs = self.new_jobs.release(&name);
                 if let Err(err) = self.store.release(jobs).await {
                     tracing::warn!(sink = %name, error = %err, "cannot let go of handed-over jobs; they are released when this daemon stops");
@@ -304,9 +314,11 @@ impl Engine {
             }
         };
         let error = format!("sink {sink:?} is no longer configured");
+        let mut dead = Vec::new();
         let outcomes = jobs
             .into_iter()
             .map(|due| {
+                dead.extend(dead_letter(&due.job, due.event.as_ref(), &error));
                 let outcome = AttemptOutcome::Dead {
                     error: error.clone(),
                     response: String::new(),
@@ -315,7 +327,8 @@ impl Engine {
             })
             .collect();
         let now = self.clock.now();
-        finish(&self.store, &self.metrics, sink, outcomes, now, now).await;
+        let recorded = finish(&self.store, &self.metrics, sink, outcomes, now, now).await;
+        tell_dead(&self.notices, dead, recorded, now);
     }
 
     /// `sink`'s limits: this daemon's share of its concurrency (all of it unless replicas
@@ -345,12 +358,20 @@ impl Engine {
         limits: &Limits,
         running: &mut JoinSet<()>,
     ) -> Option<usize> {
+        // A paused sink makes no attempt but its probe: one job (or one digest).
+        let probe = match self.health.probe(&self.store, sink, self.clock.now()).await {
+            Some(false) => return None,
+            probe => probe.is_some(),
+        };
         // A digest is one sink call: it needs a free slot, then takes everything waiting.
         let (count, reserve, gather) = match sink.digest {
             Some(_) if limits.running.available() == 0 => return None,
             Some(window) => (DIGEST_LIMIT, 1, Gather::Digest(window)),
             None => {
-                let room = limits.claimed.available();
+                let room = limits
+                    .claimed
+                    .available()
+                    .min(if probe { 1 } else { usize::MAX });
                 let gather = if sink.grouped {
                     Gather::Groups
                 } else {
@@ -424,6 +445,7 @@ impl Engine {
                 Arc::clone(&self.silences),
                 self.stopping.clone(),
             );
+            let (health, notices) = (Arc::clone(&self.health), Arc::clone(&self.notices));
             running.spawn(async move {
                 let ids: Vec<i64> = batch.iter().map(|due| due.job.id).collect();
                 let slot = tokio::select! {
@@ -435,7 +457,13 @@ impl Engine {
                     return; // never closed
                 };
                 let call = limits::Call::start(calls);
-                let context = (&*clock, &*metrics, &*silences);
+                let context = Context {
+                    clock: &*clock,
+                    metrics: &metrics,
+                    silences: &silences,
+                    health: &health,
+                    notices: &notices,
+                };
                 let recorded = attempt(context, &store, &plan, &sink, batch, slot).await;
                 drop(call);
                 // A job whose outcome could not be recorded stays held, as the database

@@ -13,11 +13,14 @@ use crate::sinks::{RetryPolicy, SinkError};
 use crate::store::{AttemptOutcome, Job};
 
 /// The job's fate after attempt `job.attempt` ended with `result` at `now`, under `policy`.
+/// While its sink is `paused` for an outage, a failure that is not the job's own (anything
+/// but a refusal) uses no attempt and keeps the job at its place in the queue: due from its
+/// creation, for the next probe or the sink's resume.
 pub fn decide(
     policy: &RetryPolicy,
     job: &Job,
     result: Result<String, &SinkError>,
-    now: Timestamp,
+    (now, paused): (Timestamp, bool),
     unit: f64,
 ) -> AttemptOutcome {
     let error = match result {
@@ -30,6 +33,13 @@ pub fn decide(
             return AttemptOutcome::Dead {
                 error: message,
                 response,
+            };
+        }
+        _ if paused => {
+            return AttemptOutcome::Deferred {
+                error: format!("{message} (the sink is paused: not counted as an attempt)"),
+                response,
+                retry_at: job.created_at,
             };
         }
         SinkError::RateLimited { retry_after, .. } => *retry_after,
@@ -116,12 +126,12 @@ mod tests {
         let p = policy();
         let now = Timestamp::from_second(1010).unwrap();
         assert_eq!(
-            decide(&p, &job(1), Ok("200".into()), now, 0.5),
+            decide(&p, &job(1), Ok("200".into()), (now, false), 0.5),
             AttemptOutcome::Succeeded {
                 response: "200".into()
             }
         );
-        match decide(&p, &job(2), Err(&transient()), now, 1.0) {
+        match decide(&p, &job(2), Err(&transient()), (now, false), 1.0) {
             AttemptOutcome::Failed {
                 retry_at, response, ..
             } => {
@@ -135,10 +145,10 @@ mod tests {
             response: "no_service".into(),
         };
         assert!(matches!(
-            decide(&p, &job(1), Err(&permanent), now, 0.5),
+            decide(&p, &job(1), Err(&permanent), (now, false), 0.5),
             AttemptOutcome::Dead { .. }
         ));
-        match decide(&p, &job(5), Err(&transient()), now, 0.5) {
+        match decide(&p, &job(5), Err(&transient()), (now, false), 0.5) {
             AttemptOutcome::Dead { error, .. } => {
                 assert!(error.contains("gave up after 5 attempts"), "{error}")
             }
@@ -149,7 +159,7 @@ mod tests {
             message: "HTTP 429".into(),
             response: String::new(),
         };
-        match decide(&p, &job(1), Err(&limited), now, 0.0) {
+        match decide(&p, &job(1), Err(&limited), (now, false), 0.0) {
             AttemptOutcome::Failed { retry_at, .. } => {
                 assert_eq!(retry_at, Timestamp::from_second(1040).unwrap())
             }
@@ -161,7 +171,21 @@ mod tests {
             response: String::new(),
         };
         assert!(matches!(
-            decide(&p, &job(1), Err(&too_late), now, 0.0),
+            decide(&p, &job(1), Err(&too_late), (now, false), 0.0),
+            AttemptOutcome::Dead { .. }
+        ));
+        // Paused: an outage's failure keeps the job in its place, even past its attempts;
+        // a refusal is still the job's own.
+        assert_eq!(
+            decide(&p, &job(12), Err(&transient()), (now, true), 0.5),
+            AttemptOutcome::Deferred {
+                error: "HTTP 503 (the sink is paused: not counted as an attempt)".into(),
+                response: "busy".into(),
+                retry_at: job(12).created_at,
+            }
+        );
+        assert!(matches!(
+            decide(&p, &job(1), Err(&permanent), (now, true), 0.5),
             AttemptOutcome::Dead { .. }
         ));
     }

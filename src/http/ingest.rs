@@ -139,6 +139,14 @@ impl AppState {
     ) -> ApiError {
         tracing::warn!(source = %source.name, %client, reason = %err, "delivery refused");
         self.metrics.signature_failure(&source.name, err.code());
+        self.intake.notices().send(
+            crate::notice::Notice::BadSignature {
+                source: source.name.clone(),
+                reason: err.code().to_owned(),
+                client,
+            },
+            self.clock.now(),
+        );
         match self.failures.as_ref().and_then(|f| f.record_failure(key)) {
             Some(wait) => ApiError::RateLimited {
                 retry_after_secs: retry_after_secs(wait),

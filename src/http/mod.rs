@@ -167,6 +167,11 @@ impl App {
         self.state.sources.store(Arc::new(sources_by_path(config)));
     }
 
+    /// Where verified events go: also where the daemon's own events enter.
+    pub fn intake(&self) -> Intake {
+        self.state.intake.clone()
+    }
+
     /// Lets the rate limiters forget idle clients; call periodically.
     pub fn maintain(&self) {
         if let Some(upkeep) = &self.traffic_limiter {

@@ -16,6 +16,22 @@ use crate::event::Event;
 /// Most events in one grouped delivery unless the route says otherwise.
 pub const DEFAULT_MAX: usize = 50;
 
+/// The type of hookroute's dead-letter events, which a route without a `group` of its own
+/// groups by sink ([`dead_letters`]): a revoked webhook is one message, not hundreds.
+pub const DEAD_LETTER: &str = "hookroute.dead_letter";
+
+/// How dead-letter events group unless their route says otherwise: by sink, the first
+/// waiting half a minute for the rest, then at most one message every five minutes.
+pub fn dead_letters() -> &'static Group {
+    static GROUP: std::sync::LazyLock<Group> = std::sync::LazyLock::new(|| Group {
+        by: vec!["data.sink".to_owned()],
+        wait: default_wait().0,
+        interval: default_interval().0,
+        max: DEFAULT_MAX,
+    });
+    &GROUP
+}
+
 /// A route's `group` as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -17,14 +17,28 @@ pub struct DeliveryOptions {
     /// One attempt's time limit; for `exec`, after it the whole process group is killed.
     pub timeout: HumanDuration,
     pub retry: RetryPolicy,
+    /// How long the sink may fail without a success (an outage: connection errors,
+    /// timeouts, 5xx, 429) before it is paused: its jobs wait instead of using up their
+    /// attempts. `0s`: never.
+    pub pause_after: HumanDuration,
+    /// How often a paused sink is tried with one job; the first success resumes it.
+    pub probe_interval: HumanDuration,
 }
 
 impl DeliveryOptions {
+    /// `pause_after`, unless pausing is off.
+    pub fn pause_after(&self) -> Option<Duration> {
+        Some(self.pause_after.0).filter(|after| !after.is_zero())
+    }
+
     /// Every problem, each as `key: what is wrong`.
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.concurrency == 0 {
             problems.push("delivery.concurrency: must be at least 1".into());
+        }
+        if self.probe_interval.0.is_zero() {
+            problems.push("delivery.probe_interval: must be longer than 0s".into());
         }
         if self.retry.max_attempts == 0 {
             problems.push("delivery.retry.max_attempts: must be at least 1".into());
@@ -39,6 +53,8 @@ impl Default for DeliveryOptions {
             concurrency: 4,
             timeout: HumanDuration(Duration::from_secs(30)),
             retry: RetryPolicy::default(),
+            pause_after: HumanDuration(Duration::from_secs(15 * 60)),
+            probe_interval: HumanDuration(Duration::from_secs(60)),
         }
     }
 }

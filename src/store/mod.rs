@@ -21,7 +21,9 @@ pub mod body;
 mod gather;
 pub mod postgres;
 pub mod silences;
+pub mod sinks;
 pub mod sqlite;
+mod status;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -35,6 +37,8 @@ use crate::event::Event;
 use crate::metrics::SinkQueue;
 pub use gather::{Gather, GroupTo, digest_due};
 pub use silences::{Matchers, NewSilence, Quiet, Silence, SilenceState};
+pub use sinks::{Pause, SinkChange, SinkChanged, SinkState, Streak};
+pub use status::JobStatus;
 
 /// A database driver's error (rusqlite's, sqlx's), kept as the source of a [`StoreError`]:
 /// the driver types stay inside their backends.
@@ -252,58 +256,6 @@ pub struct DueSummary {
     pub oldest: Timestamp,
 }
 
-/// Where a job stands (the life of a job: [`crate::delivery`]). Stored as its name,
-/// the same text on both backends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobStatus {
-    /// Due (now, or at its hand-over's fallback), or being attempted.
-    Pending,
-    /// Failed, to be tried again at its next try.
-    Failed,
-    Succeeded,
-    /// Failed for good: waits for an operator.
-    Dead,
-    /// Set aside by a silence; `replay` delivers it.
-    Silenced,
-    /// Set aside by its route's mute window; `replay` delivers it.
-    Muted,
-}
-
-impl JobStatus {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Failed => "failed",
-            Self::Succeeded => "succeeded",
-            Self::Dead => "dead",
-            Self::Silenced => "silenced",
-            Self::Muted => "muted",
-        }
-    }
-
-    pub const ALL: [Self; 6] = [
-        Self::Pending,
-        Self::Failed,
-        Self::Succeeded,
-        Self::Dead,
-        Self::Silenced,
-        Self::Muted,
-    ];
-
-    /// A stored status; `None` for text no version of hookroute writes.
-    pub fn parse(text: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|status| status.as_str() == text)
-    }
-}
-
-impl std::fmt::Display for JobStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // `pad`, not `write_str`: the tools' tables give statuses a width.
-        f.pad(self.as_str())
-    }
-}
-
 /// How an attempt ended, and what becomes of the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttemptOutcome {
@@ -320,6 +272,13 @@ pub enum AttemptOutcome {
     Dead {
         error: String,
         response: String,
+    },
+    /// Failed while its sink was paused for an outage: due again at `retry_at`, and not
+    /// counted against the job's attempts (the outage is the sink's, not the job's).
+    Deferred {
+        error: String,
+        response: String,
+        retry_at: Timestamp,
     },
 }
 
@@ -340,6 +299,25 @@ impl AttemptOutcome {
                 retry_at.as_millisecond(),
             ),
             Self::Dead { error, response } => (JobStatus::Dead, Some(error), response, at),
+            Self::Deferred {
+                error,
+                response,
+                retry_at,
+            } => (
+                JobStatus::Failed,
+                Some(error),
+                response,
+                retry_at.as_millisecond(),
+            ),
+        }
+    }
+
+    /// The attempts the job has used after this one, attempt number `attempt`: a deferred
+    /// attempt uses none.
+    pub(crate) fn counted(&self, attempt: u32) -> u32 {
+        match self {
+            Self::Deferred { .. } => attempt.saturating_sub(1),
+            _ => attempt,
         }
     }
 
@@ -348,7 +326,8 @@ impl AttemptOutcome {
     pub fn note(&mut self, remark: &str) {
         let (Self::Succeeded { response }
         | Self::Failed { response, .. }
-        | Self::Dead { response, .. }) = self;
+        | Self::Dead { response, .. }
+        | Self::Deferred { response, .. }) = self;
         *response = if response.is_empty() {
             format!("note: {remark}")
         } else {
@@ -422,6 +401,25 @@ pub trait Storage: Send + Sync {
     /// # Errors
     /// [`StoreError`] on a database error.
     async fn silences(&self, now: Timestamp) -> Result<Vec<Silence>, StoreError>;
+
+    /// Applies `change` to `sink`'s health at `now` in one transaction (see
+    /// [`SinkState::apply`]); a change that ends a pause also makes the sink's waiting
+    /// retries due from their creation, so its backlog drains at once, in the order it came.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the write failed; nothing changed.
+    async fn change_sink(
+        &self,
+        sink: &str,
+        change: SinkChange,
+        now: Timestamp,
+    ) -> Result<SinkChanged, StoreError>;
+
+    /// Every sink that is failing or paused: what every daemon reads each second.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database error.
+    async fn sink_states(&self) -> Result<Vec<SinkState>, StoreError>;
 
     /// For each sink with jobs waiting: when the next is due and when the oldest was created.
     ///

@@ -86,6 +86,7 @@ impl Templates {
         }
         GROUPED
             .iter()
+            .chain(super::internal::TEMPLATES)
             .find(|(id, _)| *id == first)
             .map_or(GENERIC_GROUP, |(id, _)| id)
     }

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::event::Event;
 
 mod grouped;
+mod internal;
 
 /// Where a template's text comes from.
 #[derive(Debug, Clone, Deserialize)]
@@ -156,7 +157,11 @@ impl TemplatesBuilder {
         env.set_undefined_behavior(UndefinedBehavior::Chainable);
         env.set_fuel(Some(FUEL));
         env.add_global("vars", Value::from(Serde(vars)));
-        for (id, text) in DEFAULTS.iter().chain(grouped::GROUPED) {
+        for (id, text) in DEFAULTS
+            .iter()
+            .chain(grouped::GROUPED)
+            .chain(internal::TEMPLATES)
+        {
             env.add_template_owned(*id, *text)
                 .expect("the shipped templates compile");
         }
@@ -228,7 +233,7 @@ impl Templates {
             "alert.triggered" => "default/alert.triggered",
             t if t.starts_with("policy.") => "default/policy",
             t if t.starts_with("assessment.") => "default/assessment",
-            _ => GENERIC,
+            t => internal::default_for(t).unwrap_or(GENERIC),
         }
     }
 

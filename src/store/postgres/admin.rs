@@ -3,6 +3,8 @@
 //! how each is an index seek), on one connection of their own. The commands are synchronous, so each call runs on a small runtime of its own. A
 //! read-only command's session is read-only: it cannot write, whatever it runs.
 
+use crate::metrics::SinkQueue;
+use crate::store::{SinkChange, SinkChanged, SinkState};
 use std::collections::HashMap;
 
 use jiff::Timestamp;
@@ -70,6 +72,7 @@ macro_rules! jobs_with {
             " AND j.status = '",
             $status,
             "' AND j.event_id >= $1 AND ($2::text IS NULL OR e.source = $2)
+                   AND ($4::text IS NULL OR j.sink = $4)
              ORDER BY j.event_id DESC, j.id LIMIT $3"
         )
     };
@@ -95,6 +98,7 @@ const SUPPRESSED: &str = concat!(
     ", NULL::bigint, d.route, NULL::text, d.status, 0, NULL::bigint, d.detail
      FROM dispatches d JOIN events e ON e.id = d.event_id
      WHERE d.status = 'suppressed' AND d.event_id >= $1 AND ($2::text IS NULL OR e.source = $2)
+           AND $4::text IS NULL
      ORDER BY d.event_id DESC, d.id LIMIT $3"
 );
 const UNROUTED: &str = concat!(
@@ -103,6 +107,7 @@ const UNROUTED: &str = concat!(
     ", NULL::bigint, NULL::text, NULL::text, 'unrouted', 0, NULL::bigint, NULL::text
      FROM events e
      WHERE e.unrouted AND e.id >= $1 AND ($2::text IS NULL OR e.source = $2)
+           AND $4::text IS NULL
      ORDER BY e.id DESC LIMIT $3"
 );
 /// A page of events, newest first, below a cursor: all of them, or one source's.
@@ -378,7 +383,7 @@ impl AdminBackend for Admin {
         &self,
         status: Indexed,
         floor: i64,
-        source: Option<&str>,
+        (source, sink): (Option<&str>, Option<&str>),
         limit: usize,
     ) -> Result<Vec<Row>, StoreError> {
         let sql = match status {
@@ -395,6 +400,7 @@ impl AdminBackend for Admin {
                 .bind(floor)
                 .bind(source)
                 .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .bind(sink)
                 .fetch_all(&mut *conn)
                 .await?;
             rows.into_iter().map(listed).collect()
@@ -561,6 +567,22 @@ impl AdminBackend for Admin {
 
     fn expire_silence(&self, id: i64, now: Timestamp) -> Result<bool, StoreError> {
         self.run(async |conn| silences::expire(&mut *conn, id, now.as_millisecond()).await)
+    }
+
+    fn sinks(&self, now: Timestamp) -> Result<(Vec<SinkState>, Vec<SinkQueue>), StoreError> {
+        self.run(async |conn| {
+            let states = super::sinks::states(&mut *conn).await?;
+            Ok((states, super::jobs::queues(&mut *conn, now).await?))
+        })
+    }
+
+    fn change_sink(
+        &mut self,
+        sink: &str,
+        change: SinkChange,
+        now: Timestamp,
+    ) -> Result<SinkChanged, StoreError> {
+        self.run(async |conn| super::sinks::change(conn, sink, change, now).await)
     }
 
     fn retry_dead(&self, job_id: Option<i64>, now: Timestamp) -> Result<usize, StoreError> {

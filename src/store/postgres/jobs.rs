@@ -118,6 +118,9 @@ pub(super) async fn finish(
             columns
                 .numbers
                 .push(i32::try_from(job.attempt).unwrap_or(i32::MAX));
+            columns
+                .counted
+                .push(i32::try_from(outcome.counted(job.attempt)).unwrap_or(i32::MAX));
             columns.started.push(attempt.started_at.as_millisecond());
             columns.finished.push(at);
         }
@@ -129,12 +132,12 @@ pub(super) async fn finish(
     sqlx::query(
         "WITH o AS (
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[],
-                                  $5::bigint[], $6::int[], $7::bigint[], $8::bigint[])
-                 AS o (id, status, error, response, next, number, started, finished)),
+                                  $5::bigint[], $6::int[], $7::bigint[], $8::bigint[], $9::int[])
+                 AS o (id, status, error, response, next, number, started, finished, counted)),
          updated AS (
              UPDATE jobs j SET status = o.status, last_error = o.error, response = o.response,
                                next_attempt_at = o.next, updated_at = o.finished,
-                               attempts = o.number, leased_by = NULL
+                               attempts = o.counted, leased_by = NULL
              FROM o WHERE j.id = o.id AND j.status IN ('pending', 'failed'))
          INSERT INTO attempts (job_id, number, started_at, finished_at, outcome, error, response)
          SELECT id, number, started, finished, status, error, response FROM o",
@@ -147,6 +150,7 @@ pub(super) async fn finish(
     .bind(&columns.numbers)
     .bind(&columns.started)
     .bind(&columns.finished)
+    .bind(&columns.counted)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -187,7 +191,10 @@ pub(super) async fn waiting(
 }
 
 /// Each sink's waiting jobs and dead letters, for `/metrics`.
-pub(super) async fn queues(pool: &PgPool, now: Timestamp) -> Result<Vec<SinkQueue>, StoreError> {
+pub(super) async fn queues(
+    db: impl sqlx::PgExecutor<'_>,
+    now: Timestamp,
+) -> Result<Vec<SinkQueue>, StoreError> {
     let rows = sqlx::query(
         "SELECT sink, count(*) FILTER (WHERE status IN ('pending', 'failed')),
                 min(created_at) FILTER (WHERE status IN ('pending', 'failed')),
@@ -195,7 +202,7 @@ pub(super) async fn queues(pool: &PgPool, now: Timestamp) -> Result<Vec<SinkQueu
          FROM jobs WHERE status IN ('pending', 'failed', 'dead')
          GROUP BY sink ORDER BY sink",
     )
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     let now = now.as_millisecond();
     Ok(rows
@@ -222,6 +229,8 @@ struct Outcomes<'a> {
     responses: Vec<&'a str>,
     next: Vec<i64>,
     numbers: Vec<i32>,
+    /// The attempts each job has used after this one (see `AttemptOutcome::counted`).
+    counted: Vec<i32>,
     started: Vec<i64>,
     finished: Vec<i64>,
 }

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     AttemptOutcome, DueJob, DueSummary, Gather, Handoff, Inserted, Job, NewEvent, Prunable,
-    PruneStep, Quiet, RouteTo, Silence, Storage, StoreError,
+    PruneStep, Quiet, RouteTo, Silence, SinkChange, SinkChanged, SinkState, Storage, StoreError,
 };
 use crate::config::PostgresConfig;
 use crate::event::Event;
@@ -94,6 +94,7 @@ mod jobs;
 mod retention;
 mod schema;
 mod silences;
+mod sinks;
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -386,6 +387,20 @@ impl Storage for PostgresStore {
 
     async fn silences(&self, now: Timestamp) -> Result<Vec<Silence>, StoreError> {
         silences::by_end(&self.pool, now.as_millisecond(), false).await
+    }
+
+    async fn change_sink(
+        &self,
+        sink: &str,
+        change: SinkChange,
+        now: Timestamp,
+    ) -> Result<SinkChanged, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        sinks::change(&mut conn, sink, change, now).await
+    }
+
+    async fn sink_states(&self) -> Result<Vec<SinkState>, StoreError> {
+        sinks::states(&self.pool).await
     }
 
     async fn due_summary(&self) -> Result<HashMap<String, DueSummary>, StoreError> {

@@ -137,6 +137,23 @@ CREATE INDEX jobs_quieted_by ON jobs (quieted_by, event_id) WHERE quieted_by IS 
 ALTER TABLE jobs ADD COLUMN group_key TEXT;
 CREATE INDEX jobs_group ON jobs (sink, route, group_key, id) WHERE group_key IS NOT NULL;
 ",
+    r"
+-- Each sink's health: see SQLite's migration 9.
+CREATE TABLE sink_states (
+    sink            TEXT    PRIMARY KEY,
+    failing_since   BIGINT,
+    failures        BIGINT  NOT NULL DEFAULT 0,
+    last_error      TEXT,
+    last_failure_at BIGINT,
+    transient       BOOLEAN NOT NULL DEFAULT false,
+    paused_since    BIGINT,
+    paused_until    BIGINT,
+    paused_by       TEXT,
+    pause_comment   TEXT,
+    pause_auto      BOOLEAN NOT NULL DEFAULT false,
+    next_probe      BIGINT
+);
+",
 ];
 
 /// Brings the schema up to date, or refuses a database from a newer build.

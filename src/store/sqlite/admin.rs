@@ -15,6 +15,8 @@
 //! `--since` becomes the first event id received since then, found by bisecting ids (events
 //! are numbered in the order they arrive), so it bounds every walk without an index on time.
 
+use crate::metrics::SinkQueue;
+use crate::store::{SinkChange, SinkChanged, SinkState};
 use std::path::Path;
 use std::time::Duration;
 
@@ -66,6 +68,7 @@ macro_rules! jobs_with {
             " AND j.status = '",
             $status,
             "' AND j.event_id >= ?1 AND (?2 IS NULL OR e.source = ?2)
+                   AND (?4 IS NULL OR j.sink = ?4)
              ORDER BY j.event_id DESC, j.id LIMIT ?3"
         )
     };
@@ -95,6 +98,7 @@ const SUPPRESSED: &str = concat!(
     ", NULL, d.route, NULL, d.status, 0, NULL, d.detail
      FROM dispatches d INDEXED BY dispatches_status JOIN events e ON e.id = d.event_id
      WHERE d.status = 'suppressed' AND d.event_id >= ?1 AND (?2 IS NULL OR e.source = ?2)
+           AND ?4 IS NULL
      ORDER BY d.event_id DESC, d.id LIMIT ?3"
 );
 const UNROUTED: &str = concat!(
@@ -102,7 +106,7 @@ const UNROUTED: &str = concat!(
     row_columns!(),
     ", NULL, NULL, NULL, 'unrouted', 0, NULL, NULL
      FROM events e INDEXED BY events_unrouted
-     WHERE e.unrouted = 1 AND e.id >= ?1 AND (?2 IS NULL OR e.source = ?2)
+     WHERE e.unrouted = 1 AND e.id >= ?1 AND (?2 IS NULL OR e.source = ?2) AND ?4 IS NULL
      ORDER BY e.id DESC LIMIT ?3"
 );
 /// A page of events, newest first, below a cursor: all of them, or one source's.
@@ -304,7 +308,7 @@ impl AdminBackend for Admin {
         &self,
         status: Indexed,
         floor: i64,
-        source: Option<&str>,
+        (source, sink): (Option<&str>, Option<&str>),
         limit: usize,
     ) -> Result<Vec<Row>, StoreError> {
         let sql = match status {
@@ -318,7 +322,7 @@ impl AdminBackend for Admin {
         };
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut stmt = self.conn.prepare_cached(sql)?;
-        let mut rows = stmt.query(params![floor, source, limit])?;
+        let mut rows = stmt.query(params![floor, source, limit, sink])?;
         let mut listed = Vec::new();
         while let Some(row) = rows.next()? {
             listed.push(row_at(&head_at(row)?, row, 5)?);
@@ -448,6 +452,28 @@ impl AdminBackend for Admin {
 
     fn expire_silence(&self, id: i64, now: Timestamp) -> Result<bool, StoreError> {
         Ok(silences::expire(&self.conn, id, now.as_millisecond())?)
+    }
+
+    fn sinks(&self, now: Timestamp) -> Result<(Vec<SinkState>, Vec<SinkQueue>), StoreError> {
+        let states = super::sinks::states(&self.conn)?;
+        Ok((
+            states,
+            super::jobs::queues(&self.conn, now.as_millisecond())?,
+        ))
+    }
+
+    fn change_sink(
+        &mut self,
+        sink: &str,
+        change: SinkChange,
+        now: Timestamp,
+    ) -> Result<SinkChanged, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let changed = super::sinks::change(&tx, sink, change, now)?;
+        tx.commit()?;
+        Ok(changed)
     }
 
     fn retry_dead(&self, job_id: Option<i64>, now: Timestamp) -> Result<usize, StoreError> {

@@ -36,7 +36,7 @@ pub(super) fn record_attempt(
             response,
             next,
             at,
-            job.attempt
+            outcome.counted(job.attempt)
         ])?;
         record.execute(params![
             job.id,

@@ -38,6 +38,7 @@ mod jobs;
 mod retention;
 mod schema;
 mod silences;
+mod sinks;
 mod writer;
 
 use std::collections::{HashMap, HashSet};
@@ -53,7 +54,8 @@ use async_trait::async_trait;
 
 use super::{
     AttemptOutcome, DueJob, DueSummary, Gather, Handoff, Inserted, Job, NewEvent, Prunable,
-    PruneStep, Quiet, RouteTo, Silence, Storage, StoreError, StoredEvent, from_ms,
+    PruneStep, Quiet, RouteTo, Silence, SinkChange, SinkChanged, SinkState, Storage, StoreError,
+    StoredEvent, from_ms,
 };
 use crate::config::StorageConfig;
 use crate::event::Event;
@@ -284,6 +286,23 @@ impl Storage for SqliteStore {
 
     async fn due_summary(&self) -> Result<HashMap<String, DueSummary>, StoreError> {
         self.read(jobs::waiting).await
+    }
+
+    async fn change_sink(
+        &self,
+        sink: &str,
+        change: SinkChange,
+        now: Timestamp,
+    ) -> Result<SinkChanged, StoreError> {
+        let sink = sink.to_owned();
+        match self.submit(Op::Sink { sink, change, now }).await? {
+            Done::Sink(changed) => Ok(changed),
+            _ => unreachable!("a sink's change answers Sink"),
+        }
+    }
+
+    async fn sink_states(&self) -> Result<Vec<SinkState>, StoreError> {
+        self.read(sinks::states).await
     }
 
     async fn touch(&self, now: Timestamp) -> Result<(), StoreError> {

@@ -233,6 +233,24 @@ CREATE INDEX jobs_quieted_by ON jobs(quieted_by, event_id) WHERE quieted_by IS N
 ALTER TABLE jobs ADD COLUMN group_key TEXT;
 CREATE INDEX jobs_group ON jobs(sink, route, group_key, id) WHERE group_key IS NOT NULL;
 ",
+    r"
+-- Each sink's health, shared by every daemon: its failure streak and its pause
+-- (store::sinks). A healthy, running sink has no row.
+CREATE TABLE sink_states (
+    sink            TEXT    PRIMARY KEY,
+    failing_since   INTEGER,            -- unix milliseconds
+    failures        INTEGER NOT NULL DEFAULT 0,
+    last_error      TEXT,
+    last_failure_at INTEGER,
+    transient       INTEGER NOT NULL DEFAULT 0,
+    paused_since    INTEGER,
+    paused_until    INTEGER,            -- an operator's `--for`
+    paused_by       TEXT,
+    pause_comment   TEXT,
+    pause_auto      INTEGER NOT NULL DEFAULT 0,
+    next_probe      INTEGER
+) WITHOUT ROWID;
+",
 ];
 
 /// The schema version of `conn`'s database: how many migrations ran.

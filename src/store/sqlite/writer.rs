@@ -9,8 +9,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::dedupe::Recent;
 use super::{
-    AttemptOutcome, Inserted, Job, NewEvent, Prunable, PruneStep, Quiet, StoreError, events, jobs,
-    retention,
+    AttemptOutcome, Inserted, Job, NewEvent, Prunable, PruneStep, Quiet, SinkChange, SinkChanged,
+    StoreError, events, jobs, retention, sinks,
 };
 
 /// How often the checkpointer copies the WAL back into the database file.
@@ -36,6 +36,12 @@ pub(super) enum Op {
         jobs: Vec<(Job, Quiet)>,
         at: i64,
     },
+    /// Something happened to a sink (see `Storage::change_sink`).
+    Sink {
+        sink: String,
+        change: SinkChange,
+        now: jiff::Timestamp,
+    },
     Touch {
         at: i64,
     },
@@ -56,6 +62,7 @@ pub(super) enum Op {
 pub(super) enum Done {
     Inserted(Inserted),
     Pruned(PruneStep),
+    Sink(SinkChanged),
     Count(usize),
     Unit,
 }
@@ -246,6 +253,9 @@ fn apply(tx: &Transaction<'_>, recent: &mut Recent, op: &Op) -> rusqlite::Result
         Op::Quiet { jobs: quiet, at } => {
             jobs::quiet(tx, quiet, *at)?;
             Done::Unit
+        }
+        Op::Sink { sink, change, now } => {
+            Done::Sink(sinks::change(tx, sink, change.clone(), *now)?)
         }
         Op::Touch { at } => {
             super::schema::set_meta(tx, "last_ready_check", &at.to_string())?;

@@ -6,7 +6,15 @@
 use jiff::Timestamp;
 use serde::Serialize;
 
-use super::{JobStatus, NewSilence, Silence, StoreError, StoredEvent, from_ms};
+mod sinks;
+
+pub use sinks::SinkStatus;
+
+use super::{
+    JobStatus, NewSilence, Silence, SinkChange, SinkChanged, SinkState, StoreError, StoredEvent,
+    from_ms,
+};
+use crate::metrics::SinkQueue;
 
 /// What a command does with the database: reads open it read-only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +183,8 @@ pub struct EventDetail {
 pub struct Filter {
     pub status: Option<RowStatus>,
     pub source: Option<String>,
+    /// Only jobs of this sink (routing records, which have none, are left out).
+    pub sink: Option<String>,
     pub since: Option<Timestamp>,
     pub limit: usize,
 }
@@ -245,7 +255,7 @@ pub trait AdminBackend {
         &self,
         status: Indexed,
         floor: i64,
-        source: Option<&str>,
+        of: (Option<&str>, Option<&str>),
         limit: usize,
     ) -> Result<Vec<Row>, StoreError>;
 
@@ -293,6 +303,17 @@ pub trait AdminBackend {
 
     /// Ends a silence at `now`; false when it had already ended, or there is none.
     fn expire_silence(&self, id: i64, now: Timestamp) -> Result<bool, StoreError>;
+
+    /// Every failing or paused sink, and each sink's queue at `now`.
+    fn sinks(&self, now: Timestamp) -> Result<(Vec<SinkState>, Vec<SinkQueue>), StoreError>;
+
+    /// Applies `change` to `sink` at `now`, as [`Storage::change_sink`](super::Storage) does.
+    fn change_sink(
+        &mut self,
+        sink: &str,
+        change: SinkChange,
+        now: Timestamp,
+    ) -> Result<SinkChanged, StoreError>;
 }
 
 /// How many events a walk reads at a time.
@@ -322,9 +343,8 @@ impl Tools {
         let mut rows = match filter.status.map(Indexed::of) {
             None => self.walk(floor, filter, false)?,
             Some(Some(indexed)) => {
-                let source = filter.source.as_deref();
-                self.backend
-                    .with_status(indexed, floor, source, filter.limit)?
+                let of = (filter.source.as_deref(), filter.sink.as_deref());
+                self.backend.with_status(indexed, floor, of, filter.limit)?
             }
             Some(None) => self.walk(floor, filter, true)?,
         };
@@ -369,15 +389,18 @@ impl Tools {
             below = last.event_id;
             for (head, rows) in heads.iter().zip(self.backend.rows_of(&heads)?) {
                 if rows.is_empty() {
-                    if !succeeded {
+                    if !succeeded && filter.sink.is_none() {
                         listed.push(unrouted(head));
                     }
                     continue;
                 }
-                listed.extend(
-                    rows.into_iter()
-                        .filter(|row| !succeeded || row.status == RowStatus::Succeeded),
-                );
+                listed.extend(rows.into_iter().filter(|row| {
+                    (!succeeded || row.status == RowStatus::Succeeded)
+                        && filter
+                            .sink
+                            .as_ref()
+                            .is_none_or(|sink| row.sink.as_ref() == Some(sink))
+                }));
             }
         }
         listed.truncate(filter.limit);
