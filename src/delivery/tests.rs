@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use tokio::sync::Semaphore;
 
 use super::*;
+use crate::notice::Notices;
 use crate::clock::ManualClock;
 use crate::event::Event;
 use crate::sinks::{Delivery, Sink, SinkError};
@@ -122,7 +123,7 @@ impl Rig {
             Arc::default(),
             Arc::new(clock.clone()),
             Arc::default(),
-            Arc::default(),
+            (Arc::default(), Arc::default(), Arc::new(Notices::new().0)),
         );
         Self {
             _dir: dir,
