@@ -71,7 +71,7 @@ impl Plan {
                 batch: config.batch(),
                 shows_message: s.spec.shows_message(),
                 grouped: routes.iter().any(|route| {
-                    (route.group.is_some() || route.covers(group::DEAD_LETTER))
+                    (route.group.is_some() || route.takes_internal(group::DEAD_LETTER))
                         && route.sinks.contains(&s.name)
                 }),
             };

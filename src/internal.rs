@@ -52,27 +52,13 @@ pub async fn run(
         };
         let plan = plan.load_full();
         if let Some(event) = watch.turn(notice, at, &plan.internal) {
-            emit(
-                event,
-                (&intake, &store),
-                &plan.internal,
-                &metrics,
-                &mut watch,
-            )
-            .await;
+            emit(event, (&intake, &store), &plan, &metrics, &mut watch).await;
         }
     }
     while let Ok((notice, at)) = notices.try_recv() {
         let plan = plan.load_full();
         if let Some(event) = watch.turn(notice, at, &plan.internal) {
-            emit(
-                event,
-                (&intake, &store),
-                &plan.internal,
-                &metrics,
-                &mut watch,
-            )
-            .await;
+            emit(event, (&intake, &store), &plan, &metrics, &mut watch).await;
         }
     }
 }
@@ -296,16 +282,11 @@ impl Watch {
 async fn emit(
     mut event: Emit,
     (intake, store): (&Intake, &Store),
-    config: &InternalConfig,
+    plan: &Plan,
     metrics: &Metrics,
     watch: &mut Watch,
 ) {
     let kind = event.kind.name();
-    if !watch.allow(event.kind, event.at, config.max_per_hour) {
-        metrics.internal_event(kind, "limited");
-        tracing::warn!(kind, id = %event.id, "internal event not sent: past [self] max_per_hour");
-        return;
-    }
     // What a sink's event affects: the jobs waiting for it, and its dead letters.
     if let Some(sink) = event
         .data
@@ -339,6 +320,18 @@ async fn emit(
             return;
         }
     };
+    // Emitted for the routes that ask for it: one no route takes would only be a row
+    // marked unrouted. The log and the metric still tell it.
+    if plan.routing.table.route(&parsed).routes.is_empty() {
+        metrics.internal_event(kind, "unrouted");
+        tracing::info!(kind, delivery_id = %event.id, data = %event.data, "internal event (no route takes it)");
+        return;
+    }
+    if !watch.allow(event.kind, event.at, plan.internal.max_per_hour) {
+        metrics.internal_event(kind, "limited");
+        tracing::warn!(kind, id = %event.id, "internal event not sent: past [self] max_per_hour");
+        return;
+    }
     for attempt in 1..=TRIES {
         match intake
             .accept(parsed.clone(), body.as_bytes(), event.at)

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use super::diagnose::Broken;
 use super::raw::RawRules;
 use super::{ConfiguredSink, Problems, Routing, did_you_mean, read_toml};
+use crate::notice::Kind;
 use crate::rules::windows::{Window, WindowSpec};
 use crate::rules::{Route, RouteSpec, RouteTable};
 use crate::templates::{TemplateSource, TemplatesBuilder};
@@ -223,7 +224,10 @@ pub(super) fn validate_routing(
         }
         match Route::compile(i, spec, route_templates) {
             Ok(route) => {
-                for (j, glob) in route.globs_matching_none(SEED_EVENT_TYPES) {
+                let internal: Vec<String> = Kind::ALL.iter().map(|k| k.event_type()).collect();
+                let mut known: Vec<&str> = SEED_EVENT_TYPES.to_vec();
+                known.extend(internal.iter().map(String::as_str));
+                for (j, glob) in route.globs_matching_none(&known) {
                     warnings.push(format!(
                         "{at}.events[{j}]: {glob:?} matches none of the event types the senders \
                          document; did you mean {:?}? (If it is a type they added since, ignore this.)",
@@ -252,6 +256,7 @@ pub(super) fn validate_routing(
             uncovered.join(", ")
         ));
     }
+    warnings.extend(alerts_with_nowhere_to_go(&table, sinks));
     Routing {
         table,
         templates: templates.build(),
@@ -260,6 +265,34 @@ pub(super) fn validate_routing(
         origin,
         warnings,
     }
+}
+
+/// A warning when hookroute's alert that a sink fails goes to that one sink alone: routing
+/// never sends an internal event to the sink it is about, so that alert would reach no one.
+fn alerts_with_nowhere_to_go(table: &RouteTable, sinks: &[ConfiguredSink]) -> Option<String> {
+    let failing = Kind::SinkFailing.event_type();
+    let mut to: Vec<&String> = table
+        .routes()
+        .iter()
+        .filter(|route| route.takes_internal(&failing))
+        .flat_map(|route| &route.sinks)
+        .collect();
+    to.sort();
+    to.dedup();
+    let [only] = to.as_slice() else { return None };
+    let kind = sinks
+        .iter()
+        .find(|s| &&s.name == only)?
+        .spec
+        .config()
+        .kind();
+    (!matches!(kind, "file" | "log")).then(|| {
+        format!(
+            "hookroute's own events (hookroute.*) go only to sink {only:?}, which can fail: an \
+             event about it is never sent to it, so if it fails no one hears. Route them to a \
+             second sink too (the archive, or email)"
+        )
+    })
 }
 
 impl Routing {

@@ -10,9 +10,9 @@ use async_trait::async_trait;
 use tokio::sync::Semaphore;
 
 use super::*;
-use crate::notice::Notices;
 use crate::clock::ManualClock;
 use crate::event::Event;
+use crate::notice::Notices;
 use crate::sinks::{Delivery, Sink, SinkError};
 use crate::store::{Handoff, Inserted, Job, RouteTo};
 use crate::templates::Message;

@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use crate::duration::HumanDuration;
 use crate::event::Event;
+use crate::notice;
 pub use cel_env::{Activation, Condition, Expr};
 
 /// A route as written in the configuration (`[[routes]]`).
@@ -76,6 +77,10 @@ pub struct Route {
     pub group: Option<group::Group>,
     /// Template id per sink kind, resolved against the template set.
     pub templates: BTreeMap<String, String>,
+    /// Whether the route asks for hookroute's own events: by a glob of `hookroute.` types,
+    /// or by naming the source. A catch-all (`*`) means what the senders send; it does not
+    /// take them, so "everything to Slack" never carries the alert that Slack fails.
+    pub internal: bool,
 }
 
 #[derive(Debug)]
@@ -197,6 +202,11 @@ impl Route {
                 active_during: spec.active_during.clone(),
                 group,
                 templates,
+                internal: spec
+                    .events
+                    .iter()
+                    .any(|glob| glob.starts_with("hookroute."))
+                    || spec.sources.iter().any(|source| source == notice::SOURCE),
             }),
             _ => Err(problems),
         }
@@ -205,6 +215,14 @@ impl Route {
     /// Whether the route's globs cover an event type (ignoring sources and condition).
     pub fn covers(&self, event_type: &str) -> bool {
         self.events.is_match(event_type)
+    }
+
+    /// Whether the route takes hookroute's own events of `event_type` (ignoring its
+    /// condition).
+    pub fn takes_internal(&self, event_type: &str) -> bool {
+        self.internal
+            && self.covers(event_type)
+            && (self.sources.is_empty() || self.sources.iter().any(|s| s == notice::SOURCE))
     }
 
     /// The route's globs (with their index in `events`) that match none of `types`.
@@ -283,6 +301,9 @@ impl Route {
             return Verdict::NoEventMatch;
         }
         if !self.sources.is_empty() && !self.sources.contains(&event.source) {
+            return Verdict::NoSourceMatch;
+        }
+        if event.source == notice::SOURCE && !self.internal {
             return Verdict::NoSourceMatch;
         }
         let condition = match &self.when {

@@ -1,10 +1,8 @@
 //! The operator's commands' primitive queries on PostgreSQL ([`AdminBackend`]; the commands'
 //! logic is `store::admin::Tools`), the same as SQLite's (`store::sqlite::admin`, which says
-//! how each is an index seek), on one connection of their own. The commands are synchronous, so each call runs on a small runtime of its own. A
-//! read-only command's session is read-only: it cannot write, whatever it runs.
+//! how each is an index seek), on one connection of their own, each call on a small runtime
+//! of its own (the commands are synchronous). A read-only command's session is read-only.
 
-use crate::metrics::SinkQueue;
-use crate::store::{SinkChange, SinkChanged, SinkState};
 use std::collections::HashMap;
 
 use jiff::Timestamp;
@@ -14,10 +12,13 @@ use sqlx::{Connection as _, Executor as _};
 use super::events::event_at;
 use super::silences;
 use crate::config::PostgresConfig;
+use crate::metrics::SinkQueue;
 use crate::store::admin::{
     Access, AdminBackend, Attempt, Head, Indexed, JobDetail, JobState, Row, RowStatus, at, retry_at,
 };
-use crate::store::{JobStatus, NewSilence, Silence, StoreError, StoredEvent};
+use crate::store::{
+    JobStatus, NewSilence, Silence, SinkChange, SinkChanged, SinkState, StoreError, StoredEvent,
+};
 
 pub struct Admin {
     runtime: tokio::runtime::Runtime,
@@ -170,17 +171,9 @@ fn parse_status<T>(text: &str, parse: fn(&str) -> Option<T>) -> Result<T, StoreE
 
 /// A job as `show` selects it: id, route, sink, status, attempts, next attempt, last error,
 /// response.
-type JobColumns = (
-    i64,
-    String,
-    String,
-    String,
-    i32,
-    i64,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
+type JobColumns = (i64, String, String, String, i32, i64, Text, Text, Text);
+/// A text column that may be NULL.
+type Text = Option<String>;
 /// An attempt as `show` selects it: its job, number, start, end, outcome, error, response.
 type AttemptColumns = (i64, i32, i64, i64, String, Option<String>, Option<String>);
 
@@ -570,10 +563,7 @@ impl AdminBackend for Admin {
     }
 
     fn sinks(&self, now: Timestamp) -> Result<(Vec<SinkState>, Vec<SinkQueue>), StoreError> {
-        self.run(async |conn| {
-            let states = super::sinks::states(&mut *conn).await?;
-            Ok((states, super::jobs::queues(&mut *conn, now).await?))
-        })
+        self.run(async |conn| super::sinks::with_queues(conn, now).await)
     }
 
     fn change_sink(

@@ -3,6 +3,7 @@
 
 use sqlx::{Connection as _, PgConnection, PgExecutor};
 
+use crate::metrics::SinkQueue;
 use crate::store::sinks::{SINK_COLUMNS, SinkRow};
 use crate::store::{SinkChange, SinkChanged, SinkState, StoreError};
 
@@ -47,6 +48,15 @@ pub(super) async fn states(db: impl PgExecutor<'_>) -> Result<Vec<SinkState>, St
         .fetch_all(db)
         .await?;
     Ok(rows.into_iter().map(state).collect())
+}
+
+/// Every failing or paused sink, and every sink's queue at `now`: `hookroute sink list`.
+pub(super) async fn with_queues(
+    conn: &mut PgConnection,
+    now: jiff::Timestamp,
+) -> Result<(Vec<SinkState>, Vec<SinkQueue>), StoreError> {
+    let states = states(&mut *conn).await?;
+    Ok((states, super::jobs::queues(&mut *conn, now).await?))
 }
 
 /// Applies `change` to `sink` at `now` in a transaction of its own.

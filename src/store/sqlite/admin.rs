@@ -15,8 +15,6 @@
 //! `--since` becomes the first event id received since then, found by bisecting ids (events
 //! are numbered in the order they arrive), so it bounds every walk without an index on time.
 
-use crate::metrics::SinkQueue;
-use crate::store::{SinkChange, SinkChanged, SinkState};
 use std::path::Path;
 use std::time::Duration;
 
@@ -25,10 +23,13 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::events::row_to_event;
 use super::silences;
+use crate::metrics::SinkQueue;
 use crate::store::admin::{
     Access, AdminBackend, Attempt, Head, Indexed, JobDetail, JobState, Row, RowStatus, at, retry_at,
 };
-use crate::store::{JobStatus, NewSilence, Silence, StoreError, StoredEvent};
+use crate::store::{
+    JobStatus, NewSilence, Silence, SinkChange, SinkChanged, SinkState, StoreError, StoredEvent,
+};
 
 pub struct Admin {
     conn: Connection,
