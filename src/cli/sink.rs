@@ -174,25 +174,32 @@ fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
         || "until resumed".to_owned(),
         |until| format!("until {until}"),
     );
-    println!("{} paused {until}; its deliveries wait", args.sink);
+    writeln!(
+        std::io::stdout(),
+        "{} paused {until}; its deliveries wait",
+        args.sink
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
     let (_, mut tools) = admin(&args.config, Access::Write)?;
     let changed = tools.resume_sink(&args.sink, Timestamp::now())?;
+    let mut out = std::io::stdout().lock();
     if changed.before.pause.is_some() {
-        println!(
+        writeln!(
+            out,
             "{} resumed; its waiting deliveries go out now, oldest first",
             args.sink
-        );
+        )?;
     } else if changed.applied {
-        println!(
+        writeln!(
+            out,
             "{} was not paused; its failure streak is cleared",
             args.sink
-        );
+        )?;
     } else {
-        println!("{} was not paused", args.sink);
+        writeln!(out, "{} was not paused", args.sink)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -78,10 +78,24 @@ impl Gate {
         Some(self.pass(permit))
     }
 
-    /// One permit, once one is free (`None` only if the semaphore were closed: never).
-    pub(super) async fn take(&self) -> Option<Pass> {
-        let permit = Arc::clone(&self.semaphore).acquire_owned().await.ok()?;
-        Some(self.pass(permit))
+    /// One permit, once one is free (`None` only if the semaphore were closed: never), its
+    /// place in line taken now: permits go out in the order `queue` was called. The engine
+    /// queues a claim's calls in the order they were claimed, so they start in that order
+    /// (a paused sink's backlog drains oldest first), whichever task runs first.
+    pub(super) fn queue(&self) -> impl Future<Output = Option<Pass>> + Send + 'static {
+        let mut acquire = Box::pin(Arc::clone(&self.semaphore).acquire_owned());
+        // The semaphore is fair, and a waiter's place is taken at its first poll.
+        let first = acquire
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        let gate = self.clone();
+        async move {
+            let permit = match first {
+                std::task::Poll::Ready(permit) => permit,
+                std::task::Poll::Pending => acquire.await,
+            };
+            Some(gate.pass(permit.ok()?))
+        }
     }
 
     fn pass(&self, permit: OwnedSemaphorePermit) -> Pass {
@@ -181,13 +195,38 @@ mod tests {
         assert_eq!(limits.claimed.available(), 5 * PREFETCH);
     }
 
+    /// Waiters get their permits in the order they queued, whichever task runs first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn permits_go_out_in_the_order_queued() {
+        let gate = Gate::new(1);
+        let busy = gate.try_take(1).unwrap();
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let queued: Vec<_> = (0..8).map(|_| gate.queue()).collect();
+        let mut tasks = Vec::new();
+        // Spawned last first: the order they run in is not the order they queued in.
+        for (n, slot) in queued.into_iter().enumerate().rev() {
+            let order = Arc::clone(&order);
+            tasks.push(tokio::spawn(async move {
+                let pass = slot.await.unwrap();
+                order.lock().unwrap().push(n);
+                drop(pass);
+            }));
+        }
+        tokio::task::yield_now().await;
+        drop(busy);
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), (0..8).collect::<Vec<_>>());
+    }
+
     #[tokio::test]
     async fn a_waiter_gets_no_permit_the_shrunk_gate_owes() {
         let gate = Gate::new(3);
         let mut held: Vec<Pass> = (0..3).map(|_| gate.try_take(1).unwrap()).collect();
         let waiter = tokio::spawn({
-            let gate = gate.clone();
-            async move { gate.take().await.unwrap() }
+            let queued = gate.queue();
+            async move { queued.await.unwrap() }
         });
         tokio::task::yield_now().await;
         gate.resize(3, 1);

@@ -358,20 +358,12 @@ impl Engine {
         limits: &Limits,
         running: &mut JoinSet<()>,
     ) -> Option<usize> {
-        // A paused sink makes no attempt but its probe: one job (or one digest).
-        let probe = match self.health.probe(&self.store, sink, self.clock.now()).await {
-            Some(false) => return None,
-            probe => probe.is_some(),
-        };
         // A digest is one sink call: it needs a free slot, then takes everything waiting.
         let (count, reserve, gather) = match sink.digest {
             Some(_) if limits.running.available() == 0 => return None,
             Some(window) => (DIGEST_LIMIT, 1, Gather::Digest(window)),
             None => {
-                let room = limits
-                    .claimed
-                    .available()
-                    .min(if probe { 1 } else { usize::MAX });
+                let room = limits.claimed.available();
                 let gather = if sink.grouped {
                     Gather::Groups
                 } else {
@@ -383,6 +375,13 @@ impl Engine {
         if reserve == 0 {
             return None;
         }
+        // A paused sink makes no attempt but its probe: one job (or one digest), claimed only
+        // by a daemon with room to make it.
+        let (count, reserve) = match self.health.probe(&self.store, sink, self.clock.now()).await {
+            Some(false) => return None,
+            Some(true) if sink.digest.is_none() => (1, 1),
+            _ => (count, reserve),
+        };
         // Places reserved before claiming, so every claimed job is sure of one.
         let reserved = limits.claimed.try_take(reserve)?;
         let due = self.store.due_jobs(
@@ -435,7 +434,7 @@ impl Engine {
             } else {
                 batch.len()
             });
-            let slot = limits.running.clone();
+            let slot = limits.running.queue();
             let calls = Arc::clone(&limits.calls);
             let (store, plan, sink) = (self.store.clone(), Arc::clone(plan), sink.clone());
             let (held, clock, metrics, silences, stopping) = (
@@ -451,7 +450,7 @@ impl Engine {
                 let slot = tokio::select! {
                     biased;
                     () = stopping.cancelled() => return,
-                    slot = slot.take() => slot,
+                    slot = slot => slot,
                 };
                 let Some(slot) = slot else {
                     return; // never closed

@@ -403,8 +403,9 @@ pub trait Storage: Send + Sync {
     async fn silences(&self, now: Timestamp) -> Result<Vec<Silence>, StoreError>;
 
     /// Applies `change` to `sink`'s health at `now` in one transaction (see
-    /// [`SinkState::apply`]); a change that ends a pause also makes the sink's waiting
-    /// retries due from their creation, so its backlog drains at once, in the order it came.
+    /// [`SinkState::apply`]); a change that pauses or resumes the sink also makes its
+    /// waiting retries due from their creation: the probe takes the oldest, and the backlog
+    /// drains at once, in the order it came.
     ///
     /// # Errors
     /// [`StoreError`] when the write failed; nothing changed.

@@ -226,6 +226,17 @@ impl InProcess {
     }
 }
 
+/// Waits until the daemon answers (its database open and migrated).
+pub async fn ready(daemon: &Endpoint) {
+    for _ in 0..200 {
+        if daemon.get_status("/readyz").await == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the daemon never became ready");
+}
+
 /// Moves `clock` on by `step` every few milliseconds of real time until dropped: for a
 /// stretch where the engines should keep looking at the queue (as they do every half second
 /// on the wall clock) without the test stepping each look.

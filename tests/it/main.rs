@@ -18,6 +18,7 @@ mod hostile;
 mod hostile_again;
 mod layout;
 mod logs;
+mod loud;
 mod metrics;
 mod quiet;
 mod recorder;

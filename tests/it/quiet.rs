@@ -25,17 +25,6 @@ fn cli(dir: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-/// Waits until the daemon answers (its database open and migrated).
-async fn ready(daemon: &InProcess) {
-    for _ in 0..200 {
-        if daemon.get_status("/readyz").await == 200 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the daemon never became ready");
-}
-
 fn stdout(out: &std::process::Output) -> String {
     assert!(
         out.status.success(),

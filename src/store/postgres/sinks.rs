@@ -106,8 +106,9 @@ pub(super) async fn change(
         .execute(&mut *tx)
         .await?;
     }
-    if changed.resumed() {
-        // Due from when they were created: the backlog drains in the order it came.
+    if changed.resumed() || changed.paused() {
+        // Due from when they were created: a paused sink's probe takes the oldest, and a
+        // resumed sink's backlog drains in the order it came.
         sqlx::query(
             "UPDATE jobs SET next_attempt_at = created_at
              WHERE sink = $1 AND status = 'failed' AND next_attempt_at > created_at",

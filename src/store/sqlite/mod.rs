@@ -296,7 +296,7 @@ impl Storage for SqliteStore {
     ) -> Result<SinkChanged, StoreError> {
         let sink = sink.to_owned();
         match self.submit(Op::Sink { sink, change, now }).await? {
-            Done::Sink(changed) => Ok(changed),
+            Done::Sink(changed) => Ok(*changed),
             _ => unreachable!("a sink's change answers Sink"),
         }
     }

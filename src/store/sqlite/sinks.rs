@@ -73,8 +73,9 @@ pub(super) fn change(
             r.next_probe
         ])?;
     }
-    if changed.resumed() {
-        // Due from when they were created: the backlog drains in the order it came.
+    if changed.resumed() || changed.paused() {
+        // Due from when they were created: a paused sink's probe takes the oldest, and a
+        // resumed sink's backlog drains in the order it came.
         conn.prepare_cached(
             "UPDATE jobs INDEXED BY jobs_due SET next_attempt_at = created_at
              WHERE sink = ?1 AND status IN ('pending', 'failed') AND status = 'failed'

@@ -62,7 +62,7 @@ pub(super) enum Op {
 pub(super) enum Done {
     Inserted(Inserted),
     Pruned(PruneStep),
-    Sink(SinkChanged),
+    Sink(Box<SinkChanged>),
     Count(usize),
     Unit,
 }
@@ -255,7 +255,7 @@ fn apply(tx: &Transaction<'_>, recent: &mut Recent, op: &Op) -> rusqlite::Result
             Done::Unit
         }
         Op::Sink { sink, change, now } => {
-            Done::Sink(sinks::change(tx, sink, change.clone(), *now)?)
+            Done::Sink(Box::new(sinks::change(tx, sink, change.clone(), *now)?))
         }
         Op::Touch { at } => {
             super::schema::set_meta(tx, "last_ready_check", &at.to_string())?;
