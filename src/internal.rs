@@ -471,6 +471,125 @@ mod tests {
         assert_eq!(watch.turn(Notice::StorageOk, at(90), &config), None);
     }
 
+    /// Every kind renders with its own default template (no fallback): what broke, since
+    /// when, and the command to run next.
+    #[test]
+    fn every_kind_has_a_message_that_says_what_to_do() {
+        use crate::notice::{DeadLetter, SinkNews};
+        use crate::templates::TemplatesBuilder;
+        let templates = TemplatesBuilder::new(&BTreeMap::new(), std::path::Path::new(".")).build();
+        let mut config = InternalConfig::default();
+        config.kinds = Kind::ALL.into_iter().collect();
+        let news = SinkNews {
+            sink: "slack-security".into(),
+            since: at(0),
+            failures: 7,
+            last_error: "HTTP 500".into(),
+            waiting: None,
+        };
+        let notices = [
+            Notice::SinkFailing(news.clone()),
+            Notice::SinkPaused {
+                news: news.clone(),
+                by: crate::store::sinks::AUTOMATIC.into(),
+                comment: "7 failed attempts".into(),
+                until: None,
+            },
+            Notice::SinkRecovered {
+                news: news.clone(),
+                paused: true,
+                by: "delivering again".into(),
+            },
+            Notice::DeadLetter(DeadLetter {
+                job_id: 9,
+                event_id: 4,
+                route: "scans".into(),
+                sink: "slack-security".into(),
+                error: "HTTP 404".into(),
+                event: Some(("cl".into(), "scan.completed".into(), "d-1".into())),
+            }),
+            Notice::ReloadFailed {
+                problems: "sinks.x: missing key `type`".into(),
+            },
+            Notice::Reloaded {
+                sources: 1,
+                sinks: 2,
+                routes: 3,
+            },
+            Notice::Started { version: "1.0.0" },
+            Notice::Stopping,
+        ];
+        let expected = [
+            (
+                "Sink slack-security is failing",
+                "hookroute deliveries list --sink slack-security",
+            ),
+            (
+                "Sink slack-security paused",
+                "hookroute sink resume slack-security",
+            ),
+            ("Sink slack-security recovered", "--status dead"),
+            (
+                "Dead letter at slack-security",
+                "hookroute dead-letter retry 9",
+            ),
+            ("Configuration reload failed", "hookroute check-config"),
+            ("Configuration reloaded", ""),
+            ("hookroute 1.0.0 started", ""),
+            ("hookroute stopping", ""),
+        ];
+        let mut watch = Watch::default();
+        let mut emitted: Vec<Emit> = notices
+            .into_iter()
+            .map(|notice| watch.turn(notice, at(600), &config).unwrap())
+            .collect();
+        for _ in 0..20 {
+            let refused = Notice::BadSignature {
+                source: "cl".into(),
+                reason: "invalid_signature".into(),
+                client: "192.0.2.7".parse().unwrap(),
+            };
+            emitted.extend(watch.turn(refused, at(601), &config));
+        }
+        watch.turn(
+            Notice::StorageFailed {
+                error: "disk full".into(),
+            },
+            at(602),
+            &config,
+        );
+        emitted.extend(watch.turn(Notice::StorageOk, at(700), &config));
+        let expected = expected.into_iter().chain([
+            (
+                "Signatures failing for source cl",
+                "rotated or mistyped secret",
+            ),
+            (
+                "Storage degraded for 1m 38s",
+                "Deliveries refused (503, the senders retry): 1",
+            ),
+        ]);
+        assert_eq!(emitted.len(), 10);
+        for (emit, (title, body)) in emitted.iter().zip(expected) {
+            let body_json =
+                json!({"id": emit.id, "type": emit.kind.event_type(), "data": emit.data});
+            let event = Event::parse(SOURCE, body_json.to_string().as_bytes(), None, None).unwrap();
+            let message = templates.render(None, &event);
+            assert_eq!(message.fallback, None, "{message:?}");
+            assert!(
+                message.title.starts_with(title),
+                "{}: {message:?}",
+                emit.kind.name()
+            );
+            assert!(
+                message.body.contains(body),
+                "{}: {}",
+                emit.kind.name(),
+                message.body
+            );
+        }
+    }
+
     #[test]
     fn each_kind_is_bounded_per_hour() {
         let mut watch = Watch::default();

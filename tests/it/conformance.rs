@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use hookroute::event::Event;
 use hookroute::store::{
-    AttemptOutcome, DueJob, Gather, Handoff, Inserted, Job, Prunable, RouteTo, Store, StoreError,
+    AttemptOutcome, DueJob, Gather, Handoff, Inserted, Job, Prunable, RouteTo, SinkChange, Store,
+    StoreError,
 };
 use jiff::Timestamp;
 
@@ -537,4 +538,115 @@ async fn a_replicas_claim_is_its_own_until_released_or_closed() {
             a.close().await;
         })
         .await;
+}
+
+on_both_backends!(a_sinks_health_is_shared_and_a_pause_keeps_the_queue_in_order);
+
+/// A sink's health through the contract: failures from two handles count together, the
+/// outage pauses it at `pause_after` (its waiting retries due from their creation, so the
+/// probe takes the oldest), only one handle claims each probe, a deferred attempt uses none
+/// of the job's attempts, and a success resumes it.
+async fn a_sinks_health_is_shared_and_a_pause_keeps_the_queue_in_order() {
+    let dir = tempdir();
+    let a = store(dir.path()).await;
+    // One daemon per SQLite file: there both handles are the same store.
+    let b = match backend() {
+        Backend::Sqlite => a.clone(),
+        Backend::Postgres => store(dir.path()).await,
+    };
+    let first = insert(&a, "first", &["slack"], t0()).await;
+    insert(&a, "second", &["slack"], after(t0(), 1)).await;
+    let outage = |seconds| {
+        let change = SinkChange::Failed {
+            error: "HTTP 503".into(),
+            transient: true,
+            pause_after: Some(Duration::from_secs(600)),
+            probe_interval: Duration::from_secs(60),
+        };
+        (change, after(t0(), seconds))
+    };
+    for (n, (change, at)) in (0..4).map(|i| outage(i * 100)).enumerate() {
+        let store = if n % 2 == 0 { &a } else { &b };
+        let changed = store.change_sink("slack", change, at).await.unwrap();
+        assert!(changed.applied && !changed.paused());
+    }
+    // Both jobs failed once and wait for their retries, the first's later than the second's.
+    for (i, due) in due(&a, "slack", after(t0(), 5))
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let retry_at = after(t0(), if i == 0 { 900 } else { 800 });
+        let outcome = AttemptOutcome::Failed {
+            error: "HTTP 503".into(),
+            response: String::new(),
+            retry_at,
+        };
+        finish(&a, &due.job, outcome, after(t0(), 5)).await;
+    }
+    let states = b.sink_states().await.unwrap();
+    assert_eq!(states.len(), 1);
+    let streak = states[0].streak.clone().unwrap();
+    assert_eq!(
+        (streak.failures, streak.since),
+        (4, t0()),
+        "both handles' failures"
+    );
+
+    let (change, at) = outage(600);
+    let changed = b.change_sink("slack", change, at).await.unwrap();
+    assert!(changed.paused(), "ten minutes of an outage");
+    let due_now = due(&a, "slack", after(t0(), 601)).await;
+    assert_eq!(due_now.len(), 2, "paused: due from their creation");
+    assert_eq!(due_now[0].job.event_id, first, "the oldest first");
+
+    let probe = |at| {
+        let interval = Duration::from_secs(60);
+        (SinkChange::Probe { interval }, at)
+    };
+    let (early, at) = probe(after(t0(), 620));
+    assert!(
+        !a.change_sink("slack", early, at).await.unwrap().applied,
+        "not before its time"
+    );
+    let claims = futures_util::future::join_all([&a, &b].map(|store| {
+        let (change, at) = probe(after(t0(), 660));
+        async move {
+            store
+                .change_sink("slack", change, at)
+                .await
+                .unwrap()
+                .applied
+        }
+    }))
+    .await;
+    assert_eq!(
+        claims.iter().filter(|c| **c).count(),
+        1,
+        "one probe: {claims:?}"
+    );
+
+    // The probe fails while paused: recorded, and the job keeps its attempts.
+    let job = due_now[0].job.clone();
+    let outcome = AttemptOutcome::Deferred {
+        error: "HTTP 503".into(),
+        response: String::new(),
+        retry_at: job.created_at,
+    };
+    let mut probed = job.clone();
+    probed.attempt = 2;
+    finish(&a, &probed, outcome, after(t0(), 661)).await;
+    let again = due(&b, "slack", after(t0(), 662)).await;
+    assert_eq!(again[0].job.id, job.id, "still first in line");
+    assert_eq!(again[0].job.attempt, 2, "the deferred attempt used none");
+
+    let resumed = a
+        .change_sink("slack", SinkChange::Succeeded, after(t0(), 720))
+        .await
+        .unwrap();
+    assert!(resumed.resumed() && resumed.after.is_healthy());
+    assert!(
+        b.sink_states().await.unwrap().is_empty(),
+        "a healthy sink has no row"
+    );
 }
