@@ -641,3 +641,46 @@ sinks = ["archive"]
     assert_eq!(lines[1]["payload"]["type"], "hookroute.config.reloaded");
     assert_eq!(lines[1]["payload"]["data"]["sinks"], 1);
 }
+
+/// Storage that refuses writes for a while (another process holds the lock): once it takes
+/// them again, one `hookroute.storage.degraded` says from when to when and how many
+/// deliveries were answered 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_outage_is_told_once_it_is_over() {
+    let dir = tempdir();
+    let archive = dir.path().join("events.jsonl");
+    let rest = format!(
+        r#"
+[self]
+events = ["storage.degraded"]
+
+[sources.cl]
+secret = "{CL_SECRET}"
+
+[sinks.archive]
+type = "file"
+path = "{}"
+
+[[routes]]
+name = "self"
+events = ["hookroute.storage.*"]
+sinks = ["archive"]
+"#,
+        archive.display()
+    );
+    let daemon = Daemon::start(dir.path(), &config(dir.path(), NO_LIMITS, &rest));
+    let blocker = daemon.db();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    for n in 0..3 {
+        let reply = daemon.post_cl(&scan(n)).await;
+        assert_eq!(reply.status, 503);
+    }
+    blocker.execute_batch("ROLLBACK").unwrap();
+    daemon.accept_cl(&scan(0)).await;
+    let lines = wait_lines(&archive, 1).await;
+    let event = &lines[0]["payload"];
+    assert_eq!(event["type"], "hookroute.storage.degraded", "{event}");
+    assert_eq!(event["data"]["refused_deliveries"], 3, "{event}");
+    assert!(event["data"]["last_error"].as_str().is_some(), "{event}");
+    assert!(event["data"]["since"].as_str() < event["data"]["until"].as_str());
+}
