@@ -428,6 +428,8 @@ impl Metrics {
         }
         let sinks: Vec<String> = sinks.into_iter().map(str::to_owned).collect();
         for sink in &sinks {
+            let series = Sink { sink: sink.clone() };
+            self.paused.get_or_create(&series).set(0);
             for outcome in ["succeeded", "failed", "dead"] {
                 self.deliveries
                     .get_or_create(&SinkOutcome {

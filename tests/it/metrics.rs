@@ -313,10 +313,16 @@ sinks = ["gone"]
     // In-process: the queue reading is cached for a second of the daemon's clock, stepped.
     let daemon = InProcess::start(dir.path(), &config(dir.path(), NO_LIMITS, &rest)).await;
     let dead = r#"hookroute_deliveries_total{outcome="dead",sink="gone"}"#;
+    let paused = r#"hookroute_sink_paused{sink="gone"}"#;
     let before = parse(&scrape(&daemon).await.2);
     // Before anything happened, every configured sink is there, at 0.
     for sink in ["archive", "gone"] {
-        for gauge in ["dead_letters", "jobs_waiting", "oldest_waiting_seconds"] {
+        for gauge in [
+            "dead_letters",
+            "jobs_waiting",
+            "oldest_waiting_seconds",
+            "sink_paused",
+        ] {
             let key = format!(r#"hookroute_{gauge}{{sink="{sink}"}}"#);
             assert_eq!(before.get(&key), Some(&0.0), "{key}: {before:?}");
         }
@@ -357,6 +363,10 @@ tests:
         values: '0 0 0 0+60x20'
       - series: 'hookroute_signature_failures_total{{source="cl",reason="invalid_signature"}}'
         values: '0 0 0 0+180x20'
+      - series: '{paused}'
+        values: '{paused_values}'
+      - series: 'hookroute_config_reloads_total{{outcome="failure"}}'
+        values: '0 0 0 1x20'
     alert_rule_test:
       - eval_time: 2m
         alertname: HookrouteDeadLetters
@@ -385,7 +395,33 @@ tests:
         exp_alerts:
           - exp_labels: {{ severity: warning, source: cl }}
             exp_annotations: {{ summary: "{signature_summary}" }}
+      - eval_time: 2m
+        alertname: HookrouteSinkPaused
+        exp_alerts: []
+      - eval_time: 4m
+        alertname: HookrouteSinkPaused
+        exp_alerts:
+          - exp_labels: {{ severity: critical, sink: gone }}
+            exp_annotations: {{ summary: "{paused_summary}" }}
+      - eval_time: 2m
+        alertname: HookrouteReloadFailed
+        exp_alerts: []
+      - eval_time: 4m
+        alertname: HookrouteReloadFailed
+        exp_alerts:
+          - exp_labels: {{ severity: warning, outcome: failure }}
+            exp_annotations: {{ summary: "{reload_summary}" }}
 "#,
+        paused = paused,
+        paused_values = format!(
+            "{} {} {} {}",
+            before[paused],
+            before[paused],
+            before[paused],
+            vec!["1"; 20].join(" ")
+        ),
+        paused_summary = summary(&rules, "HookrouteSinkPaused", "sink", "gone"),
+        reload_summary = summary(&rules, "HookrouteReloadFailed", "sink", ""),
         dead_values = series(before[dead], after[dead]),
         dead_summary = summary(&rules, "HookrouteDeadLetters", "sink", "gone").replace('"', "\\\""),
         stuck_summary = summary(&rules, "HookrouteDeliveryStuck", "sink", "gone"),
