@@ -478,8 +478,10 @@ mod tests {
         use crate::notice::{DeadLetter, SinkNews};
         use crate::templates::TemplatesBuilder;
         let templates = TemplatesBuilder::new(&BTreeMap::new(), std::path::Path::new(".")).build();
-        let mut config = InternalConfig::default();
-        config.kinds = Kind::ALL.into_iter().collect();
+        let config = InternalConfig {
+            kinds: Kind::ALL.into_iter().collect(),
+            ..InternalConfig::default()
+        };
         let news = SinkNews {
             sink: "slack-security".into(),
             since: at(0),

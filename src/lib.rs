@@ -11,8 +11,11 @@
 //!   from [`templates`] and the retry decisions of `delivery::retry`.
 //! - [`config`]: the TOML file, validated into the [`config::Config`] everything is built
 //!   from; [`cli`]: the commands, the operator's tools among them.
+//! - [`internal`]: the daemon's own events (`hookroute.*`), made from what the others
+//!   [`notice`] (a sink failing, a dead letter, a bad signature, a failed reload) and accepted
+//!   through [`intake`] like a sender's.
 //! - Leaves any module may use: [`duration`], [`secret`], [`clock`], [`private`] (file modes),
-//!   [`text`] (a stranger's text made safe to keep, print and log).
+//!   [`text`] (a stranger's text made safe to keep, print and log), [`notice`].
 //!
 //! Dependencies point one way, and a test (`tests/it/layout.rs`) keeps it so: `cli` and
 //! `http` → `intake` → `dispatch`, `store`, `delivery`; `delivery` → `dispatch`, `store`,

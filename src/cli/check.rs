@@ -139,6 +139,34 @@ fn summary(config: &Config) -> String {
         }
         out.push('\n');
     }
+    let kinds: Vec<&str> = config.internal.kinds.iter().map(|k| k.name()).collect();
+    let takers: Vec<String> = routing
+        .table
+        .routes()
+        .iter()
+        .filter(|route| {
+            config
+                .internal
+                .kinds
+                .iter()
+                .any(|kind| route.takes_internal(&kind.event_type()))
+        })
+        .map(|route| format!("{:?}", route.name))
+        .collect();
+    let _ = writeln!(
+        out,
+        "hookroute's own events: {} -> {}",
+        if kinds.is_empty() {
+            "none".to_owned()
+        } else {
+            kinds.join(", ")
+        },
+        if takers.is_empty() {
+            "no route asks for them (logged only)".to_owned()
+        } else {
+            format!("routes {}", takers.join(", "))
+        }
+    );
     if !routing.windows.is_empty() {
         let _ = writeln!(out, "time intervals (now {now}):");
     }

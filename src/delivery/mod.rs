@@ -33,8 +33,9 @@
 //! | **held** | [`inbox::Held`]: left out of every read while an attempt runs | a turn's claim (`Storage::due_jobs`, or a hand-over taken) |
 //! | **leased** (PostgreSQL) | `jobs.leased_by`: this replica's until the lease lapses | `due_jobs` claims with the hold; a replica that stops renewing loses its leases, and another claims the jobs |
 //! | **failed** | a row due again at its next try | `Storage::finish_attempt` with a retryable error (`retry`); `hookroute retry` makes it due now |
+//! | **waiting for a paused sink** | a `failed` (or `pending`) row due from its creation, left unclaimed but for the sink's probe | `Storage::change_sink` pausing the sink ([`health`]); a probe that fails records a deferred attempt (`retry`: it uses none); the sink's resume makes the backlog due, oldest first |
 //! | **succeeded** | a row, with its attempts | `finish_attempt`; pruned with its event |
-//! | **silenced**, **muted** | a row set aside, never due (`quieted_by`: the silence, or the window) | `Storage::insert` when routing found a silence or the route's mute window (`intake`); `Storage::quiet` when a silence added since holds a job coming due (`attempt::set_aside`); `replay` queues a new job |
+//! | **silenced**, **muted** | a row set aside, never due (`quieted_by`: the silence, or the window) | `Storage::insert` when routing found a silence, the route's mute window, or an internal event about the sink itself (`dispatch::NOT_TO_ITSELF`) (`intake`); `Storage::quiet` when a silence added since holds a job coming due (`attempt::set_aside`); `replay` queues a new job |
 //! | **dead** | a row waiting for an operator | `finish_attempt` (a permanent error, out of attempts or time); a sink removed by a reload (`Engine::bury_orphans`); `hookroute dead-letter retry` makes it `pending` with fresh attempts |
 //!
 //! A process that dies loses only memory: held and handed-over jobs are still `pending` rows,

@@ -496,6 +496,13 @@ sinks = ["slack"]
     let path = write_config(dir.path(), &config(dir.path(), "", &fixed));
     let said = stdout(&cli(&path, &["check-config"]));
     assert!(!said.contains("go only to sink"), "{said}");
+    assert!(
+        said.contains(
+            "hookroute's own events: sink.failing, sink.paused, sink.recovered, dead_letter, \
+             signature.failing, config.reload_failed -> routes \"self\""
+        ),
+        "{said}"
+    );
 }
 
 /// `hookroute sink pause --for` on the command line: every daemon holds the sink's jobs (a

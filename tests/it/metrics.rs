@@ -413,13 +413,7 @@ tests:
             exp_annotations: {{ summary: "{reload_summary}" }}
 "#,
         paused = paused,
-        paused_values = format!(
-            "{} {} {} {}",
-            before[paused],
-            before[paused],
-            before[paused],
-            vec!["1"; 20].join(" ")
-        ),
+        paused_values = series(before[paused], 1.0),
         paused_summary = summary(&rules, "HookrouteSinkPaused", "sink", "gone"),
         reload_summary = summary(&rules, "HookrouteReloadFailed", "sink", ""),
         dead_values = series(before[dead], after[dead]),
