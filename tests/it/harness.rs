@@ -237,6 +237,30 @@ pub async fn ready(daemon: &Endpoint) {
     panic!("the daemon never became ready");
 }
 
+/// The daemons a test runs on one database, on `clock`: one on SQLite (one daemon per
+/// file), two replicas on PostgreSQL, each in its own of `dirs` with the configuration
+/// `config` writes for it, and ready.
+pub async fn replicas(
+    dirs: &[tempfile::TempDir; 2],
+    config: impl Fn(&Path) -> String,
+    clock: &hookroute::clock::ManualClock,
+) -> Vec<InProcess> {
+    let replicas = match backend() {
+        Backend::Sqlite => 1,
+        Backend::Postgres => 2,
+    };
+    let mut daemons = Vec::new();
+    for dir in &dirs[..replicas] {
+        if let Ok(name) = std::fs::read_to_string(dirs[0].path().join(PG_MARKER)) {
+            std::fs::write(dir.path().join(PG_MARKER), name).unwrap();
+        }
+        let daemon = InProcess::start_on(dir.path(), &config(dir.path()), clock.clone()).await;
+        ready(&daemon).await;
+        daemons.push(daemon);
+    }
+    daemons
+}
+
 /// Moves `clock` on by `step` every few milliseconds of real time until dropped: for a
 /// stretch where the engines should keep looking at the queue (as they do every half second
 /// on the wall clock) without the test stepping each look.

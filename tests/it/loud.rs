@@ -39,6 +39,36 @@ fn scan(n: usize) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A configuration whose `[self]` turns on `kinds` (the defaults if empty) and whose one
+/// route sends `glob` to a file: its lines, and the configuration.
+fn archiving(dir: &Path, kinds: &[&str], glob: &str) -> (std::path::PathBuf, String) {
+    let archive = dir.join("events.jsonl");
+    let internal = if kinds.is_empty() {
+        String::new()
+    } else {
+        format!("[self]\nevents = {kinds:?}\n")
+    };
+    let rest = format!(
+        r#"
+{internal}
+[sources.cl]
+scheme = "compliancelayer"
+secret = "{CL_SECRET}"
+
+[sinks.archive]
+type = "file"
+path = "{}"
+
+[[routes]]
+name = "self"
+events = ["{glob}"]
+sinks = ["archive"]
+"#,
+        archive.display()
+    );
+    (archive, config(dir, NO_LIMITS, &rest))
+}
+
 /// Emails received whose subject starts with `prefix`.
 fn mails(smtp: &Smtp, prefix: &str) -> Vec<serde_json::Value> {
     smtp.received()
@@ -99,10 +129,6 @@ fn delivered_domains(slack: &Recorder) -> Vec<String> {
 /// internal event is still stored once.
 async fn a_failing_sink_is_paused_not_burned_and_recovers_in_order() {
     let dirs = [tempdir(), tempdir()];
-    let replicas = match backend() {
-        Backend::Sqlite => 1,
-        Backend::Postgres => 2,
-    };
     let slack = Recorder::start().await;
     slack.set_down(true);
     let smtp = Smtp::start(dirs[0].path(), "loud", "plain", None, None);
@@ -143,16 +169,7 @@ sinks = ["mail", "slack", "archive"]
         archive.display()
     );
     let clock = hookroute::clock::ManualClock::new(jiff::Timestamp::now());
-    let mut daemons = Vec::new();
-    for dir in &dirs[..replicas] {
-        if let Ok(name) = std::fs::read_to_string(dirs[0].path().join(PG_MARKER)) {
-            std::fs::write(dir.path().join(PG_MARKER), name).unwrap();
-        }
-        let config = config(dir.path(), NO_LIMITS, &rest);
-        let daemon = InProcess::start_on(dir.path(), &config, clock.clone()).await;
-        ready(&daemon).await;
-        daemons.push(daemon);
-    }
+    let daemons = replicas(&dirs, |dir| config(dir, NO_LIMITS, &rest), &clock).await;
     let daemon = &daemons[0];
     for n in 1..=3 {
         daemon.accept_cl(&scan(n)).await;
@@ -390,25 +407,8 @@ on_both_backends!(a_revoked_webhook_is_one_dead_letter_message);
 /// `hookroute.signature.failing`, with the reasons and the client; more make no second one.
 async fn bad_signatures_make_one_signature_failing_event() {
     let dir = tempdir();
-    let archive = dir.path().join("events.jsonl");
-    let rest = format!(
-        r#"
-[sources.cl]
-scheme = "compliancelayer"
-secret = "{CL_SECRET}"
-
-[sinks.archive]
-type = "file"
-path = "{}"
-
-[[routes]]
-name = "self"
-events = ["hookroute.*"]
-sinks = ["archive"]
-"#,
-        archive.display()
-    );
-    let daemon = InProcess::start(dir.path(), &config(dir.path(), NO_LIMITS, &rest)).await;
+    let (archive, text) = archiving(dir.path(), &[], "hookroute.*");
+    let daemon = InProcess::start(dir.path(), &text).await;
     let _ticking = Ticking::start(&daemon.clock, Duration::from_millis(100));
     let body = scan(1);
     let wrong = hmac_hex("whsec_the_old_secret", &[&body]);
@@ -608,27 +608,11 @@ on_both_backends!(an_operator_pauses_and_resumes_a_sink);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_with_a_typo_is_routed_as_reload_failed() {
     let dir = tempdir();
-    let archive = dir.path().join("events.jsonl");
-    let rest = format!(
-        r#"
-[self]
-events = ["config.reload_failed", "config.reloaded"]
-
-[sources.cl]
-secret = "{CL_SECRET}"
-
-[sinks.archive]
-type = "file"
-path = "{}"
-
-[[routes]]
-name = "self"
-events = ["hookroute.config.*"]
-sinks = ["archive"]
-"#,
-        archive.display()
+    let (archive, text) = archiving(
+        dir.path(),
+        &["config.reload_failed", "config.reloaded"],
+        "hookroute.config.*",
     );
-    let text = config(dir.path(), NO_LIMITS, &rest);
     let daemon = Daemon::start(dir.path(), &text);
     std::fs::write(
         &daemon.config_path,
@@ -655,27 +639,8 @@ sinks = ["archive"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storage_outage_is_told_once_it_is_over() {
     let dir = tempdir();
-    let archive = dir.path().join("events.jsonl");
-    let rest = format!(
-        r#"
-[self]
-events = ["storage.degraded"]
-
-[sources.cl]
-secret = "{CL_SECRET}"
-
-[sinks.archive]
-type = "file"
-path = "{}"
-
-[[routes]]
-name = "self"
-events = ["hookroute.storage.*"]
-sinks = ["archive"]
-"#,
-        archive.display()
-    );
-    let daemon = Daemon::start(dir.path(), &config(dir.path(), NO_LIMITS, &rest));
+    let (archive, text) = archiving(dir.path(), &["storage.degraded"], "hookroute.storage.*");
+    let daemon = Daemon::start(dir.path(), &text);
     let blocker = daemon.db();
     blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
     for n in 0..3 {

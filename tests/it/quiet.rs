@@ -61,21 +61,9 @@ fn archived(dir: &Path) -> Vec<String> {
 /// on time by the daemon's clock, and `expire` ends one at once.
 async fn a_silence_holds_on_every_replica_within_a_second_until_it_ends() {
     let dirs = [tempdir(), tempdir()];
-    let replicas = match backend() {
-        Backend::Sqlite => 1,
-        Backend::Postgres => 2,
-    };
     let clock = hookroute::clock::ManualClock::new(jiff::Timestamp::now());
-    let mut daemons = Vec::new();
-    for dir in &dirs[..replicas] {
-        if let Ok(name) = std::fs::read_to_string(dirs[0].path().join(PG_MARKER)) {
-            std::fs::write(dir.path().join(PG_MARKER), name).unwrap();
-        }
-        let config = quiet_config(dir.path(), "");
-        let daemon = InProcess::start_on(dir.path(), &config, clock.clone()).await;
-        ready(&daemon).await;
-        daemons.push(daemon);
-    }
+    let daemons = replicas(&dirs, |dir| quiet_config(dir, ""), &clock).await;
+    let replicas = daemons.len();
     // The clock runs ahead of the wall clock (a second every 20 ms): what the command line
     // queues at the wall clock's now is soon due.
     let _ticking = Ticking::start(&clock, Duration::from_millis(100));
