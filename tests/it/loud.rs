@@ -130,7 +130,7 @@ fn delivered_domains(slack: &Recorder) -> Vec<String> {
 async fn a_failing_sink_is_paused_not_burned_and_recovers_in_order() {
     let dirs = [tempdir(), tempdir()];
     let slack = Recorder::start().await;
-    slack.set_down(true);
+    slack.set_down_with(500);
     let smtp = Smtp::start(dirs[0].path(), "loud", "plain", None, None);
     let archive = dirs[0].path().join("events.jsonl");
     let rest = format!(

@@ -49,6 +49,8 @@ struct State {
     requests: Mutex<Vec<Recorded>>,
     script: Mutex<VecDeque<Answer>>,
     down: AtomicBool,
+    /// What it answers while down: 503 unless told otherwise.
+    down_status: std::sync::atomic::AtomicU16,
     delay: Mutex<Duration>,
     in_flight: AtomicUsize,
     most_in_flight: AtomicUsize,
@@ -71,7 +73,11 @@ impl Recorder {
                     let scripted = state.script.lock().unwrap().pop_front();
                     let down = state.down.load(Ordering::SeqCst);
                     let answer = scripted.unwrap_or_else(|| {
-                        let mut answer = Answer::status(if down { 503 } else { 200 });
+                        let down_status = match state.down_status.load(Ordering::SeqCst) {
+                            0 => 503,
+                            status => status,
+                        };
+                        let mut answer = Answer::status(if down { down_status } else { 200 });
                         answer.body = if down { "down".into() } else { "ok".into() };
                         answer.delay = *state.delay.lock().unwrap();
                         answer
@@ -111,6 +117,12 @@ impl Recorder {
 
     pub fn set_down(&self, down: bool) {
         self.state.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Down, answering `status` (a 500, say) instead of 503.
+    pub fn set_down_with(&self, status: u16) {
+        self.state.down_status.store(status, Ordering::SeqCst);
+        self.set_down(true);
     }
 
     pub fn set_delay(&self, delay: Duration) {
