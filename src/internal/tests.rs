@@ -1,4 +1,5 @@
 //! The notices' arithmetic, and every kind's message.
+
 use super::*;
 
 fn at(second: i64) -> Timestamp {
