@@ -24,6 +24,9 @@ pub enum Notice {
     /// A sink was paused: by hookroute for an outage, or by an operator.
     SinkPaused {
         news: SinkNews,
+        /// When the pause began: what makes it one event across replicas (an operator's
+        /// pause replacing hookroute's is another).
+        at: Timestamp,
         by: String,
         comment: String,
         until: Option<Timestamp>,
@@ -75,8 +78,8 @@ pub struct SinkNews {
     pub failures: u32,
     /// The last error, its secrets taken out.
     pub last_error: String,
-    /// Jobs waiting for the sink.
-    pub waiting: Option<u64>,
+    /// The last few different errors the daemon that tells saw, oldest first.
+    pub recent_errors: Vec<String>,
 }
 
 /// A dead letter, as its notice tells it.

@@ -5,7 +5,7 @@
 //! notices go to [`crate::internal`]. The store decides what a change means
 //! ([`crate::store::SinkState::apply`]); this module only says what happened.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,10 +24,15 @@ use crate::store::{Pause, SinkChange, SinkChanged, SinkState, Store, Streak};
 /// How often every daemon reads the sinks' states.
 const FRESH: Duration = Duration::from_secs(1);
 
+/// How many different recent errors of a sink the daemon keeps to tell.
+const RECENT_ERRORS: usize = 3;
+
 /// The sinks that are failing or paused, as last read or changed here.
 #[derive(Default)]
 pub struct Health {
     states: ArcSwap<HashMap<String, SinkState>>,
+    /// Each failing sink's last few different errors seen here (the database keeps the last).
+    recent: std::sync::Mutex<HashMap<String, VecDeque<String>>>,
 }
 
 impl Health {
@@ -51,6 +56,32 @@ impl Health {
             }
             states
         });
+    }
+
+    /// Remembers `error` among `sink`'s recent ones (`None`: it delivered, forget them), and
+    /// returns them, oldest first.
+    fn remember(&self, sink: &str, error: Option<String>) -> Vec<String> {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(error) = error else {
+            recent.remove(sink);
+            return Vec::new();
+        };
+        let errors = recent.entry(sink.to_owned()).or_default();
+        errors.retain(|seen| *seen != error);
+        errors.push_back(error);
+        while errors.len() > RECENT_ERRORS {
+            errors.pop_front();
+        }
+        errors.iter().cloned().collect()
+    }
+
+    /// `sink`'s recent errors seen here, oldest first.
+    fn recent_of(&self, sink: &str) -> Vec<String> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent
+            .get(sink)
+            .map(|errors| errors.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Replaces what is known with what the database holds.
@@ -105,7 +136,8 @@ impl Health {
                                 after,
                                 applied: true,
                             };
-                            announce(&changed, &notices, &plan.internal, now);
+                            let recent = self.recent_of(sink);
+                            announce(&changed, &notices, (&plan.internal, &recent), now);
                         }
                     }
                     metrics.paused_sinks(plan.sinks.keys().map(String::as_str), |sink| {
@@ -147,9 +179,13 @@ impl Health {
                 probe_interval: sink.delivery.probe_interval.0,
             },
         };
+        let recent = match &change {
+            SinkChange::Failed { error, .. } => self.remember(&sink.name, Some(error.clone())),
+            _ => self.remember(&sink.name, None),
+        };
         match store.change_sink(&sink.name, change, now).await {
             Ok(changed) => {
-                announce(&changed, notices, internal, now);
+                announce(&changed, notices, (internal, &recent), now);
                 let paused = changed.after.paused_at(now).is_some();
                 self.put(changed.after);
                 paused
@@ -193,7 +229,12 @@ impl Health {
 
 /// Logs and tells what `changed` means: a streak that became failing (by `internal`'s
 /// threshold), a pause, a recovery or a resume.
-fn announce(changed: &SinkChanged, notices: &Notices, internal: &InternalConfig, now: Timestamp) {
+fn announce(
+    changed: &SinkChanged,
+    notices: &Notices,
+    (internal, recent): (&InternalConfig, &[String]),
+    now: Timestamp,
+) {
     let SinkChanged { before, after, .. } = changed;
     let sink = &after.sink;
     let threshold = (internal.failing_after_attempts, internal.failing_after);
@@ -208,7 +249,7 @@ fn announce(changed: &SinkChanged, notices: &Notices, internal: &InternalConfig,
         && !failing(before)
     {
         tracing::warn!(%sink, failures = streak.failures, since = %streak.since, error = %streak.last_error, "sink failing");
-        notices.send(Notice::SinkFailing(news(sink, streak)), now);
+        notices.send(Notice::SinkFailing(news(sink, streak, recent)), now);
     }
     if let Some(pause) = after.paused_at(now)
         && before.pause.as_ref().is_none_or(|p| p.since != pause.since)
@@ -217,11 +258,12 @@ fn announce(changed: &SinkChanged, notices: &Notices, internal: &InternalConfig,
         let news = after
             .streak
             .as_ref()
-            .map_or_else(|| quiet_news(sink, pause.since), |s| news(sink, s));
+            .map_or_else(|| quiet_news(sink, pause.since), |s| news(sink, s, recent));
         let (by, comment, until) = (pause.by.clone(), pause.comment.clone(), pause.until);
         notices.send(
             Notice::SinkPaused {
                 news,
+                at: pause.since,
                 by,
                 comment,
                 until,
@@ -239,7 +281,7 @@ fn announce(changed: &SinkChanged, notices: &Notices, internal: &InternalConfig,
         };
         tracing::info!(%sink, %by, "sink recovered");
         let news = match (&before.streak, &before.pause) {
-            (Some(streak), _) => news(sink, streak),
+            (Some(streak), _) => news(sink, streak, recent),
             (None, Some(pause)) => quiet_news(sink, pause.since),
             (None, None) => return,
         };
@@ -261,13 +303,13 @@ fn is_failing(streak: &Streak, (attempts, time): (u32, Duration)) -> bool {
         || Duration::try_from(streak.last_at.duration_since(streak.since)).is_ok_and(|d| d >= time)
 }
 
-fn news(sink: &str, streak: &Streak) -> SinkNews {
+fn news(sink: &str, streak: &Streak, recent: &[String]) -> SinkNews {
     SinkNews {
         sink: sink.to_owned(),
         since: streak.since,
         failures: streak.failures,
         last_error: streak.last_error.clone(),
-        waiting: None,
+        recent_errors: recent.to_vec(),
     }
 }
 
@@ -278,6 +320,6 @@ fn quiet_news(sink: &str, since: Timestamp) -> SinkNews {
         since,
         failures: 0,
         last_error: String::new(),
-        waiting: None,
+        recent_errors: Vec::new(),
     }
 }

@@ -110,12 +110,14 @@ impl Watch {
             }
             Notice::SinkPaused {
                 news,
+                at: paused_at,
                 by,
                 comment,
                 until,
             } => {
-                let id = format!("sink.paused:{}:{}", news.sink, news.since.as_millisecond());
+                let id = format!("sink.paused:{}:{}", news.sink, paused_at.as_millisecond());
                 let more = json!({
+                    "paused_at": paused_at.to_string(),
                     "paused_by": by,
                     "automatic": by == crate::store::sinks::AUTOMATIC,
                     "comment": comment,
@@ -370,6 +372,7 @@ fn sink_data(news: &SinkNews, more: Value) -> Value {
         "since": news.since.to_string(),
         "failures": news.failures,
         "last_error": news.last_error,
+        "recent_errors": news.recent_errors,
     });
     if let (Some(data), Value::Object(more)) = (data.as_object_mut(), more) {
         data.extend(more);

@@ -88,12 +88,13 @@ fn every_kind_has_a_message_that_says_what_to_do() {
         since: at(0),
         failures: 7,
         last_error: "HTTP 500".into(),
-        waiting: None,
+        recent_errors: vec!["timed out after 30s".into(), "HTTP 500".into()],
     };
     let notices = [
         Notice::SinkFailing(news.clone()),
         Notice::SinkPaused {
             news: news.clone(),
+            at: at(300),
             by: crate::store::sinks::AUTOMATIC.into(),
             comment: "7 failed attempts".into(),
             until: None,

@@ -9,6 +9,9 @@ pub(super) const TEMPLATES: &[(&str, &str)] = &[
         "default/hookroute.sink.failing",
         r#"Sink {{ data.sink }} is failing: {{ data.failures }} failed attempts since {{ data.since }}
 Last error: {{ data.last_error }}
+{%- if data.recent_errors | length > 1 %}
+Recent errors: {{ data.recent_errors | join("; ") }}
+{%- endif %}
 {%- if data.waiting is number %}
 Waiting: {{ data.waiting }} deliveries{% if data.waiting %}, the oldest for {{ data.oldest_waiting }}{% endif %}; dead letters: {{ data.dead_letters }}
 {%- endif %}

@@ -187,10 +187,13 @@ sinks = ["mail", "slack", "archive"]
     .await;
     drop(ticking);
     let failing = smtp.messages(2).await;
-    assert_eq!(
-        mails(&smtp, "Sink slack is failing").len(),
-        1,
-        "{failing:?}"
+    let failing_mails = mails(&smtp, "Sink slack is failing");
+    assert_eq!(failing_mails.len(), 1, "{failing:?}");
+    let text = failing_mails[0]["text"].as_str().unwrap_or_default();
+    assert!(text.contains("Last error: HTTP 500"), "{text}");
+    assert!(
+        text.contains("hookroute deliveries list --sink slack --status failed"),
+        "{text}"
     );
     let paused = mails(&smtp, "Sink slack paused");
     assert_eq!(paused.len(), 1, "{failing:?}");
