@@ -226,6 +226,17 @@ impl InProcess {
     }
 }
 
+/// What a command printed, asserting it succeeded (else its output is the failure).
+pub fn stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
 /// Waits until the daemon answers (its database open and migrated).
 pub async fn ready(daemon: &Endpoint) {
     for _ in 0..200 {

@@ -22,16 +22,6 @@ fn cli(config: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn stdout(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
 fn scan(n: usize) -> Vec<u8> {
     format!(
         r#"{{"id": "scan-{n}", "type": "scan.completed", "data": {{"domain": "d{n}.example", "score": 90, "grade": "A"}}}}"#

@@ -25,16 +25,6 @@ fn cli(dir: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn stdout(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
 fn alert(id: &str, domain: &str) -> Vec<u8> {
     format!(
         r#"{{"id": "{id}", "type": "alert.triggered", "data": {{"domain": "{domain}", "severity": "high"}}}}"#
