@@ -6,6 +6,7 @@
 //! secret files, so a secret enters the process in one place and leaves it only as key bytes
 //! inside a verifier or a sink's client.
 
+pub mod admin;
 mod diagnose;
 pub mod internal;
 mod problems;
@@ -15,6 +16,7 @@ mod sources;
 mod storage;
 
 pub(crate) use storage::check_postgres_url;
+pub use storage::{Backend, PostgresConfig, StorageConfig};
 use storage::validate_backend;
 
 use std::collections::{BTreeMap, HashMap};
@@ -33,7 +35,6 @@ use serde::de::DeserializeOwned;
 
 use crate::event::Event;
 use crate::rules::RouteTable;
-use crate::secret::SecretSource;
 use crate::signature::Verifier;
 use crate::sinks::SinkSpec;
 use crate::templates::{Message, Templates};
@@ -64,6 +65,8 @@ pub struct Config {
     pub routing: Arc<Routing>,
     /// `[self]`: the events the daemon emits about itself.
     pub internal: internal::InternalConfig,
+    /// `[admin]`: the status page's listener and users; `None` when it is off.
+    pub admin: Option<admin::AdminConfig>,
 }
 
 impl Config {
@@ -143,46 +146,6 @@ pub struct RateLimitConfig {
     pub failed_per_minute: NonZeroU32,
     pub failed_burst: NonZeroU32,
     pub max_clients: usize,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct StorageConfig {
-    pub backend: Backend,
-    pub dedupe_retention: Duration,
-    /// Finished events (and their jobs and attempts) are deleted after this long.
-    pub event_retention: Duration,
-    pub busy_timeout: Duration,
-    pub max_batch: usize,
-}
-
-/// Which database holds the events, jobs and delivery ids.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Backend {
-    /// One daemon per file.
-    Sqlite(PathBuf),
-    /// Any number of daemons on one database.
-    Postgres(PostgresConfig),
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct PostgresConfig {
-    /// `postgres://user@host/db?sslmode=…`, without a password (so it can be shown).
-    pub url: String,
-    /// Read when the database is opened, by the daemon and the tools alike.
-    pub password: Option<SecretSource>,
-    pub pool_size: u32,
-    /// How long a replica may be silent before the jobs it holds are anyone's.
-    pub lease: Duration,
-}
-
-impl StorageConfig {
-    /// Where the database is, as an operator would recognise it (never with a password).
-    pub fn describe(&self) -> String {
-        match &self.backend {
-            Backend::Sqlite(path) => path.display().to_string(),
-            Backend::Postgres(pg) => pg.url.clone(),
-        }
-    }
 }
 
 /// `GET /metrics`: whether it is served, and to whom.
@@ -486,6 +449,9 @@ fn validate(
     };
     let routing = validate_routing(path, rules, &names, &sinks, problems);
     let internal = internal::validate(raw.internal, problems);
+    let public = server.as_ref().map(|server| server.listen);
+    let read = secrets == Secrets::Read;
+    let admin = admin::validate(raw.admin, base, read, public, problems);
 
     if problems.len() > start {
         return None;
@@ -500,6 +466,7 @@ fn validate(
         sinks,
         routing: Arc::new(routing),
         internal,
+        admin,
     })
 }
 

@@ -65,6 +65,8 @@ pub struct RawConfig {
     /// The daemon's events about itself.
     #[serde(default, rename = "self")]
     pub internal: super::internal::RawSelf,
+    /// The status page's own listener and users.
+    pub admin: Option<super::admin::RawAdmin>,
 }
 
 /// `[metrics]`: `GET /metrics` on the main listener.

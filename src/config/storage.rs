@@ -1,10 +1,51 @@
 //! `[storage]`: SQLite at a path, or PostgreSQL at a URL that never holds the password.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::{self, RawStorage};
-use super::{Backend, PostgresConfig, Problems};
+use super::Problems;
+use crate::secret::SecretSource;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageConfig {
+    pub backend: Backend,
+    pub dedupe_retention: Duration,
+    /// Finished events (and their jobs and attempts) are deleted after this long.
+    pub event_retention: Duration,
+    pub busy_timeout: Duration,
+    pub max_batch: usize,
+}
+
+/// Which database holds the events, jobs and delivery ids.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Backend {
+    /// One daemon per file.
+    Sqlite(PathBuf),
+    /// Any number of daemons on one database.
+    Postgres(PostgresConfig),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PostgresConfig {
+    /// `postgres://user@host/db?sslmode=…`, without a password (so it can be shown).
+    pub url: String,
+    /// Read when the database is opened, by the daemon and the tools alike.
+    pub password: Option<SecretSource>,
+    pub pool_size: u32,
+    /// How long a replica may be silent before the jobs it holds are anyone's.
+    pub lease: Duration,
+}
+
+impl StorageConfig {
+    /// Where the database is, as an operator would recognise it (never with a password).
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite(path) => path.display().to_string(),
+            Backend::Postgres(pg) => pg.url.clone(),
+        }
+    }
+}
 
 /// SQLite at `path`, or PostgreSQL at `url`: one of them.
 pub(super) fn validate_backend(
