@@ -51,6 +51,7 @@ pub mod sinks;
 pub mod store;
 pub mod templates;
 pub mod text;
+pub mod web;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -75,6 +76,12 @@ pub enum RunError {
     /// A sink's client could not be built.
     #[error("{0}")]
     Sink(String),
+    /// The status page's listener could not be opened.
+    #[error("admin.listen {addr}: {source}")]
+    Admin {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// How often idle rate-limiter entries are dropped.
@@ -180,6 +187,23 @@ pub async fn run_with_clock(
         clock.now(),
     );
 
+    let page = match &config.admin {
+        Some(admin) => {
+            let state = web::WebState::new(&config, admin.clone(), Arc::clone(&clock))?;
+            let listener =
+                TcpListener::bind(admin.listen)
+                    .await
+                    .map_err(|source| RunError::Admin {
+                        addr: admin.listen,
+                        source,
+                    })?;
+            let (server, stop) = (config.server.clone(), stop.clone());
+            Some(tokio::spawn(async move {
+                web::serve(listener, state, &server, stop.cancelled_owned()).await;
+            }))
+        }
+        None => None,
+    };
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, sources = config.sources.len(), sinks = config.sinks.len(), "listening");
     }
@@ -199,6 +223,9 @@ pub async fn run_with_clock(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 
     stop.cancel();
+    if let Some(page) = page {
+        let _ = page.await;
+    }
     let _ = silences.await;
     let _ = health.await;
     let _ = upkeep.await;

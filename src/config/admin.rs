@@ -49,6 +49,15 @@ pub enum Role {
     Operator,
 }
 
+impl Role {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Operator => "operator",
+        }
+    }
+}
+
 /// `[admin]`, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
@@ -115,7 +124,10 @@ pub(super) fn validate(
         let token_sha256 = if read {
             match user.token.resolve(&key) {
                 Ok(token) if token.trim().len() < MIN_TOKEN => {
-                    problems.add(&key, format!("at least {MIN_TOKEN} characters: a token is a password"));
+                    problems.add(
+                        &key,
+                        format!("at least {MIN_TOKEN} characters: a token is a password"),
+                    );
                     None
                 }
                 Ok(token) => Some(Sha256::digest(token.trim().as_bytes()).into()),

@@ -16,8 +16,8 @@ mod sources;
 mod storage;
 
 pub(crate) use storage::check_postgres_url;
-pub use storage::{Backend, PostgresConfig, StorageConfig};
 use storage::validate_backend;
+pub use storage::{Backend, PostgresConfig, StorageConfig};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{self, RawStorage};
 use super::Problems;
+use super::raw::{self, RawStorage};
 use crate::secret::SecretSource;
 
 #[derive(Debug, Clone, PartialEq)]

@@ -26,3 +26,4 @@ mod replicas;
 mod routing;
 mod signatures;
 mod status;
+mod web;

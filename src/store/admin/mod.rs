@@ -224,7 +224,7 @@ impl Indexed {
 /// index seek that reads about as many rows as it returns (a test per backend checks the
 /// plans). The commands' logic (walking pages of events, bisecting ids by time, what an event
 /// with no rows is) is written once above them, in [`Tools`].
-pub trait AdminBackend {
+pub trait AdminBackend: Send {
     /// The newest event's id, if there is an event.
     ///
     /// # Errors

@@ -1,0 +1,259 @@
+//! The status page (#28) over real HTTP: its own listener, the login, the session cookie, the
+//! CSRF token, the headers, and what the overview shows from the database. The daemon runs
+//! in-process; the silence comes from the real command line.
+
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
+
+use crate::harness::*;
+
+const ALICE: &str = "alice-viewer-token-0123456789";
+const BOB: &str = "bob-operator-token-0123456789";
+
+const FORM: &str = "application/x-www-form-urlencoded";
+
+/// A form's body, as a browser encodes it.
+fn form(pairs: &[(&str, &str)]) -> String {
+    url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+}
+
+/// A free loopback port for the admin listener.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// The daemon's configuration with the page on `port`: Alice views, Bob operates.
+fn with_page(dir: &Path, port: u16) -> String {
+    std::fs::write(dir.join("alice.token"), format!("{ALICE}\n")).unwrap();
+    std::fs::write(dir.join("bob.token"), BOB).unwrap();
+    let rest = format!(
+        r#"{}
+
+[admin]
+listen = "127.0.0.1:{port}"
+session_ttl = "1h"
+
+[admin.users.alice]
+token = {{ file = "alice.token" }}
+role = "viewer"
+
+[admin.users.bob]
+token = {{ file = "bob.token" }}
+role = "operator"
+"#,
+        standard_rest(dir)
+    );
+    config(
+        dir,
+        &format!("{NO_LIMITS}\ntrusted_proxies = [\"127.0.0.1/32\"]"),
+        &rest,
+    )
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// The session cookie a login answer set, and the whole header.
+fn session_cookie(headers: &HeaderMap) -> (String, String) {
+    let set = headers
+        .get(SET_COOKIE)
+        .expect("a cookie")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let pair = set.split(';').next().unwrap().trim().to_owned();
+    (pair, set)
+}
+
+async fn login(page: &str, token: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut request = client()
+        .post(format!("{page}/login"))
+        .header("content-type", FORM)
+        .body(form(&[("token", token)]));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.unwrap()
+}
+
+/// The CSRF token the page's forms carry.
+fn csrf(html: &str) -> String {
+    let at = html
+        .find("name=\"csrf\" value=\"")
+        .expect("a form with a CSRF token");
+    html[at + 19..].split('"').next().unwrap().to_owned()
+}
+
+async fn a_status_page_on_its_own_listener_behind_a_login() {
+    let dir = tempdir();
+    let port = free_port();
+    let daemon = InProcess::start(dir.path(), &with_page(dir.path(), port)).await;
+    ready(&daemon).await;
+    let page = format!("http://127.0.0.1:{port}");
+    let http = client();
+
+    // Never on the public listener.
+    for path in ["/", "/login", "/style.css", "/logout"] {
+        assert_eq!(daemon.get_status(path).await, 404, "{path}");
+    }
+    // No page without a session: a form to log in, or 401 for JSON.
+    let anonymous = http.get(format!("{page}/")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 303);
+    assert_eq!(anonymous.headers()[LOCATION], "/login");
+    let anonymous = http
+        .get(format!("{page}/"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let login_form = http.get(format!("{page}/login")).send().await.unwrap();
+    assert_eq!(login_form.status(), 200);
+    let headers = login_form.headers().clone();
+    assert_eq!(
+        headers["content-security-policy"],
+        "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    );
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["referrer-policy"], "no-referrer");
+    assert_eq!(headers["cache-control"], "no-store");
+
+    // A wrong token is refused; the right one opens a session.
+    let wrong = login(&page, "not-a-token-at-all-really", &[]).await;
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong.text().await.unwrap().contains("not recognised"));
+    let alice = login(&page, ALICE, &[]).await;
+    assert_eq!(alice.status(), 303);
+    let (cookie, set) = session_cookie(alice.headers());
+    for flag in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=3600"] {
+        assert!(set.contains(flag), "{set}");
+    }
+    assert!(!set.contains("Secure"), "plain HTTP on loopback: {set}");
+
+    // The overview, from the database: the sinks, a silence added on the command line (its
+    // hostile comment as text).
+    let comment = "<script>alert(1)</script>\"><img src=x onerror=alert(2)>";
+    let added = std::process::Command::new(BIN)
+        .args([
+            "silence", "add", "--type", "alert.*", "--for", "1h", "--author", "ops",
+        ])
+        .args(["--comment", comment, "--config"])
+        .arg(dir.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    let overview = http
+        .get(format!("{page}/"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(overview.status(), 200);
+    let html = overview.text().await.unwrap();
+    assert!(html.contains("<td>archive</td>"), "{html}");
+    assert!(html.contains("alice (viewer)"), "{html}");
+    assert!(
+        html.contains(
+            "&lt;script&gt;alert(1)&lt;&#x2f;script&gt;&quot;&gt;&lt;img src=x onerror=alert(2)&gt;"
+        ),
+        "{html}"
+    );
+    assert!(!html.contains("<script>"), "{html}");
+    let json: serde_json::Value = http
+        .get(format!("{page}/"))
+        .header("cookie", &cookie)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(json["sinks"][0]["sink"], "archive", "{json}");
+    assert_eq!(json["silences"][0]["comment"], comment, "{json}");
+
+    // Logging out needs the session's CSRF token.
+    let token = csrf(&html);
+    for fields in [vec![], vec![("csrf", "forged")]] {
+        let refused = http
+            .post(format!("{page}/logout"))
+            .header("cookie", &cookie)
+            .header("content-type", FORM)
+            .body(form(&fields))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 403, "{fields:?}");
+    }
+    let out = http
+        .post(format!("{page}/logout"))
+        .header("cookie", &cookie)
+        .header("content-type", FORM)
+        .body(form(&[("csrf", token.as_str())]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 303);
+    let after = http
+        .get(format!("{page}/"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 303, "the session is gone");
+
+    // Behind a trusted proxy that says HTTPS, the cookie is Secure.
+    let bob = login(&page, BOB, &[("x-forwarded-proto", "https")]).await;
+    assert_eq!(bob.status(), 303);
+    assert!(session_cookie(bob.headers()).1.contains("; Secure"));
+    // Five logins a minute per client: the next is refused without being tried.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(login(&page, BOB, &[]).await.status().as_u16());
+    }
+    assert_eq!(statuses, [303, 303, 429], "three logins before these");
+    daemon.stop().await;
+}
+on_both_backends!(a_status_page_on_its_own_listener_behind_a_login);
+
+/// The page's configuration is checked with the rest: its own listener, at least one user,
+/// tokens long enough, never on the public listener's address.
+#[test]
+fn the_page_configuration_is_checked() {
+    let dir = tempdir();
+    std::fs::write(dir.path().join("short.token"), "short").unwrap();
+    let text = format!(
+        "{}\n[admin]\nlisten = \"localhost:x\"\n",
+        config(dir.path(), "", &standard_rest(dir.path()))
+    );
+    let path = write_config(dir.path(), &text);
+    let err = hookroute::config::load(&path).unwrap_err().to_string();
+    assert!(err.contains("admin.listen"), "{err}");
+    let text = format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:9\"\n[admin.users.eve]\ntoken = {{ file = \"short.token\" }}\nrole = \"operator\"\n",
+        config(dir.path(), "", &standard_rest(dir.path()))
+    );
+    let path = write_config(dir.path(), &text);
+    let err = hookroute::config::load(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("admin.users.eve.token: at least 16 characters"),
+        "{err}"
+    );
+    let text = format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:9\"\n",
+        config(dir.path(), "", &standard_rest(dir.path()))
+    );
+    let path = write_config(dir.path(), &text);
+    let err = hookroute::config::load(&path).unwrap_err().to_string();
+    assert!(err.contains("admin.users: add at least one user"), "{err}");
+}
