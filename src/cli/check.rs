@@ -27,6 +27,14 @@ fn summary(config: &Config) -> String {
     let server = &config.server;
     let _ = writeln!(out, "configuration OK: {}", config.file.display());
     let _ = writeln!(out, "listen:      http://{}", server.listen);
+    if let Some(admin) = &config.admin {
+        let _ = writeln!(
+            out,
+            "status page: http://{} ({} users)",
+            admin.listen,
+            admin.users.len()
+        );
+    }
     let _ = writeln!(
         out,
         "database:    {} (dedupe records kept {})",

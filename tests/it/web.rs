@@ -226,6 +226,27 @@ async fn a_status_page_on_its_own_listener_behind_a_login() {
 }
 on_both_backends!(a_status_page_on_its_own_listener_behind_a_login);
 
+/// `check-config` names the page's listener.
+#[test]
+fn check_config_names_the_status_page() {
+    let dir = tempdir();
+    let path = write_config(dir.path(), &with_page(dir.path(), 8081));
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let said = stdout(&out);
+    assert!(
+        said.contains("status page: http://127.0.0.1:8081 (2 users)"),
+        "{said}"
+    );
+    assert!(
+        !said.contains(ALICE) && !said.contains(BOB),
+        "never a token"
+    );
+}
+
 /// The page's configuration is checked with the rest: its own listener, at least one user,
 /// tokens long enough, never on the public listener's address.
 #[test]
