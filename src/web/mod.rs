@@ -181,6 +181,8 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route("/", get(pages::overview))
         .route("/login", get(auth::login_form).post(auth::login))
         .route("/logout", post(auth::logout))
+        .route("/sinks/{sink}/pause", post(pages::pause))
+        .route("/sinks/{sink}/resume", post(pages::resume))
         .route("/style.css", get(style))
         .layer(axum::middleware::map_response(headers))
         .with_state(state)

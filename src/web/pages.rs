@@ -2,9 +2,11 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Form, Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::Redirect;
 use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
 use serde::Serialize;
 
 use super::WebState;
@@ -72,4 +74,96 @@ fn unavailable(why: &str) -> Response {
         "the database did not answer; try again",
     )
         .into_response()
+}
+
+/// The pause form: why, and for how long (empty: until resumed).
+#[derive(Deserialize)]
+pub struct PauseForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    comment: String,
+    #[serde(default, rename = "for")]
+    duration: String,
+}
+
+/// Pauses a sink (operators only): its deliveries wait until resumed or the time is up.
+pub async fn pause(
+    State(state): State<Arc<WebState>>,
+    session: Session,
+    Path(sink): Path<String>,
+    Form(form): Form<PauseForm>,
+) -> Response {
+    if let Err(refused) = session.check(&form.csrf, true) {
+        return refused.into_response();
+    }
+    if !state.about.sinks.contains(&sink) {
+        return (StatusCode::NOT_FOUND, "no such sink").into_response();
+    }
+    let comment = form.comment.trim().to_owned();
+    if comment.is_empty() {
+        return (
+            StatusCode::BAD_REQUEST,
+            "say why: the comment is shown with the pause",
+        )
+            .into_response();
+    }
+    let duration = match form.duration.trim() {
+        "" => None,
+        text => match humantime::parse_duration(text) {
+            Ok(duration) => Some(duration),
+            Err(_) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    "how long: a duration such as 2h, or nothing",
+                )
+                    .into_response();
+            }
+        },
+    };
+    let (now, user) = (state.clock.now(), session.user.clone());
+    let paused = state.tools.run(move |tools| {
+        tools
+            .pause_sink(&sink, (&user, &comment), duration, now)
+            .map(|_| sink)
+    });
+    match paused.await {
+        Some(Ok(sink)) => {
+            tracing::info!(user = %session.user, %sink, "status page: sink paused");
+            Redirect::to("/").into_response()
+        }
+        Some(Err(err)) => unavailable(&err.to_string()),
+        None => unavailable("the queries' thread stopped"),
+    }
+}
+
+/// A form with only its CSRF token.
+#[derive(Deserialize)]
+pub struct Plain {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// Resumes a sink (operators only): its waiting deliveries go out now, oldest first.
+pub async fn resume(
+    State(state): State<Arc<WebState>>,
+    session: Session,
+    Path(sink): Path<String>,
+    Form(form): Form<Plain>,
+) -> Response {
+    if let Err(refused) = session.check(&form.csrf, true) {
+        return refused.into_response();
+    }
+    let now = state.clock.now();
+    let resumed = state
+        .tools
+        .run(move |tools| tools.resume_sink(&sink, now).map(|_| sink));
+    match resumed.await {
+        Some(Ok(sink)) => {
+            tracing::info!(user = %session.user, %sink, "status page: sink resumed");
+            Redirect::to("/").into_response()
+        }
+        Some(Err(err)) => unavailable(&err.to_string()),
+        None => unavailable("the queries' thread stopped"),
+    }
 }

@@ -90,7 +90,7 @@ async fn login(page: &str, token: &str, headers: &[(&str, &str)]) -> reqwest::Re
 fn csrf(html: &str) -> String {
     let at = html
         .find("name=\"csrf\" value=\"")
-        .expect("a form with a CSRF token");
+        .unwrap_or_else(|| panic!("a form with a CSRF token: {html}"));
     html[at + 19..].split('"').next().unwrap().to_owned()
 }
 
@@ -278,3 +278,104 @@ fn the_page_configuration_is_checked() {
     let err = hookroute::config::load(&path).unwrap_err().to_string();
     assert!(err.contains("admin.users: add at least one user"), "{err}");
 }
+
+/// Logs `token` in; the session cookie and the overview's CSRF token.
+async fn session(page: &str, token: &str) -> (String, String, String) {
+    let answer = login(page, token, &[]).await;
+    assert_eq!(answer.status(), 303);
+    let (cookie, _) = session_cookie(answer.headers());
+    let html = client()
+        .get(format!("{page}/"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    (cookie, csrf(&html), html)
+}
+
+async fn post(page: &str, path: &str, cookie: &str, fields: &[(&str, &str)]) -> u16 {
+    client()
+        .post(format!("{page}{path}"))
+        .header("cookie", cookie)
+        .header("content-type", FORM)
+        .body(form(fields))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// An operator pauses a sink from the overview (recorded as theirs, with the comment) and
+/// resumes it; a viewer sees no buttons, and a viewer's POST is refused (403), as is one
+/// without the form's CSRF token.
+async fn an_operator_pauses_and_resumes_a_sink_from_the_page() {
+    let dir = tempdir();
+    let port = free_port();
+    let daemon = InProcess::start(dir.path(), &with_page(dir.path(), port)).await;
+    ready(&daemon).await;
+    let page = format!("http://127.0.0.1:{port}");
+    let (alice, alice_csrf, alice_html) = session(&page, ALICE).await;
+    assert!(!alice_html.contains(">Pause<"), "a viewer has no buttons");
+    let (bob, bob_csrf, bob_html) = session(&page, BOB).await;
+    assert!(bob_html.contains(">Pause<"), "{bob_html}");
+
+    let pause = |csrf: &str| {
+        vec![
+            ("csrf", csrf.to_owned()),
+            ("comment", "disk swap on the archive host".to_owned()),
+            ("for", "2h".to_owned()),
+        ]
+    };
+    let send = |cookie: String, path: &'static str, pairs: Vec<(&'static str, String)>| {
+        let page = page.clone();
+        async move {
+            let refs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            post(&page, path, &cookie, &refs).await
+        }
+    };
+    assert_eq!(
+        send(alice.clone(), "/sinks/archive/pause", pause(&alice_csrf)).await,
+        403,
+        "a viewer"
+    );
+    assert_eq!(
+        send(bob.clone(), "/sinks/archive/pause", pause("forged")).await,
+        403,
+        "no CSRF token"
+    );
+    assert_eq!(
+        send(bob.clone(), "/sinks/nowhere/pause", pause(&bob_csrf)).await,
+        404
+    );
+    assert_eq!(
+        send(bob.clone(), "/sinks/archive/pause", pause(&bob_csrf)).await,
+        303
+    );
+    let state = |daemon: &InProcess| {
+        daemon.tools(|tools| {
+            let configured = ["archive".to_owned()];
+            let sinks = tools.sinks(&configured, jiff::Timestamp::now()).unwrap();
+            sinks.into_iter().find(|s| s.sink == "archive").unwrap()
+        })
+    };
+    let paused = state(&daemon);
+    assert_eq!(paused.state, "paused");
+    let pause_row = paused.health.pause.unwrap();
+    assert_eq!(
+        (pause_row.by.as_str(), pause_row.comment.as_str()),
+        ("bob", "disk swap on the archive host")
+    );
+    assert!(pause_row.until.is_some());
+    let resume = vec![("csrf", bob_csrf.clone())];
+    assert_eq!(
+        send(bob.clone(), "/sinks/archive/resume", resume).await,
+        303
+    );
+    assert_eq!(state(&daemon).state, "active");
+    daemon.stop().await;
+}
+on_both_backends!(an_operator_pauses_and_resumes_a_sink_from_the_page);
