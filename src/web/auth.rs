@@ -217,7 +217,7 @@ pub async fn login(
 #[derive(Deserialize)]
 pub struct Csrf {
     #[serde(default)]
-    csrf: String,
+    pub(super) csrf: String,
 }
 
 pub async fn logout(

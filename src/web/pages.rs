@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde::Serialize;
 
 use super::WebState;
-use super::auth::Session;
+use super::auth::{Csrf, Session};
 use crate::store::Silence;
 use crate::store::admin::SinkStatus;
 
@@ -127,21 +127,7 @@ pub async fn pause(
             .pause_sink(&sink, (&user, &comment), duration, now)
             .map(|_| sink)
     });
-    match paused.await {
-        Some(Ok(sink)) => {
-            tracing::info!(user = %session.user, %sink, "status page: sink paused");
-            Redirect::to("/").into_response()
-        }
-        Some(Err(err)) => unavailable(&err.to_string()),
-        None => unavailable("the queries' thread stopped"),
-    }
-}
-
-/// A form with only its CSRF token.
-#[derive(Deserialize)]
-pub struct Plain {
-    #[serde(default)]
-    csrf: String,
+    acted(paused.await, &session, "paused")
 }
 
 /// Resumes a sink (operators only): its waiting deliveries go out now, oldest first.
@@ -149,7 +135,7 @@ pub async fn resume(
     State(state): State<Arc<WebState>>,
     session: Session,
     Path(sink): Path<String>,
-    Form(form): Form<Plain>,
+    Form(form): Form<Csrf>,
 ) -> Response {
     if let Err(refused) = session.check(&form.csrf, true) {
         return refused.into_response();
@@ -158,9 +144,18 @@ pub async fn resume(
     let resumed = state
         .tools
         .run(move |tools| tools.resume_sink(&sink, now).map(|_| sink));
-    match resumed.await {
+    acted(resumed.await, &session, "resumed")
+}
+
+/// What an action on `sink` came to: back to the overview, logged with who did it.
+fn acted(
+    outcome: Option<Result<String, crate::store::StoreError>>,
+    session: &Session,
+    what: &str,
+) -> Response {
+    match outcome {
         Some(Ok(sink)) => {
-            tracing::info!(user = %session.user, %sink, "status page: sink resumed");
+            tracing::info!(user = %session.user, %sink, action = what, "status page: sink {what}");
             Redirect::to("/").into_response()
         }
         Some(Err(err)) => unavailable(&err.to_string()),
