@@ -146,6 +146,11 @@ pub(super) fn validate_routing(
     let source_names: HashSet<&str> = names.sources.iter().map(String::as_str).collect();
     let mut warnings = Vec::new();
     let mut route_names = HashSet::new();
+    // The types a route's glob should match one of: the senders' documented ones, and
+    // hookroute's own.
+    let internal: Vec<String> = Kind::ALL.iter().map(|k| k.event_type()).collect();
+    let mut known: Vec<&str> = SEED_EVENT_TYPES.to_vec();
+    known.extend(internal.iter().map(String::as_str));
     let mut routes = Vec::new();
     for (read, spec) in rules.routes.iter().enumerate() {
         // Where the route is in the file, routes that could not be read counted.
@@ -224,9 +229,6 @@ pub(super) fn validate_routing(
         }
         match Route::compile(i, spec, route_templates) {
             Ok(route) => {
-                let internal: Vec<String> = Kind::ALL.iter().map(|k| k.event_type()).collect();
-                let mut known: Vec<&str> = SEED_EVENT_TYPES.to_vec();
-                known.extend(internal.iter().map(String::as_str));
                 for (j, glob) in route.globs_matching_none(&known) {
                     warnings.push(format!(
                         "{at}.events[{j}]: {glob:?} matches none of the event types the senders \

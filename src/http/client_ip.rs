@@ -50,7 +50,9 @@ pub fn client_ip(
     Ok(client)
 }
 
-fn is_trusted(addr: IpAddr, trusted: &[IpNet]) -> bool {
+/// Whether `addr` is one of the `trusted` proxies.
+pub fn is_trusted(addr: IpAddr, trusted: &[IpNet]) -> bool {
+    let addr = addr.to_canonical();
     trusted.iter().any(|net| net.contains(&addr))
 }
 

@@ -27,7 +27,7 @@ use tower::ServiceExt as _;
 use tower_governor::GovernorLayer;
 use tower_governor::governor::GovernorConfigBuilder;
 
-pub use client_ip::{client_ip, limit_key};
+pub use client_ip::{client_ip, is_trusted, limit_key};
 pub use error::ApiError;
 use limit::{ClientKey, FailureLimiter};
 

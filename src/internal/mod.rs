@@ -43,19 +43,21 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let mut watch = Watch::default();
+    let mut stopping = false;
     loop {
-        let (notice, at) = tokio::select! {
-            biased;
-            Some(next) = notices.recv() => next,
-            () = stop.cancelled() => break,
-            else => return,
+        let next = if stopping {
+            notices.try_recv().ok()
+        } else {
+            tokio::select! {
+                biased;
+                next = notices.recv() => next,
+                () = stop.cancelled() => {
+                    stopping = true;
+                    continue;
+                }
+            }
         };
-        let plan = plan.load_full();
-        if let Some(event) = watch.turn(notice, at, &plan.internal) {
-            emit(event, (&intake, &store), &plan, &metrics, &mut watch).await;
-        }
-    }
-    while let Ok((notice, at)) = notices.try_recv() {
+        let Some((notice, at)) = next else { return };
         let plan = plan.load_full();
         if let Some(event) = watch.turn(notice, at, &plan.internal) {
             emit(event, (&intake, &store), &plan, &metrics, &mut watch).await;
@@ -89,6 +91,18 @@ struct Refusals {
     count: u32,
     reasons: BTreeMap<String, u32>,
     clients: BTreeMap<String, u32>,
+}
+
+impl From<Timestamp> for Refusals {
+    /// A window opening at `since`, empty.
+    fn from(since: Timestamp) -> Self {
+        Self {
+            since,
+            count: 0,
+            reasons: BTreeMap::new(),
+            clients: BTreeMap::new(),
+        }
+    }
 }
 
 /// Commits failing or slow since `since`.
@@ -230,19 +244,9 @@ impl Watch {
         let refusals = self
             .signatures
             .entry(source.clone())
-            .or_insert_with(|| Refusals {
-                since: at,
-                count: 0,
-                reasons: BTreeMap::new(),
-                clients: BTreeMap::new(),
-            });
+            .or_insert_with(|| Refusals::from(at));
         if at.duration_since(refusals.since) > window {
-            *refusals = Refusals {
-                since: at,
-                count: 0,
-                reasons: BTreeMap::new(),
-                clients: BTreeMap::new(),
-            };
+            *refusals = Refusals::from(at);
         }
         refusals.count += 1;
         *refusals.reasons.entry(reason).or_default() += 1;

@@ -288,7 +288,13 @@ impl AttemptOutcome {
     pub(crate) fn columns(&self, at: i64) -> (JobStatus, Option<&str>, &str, i64) {
         match self {
             Self::Succeeded { response } => (JobStatus::Succeeded, None, response, at),
+            // A deferred attempt leaves its job failed and due again, as a failed one does.
             Self::Failed {
+                error,
+                response,
+                retry_at,
+            }
+            | Self::Deferred {
                 error,
                 response,
                 retry_at,
@@ -299,16 +305,6 @@ impl AttemptOutcome {
                 retry_at.as_millisecond(),
             ),
             Self::Dead { error, response } => (JobStatus::Dead, Some(error), response, at),
-            Self::Deferred {
-                error,
-                response,
-                retry_at,
-            } => (
-                JobStatus::Failed,
-                Some(error),
-                response,
-                retry_at.as_millisecond(),
-            ),
         }
     }
 

@@ -189,7 +189,7 @@ impl SinkState {
 }
 
 /// `now` plus `wait`, saturating.
-fn later(now: Timestamp, wait: Duration) -> Timestamp {
+pub(crate) fn later(now: Timestamp, wait: Duration) -> Timestamp {
     now.saturating_add(SignedDuration::try_from(wait).unwrap_or(SignedDuration::MAX))
         .unwrap_or(Timestamp::MAX)
 }

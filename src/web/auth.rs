@@ -239,11 +239,7 @@ pub async fn logout(
 
 /// Whether the page is reached over HTTPS: a trusted proxy's `X-Forwarded-Proto: https`.
 fn https(state: &WebState, peer: SocketAddr, headers: &HeaderMap) -> bool {
-    let trusted = state
-        .trusted_proxies
-        .iter()
-        .any(|net| net.contains(&peer.ip().to_canonical()));
-    trusted
+    crate::http::is_trusted(peer.ip(), &state.trusted_proxies)
         && headers
             .get("x-forwarded-proto")
             .and_then(|v| v.to_str().ok())

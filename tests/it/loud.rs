@@ -59,6 +59,15 @@ sinks = ["archive"]
     (archive, config(dir, NO_LIMITS, &rest))
 }
 
+/// The on-call inbox: an email sink named `mail` delivering to `smtp`.
+fn oncall_mail(smtp: &Smtp) -> String {
+    format!(
+        "[sinks.mail]\ntype = \"email\"\nurl = \"smtp://127.0.0.1:{}\"\nstarttls = \"never\"\n\
+         from = \"hookroute@example.com\"\nto = [\"oncall@example.com\"]\n",
+        smtp.port
+    )
+}
+
 /// Emails received whose subject starts with `prefix`.
 fn mails(smtp: &Smtp, prefix: &str) -> Vec<serde_json::Value> {
     smtp.received()
@@ -133,12 +142,7 @@ type = "slack"
 webhook_url = {{ value = "{}" }}
 delivery = {{ concurrency = 1, pause_after = "10m", probe_interval = "1m", retry = {{ base = "2s", cap = "1m", max_attempts = 100 }} }}
 
-[sinks.mail]
-type = "email"
-url = "smtp://127.0.0.1:{}"
-starttls = "never"
-from = "hookroute@example.com"
-to = ["oncall@example.com"]
+{}
 
 [sinks.archive]
 type = "file"
@@ -155,7 +159,7 @@ events = ["hookroute.*"]
 sinks = ["mail", "slack", "archive"]
 "#,
         slack.url("/hook"),
-        smtp.port,
+        oncall_mail(&smtp),
         archive.display()
     );
     let clock = hookroute::clock::ManualClock::new(jiff::Timestamp::now());
@@ -311,12 +315,7 @@ secret = "{CL_SECRET}"
 type = "slack"
 webhook_url = {{ value = "{}" }}
 
-[sinks.mail]
-type = "email"
-url = "smtp://127.0.0.1:{}"
-starttls = "never"
-from = "hookroute@example.com"
-to = ["oncall@example.com"]
+{}
 
 [[routes]]
 name = "scans"
@@ -330,7 +329,7 @@ events = ["*"]
 sinks = ["mail"]
 "#,
         slack.url("/hook"),
-        smtp.port
+        oncall_mail(&smtp)
     );
     let clock = hookroute::clock::ManualClock::new(jiff::Timestamp::now());
     let daemon = InProcess::start_on(

@@ -83,12 +83,7 @@ impl Tools {
         time: Option<Duration>,
         now: Timestamp,
     ) -> Result<SinkChanged, StoreError> {
-        let until = time.map(|time| {
-            now.saturating_add(
-                jiff::SignedDuration::try_from(time).unwrap_or(jiff::SignedDuration::MAX),
-            )
-            .unwrap_or(Timestamp::MAX)
-        });
+        let until = time.map(|time| crate::store::sinks::later(now, time));
         let pause = Pause {
             since: now,
             until,
