@@ -30,6 +30,7 @@
 // (`cargo doc --document-private-items`): module docs may point at private items.
 #![allow(rustdoc::private_intra_doc_links)]
 
+pub mod actions;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -37,6 +38,7 @@ pub mod delivery;
 pub mod dispatch;
 pub mod duration;
 pub mod event;
+pub mod explain;
 pub mod http;
 pub mod intake;
 pub mod internal;
@@ -172,11 +174,13 @@ pub async fn run_with_clock(
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
+    // The configuration in force, for the status page; replaced whole on reload.
+    let live = Arc::new(ArcSwap::from_pointee(config.clone()));
     let reloader = tokio::spawn(reload_on_hangup(
-        config.clone(),
+        Arc::clone(&live),
         app.clone(),
         plan,
-        (metrics, Arc::clone(&notices)),
+        (Arc::clone(&metrics), Arc::clone(&notices)),
         Arc::clone(&clock),
         stop.clone(),
     ));
@@ -189,7 +193,12 @@ pub async fn run_with_clock(
 
     let page = match &config.admin {
         Some(admin) => {
-            let state = web::WebState::new(&config, admin.clone(), Arc::clone(&clock))?;
+            let state = web::WebState::new(
+                Arc::clone(&live),
+                Arc::clone(&metrics),
+                admin.clone(),
+                Arc::clone(&clock),
+            )?;
             let listener =
                 TcpListener::bind(admin.listen)
                     .await
@@ -369,7 +378,7 @@ fn configure_metrics(metrics: &metrics::Metrics, config: &Config) {
 /// sinks, routes and templates; deliveries in flight finish with what they started with. An
 /// invalid one is logged and the running configuration stays.
 async fn reload_on_hangup(
-    running: Config,
+    live: Arc<ArcSwap<Config>>,
     app: http::App,
     plan: Arc<ArcSwap<Plan>>,
     (metrics, notices): (Arc<metrics::Metrics>, Arc<notice::Notices>),
@@ -388,6 +397,7 @@ async fn reload_on_hangup(
         }
         // Off the runtime's workers: reading the files and building the sinks' clients is
         // blocking work, and however long it takes, requests, /healthz and a SIGTERM go on.
+        let running = live.load_full();
         let file = running.file.clone();
         let loading = tokio::task::spawn_blocking(move || {
             config::load(&file)
@@ -427,6 +437,7 @@ async fn reload_on_hangup(
                     new.sinks.len(),
                     new.routing.table.routes().len(),
                 );
+                live.store(Arc::new(new));
                 tracing::info!(sources, sinks, routes, "configuration reloaded");
                 let reloaded = notice::Notice::Reloaded {
                     sources,

@@ -21,6 +21,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config;
+use crate::duration::Since;
 
 const DEFAULT_CONFIG: &str = "/etc/hookroute/config.toml";
 /// How long `send` waits for an answer; the senders themselves wait 30 s.
@@ -111,7 +112,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum DeliveriesCommand {
     /// Deliveries, newest first: one row per job, suppressed route or unrouted event.
-    List(ListArgs),
+    List(Box<ListArgs>),
     /// An event, its routes, and every delivery attempt.
     Show(ShowArgs),
 }
@@ -137,9 +138,18 @@ pub struct ListArgs {
     /// Only deliveries to this sink.
     #[arg(long)]
     pub sink: Option<String>,
+    /// Only deliveries of this route.
+    #[arg(long)]
+    pub route: Option<String>,
+    /// Only events whose type this glob matches, e.g. "alert.*".
+    #[arg(long = "type", value_name = "GLOB", value_parser = parse_glob)]
+    pub event_type: Option<globset::GlobMatcher>,
+    /// Only events older than this one (an event id): the next page after a list's last event.
+    #[arg(long, value_name = "EVENT")]
+    pub before: Option<i64>,
     /// Only events received since then: a duration back from now ("1h", "7d"), a time
     /// ("2026-12-05T14:00:00Z") or a date ("2026-12-05", from its midnight UTC).
-    #[arg(long, value_parser = parse_since)]
+    #[arg(long, value_parser = Since::parse)]
     pub since: Option<Since>,
     /// At most this many rows.
     #[arg(long, default_value_t = 100)]
@@ -264,7 +274,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::CheckConfig(args) => check::check_config(args),
         Command::Send(args) => runtime()?.block_on(send::send(args)),
         Command::RouteTest(args) => check::route_test(args),
-        Command::Deliveries(DeliveriesCommand::List(args)) => tools::list(args),
+        Command::Deliveries(DeliveriesCommand::List(args)) => tools::list(*args),
         Command::Deliveries(DeliveriesCommand::Show(args)) => tools::show(args),
         Command::Replay(args) => tools::replay(args),
         Command::Retry(args) => tools::retry(args),
@@ -294,43 +304,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Where `--since` starts: a time, or a span back from when the command runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Since {
-    Ago(Duration),
-    At(jiff::Timestamp),
-}
-
-impl Since {
-    /// The time this means, `now` being when the command runs.
-    ///
-    /// # Errors
-    /// A span too long to take from `now`.
-    pub fn at(self, now: jiff::Timestamp) -> anyhow::Result<jiff::Timestamp> {
-        Ok(match self {
-            Self::At(at) => at,
-            Self::Ago(span) => now.checked_sub(jiff::SignedDuration::try_from(span)?)?,
-        })
-    }
-}
-
-/// `--since`: a duration, an RFC 3339 time or a date.
-fn parse_since(text: &str) -> Result<Since, String> {
-    if let Ok(span) = humantime::parse_duration(text) {
-        return Ok(Since::Ago(span));
-    }
-    if let Ok(at) = text.parse::<jiff::Timestamp>() {
-        return Ok(Since::At(at));
-    }
-    if let Ok(date) = text.parse::<jiff::civil::Date>()
-        && let Ok(at) = date.to_zoned_datetime(jiff::tz::TimeZone::UTC)
-    {
-        return Ok(Since::At(at.timestamp()));
-    }
-    Err(format!(
-        "{text:?} is not a duration (\"1h\", \"7d\"), a time (\"2026-12-05T14:00:00Z\") \
-         or a date (\"2026-12-05\")"
-    ))
+/// `--type`: a glob over event types.
+fn parse_glob(text: &str) -> Result<globset::GlobMatcher, String> {
+    globset::Glob::new(text)
+        .map(|glob| glob.compile_matcher())
+        .map_err(|err| err.to_string())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -372,7 +350,8 @@ async fn shutdown_signal() {
 mod tests {
     #[test]
     fn since_takes_a_duration_a_time_or_a_date() {
-        use super::{Since, parse_since};
+        use super::Since;
+        let parse_since = Since::parse;
         let now: jiff::Timestamp = "2026-12-06T12:00:00Z".parse().unwrap();
         let at = |text: &str| parse_since(text).unwrap().at(now).unwrap().to_string();
         assert_eq!(at("1h"), "2026-12-06T11:00:00Z");

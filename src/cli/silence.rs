@@ -14,7 +14,7 @@ use jiff::Timestamp;
 use super::DEFAULT_CONFIG;
 use super::tools::admin as tools;
 use crate::config::Config;
-use crate::silence::{Compiled, check};
+use crate::silence::check;
 use crate::store::admin::{Access, Tools};
 use crate::store::{Matchers, NewSilence, Silence};
 use crate::text::printable;
@@ -214,57 +214,28 @@ fn dry_run(
     last: usize,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let silence = Compiled::new(Silence {
-        id: 0,
-        matchers: new.matchers,
-        starts_at: new.starts_at,
-        ends_at: new.ends_at,
-        comment: new.comment,
-        author: new.author,
-        created_at: Timestamp::now(),
-    });
-    let events = tools.recent_events(last)?;
-    let mut matched = Vec::new();
-    for stored in &events {
-        let routed = crate::dispatch::route(&config.routing, &stored.event, stored.received_at);
-        for to in routed.to {
-            for sink in &to.sinks {
-                if silence.matches(&to.route, sink, &stored.event) {
-                    matched.push(serde_json::json!({
-                        "event_id": stored.id,
-                        "received_at": stored.received_at.to_string(),
-                        "source": stored.event.source,
-                        "type": stored.event.event_type,
-                        "route": to.route,
-                        "sink": sink,
-                    }));
-                }
-            }
-        }
-    }
+    let (matched, looked_at) = crate::actions::preview(tools, config, new, last)?;
     if json {
         for row in &matched {
-            writeln!(out, "{row}")?;
+            writeln!(out, "{}", serde_json::to_string(row)?)?;
         }
         return Ok(ExitCode::SUCCESS);
     }
     writeln!(
         out,
-        "would silence {} deliveries of the last {} events (nothing stored):",
+        "would silence {} deliveries of the last {looked_at} events (nothing stored):",
         matched.len(),
-        events.len()
     )?;
     for row in &matched {
-        let field = |key: &str| printable(row[key].as_str().unwrap_or_default()).into_owned();
         writeln!(
             out,
             "  event {:>6}  {:<20}  {:<16} {:<22} route {:?} -> sink {:?}",
-            row["event_id"],
-            field("received_at").get(..19).unwrap_or_default(),
-            field("source"),
-            field("type"),
-            field("route"),
-            field("sink"),
+            row.event_id,
+            row.received_at.get(..19).unwrap_or_default(),
+            printable(&row.source),
+            printable(&row.event_type),
+            printable(&row.route),
+            printable(&row.sink),
         )?;
     }
     Ok(ExitCode::SUCCESS)

@@ -3,12 +3,14 @@
 //! do what was asked, it says where things stand and which command would do it instead.
 
 use std::io::Write as _;
+
+use anyhow::Context as _;
 use std::process::ExitCode;
 
 use super::{DeadRetryArgs, ListArgs, MigrateArgs, ReplayArgs, RetryArgs, ShowArgs};
+use crate::actions::{self, Queued, Refused};
 use crate::config::{self, Config};
-use crate::store::JobStatus;
-use crate::store::admin::{Access, EventDetail, Filter, JobState, RowStatus, Tools};
+use crate::store::admin::{Access, EventDetail, Filter, RowStatus, Tools};
 use crate::text::{printable, printable_lines};
 
 pub(super) fn admin(
@@ -25,14 +27,21 @@ pub(super) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let (_, admin) = admin(&args.config, Access::Read)?;
     let since = args
         .since
-        .map(|since| since.at(jiff::Timestamp::now()))
+        .map(|since| {
+            since
+                .at(jiff::Timestamp::now())
+                .context("--since reaches before the first time there is")
+        })
         .transpose()?;
     let filter = Filter {
         // One of STATUSES: clap took nothing else.
         status: args.status.as_deref().and_then(RowStatus::parse),
         source: args.source,
         sink: args.sink,
+        route: args.route,
+        event_type: args.event_type,
         since,
+        before: args.before,
         limit: args.limit,
     };
     let rows = admin.list(&filter)?;
@@ -206,79 +215,54 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
 pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let (config, mut admin) = admin(&args.config, Access::Write)?;
-    let Some(EventDetail { stored, .. }) = admin.show(args.id)? else {
-        eprintln!("no event {}", args.id);
-        return Ok(ExitCode::from(1));
-    };
-    // Replays go through today's routes; throttles, silences and mute windows are not applied
-    // to what an operator asks for.
-    let now = jiff::Timestamp::now();
-    let mut pairs: Vec<(String, String)> =
-        crate::dispatch::route(&config.routing, &stored.event, now)
-            .to
-            .into_iter()
-            .flat_map(|to| {
-                let route = to.route;
-                to.sinks.into_iter().map(move |sink| (route.clone(), sink))
-            })
-            .filter(|(_, sink)| args.sink.as_ref().is_none_or(|only| only == sink))
-            .collect();
-    if let Some(sink) = &args.sink {
-        anyhow::ensure!(
-            config.sinks.iter().any(|s| &s.name == sink),
-            "no sink named {sink:?} in {}",
-            config.file.display()
-        );
-        if pairs.is_empty() {
-            pairs.push(("replay".into(), sink.clone()));
+    match actions::replay(
+        &mut admin,
+        &config,
+        args.id,
+        args.sink.as_deref(),
+        args.force,
+    ) {
+        Ok(queued) => {
+            for Queued { job, route, sink } in queued {
+                writeln!(
+                    out,
+                    "queued job {job}: event {} via route {route:?} to sink {sink:?}",
+                    args.id
+                )?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
-    }
-    pairs.dedup();
-    // A second job for a sink that still has one waiting would deliver the event twice.
-    let waiting = admin.waiting_jobs(args.id)?;
-    let twice: Vec<&JobState> = waiting
-        .iter()
-        .filter(|job| pairs.iter().any(|(_, sink)| *sink == job.sink))
-        .collect();
-    if !args.force && !twice.is_empty() {
-        for job in twice {
+        Err(Refused::Twice { event, waiting }) => {
+            for job in waiting {
+                eprintln!(
+                    "event {event} already has job {} waiting for sink \"{}\" ({})",
+                    job.id,
+                    printable(&job.sink),
+                    actions::standing(&job)
+                );
+            }
             eprintln!(
-                "event {} already has job {} waiting for sink \"{}\" ({})",
-                args.id,
-                job.id,
-                printable(&job.sink),
-                standing(job)
+                "nothing queued: `hookroute retry JOB` tries a failed job now; --force queues another \
+                 job anyway (the sink may get the event twice)"
             );
+            Ok(ExitCode::from(1))
         }
-        eprintln!(
-            "nothing queued: `hookroute retry JOB` tries a failed job now; --force queues another \
-             job anyway (the sink may get the event twice)"
-        );
-        return Ok(ExitCode::from(1));
+        Err(Refused::NoSink(sink)) => {
+            anyhow::bail!("no sink named {sink:?} in {}", config.file.display())
+        }
+        Err(Refused::NoRoute(id)) => {
+            eprintln!("no route matches event {id}; nothing queued (name a sink with --sink)");
+            Ok(ExitCode::from(1))
+        }
+        Err(refused) => refused_or_failed(refused),
     }
-    if pairs.is_empty() {
-        eprintln!(
-            "no route matches event {}; nothing queued (name a sink with --sink)",
-            args.id
-        );
-        return Ok(ExitCode::from(1));
-    }
-    let ids = admin.enqueue(args.id, &pairs)?;
-    for ((route, sink), id) in pairs.iter().zip(ids) {
-        writeln!(
-            out,
-            "queued job {id}: event {} via route {route:?} to sink {sink:?}",
-            args.id
-        )?;
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 pub(super) fn retry(args: RetryArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let (_, admin) = admin(&args.config, Access::Write)?;
-    if admin.retry_now(args.job)? {
-        if let Some(job) = admin.job(args.job)? {
+    match actions::retry(&admin, args.job) {
+        Ok(job) => {
             writeln!(
                 out,
                 "job {} (event {} to sink \"{}\") is due now; it keeps its {} attempt(s)",
@@ -287,69 +271,38 @@ pub(super) fn retry(args: RetryArgs) -> anyhow::Result<ExitCode> {
                 printable(&job.sink),
                 job.attempts
             )?;
+            Ok(ExitCode::SUCCESS)
         }
-        return Ok(ExitCode::SUCCESS);
+        Err(refused) => refused_or_failed(refused),
     }
-    eprintln!("{}", not_retried(&admin, args.job)?);
-    Ok(ExitCode::from(1))
 }
 
 pub(super) fn retry_dead(args: DeadRetryArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let (_, admin) = admin(&args.config, Access::Write)?;
-    let count = admin.retry_dead(args.id)?;
-    if let (0, Some(id)) = (count, args.id) {
-        eprintln!("{}", not_retried(&admin, id)?);
-        return Ok(ExitCode::from(1));
-    }
-    writeln!(
-        out,
-        "re-queued {count} dead deliver{}",
-        if count == 1 { "y" } else { "ies" }
-    )?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Why job `id` was not retried, and the command that does what was meant: the id may be an
-/// event's, or the job may be in another state than the command takes.
-fn not_retried(admin: &Tools, id: i64) -> anyhow::Result<String> {
-    let Some(job) = admin.job(id)? else {
-        let hint = if admin.show(id)?.is_some() {
-            format!("; event {id} exists: `hookroute deliveries show {id}` lists its jobs")
-        } else {
-            String::new()
-        };
-        return Ok(format!("no job {id}{hint}"));
-    };
-    let what = match job.status {
-        JobStatus::Failed => format!("`hookroute retry {id}` tries it now"),
-        JobStatus::Dead => {
-            format!("`hookroute dead-letter retry {id}` re-queues it with fresh attempts")
+    let one = args.id.map(|id| [id]);
+    match actions::retry_dead(&admin, one.as_ref().map(|one| &one[..])) {
+        Ok(count) => {
+            writeln!(
+                out,
+                "re-queued {count} dead deliver{}",
+                if count == 1 { "y" } else { "ies" }
+            )?;
+            Ok(ExitCode::SUCCESS)
         }
-        JobStatus::Pending => "it is due now, or being delivered".to_owned(),
-        JobStatus::Succeeded | JobStatus::Silenced | JobStatus::Muted => format!(
-            "`hookroute replay {} --sink {}` delivers its event {}",
-            job.event_id,
-            printable(&job.sink),
-            if job.status == JobStatus::Succeeded {
-                "again"
-            } else {
-                "now"
-            }
-        ),
-    };
-    let is = match job.status {
-        JobStatus::Succeeded => "has succeeded".to_owned(),
-        _ => format!("is {}", standing(&job)),
-    };
-    Ok(format!("job {id} {is}: {what}"))
+        Err(refused) => refused_or_failed(refused),
+    }
 }
 
-/// A job's status as the hints give it: a failed one with its next try.
-fn standing(job: &JobState) -> String {
-    match &job.next_attempt_at {
-        Some(next) => format!("{}, next try at {next}", job.status),
-        None => job.status.to_string(),
+/// An action that did nothing: exit 1 with why (and what would do what was meant); a
+/// database error fails the command.
+fn refused_or_failed(refused: Refused) -> anyhow::Result<ExitCode> {
+    match refused {
+        Refused::Store(err) => Err(err.into()),
+        refused => {
+            eprintln!("{refused}");
+            Ok(ExitCode::from(1))
+        }
     }
 }
 

@@ -10,14 +10,17 @@
 //! the command line runs.
 
 mod auth;
+mod deliveries;
 mod pages;
+mod silences;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use axum::Router;
-use axum::http::{HeaderName, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use ipnet::IpNet;
@@ -27,8 +30,10 @@ use serde::Serialize;
 use crate::clock::Clock;
 use crate::config::admin::AdminConfig;
 use crate::config::{Config, ServerConfig};
+use crate::metrics::Metrics;
 use crate::store::admin::Tools;
 
+use auth::Session;
 pub use auth::Sessions;
 
 /// The pages' templates and style, embedded in the binary.
@@ -36,6 +41,12 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("base.html", include_str!("templates/base.html")),
     ("login.html", include_str!("templates/login.html")),
     ("overview.html", include_str!("templates/overview.html")),
+    ("deliveries.html", include_str!("templates/deliveries.html")),
+    ("event.html", include_str!("templates/event.html")),
+    ("dead.html", include_str!("templates/dead.html")),
+    ("silences.html", include_str!("templates/silences.html")),
+    ("config.html", include_str!("templates/config.html")),
+    ("problem.html", include_str!("templates/problem.html")),
 ];
 const STYLE: &str = include_str!("templates/style.css");
 
@@ -45,59 +56,108 @@ pub struct WebState {
     sessions: Sessions,
     /// The operator's queries, on a thread and a connection of their own.
     tools: Queries,
+    /// The configuration in force (replaced on reload): routes for replays and previews.
+    config: Arc<ArcSwap<Config>>,
+    /// Each source's last hour.
+    metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     env: Environment<'static>,
-    /// What the overview says of this daemon.
-    about: About,
+    started: Instant,
     /// Peers whose `X-Forwarded-Proto` is believed (the cookie is `Secure` behind HTTPS).
     trusted_proxies: Vec<IpNet>,
-}
-
-/// This daemon, as the overview shows it.
-#[derive(Debug, Clone, Serialize)]
-struct About {
-    version: &'static str,
-    storage: String,
-    sources: Vec<(String, String)>,
-    sinks: Vec<String>,
-    #[serde(skip)]
-    started: Instant,
 }
 
 impl WebState {
     /// # Errors
     /// When the database cannot be opened for the pages' queries.
     pub fn new(
-        config: &Config,
+        config: Arc<ArcSwap<Config>>,
+        metrics: Arc<Metrics>,
         admin: AdminConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, crate::store::StoreError> {
-        let tools = Queries::open(config.storage.clone())?;
+        let (storage, trusted_proxies) = {
+            let config = config.load();
+            (
+                config.storage.clone(),
+                config.server.trusted_proxies.clone(),
+            )
+        };
+        let tools = Queries::open(storage)?;
         let mut env = Environment::new();
+        // Every string a page shows may be a stranger's: control and direction characters
+        // are spelt as escapes (as the command line prints them) before HTML escaping, so no
+        // payload can reorder or hide what is around it. Line breaks stay.
+        env.set_formatter(|out, state, value| match value.as_str() {
+            Some(text) if !value.is_safe() => {
+                let shown = crate::text::printable_lines(text, "");
+                minijinja::escape_formatter(out, state, &minijinja::Value::from(shown))
+            }
+            _ => minijinja::escape_formatter(out, state, value),
+        });
         for (name, text) in TEMPLATES {
             env.add_template(name, text)
                 .expect("the embedded templates are valid");
         }
-        let about = About {
-            version: env!("CARGO_PKG_VERSION"),
-            storage: config.storage.describe(),
-            sources: config
-                .sources
-                .iter()
-                .map(|s| (s.name.clone(), s.path.clone()))
-                .collect(),
-            sinks: config.sinks.iter().map(|s| s.name.clone()).collect(),
-            started: Instant::now(),
-        };
         Ok(Arc::new(Self {
             sessions: Sessions::new(admin.session_ttl),
             admin,
             tools,
+            config,
+            metrics,
             clock,
             env,
-            about,
-            trusted_proxies: config.server.trusted_proxies.clone(),
+            started: Instant::now(),
+            trusted_proxies,
         }))
+    }
+
+    /// `page` as JSON to a client that asked for it, else rendered as `template` for
+    /// `session`'s user (with their role and the CSRF token every form carries).
+    fn answer<T: Serialize>(
+        &self,
+        headers: &HeaderMap,
+        session: &Session,
+        template: &str,
+        page: &T,
+    ) -> Response {
+        if wants_json(headers) {
+            return axum::Json(page).into_response();
+        }
+        self.page(
+            template,
+            minijinja::context! {
+                page => minijinja::Value::from(minijinja::value::Serde(page)),
+                user => session.user.clone(),
+                role => session.role.as_str(),
+                csrf => session.csrf.clone(),
+            },
+        )
+    }
+
+    /// Runs `query` with the operator's queries; a database that does not answer is 503.
+    async fn read<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&mut Tools) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Result<T, Response> {
+        match self.tools.run(query).await {
+            Some(Ok(read)) => Ok(read),
+            Some(Err(err)) => Err(unavailable(&err.to_string())),
+            None => Err(unavailable("the queries' thread stopped")),
+        }
+    }
+
+    /// A request the page cannot do: `status`, and why, as a page (or JSON).
+    fn problem(&self, headers: &HeaderMap, status: StatusCode, why: &str) -> Response {
+        if wants_json(headers) {
+            return (status, axum::Json(serde_json::json!({ "error": why }))).into_response();
+        }
+        let mut response = self.page(
+            "problem.html",
+            minijinja::context! { status => status.as_u16(), why => why },
+        );
+        *response.status_mut() = status;
+        response
     }
 
     /// Renders `template` with `context`, or the error page.
@@ -183,6 +243,15 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route("/logout", post(auth::logout))
         .route("/sinks/{sink}/pause", post(pages::pause))
         .route("/sinks/{sink}/resume", post(pages::resume))
+        .route("/deliveries", get(deliveries::list))
+        .route("/events/{id}", get(deliveries::event))
+        .route("/events/{id}/replay", post(deliveries::replay))
+        .route("/jobs/{id}/retry", post(deliveries::retry))
+        .route("/dead", get(deliveries::dead))
+        .route("/dead/retry", post(deliveries::retry_dead))
+        .route("/silences", get(silences::list).post(silences::add))
+        .route("/silences/{id}/expire", post(silences::expire))
+        .route("/config", get(pages::config))
         .route("/style.css", get(style))
         .layer(axum::middleware::map_response(headers))
         .with_state(state)
@@ -227,6 +296,16 @@ async fn headers(mut response: Response) -> Response {
         HeaderValue::from_static("same-origin"),
     );
     response
+}
+
+/// The database did not answer.
+fn unavailable(why: &str) -> Response {
+    tracing::error!(error = %why, "status page: cannot read the database");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the database did not answer; try again",
+    )
+        .into_response()
 }
 
 /// Whether the client asked for JSON.

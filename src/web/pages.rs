@@ -11,18 +11,28 @@ use serde::Serialize;
 
 use super::WebState;
 use super::auth::{Csrf, Session};
+use crate::metrics::SourceHour;
 use crate::store::Silence;
 use crate::store::admin::SinkStatus;
 
-/// The overview: this daemon, each sink's state and queue, the silences in force.
+/// The overview: this daemon, each source's last hour, each sink's state and queue, the
+/// silences in force.
 #[derive(Serialize)]
 struct Overview {
     version: &'static str,
     uptime: String,
     storage: String,
-    sources: Vec<(String, String)>,
+    sources: Vec<SourceLine>,
     sinks: Vec<SinkStatus>,
     silences: Vec<Silence>,
+}
+
+/// A configured source: where it posts, and its last hour on this daemon.
+#[derive(Serialize)]
+struct SourceLine {
+    name: String,
+    path: String,
+    hour: SourceHour,
 }
 
 pub async fn overview(
@@ -31,49 +41,55 @@ pub async fn overview(
     headers: HeaderMap,
 ) -> Response {
     let now = state.clock.now();
-    let configured = state.about.sinks.clone();
-    let read = state.tools.run(move |tools| {
-        Ok::<_, crate::store::StoreError>((
-            tools.sinks(&configured, now)?,
-            tools.silences(false, now)?,
-        ))
-    });
-    let (sinks, silences) = match read.await {
-        Some(Ok(read)) => read,
-        Some(Err(err)) => return unavailable(&err.to_string()),
-        None => return unavailable("the queries' thread stopped"),
+    let config = state.config.load_full();
+    let configured: Vec<String> = config.sinks.iter().map(|s| s.name.clone()).collect();
+    let read = state
+        .read(move |tools| Ok((tools.sinks(&configured, now)?, tools.silences(false, now)?)))
+        .await;
+    let (sinks, silences) = match read {
+        Ok(read) => read,
+        Err(unavailable) => return unavailable,
     };
-    let uptime = std::time::Duration::from_secs(state.about.started.elapsed().as_secs());
+    let mut heard = state.metrics.last_hour();
+    let sources = config
+        .sources
+        .iter()
+        .map(|source| SourceLine {
+            name: source.name.clone(),
+            path: source.path.clone(),
+            hour: heard
+                .iter()
+                .position(|hour| hour.source == source.name)
+                .map(|at| heard.swap_remove(at))
+                .unwrap_or_else(|| SourceHour {
+                    source: source.name.clone(),
+                    ..SourceHour::default()
+                }),
+        })
+        .collect();
+    let uptime = std::time::Duration::from_secs(state.started.elapsed().as_secs());
     let overview = Overview {
-        version: state.about.version,
+        version: env!("CARGO_PKG_VERSION"),
         uptime: humantime::format_duration(uptime).to_string(),
-        storage: state.about.storage.clone(),
-        sources: state.about.sources.clone(),
+        storage: config.storage.describe(),
+        sources,
         sinks,
         silences,
     };
-    if super::wants_json(&headers) {
-        return axum::Json(overview).into_response();
-    }
-    state.page(
-        "overview.html",
-        minijinja::context! {
-            page => minijinja::Value::from(minijinja::value::Serde(&overview)),
-            user => session.user,
-            role => session.role.as_str(),
-            csrf => session.csrf,
-        },
-    )
+    state.answer(&headers, &session, "overview.html", &overview)
 }
 
-/// The database did not answer.
-fn unavailable(why: &str) -> Response {
-    tracing::error!(error = %why, "status page: cannot read the database");
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the database did not answer; try again",
-    )
-        .into_response()
+/// The configuration in force, as `check-config` prints it: sources, sinks, routes, windows
+/// and warnings; never a secret (it names how many a source has, not what they are).
+pub async fn config(
+    State(state): State<Arc<WebState>>,
+    session: Session,
+    headers: HeaderMap,
+) -> Response {
+    let config = state.config.load_full();
+    let summary = crate::explain::summary(&config);
+    let page = serde_json::json!({ "file": config.file, "summary": summary });
+    state.answer(&headers, &session, "config.html", &page)
 }
 
 /// The pause form: why, and for how long (empty: until resumed).
@@ -97,7 +113,7 @@ pub async fn pause(
     if let Err(refused) = session.check(&form.csrf, true) {
         return refused.into_response();
     }
-    if !state.about.sinks.contains(&sink) {
+    if !state.config.load().sinks.iter().any(|s| s.name == sink) {
         return (StatusCode::NOT_FOUND, "no such sink").into_response();
     }
     let comment = form.comment.trim().to_owned();
@@ -158,7 +174,7 @@ fn acted(
             tracing::info!(user = %session.user, %sink, action = what, "status page: sink {what}");
             Redirect::to("/").into_response()
         }
-        Some(Err(err)) => unavailable(&err.to_string()),
-        None => unavailable("the queries' thread stopped"),
+        Some(Err(err)) => super::unavailable(&err.to_string()),
+        None => super::unavailable("the queries' thread stopped"),
     }
 }

@@ -5,6 +5,7 @@
 mod harness;
 mod postgres;
 
+mod browser;
 mod cli;
 mod conformance;
 mod dedupe;

@@ -9,8 +9,8 @@ use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
 
 use crate::harness::*;
 
-const ALICE: &str = "alice-viewer-token-0123456789";
-const BOB: &str = "bob-operator-token-0123456789";
+pub const ALICE: &str = "alice-viewer-token-0123456789";
+pub const BOB: &str = "bob-operator-token-0123456789";
 
 const FORM: &str = "application/x-www-form-urlencoded";
 
@@ -22,13 +22,18 @@ fn form(pairs: &[(&str, &str)]) -> String {
 }
 
 /// A free loopback port for the admin listener.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }
 
 /// The daemon's configuration with the page on `port`: Alice views, Bob operates.
 fn with_page(dir: &Path, port: u16) -> String {
+    page_config(dir, port, &standard_rest(dir))
+}
+
+/// `rest` (sources, sinks, routes) with the page on `port`: Alice views, Bob operates.
+pub fn page_config(dir: &Path, port: u16, rest: &str) -> String {
     std::fs::write(dir.join("alice.token"), format!("{ALICE}\n")).unwrap();
     std::fs::write(dir.join("bob.token"), BOB).unwrap();
     let rest = format!(
@@ -46,7 +51,7 @@ role = "viewer"
 token = {{ file = "bob.token" }}
 role = "operator"
 "#,
-        standard_rest(dir)
+        rest
     );
     config(
         dir,

@@ -6,10 +6,11 @@
 use jiff::Timestamp;
 use serde::Serialize;
 
+mod list;
 mod silences;
 mod sinks;
 
-use silences::say_why_quiet;
+pub use list::{Filter, Listing};
 pub use sinks::SinkStatus;
 
 use super::{
@@ -181,16 +182,6 @@ pub struct EventDetail {
     pub routing: Vec<Row>,
 }
 
-#[derive(Debug, Default)]
-pub struct Filter {
-    pub status: Option<RowStatus>,
-    pub source: Option<String>,
-    /// Only jobs of this sink (routing records, which have none, are left out).
-    pub sink: Option<String>,
-    pub since: Option<Timestamp>,
-    pub limit: usize,
-}
-
 /// A status `deliveries list` finds through an index of its own, newest event first (the
 /// others, no status and `succeeded`, walk the events).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,12 +242,12 @@ pub trait AdminBackend: Send {
     /// An event's routing records alone (the routes that created no job).
     fn records_of(&self, event: &Head) -> Result<Vec<Row>, StoreError>;
 
-    /// Up to `limit` rows with `status`, newest event first, of events from `floor` on: all
-    /// of them, or `source`'s.
+    /// Up to `limit` rows with `status`, newest event first, of events in `[floor, below)`:
+    /// all of them, or `source`'s (and `sink`'s).
     fn with_status(
         &self,
         status: Indexed,
-        floor: i64,
+        range: (i64, i64),
         of: (Option<&str>, Option<&str>),
         limit: usize,
     ) -> Result<Vec<Row>, StoreError>;
@@ -318,7 +309,7 @@ pub trait AdminBackend: Send {
     ) -> Result<SinkChanged, StoreError>;
 }
 
-/// How many events a walk reads at a time.
+/// How many events (or rows of a status) a batch reads at a time.
 const PAGE: usize = 64;
 
 /// The operator's queries and changes, made while the daemon runs, written once over a
@@ -330,83 +321,6 @@ pub struct Tools {
 impl Tools {
     pub fn new(backend: Box<dyn AdminBackend>) -> Self {
         Self { backend }
-    }
-
-    /// Deliveries, newest event first.
-    ///
-    /// # Errors
-    /// On a database error (as every method here).
-    pub fn list(&self, filter: &Filter) -> Result<Vec<Row>, StoreError> {
-        let floor = match filter.since {
-            Some(since) => self.first_since(since)?,
-            None => 0,
-        };
-        // No status, or `succeeded`, walks the events; the others have an index of their own.
-        let mut rows = match filter.status.map(Indexed::of) {
-            None => self.walk(floor, filter, false)?,
-            Some(Some(indexed)) => {
-                let of = (filter.source.as_deref(), filter.sink.as_deref());
-                self.backend.with_status(indexed, floor, of, filter.limit)?
-            }
-            Some(None) => self.walk(floor, filter, true)?,
-        };
-        rows.iter_mut().for_each(say_why_quiet);
-        Ok(rows)
-    }
-
-    /// `--since`: the first event id received at or after `since`, by bisecting ids (events
-    /// are numbered in the order they arrive), so it bounds every walk without an index on
-    /// time.
-    fn first_since(&self, since: Timestamp) -> Result<i64, StoreError> {
-        let since = since.as_millisecond();
-        let Some(last) = self.backend.last_event_id()? else {
-            return Ok(0);
-        };
-        // The first id whose next event was received since then; past the last if none was.
-        let (mut low, mut high) = (0, last + 1);
-        while low < high {
-            let middle = low + (high - low) / 2;
-            let received = self.backend.received_from(middle)?;
-            if received.is_some_and(|received| received >= since) {
-                high = middle;
-            } else {
-                low = middle + 1;
-            }
-        }
-        Ok(low)
-    }
-
-    /// Rows of the newest events from `floor` on, a page of events at a time, until the
-    /// limit; with `succeeded`, only the jobs that succeeded. With no status, or
-    /// `succeeded` (the normal outcome, so matches come quickly), walking the events is the
-    /// index seek.
-    fn walk(&self, floor: i64, filter: &Filter, succeeded: bool) -> Result<Vec<Row>, StoreError> {
-        let mut listed = Vec::new();
-        let mut below = i64::MAX;
-        while listed.len() < filter.limit {
-            let heads = self
-                .backend
-                .events_page(below, floor, PAGE, filter.source.as_deref())?;
-            let Some(last) = heads.last() else { break };
-            below = last.event_id;
-            for (head, rows) in heads.iter().zip(self.backend.rows_of(&heads)?) {
-                if rows.is_empty() {
-                    if !succeeded && filter.sink.is_none() {
-                        listed.push(unrouted(head));
-                    }
-                    continue;
-                }
-                listed.extend(rows.into_iter().filter(|row| {
-                    (!succeeded || row.status == RowStatus::Succeeded)
-                        && filter
-                            .sink
-                            .as_ref()
-                            .is_none_or(|sink| row.sink.as_ref() == Some(sink))
-                }));
-            }
-        }
-        listed.truncate(filter.limit);
-        Ok(listed)
     }
 
     /// An event with its routing, jobs and attempts; `None` when there is no such event.

@@ -72,7 +72,7 @@ macro_rules! jobs_with {
             $partial,
             " AND j.status = '",
             $status,
-            "' AND j.event_id >= $1 AND ($2::text IS NULL OR e.source = $2)
+            "' AND j.event_id >= $1 AND j.event_id < $5 AND ($2::text IS NULL OR e.source = $2)
                    AND ($4::text IS NULL OR j.sink = $4)
              ORDER BY j.event_id DESC, j.id LIMIT $3"
         )
@@ -98,16 +98,16 @@ const SUPPRESSED: &str = concat!(
     head_columns!(),
     ", NULL::bigint, d.route, NULL::text, d.status, 0, NULL::bigint, d.detail
      FROM dispatches d JOIN events e ON e.id = d.event_id
-     WHERE d.status = 'suppressed' AND d.event_id >= $1 AND ($2::text IS NULL OR e.source = $2)
+     WHERE d.status = 'suppressed' AND d.event_id >= $1 AND d.event_id < $5 AND ($2::text IS NULL OR e.source = $2)
            AND $4::text IS NULL
-     ORDER BY d.event_id DESC, d.id LIMIT $3"
+     ORDER BY d.event_id DESC, d.id DESC LIMIT $3"
 );
 const UNROUTED: &str = concat!(
     "SELECT ",
     head_columns!(),
     ", NULL::bigint, NULL::text, NULL::text, 'unrouted', 0, NULL::bigint, NULL::text
      FROM events e
-     WHERE e.unrouted AND e.id >= $1 AND ($2::text IS NULL OR e.source = $2)
+     WHERE e.unrouted AND e.id >= $1 AND e.id < $5 AND ($2::text IS NULL OR e.source = $2)
            AND $4::text IS NULL
      ORDER BY e.id DESC LIMIT $3"
 );
@@ -375,7 +375,7 @@ impl AdminBackend for Admin {
     fn with_status(
         &self,
         status: Indexed,
-        floor: i64,
+        (floor, below): (i64, i64),
         (source, sink): (Option<&str>, Option<&str>),
         limit: usize,
     ) -> Result<Vec<Row>, StoreError> {
@@ -394,6 +394,7 @@ impl AdminBackend for Admin {
                 .bind(source)
                 .bind(i64::try_from(limit).unwrap_or(i64::MAX))
                 .bind(sink)
+                .bind(below)
                 .fetch_all(&mut *conn)
                 .await?;
             rows.into_iter().map(listed).collect()

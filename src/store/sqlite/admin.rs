@@ -68,7 +68,7 @@ macro_rules! jobs_with {
             $partial,
             " AND j.status = '",
             $status,
-            "' AND j.event_id >= ?1 AND (?2 IS NULL OR e.source = ?2)
+            "' AND j.event_id >= ?1 AND j.event_id < ?5 AND (?2 IS NULL OR e.source = ?2)
                    AND (?4 IS NULL OR j.sink = ?4)
              ORDER BY j.event_id DESC, j.id LIMIT ?3"
         )
@@ -93,21 +93,23 @@ const QUIETED_BY: &str = concat!(
      FROM jobs j INDEXED BY jobs_quieted_by JOIN events e ON e.id = j.event_id
      WHERE j.quieted_by = ?1 ORDER BY j.event_id DESC, j.id LIMIT ?2"
 );
+/// Newest record first within an event too: the index's own order (its entries end with the
+/// row id), so a page is read without sorting what it skips.
 const SUPPRESSED: &str = concat!(
     "SELECT ",
     row_columns!(),
     ", NULL, d.route, NULL, d.status, 0, NULL, d.detail
      FROM dispatches d INDEXED BY dispatches_status JOIN events e ON e.id = d.event_id
-     WHERE d.status = 'suppressed' AND d.event_id >= ?1 AND (?2 IS NULL OR e.source = ?2)
+     WHERE d.status = 'suppressed' AND d.event_id >= ?1 AND d.event_id < ?5 AND (?2 IS NULL OR e.source = ?2)
            AND ?4 IS NULL
-     ORDER BY d.event_id DESC, d.id LIMIT ?3"
+     ORDER BY d.event_id DESC, d.id DESC LIMIT ?3"
 );
 const UNROUTED: &str = concat!(
     "SELECT ",
     row_columns!(),
     ", NULL, NULL, NULL, 'unrouted', 0, NULL, NULL
      FROM events e INDEXED BY events_unrouted
-     WHERE e.unrouted = 1 AND e.id >= ?1 AND (?2 IS NULL OR e.source = ?2) AND ?4 IS NULL
+     WHERE e.unrouted = 1 AND e.id >= ?1 AND e.id < ?5 AND (?2 IS NULL OR e.source = ?2) AND ?4 IS NULL
      ORDER BY e.id DESC LIMIT ?3"
 );
 /// A page of events, newest first, below a cursor: all of them, or one source's.
@@ -308,7 +310,7 @@ impl AdminBackend for Admin {
     fn with_status(
         &self,
         status: Indexed,
-        floor: i64,
+        (floor, below): (i64, i64),
         (source, sink): (Option<&str>, Option<&str>),
         limit: usize,
     ) -> Result<Vec<Row>, StoreError> {
@@ -323,7 +325,7 @@ impl AdminBackend for Admin {
         };
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut stmt = self.conn.prepare_cached(sql)?;
-        let mut rows = stmt.query(params![floor, source, limit, sink])?;
+        let mut rows = stmt.query(params![floor, source, limit, sink, below])?;
         let mut listed = Vec::new();
         while let Some(row) = rows.next()? {
             listed.push(row_at(&head_at(row)?, row, 5)?);

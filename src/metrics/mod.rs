@@ -17,6 +17,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+mod recent;
+
+pub use recent::SourceHour;
+use recent::{Recent, Tallied};
+
 /// The `Content-Type` of what [`Metrics::render`] writes.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
@@ -122,6 +127,8 @@ pub struct Metrics {
     /// `hookroute_dead_letters` sees the first dead letter as a change (a series that is born
     /// at 1 has no change to see).
     sinks: std::sync::Mutex<Vec<String>>,
+    /// Each source's last hour, for the status page.
+    recent: Recent,
 }
 
 impl Default for Metrics {
@@ -159,6 +166,7 @@ impl Metrics {
             last_reload: Gauge::default(),
             database_bytes: Gauge::default(),
             sinks: std::sync::Mutex::default(),
+            recent: Recent::new(),
             registry: Registry::default(),
         };
         let build_info = Family::<Version, Gauge>::default();
@@ -277,6 +285,9 @@ impl Metrics {
 
     /// A request to a webhook path was answered with `status`.
     pub fn request(&self, source: &str, status: u16) {
+        if status >= 400 {
+            self.recent.record(source, Tallied::Refused);
+        }
         self.requests
             .get_or_create(&Request {
                 source: source.to_owned(),
@@ -297,17 +308,23 @@ impl Metrics {
 
     /// A delivery was answered 2xx `took` after it arrived; `new` unless a duplicate.
     pub fn ingested(&self, source: &str, new: bool, took: Duration) {
-        let family = if new {
-            &self.accepted
+        let (family, outcome) = if new {
+            (&self.accepted, Tallied::Accepted)
         } else {
-            &self.duplicates
+            (&self.duplicates, Tallied::Duplicate)
         };
+        self.recent.record(source, outcome);
         family
             .get_or_create(&Source {
                 source: source.to_owned(),
             })
             .inc();
         self.ingest_duration.observe(took.as_secs_f64());
+    }
+
+    /// Each source heard from this past hour, by name.
+    pub fn last_hour(&self) -> Vec<SourceHour> {
+        self.recent.last_hour()
     }
 
     /// A new event took no route.
