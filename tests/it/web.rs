@@ -384,3 +384,223 @@ async fn an_operator_pauses_and_resumes_a_sink_from_the_page() {
     daemon.stop().await;
 }
 on_both_backends!(an_operator_pauses_and_resumes_a_sink_from_the_page);
+
+/// Every page and action, as each kind of visitor meets it: nothing on the public listener, no
+/// page without a session, every action a POST that a viewer or a forged form cannot make;
+/// each page answers JSON when asked, bad input gets 400 with why, what does not exist 404,
+/// and an action that would do harm 409, changing nothing.
+async fn every_page_and_action_as_each_visitor_meets_it() {
+    let dir = tempdir();
+    let port = free_port();
+    let daemon = InProcess::start(dir.path(), &with_page(dir.path(), port)).await;
+    ready(&daemon).await;
+    let _ticking = Ticking::start(&daemon.clock, Duration::from_millis(20));
+    for n in 0..3 {
+        daemon.accept_cl(&scan_body(&format!("page-{n}"))).await;
+    }
+    let page = format!("http://127.0.0.1:{port}");
+    let gets = [
+        "/",
+        "/deliveries",
+        "/deliveries?status=succeeded&type=scan.*&since=1h",
+        "/events/1",
+        "/dead",
+        "/silences",
+        "/config",
+    ];
+    let posts = [
+        "/events/1/replay",
+        "/jobs/1/retry",
+        "/dead/retry",
+        "/silences",
+        "/silences/1/expire",
+        "/sinks/archive/pause",
+        "/sinks/archive/resume",
+    ];
+    let http = client();
+    for path in gets.iter().chain(&posts) {
+        let path = path.split('?').next().unwrap();
+        assert_eq!(daemon.get_status(path).await, 404, "public {path}");
+        let anonymous = http.get(format!("{page}{path}")).send().await.unwrap();
+        assert!(
+            [303, 405].contains(&anonymous.status().as_u16()),
+            "{path}: {}",
+            anonymous.status()
+        );
+    }
+    for path in posts {
+        let status = client()
+            .post(format!("{page}{path}"))
+            .header("content-type", FORM)
+            .body(form(&[("csrf", "x"), ("jobs", "1")]))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 303, "{path} without a session goes to the login");
+    }
+
+    let (alice, alice_csrf, _) = session(&page, ALICE).await;
+    let (bob, bob_csrf, _) = session(&page, BOB).await;
+    for path in gets {
+        for cookie in [&alice, &bob] {
+            let html = http
+                .get(format!("{page}{path}"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(html.status(), 200, "{path}");
+            assert_eq!(html.headers()["cache-control"], "no-store");
+            let json = http
+                .get(format!("{page}{path}"))
+                .header("cookie", cookie)
+                .header("accept", "application/json")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(json.status(), 200, "{path}");
+            json.json::<serde_json::Value>().await.unwrap();
+        }
+    }
+    // A viewer's POST and a POST without the token are refused, and change nothing.
+    let jobs = daemon.job_count();
+    for path in posts {
+        let fields = [
+            ("csrf", alice_csrf.as_str()),
+            ("jobs", "1"),
+            ("comment", "x"),
+        ];
+        assert_eq!(
+            post(&page, path, &alice, &fields).await,
+            403,
+            "viewer {path}"
+        );
+        assert_eq!(
+            post(&page, path, &bob, &[("jobs", "1"), ("comment", "x")]).await,
+            403,
+            "no CSRF token {path}"
+        );
+    }
+    assert_eq!(daemon.job_count(), jobs);
+    let silences = || daemon.tools(|tools| tools.silences(false, jiff::Timestamp::now()).unwrap());
+    assert!(silences().is_empty());
+
+    // Bad input: 400 with why.
+    let answer = |path: &'static str| {
+        let (http, page, bob) = (http.clone(), page.clone(), bob.clone());
+        async move {
+            let answer = http
+                .get(format!("{page}{path}"))
+                .header("cookie", bob)
+                .header("accept", "application/json")
+                .send()
+                .await
+                .unwrap();
+            (answer.status().as_u16(), answer.text().await.unwrap())
+        }
+    };
+    for (path, why) in [
+        (
+            "/deliveries?status=lost",
+            "status: \\\"lost\\\" is not one of",
+        ),
+        ("/deliveries?since=yesterday", "is not a duration"),
+        ("/deliveries?type=%5B", "type:"),
+        ("/deliveries?before=x", "before: \\\"x\\\" is not a number"),
+        ("/deliveries?id=abc", "is not an event id"),
+    ] {
+        let (status, text) = answer(path).await;
+        assert_eq!(status, 400, "{path}: {text}");
+        assert!(text.contains(why), "{path}: {text}");
+    }
+    assert_eq!(answer("/events/999").await.0, 404);
+    let jump = http
+        .get(format!("{page}/deliveries?id=2"))
+        .header("cookie", &bob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        jump.headers()[LOCATION],
+        "/events/2",
+        "an id goes to its event"
+    );
+
+    // Pages by keyset: two events a page, every row once, the newest first.
+    let mut seen = Vec::new();
+    let mut path = "/deliveries?limit=2".to_owned();
+    loop {
+        let listed: serde_json::Value = http
+            .get(format!("{page}{path}"))
+            .header("cookie", &bob)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        seen.extend(
+            listed["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|row| row["event_id"].as_i64().unwrap()),
+        );
+        match listed["next"].as_str() {
+            Some(next) => path = format!("/deliveries?{next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, [3, 2, 1]);
+
+    // Actions that would do harm are refused with why (409), changing nothing.
+    let jobs = daemon.job_count();
+    let replay = [("csrf", bob_csrf.as_str()), ("sink", "archive")];
+    let refused = client()
+        .post(format!("{page}/jobs/1/retry"))
+        .header("cookie", &bob)
+        .header("content-type", FORM)
+        .body(form(&[("csrf", bob_csrf.as_str())]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 409);
+    assert!(refused.text().await.unwrap().contains("has succeeded"));
+    assert_eq!(post(&page, "/events/999/replay", &bob, &replay).await, 404);
+    let nowhere = [("csrf", bob_csrf.as_str()), ("sink", "nowhere")];
+    assert_eq!(post(&page, "/events/1/replay", &bob, &nowhere).await, 404);
+    let dead = [("csrf", bob_csrf.as_str()), ("jobs", "1")];
+    assert_eq!(post(&page, "/dead/retry", &bob, &dead).await, 409);
+    let junk = [("csrf", bob_csrf.as_str()), ("jobs", "1,x")];
+    assert_eq!(post(&page, "/dead/retry", &bob, &junk).await, 400);
+    assert_eq!(daemon.job_count(), jobs);
+    // A silence needs what to match, why, and for how long: 400 with each problem.
+    let incomplete = client()
+        .post(format!("{page}/silences"))
+        .header("cookie", &bob)
+        .header("content-type", FORM)
+        .body(form(&[("csrf", bob_csrf.as_str()), ("action", "add")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(incomplete.status(), 400);
+    let text = incomplete.text().await.unwrap();
+    for why in ["say what to silence", "comment: say why", "for: how long"] {
+        assert!(text.contains(why), "{why}: {text}");
+    }
+    assert!(silences().is_empty());
+    assert_eq!(
+        post(
+            &page,
+            "/silences/7/expire",
+            &bob,
+            &[("csrf", bob_csrf.as_str())]
+        )
+        .await,
+        409
+    );
+    daemon.stop().await;
+}
+on_both_backends!(every_page_and_action_as_each_visitor_meets_it);
