@@ -7,6 +7,9 @@ STEP events reports, next to a bare axum server measured in the same run:
   an empty database, is the baseline);
 - `deliveries list --limit 20` with each filter, and `deliveries show` of the oldest, middle
   and newest event: median of 5 runs each, the slowest filter or event reported;
+- the status page (#28): each page (overview, deliveries with each filter and the next page,
+  the oldest, middle and newest event, dead letters, silences, configuration) fetched by a
+  logged-in operator, median of 5 each, the slowest page reported;
 - bytes on disk per stored event (database and WAL over events, jobs and attempts included);
 - a steady 2,000 requests/s over 32 connections (10 s, after 5 s of it): p50 and p99 of
   hookroute and of bare axum, and the time from sending an event to its line in the file
@@ -20,6 +23,7 @@ the prune, the daemon's peak resident memory, how long it took, and the file's s
 after.
 """
 
+import http.client
 import os
 import re
 import signal
@@ -42,6 +46,7 @@ work = os.environ.get("WORK") or tempfile.mkdtemp(prefix="hookroute-history-")
 db = os.path.join(work, "hookroute.db")
 sink = os.path.join(work, "events.jsonl")
 config = os.path.join(work, "config.toml")
+TOKEN = "bench-operator-token-0123456789"
 
 
 def write_config(retention=None):
@@ -68,7 +73,16 @@ path = "{sink}"
 name = "everything to the archive"
 events = ["*"]
 sinks = ["archive"]
+
+[admin]
+listen = "127.0.0.1:0"
+
+[admin.users.bench]
+token = {{ file = "{os.path.join(work, "operator.token")}" }}
+role = "operator"
 """)
+    with open(os.path.join(work, "operator.token"), "w") as f:
+        f.write(TOKEN)
 
 
 class Server:
@@ -78,13 +92,16 @@ class Server:
         self.log = open(os.path.join(work, "server.log"), "w+")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, stderr=self.log, stdout=self.log, env=env)
-        self.addr = None
+        self.addr = self.page = None
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             self.log.seek(0)
-            found = re.search(r"listening.*addr=([0-9.:]+)", self.log.read())
-            if found:
+            log = self.log.read()
+            found = re.search(r"(?<!page )listening.*?addr=([0-9.:]+)", log)
+            page = re.search(r"status page listening.*?addr=([0-9.:]+)", log)
+            if found and (page or "bench-bare" in argv[0]):
                 self.addr = found.group(1)
+                self.page = page and page.group(1)
                 return
             time.sleep(0.002)
         self.log.seek(0)
@@ -172,6 +189,37 @@ def tools(events):
     return listed, shown
 
 
+def pages(page_addr, events):
+    """Median ms of each status page at `events` stored events, fetched as a logged-in operator
+    (a keep-alive connection, as a browser's)."""
+    host, port = page_addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/login", body=f"token={TOKEN}",
+                 headers={"content-type": "application/x-www-form-urlencoded"})
+    answer = conn.getresponse()
+    answer.read()
+    cookie = answer.getheader("set-cookie").split(";")[0]
+    middle = max(1, events // 2)
+    paths = ["/", "/deliveries", "/deliveries?status=succeeded", "/deliveries?status=dead",
+             "/deliveries?source=compliancelayer", "/deliveries?since=1h", "/deliveries?type=scan.*",
+             f"/deliveries?before={middle}", "/events/1", f"/events/{middle}", f"/events/{events}",
+             "/dead", "/silences", "/config"]
+    timings = {}
+    for path in paths:
+        times = []
+        for _ in range(5):
+            started = time.monotonic()
+            conn.request("GET", path, headers={"cookie": cookie})
+            answer = conn.getresponse()
+            answer.read()
+            if answer.status != 200:
+                sys.exit(f"{path}: {answer.status}")
+            times.append((time.monotonic() - started) * 1000)
+        timings[path] = statistics.median(times)
+    conn.close()
+    return timings
+
+
 def size():
     return sum(os.path.getsize(db + s) for s in ("", "-wal") if os.path.exists(db + s))
 
@@ -219,6 +267,7 @@ def main():
         drained()
         events = stored()
         listed, shown = tools(events)
+        paged = pages(daemon.page, events)
         bare = bare_steady()
         # Steady state is measured on a daemon that has only served the steady load: the
         # floods' peak is reported on its own.
@@ -231,6 +280,7 @@ def main():
         rows.append(dict(
             events=events, rate=rate, ratio=rate / empty_rate, list=max(listed.values()),
             list_worst=max(listed, key=listed.get), list_none=listed["none"], show=max(shown.values()),
+            page=max(paged.values()), page_worst=max(paged, key=paged.get),
             bytes=size() / events, bare_p50=bare["p50_ms"], bare_p99=bare["p99_ms"],
             p50=ours["p50_ms"], p99=ours["p99_ms"], sink_p99=ours["sink_p99_ms"], rss=rss,
             flood_peak=flood_peak, startup=started_ms))
@@ -245,11 +295,12 @@ def main():
 def print_row(r, header):
     if header:
         print("| events | ingest/s (vs empty) | list (slowest filter) | list, no filter | show (slowest) "
-              "| bytes/event | p50 ms (bare) | p99 ms (bare) | to sink p99 ms | RSS MiB (flood peak) "
-              "| start-up ms |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "| page (slowest) | bytes/event | p50 ms (bare) | p99 ms (bare) | to sink p99 ms "
+              "| RSS MiB (flood peak) | start-up ms |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {r['events']:,} | {r['rate']:,.0f} ({r['ratio']:.2f}x) | {r['list']:.0f} ms ({r['list_worst']}) "
-          f"| {r['list_none']:.0f} ms | {r['show']:.0f} ms | {r['bytes']:,.0f} "
+          f"| {r['list_none']:.0f} ms | {r['show']:.0f} ms | {r['page']:.1f} ms ({r['page_worst']}) "
+          f"| {r['bytes']:,.0f} "
           f"| {r['p50']:.2f} ({r['bare_p50']:.2f}) | {r['p99']:.2f} ({r['bare_p99']:.2f}) "
           f"| {r['sink_p99']:.2f} | {r['rss']:.1f} ({r['flood_peak']:.0f}) | {r['startup']:.0f} |", flush=True)
 
