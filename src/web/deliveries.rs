@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::WebState;
 use super::auth::Session;
-use crate::actions::{self, Refused};
+use crate::actions;
 use crate::duration::Since;
 use crate::store::admin::{Filter, JobDetail, Row, RowStatus, STATUSES};
 use crate::text::printable;
@@ -272,19 +272,19 @@ pub async fn replay(
     let sink = Some(form.sink.trim().to_owned()).filter(|sink| !sink.is_empty());
     let force = form.force.is_some();
     let replayed = state
-        .tools
-        .run(move |tools| actions::replay(tools, &config, id, sink.as_deref(), force))
+        .act(&headers, move |tools| {
+            actions::replay(tools, &config, id, sink.as_deref(), force)
+        })
         .await;
     match replayed {
-        Some(Ok(queued)) => {
+        Ok(queued) => {
             for job in &queued {
                 tracing::info!(user = %session.user, event = id, job = job.job, sink = %job.sink,
                     "status page: event replayed");
             }
             Redirect::to(&format!("/events/{id}")).into_response()
         }
-        Some(Err(refused)) => refusal(&state, &headers, &refused),
-        None => super::unavailable("the queries' thread stopped"),
+        Err(refused) => refused,
     }
 }
 
@@ -307,17 +307,15 @@ pub async fn retry(
         return refused.into_response();
     }
     match state
-        .tools
-        .run(move |tools| actions::retry(tools, job))
+        .act(&headers, move |tools| actions::retry(tools, job))
         .await
     {
-        Some(Ok(job)) => {
+        Ok(job) => {
             tracing::info!(user = %session.user, job = job.id, sink = %job.sink,
                 "status page: failed job retried now");
             Redirect::to(&format!("/events/{}", job.event_id)).into_response()
         }
-        Some(Err(refused)) => refusal(&state, &headers, &refused),
-        None => super::unavailable("the queries' thread stopped"),
+        Err(refused) => refused,
     }
 }
 
@@ -412,29 +410,16 @@ pub async fn retry_dead(
     };
     let asked = jobs.len();
     let retried = state
-        .tools
-        .run(move |tools| actions::retry_dead(tools, Some(&jobs)))
+        .act(&headers, move |tools| {
+            actions::retry_dead(tools, Some(&jobs))
+        })
         .await;
     match retried {
-        Some(Ok(count)) => {
+        Ok(count) => {
             tracing::info!(user = %session.user, asked, requeued = count,
                 "status page: dead letters re-queued");
             Redirect::to("/dead").into_response()
         }
-        Some(Err(refused)) => refusal(&state, &headers, &refused),
-        None => super::unavailable("the queries' thread stopped"),
+        Err(refused) => refused,
     }
-}
-
-/// What an action refused, with the status that says why: 404 for what does not exist, 409
-/// for what is not in a state the action takes.
-fn refusal(state: &WebState, headers: &HeaderMap, refused: &Refused) -> Response {
-    let status = match refused {
-        Refused::NoEvent(_) | Refused::NoSink(_) => StatusCode::NOT_FOUND,
-        Refused::Twice { .. } | Refused::NoRoute(_) | Refused::NotRetried(_) => {
-            StatusCode::CONFLICT
-        }
-        Refused::Store(err) => return super::unavailable(&err.to_string()),
-    };
-    state.problem(headers, status, &refused.to_string())
 }

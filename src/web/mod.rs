@@ -27,6 +27,7 @@ use ipnet::IpNet;
 use minijinja::Environment;
 use serde::Serialize;
 
+use crate::actions::Refused;
 use crate::clock::Clock;
 use crate::config::admin::AdminConfig;
 use crate::config::{Config, ServerConfig};
@@ -140,11 +141,30 @@ impl WebState {
         &self,
         query: impl FnOnce(&mut Tools) -> Result<T, crate::store::StoreError> + Send + 'static,
     ) -> Result<T, Response> {
-        match self.tools.run(query).await {
-            Some(Ok(read)) => Ok(read),
-            Some(Err(err)) => Err(unavailable(&err.to_string())),
-            None => Err(unavailable("the queries' thread stopped")),
-        }
+        self.act(&HeaderMap::new(), query).await
+    }
+
+    /// Runs `action` with the operator's queries: what it refused is answered with why and
+    /// the status that says it (404 for what does not exist, 409 for what is not in a state
+    /// the action takes); a database that does not answer is 503.
+    async fn act<T: Send + 'static, E: Into<Refused> + Send + 'static>(
+        &self,
+        headers: &HeaderMap,
+        action: impl FnOnce(&mut Tools) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, Response> {
+        let refused = match self.tools.run(action).await {
+            Some(Ok(done)) => return Ok(done),
+            Some(Err(refused)) => refused.into(),
+            None => return Err(unavailable("the queries' thread stopped")),
+        };
+        let status = match &refused {
+            Refused::NoEvent(_) | Refused::NoSink(_) => StatusCode::NOT_FOUND,
+            Refused::Twice { .. } | Refused::NoRoute(_) | Refused::NotRetried(_) => {
+                StatusCode::CONFLICT
+            }
+            Refused::Store(err) => return Err(unavailable(&err.to_string())),
+        };
+        Err(self.problem(headers, status, &refused.to_string()))
     }
 
     /// A request the page cannot do: `status`, and why, as a page (or JSON).

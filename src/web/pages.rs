@@ -138,7 +138,7 @@ pub async fn pause(
         },
     };
     let (now, user) = (state.clock.now(), session.user.clone());
-    let paused = state.tools.run(move |tools| {
+    let paused = state.read(move |tools| {
         tools
             .pause_sink(&sink, (&user, &comment), duration, now)
             .map(|_| sink)
@@ -157,24 +157,17 @@ pub async fn resume(
         return refused.into_response();
     }
     let now = state.clock.now();
-    let resumed = state
-        .tools
-        .run(move |tools| tools.resume_sink(&sink, now).map(|_| sink));
+    let resumed = state.read(move |tools| tools.resume_sink(&sink, now).map(|_| sink));
     acted(resumed.await, &session, "resumed")
 }
 
 /// What an action on `sink` came to: back to the overview, logged with who did it.
-fn acted(
-    outcome: Option<Result<String, crate::store::StoreError>>,
-    session: &Session,
-    what: &str,
-) -> Response {
+fn acted(outcome: Result<String, Response>, session: &Session, what: &str) -> Response {
     match outcome {
-        Some(Ok(sink)) => {
+        Ok(sink) => {
             tracing::info!(user = %session.user, %sink, action = what, "status page: sink {what}");
             Redirect::to("/").into_response()
         }
-        Some(Err(err)) => super::unavailable(&err.to_string()),
-        None => super::unavailable("the queries' thread stopped"),
+        Err(unavailable) => unavailable,
     }
 }

@@ -91,6 +91,18 @@ async fn login(page: &str, token: &str, headers: &[(&str, &str)]) -> reqwest::Re
     request.send().await.unwrap()
 }
 
+/// GETs `path` as JSON with the session `cookie`: the status and the body.
+async fn get_json(page: &str, path: &str, cookie: &str) -> (u16, String) {
+    let answer = client()
+        .get(format!("{page}{path}"))
+        .header("cookie", cookie)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    (answer.status().as_u16(), answer.text().await.unwrap())
+}
+
 /// The CSRF token the page's forms carry.
 fn csrf(html: &str) -> String {
     let at = html
@@ -174,16 +186,8 @@ async fn a_status_page_on_its_own_listener_behind_a_login() {
         "{html}"
     );
     assert!(!html.contains("<script>"), "{html}");
-    let json: serde_json::Value = http
-        .get(format!("{page}/"))
-        .header("cookie", &cookie)
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&get_json(&page, "/", &cookie).await.1).unwrap();
     assert_eq!(json["sinks"][0]["sink"], "archive", "{json}");
     assert_eq!(json["silences"][0]["comment"], comment, "{json}");
 
@@ -452,15 +456,9 @@ async fn every_page_and_action_as_each_visitor_meets_it() {
                 .unwrap();
             assert_eq!(html.status(), 200, "{path}");
             assert_eq!(html.headers()["cache-control"], "no-store");
-            let json = http
-                .get(format!("{page}{path}"))
-                .header("cookie", cookie)
-                .header("accept", "application/json")
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(json.status(), 200, "{path}");
-            json.json::<serde_json::Value>().await.unwrap();
+            let (status, json) = get_json(&page, path, cookie).await;
+            assert_eq!(status, 200, "{path}");
+            serde_json::from_str::<serde_json::Value>(&json).unwrap();
         }
     }
     // A viewer's POST and a POST without the token are refused, and change nothing.
@@ -487,19 +485,7 @@ async fn every_page_and_action_as_each_visitor_meets_it() {
     assert!(silences().is_empty());
 
     // Bad input: 400 with why.
-    let answer = |path: &'static str| {
-        let (http, page, bob) = (http.clone(), page.clone(), bob.clone());
-        async move {
-            let answer = http
-                .get(format!("{page}{path}"))
-                .header("cookie", bob)
-                .header("accept", "application/json")
-                .send()
-                .await
-                .unwrap();
-            (answer.status().as_u16(), answer.text().await.unwrap())
-        }
-    };
+    let answer = |path: &'static str| get_json(&page, path, &bob);
     for (path, why) in [
         (
             "/deliveries?status=lost",
@@ -531,16 +517,8 @@ async fn every_page_and_action_as_each_visitor_meets_it() {
     let mut seen = Vec::new();
     let mut path = "/deliveries?limit=2".to_owned();
     loop {
-        let listed: serde_json::Value = http
-            .get(format!("{page}{path}"))
-            .header("cookie", &bob)
-            .header("accept", "application/json")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let listed: serde_json::Value =
+            serde_json::from_str(&get_json(&page, &path, &bob).await.1).unwrap();
         seen.extend(
             listed["rows"]
                 .as_array()
