@@ -7,7 +7,8 @@ STEP events reports, next to a bare axum server measured in the same run:
   an empty database, is the baseline);
 - `deliveries list --limit 20` with each filter, and `deliveries show` of the oldest, middle
   and newest event: median of 5 runs each, the slowest filter or event reported;
-- the status page (#28): each page (overview, deliveries with each filter and the next page,
+- the status page (#28): each page (overview, deliveries with each filter, a type no event has
+  (the scan budget spent) and the next page,
   the oldest, middle and newest event, dead letters, silences, configuration) fetched by a
   logged-in operator, median of 5 each, the slowest page reported;
 - bytes on disk per stored event (database and WAL over events, jobs and attempts included);
@@ -202,6 +203,7 @@ def pages(page_addr, events):
     middle = max(1, events // 2)
     paths = ["/", "/deliveries", "/deliveries?status=succeeded", "/deliveries?status=dead",
              "/deliveries?source=compliancelayer", "/deliveries?since=1h", "/deliveries?type=scan.*",
+             "/deliveries?type=policy.*",
              f"/deliveries?before={middle}", "/events/1", f"/events/{middle}", f"/events/{events}",
              "/dead", "/silences", "/config"]
     timings = {}

@@ -114,9 +114,21 @@ async fn find(browser: &Client, css: &str) -> Element {
         .unwrap_or_else(|err| panic!("{css}: {err}"))
 }
 
+/// Waits (a bounded while) for `check`: a page that answered a form on the same address
+/// comes a moment after the submit returns.
+async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..300 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within 15 s");
+}
+
 /// What `css` finds reads; tried again while a page that replaces it is still loading.
 async fn text(browser: &Client, css: &str) -> String {
-    for _ in 0..50 {
+    for _ in 0..300 {
         if let Ok(element) = browser.find(Locator::Css(css)).await
             && let Ok(text) = element.text().await
         {
@@ -124,7 +136,7 @@ async fn text(browser: &Client, css: &str) -> String {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{css}: nothing to read within 2.5 s");
+    panic!("{css}: nothing to read within 15 s");
 }
 
 async fn path(browser: &Client) -> String {
@@ -139,7 +151,7 @@ async fn path(browser: &Client) -> String {
 /// `at` (are `/`, for the overview): a click or a submit returns before the next page has
 /// loaded.
 async fn arrive(browser: &Client, at: &str) {
-    for _ in 0..100 {
+    for _ in 0..300 {
         let now = path(browser).await;
         if (now == at || (at != "/" && now.starts_with(at)))
             && browser
@@ -151,24 +163,13 @@ async fn arrive(browser: &Client, at: &str) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("not at {at} within 5 s: at {}", path(browser).await);
+    panic!("not at {at} within 15 s: at {}", path(browser).await);
 }
 
 /// Clicks what `css` finds and waits to arrive at `at`.
 async fn click(browser: &Client, css: &str, at: &str) {
     find(browser, css).await.click().await.unwrap();
     arrive(browser, at).await;
-}
-
-/// Waits (a bounded while) for `check` on the daemon's records.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..100 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not within 10 s");
 }
 
 /// An exec sink that fails (and, with one attempt, dead-letters) until `ok` exists.
@@ -239,9 +240,9 @@ async fn an_on_call_person_clicks_through_the_status_page() {
         daemon.accept_cl(&scan_body(&format!("scan-{n}"))).await;
     }
     daemon.accept_cl(&alert_body("alert-1", HOSTILE)).await;
-    eventually(
+    until(
         "the alert's ticket is dead, the archive has all four",
-        || {
+        async || {
             let rows = daemon.deliveries();
             let status = |sink: &str, status: &str| {
                 rows.iter()
@@ -333,14 +334,11 @@ async fn an_on_call_person_clicks_through_the_status_page() {
         .unwrap();
     replay.submit().await.unwrap();
     arrive(&browser, &event_path).await;
-    // The same address: wait for the page with the new job.
-    for _ in 0..50 {
-        let jobs = browser.find_all(Locator::Css("section.job")).await.unwrap();
-        if jobs.len() > jobs_before {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("the page with the replay's job", async || {
+        let jobs = browser.find_all(Locator::Css("section.job")).await;
+        jobs.is_ok_and(|jobs| jobs.len() > jobs_before)
+    })
+    .await;
     let jobs = browser.find_all(Locator::Css("section.job")).await.unwrap();
     assert_eq!(
         jobs.len(),
@@ -365,15 +363,11 @@ async fn an_on_call_person_clicks_through_the_status_page() {
         .click()
         .await
         .unwrap();
-    // Back on the same address: wait for the page without the group.
-    for _ in 0..50 {
-        if text(&browser, "main").await.contains("No dead letters.") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(text(&browser, "main").await.contains("No dead letters."));
-    eventually("the re-queued ticket is delivered", || {
+    until("the page without the group", async || {
+        text(&browser, "main").await.contains("No dead letters.")
+    })
+    .await;
+    until("the re-queued ticket is delivered", async || {
         daemon
             .deliveries()
             .iter()
@@ -392,12 +386,10 @@ async fn an_on_call_person_clicks_through_the_status_page() {
     add.submit_with(Locator::Css("button[value=preview]"))
         .await
         .unwrap();
-    for _ in 0..50 {
-        if browser.find(Locator::Css("#preview h3")).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("the preview", async || {
+        browser.find(Locator::Css("#preview h3")).await.is_ok()
+    })
+    .await;
     let preview = text(&browser, "#preview h3").await;
     assert!(preview.contains("Would silence 3 deliveries"), "{preview}");
     assert!(
@@ -410,15 +402,12 @@ async fn an_on_call_person_clicks_through_the_status_page() {
     add.submit_with(Locator::Css("button[value=add]"))
         .await
         .unwrap();
-    for _ in 0..50 {
-        if text(&browser, "#current")
+    until("the page with the silence", async || {
+        text(&browser, "#current")
             .await
             .contains("scanner maintenance")
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let current = text(&browser, "#current").await;
     assert!(
         current.contains("scanner maintenance") && current.contains("bob"),
@@ -426,20 +415,18 @@ async fn an_on_call_person_clicks_through_the_status_page() {
     );
     screenshot(&browser, "silences").await;
     // Every daemon reads the silences each second: the next event after that is quiet.
-    for _ in 0..50 {
+    until("the daemon applies the silence", async || {
         let metrics = reqwest::get(format!("http://{}/metrics", daemon.addr))
             .await
             .unwrap()
             .text()
             .await
             .unwrap();
-        if metrics.contains("hookroute_silences{state=\"active\"} 1") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        metrics.contains("hookroute_silences{state=\"active\"} 1")
+    })
+    .await;
     daemon.accept_cl(&scan_body("scan-after")).await;
-    eventually("the next scan is silenced", || {
+    until("the next scan is silenced", async || {
         daemon
             .deliveries()
             .iter()
