@@ -901,3 +901,57 @@ async fn send_reads_only_the_secret_it_signs_with() {
         .unwrap();
     assert_eq!(signature, hmac_hex(CL_SECRET, &[&request.body]));
 }
+
+/// `deliveries list` narrows by route and by a type glob, and goes on below an event
+/// (`--before`, the next page after a listing's last event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_list_narrows_by_route_and_type_and_pages_by_event() {
+    let dir = tempdir();
+    let rest = format!(
+        "{}\n[[routes]]\nname = \"alerts\"\nevents = [\"alert.*\"]\nsinks = [\"archive\"]\n",
+        standard_rest(dir.path()).replace(
+            "sinks = [\"archive\"]\n",
+            "sinks = [\"archive\"]\ncontinue = true\n"
+        )
+    );
+    let daemon = InProcess::start(dir.path(), &config(dir.path(), "", &rest)).await;
+    ready(&daemon).await;
+    for id in ["s1", "s2"] {
+        daemon.accept_cl(&scan_body(id)).await;
+    }
+    let alert = serde_json::json!({"id": "a1", "type": "alert.triggered", "data": {}});
+    daemon.accept_cl(alert.to_string().as_bytes()).await;
+    let list = |args: &[&str]| -> Vec<(i64, String, String)> {
+        let out = Command::new(BIN)
+            .args(["deliveries", "list", "--json", "--config"])
+            .arg(dir.path().join("config.toml"))
+            .args(args)
+            .output()
+            .unwrap();
+        stdout(&out)
+            .lines()
+            .map(|line| {
+                let row: serde_json::Value = serde_json::from_str(line).unwrap();
+                (
+                    row["event_id"].as_i64().unwrap(),
+                    row["type"].as_str().unwrap().to_owned(),
+                    row["route"].as_str().unwrap_or("-").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let alerts = list(&["--type", "alert.*"]);
+    assert_eq!(alerts.len(), 2, "both routes' jobs: {alerts:?}");
+    assert!(
+        alerts
+            .iter()
+            .all(|(id, kind, _)| *id == 3 && kind == "alert.triggered")
+    );
+    assert_eq!(
+        list(&["--route", "alerts"]),
+        [(3, "alert.triggered".to_owned(), "alerts".to_owned())]
+    );
+    let older: Vec<i64> = list(&["--before", "3"]).iter().map(|row| row.0).collect();
+    assert_eq!(older, [2, 1]);
+    daemon.stop().await;
+}
