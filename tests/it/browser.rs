@@ -275,6 +275,24 @@ async fn an_on_call_person_clicks_through_the_status_page() {
     let sources = text(&browser, "#sources").await;
     assert!(sources.contains("cl"), "{sources}");
     screenshot(&browser, "overview").await;
+    // On a phone's width nothing runs off the side: the page reflows instead.
+    browser.set_window_size(390, 844).await.unwrap();
+    let (page_width, screen_width) = (
+        browser
+            .execute("return document.documentElement.scrollWidth", vec![])
+            .await
+            .unwrap(),
+        browser
+            .execute("return window.innerWidth", vec![])
+            .await
+            .unwrap(),
+    );
+    assert!(
+        page_width.as_u64() <= screen_width.as_u64(),
+        "{page_width} wide on a {screen_width} screen"
+    );
+    screenshot(&browser, "overview-phone").await;
+    browser.set_window_size(1280, 900).await.unwrap();
 
     // Deliveries, filtered to the alerts through the form.
     click(&browser, "header nav a[href='/deliveries']", "/deliveries").await;
