@@ -9,12 +9,13 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, Form, FromRequestParts, State};
+use axum::extract::{ConnectInfo, Form, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -176,6 +177,8 @@ pub async fn login(
     Form(form): Form<Login>,
 ) -> Response {
     let client = super::client(&state, peer, &headers);
+    // Clients whose budget is whole again are forgotten, so the map holds the last minute's.
+    state.sessions.attempts.retain_recent();
     if state.sessions.attempts.check_key(&client).is_err() {
         tracing::warn!(%client, "status page: too many logins");
         return (
@@ -220,15 +223,52 @@ pub struct Csrf {
     pub(super) csrf: String,
 }
 
+/// A form that carries the session's CSRF token.
+pub trait Token {
+    fn csrf(&self) -> &str;
+}
+
+impl Token for Csrf {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
+/// A POST of the page, taken only from a session whose CSRF token the form repeats and, when
+/// `OPERATOR`, from an operator: the session and the form. Refused before the handler runs:
+/// to the login without a session, 403 for the token or the role, 4xx for a form that does
+/// not parse. The last of a handler's arguments (it reads the body).
+pub struct Posted<T, const OPERATOR: bool>(pub Session, pub T);
+
+/// What operators alone may post.
+pub type Operator<T> = Posted<T, true>;
+
+impl<T, const OPERATOR: bool> FromRequest<Arc<WebState>> for Posted<T, OPERATOR>
+where
+    T: DeserializeOwned + Token + Send,
+{
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &Arc<WebState>) -> Result<Self, Response> {
+        let (mut parts, body) = request.into_parts();
+        let session = Session::from_request_parts(&mut parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let Form(form) = Form::<T>::from_request(Request::from_parts(parts, body), state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        session
+            .check(form.csrf(), OPERATOR)
+            .map_err(IntoResponse::into_response)?;
+        Ok(Self(session, form))
+    }
+}
+
 pub async fn logout(
     State(state): State<Arc<WebState>>,
-    session: Session,
     headers: HeaderMap,
-    Form(form): Form<Csrf>,
+    Posted(session, _): Posted<Csrf, false>,
 ) -> Response {
-    if let Err(refused) = session.check(&form.csrf, false) {
-        return refused.into_response();
-    }
     if let Some(id) = cookie(&headers) {
         state.sessions.close(id);
     }

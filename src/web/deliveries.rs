@@ -5,13 +5,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Form, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::{Deserialize, Serialize};
 
 use super::WebState;
-use super::auth::Session;
+use super::auth::{Csrf, Operator, Posted, Session, Token};
 use crate::actions;
 use crate::duration::Since;
 use crate::store::admin::{Filter, JobDetail, Row, RowStatus, STATUSES};
@@ -257,17 +257,19 @@ pub struct ReplayForm {
     force: Option<String>,
 }
 
+impl Token for ReplayForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
 /// Replays an event (operators only); back to its page, which shows the new jobs.
 pub async fn replay(
     State(state): State<Arc<WebState>>,
-    session: Session,
     headers: HeaderMap,
     Path(id): Path<i64>,
-    Form(form): Form<ReplayForm>,
+    Posted(session, form): Operator<ReplayForm>,
 ) -> Response {
-    if let Err(refused) = session.check(&form.csrf, true) {
-        return refused.into_response();
-    }
     let config = state.config.load_full();
     let sink = Some(form.sink.trim().to_owned()).filter(|sink| !sink.is_empty());
     let force = form.force.is_some();
@@ -288,24 +290,13 @@ pub async fn replay(
     }
 }
 
-/// A form that carries only the CSRF token, and where to go back to.
-#[derive(Deserialize)]
-pub struct JobForm {
-    #[serde(default)]
-    csrf: String,
-}
-
 /// Tries a failed job now (operators only); it keeps its attempts.
 pub async fn retry(
     State(state): State<Arc<WebState>>,
-    session: Session,
     headers: HeaderMap,
     Path(job): Path<i64>,
-    Form(form): Form<JobForm>,
+    Posted(session, _): Operator<Csrf>,
 ) -> Response {
-    if let Err(refused) = session.check(&form.csrf, true) {
-        return refused.into_response();
-    }
     match state
         .act(&headers, move |tools| actions::retry(tools, job))
         .await
@@ -381,16 +372,18 @@ pub struct DeadForm {
     jobs: String,
 }
 
+impl Token for DeadForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
 /// Re-queues dead letters with fresh attempts (operators only).
 pub async fn retry_dead(
     State(state): State<Arc<WebState>>,
-    session: Session,
     headers: HeaderMap,
-    Form(form): Form<DeadForm>,
+    Posted(session, form): Operator<DeadForm>,
 ) -> Response {
-    if let Err(refused) = session.check(&form.csrf, true) {
-        return refused.into_response();
-    }
     let jobs: Result<Vec<i64>, _> = form
         .jobs
         .split(',')

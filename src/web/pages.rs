@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Form, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Redirect;
 use axum::response::{IntoResponse, Response};
@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde::Serialize;
 
 use super::WebState;
-use super::auth::{Csrf, Session};
+use super::auth::{Csrf, Operator, Posted, Session, Token};
 use crate::metrics::SourceHour;
 use crate::store::Silence;
 use crate::store::admin::SinkStatus;
@@ -103,16 +103,18 @@ pub struct PauseForm {
     duration: String,
 }
 
+impl Token for PauseForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
 /// Pauses a sink (operators only): its deliveries wait until resumed or the time is up.
 pub async fn pause(
     State(state): State<Arc<WebState>>,
-    session: Session,
     Path(sink): Path<String>,
-    Form(form): Form<PauseForm>,
+    Posted(session, form): Operator<PauseForm>,
 ) -> Response {
-    if let Err(refused) = session.check(&form.csrf, true) {
-        return refused.into_response();
-    }
     if !state.config.load().sinks.iter().any(|s| s.name == sink) {
         return (StatusCode::NOT_FOUND, "no such sink").into_response();
     }
@@ -149,13 +151,9 @@ pub async fn pause(
 /// Resumes a sink (operators only): its waiting deliveries go out now, oldest first.
 pub async fn resume(
     State(state): State<Arc<WebState>>,
-    session: Session,
     Path(sink): Path<String>,
-    Form(form): Form<Csrf>,
+    Posted(session, _): Operator<Csrf>,
 ) -> Response {
-    if let Err(refused) = session.check(&form.csrf, true) {
-        return refused.into_response();
-    }
     let now = state.clock.now();
     let resumed = state.read(move |tools| tools.resume_sink(&sink, now).map(|_| sink));
     acted(resumed.await, &session, "resumed")

@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Form, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::{Deserialize, Serialize};
 
 use super::WebState;
-use super::auth::{Csrf, Session};
+use super::auth::{Csrf, Operator, Posted, Session, Token};
 use crate::actions::WouldSilence;
 use crate::store::{Matchers, NewSilence, Silence, SilenceState};
 
@@ -72,6 +72,12 @@ impl SilenceForm {
             comment: self.comment.trim().to_owned(),
             author: author.to_owned(),
         })
+    }
+}
+
+impl Token for SilenceForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
     }
 }
 
@@ -171,10 +177,10 @@ async fn show(
 /// recorded as the user's.
 pub async fn add(
     State(state): State<Arc<WebState>>,
-    session: Session,
     headers: HeaderMap,
-    Form(form): Form<SilenceForm>,
+    Posted(session, form): Posted<SilenceForm, false>,
 ) -> Response {
+    // Anyone may preview; adding is an operator's.
     let preview = form.action == "preview";
     if let Err(refused) = session.check(&form.csrf, !preview) {
         return refused.into_response();
@@ -217,14 +223,10 @@ pub async fn add(
 /// Ends a silence now (operators only).
 pub async fn expire(
     State(state): State<Arc<WebState>>,
-    session: Session,
     headers: HeaderMap,
     Path(id): Path<i64>,
-    Form(form): Form<Csrf>,
+    Posted(session, _): Operator<Csrf>,
 ) -> Response {
-    if let Err(refused) = session.check(&form.csrf, true) {
-        return refused.into_response();
-    }
     let now = state.clock.now();
     match state.read(move |tools| tools.expire_silence(id, now)).await {
         Ok(true) => {
