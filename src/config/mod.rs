@@ -7,6 +7,7 @@
 //! inside a verifier or a sink's client.
 
 pub mod admin;
+pub mod api;
 mod diagnose;
 pub mod internal;
 mod problems;
@@ -165,6 +166,8 @@ pub struct SourceConfig {
     pub allowed_ips: Vec<IpNet>,
     /// Oldest signed `created_at`/`timestamp` accepted when the signature itself has no timestamp.
     pub max_event_age: Option<Duration>,
+    /// The sender's REST API, when configured (`[sources.<name>.api]`).
+    pub api: Option<api::ApiConfig>,
 }
 
 #[derive(Debug, Clone)]

@@ -224,6 +224,8 @@ pub struct RawSource {
     pub encoding: Option<Encoding>,
     #[serde(default)]
     pub allowed_ips: Vec<String>,
+    /// The sender's REST API (ComplianceLayer's): reconcile and enrich.
+    pub api: Option<super::api::RawApi>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

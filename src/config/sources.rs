@@ -152,6 +152,8 @@ pub(super) fn validate_source(
         }),
     };
     let allowed_ips = parse_networks(&key("allowed_ips"), &raw.allowed_ips, problems);
+    applies("api", raw.api.is_some(), &[Compliancelayer], problems);
+    let api = super::api::validate(name, raw.api, base, secrets == Secrets::Read, problems);
 
     if problems.len() > start {
         return None;
@@ -162,6 +164,7 @@ pub(super) fn validate_source(
         verifier: Verifier::new(scheme?, keys),
         allowed_ips,
         max_event_age: raw.max_event_age.map(|HumanDuration(d)| d),
+        api,
     })
 }
 

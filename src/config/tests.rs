@@ -270,3 +270,75 @@ fn a_postgres_url_is_checked_and_never_holds_the_password() {
         "{found:?}"
     );
 }
+
+#[test]
+fn a_compliancelayer_source_may_name_its_api() {
+    let config = load_text(
+        r#"
+[sources.cl]
+secret = "whsec_x"
+api = { key = { env = "HOOKROUTE_TEST_API_KEY_UNSET" }, reconcile = "10m" }
+"#,
+    );
+    // The key is a secret: an unset variable is a problem named by its key path.
+    let err = config.unwrap_err().to_string();
+    assert!(err.contains("sources.cl.api.key"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("api.key"), "cl_live_0123456789\n").unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        r#"
+[sources.cl]
+secret = "whsec_x"
+api = { key = { file = "api.key" }, base_url = "http://127.0.0.1:9/v1", reconcile = "10m" }
+"#,
+    )
+    .unwrap();
+    let config = load(&path).unwrap();
+    let api = config.sources[0].api.as_ref().unwrap();
+    assert_eq!(api.key.as_deref(), Some("cl_live_0123456789"));
+    assert_eq!(api.base_url.as_str(), "http://127.0.0.1:9/v1");
+    assert_eq!(api.reconcile, Some(Duration::from_secs(600)));
+    assert_eq!(api.lookback, Duration::from_secs(24 * 3600));
+    assert!(!format!("{api:?}").contains("cl_live"), "never the key");
+    // The tools read no secret.
+    let tools = load_for_tools(&path).unwrap();
+    assert_eq!(tools.sources[0].api.as_ref().unwrap().key, None);
+}
+
+#[test]
+fn an_api_is_checked_with_the_rest() {
+    let found = problems(
+        r#"
+[sources.cl]
+secret = "whsec_x"
+api = { key = { value = "cl_x" }, base_url = "ftp://x", reconcile = "5s" }
+
+[sources.scorecard]
+scheme = "token"
+secret = "t0ken-t0ken"
+api = { key = { value = "cl_y" } }
+"#,
+    );
+    let all = found.join("\n");
+    assert!(all.contains("sources.cl.api.base_url"), "{all}");
+    assert!(
+        all.contains("sources.scorecard.api: does not apply to scheme \"token\""),
+        "{all}"
+    );
+    let found = problems(
+        r#"
+[sources.cl]
+secret = "whsec_x"
+api = { key = { value = "cl_x" }, reconcile = "5s" }
+"#,
+    );
+    assert!(
+        found
+            .join("\n")
+            .contains("sources.cl.api.reconcile: at least 1m"),
+        "{found:?}"
+    );
+}
