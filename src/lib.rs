@@ -31,6 +31,7 @@
 #![allow(rustdoc::private_intra_doc_links)]
 
 pub mod actions;
+pub mod api;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -398,7 +398,7 @@ pub(super) async fn send(request: reqwest::RequestBuilder) -> Result<String, Sin
 }
 
 /// A reqwest error and its causes in one line, without the URL reqwest attaches to it.
-fn describe(err: reqwest::Error) -> String {
+pub(crate) fn describe(err: reqwest::Error) -> String {
     let kind = if err.is_timeout() {
         "timed out"
     } else if err.is_connect() {
@@ -420,7 +420,7 @@ fn describe(err: reqwest::Error) -> String {
 }
 
 /// `Retry-After` as seconds or as an HTTP date.
-fn parse_retry_after(value: &str) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     if let Ok(seconds) = value.trim().parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }

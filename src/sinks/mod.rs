@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+pub(crate) use http::{describe, parse_retry_after};
 pub use options::{DeliveryOptions, RetryPolicy};
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
