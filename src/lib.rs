@@ -46,6 +46,7 @@ pub mod internal;
 pub mod metrics;
 pub mod notice;
 pub mod private;
+pub mod reconcile;
 pub mod rules;
 pub mod secret;
 pub mod signature;
