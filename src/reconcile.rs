@@ -46,6 +46,26 @@ pub fn scan_key(job_id: &Value) -> Option<String> {
     id_text(job_id).map(|job| format!("job:{job}"))
 }
 
+/// Keys a `scan.completed` webhook by its scan's job id, for a source that reconciles: the
+/// reconciled event of that scan, before or after it, is then its duplicate. The job id is in
+/// the signed body, so the key is as safe from replay as the payload's `id`, and a sender's
+/// retries of one scan share it.
+pub fn key_by_job(event: &mut crate::event::Event) {
+    if event.event_type != "scan.completed" {
+        return;
+    }
+    if let Some(key) = event
+        .payload
+        .value()
+        .get("data")
+        .and_then(|data| data.get("job_id"))
+        .and_then(scan_key)
+        .filter(|key| key.len() <= crate::event::MAX_ID_LEN)
+    {
+        event.delivery_id = key;
+    }
+}
+
 /// The body `scan.completed` would have carried for a history entry; `None` for a scan not
 /// completed, or one without a job id. The entry's fields may sit under `result` (as
 /// `/scan/jobs/:id` gives them) or beside its status.

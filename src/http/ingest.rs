@@ -73,12 +73,16 @@ pub async fn ingest(
         Ok(verified) => verified,
         Err(err) => return Err(state.reject(source, client, key, ApiError::Signature(err))),
     };
-    let event = Event::parse(
+    let mut event = Event::parse(
         &source.name,
         &body,
         verified.signed_id.as_deref(),
         sender_delivery(&parts.headers),
     )?;
+    // A source that reconciles keys a scan by its job, whichever path brings it first.
+    if source.api.is_some() {
+        crate::reconcile::key_by_job(&mut event);
+    }
     if verified.timestamp.is_none()
         && let Err(err) = check_event_age(source, &event, now)
     {

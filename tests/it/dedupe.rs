@@ -380,3 +380,46 @@ async fn a_pruning_backlog_delays_neither_requests_nor_a_stop() {
         "the backlog was not the point: only {left} left"
     );
 }
+
+on_both_backends!(a_reconciling_source_keys_a_scan_by_its_job);
+/// A source that reconciles with the sender's API keys a scan by its job id: a second
+/// webhook about the same scan under another event id is a duplicate (as the reconciled
+/// event of that scan will be), while a source without an API keys by the event id.
+async fn a_reconciling_source_keys_a_scan_by_its_job() {
+    let dir = tempdir();
+    std::fs::write(dir.path().join("api.key"), "cl_test_key_0123456789").unwrap();
+    let rest = standard_rest(dir.path()).replace(
+        "[sources.cl]\n",
+        "[sources.cl]\napi = { key = { file = \"api.key\" }, base_url = \"http://127.0.0.1:9/v1\" }\n",
+    );
+    let rest = format!("{rest}\n[sources.plain]\nsecret = \"{CL_SECRET}\"\n");
+    let daemon = InProcess::start(dir.path(), &config(dir.path(), NO_LIMITS, &rest)).await;
+    ready(&daemon).await;
+    let scan = |id: &str| {
+        serde_json::json!({
+            "id": id, "type": "scan.completed",
+            "data": {"job_id": 67890, "domain": "example.com", "grade": "D"}
+        })
+        .to_string()
+        .into_bytes()
+    };
+    let first = daemon.accept_cl(&scan("evt-1")).await;
+    assert_eq!(first.json["delivery_id"], "job:67890");
+    let again = daemon.post_cl(&scan("evt-2")).await;
+    assert_eq!(
+        (again.status, &again.json["status"]),
+        (200, &"duplicate".into())
+    );
+    // Without an API the event id is the key, as before.
+    for id in ["evt-1", "evt-2"] {
+        let body = scan(id);
+        let signed = [("x-compliancelayer-signature", hmac_hex(CL_SECRET, &[&body]))];
+        let answer = daemon.post("/hooks/plain", &body, &signed).await;
+        assert_eq!(
+            (answer.status, answer.json["delivery_id"].as_str()),
+            (202, Some(id))
+        );
+    }
+    assert_eq!(daemon.event_count(), 3);
+    daemon.stop().await;
+}
