@@ -196,3 +196,104 @@ mod tests {
         assert_eq!(alert_triggered(&json!({"domain": "x"})), None);
     }
 }
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pass {
+    /// Entries the API listed.
+    pub listed: usize,
+    /// Events made from them, by delivery id: none of them was stored before.
+    pub reconciled: Vec<String>,
+    /// Entries a stored event (a webhook's, or an earlier pass's) already covered.
+    pub covered: usize,
+}
+
+/// Why a pass stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
+    #[error("cannot store a reconciled event: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// One pass for `source`: its scan history, then its alerts; each completed scan or alert
+/// from `lookback` before `now` on that no stored event covers is accepted as the event its
+/// webhook would have carried. The dedupe index decides what is covered, as it does for a
+/// sender's retry, so a pass and a webhook racing each other still store one event.
+///
+/// # Errors
+/// The first call the API refused or failed, or a store that did not answer; what was
+/// accepted before it stays accepted.
+pub async fn pass(
+    api: &crate::api::Api,
+    source: &str,
+    intake: &crate::intake::Intake,
+    lookback: std::time::Duration,
+    now: jiff::Timestamp,
+) -> Result<Pass, PassError> {
+    let since = jiff::SignedDuration::try_from(lookback)
+        .ok()
+        .and_then(|lookback| now.checked_sub(lookback).ok());
+    let mut done = Pass::default();
+    let scans = api.history().await?;
+    let alerts = api.alerts().await?;
+    done.listed = scans.len() + alerts.len();
+    let bodies = scans
+        .iter()
+        .filter_map(scan_completed)
+        .chain(alerts.iter().filter_map(alert_triggered));
+    for body in bodies {
+        let text = body.to_string();
+        let Ok(event) = crate::event::Event::parse(source, text.as_bytes(), None, None) else {
+            continue;
+        };
+        // Older than the lookback: the dedupe records may be gone, so leave it.
+        if let (Some(since), Some(at)) = (since, event.occurred_at)
+            && at < since
+        {
+            continue;
+        }
+        let key = event.delivery_id.clone();
+        match intake.accept(event, text.as_bytes(), now).await? {
+            crate::intake::Accepted::New { .. } => done.reconciled.push(key),
+            crate::intake::Accepted::Duplicate(_) => done.covered += 1,
+        }
+    }
+    Ok(done)
+}
+
+/// Reconciles `source` every `every`, the first pass at once, until `stop`. A refused key
+/// ends it (until the configuration is reloaded with another); any other failure waits for
+/// the next pass.
+pub async fn run(
+    api: crate::api::Api,
+    source: String,
+    intake: crate::intake::Intake,
+    (every, lookback): (std::time::Duration, std::time::Duration),
+    clock: std::sync::Arc<dyn crate::clock::Clock>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        match pass(&api, &source, &intake, lookback, clock.now()).await {
+            Ok(done) => tracing::info!(
+                source,
+                listed = done.listed,
+                reconciled = done.reconciled.len(),
+                covered = done.covered,
+                "reconciled with the sender's API"
+            ),
+            Err(PassError::Api(err @ crate::api::ApiError::Refused { .. })) => {
+                tracing::error!(source, error = %err, "reconcile stops until the configuration is reloaded with a key the API takes");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(source, error = %err, "reconcile pass failed; trying again at the next")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}

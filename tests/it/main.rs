@@ -22,6 +22,7 @@ mod logs;
 mod loud;
 mod metrics;
 mod quiet;
+mod reconcile;
 mod recorder;
 mod replicas;
 mod routing;
