@@ -147,7 +147,7 @@ pub async fn run_with_clock(
         Arc::clone(&metrics),
         internal_stop.clone(),
     ));
-    let reconcilers = reconcilers(&config, &app, &clock, &stop);
+    let reconcilers = reconcile::spawn(&config, &app.intake(), &clock, &stop);
     let health = tokio::spawn(health.keep_fresh(
         (store.clone(), Arc::clone(&plan)),
         Arc::clone(&clock),
@@ -378,37 +378,6 @@ fn configure_metrics(metrics: &metrics::Metrics, config: &Config) {
         config.sources.iter().map(|s| s.name.as_str()),
         config.sinks.iter().map(|s| s.name.as_str()),
     );
-}
-
-/// A reconcile task for each source with an API and an interval (`[sources.<name>.api]`).
-fn reconcilers(
-    config: &Config,
-    app: &http::App,
-    clock: &Arc<dyn clock::Clock>,
-    stop: &CancellationToken,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = Vec::new();
-    for source in &config.sources {
-        let Some(settings) = &source.api else {
-            continue;
-        };
-        let Some(every) = settings.reconcile else {
-            continue;
-        };
-        match api::Api::new(settings) {
-            Ok(Some(api)) => tasks.push(tokio::spawn(reconcile::run(
-                api,
-                source.name.clone(),
-                app.intake(),
-                (every, settings.lookback),
-                Arc::clone(clock),
-                stop.clone(),
-            ))),
-            Ok(None) => {}
-            Err(err) => tracing::error!(source = %source.name, error = %err, "cannot reconcile"),
-        }
-    }
-    tasks
 }
 
 /// Re-reads the configuration on SIGHUP (`systemctl reload`). A valid one replaces sources,

@@ -263,6 +263,37 @@ pub async fn pass(
     Ok(done)
 }
 
+/// A reconcile task for each source with an API and an interval (`[sources.<name>.api]`).
+pub fn spawn(
+    config: &crate::config::Config,
+    intake: &crate::intake::Intake,
+    clock: &std::sync::Arc<dyn crate::clock::Clock>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for source in &config.sources {
+        let Some(settings) = &source.api else {
+            continue;
+        };
+        let Some(every) = settings.reconcile else {
+            continue;
+        };
+        match crate::api::Api::new(settings) {
+            Ok(Some(api)) => tasks.push(tokio::spawn(run(
+                api,
+                source.name.clone(),
+                intake.clone(),
+                (every, settings.lookback),
+                std::sync::Arc::clone(clock),
+                stop.clone(),
+            ))),
+            Ok(None) => {}
+            Err(err) => tracing::error!(source = %source.name, error = %err, "cannot reconcile"),
+        }
+    }
+    tasks
+}
+
 /// Reconciles `source` every `every`, the first pass at once, until `stop`. A refused key
 /// ends it (until the configuration is reloaded with another); any other failure waits for
 /// the next pass.

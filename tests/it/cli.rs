@@ -315,7 +315,7 @@ templates = { slack = "short" }
             "FILE:9:1: sources.compliancelayer.secret_file[0]: {} does not exist yet: create it holding the secret, readable by the service (e.g. `install -m 0640 -g hookroute /dev/null {0}`, then write the secret in it)",
             secret.display()
         ),
-        "FILE:10:1: sources.compliancelayer.colour: unknown key `colour`; known keys: scheme, path, secret, secret_file, secret_env, secret_credential, secret_encoding, tolerance, require_timestamp, max_event_age, header, prefix, encoding, allowed_ips".to_owned(),
+        "FILE:10:1: sources.compliancelayer.colour: unknown key `colour`; known keys: scheme, path, secret, secret_file, secret_env, secret_credential, secret_encoding, tolerance, require_timestamp, max_event_age, header, prefix, encoding, allowed_ips, api".to_owned(),
         "FILE:12:8: sinks.chat: missing key `webhook_url`".to_owned(),
         "FILE:14:1: sinks.chat.webhook_urll: unknown key `webhook_urll`; did you mean \"webhook_url\"?".to_owned(),
         "FILE:20:1: routes[0]: missing key `sinks`".to_owned(),
