@@ -129,7 +129,7 @@ impl Api {
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|err| ApiError::Unreachable(describe(err)))?
+            .map_err(|err| ApiError::Unreachable(crate::sinks::describe(err)))?
         {
             if pdf.len() + chunk.len() > most {
                 return Err(ApiError::Shape(format!(
@@ -146,7 +146,7 @@ impl Api {
         let body = response
             .bytes()
             .await
-            .map_err(|err| ApiError::Unreachable(describe(err)))?;
+            .map_err(|err| ApiError::Unreachable(crate::sinks::describe(err)))?;
         serde_json::from_slice(&body).map_err(|err| ApiError::Shape(err.to_string()))
     }
 
@@ -171,7 +171,7 @@ impl Api {
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await
-            .map_err(|err| ApiError::Unreachable(describe(err)))?;
+            .map_err(|err| ApiError::Unreachable(crate::sinks::describe(err)))?;
         let status = response.status();
         let wait = wait_asked(&response);
         if let Some(wait) = wait {
@@ -272,10 +272,6 @@ fn list(answer: Value, keys: &[&str]) -> Result<Vec<Value>, ApiError> {
 /// A job id as one path segment: whatever a sender put in it cannot reach another path.
 fn segment(id: &str) -> String {
     percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC).to_string()
-}
-
-fn describe(err: reqwest::Error) -> String {
-    crate::sinks::describe(err)
 }
 
 #[cfg(test)]

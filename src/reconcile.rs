@@ -43,7 +43,7 @@ const ALERT_FIELDS: &[&str] = &[
 
 /// The dedupe key of a scan: its job id, whichever path brought it.
 pub fn scan_key(job_id: &Value) -> Option<String> {
-    id_text(job_id).map(|job| format!("job:{job}"))
+    crate::event::payload_id(job_id).map(|job| format!("job:{job}"))
 }
 
 /// Keys a `scan.completed` webhook by its scan's job id, for a source that reconciles: the
@@ -97,7 +97,7 @@ pub fn scan_completed(entry: &Value) -> Option<Value> {
 /// for one without an id.
 pub fn alert_triggered(entry: &Value) -> Option<Value> {
     let entry = entry.as_object()?;
-    let id = format!("alert:{}", id_text(entry.get("id")?)?);
+    let id = format!("alert:{}", crate::event::payload_id(entry.get("id")?)?);
     let data: Map<String, Value> = ALERT_FIELDS
         .iter()
         .filter_map(|name| {
@@ -128,15 +128,6 @@ fn body(
     body.insert("origin".into(), Value::String(ORIGIN.to_owned()));
     body.insert("data".into(), Value::Object(data));
     Value::Object(body)
-}
-
-/// An id as text: a string as it is, a number in its digits; nothing else is an id.
-fn id_text(value: &Value) -> Option<String> {
-    match value {
-        Value::String(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
-        Value::Number(number) => Some(number.to_string()),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

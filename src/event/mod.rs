@@ -307,7 +307,9 @@ fn text(field: &Option<Value>) -> Option<&str> {
     field.as_ref().and_then(Value::as_str)
 }
 
-fn payload_id(id: &Value) -> Option<String> {
+/// An id as text: a string as it is (trimmed), a number in its digits; nothing else is an
+/// id. The payload's `id`, and the ids reconcile reads from the sender's API.
+pub(crate) fn payload_id(id: &Value) -> Option<String> {
     match id {
         Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
         Value::Number(n) => Some(n.to_string()),

@@ -10,8 +10,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::{Deserialize, Serialize};
 
-use super::WebState;
 use super::auth::{Csrf, Operator, Posted, Session, Token};
+use super::{Choices, WebState, given};
 use crate::actions;
 use crate::duration::Since;
 use crate::store::admin::{Filter, JobDetail, Row, RowStatus, STATUSES};
@@ -44,9 +44,6 @@ pub struct Filters {
 impl Filters {
     /// The store's filter, or what is wrong with the form.
     fn parse(&self, now: jiff::Timestamp) -> Result<Filter, String> {
-        fn given(text: &str) -> Option<&str> {
-            Some(text.trim()).filter(|text| !text.is_empty())
-        }
         let number = |name: &str, text: &str| {
             given(text)
                 .map(|text| {
@@ -124,9 +121,8 @@ struct Deliveries {
     next: Option<String>,
     filters: Filters,
     statuses: &'static [&'static str],
-    sources: Vec<String>,
-    sinks: Vec<String>,
-    routes: Vec<String>,
+    #[serde(flatten)]
+    choices: Choices,
 }
 
 pub async fn list(
@@ -153,21 +149,12 @@ pub async fn list(
         Ok(listing) => listing,
         Err(unavailable) => return unavailable,
     };
-    let config = state.config.load_full();
     let page = Deliveries {
         rows: listing.rows,
         next: listing.next.map(|before| filters.next_page(before)),
         filters,
         statuses: STATUSES,
-        sources: config.sources.iter().map(|s| s.name.clone()).collect(),
-        sinks: config.sinks.iter().map(|s| s.name.clone()).collect(),
-        routes: config
-            .routing
-            .table
-            .routes()
-            .iter()
-            .map(|r| r.name.clone())
-            .collect(),
+        choices: Choices::of(&state.config.load()),
     };
     state.answer(&headers, &session, "deliveries.html", &page)
 }
@@ -228,7 +215,7 @@ pub async fn event(
         verdicts,
         routing: detail.routing,
         jobs: detail.jobs,
-        sinks: config.sinks.iter().map(|s| s.name.clone()).collect(),
+        sinks: Choices::of(&config).sinks,
     };
     if super::wants_json(&headers) {
         return axum::Json(&page).into_response();
@@ -271,7 +258,7 @@ pub async fn replay(
     Posted(session, form): Operator<ReplayForm>,
 ) -> Response {
     let config = state.config.load_full();
-    let sink = Some(form.sink.trim().to_owned()).filter(|sink| !sink.is_empty());
+    let sink = given(&form.sink).map(str::to_owned);
     let force = form.force.is_some();
     let replayed = state
         .act(&headers, move |tools| {

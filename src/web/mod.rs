@@ -328,6 +328,31 @@ fn unavailable(why: &str) -> Response {
         .into_response()
 }
 
+/// What the configuration in force names: the choices of the pages' forms.
+#[derive(Serialize)]
+struct Choices {
+    sources: Vec<String>,
+    sinks: Vec<String>,
+    routes: Vec<String>,
+}
+
+impl Choices {
+    fn of(config: &Config) -> Self {
+        Self {
+            sources: config.sources.iter().map(|s| s.name.clone()).collect(),
+            sinks: config.sinks.iter().map(|s| s.name.clone()).collect(),
+            routes: (config.routing.table.routes().iter())
+                .map(|r| r.name.clone())
+                .collect(),
+        }
+    }
+}
+
+/// A form's field as given: trimmed, and `None` when left empty (no filter, no matcher).
+fn given(text: &str) -> Option<&str> {
+    Some(text.trim()).filter(|text| !text.is_empty())
+}
+
 /// Whether the client asked for JSON.
 fn wants_json(headers: &axum::http::HeaderMap) -> bool {
     headers

@@ -42,7 +42,7 @@ pub async fn overview(
 ) -> Response {
     let now = state.clock.now();
     let config = state.config.load_full();
-    let configured: Vec<String> = config.sinks.iter().map(|s| s.name.clone()).collect();
+    let configured = super::Choices::of(&config).sinks;
     let read = state
         .read(move |tools| Ok((tools.sinks(&configured, now)?, tools.silences(false, now)?)))
         .await;

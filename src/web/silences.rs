@@ -8,8 +8,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::{Deserialize, Serialize};
 
-use super::WebState;
 use super::auth::{Csrf, Operator, Posted, Session, Token};
+use super::{Choices, WebState, given};
 use crate::actions::WouldSilence;
 use crate::store::{Matchers, NewSilence, Silence, SilenceState};
 
@@ -41,7 +41,7 @@ pub struct SilenceForm {
 impl SilenceForm {
     /// The silence this form asks for, by `author` at `now`; or every problem with it.
     fn silence(&self, author: &str, now: jiff::Timestamp) -> Result<NewSilence, Vec<String>> {
-        let given = |text: &str| Some(text.trim().to_owned()).filter(|text| !text.is_empty());
+        let given = |text: &str| given(text).map(str::to_owned);
         let matchers = Matchers {
             route: given(&self.route),
             sink: given(&self.sink),
@@ -99,9 +99,8 @@ struct Silences {
     /// What a previewed silence would have matched among the last `looked_at` events.
     preview: Option<Vec<WouldSilence>>,
     looked_at: usize,
-    sources: Vec<String>,
-    sinks: Vec<String>,
-    routes: Vec<String>,
+    #[serde(flatten)]
+    choices: Choices,
 }
 
 pub async fn list(
@@ -137,7 +136,6 @@ async fn show(
         state: silence.state(now),
         silence,
     };
-    let config = state.config.load_full();
     let (preview, looked_at) = match preview {
         Some((matched, looked_at)) => (Some(matched), looked_at),
         None => (None, 0),
@@ -158,15 +156,7 @@ async fn show(
         problems,
         preview,
         looked_at,
-        sources: config.sources.iter().map(|s| s.name.clone()).collect(),
-        sinks: config.sinks.iter().map(|s| s.name.clone()).collect(),
-        routes: config
-            .routing
-            .table
-            .routes()
-            .iter()
-            .map(|r| r.name.clone())
-            .collect(),
+        choices: Choices::of(&state.config.load()),
     };
     let mut response = state.answer(headers, session, "silences.html", &page);
     *response.status_mut() = status;
