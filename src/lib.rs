@@ -147,7 +147,17 @@ pub async fn run_with_clock(
         Arc::clone(&metrics),
         internal_stop.clone(),
     ));
-    let reconcilers = reconcile::spawn(&config, &app.intake(), &clock, &stop);
+    let reconcilers = Arc::new(reconcile::Reconcilers::start(
+        &config,
+        reconcile::Context {
+            intake: app.intake(),
+            store: store.clone(),
+            clock: Arc::clone(&clock),
+            metrics: Arc::clone(&metrics),
+            notices: Arc::clone(&notices),
+            stop: stop.clone(),
+        },
+    ));
     let health = tokio::spawn(health.keep_fresh(
         (store.clone(), Arc::clone(&plan)),
         Arc::clone(&clock),
@@ -181,7 +191,7 @@ pub async fn run_with_clock(
     let live = Arc::new(ArcSwap::from_pointee(config.clone()));
     let reloader = tokio::spawn(reload_on_hangup(
         Arc::clone(&live),
-        app.clone(),
+        (app.clone(), Arc::clone(&reconcilers)),
         plan,
         (Arc::clone(&metrics), Arc::clone(&notices)),
         Arc::clone(&clock),
@@ -239,9 +249,7 @@ pub async fn run_with_clock(
         let _ = page.await;
     }
     let _ = silences.await;
-    for reconciler in reconcilers {
-        let _ = reconciler.await;
-    }
+    reconcilers.stopped().await;
     let _ = health.await;
     let _ = upkeep.await;
     let _ = reloader.await;
@@ -385,7 +393,7 @@ fn configure_metrics(metrics: &metrics::Metrics, config: &Config) {
 /// invalid one is logged and the running configuration stays.
 async fn reload_on_hangup(
     live: Arc<ArcSwap<Config>>,
-    app: http::App,
+    (app, reconcilers): (http::App, Arc<reconcile::Reconcilers>),
     plan: Arc<ArcSwap<Plan>>,
     (metrics, notices): (Arc<metrics::Metrics>, Arc<notice::Notices>),
     clock: Arc<dyn clock::Clock>,
@@ -435,6 +443,7 @@ async fn reload_on_hangup(
                     tracing::warn!("{warning}");
                 }
                 app.reload(&new);
+                reconcilers.reload(&new);
                 metrics.config_loaded(true, clock.now());
                 configure_metrics(&metrics, &new);
                 plan.store(Arc::new(new_plan));

@@ -58,6 +58,11 @@ pub enum Notice {
     ReloadFailed {
         problems: String,
     },
+    /// The sender's API refused a source's key: reconciling stops until a reload.
+    ReconcileFailing {
+        source: String,
+        error: String,
+    },
     Reloaded {
         sources: usize,
         sinks: usize,
@@ -159,6 +164,7 @@ pub enum Kind {
     DeadLetter,
     SignatureFailing,
     ReloadFailed,
+    ReconcileFailing,
     Reloaded,
     StorageDegraded,
     Started,
@@ -166,13 +172,14 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::SinkFailing,
         Self::SinkPaused,
         Self::SinkRecovered,
         Self::DeadLetter,
         Self::SignatureFailing,
         Self::ReloadFailed,
+        Self::ReconcileFailing,
         Self::Reloaded,
         Self::StorageDegraded,
         Self::Started,
@@ -180,13 +187,14 @@ impl Kind {
     ];
 
     /// On unless `[self] events` says otherwise: what a team wants to hear without asking.
-    pub const DEFAULT: [Self; 6] = [
+    pub const DEFAULT: [Self; 7] = [
         Self::SinkFailing,
         Self::SinkPaused,
         Self::SinkRecovered,
         Self::DeadLetter,
         Self::SignatureFailing,
         Self::ReloadFailed,
+        Self::ReconcileFailing,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -197,6 +205,7 @@ impl Kind {
             Self::DeadLetter => "dead_letter",
             Self::SignatureFailing => "signature.failing",
             Self::ReloadFailed => "config.reload_failed",
+            Self::ReconcileFailing => "reconcile.failing",
             Self::Reloaded => "config.reloaded",
             Self::StorageDegraded => "storage.degraded",
             Self::Started => "started",

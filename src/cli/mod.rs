@@ -4,6 +4,7 @@
 //! startup failure.
 
 mod check;
+mod reconcile;
 mod send;
 mod silence;
 mod sink;
@@ -52,6 +53,7 @@ impl Cli {
             Command::DeadLetter(DeadLetterCommand::Retry(args)) => &args.config,
             Command::Silence(command) => command.config(),
             Command::Sink(command) => command.config(),
+            Command::Reconcile(args) => &args.config,
             Command::Completions { .. } | Command::Man { .. } | Command::MigrateStorage(_) => {
                 return None;
             }
@@ -89,6 +91,9 @@ pub enum Command {
     /// Works while the daemon runs; every daemon on the database follows within a second.
     #[command(subcommand)]
     Sink(sink::SinkCommand),
+    /// Reconcile with the senders' APIs: how each source's passes went; what a pass would
+    /// synthesise now (`--dry-run`); or a pass now, by the running daemon (`--once`).
+    Reconcile(reconcile::ReconcileArgs),
     /// Copy an installation's SQLite database into PostgreSQL (events, delivery ids, jobs with
     /// their attempts, throttle windows); run it again to complete an interrupted copy. Stop
     /// the daemon first.
@@ -281,6 +286,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::DeadLetter(DeadLetterCommand::Retry(args)) => tools::retry_dead(args),
         Command::Silence(command) => silence::run(command),
         Command::Sink(command) => sink::run(command),
+        Command::Reconcile(args) => reconcile::run(&args),
         Command::MigrateStorage(args) => runtime()?.block_on(tools::migrate_storage(args)),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();

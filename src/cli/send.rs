@@ -14,7 +14,7 @@ use crate::signature::{COMPLIANCELAYER_DELIVERY, COMPLIANCELAYER_EVENT, Scheme};
 
 pub(super) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
-    let config = config::load_for_send(&args.config, &args.source)?;
+    let config = config::load_for_source(&args.config, &args.source)?;
     let source = config
         .sources
         .iter()

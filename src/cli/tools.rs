@@ -123,6 +123,7 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         struct Shown<'a> {
             id: i64,
             received_at: String,
+            origin: &'static str,
             event: &'a crate::event::Event,
             jobs: &'a [crate::store::admin::JobDetail],
             routing: &'a [crate::store::admin::Row],
@@ -130,6 +131,7 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         let shown = Shown {
             id: stored.id,
             received_at: stored.received_at.to_string(),
+            origin: crate::reconcile::origin(&stored.event),
             event: &stored.event,
             jobs: &jobs,
             routing: &notes,
@@ -146,6 +148,7 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         printable(&event.source)
     )?;
     writeln!(out, "  delivery id:   {}", printable(&event.delivery_id))?;
+    writeln!(out, "  origin:        {}", crate::reconcile::origin(event))?;
     if let Some(header) = &event.sender_delivery {
         writeln!(out, "  sender's id:   {}", printable(header))?;
     }

@@ -245,12 +245,13 @@ pub fn load_for_tools(path: &Path) -> Result<Config, ConfigError> {
     load_with(path, Secrets::Skip)
 }
 
-/// As [`load`], for `send`: only the secret of the source it signs for is read, so it works
-/// on a host where the others are systemd credentials it cannot see.
+/// As [`load`], for `send` and `reconcile --dry-run`: only the secrets of the source they act
+/// for are read, so they work on a host where the others are systemd credentials they cannot
+/// see.
 ///
 /// # Errors
 /// As [`load`], the other secrets aside.
-pub fn load_for_send(path: &Path, source: &str) -> Result<Config, ConfigError> {
+pub fn load_for_source(path: &Path, source: &str) -> Result<Config, ConfigError> {
     load_with(path, Secrets::Source(source))
 }
 

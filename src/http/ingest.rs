@@ -79,9 +79,10 @@ pub async fn ingest(
         verified.signed_id.as_deref(),
         sender_delivery(&parts.headers),
     )?;
-    // A source that reconciles keys a scan by its job, whichever path brings it first.
+    // A source that reconciles keys a scan (an alert) as reconcile does, whichever path
+    // brings it first.
     if source.api.is_some() {
-        crate::reconcile::key_by_job(&mut event);
+        crate::reconcile::key_like_reconcile(&mut event);
     }
     if verified.timestamp.is_none()
         && let Err(err) = check_event_age(source, &event, now)

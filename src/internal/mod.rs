@@ -197,6 +197,12 @@ impl Watch {
                 let id = format!("config.reload_failed:{}", at.as_millisecond());
                 (Kind::ReloadFailed, id, json!({ "problems": problems }))
             }
+            Notice::ReconcileFailing { source, error } => {
+                // One daemon passes at a time, and a refusal stops the others: one event.
+                let id = format!("reconcile.failing:{source}:{}", at.as_millisecond());
+                let data = json!({ "source": source, "error": error, "until": "the configuration is reloaded" });
+                (Kind::ReconcileFailing, id, data)
+            }
             Notice::Reloaded {
                 sources,
                 sinks,

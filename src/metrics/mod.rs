@@ -18,6 +18,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 mod recent;
+mod reconcile;
 
 pub use recent::SourceHour;
 use recent::{Recent, Tallied};
@@ -129,6 +130,7 @@ pub struct Metrics {
     sinks: std::sync::Mutex<Vec<String>>,
     /// Each source's last hour, for the status page.
     recent: Recent,
+    reconciles: reconcile::Reconciles,
 }
 
 impl Default for Metrics {
@@ -167,6 +169,7 @@ impl Metrics {
             database_bytes: Gauge::default(),
             sinks: std::sync::Mutex::default(),
             recent: Recent::new(),
+            reconciles: reconcile::Reconciles::default(),
             registry: Registry::default(),
         };
         let build_info = Family::<Version, Gauge>::default();
@@ -276,6 +279,7 @@ impl Metrics {
             "Size of the database on disk, its write-ahead log included",
             metrics.database_bytes.clone(),
         );
+        metrics.reconciles.register(&mut registry);
         registry.register("build_info", "The running build; always 1", build_info);
         Self {
             registry,

@@ -93,9 +93,10 @@ impl Condition {
 }
 
 /// The variables every expression sees (see [`Activation`]).
-pub const VARIABLES: [&str; 6] = [
+pub const VARIABLES: [&str; 7] = [
     "type",
     "source",
+    "origin",
     "delivery_id",
     "occurred_at",
     "data",
@@ -150,6 +151,7 @@ impl<'e> Activation<'e> {
             let payload = reads.payload(payload);
             context.add_variable_from_value("type", event.event_type.as_str());
             context.add_variable_from_value("source", event.source.as_str());
+            context.add_variable_from_value("origin", crate::reconcile::origin(event));
             context.add_variable_from_value("delivery_id", event.delivery_id.as_str());
             context
                 .add_variable_from_value("occurred_at", event.occurred_at.map(|t| t.to_string()));

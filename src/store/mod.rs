@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod body;
 mod gather;
+pub mod passes;
 pub mod postgres;
 pub mod silences;
 pub mod sinks;
@@ -36,6 +37,7 @@ use crate::config::{Backend, StorageConfig};
 use crate::event::Event;
 use crate::metrics::SinkQueue;
 pub use gather::{Gather, GroupTo, digest_due};
+pub use passes::{Due, PassEnd, PassRow, Schedule};
 pub use silences::{Matchers, NewSilence, Quiet, Silence, SilenceState};
 pub use sinks::{Pause, SinkChange, SinkChanged, SinkState, Streak};
 pub use status::JobStatus;
@@ -423,6 +425,25 @@ pub trait Storage: Send + Sync {
     /// # Errors
     /// [`StoreError`] on a database error.
     async fn due_summary(&self) -> Result<HashMap<String, DueSummary>, StoreError>;
+
+    /// Begins `source`'s reconcile pass at `now` when one is due on `schedule` (see
+    /// [`PassRow::due`]): says why, or `None` when another daemon runs one or the last began
+    /// within the interval. Decided and marked in one transaction, so one daemon passes.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database error; no pass was begun.
+    async fn begin_pass(
+        &self,
+        source: &str,
+        schedule: Schedule,
+        now: Timestamp,
+    ) -> Result<Option<Due>, StoreError>;
+
+    /// Records how this daemon's pass of `source` ended at `now`, letting go of it.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the write failed (the pass is anyone's once its hold lapses).
+    async fn end_pass(&self, source: &str, end: PassEnd, now: Timestamp) -> Result<(), StoreError>;
 
     /// Proves the database takes writes (readiness).
     ///

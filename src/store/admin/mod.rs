@@ -7,6 +7,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 
 mod list;
+mod passes;
 mod silences;
 mod sinks;
 
@@ -18,6 +19,7 @@ use super::{
     from_ms,
 };
 use crate::metrics::SinkQueue;
+use crate::store::PassRow;
 
 /// What a command does with the database: reads open it read-only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,6 +309,15 @@ pub trait AdminBackend: Send {
         change: SinkChange,
         now: Timestamp,
     ) -> Result<SinkChanged, StoreError>;
+
+    /// Asks the daemons for a reconcile pass of `source` now (`reconcile --once`).
+    fn request_pass(&mut self, source: &str, now: Timestamp) -> Result<(), StoreError>;
+
+    /// Every source's reconcile passes, by name.
+    fn passes(&self) -> Result<Vec<PassRow>, StoreError>;
+
+    /// Which of `ids` are stored as `source`'s delivery ids (a dedupe lookup each).
+    fn seen(&self, source: &str, ids: &[String]) -> Result<Vec<String>, StoreError>;
 }
 
 /// How many events (or rows of a status) a batch reads at a time.

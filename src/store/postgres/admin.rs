@@ -13,6 +13,7 @@ use super::events::event_at;
 use super::silences;
 use crate::config::PostgresConfig;
 use crate::metrics::SinkQueue;
+use crate::store::PassRow;
 use crate::store::admin::{
     Access, AdminBackend, Attempt, Head, Indexed, JobDetail, JobState, Row, RowStatus, at, retry_at,
 };
@@ -574,6 +575,18 @@ impl AdminBackend for Admin {
         now: Timestamp,
     ) -> Result<SinkChanged, StoreError> {
         self.run(async |conn| super::sinks::change(conn, sink, change, now).await)
+    }
+
+    fn request_pass(&mut self, source: &str, now: Timestamp) -> Result<(), StoreError> {
+        self.run(async |conn| super::passes::request(&mut *conn, source, now).await)
+    }
+
+    fn passes(&self) -> Result<Vec<PassRow>, StoreError> {
+        self.run(async |conn| super::passes::all(&mut *conn).await)
+    }
+
+    fn seen(&self, source: &str, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        self.run(async |conn| super::passes::seen(&mut *conn, source, ids).await)
     }
 
     fn retry_dead(&self, job_id: Option<i64>, now: Timestamp) -> Result<usize, StoreError> {

@@ -34,6 +34,7 @@ use super::{
 use crate::config::PostgresConfig;
 use crate::event::Event;
 use crate::metrics::SinkQueue;
+use crate::store::passes::{Due, PassEnd, Schedule};
 
 /// Beats per lease (`storage.lease`): a replica says it is alive five times a lease, so a slow
 /// beat or two never hands over jobs that are still being attempted.
@@ -91,6 +92,7 @@ mod commit;
 mod events;
 pub mod import;
 mod jobs;
+mod passes;
 mod retention;
 mod schema;
 mod silences;
@@ -405,6 +407,28 @@ impl Storage for PostgresStore {
 
     async fn due_summary(&self) -> Result<HashMap<String, DueSummary>, StoreError> {
         jobs::waiting(&self.pool, self.replica, self.lease_ms).await
+    }
+
+    async fn begin_pass(
+        &self,
+        source: &str,
+        schedule: Schedule,
+        now: Timestamp,
+    ) -> Result<Option<Due>, StoreError> {
+        // Looked at without a lock first: most looks find nothing due.
+        if passes::get(&self.pool, source)
+            .await?
+            .due(&schedule, now)
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let mut conn = self.pool.acquire().await?;
+        passes::begin(&mut conn, (source, self.replica), &schedule, now).await
+    }
+
+    async fn end_pass(&self, source: &str, end: PassEnd, now: Timestamp) -> Result<(), StoreError> {
+        passes::end(&self.pool, (source, self.replica), &end, now).await
     }
 
     /// Ready when new events commit (the last transaction with some did not run out of time)

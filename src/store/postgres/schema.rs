@@ -154,6 +154,19 @@ CREATE TABLE sink_states (
     next_probe      BIGINT
 );
 ",
+    r"
+-- Each source's reconcile passes: see SQLite's migration 10. `held_by` is a replica's id.
+CREATE TABLE reconcile_passes (
+    source       TEXT   PRIMARY KEY,
+    requested_at BIGINT,
+    started_at   BIGINT,
+    held_by      BIGINT,
+    finished_at  BIGINT,
+    last_success BIGINT,
+    outcome      TEXT,
+    detail       TEXT
+);
+",
 ];
 
 /// Brings the schema up to date, or refuses a database from a newer build.

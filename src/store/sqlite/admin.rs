@@ -24,6 +24,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use super::events::row_to_event;
 use super::silences;
 use crate::metrics::SinkQueue;
+use crate::store::PassRow;
 use crate::store::admin::{
     Access, AdminBackend, Attempt, Head, Indexed, JobDetail, JobState, Row, RowStatus, at, retry_at,
 };
@@ -477,6 +478,18 @@ impl AdminBackend for Admin {
         let changed = super::sinks::change(&tx, sink, change, now)?;
         tx.commit()?;
         Ok(changed)
+    }
+
+    fn request_pass(&mut self, source: &str, now: Timestamp) -> Result<(), StoreError> {
+        Ok(super::passes::request(&self.conn, source, now)?)
+    }
+
+    fn passes(&self) -> Result<Vec<PassRow>, StoreError> {
+        Ok(super::passes::all(&self.conn)?)
+    }
+
+    fn seen(&self, source: &str, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        Ok(super::passes::seen(&self.conn, source, ids)?)
     }
 
     fn retry_dead(&self, job_id: Option<i64>, now: Timestamp) -> Result<usize, StoreError> {

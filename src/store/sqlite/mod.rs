@@ -35,6 +35,7 @@ pub mod admin;
 mod dedupe;
 mod events;
 mod jobs;
+mod passes;
 mod retention;
 mod schema;
 mod silences;
@@ -60,6 +61,7 @@ use super::{
 use crate::config::StorageConfig;
 use crate::event::Event;
 use crate::metrics::SinkQueue;
+use crate::store::passes::{Due, PassEnd, Schedule};
 use writer::{Command, Done, Op, QUEUE_DEPTH, SyncFailure};
 
 /// The SQLite database: cheap to clone, shared by the HTTP handlers and the delivery engine.
@@ -303,6 +305,39 @@ impl Storage for SqliteStore {
 
     async fn sink_states(&self) -> Result<Vec<SinkState>, StoreError> {
         self.read(sinks::states).await
+    }
+
+    async fn begin_pass(
+        &self,
+        source: &str,
+        schedule: Schedule,
+        now: Timestamp,
+    ) -> Result<Option<Due>, StoreError> {
+        // Looked at on a reader first: most looks find nothing due, and cost the writer nothing.
+        let owned = source.to_owned();
+        let row = self.read(move |conn| passes::get(conn, &owned)).await?;
+        if row.due(&schedule, now).is_none() {
+            return Ok(None);
+        }
+        let source = source.to_owned();
+        match self
+            .submit(Op::BeginPass {
+                source,
+                schedule,
+                now,
+            })
+            .await?
+        {
+            Done::Pass(due) => Ok(due),
+            _ => unreachable!("beginning a pass answers Pass"),
+        }
+    }
+
+    async fn end_pass(&self, source: &str, end: PassEnd, now: Timestamp) -> Result<(), StoreError> {
+        let source = source.to_owned();
+        self.submit(Op::EndPass { source, end, now })
+            .await
+            .map(|_| ())
     }
 
     async fn touch(&self, now: Timestamp) -> Result<(), StoreError> {

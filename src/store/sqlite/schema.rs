@@ -251,6 +251,20 @@ CREATE TABLE sink_states (
     next_probe      INTEGER
 ) WITHOUT ROWID;
 ",
+    r"
+-- Each source's reconcile passes (store::passes): when the last began and how it ended,
+-- and an operator's request for one now (`hookroute reconcile --once`).
+CREATE TABLE reconcile_passes (
+    source       TEXT    PRIMARY KEY,
+    requested_at INTEGER,              -- unix milliseconds
+    started_at   INTEGER,
+    held_by      INTEGER,              -- the daemon running one, until it ends
+    finished_at  INTEGER,
+    last_success INTEGER,
+    outcome      TEXT,                 -- ok, failed, refused
+    detail       TEXT
+) WITHOUT ROWID;
+",
 ];
 
 /// The schema version of `conn`'s database: how many migrations ran.

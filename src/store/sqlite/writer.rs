@@ -8,10 +8,12 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::dedupe::Recent;
+use super::passes;
 use super::{
     AttemptOutcome, Inserted, Job, NewEvent, Prunable, PruneStep, Quiet, SinkChange, SinkChanged,
     StoreError, events, jobs, retention, sinks,
 };
+use crate::store::passes::{Due, PassEnd, Schedule};
 
 /// How often the checkpointer copies the WAL back into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -45,6 +47,17 @@ pub(super) enum Op {
     Touch {
         at: i64,
     },
+    /// Begins a reconcile pass if one is due (see `Storage::begin_pass`).
+    BeginPass {
+        source: String,
+        schedule: Schedule,
+        now: jiff::Timestamp,
+    },
+    EndPass {
+        source: String,
+        end: PassEnd,
+        now: jiff::Timestamp,
+    },
     Prune {
         what: Prunable,
         /// How long records are kept, in milliseconds, on the clock their table uses.
@@ -63,6 +76,7 @@ pub(super) enum Done {
     Inserted(Inserted),
     Pruned(PruneStep),
     Sink(Box<SinkChanged>),
+    Pass(Option<Due>),
     Count(usize),
     Unit,
 }
@@ -259,6 +273,15 @@ fn apply(tx: &Transaction<'_>, recent: &mut Recent, op: &Op) -> rusqlite::Result
         }
         Op::Touch { at } => {
             super::schema::set_meta(tx, "last_ready_check", &at.to_string())?;
+            Done::Unit
+        }
+        Op::BeginPass {
+            source,
+            schedule,
+            now,
+        } => Done::Pass(passes::begin(tx, source, schedule, *now)?),
+        Op::EndPass { source, end, now } => {
+            passes::end(tx, source, end, *now)?;
             Done::Unit
         }
         Op::Prune {

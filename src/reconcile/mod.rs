@@ -1,0 +1,363 @@
+//! Reconcile: what the sender did that no webhook brought. A ComplianceLayer source with an
+//! API lists its scans (`/scan/history`) and alerts (`/domains/alerts`); each completed scan
+//! or alert no stored event covers becomes the event its webhook would have carried (see
+//! [`synth`]), marked `origin = "reconcile"`, and is accepted like a delivery: stored,
+//! routed, delivered once.
+//!
+//! Each source's task looks every few seconds whether a pass is due; the database decides
+//! ([`Storage::begin_pass`](crate::store::Storage::begin_pass)), so on PostgreSQL one replica
+//! passes at a time and the API hears from the cluster once an interval. A pass is due when
+//! the task starts, when the interval has passed since anyone's last, and when an operator
+//! asks (`hookroute reconcile --once`). A key the API refuses stops every daemon's passes
+//! until a reload (or an operator's request) and says so (`hookroute.reconcile.failing`).
+
+mod synth;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{Api, ApiError};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::config::api::ApiConfig;
+use crate::intake::{Accepted, Intake};
+use crate::metrics::Metrics;
+use crate::notice::{Notice, Notices};
+use crate::store::{PassEnd, Schedule, Store, StoreError};
+pub use synth::{
+    ORIGIN, alert_key, alert_triggered, key_like_reconcile, origin, scan_completed, scan_key,
+};
+
+/// How often a task asks the database whether a pass is due: how soon an operator's
+/// `--once` is taken up.
+const LOOK: Duration = Duration::from_secs(2);
+/// How many delivery ids a pass's record names; the count says the rest.
+const NAMED: usize = 20;
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pass {
+    /// Entries the API listed.
+    pub listed: usize,
+    /// Events made from them, by delivery id and type: none of them was stored before.
+    pub reconciled: Vec<(String, String)>,
+    /// Entries a stored event (a webhook's, or an earlier pass's) already covered.
+    pub covered: usize,
+}
+
+impl std::fmt::Display for Pass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "listed {}, reconciled {}, already stored {}",
+            self.listed,
+            self.reconciled.len(),
+            self.covered
+        )?;
+        let ids: Vec<&str> = self.reconciled.iter().map(|(id, _)| id.as_str()).collect();
+        if !ids.is_empty() {
+            write!(f, ": {}", ids[..ids.len().min(NAMED)].join(", "))?;
+            if ids.len() > NAMED {
+                write!(f, " and {} more", ids.len() - NAMED)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a pass stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("cannot store a reconciled event: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl PassError {
+    /// The outcome a pass's record and metric give it.
+    fn outcome(&self) -> &'static str {
+        match self {
+            Self::Api(ApiError::Refused { .. }) => crate::store::passes::REFUSED,
+            Self::Api(ApiError::RateLimited { .. }) => "rate_limited",
+            Self::Api(_) | Self::Store(_) => "failed",
+        }
+    }
+}
+
+/// An event a pass would synthesise: its delivery id, type and body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Synthesised {
+    pub delivery_id: String,
+    pub event_type: String,
+    pub body: serde_json::Value,
+}
+
+/// What the API lists for `source` from `lookback` before `now` on, as the events their
+/// webhooks would have carried, and how many entries it listed. Entries older than the
+/// lookback are left: their dedupe records may have been pruned.
+///
+/// # Errors
+/// The first call the API refused or failed.
+pub async fn synthesise(
+    api: &Api,
+    source: &str,
+    lookback: Duration,
+    now: Timestamp,
+) -> Result<(Vec<Synthesised>, usize), ApiError> {
+    let since = jiff::SignedDuration::try_from(lookback)
+        .ok()
+        .and_then(|lookback| now.checked_sub(lookback).ok());
+    let scans = api.history().await?;
+    let alerts = api.alerts().await?;
+    let listed = scans.len() + alerts.len();
+    let events = scans
+        .iter()
+        .filter_map(scan_completed)
+        .chain(alerts.iter().filter_map(alert_triggered))
+        .filter_map(|body| {
+            let event =
+                crate::event::Event::parse(source, body.to_string().as_bytes(), None, None).ok()?;
+            if let (Some(since), Some(at)) = (since, event.occurred_at)
+                && at < since
+            {
+                return None;
+            }
+            Some(Synthesised {
+                delivery_id: event.delivery_id,
+                event_type: event.event_type,
+                body,
+            })
+        })
+        .collect();
+    Ok((events, listed))
+}
+
+/// One pass for `source`: each event [`synthesise`] makes is accepted through `intake`. The
+/// dedupe index decides what is covered, as it does for a sender's retry, so a pass and a
+/// webhook racing each other still store one event.
+///
+/// # Errors
+/// The first call the API refused or failed, or a store that did not answer; what was
+/// accepted before it stays accepted.
+pub async fn pass(
+    api: &Api,
+    source: &str,
+    intake: &Intake,
+    lookback: Duration,
+    now: Timestamp,
+) -> Result<Pass, PassError> {
+    let (events, listed) = synthesise(api, source, lookback, now).await?;
+    let mut done = Pass {
+        listed,
+        ..Pass::default()
+    };
+    for synthesised in events {
+        let text = synthesised.body.to_string();
+        let Ok(event) = crate::event::Event::parse(source, text.as_bytes(), None, None) else {
+            continue;
+        };
+        match intake.accept(event, text.as_bytes(), now).await? {
+            Accepted::New { .. } => done
+                .reconciled
+                .push((synthesised.delivery_id, synthesised.event_type)),
+            Accepted::Duplicate(_) => done.covered += 1,
+        }
+    }
+    Ok(done)
+}
+
+/// What every reconcile task shares.
+#[derive(Clone)]
+pub struct Context {
+    pub intake: Intake,
+    pub store: Store,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    pub notices: Arc<Notices>,
+    /// The daemon's stop.
+    pub stop: CancellationToken,
+}
+
+/// A source's running task.
+struct Task {
+    settings: ApiConfig,
+    stop: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+/// The reconcile tasks, one per source with an API and an interval (`[sources.<name>.api]`),
+/// restarted by a reload that changes a source's settings, or that finds its task stopped
+/// (a refused key).
+pub struct Reconcilers {
+    context: Context,
+    tasks: Mutex<HashMap<String, Task>>,
+}
+
+impl Reconcilers {
+    /// Starts a task for each source of `config` that reconciles.
+    pub fn start(config: &Config, context: Context) -> Self {
+        let reconcilers = Self {
+            context,
+            tasks: Mutex::default(),
+        };
+        reconcilers.reload(config);
+        reconcilers
+    }
+
+    /// Brings the tasks in line with `config`: starts new ones, stops those of sources that
+    /// no longer reconcile, restarts those whose settings changed or that stopped.
+    pub fn reload(&self, config: &Config) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let wanted: HashMap<&str, &ApiConfig> = config
+            .sources
+            .iter()
+            .filter_map(|source| {
+                let api = source.api.as_ref()?;
+                api.reconcile.map(|_| (source.name.as_str(), api))
+            })
+            .collect();
+        tasks.retain(|name, task| {
+            let keep =
+                wanted.get(name.as_str()) == Some(&&task.settings) && !task.handle.is_finished();
+            if !keep {
+                task.stop.cancel();
+            }
+            keep
+        });
+        for (name, settings) in wanted {
+            if tasks.contains_key(name) {
+                continue;
+            }
+            let api = match Api::new(settings) {
+                Ok(Some(api)) => api,
+                Ok(None) => continue,
+                Err(err) => {
+                    tracing::error!(source = name, error = %err, "cannot reconcile");
+                    continue;
+                }
+            };
+            let stop = self.context.stop.child_token();
+            let handle = tokio::spawn(run(
+                api,
+                (name.to_owned(), settings.clone()),
+                self.context.clone(),
+                stop.clone(),
+            ));
+            let settings = settings.clone();
+            tasks.insert(
+                name.to_owned(),
+                Task {
+                    settings,
+                    stop,
+                    handle,
+                },
+            );
+        }
+    }
+
+    /// Waits for every task to end (once the daemon's stop is cancelled).
+    pub async fn stopped(&self) {
+        let tasks: Vec<Task> = {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+            tasks.drain().map(|(_, task)| task).collect()
+        };
+        for task in tasks {
+            task.stop.cancel();
+            let _ = task.handle.await;
+        }
+    }
+}
+
+/// Reconciles `source` whenever the database says a pass is due, until `stop`; ends when the
+/// API refuses the key.
+async fn run(
+    api: Api,
+    (source, settings): (String, ApiConfig),
+    cx: Context,
+    stop: CancellationToken,
+) {
+    let every = settings.reconcile.unwrap_or(Duration::MAX);
+    let schedule = Schedule {
+        every,
+        // Two requests, and room for the store: a daemon that dies in a pass holds it no longer.
+        hold: settings.timeout * 2 + Duration::from_secs(30),
+        since: cx.clock.now(),
+    };
+    loop {
+        match cx.store.begin_pass(&source, schedule, cx.clock.now()).await {
+            Ok(Some(due)) => {
+                tracing::debug!(source, ?due, "reconcile pass begins");
+                if !turn(&api, &source, settings.lookback, &cx).await {
+                    return;
+                }
+            }
+            Ok(None) => {}
+            Err(err) => {
+                tracing::warn!(source, error = %err, "cannot ask the database whether a reconcile pass is due")
+            }
+        }
+        tokio::select! {
+            () = cx.clock.sleep_until(cx.clock.now() + LOOK) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// One pass begun by this daemon, recorded, counted and logged; false when the key was
+/// refused (the task stops).
+async fn turn(api: &Api, source: &str, lookback: Duration, cx: &Context) -> bool {
+    let result = pass(api, source, &cx.intake, lookback, cx.clock.now()).await;
+    let now = cx.clock.now();
+    let end = match &result {
+        Ok(done) => {
+            for (_, event_type) in &done.reconciled {
+                cx.metrics.reconciled(source, event_type);
+            }
+            cx.metrics.reconcile_run(source, "ok", Some(now));
+            tracing::info!(
+                source,
+                listed = done.listed,
+                reconciled = done.reconciled.len(),
+                covered = done.covered,
+                "reconciled with the sender's API"
+            );
+            PassEnd {
+                ok: true,
+                outcome: "ok",
+                detail: done.to_string(),
+            }
+        }
+        Err(err) => {
+            let outcome = err.outcome();
+            cx.metrics.reconcile_run(source, outcome, None);
+            if outcome == crate::store::passes::REFUSED {
+                tracing::error!(source, error = %err, "reconcile stops until the configuration is reloaded with a key the API takes");
+            } else {
+                tracing::warn!(source, error = %err, "reconcile pass failed; trying again at the next");
+            }
+            PassEnd {
+                ok: false,
+                outcome,
+                detail: err.to_string(),
+            }
+        }
+    };
+    let refused = end.outcome == crate::store::passes::REFUSED;
+    if refused {
+        let notice = Notice::ReconcileFailing {
+            source: source.to_owned(),
+            error: end.detail.clone(),
+        };
+        cx.notices.send(notice, now);
+    }
+    if let Err(err) = cx.store.end_pass(source, end, now).await {
+        tracing::warn!(source, error = %err, "cannot record the end of a reconcile pass");
+    }
+    !refused
+}

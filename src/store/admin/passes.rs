@@ -1,0 +1,29 @@
+//! Reconcile passes as the operator's commands see them: asking for one now, and reading how
+//! each source's last one went.
+
+use jiff::Timestamp;
+
+use super::Tools;
+use crate::store::{PassRow, StoreError};
+
+impl Tools {
+    /// Asks the daemons for a pass of `source` now; the first to look begins it.
+    pub fn request_pass(&mut self, source: &str, now: Timestamp) -> Result<(), StoreError> {
+        self.backend.request_pass(source, now)
+    }
+
+    /// `source`'s passes, or a row with none yet.
+    pub fn pass(&self, source: &str) -> Result<PassRow, StoreError> {
+        Ok(self
+            .backend
+            .passes()?
+            .into_iter()
+            .find(|row| row.source == source)
+            .unwrap_or_else(|| PassRow::new(source)))
+    }
+
+    /// Which of `ids` are stored as `source`'s delivery ids.
+    pub fn seen(&self, source: &str, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        self.backend.seen(source, ids)
+    }
+}
