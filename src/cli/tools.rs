@@ -131,7 +131,7 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         let shown = Shown {
             id: stored.id,
             received_at: stored.received_at.to_string(),
-            origin: crate::reconcile::origin(&stored.event),
+            origin: stored.event.origin(),
             event: &stored.event,
             jobs: &jobs,
             routing: &notes,
@@ -148,7 +148,7 @@ pub(super) fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         printable(&event.source)
     )?;
     writeln!(out, "  delivery id:   {}", printable(&event.delivery_id))?;
-    writeln!(out, "  origin:        {}", crate::reconcile::origin(event))?;
+    writeln!(out, "  origin:        {}", event.origin())?;
     if let Some(header) = &event.sender_delivery {
         writeln!(out, "  sender's id:   {}", printable(header))?;
     }

@@ -20,6 +20,7 @@ pub use tree::MAX_DEPTH;
 use tree::tree;
 
 mod hops;
+pub mod origin;
 mod tree;
 
 /// A verified delivery, normalised.

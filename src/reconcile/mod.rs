@@ -14,6 +14,7 @@
 mod synth;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,9 +30,7 @@ use crate::intake::{Accepted, Intake};
 use crate::metrics::Metrics;
 use crate::notice::{Notice, Notices};
 use crate::store::{PassEnd, Schedule, Store, StoreError};
-pub use synth::{
-    ORIGIN, alert_key, alert_triggered, key_like_reconcile, origin, scan_completed, scan_key,
-};
+pub use synth::{ORIGIN, alert_key, alert_triggered, key_like_reconcile, scan_completed, scan_key};
 
 /// How often a task asks the database whether a pass is due: how soon an operator's
 /// `--once` is taken up.
@@ -187,13 +186,15 @@ pub struct Context {
 /// A source's running task.
 struct Task {
     settings: ApiConfig,
+    /// Set when the API refused the key: a reload begins the task afresh, even unchanged (the
+    /// key may have been re-enabled on the sender's side).
+    refused: Arc<AtomicBool>,
     stop: CancellationToken,
     handle: JoinHandle<()>,
 }
 
 /// The reconcile tasks, one per source with an API and an interval (`[sources.<name>.api]`),
-/// restarted by a reload that changes a source's settings, or that finds its task stopped
-/// (a refused key).
+/// restarted by a reload that changes a source's settings or finds its key refused.
 pub struct Reconcilers {
     context: Context,
     tasks: Mutex<HashMap<String, Task>>,
@@ -211,7 +212,7 @@ impl Reconcilers {
     }
 
     /// Brings the tasks in line with `config`: starts new ones, stops those of sources that
-    /// no longer reconcile, restarts those whose settings changed or that stopped.
+    /// no longer reconcile, restarts those whose settings changed or whose key was refused.
     pub fn reload(&self, config: &Config) {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         let wanted: HashMap<&str, &ApiConfig> = config
@@ -223,8 +224,9 @@ impl Reconcilers {
             })
             .collect();
         tasks.retain(|name, task| {
-            let keep =
-                wanted.get(name.as_str()) == Some(&&task.settings) && !task.handle.is_finished();
+            let keep = wanted.get(name.as_str()) == Some(&&task.settings)
+                && !task.refused.load(Ordering::Relaxed)
+                && !task.handle.is_finished();
             if !keep {
                 task.stop.cancel();
             }
@@ -243,21 +245,20 @@ impl Reconcilers {
                 }
             };
             let stop = self.context.stop.child_token();
+            let refused = Arc::new(AtomicBool::new(false));
             let handle = tokio::spawn(run(
                 api,
                 (name.to_owned(), settings.clone()),
-                self.context.clone(),
+                (self.context.clone(), Arc::clone(&refused)),
                 stop.clone(),
             ));
-            let settings = settings.clone();
-            tasks.insert(
-                name.to_owned(),
-                Task {
-                    settings,
-                    stop,
-                    handle,
-                },
-            );
+            let task = Task {
+                settings: settings.clone(),
+                refused,
+                stop,
+                handle,
+            };
+            tasks.insert(name.to_owned(), task);
         }
     }
 
@@ -274,17 +275,18 @@ impl Reconcilers {
     }
 }
 
-/// Reconciles `source` whenever the database says a pass is due, until `stop`; ends when the
-/// API refuses the key.
+/// Reconciles `source` whenever the database says a pass is due, until `stop`. After a
+/// refused key the database says so only when an operator asks (see [`PassRow::due`]).
+///
+/// [`PassRow::due`]: crate::store::PassRow::due
 async fn run(
     api: Api,
     (source, settings): (String, ApiConfig),
-    cx: Context,
+    (cx, refused): (Context, Arc<AtomicBool>),
     stop: CancellationToken,
 ) {
-    let every = settings.reconcile.unwrap_or(Duration::MAX);
     let schedule = Schedule {
-        every,
+        every: settings.reconcile.unwrap_or(Duration::MAX),
         // Two requests, and room for the store: a daemon that dies in a pass holds it no longer.
         hold: settings.timeout * 2 + Duration::from_secs(30),
         since: cx.clock.now(),
@@ -293,9 +295,8 @@ async fn run(
         match cx.store.begin_pass(&source, schedule, cx.clock.now()).await {
             Ok(Some(due)) => {
                 tracing::debug!(source, ?due, "reconcile pass begins");
-                if !turn(&api, &source, settings.lookback, &cx).await {
-                    return;
-                }
+                let ok = turn(&api, &source, settings.lookback, &cx).await;
+                refused.store(!ok, Ordering::Relaxed);
             }
             Ok(None) => {}
             Err(err) => {
@@ -310,7 +311,7 @@ async fn run(
 }
 
 /// One pass begun by this daemon, recorded, counted and logged; false when the key was
-/// refused (the task stops).
+/// refused.
 async fn turn(api: &Api, source: &str, lookback: Duration, cx: &Context) -> bool {
     let result = pass(api, source, &cx.intake, lookback, cx.clock.now()).await;
     let now = cx.clock.now();
@@ -337,7 +338,7 @@ async fn turn(api: &Api, source: &str, lookback: Duration, cx: &Context) -> bool
             let outcome = err.outcome();
             cx.metrics.reconcile_run(source, outcome, None);
             if outcome == crate::store::passes::REFUSED {
-                tracing::error!(source, error = %err, "reconcile stops until the configuration is reloaded with a key the API takes");
+                tracing::error!(source, error = %err, "reconcile stops until the configuration is reloaded (or `hookroute reconcile --once`)");
             } else {
                 tracing::warn!(source, error = %err, "reconcile pass failed; trying again at the next");
             }

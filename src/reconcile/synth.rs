@@ -7,21 +7,7 @@
 
 use serde_json::{Map, Value};
 
-/// What a synthesised event's body says of where it came from.
-pub const ORIGIN: &str = "reconcile";
-
-/// Where an event came from, as conditions (`origin == "reconcile"`), templates and `show`
-/// read it: `reconcile` for what a pass synthesised, `hookroute` for the daemon's own
-/// events, `webhook` for a sender's delivery.
-pub fn origin(event: &crate::event::Event) -> &'static str {
-    if event.source == crate::notice::SOURCE {
-        "hookroute"
-    } else if event.payload.value().get("origin").and_then(Value::as_str) == Some(ORIGIN) {
-        ORIGIN
-    } else {
-        "webhook"
-    }
-}
+pub use crate::event::origin::RECONCILE as ORIGIN;
 
 /// The webhook's `data` fields of `scan.completed`, as the sender's docs list them.
 const SCAN_FIELDS: &[&str] = &[

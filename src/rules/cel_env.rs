@@ -151,7 +151,7 @@ impl<'e> Activation<'e> {
             let payload = reads.payload(payload);
             context.add_variable_from_value("type", event.event_type.as_str());
             context.add_variable_from_value("source", event.source.as_str());
-            context.add_variable_from_value("origin", crate::reconcile::origin(event));
+            context.add_variable_from_value("origin", event.origin());
             context.add_variable_from_value("delivery_id", event.delivery_id.as_str());
             context
                 .add_variable_from_value("occurred_at", event.occurred_at.map(|t| t.to_string()));

@@ -245,7 +245,7 @@ impl Templates {
         let ctx = context! {
             type => event.event_type.as_str(),
             source => event.source.as_str(),
-            origin => crate::reconcile::origin(event),
+            origin => event.origin(),
             delivery_id => event.delivery_id.as_str(),
             occurred_at => event.occurred_at.map(|t| t.to_string()),
             sender_delivery => event.sender_delivery.as_deref(),

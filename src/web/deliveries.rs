@@ -167,7 +167,7 @@ struct EventPage {
     #[serde(rename = "type")]
     event_type: String,
     delivery_id: String,
-    /// `webhook`, `reconcile` or `hookroute` (see [`crate::reconcile::origin`]).
+    /// `webhook`, `reconcile` or `hookroute` (see [`crate::event::Event::origin`]).
     origin: &'static str,
     sender_delivery: Option<String>,
     received_at: String,
@@ -209,7 +209,7 @@ pub async fn event(
         source: event.source.clone(),
         event_type: event.event_type.clone(),
         delivery_id: event.delivery_id.clone(),
-        origin: crate::reconcile::origin(event),
+        origin: event.origin(),
         sender_delivery: event.sender_delivery.clone(),
         received_at: stored.received_at.to_string(),
         occurred_at: event.occurred_at.map(|at| at.to_string()),

@@ -491,7 +491,7 @@ sinks = ["slack"]
     assert!(
         said.contains(
             "hookroute's own events: sink.failing, sink.paused, sink.recovered, dead_letter, \
-             signature.failing, config.reload_failed -> routes \"self\""
+             signature.failing, config.reload_failed, reconcile.failing -> routes \"self\""
         ),
         "{said}"
     );

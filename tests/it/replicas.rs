@@ -593,8 +593,9 @@ fn a_newer_schema_is_refused() {
     assert!(daemon.terminate().success());
     assert_eq!(
         cluster.psql(db, "SELECT max(version) FROM hookroute_schema"),
-        "5\n",
-        "the replicas' table and what they hold of each sink; silences; groups; sinks' health"
+        "6\n",
+        "the replicas' table and what they hold of each sink; silences; groups; sinks' health; \
+         reconcile passes"
     );
     cluster.psql(db, "INSERT INTO hookroute_schema (version) VALUES (99)");
     let before = cluster.psql(db, "SELECT count(*) FROM replicas");

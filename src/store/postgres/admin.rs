@@ -590,18 +590,6 @@ impl AdminBackend for Admin {
     }
 
     fn retry_dead(&self, job_id: Option<i64>, now: Timestamp) -> Result<usize, StoreError> {
-        let now = now.as_millisecond();
-        self.run(async |conn| {
-            let done = sqlx::query(
-                "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = $1,
-                                 created_at = $1, updated_at = $1, leased_by = NULL
-                 WHERE status = 'dead' AND ($2::bigint IS NULL OR id = $2)",
-            )
-            .bind(now)
-            .bind(job_id)
-            .execute(&mut *conn)
-            .await?;
-            Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
-        })
+        self.run(async |conn| super::jobs::retry_dead(conn, job_id, now).await)
     }
 }

@@ -253,3 +253,22 @@ fn due_job(row: &PgRow) -> Result<DueJob, StoreError> {
     };
     Ok(DueJob { job, event })
 }
+
+/// Puts dead jobs back in the queue at `now` with a fresh set of attempts, unleased: one job,
+/// or all of them (`dead-letter retry`). Returns how many.
+pub(super) async fn retry_dead(
+    conn: &mut sqlx::PgConnection,
+    job_id: Option<i64>,
+    now: jiff::Timestamp,
+) -> Result<usize, StoreError> {
+    let done = sqlx::query(
+        "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = $1,
+                         created_at = $1, updated_at = $1, leased_by = NULL
+         WHERE status = 'dead' AND ($2::bigint IS NULL OR id = $2)",
+    )
+    .bind(now.as_millisecond())
+    .bind(job_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
+}
