@@ -45,6 +45,8 @@ fn spec(i: usize) -> RouteSpec {
         active_during: Vec::new(),
         group: None,
         templates: BTreeMap::new(),
+        enrich: Vec::new(),
+        enrich_required: false,
     }
 }
 

@@ -354,6 +354,8 @@ mod tests {
             reconcile: None,
             lookback: Duration::from_secs(3600),
             timeout: Duration::from_secs(5),
+            enrich_wait: Duration::from_secs(10),
+            pdf_max_bytes: 1 << 20,
         };
         Api::new(&config).unwrap().unwrap()
     }

@@ -30,6 +30,8 @@ pub struct NamedSink {
     pub shows_message: bool,
     /// Some route to it groups its events.
     pub grouped: bool,
+    /// What it asks the sender's API for, on top of what a route asks.
+    pub enrich: Vec<crate::rules::Enrich>,
 }
 
 /// What routing and delivery need from the configuration; replaced whole on reload, so a
@@ -41,6 +43,8 @@ pub struct Plan {
     pub redactor: Arc<Redactor>,
     /// `[self]`: the events the daemon emits about itself.
     pub internal: InternalConfig,
+    /// The sources' API clients, for the messages that ask for enrichment.
+    pub enricher: Arc<crate::enrich::Enricher>,
 }
 
 impl Plan {
@@ -55,6 +59,12 @@ impl Plan {
             .sources
             .iter()
             .flat_map(|source| source.verifier.key_texts())
+            .chain(
+                config
+                    .sources
+                    .iter()
+                    .filter_map(|source| source.api.as_ref()?.key.clone()),
+            )
             .collect();
         for s in &config.sinks {
             let config = s.spec.config();
@@ -74,6 +84,7 @@ impl Plan {
                     (route.group.is_some() || route.takes_internal(group::DEAD_LETTER))
                         && route.sinks.contains(&s.name)
                 }),
+                enrich: config.enrich().to_vec(),
             };
             sinks.insert(s.name.clone(), named);
         }
@@ -82,7 +93,17 @@ impl Plan {
             sinks,
             redactor: Arc::new(Redactor::new(secrets)),
             internal: config.internal.clone(),
+            enricher: Arc::new(crate::enrich::Enricher::build(config)?),
         })
+    }
+
+    /// What a message through `route` to `sink` asks the sender's API for.
+    pub fn wanted(&self, route: &str, sink: &NamedSink) -> crate::enrich::Wanted {
+        let route = self.routing.route(route);
+        let mut asked = sink.enrich.clone();
+        asked.extend(route.iter().flat_map(|route| route.enrich.iter().copied()));
+        let required = route.is_some_and(|route| route.enrich_required);
+        crate::enrich::Wanted::of(&asked, sink.kind, required)
     }
 }
 

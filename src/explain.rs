@@ -245,7 +245,7 @@ pub fn verdicts(config: &Config, event: &Event, at: jiff::Timestamp) -> (String,
                         let _ = writeln!(out, "      {what}");
                         continue;
                     }
-                    let message = routing.message(&route.name, name, kind, event);
+                    let message = routing.message((&route.name, name, kind), event, None);
                     for line in std::iter::once(message.title.as_str()).chain(message.body.lines())
                     {
                         let _ = writeln!(out, "      | {}", printable(line));

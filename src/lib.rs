@@ -38,6 +38,7 @@ pub mod config;
 pub mod delivery;
 pub mod dispatch;
 pub mod duration;
+pub mod enrich;
 pub mod event;
 pub mod explain;
 pub mod http;

@@ -18,6 +18,10 @@ pub const DEFAULT_BASE_URL: &str = "https://api.compliancelayer.net/v1";
 const DEFAULT_LOOKBACK: Duration = Duration::from_secs(24 * 3600);
 /// How long one request to the API may take.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a message waits for its enrichment before it is sent without.
+const DEFAULT_ENRICH_WAIT: Duration = Duration::from_secs(10);
+/// The largest PDF report attached to an email: mail relays commonly refuse much more.
+const DEFAULT_PDF_MAX_BYTES: usize = 10 << 20;
 /// The shortest reconcile interval: the API lists at most 100 scans, and is rate limited.
 const MIN_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -31,6 +35,10 @@ pub struct RawApi {
     pub reconcile: Option<HumanDuration>,
     pub lookback: Option<HumanDuration>,
     pub timeout: Option<HumanDuration>,
+    /// How long a message waits for its enrichment (the report, the PDF).
+    pub enrich_wait: Option<HumanDuration>,
+    /// The largest PDF report attached to an email.
+    pub pdf_max_bytes: Option<usize>,
 }
 
 /// `[sources.<name>.api]`, checked.
@@ -42,6 +50,8 @@ pub struct ApiConfig {
     pub reconcile: Option<Duration>,
     pub lookback: Duration,
     pub timeout: Duration,
+    pub enrich_wait: Duration,
+    pub pdf_max_bytes: usize,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -51,6 +61,8 @@ impl std::fmt::Debug for ApiConfig {
             .field("reconcile", &self.reconcile)
             .field("lookback", &self.lookback)
             .field("timeout", &self.timeout)
+            .field("enrich_wait", &self.enrich_wait)
+            .field("pdf_max_bytes", &self.pdf_max_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -83,6 +95,13 @@ pub(super) fn validate(
             "at least 1m: each pass reads the sender's scan history, and the API is rate limited",
         );
     }
+    let enrich_wait = raw.enrich_wait.map_or(DEFAULT_ENRICH_WAIT, |wait| wait.0);
+    if enrich_wait.is_zero() || enrich_wait > Duration::from_secs(60) {
+        problems.add(
+            at("enrich_wait"),
+            "between 1ms and 1m: how long a message waits for its enrichment before it is sent without",
+        );
+    }
     let key_at = at("key");
     if let Err(problem) = raw.key.validate(&key_at) {
         problems.add(&key_at, problem.trim_start_matches(&format!("{key_at}: ")));
@@ -110,5 +129,7 @@ pub(super) fn validate(
         reconcile,
         lookback: raw.lookback.map_or(DEFAULT_LOOKBACK, |lookback| lookback.0),
         timeout: raw.timeout.map_or(DEFAULT_TIMEOUT, |timeout| timeout.0),
+        enrich_wait,
+        pdf_max_bytes: raw.pdf_max_bytes.unwrap_or(DEFAULT_PDF_MAX_BYTES),
     })
 }

@@ -120,10 +120,16 @@ impl Routing {
             .map(String::as_str)
     }
 
-    /// The message for `event` through `route` to `sink` (of type `kind`).
-    pub fn message(&self, route: &str, sink: &str, kind: &str, event: &Event) -> Message {
+    /// The message for `event` through `route` to `sink` (of type `kind`), with `report`
+    /// if enrichment fetched one.
+    pub fn message(
+        &self,
+        (route, sink, kind): (&str, &str, &str),
+        event: &Event,
+        report: Option<&serde_json::Value>,
+    ) -> Message {
         self.templates
-            .render(self.template_for(route, sink, kind), event)
+            .render(self.template_for(route, sink, kind), event, report)
     }
 }
 

@@ -130,7 +130,7 @@ sinks = ["console", "other"]
     .unwrap();
     let routing = &config.routing;
     let event = crate::event::Event::parse("cl", br#"{"type": "x.y"}"#, None, None).unwrap();
-    let title = |route: &str, sink: &str| routing.message(route, sink, "log", &event).title;
+    let title = |route: &str, sink: &str| routing.message((route, sink, "log"), &event, None).title;
     assert_eq!(title("with", "console"), "route: x.y");
     assert_eq!(title("without", "console"), "sink: x.y");
     assert_eq!(routing.template_for("without", "other", "log"), None);
@@ -180,7 +180,7 @@ sinks = ["ops"]
             "8:1: sources.cl.tolerence: unknown key `tolerence`; did you mean \"tolerance\"?",
             "14:1: sinks.email-ciso.to: invalid type: found signed int `42`, expected a sequence",
             "15:1: sinks.email-ciso.smtp_host: unknown key `smtp_host`; known keys: url, starttls, \
-             username, password, ca_file, allow_plaintext_auth, from, to, template, digest, delivery",
+             username, password, ca_file, allow_plaintext_auth, from, to, template, enrich, digest, delivery",
             "18:1: sinks.ops.type: unknown value \"slakc\"; did you mean \"slack\"?",
             "22:1: routes[0].events: invalid type: found string \"scan.*\", expected a sequence",
         ]

@@ -11,6 +11,7 @@ use super::health::Health;
 use super::{BACKSTOP_GRACE, retry};
 use crate::clock::Clock;
 use crate::dispatch::{NamedSink, Plan};
+use crate::enrich::Enriched;
 use crate::event::Event;
 use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::notice::{self, DeadLetter, Notice, Notices};
@@ -72,6 +73,28 @@ pub(super) async fn attempt(
     // A set-aside that could not be recorded leaves those jobs held (as any unrecorded
     // outcome does), not the others: they are still attempted.
     let set_aside = quiet.is_empty() || set_aside(store, &sink.name, quiet, started).await;
+    let mut live = enrich(plan, sink, live).await;
+    // What could not be enriched when its route requires it is not sent: it fails, to be
+    // retried with its job.
+    live.retain(|(job, event, enriched)| match &enriched.missing {
+        Some(why) if plan.wanted(&job.route, sink).required => {
+            let error = format!("not enriched: {why}");
+            let refused = SinkError::transient(error);
+            let outcome = retry::decide(
+                &sink.delivery.retry,
+                job,
+                Err(&refused),
+                (started, false),
+                jitter(),
+            );
+            if let AttemptOutcome::Dead { error, .. } = &outcome {
+                dead.extend(dead_letter(job, Some(event), error));
+            }
+            outcomes.push((job.clone(), outcome));
+            false
+        }
+        _ => true,
+    });
     let Some((prepared, summary)) = prepare(plan, sink, live).await else {
         return false; // the runtime is shutting down: the jobs stay due
     };
@@ -82,13 +105,14 @@ pub(super) async fn attempt(
     }
     let deliveries: Vec<Delivery<'_>> = prepared
         .iter()
-        .map(|(job, event, message): &(Job, _, Message)| Delivery {
+        .map(|(job, event, message, enriched): &Prepared| Delivery {
             job_id: job.id,
             event_id: job.event_id,
             event,
             route: &job.route,
             queued_at: job.created_at,
             message,
+            attachments: &enriched.attachments,
         })
         .collect();
     let timeout = sink.delivery.timeout.0;
@@ -128,7 +152,7 @@ pub(super) async fn attempt(
     let now = clock.now();
     let own_only = prepared
         .iter()
-        .all(|(_, event, _)| event.source == notice::SOURCE);
+        .all(|(_, event, ..)| event.source == notice::SOURCE);
     let paused = health
         .after_call(
             (store, notices, &plan.internal),
@@ -141,7 +165,7 @@ pub(super) async fn attempt(
     // One draw for the call: a group's jobs fail together and are retried together.
     let jitter = jitter();
     let grouped = grouped_note(&prepared);
-    for (job, event, message) in prepared {
+    for (job, event, message, enriched) in prepared {
         let mut outcome = retry::decide(
             &sink.delivery.retry,
             &job,
@@ -154,6 +178,9 @@ pub(super) async fn attempt(
         }
         if let Some(why) = message.fallback {
             outcome.note(&clean(&why));
+        }
+        if let Some(why) = &enriched.missing {
+            outcome.note(&clean(&format!("not enriched: {why}")));
         }
         if let Some(grouped) = &grouped {
             outcome.note(grouped);
@@ -199,6 +226,26 @@ pub(super) fn tell_dead(notices: &Notices, dead: Vec<DeadLetter>, recorded: bool
     }
 }
 
+/// A job ready for its sink: its event, its message and what enrichment fetched for it.
+type Prepared = (Job, Event, Message, Enriched);
+
+/// Fetches what each job's route and sink ask the sender's API for (see [`crate::enrich`]),
+/// all of them at once, each within its source's wait.
+async fn enrich(
+    plan: &Plan,
+    sink: &NamedSink,
+    jobs: Vec<(Job, Event)>,
+) -> Vec<(Job, Event, Enriched)> {
+    let fetches = jobs
+        .iter()
+        .map(|(job, event)| plan.enricher.enrich(event, plan.wanted(&job.route, sink)));
+    let enriched = futures_util::future::join_all(fetches).await;
+    jobs.into_iter()
+        .zip(enriched)
+        .map(|((job, event), enriched)| (job, event, enriched))
+        .collect()
+}
+
 /// Pairs each job with its message, rendered on a blocking thread: a template works through
 /// a stranger's payload, and however bounded (see `templates::FUEL`), that work must not hold
 /// up the threads that answer senders or run other attempts. With several jobs of a group or
@@ -206,22 +253,24 @@ pub(super) fn tell_dead(notices: &Notices, dead: Vec<DeadLetter>, recorded: bool
 async fn prepare(
     plan: &Arc<Plan>,
     sink: &NamedSink,
-    jobs: Vec<(Job, Event)>,
-) -> Option<(Vec<(Job, Event, Message)>, Message)> {
+    jobs: Vec<(Job, Event, Enriched)>,
+) -> Option<(Vec<Prepared>, Message)> {
     if !sink.shows_message {
         let jobs = jobs
             .into_iter()
-            .map(|(job, event)| (job, event, Message::default()))
+            .map(|(job, event, enriched)| (job, event, Message::default(), enriched))
             .collect();
         return Some((jobs, Message::default()));
     }
     let (plan, sink) = (Arc::clone(plan), sink.clone());
     let rendered = tokio::task::spawn_blocking(move || {
-        let messages: Vec<(Job, Event, Message)> = jobs
+        let messages: Vec<Prepared> = jobs
             .into_iter()
-            .map(|(job, event)| {
+            .map(|(job, event, enriched)| {
                 let message = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    render(&plan, &sink, &job.route, &event)
+                    let about = (job.route.as_str(), sink.name.as_str(), sink.kind);
+                    plan.routing
+                        .message(about, &event, enriched.report.as_ref())
                 }))
                 .unwrap_or_else(|panic| Message {
                     title: format!("{} from {}", event.event_type, event.source),
@@ -231,13 +280,13 @@ async fn prepare(
                     )),
                     ..Message::default()
                 });
-                (job, event, message)
+                (job, event, message, enriched)
             })
             .collect();
         let summary = match messages.as_slice() {
             [(first, ..), _, ..] if first.group.is_some() || sink.digest.is_some() => {
                 let events: Vec<(&Event, &Message)> =
-                    messages.iter().map(|(_, e, m)| (e, m)).collect();
+                    messages.iter().map(|(_, e, m, _)| (e, m)).collect();
                 let rendered = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     let about = (first.route.as_str(), first.group.as_deref());
                     let template = plan.routing.group_template(&first.route);
@@ -252,11 +301,6 @@ async fn prepare(
         (messages, summary)
     });
     rendered.await.ok()
-}
-
-/// The message for `event` through `route` to `sink` (see `Routing::template_for`).
-fn render(plan: &Plan, sink: &NamedSink, route: &str, event: &Event) -> Message {
-    plan.routing.message(route, &sink.name, sink.kind, event)
 }
 
 /// Logs an attempt's outcomes and records them; returns whether they were recorded.
@@ -310,7 +354,7 @@ pub(super) async fn finish(
 
 /// What each job of a grouped delivery records of it: which events went together, so
 /// `deliveries show` of any of them names the others.
-fn grouped_note(prepared: &[(Job, Event, Message)]) -> Option<String> {
+fn grouped_note(prepared: &[Prepared]) -> Option<String> {
     const NAMED: usize = 20;
     let [(first, ..), _, ..] = prepared else {
         return None;

@@ -177,7 +177,7 @@ fn every_kind_has_a_message_that_says_what_to_do() {
     for (emit, (title, body)) in emitted.iter().zip(expected) {
         let body_json = json!({"id": emit.id, "type": emit.kind.event_type(), "data": emit.data});
         let event = Event::parse(SOURCE, body_json.to_string().as_bytes(), None, None).unwrap();
-        let message = templates.render(None, &event);
+        let message = templates.render(None, &event, None);
         assert_eq!(message.fallback, None, "{message:?}");
         assert!(
             message.title.starts_with(title),

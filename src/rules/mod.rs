@@ -51,6 +51,23 @@ pub struct RouteSpec {
     /// Message template per sink kind (`slack = "name"` or `log = { text = "..." }`).
     #[serde(default)]
     pub templates: BTreeMap<String, crate::templates::TemplateRef>,
+    /// What to fetch from the sender's API before rendering (see `crate::enrich`).
+    #[serde(default)]
+    pub enrich: Vec<Enrich>,
+    /// Fail the attempt (to be retried) rather than send a message without the enrichment.
+    #[serde(default)]
+    pub enrich_required: bool,
+}
+
+/// What a route or a sink asks the sender's API for, about a scan, before its message is
+/// rendered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Enrich {
+    /// The scan's report: findings with remediation, module scores.
+    Report,
+    /// The PDF report: attached to emails, linked from chat.
+    Pdf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +94,8 @@ pub struct Route {
     pub group: Option<group::Group>,
     /// Template id per sink kind, resolved against the template set.
     pub templates: BTreeMap<String, String>,
+    pub enrich: Vec<Enrich>,
+    pub enrich_required: bool,
     /// Whether the route asks for hookroute's own events: by a glob of `hookroute.` types,
     /// or by naming the source. A catch-all (`*`) means what the senders send; it does not
     /// take them, so "everything to Slack" never carries the alert that Slack fails.
@@ -202,6 +221,8 @@ impl Route {
                 active_during: spec.active_during.clone(),
                 group,
                 templates,
+                enrich: spec.enrich.clone(),
+                enrich_required: spec.enrich_required,
                 internal: spec
                     .events
                     .iter()
@@ -344,6 +365,8 @@ mod tests {
             active_during: Vec::new(),
             group: None,
             templates: BTreeMap::new(),
+            enrich: Vec::new(),
+            enrich_required: false,
         }
     }
 

@@ -20,7 +20,7 @@ use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
 
-use super::{Delivery, DeliveryOptions, Sink, SinkError, bounded};
+use super::{Attachment, Delivery, DeliveryOptions, Sink, SinkError, bounded};
 use crate::duration::HumanDuration;
 use crate::secret::SecretSource;
 use crate::templates::{Message as Rendered, TemplateRef};
@@ -56,6 +56,9 @@ pub struct EmailSinkConfig {
     pub from: String,
     pub to: Vec<String>,
     pub template: Option<TemplateRef>,
+    /// What to fetch from the sender's API for the message: the report, the PDF.
+    #[serde(default)]
+    pub enrich: Vec<crate::rules::Enrich>,
     /// Collect events for this long and send them as one email.
     pub digest: Option<HumanDuration>,
     #[serde(default)]
@@ -144,6 +147,10 @@ impl super::SinkConfig for EmailSinkConfig {
             secrets.push(password);
         }
         secrets
+    }
+
+    fn enrich(&self) -> &[crate::rules::Enrich] {
+        &self.enrich
     }
 
     fn template(&self) -> Option<&TemplateRef> {
@@ -257,6 +264,7 @@ impl EmailSink {
         subject: &str,
         body: Body,
         message_id: String,
+        attachments: &[Attachment],
     ) -> Result<String, SinkError> {
         let Body { text, html } = body;
         let html = format!("<!doctype html><html><body>{html}</body></html>");
@@ -273,12 +281,26 @@ impl EmailSink {
         for to in &self.to {
             message = message.to(to.clone());
         }
+        let alternative = MultiPart::alternative()
+            .singlepart(part(ContentType::TEXT_PLAIN, text))
+            .singlepart(part(ContentType::TEXT_HTML, html));
+        // Files (the enrichment's PDF report) follow the text in a mixed part.
+        let content = match attachments {
+            [] => alternative,
+            files => files.iter().fold(
+                MultiPart::mixed().multipart(alternative),
+                |mixed, file| {
+                    let content_type = ContentType::parse(file.content_type)
+                        .unwrap_or(ContentType::TEXT_PLAIN);
+                    mixed.singlepart(
+                        lettre::message::Attachment::new(file.filename.clone())
+                            .body(file.bytes.to_vec(), content_type),
+                    )
+                },
+            ),
+        };
         let message = message
-            .multipart(
-                MultiPart::alternative()
-                    .singlepart(part(ContentType::TEXT_PLAIN, text))
-                    .singlepart(part(ContentType::TEXT_HTML, html)),
-            )
+            .multipart(content)
             .map_err(|e| SinkError::permanent(format!("cannot build the email: {e}")))?;
         match self.transport.send(message).await {
             Ok(response) => Ok(bounded(&format!(
@@ -309,7 +331,8 @@ impl Sink for EmailSink {
         let id = self.message_id(std::slice::from_ref(delivery));
         let mut body = Body::default();
         body.add(delivery, false);
-        self.send(&delivery.message.title, body, id).await
+        self.send(&delivery.message.title, body, id, delivery.attachments)
+            .await
     }
 
     async fn deliver_batch(
@@ -333,7 +356,12 @@ impl Sink for EmailSink {
         for delivery in deliveries {
             body.add(delivery, deliveries.len() > 1);
         }
-        self.send(&subject, body, self.message_id(deliveries)).await
+        let attachments: Vec<Attachment> = deliveries
+            .iter()
+            .flat_map(|delivery| delivery.attachments.iter().cloned())
+            .collect();
+        self.send(&subject, body, self.message_id(deliveries), &attachments)
+            .await
     }
 }
 

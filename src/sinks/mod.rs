@@ -48,6 +48,16 @@ pub struct Delivery<'a> {
     /// Rendered from the route's, the sink's or the default template; empty for sinks that
     /// show no message ([`SinkSpec::shows_message`]).
     pub message: &'a Message,
+    /// Files the enrichment fetched for the message (the PDF report): an email attaches them.
+    pub attachments: &'a [Attachment],
+}
+
+/// A file to send with a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub filename: String,
+    pub content_type: &'static str,
+    pub bytes: std::sync::Arc<[u8]>,
 }
 
 impl Delivery<'_> {
@@ -247,6 +257,12 @@ pub trait SinkConfig {
     /// The sink's own message template, if it overrides the default.
     fn template(&self) -> Option<&TemplateRef> {
         None
+    }
+
+    /// What the sink asks the sender's API for before rendering (see `crate::enrich`), on
+    /// top of what the route asks.
+    fn enrich(&self) -> &[crate::rules::Enrich] {
+        &[]
     }
 
     /// What the sink does with the event when it shows no rendered message (it hands over

@@ -24,6 +24,9 @@ pub struct SlackSinkConfig {
     pub icon_emoji: Option<String>,
     pub channel: Option<String>,
     pub template: Option<TemplateRef>,
+    /// What to fetch from the sender's API for the message: the report, the PDF.
+    #[serde(default)]
+    pub enrich: Vec<crate::rules::Enrich>,
     #[serde(default)]
     pub delivery: DeliveryOptions,
 }
@@ -59,6 +62,10 @@ impl super::SinkConfig for SlackSinkConfig {
 
     fn build(&self, _name: &str) -> Result<Arc<dyn Sink>, String> {
         Ok(Arc::new(SlackSink::new(self)?))
+    }
+
+    fn enrich(&self) -> &[crate::rules::Enrich] {
+        &self.enrich
     }
 
     fn template(&self) -> Option<&TemplateRef> {

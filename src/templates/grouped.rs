@@ -152,7 +152,10 @@ mod tests {
     }
 
     fn render(templates: &Templates, template: Option<&str>, events: &[Event]) -> Message {
-        let messages: Vec<Message> = events.iter().map(|e| templates.render(None, e)).collect();
+        let messages: Vec<Message> = events
+            .iter()
+            .map(|e| templates.render(None, e, None))
+            .collect();
         let pairs: Vec<(&Event, &Message)> = events.iter().zip(&messages).collect();
         templates.render_group(template, ("r", Some(r#"["cl"]"#)), &pairs)
     }

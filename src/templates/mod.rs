@@ -66,11 +66,32 @@ pub const OUTPUT_LIMIT: usize = 64 * 1024;
 const GENERIC: &str = "default/generic";
 const GENERIC_GROUP: &str = "group/generic";
 
+/// What the shipped scan and alert templates add when enrichment fetched the scan's report:
+/// the top critical and high findings, each with its remediation, and the report's address.
+macro_rules! top_findings {
+    () => {
+        r#"
+{%- if report and report.top %}
+Top findings ({{ report.top | length }} of {{ report.findings_count }}):
+{%- for f in report.top %}
+- [{{ f.severity | upper }}] {{ f.finding }}{% if f.module %} ({{ f.module }}){% endif %}
+{%- if f.remediation %}
+  Fix: {{ f.remediation }}
+{%- endif %}
+{%- endfor %}
+{%- endif %}
+{%- if report and report.link %}
+Full report: {{ report.link }}
+{%- endif %}"#
+    };
+}
+
 /// The shipped templates, by id.
 const DEFAULTS: &[(&str, &str)] = &[
     (
         "default/scan.completed",
-        r#"{%- set score = data.score -%}
+        concat!(
+            r#"{%- set score = data.score -%}
 {%- if score is number -%}
   {%- set risk = "low" if score >= 80 else ("medium" if score >= 60 else ("high" if score >= 40 else "critical")) -%}
 {%- elif data.grade -%}
@@ -88,10 +109,13 @@ Scan {{ data.scan_id }}{% if data.job_id is defined %}, job {{ data.job_id }}{% 
 {%- if vars.scan_url and data.scan_id is defined %}
 Report: {{ vars.scan_url | replace("{scan_id}", data.scan_id | string) | replace("{job_id}", data.job_id | string) }}
 {%- endif %}"#,
+            top_findings!()
+        ),
     ),
     (
         "default/alert.triggered",
-        r#"{%- set kind = (data.alert_type or "alert") | replace("_", " ") -%}
+        concat!(
+            r#"{%- set kind = (data.alert_type or "alert") | replace("_", " ") -%}
 Alert{% if data.severity %} [{{ data.severity | upper }}]{% endif %} {{ data.domain or "unknown domain" }}: {{ data.message or kind }}
 Type: {{ kind }}
 {%- if data.previous_score is number and data.current_score is number %}
@@ -100,6 +124,8 @@ Score: {{ data.previous_score }} -> {{ data.current_score }}{% if data.threshold
 {%- if data is mapping %}{% for key, value in data | items %}{% if key not in ["domain", "alert_type", "severity", "message", "previous_score", "current_score", "threshold", "report_url", "finding_url", "url", "link", "dashboard_url", "html_url"] %}
 {{ key | replace("_", " ") | capitalize }}: {{ value }}
 {%- endif %}{% endfor %}{% endif %}"#,
+            top_findings!()
+        ),
     ),
     (
         "default/policy",
@@ -237,10 +263,16 @@ impl Templates {
         }
     }
 
-    /// Renders `event` with `template` (an id from the builder), or the default for its type.
-    /// Never fails: a template error falls back to the generic template, whose inputs are
-    /// always present.
-    pub fn render(&self, template: Option<&str>, event: &Event) -> Message {
+    /// Renders `event` with `template` (an id from the builder), or the default for its type;
+    /// `report`: what enrichment fetched (`crate::enrich::summary`), else undefined. Never
+    /// fails: a template error falls back to the generic template, whose inputs are always
+    /// present.
+    pub fn render(
+        &self,
+        template: Option<&str>,
+        event: &Event,
+        report: Option<&serde_json::Value>,
+    ) -> Message {
         let id = template.unwrap_or_else(|| Self::default_for(&event.event_type));
         let ctx = context! {
             type => event.event_type.as_str(),
@@ -251,6 +283,7 @@ impl Templates {
             sender_delivery => event.sender_delivery.as_deref(),
             data => Value::from(Serde(event.data())),
             payload => Value::from(Serde(event.payload.value())),
+            report => report.map(|report| Value::from(Serde(report))),
         };
         let mut fallback = None;
         let text = self.bounded(id, &ctx).or_else(|err| {

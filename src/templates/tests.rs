@@ -54,7 +54,7 @@ fn a_link_is_a_plain_web_address_from_the_payload_or_the_scan_report() {
 
 #[test]
 fn scan_completed_default() {
-    let m = templates().render(None, &fixture("compliancelayer-scan.completed.json"));
+    let m = templates().render(None, &fixture("compliancelayer-scan.completed.json"), None);
     assert_eq!(
         m.title,
         "Scan completed: example.com graded B (85/100, low risk)"
@@ -74,9 +74,36 @@ fn scan_completed_default() {
 }
 
 #[test]
+fn an_enriched_scan_lists_its_top_findings_with_their_remediation() {
+    let report = crate::enrich::summary(&serde_json::json!({
+        "issues": [
+            {"severity": "medium", "finding": "HSTS missing"},
+            {"severity": "critical", "finding": "Telnet open on port 23", "remediation": "Close port 23", "module": "ports"}
+        ],
+        "report_url": "https://app.example/r/1"
+    }));
+    let t = templates();
+    for name in [
+        "compliancelayer-scan.completed.json",
+        "compliancelayer-alert.triggered.json",
+    ] {
+        let m = t.render(None, &fixture(name), Some(&report));
+        assert!(
+            m.body.contains(
+                "Top findings (1 of 2):\n- [CRITICAL] Telnet open on port 23 (ports)\n  Fix: Close port 23\nFull report: https://app.example/r/1"
+            ),
+            "{name}: {}",
+            m.body
+        );
+        let plain = t.render(None, &fixture(name), None);
+        assert!(!plain.body.contains("Top findings"), "{}", plain.body);
+    }
+}
+
+#[test]
 fn every_family_has_a_default() {
     let t = templates();
-    let alert = t.render(None, &fixture("compliancelayer-alert.triggered.json"));
+    let alert = t.render(None, &fixture("compliancelayer-alert.triggered.json"), None);
     assert_eq!(
         alert.title,
         "Alert [HIGH] example.com: Security score dropped from 85 to 61"
@@ -86,7 +113,7 @@ fn every_family_has_a_default() {
         "{}",
         alert.body
     );
-    let policy = t.render(None, &fixture("scorecard-policy.published.json"));
+    let policy = t.render(None, &fixture("scorecard-policy.published.json"), None);
     assert_eq!(
         policy.title,
         "Policy published: Updated Security Policy (v2.1)"
@@ -96,7 +123,7 @@ fn every_family_has_a_default() {
         "{}",
         policy.body
     );
-    let assessment = t.render(None, &fixture("scorecard-assessment.completed.json"));
+    let assessment = t.render(None, &fixture("scorecard-assessment.completed.json"), None);
     assert_eq!(
         assessment.title,
         "Assessment completed: Q1 2025 Security Assessment (NIST Cybersecurity Framework)"
@@ -109,6 +136,7 @@ fn every_family_has_a_default() {
     let unknown = t.render(
         None,
         &event(r#"{"type": "domain.verified", "data": {"domain": "x.org"}}"#),
+        None,
     );
     assert_eq!(unknown.title, "domain.verified from cl");
     assert_eq!(unknown.body, "domain: x.org");
@@ -129,11 +157,11 @@ fn missing_fields_never_fail() {
             format!(r#"{{"type": "{ty}", "data": [1]}}"#),
             format!(r#"{{"type": "{ty}", "data": {{"grade": "Z"}}}}"#),
         ] {
-            let m = t.render(None, &event(&body));
+            let m = t.render(None, &event(&body), None);
             assert!(!m.title.is_empty(), "{body}");
         }
     }
-    let m = t.render(None, &event(r#"{"type": "scan.completed"}"#));
+    let m = t.render(None, &event(r#"{"type": "scan.completed"}"#), None);
     assert_eq!(
         m.title,
         "Scan completed: unknown domain graded ? (?/100, unknown risk)"
@@ -169,6 +197,7 @@ fn templates_from_files_relative_to_the_config() {
     let m = builder.build().render(
         Some(&id),
         &event(r#"{"type": "x", "data": {"domain": "f.com"}}"#),
+        None,
     );
     assert_eq!(
         m,
@@ -217,12 +246,12 @@ fn overrides_and_errors() {
     let e = event(
         r#"{"type": "scan.completed", "data": {"domain": "a.com", "grade": "C", "score": 1}}"#,
     );
-    assert_eq!(t.render(Some(&named), &e).title, "a.com: C");
+    assert_eq!(t.render(Some(&named), &e, None).title, "a.com: C");
     // A template that fails at run time falls back to the generic one, and says so.
-    let m = t.render(Some(&failing), &e);
+    let m = t.render(Some(&failing), &e, None);
     assert_eq!(m.title, "scan.completed from cl");
     assert!(m.fallback.unwrap().contains("inline/route w"));
-    assert_eq!(t.render(Some(&named), &e).fallback, None);
+    assert_eq!(t.render(Some(&named), &e, None).fallback, None);
 }
 
 #[test]
@@ -247,10 +276,10 @@ fn a_template_is_bounded_in_work_and_output() {
     let e = event(&body);
 
     let started = std::time::Instant::now();
-    let m = t.render(Some(&nested), &e);
+    let m = t.render(Some(&nested), &e, None);
     assert!(m.fallback.unwrap().contains("instructions"), "out of fuel");
     assert_eq!(m.title, "x.y from cl", "the generic default");
-    let m = t.render(Some(&huge), &e);
+    let m = t.render(Some(&huge), &e, None);
     assert!(m.fallback.unwrap().contains("bytes"), "output bound");
     assert!(
         started.elapsed() < std::time::Duration::from_secs(5),
@@ -258,7 +287,7 @@ fn a_template_is_bounded_in_work_and_output() {
         started.elapsed()
     );
     // The bound leaves room for an ordinary loop over a large payload.
-    let m = t.render(Some(&modest), &e);
+    let m = t.render(Some(&modest), &e, None);
     assert_eq!((m.title.as_str(), m.fallback), ("2000 items", None));
 }
 
@@ -291,7 +320,7 @@ mod props {
             let t = builder.build();
             let items: Vec<String> = (0..items).map(|i| format!("{i:0width$}")).collect();
             let body = serde_json::json!({"type": "x", "data": {"items": items}}).to_string();
-            let m = t.render(Some(&id), &event(&body));
+            let m = t.render(Some(&id), &event(&body), None);
             prop_assert!(m.title.len() + m.body.len() <= OUTPUT_LIMIT);
             if let Some(why) = &m.fallback {
                 prop_assert!(why.contains("instructions") || why.contains("bytes"), "{why}");
