@@ -2,7 +2,8 @@
 """A real SMTP server for hookroute's tests, built on aiosmtpd (Debian: python3-aiosmtpd).
 
 Saves every accepted message as JSON in --out: the envelope, whether the session used TLS and
-AUTH, and the message parsed by Python's email package (headers, text and HTML parts).
+AUTH, and the message parsed by Python's email package (headers, text and HTML parts, and
+each attachment's name, type and bytes in base64).
 Recipients at reject.invalid are refused with 550, like an unknown mailbox. Mode "echo" is a
 careless relay: plain SMTP with AUTH, whose refusal quotes the AUTH PLAIN line it was sent.
 Prints READY once it accepts connections.
@@ -38,8 +39,16 @@ class Saver:
     async def handle_DATA(self, server, session, envelope):
         message = email.message_from_bytes(envelope.original_content, policy=email.policy.default)
         parts = {}
+        attachments = []
         for part in message.walk():
-            if part.get_content_maintype() == "text":
+            if part.is_attachment():
+                data = part.get_payload(decode=True) or b""
+                attachments.append({
+                    "filename": part.get_filename(),
+                    "content_type": part.get_content_type(),
+                    "base64": base64.b64encode(data).decode("ascii"),
+                })
+            elif part.get_content_maintype() == "text":
                 parts[part.get_content_type()] = part.get_content()
         self.count += 1
         record = {
@@ -51,6 +60,7 @@ class Saver:
             "subject": str(message["subject"]),
             "text": parts.get("text/plain", ""),
             "html": parts.get("text/html", ""),
+            "attachments": attachments,
             "raw": envelope.original_content.decode("utf-8", "replace"),
         }
         path = os.path.join(self.out, f"{time.time_ns()}-{self.count}.json")

@@ -14,6 +14,7 @@ mod deploy;
 mod durability;
 mod edge;
 mod email;
+mod enrich;
 mod grouping;
 mod hostile;
 mod hostile_again;

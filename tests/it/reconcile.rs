@@ -26,6 +26,9 @@ type Canned = (u16, Vec<(&'static str, String)>);
 pub struct FakeApi {
     pub scans: Mutex<Vec<Value>>,
     pub alerts: Mutex<Vec<Value>>,
+    /// Each job's report (`/scan/jobs/:job_id/report`) and PDF, by job id.
+    pub reports: Mutex<std::collections::HashMap<String, Value>>,
+    pub pdfs: Mutex<std::collections::HashMap<String, Vec<u8>>>,
     /// Answered to the next requests, one each, before any listing.
     pub canned: Mutex<VecDeque<Canned>>,
     /// How long each answer takes.
@@ -82,6 +85,20 @@ async fn answer(
         }
         return response;
     }
+    let report = path
+        .strip_prefix("scan/jobs/")
+        .and_then(|rest| rest.strip_suffix("/report"))
+        .and_then(|job| fake.reports.lock().unwrap().get(job).cloned());
+    if let Some(report) = report {
+        return axum::Json(report).into_response();
+    }
+    let pdf = path
+        .strip_prefix("compliance/reports/")
+        .and_then(|rest| rest.strip_suffix("/pdf"))
+        .and_then(|job| fake.pdfs.lock().unwrap().get(job).cloned());
+    if let Some(pdf) = pdf {
+        return ([("content-type", "application/pdf")], pdf).into_response();
+    }
     match path.as_str() {
         "scan/history" => axum::Json(json!({"scans": *fake.scans.lock().unwrap()})).into_response(),
         "domains/alerts" => {
@@ -119,7 +136,7 @@ fn reconciling(dir: &Path, api: &str, every: &str) -> String {
 
 /// Runs the real binary's command line, off the runtime's workers (the daemon in the test
 /// needs them while `--once` waits for it).
-async fn cli(args: &[&str], config: &Path) -> (Option<i32>, String) {
+pub async fn cli(args: &[&str], config: &Path) -> (Option<i32>, String) {
     let mut command = std::process::Command::new(BIN);
     command.args(args).arg("--config").arg(config);
     let out = tokio::task::spawn_blocking(move || command.output().unwrap())
