@@ -71,6 +71,17 @@ pub fn summary(config: &Config) -> String {
         if let Some(age) = source.max_event_age {
             let _ = write!(out, " max_event_age={}", humantime::format_duration(age));
         }
+        if let Some(api) = &source.api {
+            let _ = write!(out, " api={}", api.base_url);
+            if let Some(every) = api.reconcile {
+                let _ = write!(
+                    out,
+                    " reconcile={} lookback={}",
+                    humantime::format_duration(every),
+                    humantime::format_duration(api.lookback)
+                );
+            }
+        }
         out.push('\n');
     }
     let _ = writeln!(out, "sinks:");
@@ -130,6 +141,22 @@ pub fn summary(config: &Config) -> String {
         }
         if !route.active_during.is_empty() {
             let _ = write!(out, " active_during={:?}", route.active_during);
+        }
+        if !route.enrich.is_empty() {
+            let asked: Vec<&str> = route
+                .enrich
+                .iter()
+                .map(|what| match what {
+                    crate::rules::Enrich::Report => "report",
+                    crate::rules::Enrich::Pdf => "pdf",
+                })
+                .collect();
+            let required = if route.enrich_required {
+                " (required)"
+            } else {
+                ""
+            };
+            let _ = write!(out, " enrich={}{required}", asked.join(","));
         }
         if route.continue_ {
             out.push_str(" continue");

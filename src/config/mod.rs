@@ -90,6 +90,22 @@ impl Config {
                 ));
             }
         }
+        // Enrichment fetches from the API of the event's source: a route whose sources have
+        // none would send every message without it.
+        for route in self.routing.table.routes() {
+            let enriches = !route.enrich.is_empty();
+            let reachable = self.sources.iter().any(|source| {
+                source.api.is_some()
+                    && (route.sources.is_empty() || route.sources.contains(&source.name))
+            });
+            if enriches && !reachable {
+                warnings.push(format!(
+                    "route {:?} asks for enrichment, but no source it takes has an \
+                     [sources.<name>.api] table: its messages go without",
+                    route.name
+                ));
+            }
+        }
         warnings
     }
 }

@@ -342,3 +342,65 @@ api = { key = { value = "cl_x" }, reconcile = "5s" }
         "{found:?}"
     );
 }
+
+#[test]
+fn enrichment_is_checked_and_a_route_no_api_serves_is_warned_of() {
+    let found = problems(
+        r#"
+[sources.cl]
+secret = "whsec_x"
+api = { key = { value = "cl_x" }, enrich_wait = "0s" }
+
+[sinks.log]
+type = "log"
+
+[[routes]]
+name = "failing"
+events = ["scan.completed"]
+sinks = ["log"]
+enrich = ["summary"]
+"#,
+    )
+    .join("\n");
+    assert!(
+        found.contains("sources.cl.api.enrich_wait: between 1ms and 1m"),
+        "{found}"
+    );
+    assert!(
+        found.contains("enrich"),
+        "an unknown kind is named: {found}"
+    );
+
+    let config = load_text(
+        r#"
+[sources.cl]
+secret = "whsec_x"
+
+[sources.scorecard]
+scheme = "token"
+secret = "t0ken-t0ken"
+
+[sinks.log]
+type = "log"
+
+[[routes]]
+name = "failing"
+events = ["scan.completed"]
+sinks = ["log"]
+enrich = ["report", "pdf"]
+enrich_required = true
+"#,
+    )
+    .unwrap();
+    let route = &config.routing.table.routes()[0];
+    assert_eq!(
+        route.enrich,
+        [crate::rules::Enrich::Report, crate::rules::Enrich::Pdf]
+    );
+    assert!(route.enrich_required);
+    let warnings = config.warnings().join("\n");
+    assert!(
+        warnings.contains("route \"failing\" asks for enrichment, but no source it takes"),
+        "{warnings}"
+    );
+}

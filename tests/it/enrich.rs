@@ -240,3 +240,41 @@ enrich_required = true
     assert_eq!(slack.requests().len(), 1);
     daemon.terminate();
 }
+
+/// The API answers, but slower than `enrich_wait`: the message does not wait for it longer
+/// than that, and its record says how long it waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_api_delays_a_message_no_longer_than_the_wait() {
+    let dir = tempdir();
+    let (fake, api) = FakeApi::start().await;
+    fake.reports
+        .lock()
+        .unwrap()
+        .insert("67890".into(), report());
+    *fake.delay.lock().unwrap() = Duration::from_secs(6);
+    let slack = Recorder::start().await;
+    let more = "[[routes]]\nname = \"failing\"\nevents = [\"scan.completed\"]\nsinks = [\"slack\"]\nenrich = [\"report\"]\n";
+    let daemon = Daemon::start(
+        dir.path(),
+        &enriching(dir.path(), &api, &slack.url("/hook"), more),
+    );
+    let sent = std::time::Instant::now();
+    daemon.accept_cl(&failing_scan()).await;
+    wait_jobs(&daemon, "succeeded", 1).await;
+    let took = sent.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let said = slack.requests()[0].json().to_string();
+    assert!(!said.contains("Top findings"), "{said}");
+    let note = daemon.only_job().history[0]
+        .response
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        note.contains("not enriched: report: the API did not answer within 2s"),
+        "{note}"
+    );
+    daemon.terminate();
+}

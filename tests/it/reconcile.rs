@@ -305,6 +305,8 @@ async fn what_a_webhook_brought_first_is_not_reconciled_again() {
     let (code, shown) = cli(&["deliveries", "show", &newest], &config).await;
     assert_eq!(code, Some(0), "{shown}");
     assert!(shown.contains("origin:        reconcile"), "{shown}");
+    let (_, summary) = cli(&["check-config"], &config).await;
+    assert!(summary.contains(" reconcile=1h lookback=1day"), "{summary}");
     let (_, status) = cli(&["reconcile"], &config).await;
     assert!(
         status.contains("cl: last pass") && status.contains(" ok: listed 3"),
