@@ -166,10 +166,11 @@ fn dry_run(args: &ReconcileArgs, tools: &Tools, sources: &[String]) -> anyhow::R
                 continue;
             }
         };
-        let ids: Vec<String> = events.iter().map(|e| e.delivery_id.clone()).collect();
+        let ids: Vec<String> = events.iter().map(|e| e.event.delivery_id.clone()).collect();
         let stored = tools.seen(source, &ids)?;
-        let new: Vec<_> = events
+        let new: Vec<&crate::event::Event> = events
             .iter()
+            .map(|synthesised| &synthesised.event)
             .filter(|event| !stored.contains(&event.delivery_id))
             .collect();
         if args.json {
@@ -178,7 +179,7 @@ fn dry_run(args: &ReconcileArgs, tools: &Tools, sources: &[String]) -> anyhow::R
                     "source": source,
                     "delivery_id": event.delivery_id,
                     "type": event.event_type,
-                    "body": event.body,
+                    "body": event.payload.value(),
                 });
                 writeln!(out, "{line}")?;
             }
@@ -202,8 +203,8 @@ fn dry_run(args: &ReconcileArgs, tools: &Tools, sources: &[String]) -> anyhow::R
                 "  {:<40} {:<16} {:<24} {}",
                 printable(&event.delivery_id),
                 printable(&event.event_type),
-                field(event.body["data"].get("domain")),
-                field(event.body.get("created_at")),
+                field(event.data().get("domain")),
+                field(event.payload.value().get("created_at")),
             )?;
         }
     }

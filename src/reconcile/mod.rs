@@ -89,12 +89,11 @@ impl PassError {
     }
 }
 
-/// An event a pass would synthesise: its delivery id, type and body.
-#[derive(Debug, Clone, PartialEq)]
+/// An event a pass would synthesise, and the body it was read from (what is stored).
+#[derive(Debug)]
 pub struct Synthesised {
-    pub delivery_id: String,
-    pub event_type: String,
-    pub body: serde_json::Value,
+    pub event: crate::event::Event,
+    pub body: String,
 }
 
 /// What the API lists for `source` from `lookback` before `now` on, as the events their
@@ -120,18 +119,14 @@ pub async fn synthesise(
         .filter_map(scan_completed)
         .chain(alerts.iter().filter_map(alert_triggered))
         .filter_map(|body| {
-            let event =
-                crate::event::Event::parse(source, body.to_string().as_bytes(), None, None).ok()?;
+            let body = body.to_string();
+            let event = crate::event::Event::parse(source, body.as_bytes(), None, None).ok()?;
             if let (Some(since), Some(at)) = (since, event.occurred_at)
                 && at < since
             {
                 return None;
             }
-            Some(Synthesised {
-                delivery_id: event.delivery_id,
-                event_type: event.event_type,
-                body,
-            })
+            Some(Synthesised { event, body })
         })
         .collect();
     Ok((events, listed))
@@ -156,15 +151,10 @@ pub async fn pass(
         listed,
         ..Pass::default()
     };
-    for synthesised in events {
-        let text = synthesised.body.to_string();
-        let Ok(event) = crate::event::Event::parse(source, text.as_bytes(), None, None) else {
-            continue;
-        };
-        match intake.accept(event, text.as_bytes(), now).await? {
-            Accepted::New { .. } => done
-                .reconciled
-                .push((synthesised.delivery_id, synthesised.event_type)),
+    for Synthesised { event, body } in events {
+        let about = (event.delivery_id.clone(), event.event_type.clone());
+        match intake.accept(event, body.as_bytes(), now).await? {
+            Accepted::New { .. } => done.reconciled.push(about),
             Accepted::Duplicate(_) => done.covered += 1,
         }
     }
