@@ -45,6 +45,9 @@ pub struct Plan {
     pub internal: InternalConfig,
     /// The sources' API clients, for the messages that ask for enrichment.
     pub enricher: Arc<crate::enrich::Enricher>,
+    /// Whether any route or sink asks for enrichment: when none does, an attempt looks
+    /// nothing up.
+    pub enriching: bool,
 }
 
 impl Plan {
@@ -94,6 +97,11 @@ impl Plan {
             redactor: Arc::new(Redactor::new(secrets)),
             internal: config.internal.clone(),
             enricher: Arc::new(crate::enrich::Enricher::build(config)?),
+            enriching: routes.iter().any(|route| !route.enrich.is_empty())
+                || config
+                    .sinks
+                    .iter()
+                    .any(|s| !s.spec.config().enrich().is_empty()),
         })
     }
 

@@ -15,7 +15,6 @@ use jiff::Timestamp;
 use super::DEFAULT_CONFIG;
 use super::tools::admin;
 use crate::config::{self, Config};
-use crate::store::PassRow;
 use crate::store::admin::{Access, Tools};
 use crate::text::printable;
 
@@ -109,33 +108,10 @@ fn status(args: &ReconcileArgs, tools: &Tools, sources: &[String]) -> anyhow::Re
         if args.json {
             writeln!(out, "{}", serde_json::to_string(&row)?)?;
         } else {
-            writeln!(out, "{}", said(&row))?;
+            writeln!(out, "{}", row.said())?;
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// A source's passes in a line: the last one's start, outcome and detail, the last success.
-fn said(row: &PassRow) -> String {
-    let at = |ms: Option<i64>| {
-        ms.and_then(|ms| Timestamp::from_millisecond(ms).ok())
-            .map_or_else(|| "never".to_owned(), |at| at.to_string())
-    };
-    let Some(started) = row.started_at else {
-        return format!("{}: no pass yet", printable(&row.source));
-    };
-    let state = if row.held_by.is_some() {
-        "running".to_owned()
-    } else {
-        row.outcome.clone().unwrap_or_default()
-    };
-    format!(
-        "{}: last pass {} {state}: {}; last success {}",
-        printable(&row.source),
-        at(Some(started)),
-        printable(row.detail.as_deref().unwrap_or("")),
-        at(row.last_success)
-    )
 }
 
 fn dry_run(args: &ReconcileArgs, tools: &Tools, sources: &[String]) -> anyhow::Result<ExitCode> {
@@ -250,7 +226,7 @@ fn once(args: &ReconcileArgs, mut tools: Tools, sources: &[String]) -> anyhow::R
         if args.json {
             writeln!(out, "{}", serde_json::to_string(&row)?)?;
         } else {
-            writeln!(out, "{}", said(&row))?;
+            writeln!(out, "{}", row.said())?;
         }
     }
     Ok(if ok {

@@ -236,6 +236,12 @@ async fn enrich(
     sink: &NamedSink,
     jobs: Vec<(Job, Event)>,
 ) -> Vec<(Job, Event, Enriched)> {
+    if !plan.enriching {
+        return jobs
+            .into_iter()
+            .map(|(job, event)| (job, event, Enriched::default()))
+            .collect();
+    }
     let fetches = jobs
         .iter()
         .map(|(job, event)| plan.enricher.enrich(event, plan.wanted(&job.route, sink)));

@@ -111,6 +111,32 @@ impl PassRow {
     }
 }
 
+impl PassRow {
+    /// The source's passes in a line, as `hookroute reconcile` and the status page say it:
+    /// the last one's start, outcome and detail, and the last success.
+    pub fn said(&self) -> String {
+        let at = |ms: Option<i64>| {
+            ms.and_then(|ms| Timestamp::from_millisecond(ms).ok())
+                .map_or_else(|| "never".to_owned(), |at| at.to_string())
+        };
+        let source = crate::text::printable(&self.source);
+        let Some(started) = self.started_at else {
+            return format!("{source}: no pass yet");
+        };
+        let state = if self.held_by.is_some() {
+            "running"
+        } else {
+            self.outcome.as_deref().unwrap_or_default()
+        };
+        format!(
+            "{source}: last pass {} {state}: {}; last success {}",
+            at(Some(started)),
+            crate::text::printable(self.detail.as_deref().unwrap_or("")),
+            at(self.last_success)
+        )
+    }
+}
+
 /// How a pass ended, as its row records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PassEnd {

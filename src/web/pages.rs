@@ -33,6 +33,8 @@ struct SourceLine {
     name: String,
     path: String,
     hour: SourceHour,
+    /// Its last reconcile pass, for a source that reconciles.
+    reconcile: Option<String>,
 }
 
 pub async fn overview(
@@ -44,9 +46,12 @@ pub async fn overview(
     let config = state.config.load_full();
     let configured = super::Choices::of(&config).sinks;
     let read = state
-        .read(move |tools| Ok((tools.sinks(&configured, now)?, tools.silences(false, now)?)))
+        .read(move |tools| {
+            let (sinks, silences) = (tools.sinks(&configured, now)?, tools.silences(false, now)?);
+            Ok((sinks, silences, tools.passes()?))
+        })
         .await;
-    let (sinks, silences) = match read {
+    let (sinks, silences, mut passes) = match read {
         Ok(read) => read,
         Err(unavailable) => return unavailable,
     };
@@ -65,6 +70,16 @@ pub async fn overview(
                     source: source.name.clone(),
                     ..SourceHour::default()
                 }),
+            reconcile: source.api.as_ref().and_then(|api| api.reconcile).map(|_| {
+                passes
+                    .iter()
+                    .position(|pass| pass.source == source.name)
+                    .map_or_else(
+                        || crate::store::PassRow::new(&source.name),
+                        |at| passes.swap_remove(at),
+                    )
+                    .said()
+            }),
         })
         .collect();
     let uptime = std::time::Duration::from_secs(state.started.elapsed().as_secs());

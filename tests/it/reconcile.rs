@@ -126,12 +126,16 @@ pub fn scan(job: u64, domain: &str, score: u64, grade: &str) -> Value {
 /// The standard configuration, its `cl` source reconciling every `every` with the fake at
 /// `api`; the key read from `api.key` in `dir`.
 fn reconciling(dir: &Path, api: &str, every: &str) -> String {
+    config(dir, NO_LIMITS, &reconciling_rest(dir, api, every))
+}
+
+/// [`reconciling`]'s sources, sinks and routes.
+fn reconciling_rest(dir: &Path, api: &str, every: &str) -> String {
     std::fs::write(dir.join("api.key"), API_KEY).unwrap();
-    let rest = standard_rest(dir).replace(
+    standard_rest(dir).replace(
         "[sources.cl]\n",
         &format!("[sources.cl]\napi = {{ key = {{ file = \"api.key\" }}, base_url = \"{api}\", reconcile = \"{every}\" }}\n"),
-    );
-    config(dir, NO_LIMITS, &rest)
+    )
 }
 
 /// Runs the real binary's command line, off the runtime's workers (the daemon in the test
@@ -228,7 +232,14 @@ on_both_backends!(what_a_webhook_brought_first_is_not_reconciled_again);
 async fn what_a_webhook_brought_first_is_not_reconciled_again() {
     let dir = tempdir();
     let (fake, api) = FakeApi::start().await;
-    let daemon = InProcess::start(dir.path(), &reconciling(dir.path(), &api, "1h")).await;
+    // With the status page, which says how the passes went.
+    let port = crate::web::free_port();
+    let rest = reconciling_rest(dir.path(), &api, "1h");
+    let daemon = InProcess::start(
+        dir.path(),
+        &crate::web::page_config(dir.path(), port, &rest),
+    )
+    .await;
     ready(&daemon).await;
     let _ticking = Ticking::start(&daemon.clock, Duration::from_millis(20));
     let config = dir.path().join("config.toml");

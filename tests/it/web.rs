@@ -289,7 +289,7 @@ fn the_page_configuration_is_checked() {
 }
 
 /// Logs `token` in; the session cookie and the overview's CSRF token.
-async fn session(page: &str, token: &str) -> (String, String, String) {
+pub async fn session(page: &str, token: &str) -> (String, String, String) {
     let answer = login(page, token, &[]).await;
     assert_eq!(answer.status(), 303);
     let (cookie, _) = session_cookie(answer.headers());

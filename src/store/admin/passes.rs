@@ -22,6 +22,11 @@ impl Tools {
             .unwrap_or_else(|| PassRow::new(source)))
     }
 
+    /// Every source's passes, by name.
+    pub fn passes(&self) -> Result<Vec<PassRow>, StoreError> {
+        self.backend.passes()
+    }
+
     /// Which of `ids` are stored as `source`'s delivery ids.
     pub fn seen(&self, source: &str, ids: &[String]) -> Result<Vec<String>, StoreError> {
         self.backend.seen(source, ids)
