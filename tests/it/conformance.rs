@@ -650,3 +650,117 @@ async fn a_sinks_health_is_shared_and_a_pause_keeps_the_queue_in_order() {
         "a healthy sink has no row"
     );
 }
+
+on_both_backends!(a_reconcile_pass_is_begun_once_an_interval_and_when_asked);
+
+/// Reconcile passes (`store::passes`): one at a time, once an interval whoever asks, at a
+/// task's start, and when an operator asks through the tools; a refused key holds every
+/// task that began before it until one begins afresh. The tools also say which delivery ids
+/// are stored, the merged and the just-inserted alike.
+async fn a_reconcile_pass_is_begun_once_an_interval_and_when_asked() {
+    use hookroute::store::admin::Access;
+    use hookroute::store::{Due, PassEnd, Schedule};
+    let dir = tempdir();
+    let store = store(dir.path()).await;
+    let every = Duration::from_secs(600);
+    let schedule = |since| Schedule {
+        every,
+        hold: Duration::from_secs(60),
+        since,
+    };
+    let ended = |outcome: &'static str| PassEnd {
+        ok: outcome == "ok",
+        outcome,
+        detail: format!("{outcome} pass"),
+    };
+    let first = schedule(t0());
+    assert_eq!(
+        store.begin_pass("cl", first, t0()).await.unwrap(),
+        Some(Due::Start)
+    );
+    // Running: nobody else begins one, not even a task that started since.
+    let later = schedule(after(t0(), 5));
+    assert_eq!(
+        store.begin_pass("cl", later, after(t0(), 5)).await.unwrap(),
+        None
+    );
+    store
+        .end_pass("cl", ended("ok"), after(t0(), 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .begin_pass("cl", first, after(t0(), 20))
+            .await
+            .unwrap(),
+        None
+    );
+    // A task that began after that pass did passes at once (a restart catches up).
+    let restarted = schedule(after(t0(), 30));
+    let due = store
+        .begin_pass("cl", restarted, after(t0(), 30))
+        .await
+        .unwrap();
+    assert_eq!(due, Some(Due::Start));
+    store
+        .end_pass("cl", ended("ok"), after(t0(), 31))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .begin_pass("cl", first, after(t0(), 629))
+            .await
+            .unwrap(),
+        None
+    );
+    let due = store
+        .begin_pass("cl", first, after(t0(), 630))
+        .await
+        .unwrap();
+    assert_eq!(due, Some(Due::Interval));
+    store
+        .end_pass("cl", ended("refused"), after(t0(), 631))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .begin_pass("cl", first, after(t0(), 2000))
+            .await
+            .unwrap(),
+        None,
+        "a refused key holds the passes"
+    );
+    insert(&store, "pass-stored", &["a"], after(t0(), 2000)).await;
+
+    let path = dir.path().join("hookroute.toml");
+    let row = tokio::task::spawn_blocking(move || {
+        let config = hookroute::config::load(&path).unwrap();
+        let mut tools = hookroute::store::open_admin(&config.storage, Access::Write).unwrap();
+        let row = tools.pass("cl").unwrap();
+        tools.request_pass("cl", after(t0(), 2001)).unwrap();
+        let ids = ["pass-stored".to_owned(), "never".to_owned()];
+        assert_eq!(tools.seen("cl", &ids).unwrap(), ["pass-stored"]);
+        assert!(tools.seen("other", &ids).unwrap().is_empty());
+        assert_eq!(tools.pass("nobody").unwrap().started_at, None);
+        row
+    })
+    .await
+    .unwrap();
+    assert_eq!(row.outcome.as_deref(), Some("refused"));
+    assert_eq!(row.held_by, None);
+    assert_eq!(row.last_success, Some(after(t0(), 31).as_millisecond()));
+    let due = store
+        .begin_pass("cl", first, after(t0(), 2002))
+        .await
+        .unwrap();
+    assert_eq!(due, Some(Due::Requested), "an operator's request is taken");
+    assert_eq!(
+        store
+            .begin_pass("cl", first, after(t0(), 2003))
+            .await
+            .unwrap(),
+        None,
+        "once"
+    );
+    store.close().await;
+}
