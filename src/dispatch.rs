@@ -51,11 +51,20 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Builds every sink's client.
+    /// Builds every sink's client, and the sources' API clients.
     ///
     /// # Errors
     /// The first sink that cannot be built, and why.
     pub fn build(config: &Config) -> Result<Self, String> {
+        Self::rebuild(config, None)
+    }
+
+    /// As [`Plan::build`], for a reload: the API clients of sources whose settings did not
+    /// change are `previous`'s, with what they fetched and what the API said of its limits.
+    ///
+    /// # Errors
+    /// As [`Plan::build`].
+    pub fn rebuild(config: &Config, previous: Option<&Self>) -> Result<Self, String> {
         let routes = config.routing.table.routes();
         let mut sinks = HashMap::new();
         let mut secrets: Vec<String> = config
@@ -96,7 +105,10 @@ impl Plan {
             sinks,
             redactor: Arc::new(Redactor::new(secrets)),
             internal: config.internal.clone(),
-            enricher: Arc::new(crate::enrich::Enricher::build(config)?),
+            enricher: Arc::new(crate::enrich::Enricher::build(
+                config,
+                previous.map(|previous| &*previous.enricher),
+            )?),
             enriching: routes.iter().any(|route| !route.enrich.is_empty())
                 || config
                     .sinks

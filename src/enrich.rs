@@ -20,6 +20,7 @@ use tokio::sync::OnceCell;
 
 use crate::api::{Api, ApiError};
 use crate::config::Config;
+use crate::config::api::ApiConfig;
 use crate::event::Event;
 use crate::rules::Enrich;
 use crate::sinks::Attachment;
@@ -76,31 +77,40 @@ pub struct Enricher {
 }
 
 struct Source {
-    api: Api,
-    wait: Duration,
-    pdf_max_bytes: usize,
+    /// What it was built from: a reload that leaves it unchanged keeps the source (its
+    /// client, so what the API said of its limits, and what was fetched).
+    settings: ApiConfig,
+    api: Arc<Api>,
     reports: Kept<Value>,
     pdfs: Kept<Arc<[u8]>>,
 }
 
 impl Enricher {
-    /// A client for each source of `config` with an API (and its key).
+    /// A client for each source of `config` with an API (and its key); those of `previous`
+    /// whose settings are unchanged are kept, with what they fetched and what the API said
+    /// of its limits.
     ///
     /// # Errors
     /// A client that cannot be built, and why.
-    pub fn build(config: &Config) -> Result<Self, String> {
+    pub fn build(config: &Config, previous: Option<&Self>) -> Result<Self, String> {
         let mut sources = HashMap::new();
         for source in &config.sources {
             let Some(settings) = &source.api else {
                 continue;
             };
+            let kept = previous
+                .and_then(|previous| previous.sources.get(&source.name))
+                .filter(|kept| kept.settings == *settings);
+            if let Some(kept) = kept {
+                sources.insert(source.name.clone(), Arc::clone(kept));
+                continue;
+            }
             let api =
                 Api::new(settings).map_err(|err| format!("sources.{}.api: {err}", source.name))?;
             if let Some(api) = api {
                 let fetched = Source {
-                    api,
-                    wait: settings.enrich_wait,
-                    pdf_max_bytes: settings.pdf_max_bytes,
+                    settings: settings.clone(),
+                    api: Arc::new(api),
                     reports: Kept::default(),
                     pdfs: Kept::default(),
                 };
@@ -108,6 +118,14 @@ impl Enricher {
             }
         }
         Ok(Self { sources })
+    }
+
+    /// The client of `source`'s API, shared by enrichment and reconciling: a 429 either
+    /// meets quiets both.
+    pub fn api(&self, source: &str) -> Option<Arc<Api>> {
+        self.sources
+            .get(source)
+            .map(|source| Arc::clone(&source.api))
     }
 
     /// Fetches what `wanted` asks for about `event`'s scan, each within the source's wait.
@@ -144,7 +162,9 @@ impl Enricher {
         if wanted.report {
             let fetched = source
                 .reports
-                .get(&job, source.wait, || source.api.report(&job))
+                .get(&job, source.settings.enrich_wait, || {
+                    source.api.report(&job)
+                })
                 .await;
             match fetched {
                 Ok(report) => enriched.report = Some(summary(&report)),
@@ -154,8 +174,8 @@ impl Enricher {
         if wanted.attach {
             let fetched = source
                 .pdfs
-                .get(&job, source.wait, || async {
-                    let pdf = source.api.pdf(&job, source.pdf_max_bytes).await?;
+                .get(&job, source.settings.enrich_wait, || async {
+                    let pdf = source.api.pdf(&job, source.settings.pdf_max_bytes).await?;
                     if !pdf.starts_with(b"%PDF-") {
                         return Err(ApiError::Shape("the PDF report is not a PDF".to_owned()));
                     }
@@ -378,6 +398,29 @@ mod tests {
         let bare = super::summary(&json!({"weird": true}));
         assert_eq!(bare["top"], json!([]));
         assert_eq!(bare["link"], Value::Null);
+    }
+
+    #[test]
+    fn a_reload_keeps_a_sources_client_while_its_settings_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let load = |base: &str| {
+            let text = format!(
+                "[sources.cl]\nsecret = \"whsec_x\"\napi = {{ key = {{ value = \"cl_x\" }}, base_url = \"{base}\" }}\n"
+            );
+            std::fs::write(&path, text).unwrap();
+            crate::config::load(&path).unwrap()
+        };
+        let first = Enricher::build(&load("http://127.0.0.1:9/v1"), None).unwrap();
+        let same = Enricher::build(&load("http://127.0.0.1:9/v1"), Some(&first)).unwrap();
+        let (a, b) = (first.api("cl").unwrap(), same.api("cl").unwrap());
+        assert!(Arc::ptr_eq(&a, &b), "unchanged: the same client");
+        let moved = Enricher::build(&load("http://127.0.0.1:10/v1"), Some(&same)).unwrap();
+        assert!(
+            !Arc::ptr_eq(&b, &moved.api("cl").unwrap()),
+            "changed: a new one"
+        );
+        assert!(moved.api("other").is_none());
     }
 
     #[test]

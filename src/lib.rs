@@ -152,6 +152,7 @@ pub async fn run_with_clock(
         &config,
         reconcile::Context {
             intake: app.intake(),
+            plan: Arc::clone(&plan),
             store: store.clone(),
             clock: Arc::clone(&clock),
             metrics: Arc::clone(&metrics),
@@ -414,11 +415,12 @@ async fn reload_on_hangup(
         // blocking work, and however long it takes, requests, /healthz and a SIGTERM go on.
         let running = live.load_full();
         let file = running.file.clone();
+        let previous = plan.load_full();
         let loading = tokio::task::spawn_blocking(move || {
             config::load(&file)
                 .map_err(|e| e.to_string())
                 .and_then(|new| {
-                    let plan = Plan::build(&new)?;
+                    let plan = Plan::rebuild(&new, Some(&previous))?;
                     Ok((new, plan))
                 })
         });
@@ -444,10 +446,11 @@ async fn reload_on_hangup(
                     tracing::warn!("{warning}");
                 }
                 app.reload(&new);
-                reconcilers.reload(&new);
                 metrics.config_loaded(true, clock.now());
                 configure_metrics(&metrics, &new);
                 plan.store(Arc::new(new_plan));
+                // After the plan: the tasks take its API clients.
+                reconcilers.reload(&new);
                 let (sources, sinks, routes) = (
                     new.sources.len(),
                     new.sinks.len(),

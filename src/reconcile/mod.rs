@@ -165,6 +165,8 @@ pub async fn pass(
 #[derive(Clone)]
 pub struct Context {
     pub intake: Intake,
+    /// Whose API clients the tasks use: one per source, shared with enrichment.
+    pub plan: Arc<arc_swap::ArcSwap<crate::dispatch::Plan>>,
     pub store: Store,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
@@ -226,13 +228,9 @@ impl Reconcilers {
             if tasks.contains_key(name) {
                 continue;
             }
-            let api = match Api::new(settings) {
-                Ok(Some(api)) => api,
-                Ok(None) => continue,
-                Err(err) => {
-                    tracing::error!(source = name, error = %err, "cannot reconcile");
-                    continue;
-                }
+            // The plan's client, shared with enrichment (the plan was built with this config).
+            let Some(api) = self.context.plan.load().enricher.api(name) else {
+                continue;
             };
             let stop = self.context.stop.child_token();
             let refused = Arc::new(AtomicBool::new(false));
@@ -270,7 +268,7 @@ impl Reconcilers {
 ///
 /// [`PassRow::due`]: crate::store::PassRow::due
 async fn run(
-    api: Api,
+    api: Arc<Api>,
     (source, settings): (String, ApiConfig),
     (cx, refused): (Context, Arc<AtomicBool>),
     stop: CancellationToken,

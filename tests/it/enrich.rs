@@ -278,3 +278,54 @@ async fn a_slow_api_delays_a_message_no_longer_than_the_wait() {
     );
     daemon.terminate();
 }
+
+/// One client per source for enrichment and reconciling: a 429 that a report's fetch met
+/// keeps a reconcile pass asked for meanwhile from asking the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_met_by_enrichment_quiets_reconciling_too() {
+    let dir = tempdir();
+    let (fake, api) = FakeApi::start().await;
+    fake.reports
+        .lock()
+        .unwrap()
+        .insert("67890".into(), report());
+    let slack = Recorder::start().await;
+    let more = "[[routes]]\nname = \"failing\"\nevents = [\"scan.completed\"]\nsinks = [\"slack\"]\nenrich = [\"report\"]\n";
+    let text = enriching(dir.path(), &api, &slack.url("/hook"), more).replace(
+        "enrich_wait = \"2s\" }",
+        "enrich_wait = \"2s\", reconcile = \"1h\" }",
+    );
+    let daemon = InProcess::start(dir.path(), &text).await;
+    ready(&daemon).await;
+    let _ticking = Ticking::start(&daemon.clock, Duration::from_millis(20));
+    eventually(|| {
+        let asked = fake.requests();
+        (asked == 2)
+            .then_some(())
+            .ok_or(format!("{asked} requests"))
+    })
+    .await;
+
+    fake.canned
+        .lock()
+        .unwrap()
+        .push_back((429, vec![("retry-after", "3600".to_owned())]));
+    daemon.accept_cl(&failing_scan()).await;
+    wait_jobs(&daemon, "succeeded", 1).await;
+    let note = daemon.only_job().history[0]
+        .response
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        note.contains("not enriched: report: rate limited by the API: retry in 1h"),
+        "{note}"
+    );
+    assert_eq!(fake.requests(), 3);
+
+    let config = dir.path().join("config.toml");
+    let (code, said) = crate::reconcile::cli(&["reconcile", "--once"], &config).await;
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("rate_limited"), "{said}");
+    assert_eq!(fake.requests(), 3, "{:?}", fake.asked.lock().unwrap());
+    daemon.stop().await;
+}
