@@ -68,6 +68,10 @@ pub struct Enriched {
     pub attachments: Vec<Attachment>,
     /// Why something asked for is missing: the job's record says "not enriched: …".
     pub missing: Option<String>,
+    /// Whether a later attempt may get what is missing (the API was down, slow, limited),
+    /// as opposed to what no retry changes (no API table, no job, a refused key): only then
+    /// does `enrich_required` fail the attempt.
+    pub retry: bool,
 }
 
 /// The API clients of the sources that have one, with what they fetched.
@@ -144,18 +148,22 @@ impl Enricher {
             missing: Some(why),
             ..Enriched::default()
         };
-        let Some(source) = self.sources.get(&event.source) else {
-            return missing(format!(
-                "source {:?} has no API table to fetch from",
-                event.source
-            ));
-        };
         let Some(job) = event
             .data()
             .get("job_id")
             .and_then(crate::event::payload_id)
         else {
+            // Many alerts (a certificate about to expire) are about no scan: nothing to fetch.
+            if event.event_type == "alert.triggered" {
+                return Enriched::default();
+            }
             return missing("the event names no scan job (data.job_id)".to_owned());
+        };
+        let Some(source) = self.sources.get(&event.source) else {
+            return missing(format!(
+                "source {:?} has no API table to fetch from",
+                event.source
+            ));
         };
         let mut enriched = Enriched::default();
         let mut reasons = Vec::new();
@@ -168,7 +176,10 @@ impl Enricher {
                 .await;
             match fetched {
                 Ok(report) => enriched.report = Some(summary(&report)),
-                Err(why) => reasons.push(format!("report: {why}")),
+                Err((why, retry)) => {
+                    reasons.push(format!("report: {why}"));
+                    enriched.retry |= retry;
+                }
             }
         }
         if wanted.attach {
@@ -188,7 +199,10 @@ impl Enricher {
                     content_type: "application/pdf",
                     bytes,
                 }),
-                Err(why) => reasons.push(format!("PDF: {why}")),
+                Err((why, retry)) => {
+                    reasons.push(format!("PDF: {why}"));
+                    enriched.retry |= retry;
+                }
             }
         }
         if !reasons.is_empty() {
@@ -230,8 +244,9 @@ impl<T> Default for Kept<T> {
 }
 
 impl<T: Clone> Kept<T> {
-    /// The value kept for `job`, or `fetch`'s, within `wait`.
-    async fn get<F, Fut>(&self, job: &str, wait: Duration, fetch: F) -> Result<T, String>
+    /// The value kept for `job`, or `fetch`'s, within `wait`; else why not, and whether a
+    /// later try may do better.
+    async fn get<F, Fut>(&self, job: &str, wait: Duration, fetch: F) -> Result<T, (String, bool)>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<T, ApiError>>,
@@ -259,10 +274,13 @@ impl<T: Clone> Kept<T> {
         };
         match tokio::time::timeout(wait, cell.get_or_try_init(fetch)).await {
             Ok(Ok(value)) => Ok(value.clone()),
-            Ok(Err(err)) => Err(err.to_string()),
-            Err(_) => Err(format!(
-                "the API did not answer within {}",
-                humantime::format_duration(wait)
+            Ok(Err(err)) => Err((err.to_string(), err.is_transient())),
+            Err(_) => Err((
+                format!(
+                    "the API did not answer within {}",
+                    humantime::format_duration(wait)
+                ),
+                true,
             )),
         }
     }
@@ -398,6 +416,36 @@ mod tests {
         let bare = super::summary(&json!({"weird": true}));
         assert_eq!(bare["top"], json!([]));
         assert_eq!(bare["link"], Value::Null);
+    }
+
+    #[tokio::test]
+    async fn what_no_retry_can_fetch_is_said_and_not_retried() {
+        let parse = |body: serde_json::Value| {
+            Event::parse("cl", body.to_string().as_bytes(), None, None).unwrap()
+        };
+        let none = Enricher::default();
+        let wanted = Wanted::of(&[Enrich::Report], "slack", true);
+        let alert = parse(
+            json!({"id": "a", "type": "alert.triggered", "data": {"alert_type": "ssl_expiry"}}),
+        );
+        assert_eq!(
+            none.enrich(&alert, wanted).await,
+            Enriched::default(),
+            "nothing to fetch"
+        );
+        let scan = parse(json!({"id": "s", "type": "scan.completed", "data": {"domain": "x"}}));
+        let said = none.enrich(&scan, wanted).await;
+        assert_eq!(
+            said.missing.as_deref(),
+            Some("the event names no scan job (data.job_id)")
+        );
+        assert!(!said.retry);
+        let scan = parse(json!({"id": "s", "type": "scan.completed", "data": {"job_id": 7}}));
+        let said = none.enrich(&scan, wanted).await;
+        assert!(said.missing.unwrap().contains("has no API table"));
+        assert!(!said.retry);
+        let policy = parse(json!({"event": "policy.published", "data": {"job_id": 7}}));
+        assert_eq!(none.enrich(&policy, wanted).await, Enriched::default());
     }
 
     #[test]

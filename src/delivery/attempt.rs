@@ -74,10 +74,10 @@ pub(super) async fn attempt(
     // outcome does), not the others: they are still attempted.
     let set_aside = quiet.is_empty() || set_aside(store, &sink.name, quiet, started).await;
     let mut live = enrich(plan, sink, live).await;
-    // What could not be enriched when its route requires it is not sent: it fails, to be
-    // retried with its job.
+    // What could not be enriched, when its route requires it and a retry may do better, is
+    // not sent: it fails, to be retried with its job.
     live.retain(|(job, event, enriched)| match &enriched.missing {
-        Some(why) if plan.wanted(&job.route, sink).required => {
+        Some(why) if enriched.retry && plan.wanted(&job.route, sink).required => {
             let error = format!("not enriched: {why}");
             let refused = SinkError::transient(error);
             let outcome = retry::decide(
