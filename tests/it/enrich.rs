@@ -59,6 +59,19 @@ delivery = {{ retry = {{ base = "1h" }} }}
     config(dir, NO_LIMITS, &rest)
 }
 
+/// The fake API, with job 67890's report.
+async fn api_with_report() -> (std::sync::Arc<FakeApi>, String) {
+    let (fake, api) = FakeApi::start().await;
+    fake.reports
+        .lock()
+        .unwrap()
+        .insert("67890".into(), report());
+    (fake, api)
+}
+
+/// Scans to the Slack sink, enriched with their report.
+const FAILING_TO_SLACK: &str = "[[routes]]\nname = \"failing\"\nevents = [\"scan.completed\"]\nsinks = [\"slack\"]\nenrich = [\"report\"]\n";
+
 /// A failing scan of job 67890, as its webhook says it.
 fn failing_scan() -> Vec<u8> {
     json!({
@@ -77,11 +90,7 @@ on_both_backends!(a_failing_scans_messages_carry_its_top_findings_and_the_pdf);
 /// the API is asked for its report and its PDF once each.
 async fn a_failing_scans_messages_carry_its_top_findings_and_the_pdf() {
     let dir = tempdir();
-    let (fake, api) = FakeApi::start().await;
-    fake.reports
-        .lock()
-        .unwrap()
-        .insert("67890".into(), report());
+    let (fake, api) = api_with_report().await;
     fake.pdfs
         .lock()
         .unwrap()
@@ -246,17 +255,12 @@ enrich_required = true
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_api_delays_a_message_no_longer_than_the_wait() {
     let dir = tempdir();
-    let (fake, api) = FakeApi::start().await;
-    fake.reports
-        .lock()
-        .unwrap()
-        .insert("67890".into(), report());
+    let (fake, api) = api_with_report().await;
     *fake.delay.lock().unwrap() = Duration::from_secs(6);
     let slack = Recorder::start().await;
-    let more = "[[routes]]\nname = \"failing\"\nevents = [\"scan.completed\"]\nsinks = [\"slack\"]\nenrich = [\"report\"]\n";
     let daemon = Daemon::start(
         dir.path(),
-        &enriching(dir.path(), &api, &slack.url("/hook"), more),
+        &enriching(dir.path(), &api, &slack.url("/hook"), FAILING_TO_SLACK),
     );
     let sent = std::time::Instant::now();
     daemon.accept_cl(&failing_scan()).await;
@@ -284,14 +288,9 @@ async fn a_slow_api_delays_a_message_no_longer_than_the_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_met_by_enrichment_quiets_reconciling_too() {
     let dir = tempdir();
-    let (fake, api) = FakeApi::start().await;
-    fake.reports
-        .lock()
-        .unwrap()
-        .insert("67890".into(), report());
+    let (fake, api) = api_with_report().await;
     let slack = Recorder::start().await;
-    let more = "[[routes]]\nname = \"failing\"\nevents = [\"scan.completed\"]\nsinks = [\"slack\"]\nenrich = [\"report\"]\n";
-    let text = enriching(dir.path(), &api, &slack.url("/hook"), more).replace(
+    let text = enriching(dir.path(), &api, &slack.url("/hook"), FAILING_TO_SLACK).replace(
         "enrich_wait = \"2s\" }",
         "enrich_wait = \"2s\", reconcile = \"1h\" }",
     );
