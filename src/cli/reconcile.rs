@@ -128,12 +128,8 @@ fn dry_run(args: &ReconcileArgs, tools: &Tools, sources: &[String]) -> anyhow::R
             .and_then(|s| s.api.clone())
             .context("the source lost its api table")?;
         let api = crate::api::Api::new(&settings)?.context("the API key was not read")?;
-        let listed = runtime.block_on(crate::reconcile::synthesise(
-            &api,
-            source,
-            settings.lookback,
-            Timestamp::now(),
-        ));
+        let since = tools.pass_since(source, settings.lookback, Timestamp::now())?;
+        let listed = runtime.block_on(crate::reconcile::synthesise(&api, source, since));
         let (events, count) = match listed {
             Ok(listed) => listed,
             Err(err) => {

@@ -105,12 +105,8 @@ pub struct Synthesised {
 pub async fn synthesise(
     api: &Api,
     source: &str,
-    lookback: Duration,
-    now: Timestamp,
+    since: Option<Timestamp>,
 ) -> Result<(Vec<Synthesised>, usize), ApiError> {
-    let since = jiff::SignedDuration::try_from(lookback)
-        .ok()
-        .and_then(|lookback| now.checked_sub(lookback).ok());
     let scans = api.history().await?;
     let alerts = api.alerts().await?;
     let listed = scans.len() + alerts.len();
@@ -143,10 +139,10 @@ pub async fn pass(
     api: &Api,
     source: &str,
     intake: &Intake,
-    lookback: Duration,
+    since: Option<Timestamp>,
     now: Timestamp,
 ) -> Result<Pass, PassError> {
-    let (events, listed) = synthesise(api, source, lookback, now).await?;
+    let (events, listed) = synthesise(api, source, since).await?;
     let mut done = Pass {
         listed,
         ..Pass::default()
@@ -281,9 +277,18 @@ async fn run(
     };
     loop {
         match cx.store.begin_pass(&source, schedule, cx.clock.now()).await {
-            Ok(Some(due)) => {
-                tracing::debug!(source, ?due, "reconcile pass begins");
-                let ok = turn(&api, &source, settings.lookback, &cx).await;
+            Ok(Some(begun)) => {
+                tracing::debug!(source, ?begun, "reconcile pass begins");
+                let floor = if begun.first {
+                    cx.store.newest_seen(&source).await.unwrap_or_else(|err| {
+                        tracing::warn!(source, error = %err, "cannot read the newest delivery stored; the first pass looks back its whole lookback");
+                        None
+                    })
+                } else {
+                    None
+                };
+                let since = crate::store::passes::since(settings.lookback, cx.clock.now(), floor);
+                let ok = turn(&api, &source, since, &cx).await;
                 refused.store(!ok, Ordering::Relaxed);
             }
             Ok(None) => {}
@@ -300,8 +305,8 @@ async fn run(
 
 /// One pass begun by this daemon, recorded, counted and logged; false when the key was
 /// refused.
-async fn turn(api: &Api, source: &str, lookback: Duration, cx: &Context) -> bool {
-    let result = pass(api, source, &cx.intake, lookback, cx.clock.now()).await;
+async fn turn(api: &Api, source: &str, since: Option<Timestamp>, cx: &Context) -> bool {
+    let result = pass(api, source, &cx.intake, since, cx.clock.now()).await;
     let now = cx.clock.now();
     let end = match &result {
         Ok(done) => {

@@ -37,7 +37,7 @@ use crate::config::{Backend, StorageConfig};
 use crate::event::Event;
 use crate::metrics::SinkQueue;
 pub use gather::{Gather, GroupTo, digest_due};
-pub use passes::{Due, PassEnd, PassRow, Schedule};
+pub use passes::{Begun, Due, PassEnd, PassRow, Schedule};
 pub use silences::{Matchers, NewSilence, Quiet, Silence, SilenceState};
 pub use sinks::{Pause, SinkChange, SinkChanged, SinkState, Streak};
 pub use status::JobStatus;
@@ -437,7 +437,14 @@ pub trait Storage: Send + Sync {
         source: &str,
         schedule: Schedule,
         now: Timestamp,
-    ) -> Result<Option<Due>, StoreError>;
+    ) -> Result<Option<Begun>, StoreError>;
+
+    /// When the newest delivery stored from `source` (within the dedupe retention) was
+    /// received: how far a source's first reconcile pass looks back.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database error.
+    async fn newest_seen(&self, source: &str) -> Result<Option<Timestamp>, StoreError>;
 
     /// Records how this daemon's pass of `source` ended at `now`, letting go of it.
     ///

@@ -47,6 +47,14 @@ pub struct Schedule {
     pub since: Timestamp,
 }
 
+/// A pass begun: why, and whether the source never had a successful one (its first then
+/// looks back no further than the newest delivery stored from it: see `crate::reconcile`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Begun {
+    pub due: Due,
+    pub first: bool,
+}
+
 /// Why a pass is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -101,6 +109,14 @@ impl PassRow {
         }
     }
 
+    /// What beginning a pass that is `due` on this row means.
+    pub fn begun_for(&self, due: Due) -> Begun {
+        Begun {
+            due,
+            first: self.last_success.is_none(),
+        }
+    }
+
     /// The row once `by` began a pass at `now`: it answers any request made before (the
     /// request is taken, not compared by time, so hosts' clocks never matter).
     pub fn begun(mut self, by: i64, now: Timestamp) -> Self {
@@ -135,6 +151,17 @@ impl PassRow {
             at(self.last_success)
         )
     }
+}
+
+/// How far back a pass looks at `now`: `lookback`, and for a source's first successful pass
+/// no further than `floor`, the newest delivery stored from it. Webhooks stored before the
+/// source had an API were keyed by their payload id, not their job, so a first pass cannot
+/// match them; what came after the newest of them is what was missed.
+pub fn since(lookback: Duration, now: Timestamp, floor: Option<Timestamp>) -> Option<Timestamp> {
+    let back = jiff::SignedDuration::try_from(lookback)
+        .ok()
+        .and_then(|lookback| now.checked_sub(lookback).ok());
+    back.max(floor)
 }
 
 /// How a pass ended, as its row records it.
@@ -215,6 +242,31 @@ mod tests {
             ..refused
         };
         assert_eq!(asked.due(&schedule(0), at(now)), Some(Due::Requested));
+    }
+
+    #[test]
+    fn a_first_pass_looks_no_further_back_than_the_newest_delivery() {
+        let now = at(100 * MINUTE);
+        let day = Duration::from_secs(24 * 3600);
+        let back = at(100 * MINUTE - 24 * 60 * MINUTE);
+        assert_eq!(since(day, now, None), Some(back));
+        assert_eq!(
+            since(day, now, Some(at(90 * MINUTE))),
+            Some(at(90 * MINUTE))
+        );
+        let older = at(100 * MINUTE - 30 * 60 * MINUTE);
+        assert_eq!(
+            since(day, now, Some(older)),
+            Some(back),
+            "the lookback still bounds it"
+        );
+        let row = PassRow::new("cl");
+        assert!(row.begun_for(Due::Start).first);
+        let succeeded = PassRow {
+            last_success: Some(1),
+            ..row
+        };
+        assert!(!succeeded.begun_for(Due::Interval).first);
     }
 
     #[test]

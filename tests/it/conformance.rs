@@ -659,7 +659,7 @@ on_both_backends!(a_reconcile_pass_is_begun_once_an_interval_and_when_asked);
 /// are stored, the merged and the just-inserted alike.
 async fn a_reconcile_pass_is_begun_once_an_interval_and_when_asked() {
     use hookroute::store::admin::Access;
-    use hookroute::store::{Due, PassEnd, Schedule};
+    use hookroute::store::{Begun, Due, PassEnd, Schedule};
     let dir = tempdir();
     let store = store(dir.path()).await;
     let every = Duration::from_secs(600);
@@ -674,14 +674,24 @@ async fn a_reconcile_pass_is_begun_once_an_interval_and_when_asked() {
         detail: format!("{outcome} pass"),
     };
     let first = schedule(t0());
+    // The source never had a successful pass: its first looks back no further than its
+    // newest delivery.
+    let begun = store.begin_pass("cl", first, t0()).await.unwrap();
     assert_eq!(
-        store.begin_pass("cl", first, t0()).await.unwrap(),
-        Some(Due::Start)
+        begun,
+        Some(Begun {
+            due: Due::Start,
+            first: true
+        })
     );
     // Running: nobody else begins one, not even a task that started since.
     let later = schedule(after(t0(), 5));
     assert_eq!(
-        store.begin_pass("cl", later, after(t0(), 5)).await.unwrap(),
+        store
+            .begin_pass("cl", later, after(t0(), 5))
+            .await
+            .unwrap()
+            .map(|b| b.due),
         None
     );
     store
@@ -692,16 +702,23 @@ async fn a_reconcile_pass_is_begun_once_an_interval_and_when_asked() {
         store
             .begin_pass("cl", first, after(t0(), 20))
             .await
-            .unwrap(),
+            .unwrap()
+            .map(|b| b.due),
         None
     );
     // A task that began after that pass did passes at once (a restart catches up).
     let restarted = schedule(after(t0(), 30));
-    let due = store
+    let begun = store
         .begin_pass("cl", restarted, after(t0(), 30))
         .await
         .unwrap();
-    assert_eq!(due, Some(Due::Start));
+    assert_eq!(
+        begun,
+        Some(Begun {
+            due: Due::Start,
+            first: false
+        })
+    );
     store
         .end_pass("cl", ended("ok"), after(t0(), 31))
         .await
@@ -710,13 +727,15 @@ async fn a_reconcile_pass_is_begun_once_an_interval_and_when_asked() {
         store
             .begin_pass("cl", first, after(t0(), 629))
             .await
-            .unwrap(),
+            .unwrap()
+            .map(|b| b.due),
         None
     );
     let due = store
         .begin_pass("cl", first, after(t0(), 630))
         .await
-        .unwrap();
+        .unwrap()
+        .map(|b| b.due);
     assert_eq!(due, Some(Due::Interval));
     store
         .end_pass("cl", ended("refused"), after(t0(), 631))
@@ -726,11 +745,19 @@ async fn a_reconcile_pass_is_begun_once_an_interval_and_when_asked() {
         store
             .begin_pass("cl", first, after(t0(), 2000))
             .await
-            .unwrap(),
+            .unwrap()
+            .map(|b| b.due),
         None,
         "a refused key holds the passes"
     );
+    assert_eq!(store.newest_seen("cl").await.unwrap(), None);
     insert(&store, "pass-stored", &["a"], after(t0(), 2000)).await;
+    assert_eq!(
+        store.newest_seen("cl").await.unwrap(),
+        Some(after(t0(), 2000)),
+        "the newest delivery stored, merged or not"
+    );
+    assert_eq!(store.newest_seen("other").await.unwrap(), None);
 
     let path = dir.path().join("hookroute.toml");
     let row = tokio::task::spawn_blocking(move || {
@@ -752,13 +779,15 @@ async fn a_reconcile_pass_is_begun_once_an_interval_and_when_asked() {
     let due = store
         .begin_pass("cl", first, after(t0(), 2002))
         .await
-        .unwrap();
+        .unwrap()
+        .map(|b| b.due);
     assert_eq!(due, Some(Due::Requested), "an operator's request is taken");
     assert_eq!(
         store
             .begin_pass("cl", first, after(t0(), 2003))
             .await
-            .unwrap(),
+            .unwrap()
+            .map(|b| b.due),
         None,
         "once"
     );

@@ -533,3 +533,62 @@ async fn one_replica_reconciles_at_a_time() {
         daemon.stop().await;
     }
 }
+
+on_both_backends!(turning_reconciling_on_delivers_only_what_came_after_the_last_webhook);
+/// A source received webhooks before it had an API (stored under their payload ids). With
+/// its API configured, the first pass does not deliver those scans again: it reconciles only
+/// what completed after the newest delivery stored from it.
+async fn turning_reconciling_on_delivers_only_what_came_after_the_last_webhook() {
+    let dir = tempdir();
+    let daemon = InProcess::start(
+        dir.path(),
+        &config(dir.path(), NO_LIMITS, &standard_rest(dir.path())),
+    )
+    .await;
+    ready(&daemon).await;
+    let earlier = jiff::Timestamp::now() - jiff::SignedDuration::from_mins(10);
+    for job in [6001, 6002] {
+        let webhook = json!({
+            "id": format!("550e8400-e29b-41d4-a716-44665544{job}"), "type": "scan.completed",
+            "created_at": earlier.to_string(),
+            "data": {"job_id": job, "domain": "old.example", "grade": "B"}
+        });
+        daemon.accept_cl(webhook.to_string().as_bytes()).await;
+    }
+    daemon.stop().await;
+
+    let (fake, api) = FakeApi::start().await;
+    let completed = |job: u64, at: jiff::Timestamp| {
+        json!({"job_id": job, "status": "completed", "domain": "old.example", "grade": "B",
+               "completed_at": at.to_string()})
+    };
+    *fake.scans.lock().unwrap() = vec![
+        completed(6001, earlier),
+        completed(6002, earlier),
+        completed(
+            6003,
+            jiff::Timestamp::now() + jiff::SignedDuration::from_secs(1),
+        ),
+    ];
+    let daemon = InProcess::start(dir.path(), &reconciling(dir.path(), &api, "1m")).await;
+    ready(&daemon).await;
+    let _ticking = Ticking::start(&daemon.clock, Duration::from_millis(20));
+    wait_lines(&dir.path().join("events.jsonl"), 3).await;
+    eventually(|| {
+        let row = daemon.tools(|tools| tools.pass("cl").unwrap());
+        (row.outcome.as_deref() == Some("ok"))
+            .then_some(())
+            .ok_or(format!("{row:?}"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines = read_lines(&dir.path().join("events.jsonl"));
+    let reconciled: Vec<&str> = lines
+        .iter()
+        .filter(|line| line["payload"]["origin"] == "reconcile")
+        .map(|line| line["delivery_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(reconciled, ["job:6003"]);
+    assert_eq!(daemon.event_count(), 3);
+    daemon.stop().await;
+}

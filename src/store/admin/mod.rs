@@ -318,6 +318,10 @@ pub trait AdminBackend: Send {
 
     /// Which of `ids` are stored as `source`'s delivery ids (a dedupe lookup each).
     fn seen(&self, source: &str, ids: &[String]) -> Result<Vec<String>, StoreError>;
+
+    /// When the newest delivery from `source` was received (unix milliseconds), as
+    /// [`Storage::newest_seen`](super::Storage::newest_seen) says.
+    fn newest_seen(&self, source: &str) -> Result<Option<i64>, StoreError>;
 }
 
 /// How many events (or rows of a status) a batch reads at a time.

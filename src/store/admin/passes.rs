@@ -27,6 +27,22 @@ impl Tools {
         self.backend.passes()
     }
 
+    /// How far back `source`'s next pass looks at `now` (see [`crate::store::passes::since`]):
+    /// its first successful one no further than the newest delivery stored from it.
+    pub fn pass_since(
+        &self,
+        source: &str,
+        lookback: std::time::Duration,
+        now: Timestamp,
+    ) -> Result<Option<Timestamp>, StoreError> {
+        let floor = if self.pass(source)?.last_success.is_none() {
+            self.backend.newest_seen(source)?.map(crate::store::from_ms)
+        } else {
+            None
+        };
+        Ok(crate::store::passes::since(lookback, now, floor))
+    }
+
     /// Which of `ids` are stored as `source`'s delivery ids.
     pub fn seen(&self, source: &str, ids: &[String]) -> Result<Vec<String>, StoreError> {
         self.backend.seen(source, ids)

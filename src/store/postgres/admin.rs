@@ -589,6 +589,10 @@ impl AdminBackend for Admin {
         self.run(async |conn| super::passes::seen(&mut *conn, source, ids).await)
     }
 
+    fn newest_seen(&self, source: &str) -> Result<Option<i64>, StoreError> {
+        self.run(async |conn| super::passes::newest_seen(&mut *conn, source).await)
+    }
+
     fn retry_dead(&self, job_id: Option<i64>, now: Timestamp) -> Result<usize, StoreError> {
         self.run(async |conn| super::jobs::retry_dead(conn, job_id, now).await)
     }

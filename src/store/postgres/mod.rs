@@ -34,7 +34,7 @@ use super::{
 use crate::config::PostgresConfig;
 use crate::event::Event;
 use crate::metrics::SinkQueue;
-use crate::store::passes::{Due, PassEnd, Schedule};
+use crate::store::passes::{Begun, PassEnd, Schedule};
 
 /// Beats per lease (`storage.lease`): a replica says it is alive five times a lease, so a slow
 /// beat or two never hands over jobs that are still being attempted.
@@ -414,7 +414,7 @@ impl Storage for PostgresStore {
         source: &str,
         schedule: Schedule,
         now: Timestamp,
-    ) -> Result<Option<Due>, StoreError> {
+    ) -> Result<Option<Begun>, StoreError> {
         // Looked at without a lock first: most looks find nothing due.
         if passes::get(&self.pool, source)
             .await?
@@ -425,6 +425,11 @@ impl Storage for PostgresStore {
         }
         let mut conn = self.pool.acquire().await?;
         passes::begin(&mut conn, (source, self.replica), &schedule, now).await
+    }
+
+    async fn newest_seen(&self, source: &str) -> Result<Option<Timestamp>, StoreError> {
+        let ms = passes::newest_seen(&self.pool, source).await?;
+        Ok(ms.map(super::from_ms))
     }
 
     async fn end_pass(&self, source: &str, end: PassEnd, now: Timestamp) -> Result<(), StoreError> {

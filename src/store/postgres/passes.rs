@@ -5,7 +5,7 @@
 use sqlx::{Connection as _, PgConnection, PgExecutor};
 
 use crate::store::StoreError;
-use crate::store::passes::{Due, PASS_COLUMNS, PassEnd, PassRow, Schedule};
+use crate::store::passes::{Begun, PASS_COLUMNS, PassEnd, PassRow, Schedule};
 
 type Columns = (
     String,
@@ -56,7 +56,7 @@ pub(super) async fn begin(
     (source, me): (&str, i64),
     schedule: &Schedule,
     now: jiff::Timestamp,
-) -> Result<Option<Due>, StoreError> {
+) -> Result<Option<Begun>, StoreError> {
     let mut tx = conn.begin().await?;
     // A row to lock, even for a source with none yet: another replica's first look waits.
     sqlx::query("INSERT INTO reconcile_passes (source) VALUES ($1) ON CONFLICT DO NOTHING")
@@ -72,6 +72,7 @@ pub(super) async fn begin(
     let Some(due) = row.due(schedule, now) else {
         return Ok(None);
     };
+    let begun = row.begun_for(due);
     let row = row.begun(me, now);
     sqlx::query(
         "UPDATE reconcile_passes SET requested_at = NULL, started_at = $2, held_by = $3
@@ -83,7 +84,7 @@ pub(super) async fn begin(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Some(due))
+    Ok(Some(begun))
 }
 
 /// Records how replica `me`'s pass of `source` ended at `now`; nothing if another replica
@@ -140,4 +141,18 @@ pub(super) async fn seen(
     .bind(ids)
     .fetch_all(db)
     .await?)
+}
+
+/// When the newest delivery from `source` was received (unix milliseconds): its newest key in
+/// `dedupe`, exact on PostgreSQL.
+pub(super) async fn newest_seen(
+    db: impl PgExecutor<'_>,
+    source: &str,
+) -> Result<Option<i64>, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT max(seen_at) FROM dedupe WHERE source = $1")
+            .bind(source)
+            .fetch_one(db)
+            .await?,
+    )
 }

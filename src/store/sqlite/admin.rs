@@ -492,6 +492,10 @@ impl AdminBackend for Admin {
         Ok(super::passes::seen(&self.conn, source, ids)?)
     }
 
+    fn newest_seen(&self, source: &str) -> Result<Option<i64>, StoreError> {
+        Ok(super::passes::newest_seen(&self.conn, source)?)
+    }
+
     fn retry_dead(&self, job_id: Option<i64>, now: Timestamp) -> Result<usize, StoreError> {
         let now = now.as_millisecond();
         let requeue = "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = ?1,

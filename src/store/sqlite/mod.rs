@@ -61,7 +61,7 @@ use super::{
 use crate::config::StorageConfig;
 use crate::event::Event;
 use crate::metrics::SinkQueue;
-use crate::store::passes::{Due, PassEnd, Schedule};
+use crate::store::passes::{Begun, PassEnd, Schedule};
 use writer::{Command, Done, Op, QUEUE_DEPTH, SyncFailure};
 
 /// The SQLite database: cheap to clone, shared by the HTTP handlers and the delivery engine.
@@ -312,7 +312,7 @@ impl Storage for SqliteStore {
         source: &str,
         schedule: Schedule,
         now: Timestamp,
-    ) -> Result<Option<Due>, StoreError> {
+    ) -> Result<Option<Begun>, StoreError> {
         // Looked at on a reader first: most looks find nothing due, and cost the writer nothing.
         let owned = source.to_owned();
         let row = self.read(move |conn| passes::get(conn, &owned)).await?;
@@ -328,9 +328,17 @@ impl Storage for SqliteStore {
             })
             .await?
         {
-            Done::Pass(due) => Ok(due),
+            Done::Pass(begun) => Ok(begun),
             _ => unreachable!("beginning a pass answers Pass"),
         }
+    }
+
+    async fn newest_seen(&self, source: &str) -> Result<Option<Timestamp>, StoreError> {
+        let source = source.to_owned();
+        let ms = self
+            .read(move |conn| passes::newest_seen(conn, &source))
+            .await?;
+        Ok(ms.map(from_ms))
     }
 
     async fn end_pass(&self, source: &str, end: PassEnd, now: Timestamp) -> Result<(), StoreError> {

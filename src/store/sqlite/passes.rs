@@ -4,7 +4,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::store::passes::{Due, PASS_COLUMNS, PassEnd, PassRow, Schedule};
+use crate::store::passes::{Begun, PASS_COLUMNS, PassEnd, PassRow, Schedule};
 
 /// Who holds a pass: the one daemon.
 const DAEMON: i64 = 0;
@@ -46,11 +46,12 @@ pub(super) fn begin(
     source: &str,
     schedule: &Schedule,
     now: jiff::Timestamp,
-) -> rusqlite::Result<Option<Due>> {
+) -> rusqlite::Result<Option<Begun>> {
     let row = get(conn, source)?;
     let Some(due) = row.due(schedule, now) else {
         return Ok(None);
     };
+    let begun = row.begun_for(due);
     let row = row.begun(DAEMON, now);
     conn.prepare_cached(
         "INSERT INTO reconcile_passes (source, requested_at, started_at, held_by)
@@ -58,7 +59,7 @@ pub(super) fn begin(
          ON CONFLICT (source) DO UPDATE SET requested_at = NULL, started_at = ?2, held_by = ?3",
     )?
     .execute(params![row.source, row.started_at, row.held_by])?;
-    Ok(Some(due))
+    Ok(Some(begun))
 }
 
 /// Records how the daemon's pass of `source` ended at `now`.
@@ -125,4 +126,25 @@ pub(super) fn seen(
         }
     }
     Ok(found)
+}
+
+/// When the newest delivery from `source` was received (unix milliseconds): the newest key in
+/// `dedupe` (an index range of the source's keys), or a newer event not merged into it yet.
+pub(super) fn newest_seen(conn: &Connection, source: &str) -> rusqlite::Result<Option<i64>> {
+    let merged: i64 = conn
+        .query_row(
+            "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'dedupe_merged'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    conn.query_row(
+        "SELECT max(at) FROM (
+             SELECT max(seen_at) AS at FROM dedupe WHERE source = ?1
+             UNION ALL
+             SELECT max(received_at) FROM events WHERE id > ?2 AND source = ?1)",
+        params![source, merged],
+        |row| row.get(0),
+    )
 }

@@ -13,7 +13,7 @@ use super::{
     AttemptOutcome, Inserted, Job, NewEvent, Prunable, PruneStep, Quiet, SinkChange, SinkChanged,
     StoreError, events, jobs, retention, sinks,
 };
-use crate::store::passes::{Due, PassEnd, Schedule};
+use crate::store::passes::{Begun, PassEnd, Schedule};
 
 /// How often the checkpointer copies the WAL back into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -76,7 +76,7 @@ pub(super) enum Done {
     Inserted(Inserted),
     Pruned(PruneStep),
     Sink(Box<SinkChanged>),
-    Pass(Option<Due>),
+    Pass(Option<Begun>),
     Count(usize),
     Unit,
 }
