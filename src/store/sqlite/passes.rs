@@ -106,14 +106,7 @@ pub(super) fn seen(
     source: &str,
     ids: &[String],
 ) -> rusqlite::Result<Vec<String>> {
-    let merged: i64 = conn
-        .query_row(
-            "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'dedupe_merged'",
-            [],
-            |row| row.get(0),
-        )
-        .optional()?
-        .unwrap_or(0);
+    let merged = merged(conn)?;
     let mut in_table =
         conn.prepare_cached("SELECT 1 FROM dedupe WHERE source = ?1 AND delivery_id = ?2")?;
     let mut unmerged = conn.prepare_cached(
@@ -131,14 +124,7 @@ pub(super) fn seen(
 /// When the newest delivery from `source` was received (unix milliseconds): the newest key in
 /// `dedupe` (an index range of the source's keys), or a newer event not merged into it yet.
 pub(super) fn newest_seen(conn: &Connection, source: &str) -> rusqlite::Result<Option<i64>> {
-    let merged: i64 = conn
-        .query_row(
-            "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'dedupe_merged'",
-            [],
-            |row| row.get(0),
-        )
-        .optional()?
-        .unwrap_or(0);
+    let merged = merged(conn)?;
     conn.query_row(
         "SELECT max(at) FROM (
              SELECT max(seen_at) AS at FROM dedupe WHERE source = ?1
@@ -147,4 +133,17 @@ pub(super) fn newest_seen(conn: &Connection, source: &str) -> rusqlite::Result<O
         params![source, merged],
         |row| row.get(0),
     )
+}
+
+/// The last event id whose key is in `dedupe` (see `store::sqlite::dedupe`): later events'
+/// keys are still in the writer's memory.
+fn merged(conn: &Connection) -> rusqlite::Result<i64> {
+    Ok(conn
+        .query_row(
+            "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'dedupe_merged'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?
+        .unwrap_or(0))
 }
