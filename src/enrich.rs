@@ -68,9 +68,10 @@ pub struct Enriched {
     pub attachments: Vec<Attachment>,
     /// Why something asked for is missing: the job's record says "not enriched: …".
     pub missing: Option<String>,
-    /// Whether a later attempt may get what is missing (the API was down, slow, limited),
-    /// as opposed to what no retry changes (no API table, no job, a refused key): only then
-    /// does `enrich_required` fail the attempt.
+    /// Whether the attempt is to fail, to be retried, rather than go without: the route
+    /// requires the enrichment (`enrich_required`) and a later attempt may get what is
+    /// missing (the API was down, slow, limited), unlike what no retry changes (no API
+    /// table, no job, a refused key).
     pub retry: bool,
 }
 
@@ -208,6 +209,7 @@ impl Enricher {
         if !reasons.is_empty() {
             enriched.missing = Some(reasons.join("; "));
         }
+        enriched.retry &= wanted.required;
         enriched
     }
 }

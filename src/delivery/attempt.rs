@@ -76,25 +76,21 @@ pub(super) async fn attempt(
     let mut live = enrich(plan, sink, live).await;
     // What could not be enriched, when its route requires it and a retry may do better, is
     // not sent: it fails, to be retried with its job.
-    live.retain(|(job, event, enriched)| match &enriched.missing {
-        Some(why) if enriched.retry && plan.wanted(&job.route, sink).required => {
-            let error = format!("not enriched: {why}");
-            let refused = SinkError::transient(error);
-            let outcome = retry::decide(
-                &sink.delivery.retry,
-                job,
-                Err(&refused),
-                (started, false),
-                jitter(),
-            );
-            if let AttemptOutcome::Dead { error, .. } = &outcome {
-                dead.extend(dead_letter(job, Some(event), error));
-            }
-            outcomes.push((job.clone(), outcome));
-            false
+    for (job, event, enriched) in live.extract_if(.., |(_, _, enriched)| enriched.retry) {
+        let why = enriched.missing.unwrap_or_default();
+        let refused = SinkError::transient(format!("not enriched: {why}"));
+        let outcome = retry::decide(
+            &sink.delivery.retry,
+            &job,
+            Err(&refused),
+            (started, false),
+            jitter(),
+        );
+        if let AttemptOutcome::Dead { error, .. } = &outcome {
+            dead.extend(dead_letter(&job, Some(&event), error));
         }
-        _ => true,
-    });
+        outcomes.push((job, outcome));
+    }
     let Some((prepared, summary)) = prepare(plan, sink, live).await else {
         return false; // the runtime is shutting down: the jobs stay due
     };
