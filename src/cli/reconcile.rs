@@ -218,7 +218,7 @@ fn once(args: &ReconcileArgs, mut tools: Tools, sources: &[String]) -> anyhow::R
             )?;
             continue;
         };
-        ok &= row.outcome.as_deref() == Some("ok");
+        ok &= row.outcome.as_deref() == Some(crate::store::passes::OK);
         if args.json {
             writeln!(out, "{}", serde_json::to_string(&row)?)?;
         } else {

@@ -29,6 +29,7 @@ use crate::config::api::ApiConfig;
 use crate::intake::{Accepted, Intake};
 use crate::metrics::Metrics;
 use crate::notice::{Notice, Notices};
+use crate::store::passes::{OK, REFUSED};
 use crate::store::{PassEnd, Schedule, Store, StoreError};
 pub use synth::{ORIGIN, alert_key, alert_triggered, key_like_reconcile, scan_completed, scan_key};
 
@@ -82,7 +83,7 @@ impl PassError {
     /// The outcome a pass's record and metric give it.
     fn outcome(&self) -> &'static str {
         match self {
-            Self::Api(ApiError::Refused { .. }) => crate::store::passes::REFUSED,
+            Self::Api(ApiError::Refused { .. }) => REFUSED,
             Self::Api(ApiError::RateLimited { .. }) => "rate_limited",
             Self::Api(_) | Self::Store(_) => "failed",
         }
@@ -96,9 +97,10 @@ pub struct Synthesised {
     pub body: String,
 }
 
-/// What the API lists for `source` from `lookback` before `now` on, as the events their
-/// webhooks would have carried, and how many entries it listed. Entries older than the
-/// lookback are left: their dedupe records may have been pruned.
+/// What the API lists for `source`, from `since` on (see [`crate::store::passes::since`]), as
+/// the events their webhooks would have carried, and how many entries it listed. Older
+/// entries are left: their dedupe records may have been pruned, or their webhooks stored
+/// under another key.
 ///
 /// # Errors
 /// The first call the API refused or failed.
@@ -313,7 +315,7 @@ async fn turn(api: &Api, source: &str, since: Option<Timestamp>, cx: &Context) -
             for (_, event_type) in &done.reconciled {
                 cx.metrics.reconciled(source, event_type);
             }
-            cx.metrics.reconcile_run(source, "ok", Some(now));
+            cx.metrics.reconcile_run(source, OK, Some(now));
             tracing::info!(
                 source,
                 listed = done.listed,
@@ -322,27 +324,25 @@ async fn turn(api: &Api, source: &str, since: Option<Timestamp>, cx: &Context) -
                 "reconciled with the sender's API"
             );
             PassEnd {
-                ok: true,
-                outcome: "ok",
+                outcome: OK,
                 detail: done.to_string(),
             }
         }
         Err(err) => {
             let outcome = err.outcome();
             cx.metrics.reconcile_run(source, outcome, None);
-            if outcome == crate::store::passes::REFUSED {
+            if outcome == REFUSED {
                 tracing::error!(source, error = %err, "reconcile stops until the configuration is reloaded (or `hookroute reconcile --once`)");
             } else {
                 tracing::warn!(source, error = %err, "reconcile pass failed; trying again at the next");
             }
             PassEnd {
-                ok: false,
                 outcome,
                 detail: err.to_string(),
             }
         }
     };
-    let refused = end.outcome == crate::store::passes::REFUSED;
+    let refused = end.outcome == REFUSED;
     if refused {
         let notice = Notice::ReconcileFailing {
             source: source.to_owned(),

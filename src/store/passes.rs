@@ -7,13 +7,17 @@
 
 use std::time::Duration;
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use serde::Serialize;
+
+use crate::duration::Since;
 
 /// The columns of `reconcile_passes`, in [`PassRow`]'s order.
 pub(crate) const PASS_COLUMNS: &str =
     "source, requested_at, started_at, held_by, finished_at, last_success, outcome, detail";
 
+/// The outcome of a pass that succeeded.
+pub const OK: &str = "ok";
 /// The outcome of a pass whose key the API refused.
 pub const REFUSED: &str = "refused";
 
@@ -83,9 +87,8 @@ impl PassRow {
             return Some(Due::Start);
         };
         let ago = |d: Duration| {
-            SignedDuration::try_from(d)
-                .ok()
-                .and_then(|d| now.checked_sub(d).ok())
+            Since::Ago(d)
+                .at(now)
                 .map_or(i64::MIN, Timestamp::as_millisecond)
         };
         if self.held_by.is_some() && started > ago(schedule.hold) {
@@ -125,9 +128,7 @@ impl PassRow {
         self.requested_at = None;
         self
     }
-}
 
-impl PassRow {
     /// The source's passes in a line, as `hookroute reconcile` and the status page say it:
     /// the last one's start, outcome and detail, and the last success.
     pub fn said(&self) -> String {
@@ -158,18 +159,22 @@ impl PassRow {
 /// source had an API were keyed by their payload id, not their job, so a first pass cannot
 /// match them; what came after the newest of them is what was missed.
 pub fn since(lookback: Duration, now: Timestamp, floor: Option<Timestamp>) -> Option<Timestamp> {
-    let back = jiff::SignedDuration::try_from(lookback)
-        .ok()
-        .and_then(|lookback| now.checked_sub(lookback).ok());
-    back.max(floor)
+    Since::Ago(lookback).at(now).max(floor)
 }
 
 /// How a pass ended, as its row records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PassEnd {
-    pub ok: bool,
+    /// [`OK`], [`REFUSED`], `failed` or `rate_limited`.
     pub outcome: &'static str,
     pub detail: String,
+}
+
+impl PassEnd {
+    /// Whether the pass succeeded: its end is the source's last success.
+    pub fn succeeded(&self) -> bool {
+        self.outcome == OK
+    }
 }
 
 #[cfg(test)]

@@ -104,7 +104,7 @@ pub(super) async fn end(
     .bind(now.as_millisecond())
     .bind(end.outcome)
     .bind(&end.detail)
-    .bind(end.ok)
+    .bind(end.succeeded())
     .bind(me)
     .execute(db)
     .await?;

@@ -79,7 +79,7 @@ pub(super) fn end(
         now.as_millisecond(),
         end.outcome,
         end.detail,
-        end.ok,
+        end.succeeded(),
         DAEMON
     ])?;
     Ok(())
